@@ -1,0 +1,99 @@
+# /// script
+# requires-python = ">=3.10"
+# dependencies = ["nox>=2025.2.9", "pyyaml>=6", "jinja2>=3", "nvidia-ml-py>=12"]
+# ///
+"""M40 GPU bring-up: does this machine train with PyTorch on its GPUs? `nox -l` lists the sessions.
+
+Every GPU session shares `.venv-gpu` (managed by tasks/install.py, never by nox: venv_backend
+"none"); each writes into a run folder under submission_runs/. Options follow `--`:
+`nox -s m40 -- --help`. The logic lives in tasks/; this file only names the sessions.
+"""
+
+from __future__ import annotations
+
+import nox
+
+from tasks import config, layout
+
+nox.options.sessions = ["m40"]
+nox.options.default_venv_backend = "none"
+
+CHANNELS = config.channel_names()
+
+
+def _run(stage_main, *argv: str) -> None:
+    """Run a task's main(); a non-zero result leaves nox with that exit code (see README)."""
+    code = stage_main(list(argv))
+    if code:
+        raise SystemExit(code)
+
+
+@nox.session
+def probe(session: nox.Session) -> None:
+    """Probe the NVIDIA driver and GPUs (NVML, else nvidia-smi) and gate on the driver's CUDA."""
+    from tasks import stage
+
+    _run(lambda a: stage.main("probe", a), *session.posargs)
+
+
+@nox.session
+@nox.parametrize("python", CHANNELS, ids=CHANNELS)
+def install(session: nox.Session) -> None:
+    """Install a CUDA build of PyTorch from one channel into .venv-gpu and verify it."""
+    from tasks import stage
+
+    _run(lambda a: stage.main("install", a), "--channel", session.python, *session.posargs)
+
+
+@nox.session
+def cuda_check(session: nox.Session) -> None:
+    """Check that PyTorch computes correctly and at speed on every GPU (runs in .venv-gpu)."""
+    from tasks import stage
+
+    _run(lambda a: stage.main("cuda_check", a), *session.posargs)
+
+
+@nox.session
+def train(session: nox.Session) -> None:
+    """Train GPT-2 for a few steps on every GPU (training_pt/train.py in .venv-gpu)."""
+    from tasks import stage
+
+    _run(lambda a: stage.main("train", a), *session.posargs)
+
+
+@nox.session
+def evidence(session: nox.Session) -> None:
+    """Render the run's README.md, summary.json and SHA256SUMS from its stage records; seal it."""
+    from tasks import stage
+
+    _run(lambda a: stage.main("evidence", a), *session.posargs)
+
+
+@nox.session
+def m40(session: nox.Session) -> None:
+    """Run probe, install, cuda_check, train and evidence into a new submission_runs/m40_vN."""
+    from tasks import m40 as chain
+
+    _run(chain.main, *session.posargs)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Benchmark GPT-2 training speed on one GPU: HF baseline, smoke config, compiled (in .venv-gpu)."""
+    from tasks import bench as bench_task
+
+    _run(bench_task.main, *session.posargs)
+
+
+@nox.session(venv_backend="virtualenv")
+def tests(session: nox.Session) -> None:
+    """Run the test suite on the CPU (CPU torch pinned: never a CUDA download)."""
+    session.install("-r", "requirements-test.txt")
+    session.run("pytest", *session.posargs)
+
+
+@nox.session(venv_backend="virtualenv")
+def lint(session: nox.Session) -> None:
+    """Lint and check formatting-sensitive errors with ruff."""
+    session.install("ruff")
+    session.run("ruff", "check", ".")

@@ -1,0 +1,6 @@
+"""Benchmark stub (being written)."""
+
+
+def main(argv):
+    print("bench: not implemented yet")
+    return 1

@@ -1,0 +1,182 @@
+"""Loading and validating the data in `configs/` (YAML, safe_load only).
+
+Every problem is a ConfigError whose message is one line: the file, the key, what is wrong, the fix.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from tasks import layout
+
+
+class ConfigError(Exception):
+    exit_code = layout.EXIT_USAGE
+
+
+def load_yaml(path: Path) -> dict:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} not found; pass an existing file") from None
+    except OSError as e:
+        raise ConfigError(f"config file {path} cannot be read ({e.strerror}); check its permissions") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}" if where else ""
+        raise ConfigError(f"config file {path} is not valid YAML{at}; fix the syntax") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return data
+
+
+def _require(cond: bool, path: Path, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{path}: {key}: {msg}")
+
+
+def parse_version(text: str) -> tuple[int, ...]:
+    """'12.8' -> (12, 8); raises ValueError on anything else."""
+    if not re.fullmatch(r"\d+(\.\d+)*", str(text).strip()):
+        raise ValueError(f"not a version: {text!r}")
+    return tuple(int(x) for x in str(text).strip().split("."))
+
+
+# --------------------------------------------------------------------------- settings (m40.yaml)
+
+def load_settings(path: Path | None = None) -> dict:
+    path = Path(path or layout.SETTINGS_FILE)
+    data = load_yaml(path)
+    for key in ("min_driver_cuda", "channel_order", "gpu_packages"):
+        _require(key in data, path, key, "missing; add it (see configs/m40.yaml in the repository)")
+    try:
+        parse_version(data["min_driver_cuda"])
+    except ValueError:
+        raise ConfigError(f"{path}: min_driver_cuda: {data['min_driver_cuda']!r} is not a version like \"12.8\"") from None
+    _require(isinstance(data["channel_order"], list) and data["channel_order"], path, "channel_order",
+             "must be a non-empty list of channel names")
+    _require(isinstance(data["gpu_packages"], list), path, "gpu_packages", "must be a list of requirement strings")
+    return data
+
+
+# --------------------------------------------------------------------------- channels (channels.yaml)
+
+CHANNEL_KINDS = ("index", "pypi", "provisioned", "wheelhouse")
+
+
+@dataclass(frozen=True)
+class Channel:
+    name: str
+    kind: str
+    cuda: str | None  # the CUDA version the installed torch must report, e.g. "12.8"
+    index_url: str | None = None
+    pre: bool = False
+    torch: str = ""  # optional version specifier, e.g. ">=2.6"
+    note: str = ""
+    extra: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def tag(self) -> str | None:
+        """The local version tag a wheel of this channel carries ('cu128'), if any."""
+        if self.cuda is None:
+            return None
+        major, minor = parse_version(self.cuda)[:2]
+        return f"cu{major}{minor}"
+
+
+def channels_file(path: Path | str | None = None) -> Path:
+    """The catalog in force: an explicit path, else $M40_CHANNELS_FILE, else configs/channels.yaml."""
+    return Path(path or os.environ.get(layout.CHANNELS_ENV) or layout.CHANNELS_FILE)
+
+
+def load_channels(path: Path | str | None = None) -> dict[str, Channel]:
+    path = channels_file(path)
+    data = load_yaml(path)
+    raw = data.get("channels")
+    _require(isinstance(raw, dict) and raw, path, "channels", "must be a mapping of channel name -> settings")
+    out: dict[str, Channel] = {}
+    for name, spec in raw.items():
+        key = f"channels.{name}"
+        _require(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", str(name)) is not None, path, key,
+                 "a channel name may hold only letters, digits, '.', '_' and '-'")
+        _require(isinstance(spec, dict), path, key, "must be a mapping")
+        unknown = set(spec) - {"kind", "cuda", "index_url", "pre", "torch", "note"}
+        _require(not unknown, path, key, f"unknown key(s) {sorted(unknown)}; remove them")
+        kind = spec.get("kind")
+        _require(kind in CHANNEL_KINDS, path, f"{key}.kind", f"{kind!r} is not one of {list(CHANNEL_KINDS)}")
+        cuda = spec.get("cuda")
+        if cuda is not None:
+            cuda = str(cuda)
+            try:
+                parse_version(cuda)
+            except ValueError:
+                raise ConfigError(f"{path}: {key}.cuda: {cuda!r} is not a version like \"12.8\"") from None
+        index_url = spec.get("index_url")
+        if kind == "index":
+            _require(isinstance(index_url, str) and "://" in index_url, path, f"{key}.index_url",
+                     "an 'index' channel needs an index URL")
+        _require(isinstance(spec.get("pre", False), bool), path, f"{key}.pre", "must be true or false")
+        out[str(name)] = Channel(
+            name=str(name), kind=kind, cuda=cuda, index_url=index_url, pre=spec.get("pre", False),
+            torch=str(spec.get("torch") or ""), note=str(spec.get("note") or ""),
+        )
+    return out
+
+
+def channel_names(path: Path | str | None = None) -> list[str]:
+    """Channel names for `nox -l`; an unreadable catalog yields [] so nox can still list sessions."""
+    try:
+        return list(load_channels(path))
+    except ConfigError:
+        return []
+
+
+# --------------------------------------------------------------------------- GPU datasheet (gpus.yaml)
+
+@dataclass(frozen=True)
+class GpuSpec:
+    model: str
+    match: tuple[str, ...]  # all substrings (case-insensitive) that the device name must contain
+    exclude: tuple[str, ...]
+    bf16_tflops: float  # dense, no sparsity
+    mem_bw_tbs: float
+
+
+def load_gpus(path: Path | None = None) -> list[GpuSpec]:
+    path = Path(path or layout.GPUS_FILE)
+    data = load_yaml(path)
+    raw = data.get("gpus")
+    _require(isinstance(raw, list) and raw, path, "gpus", "must be a list of GPU models")
+    out = []
+    for i, g in enumerate(raw):
+        key = f"gpus[{i}]"
+        _require(isinstance(g, dict), path, key, "must be a mapping")
+        for k in ("model", "match", "bf16_tflops", "mem_bw_tbs"):
+            _require(k in g, path, f"{key}.{k}", "missing")
+        for k in ("bf16_tflops", "mem_bw_tbs"):
+            _require(isinstance(g[k], (int, float)) and g[k] > 0, path, f"{key}.{k}", "must be a positive number")
+        out.append(GpuSpec(model=str(g["model"]), match=tuple(str(s).lower() for s in g["match"]),
+                           exclude=tuple(str(s).lower() for s in g.get("exclude", ())),
+                           bf16_tflops=float(g["bf16_tflops"]), mem_bw_tbs=float(g["mem_bw_tbs"])))
+    return out
+
+
+def gpu_spec_for(device_name: str, specs: list[GpuSpec] | None = None) -> GpuSpec | None:
+    """The datasheet entry for a device name ('NVIDIA H100 80GB HBM3'); None when unknown (no guess).
+
+    The first entry whose `match` substrings all occur and whose `exclude` substrings don't wins,
+    so list specific models (H100 PCIe) before general ones (H100 SXM).
+    """
+    name = device_name.lower()
+    for spec in specs if specs is not None else load_gpus():
+        if all(s in name for s in spec.match) and not any(s in name for s in spec.exclude):
+            return spec
+    return None

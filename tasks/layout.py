@@ -1,0 +1,62 @@
+"""One source of truth for every path, file name, stage name and exit code."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = ROOT / "configs"
+TEMPLATES = ROOT / "tasks" / "templates"
+RUNS_DIR = ROOT / "submission_runs"
+TRAIN_SCRIPT = ROOT / "training_pt" / "train.py"
+
+# The GPU environment every session shares; nox never creates or deletes it.
+VENV_GPU = ROOT / ".venv-gpu"
+# Written into .venv-gpu after a verified install: what channel it holds.
+VENV_MARKER = "m40-install.json"
+
+CHANNELS_FILE = CONFIGS / "channels.yaml"
+SETTINGS_FILE = CONFIGS / "m40.yaml"
+GPUS_FILE = CONFIGS / "gpus.yaml"
+TRAIN_CONFIG = CONFIGS / "submission_local_gpu_gpt2.yaml"
+
+# Environment variable that replaces the channel catalog (also read by noxfile.py for `-p NAME`).
+CHANNELS_ENV = "M40_CHANNELS_FILE"
+
+RUN_PREFIX = "m40_v"
+STAGES_DIR = "stages"  # stages/<stage>.json: one record per stage
+LOCK_FILE = ".lock"
+SUMS_FILE = "SHA256SUMS"  # written last by evidence: its presence means the run is sealed
+SUMMARY_FILE = "summary.json"
+README_FILE = "README.md"
+
+STAGES = ("probe", "install", "cuda_check", "train", "evidence")
+
+# The human-readable file each stage leaves (the six files every finished run holds,
+# plus the evidence README).
+STAGE_FILES = {
+    "probe": ("env_info.txt", "nvidia_smi.txt"),
+    "install": ("torch_version.txt",),
+    "cuda_check": ("cuda_check.txt",),
+    "train": ("training_log.txt",),
+    "evidence": (README_FILE,),
+}
+REQUIRED_FILES = tuple(f for files in STAGE_FILES.values() for f in files)
+
+# Exit codes, the same from a stage run alone and from m40 (documented in README.md).
+EXIT_OK = 0
+EXIT_USAGE = 2  # bad option, bad config file, bad input
+EXIT_LOCKED = 3  # another process holds the run folder
+EXIT_STAGE = {"probe": 10, "install": 20, "cuda_check": 30, "train": 40, "evidence": 50}
+EXIT_INTERRUPTED = 130
+
+
+def gpu_python(venv: Path | None = None) -> Path:
+    """The interpreter of .venv-gpu (or of another venv dir)."""
+    venv = venv or VENV_GPU
+    return venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+
+
+def stage_record_path(run_dir: Path, stage: str) -> Path:
+    return run_dir / STAGES_DIR / f"{stage}.json"

@@ -1,0 +1,56 @@
+"""`nox -s m40`: probe → install → cuda_check → train, then evidence, always, into a new run."""
+
+from __future__ import annotations
+
+import sys
+
+from tasks import layout, records, runs, stage
+from tasks.config import ConfigError
+
+DESCRIPTION = ("Run every stage into a new submission_runs/m40_vN: probe, install, cuda_check, train; "
+               "stop at the first failure; evidence always runs last and seals the run.")
+WORK_STAGES = ("probe", "install", "cuda_check", "train")
+
+
+def build_parser():
+    parser = stage.parser_for("nox -s m40 --", DESCRIPTION)
+    for name in layout.STAGES:
+        group = parser.add_argument_group(f"{name} options")
+        stage.module(name).add_arguments(group)
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run_dir = runs.resolve(layout.RUNS_DIR, args.run_dir, new=True)
+        with runs.locked(run_dir):
+            print(f"m40: run folder {run_dir}", flush=True)
+            return _chain(run_dir, args)
+    except (runs.RunError, ConfigError) as e:
+        print(f"m40: error: {e}", file=sys.stderr)
+        return e.exit_code
+
+
+def _chain(run_dir, args) -> int:
+    code = layout.EXIT_OK
+    blocker = None
+    try:
+        for name in WORK_STAGES:
+            if blocker is not None:
+                timer = records.Timer().__enter__()
+                records.write(run_dir, timer.record(name, records.SKIP, f"not run: {blocker}"))
+                continue
+            rec = stage.execute(name, run_dir, args)
+            if not rec.ok:
+                code = stage.exit_code(rec)
+                blocker = f"{name} failed"
+    except KeyboardInterrupt:
+        code = layout.EXIT_INTERRUPTED
+        print("m40: interrupted; sealing the run with what it has", file=sys.stderr, flush=True)
+    finally:
+        # Evidence runs on success, failure and Ctrl-C alike; a second Ctrl-C here is not caught.
+        ev = stage.execute("evidence", run_dir, args)
+    if code == layout.EXIT_OK and not ev.ok:
+        code = stage.exit_code(ev)
+    return code

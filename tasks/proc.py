@@ -1,0 +1,42 @@
+"""Running a child process (usually `.venv-gpu`'s Python) with its output shown and kept."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def tee(cmd: list[str], log_file: Path | None = None, *, env: dict | None = None,
+        cwd: Path | None = None, timeout: float | None = None, append: bool = False) -> int:
+    """Run `cmd`, echoing stdout+stderr line by line to our stdout and to `log_file`.
+
+    Returns the exit code (124 on timeout, like coreutils' timeout). Ctrl-C reaches the child
+    (same process group) and is re-raised here after the child ends.
+    """
+    full_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
+    mode = "a" if append else "w"
+    log = open(log_file, mode, encoding="utf-8") if log_file else None
+    try:
+        proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                env=full_env, cwd=cwd, text=True, errors="replace", bufsize=1)
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+                if log:
+                    log.write(line)
+                    log.flush()
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            return 124
+        except KeyboardInterrupt:
+            proc.wait()
+            raise
+    finally:
+        if log:
+            log.close()

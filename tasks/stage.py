@@ -1,0 +1,85 @@
+"""The harness every stage runs in, alone (`nox -s probe`) or chained (`nox -s m40`).
+
+A stage module provides:
+    DESCRIPTION               one line, for --help
+    add_arguments(parser)     its options (each option name used by one stage only)
+    run(run_dir, args)        does the work, returns records.Outcome; never calls sys.exit
+
+The harness times it, writes `stages/<stage>.json`, turns errors into a one-line failed record,
+and maps the result to the stage's exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import traceback
+from pathlib import Path
+
+from tasks import layout, records, runs
+from tasks.config import ConfigError
+from tasks.records import FAIL, INTERRUPTED, Timer
+
+
+def module(stage: str):
+    return importlib.import_module(f"tasks.{stage}")
+
+
+def execute(stage: str, run_dir: Path, args: argparse.Namespace) -> records.StageRecord:
+    """Run one stage into run_dir (already locked) and write its record. Re-raises Ctrl-C."""
+    mod = module(stage)
+    timer = Timer().__enter__()
+    try:
+        out = mod.run(run_dir, args)
+        rec = timer.record(stage, out.status, out.reason, out.figures, out.files)
+    except KeyboardInterrupt:
+        rec = timer.record(stage, INTERRUPTED, f"interrupted by the user (Ctrl-C) during {stage}")
+        records.write(run_dir, rec)
+        raise
+    except ConfigError as e:
+        rec = timer.record(stage, FAIL, str(e))
+    except Exception as e:  # a bug or an unforeseen failure: one line in the record, trace in the log
+        traceback.print_exc()
+        rec = timer.record(stage, FAIL, f"unexpected {type(e).__name__}: {e}")
+    records.write(run_dir, rec)
+    print(verdict_line(rec), flush=True)
+    return rec
+
+
+def verdict_line(rec: records.StageRecord) -> str:
+    text = f"{rec.stage}: {rec.status.upper()} ({rec.duration_s:.1f} s)"
+    return f"{text} — {rec.reason}" if rec.reason else text
+
+
+def exit_code(rec: records.StageRecord) -> int:
+    if rec.status == INTERRUPTED:
+        return layout.EXIT_INTERRUPTED
+    return layout.EXIT_OK if rec.status in (records.PASS, records.SKIP) else layout.EXIT_STAGE[rec.stage]
+
+
+def parser_for(prog: str, description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--run-dir", type=Path, default=None,
+                   help="write into this run folder instead of the newest unfinished submission_runs/m40_vN")
+    return p
+
+
+def main(stage: str, argv: list[str]) -> int:
+    """`nox -s <stage> -- [options]`: run one stage into the newest unfinished run (or a new one)."""
+    mod = module(stage)
+    parser = parser_for(f"nox -s {stage} --", mod.DESCRIPTION)
+    mod.add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        run_dir = runs.resolve(layout.RUNS_DIR, args.run_dir, new=False)
+        with runs.locked(run_dir):
+            print(f"{stage}: run folder {run_dir}", flush=True)
+            rec = execute(stage, run_dir, args)
+    except (runs.RunError, ConfigError) as e:
+        print(f"{stage}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"{stage}: interrupted", file=sys.stderr)
+        return layout.EXIT_INTERRUPTED
+    return exit_code(rec)
