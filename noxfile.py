@@ -11,9 +11,13 @@ Every GPU session shares `.venv-gpu` (managed by tasks/install.py, never by nox:
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import nox
 
-from tasks import config, layout
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # nox does not put the noxfile's folder on sys.path
+from tasks import config  # noqa: E402
 
 nox.options.sessions = ["m40"]
 nox.options.default_venv_backend = "none"
