@@ -30,6 +30,7 @@ LOCK_FILE = ".lock"
 SUMS_FILE = "SHA256SUMS"  # written last by evidence: its presence means the run is sealed
 SUMMARY_FILE = "summary.json"
 README_FILE = "README.md"
+GPUS_JSON = "gpus.json"  # written by probe: the GPU list, machine-readable, read by evidence
 
 STAGES = ("probe", "install", "cuda_check", "train", "evidence")
 

@@ -1,15 +1,642 @@
-"""Stage probe (stub: being written)."""
+"""Stage probe: what driver and GPUs this machine has, and whether the driver is new enough.
+
+Sources, in order: NVML (`import pynvml`, from nvidia-ml-py), else `nvidia-smi --query-gpu` plus the
+"CUDA Version" in the header of plain `nvidia-smi`. Which one answered is figures["source"].
+
+Writes into the run folder:
+    env_info.txt    OS, kernel, glibc, Python, CPU, RAM, disk, the environment variables that
+                    matter (secrets redacted, see tasks/redact.py), the GPU table and the gate verdict;
+                    written in every case, also when there is no driver or no GPU
+    nvidia_smi.txt  raw `nvidia-smi` and `nvidia-smi -q` (or the line saying why they could not run)
+    gpus.json       the GPU list, machine-readable, for evidence (schema in `gpus_document`)
+
+Gate: the CUDA version the driver supports must be >= min_driver_cuda (configs/m40.yaml, or
+--min-driver-cuda). Layout: pure functions parse values and text (tested with fakes); a thin layer
+(`nvml_facts`, `run_commands`) makes the calls.
+"""
 
 from __future__ import annotations
 
-from tasks.records import FAIL, Outcome
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
-DESCRIPTION = "stage probe"
+from tasks import config, layout, redact
+from tasks.records import FAIL, PASS, Outcome, now_iso
+
+DESCRIPTION = ("Probe the NVIDIA driver and GPUs (NVML, else nvidia-smi), record the machine in env_info.txt "
+               "and gate on the CUDA version the driver supports.")
+
+NA = "N/A"
+SOURCES = ("auto", "nvml", "nvidia-smi")
+SMI_TIMEOUT_S = 20.0  # a hung driver makes nvidia-smi hang; don't wait for ever
+
+# Clock event ("throttle") reason bits, NVML's ABI (nvmlClocksEventReason*); nvidia-smi prints the
+# same mask as hex in clocks_event_reasons.active.
+CLOCK_EVENT_REASONS = {
+    0x001: "gpu_idle",
+    0x002: "applications_clocks_setting",
+    0x004: "sw_power_cap",
+    0x008: "hw_slowdown",
+    0x010: "sync_boost",
+    0x020: "sw_thermal_slowdown",
+    0x040: "hw_thermal_slowdown",
+    0x080: "hw_power_brake_slowdown",
+    0x100: "display_clock_setting",
+}
+# Reasons that say nothing is wrong (an idle GPU runs slow on purpose).
+BENIGN_REASONS = {"gpu_idle", "applications_clocks_setting", "sync_boost", "display_clock_setting"}
+
+# nvidia-smi --query-gpu fields, in the order parse_smi_csv expects them. Older drivers may not know
+# the later ones; then the core fields are asked again alone.
+SMI_FIELDS = (
+    "index", "name", "uuid", "pci.bus_id", "driver_version", "memory.total", "memory.free",
+    "compute_cap", "ecc.mode.current", "ecc.mode.pending",
+    "ecc.errors.uncorrected.volatile.total", "ecc.errors.uncorrected.aggregate.total",
+    "persistence_mode", "clocks_event_reasons.active",
+)
+SMI_CORE_FIELDS = SMI_FIELDS[:7]
+_SMI_NA = {"", "n/a", "[n/a]", "not supported", "[not supported]", "unknown error", "[unknown error]"}
 
 
 def add_arguments(parser) -> None:
+    parser.add_argument("--min-driver-cuda", type=_version_arg, default=None, metavar="X.Y",
+                        help="lowest CUDA version the driver must support (default: min_driver_cuda in "
+                             "configs/m40.yaml)")
+    parser.add_argument("--settings", type=Path, default=None, metavar="PATH",
+                        help="settings file to read min_driver_cuda from (default: configs/m40.yaml)")
+    parser.add_argument("--probe-source", choices=SOURCES, default="auto",
+                        help="where driver facts come from: auto (NVML, else nvidia-smi), nvml, nvidia-smi "
+                             "(default: auto)")
+
+
+def _version_arg(text: str) -> str:
+    try:
+        config.parse_version(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a version like 12.8") from None
+    return text.strip()
+
+
+# --------------------------------------------------------------------------- facts
+
+@dataclass
+class Gpu:
+    index: int
+    name: str
+    uuid: str = ""
+    pci_bus_id: str = ""
+    compute_capability: str = ""  # "9.0"
+    memory_total_mib: int | None = None
+    memory_free_mib: int | None = None
+    ecc_current: str = NA  # "enabled" | "disabled" | "N/A"
+    ecc_pending: str = NA
+    ecc_uncorrected_volatile: int | None = None
+    ecc_uncorrected_aggregate: int | None = None
+    persistence_mode: str = NA  # "enabled" | "disabled" | "N/A"
+    clock_event_reasons: list[str] | None = None  # decoded names; [] = none active; None = not known
+    model: str | None = None  # datasheet model from configs/gpus.yaml, None when not listed
+
+
+@dataclass
+class DriverFacts:
+    source: str  # "nvml" | "nvidia-smi" | "none"
+    driver: str | None = None
+    driver_cuda: str | None = None  # "13.0"
+    gpus: list[Gpu] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # e.g. why NVML was not used
+    found: str | None = None  # set when the facts themselves are missing: what was found instead
+    todo: str | None = None  # and what to do about it
+
+
+class NvmlUnavailable(Exception):
+    """NVML cannot be used here; the message says why (one phrase)."""
+
+
+# --------------------------------------------------------------------------- pure helpers
+
+def cuda_version_from_int(value: int) -> str:
+    """NVML's CUDA driver version (13000) -> "13.0"."""
+    value = int(value)
+    return f"{value // 1000}.{(value % 1000) // 10}"
+
+
+def decode_clock_reasons(mask: int) -> list[str]:
+    names = [name for bit, name in CLOCK_EVENT_REASONS.items() if mask & bit]
+    unknown = mask & ~sum(CLOCK_EVENT_REASONS)
+    if unknown:
+        names.append(f"unknown_{unknown:#x}")
+    return names
+
+
+def enable_state(value) -> str:
+    """NVML enable state (0/1) or nvidia-smi text ("Enabled") -> "enabled" | "disabled" | "N/A"."""
+    if value is None:
+        return NA
+    text = str(value).strip().lower()
+    if text in ("1", "enabled"):
+        return "enabled"
+    if text in ("0", "disabled"):
+        return "disabled"
+    return NA
+
+
+def _text(value) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def gpu_from_nvml(raw: Mapping) -> Gpu:
+    """Build a Gpu from the values NVML returned for one device (None where NVML had no answer)."""
+    mem = raw.get("memory")
+    cc = raw.get("compute_capability")
+    ecc = raw.get("ecc_mode") or (None, None)
+    reasons = raw.get("clock_event_reasons")
+    return Gpu(
+        index=int(raw["index"]),
+        name=_text(raw["name"]),
+        uuid=_text(raw.get("uuid") or ""),
+        pci_bus_id=_text(raw.get("pci_bus_id") or ""),
+        compute_capability=f"{cc[0]}.{cc[1]}" if cc else "",
+        memory_total_mib=mem.total // 2**20 if mem is not None else None,
+        memory_free_mib=mem.free // 2**20 if mem is not None else None,
+        ecc_current=enable_state(ecc[0]),
+        ecc_pending=enable_state(ecc[1]),
+        ecc_uncorrected_volatile=raw.get("ecc_uncorrected_volatile"),
+        ecc_uncorrected_aggregate=raw.get("ecc_uncorrected_aggregate"),
+        persistence_mode=enable_state(raw.get("persistence_mode")),
+        clock_event_reasons=decode_clock_reasons(reasons) if reasons is not None else None,
+    )
+
+
+class SmiParseError(ValueError):
     pass
 
 
-def run(run_dir, args) -> Outcome:
-    return Outcome(FAIL, "stage probe is not implemented yet")
+def parse_smi_cuda(text: str) -> str | None:
+    """The "CUDA Version: 13.0" of plain `nvidia-smi` (or "CUDA Version : 13.0" of `-q`)."""
+    m = re.search(r"CUDA Version\s*:\s*(\d+\.\d+)", text or "")
+    return m.group(1) if m else None
+
+
+def parse_smi_driver(text: str) -> str | None:
+    m = re.search(r"Driver Version\s*:\s*([0-9][0-9.]*)", text or "")
+    return m.group(1) if m else None
+
+
+def _smi_value(text: str) -> str | None:
+    text = text.strip()
+    return None if text.lower() in _SMI_NA else text
+
+
+def _smi_int(text: str) -> int | None:
+    value = _smi_value(text)
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def parse_smi_csv(text: str, fields: tuple[str, ...] = SMI_FIELDS) -> tuple[str | None, list[Gpu]]:
+    """`nvidia-smi --query-gpu=<fields> --format=csv,noheader,nounits` -> (driver version, GPUs).
+
+    Raises SmiParseError naming the first line it cannot read.
+    """
+    gpus: list[Gpu] = []
+    driver = None
+    for line in (text or "").splitlines():
+        if not line.strip():
+            continue
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) != len(fields):
+            raise SmiParseError(f"expected {len(fields)} comma-separated fields, got {len(parts)} in {line[:80]!r}")
+        row = dict(zip(fields, parts, strict=True))
+        index = _smi_int(row["index"])
+        if index is None or not row["name"]:
+            raise SmiParseError(f"no GPU index and name in {line[:80]!r}")
+        driver = _smi_value(row.get("driver_version", "")) or driver
+        reasons = _smi_value(row.get("clocks_event_reasons.active", ""))
+        try:
+            reason_names = decode_clock_reasons(int(reasons, 16)) if reasons else None
+        except ValueError:
+            reason_names = None
+        gpus.append(Gpu(
+            index=index,
+            name=row["name"],
+            uuid=row.get("uuid", ""),
+            pci_bus_id=row.get("pci.bus_id", ""),
+            compute_capability=_smi_value(row.get("compute_cap", "")) or "",
+            memory_total_mib=_smi_int(row.get("memory.total", "")),
+            memory_free_mib=_smi_int(row.get("memory.free", "")),
+            ecc_current=enable_state(_smi_value(row.get("ecc.mode.current", ""))),
+            ecc_pending=enable_state(_smi_value(row.get("ecc.mode.pending", ""))),
+            ecc_uncorrected_volatile=_smi_int(row.get("ecc.errors.uncorrected.volatile.total", "")),
+            ecc_uncorrected_aggregate=_smi_int(row.get("ecc.errors.uncorrected.aggregate.total", "")),
+            persistence_mode=enable_state(_smi_value(row.get("persistence_mode", ""))),
+            clock_event_reasons=reason_names,
+        ))
+    return driver, gpus
+
+
+def first_line(text: str, limit: int = 160) -> str:
+    for line in (text or "").splitlines():
+        if line.strip():
+            line = " ".join(line.split())
+            return line if len(line) <= limit else line[: limit - 1] + "…"
+    return "no output"
+
+
+# --------------------------------------------------------------------------- NVML (thin layer)
+
+def load_pynvml():
+    try:
+        import pynvml
+    except ImportError:
+        raise NvmlUnavailable("nvidia-ml-py (pynvml) is not installed") from None
+    return pynvml
+
+
+def nvml_facts(nv) -> DriverFacts:
+    """Ask NVML (the pynvml module, or a stand-in with its functions). Raises NvmlUnavailable."""
+    try:
+        nv.nvmlInit()
+    except nv.NVMLError as e:
+        raise NvmlUnavailable(f"NVML cannot start: {e}") from None
+    try:
+        def optional(fn_name, *args, fallback=None):
+            fn = getattr(nv, fn_name, None)
+            try:
+                if fn is None:
+                    raise AttributeError(fn_name)
+                return fn(*args)
+            except (nv.NVMLError, AttributeError):
+                return optional(fallback, *args) if fallback else None
+
+        driver = _text(nv.nvmlSystemGetDriverVersion())
+        cuda_int = optional("nvmlSystemGetCudaDriverVersion_v2", fallback="nvmlSystemGetCudaDriverVersion")
+        gpus = []
+        for i in range(nv.nvmlDeviceGetCount()):
+            h = nv.nvmlDeviceGetHandleByIndex(i)
+            pci = optional("nvmlDeviceGetPciInfo", h)
+            ecc = optional("nvmlDeviceGetEccMode", h)
+            ecc_on = bool(ecc) and enable_state(ecc[0]) == "enabled"
+            raw = {
+                "index": i,
+                "name": nv.nvmlDeviceGetName(h),
+                "uuid": optional("nvmlDeviceGetUUID", h),
+                "pci_bus_id": getattr(pci, "busId", None) if pci is not None else None,
+                "compute_capability": optional("nvmlDeviceGetCudaComputeCapability", h),
+                "memory": optional("nvmlDeviceGetMemoryInfo", h),
+                "ecc_mode": ecc,
+                "ecc_uncorrected_volatile": optional(
+                    "nvmlDeviceGetTotalEccErrors", h, nv.NVML_MEMORY_ERROR_TYPE_UNCORRECTED, nv.NVML_VOLATILE_ECC)
+                if ecc_on else None,
+                "ecc_uncorrected_aggregate": optional(
+                    "nvmlDeviceGetTotalEccErrors", h, nv.NVML_MEMORY_ERROR_TYPE_UNCORRECTED, nv.NVML_AGGREGATE_ECC)
+                if ecc_on else None,
+                "persistence_mode": optional("nvmlDeviceGetPersistenceMode", h),
+                "clock_event_reasons": optional("nvmlDeviceGetCurrentClocksEventReasons", h,
+                                                fallback="nvmlDeviceGetCurrentClocksThrottleReasons"),
+            }
+            gpus.append(gpu_from_nvml(raw))
+    except nv.NVMLError as e:
+        raise NvmlUnavailable(f"NVML failed while reading the GPUs: {e}") from None
+    finally:
+        try:
+            nv.nvmlShutdown()
+        except nv.NVMLError:
+            pass
+    return DriverFacts("nvml", driver=driver,
+                       driver_cuda=cuda_version_from_int(cuda_int) if cuda_int is not None else None, gpus=gpus)
+
+
+# --------------------------------------------------------------------------- nvidia-smi (thin layer)
+
+@dataclass
+class CmdResult:
+    cmd: list[str]
+    rc: int | None = None  # None when it could not run
+    out: str = ""
+    error: str | None = None  # why it could not run / finish
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.rc == 0
+
+    def describe(self) -> str:
+        if self.error:
+            return self.error
+        return f"exit {self.rc}: {first_line(self.out)}"
+
+
+def smi_query_cmd(fields: tuple[str, ...] = SMI_FIELDS) -> list[str]:
+    return ["nvidia-smi", f"--query-gpu={','.join(fields)}", "--format=csv,noheader,nounits"]
+
+
+def run_commands(cmds: dict[str, list[str]], timeout: float = SMI_TIMEOUT_S) -> dict[str, CmdResult]:
+    """Run the commands at once (they are independent), each with stdout+stderr joined."""
+    started: dict[str, tuple[CmdResult, subprocess.Popen | None]] = {}
+    for key, cmd in cmds.items():
+        res = CmdResult(cmd)
+        proc = None
+        try:
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,  # noqa: S603
+                                    stdin=subprocess.DEVNULL, text=True, errors="replace")
+        except FileNotFoundError:
+            res.error = f"{cmd[0]} not found on PATH"
+        except OSError as e:
+            res.error = f"{cmd[0]} cannot run ({e.strerror})"
+        started[key] = (res, proc)
+    for res, proc in started.values():
+        if proc is None:
+            continue
+        try:
+            res.out, _ = proc.communicate(timeout=timeout)
+            res.rc = proc.returncode
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            res.out, _ = proc.communicate()
+            res.error = f"{res.cmd[0]} did not answer within {timeout:.0f} s (driver hung?)"
+    return {key: res for key, (res, _) in started.items()}
+
+
+def smi_facts(query: CmdResult, plain: CmdResult, full_q: CmdResult, fields=SMI_FIELDS) -> DriverFacts:
+    """Driver facts from nvidia-smi's outputs (pure: takes the finished commands)."""
+    facts = DriverFacts("nvidia-smi")
+    if query.error:
+        facts.source = "none"
+        facts.found = query.error
+        return facts
+    if query.rc != 0:
+        if "no devices were found" in query.out.lower():
+            facts.driver = parse_smi_driver(plain.out) or parse_smi_driver(full_q.out)
+            facts.driver_cuda = parse_smi_cuda(plain.out) or parse_smi_cuda(full_q.out)
+            return facts  # a driver without GPUs: the gate says so
+        facts.found = f"nvidia-smi failing ({query.describe()})"
+        facts.todo = ("check that the NVIDIA kernel module is loaded (`nvidia-smi`, `lsmod | grep nvidia`); "
+                      "reinstall the driver or reboot")
+        return facts
+    try:
+        facts.driver, facts.gpus = parse_smi_csv(query.out, fields)
+    except SmiParseError as e:
+        facts.found = f"nvidia-smi output this probe cannot read ({e})"
+        facts.todo = "run `nvidia-smi` by hand and repair or reinstall the NVIDIA driver"
+        return facts
+    facts.driver = facts.driver or parse_smi_driver(plain.out) or parse_smi_driver(full_q.out)
+    facts.driver_cuda = parse_smi_cuda(plain.out) or parse_smi_cuda(full_q.out)
+    if facts.driver_cuda is None:
+        facts.found = f"nvidia-smi without a readable 'CUDA Version' in its header ({plain.describe()})"
+        facts.todo = "run `nvidia-smi` by hand and repair or reinstall the NVIDIA driver"
+    return facts
+
+
+def raw_smi_text(plain: CmdResult, full_q: CmdResult, query: CmdResult | None = None) -> str:
+    parts = [f"# nvidia_smi.txt, written by the probe stage at {now_iso()}\n"]
+    for res in (plain, full_q, query):
+        if res is None:
+            continue
+        head = "$ " + " ".join(res.cmd)
+        if res.error:
+            parts.append(f"{head}\n(could not be run: {res.error})\n")
+        else:
+            parts.append(f"{head}\n(exit {res.rc})\n{res.out.rstrip()}\n")
+    return "\n".join(parts)
+
+
+# --------------------------------------------------------------------------- collecting
+
+def collect(source: str = "auto", nvml_loader=load_pynvml, runner=run_commands) -> tuple[DriverFacts, str]:
+    """Driver facts plus the text of nvidia_smi.txt."""
+    nvml_note = None
+    facts = None
+    if source in ("auto", "nvml"):
+        try:
+            facts = nvml_facts(nvml_loader())
+        except NvmlUnavailable as e:
+            nvml_note = str(e)
+        except Exception as e:  # NVML is a foreign library: anything it throws means "use the fallback"
+            nvml_note = f"NVML failed: {type(e).__name__}: {e}"
+    else:
+        nvml_note = "NVML not asked (--probe-source nvidia-smi)"
+
+    cmds = {"plain": ["nvidia-smi"], "q": ["nvidia-smi", "-q"]}
+    if facts is None and source != "nvml":
+        cmds["query"] = smi_query_cmd(SMI_FIELDS)
+    res = runner(cmds)
+    plain, full_q, query = res["plain"], res["q"], res.get("query")
+
+    if facts is None and source == "nvml":
+        facts = DriverFacts("none", found=f"NVML unavailable ({nvml_note})",
+                            todo="drop --probe-source nvml to fall back to nvidia-smi, or install the driver")
+    elif facts is None:
+        fields = SMI_FIELDS
+        if query.rc not in (0, None) and "field" in query.out.lower():  # an older driver: fewer fields
+            fields = SMI_CORE_FIELDS
+            query = runner({"query": smi_query_cmd(fields)})["query"]
+        facts = smi_facts(query, plain, full_q, fields)
+        if facts.source == "none":
+            facts.found = f"no NVIDIA driver ({nvml_note}; {facts.found})"
+            facts.todo = "install the NVIDIA driver and reboot, or run on a machine with an NVIDIA GPU"
+    if nvml_note:
+        facts.notes.append(f"NVML not used: {nvml_note}")
+    for gpu in facts.gpus:
+        spec = config.gpu_spec_for(gpu.name)
+        gpu.model = spec.model if spec else None
+    return facts, raw_smi_text(plain, full_q, query)
+
+
+# --------------------------------------------------------------------------- gate
+
+def gate(facts: DriverFacts, min_cuda: str, min_from: str) -> tuple[bool, str]:
+    """(passed, one line): what was found, what is needed, what to do."""
+    need = f"need a driver supporting CUDA >= {min_cuda} ({min_from}) and at least one GPU"
+    if facts.found:
+        return False, f"found {facts.found}; {need}; {facts.todo or 'install or repair the NVIDIA driver'}"
+    drv = f"driver {facts.driver or '?'}"
+    if facts.driver_cuda is None:
+        return False, (f"found {drv} but no CUDA version from {facts.source}; {need}; "
+                       "run `nvidia-smi` by hand and repair or reinstall the driver")
+    if not facts.gpus:
+        return False, (f"found {drv} (CUDA {facts.driver_cuda}) but no GPU; need at least one NVIDIA GPU; "
+                       "check the GPU is attached and visible here (containers: --gpus all / NVIDIA_VISIBLE_DEVICES)")
+    if config.parse_version(facts.driver_cuda) < config.parse_version(min_cuda):
+        return False, (f"found {drv} supporting CUDA {facts.driver_cuda}; need CUDA >= {min_cuda} ({min_from}); "
+                       f"upgrade the NVIDIA driver to one supporting CUDA {min_cuda} or newer, "
+                       "or lower the minimum with --min-driver-cuda")
+    return True, (f"{drv} supports CUDA {facts.driver_cuda} >= {min_cuda} ({min_from}) "
+                  f"with {gpus_summary(facts.gpus)}")
+
+
+def gpus_summary(gpus: list[Gpu]) -> str:
+    """'1x NVIDIA H100 80GB HBM3' (or '2x A, 1x B'); 'no GPU' when empty."""
+    if not gpus:
+        return "no GPU"
+    counts = Counter(g.name for g in gpus)
+    return ", ".join(f"{n}x {name}" for name, n in counts.items())
+
+
+# --------------------------------------------------------------------------- env_info.txt
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+def _gib(n_bytes: float) -> str:
+    return f"{n_bytes / 2**30:.1f} GiB"
+
+
+def system_facts(run_dir: Path) -> list[tuple[str, str]]:
+    try:
+        os_name = platform.freedesktop_os_release().get("PRETTY_NAME", "")
+    except OSError:
+        os_name = ""
+    try:
+        glibc = os.confstr("CS_GNU_LIBC_VERSION") or ""
+    except (ValueError, OSError, AttributeError):
+        glibc = ""
+    glibc = glibc or " ".join(platform.libc_ver()).strip() or "unknown"
+    cpuinfo = _read("/proc/cpuinfo")
+    m = re.search(r"^(model name|Model|cpu model)\s*:\s*(.+)$", cpuinfo, re.MULTILINE)
+    cpu = m.group(2).strip() if m else (platform.processor() or platform.machine())
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        usable = os.cpu_count()
+    meminfo = dict(re.findall(r"^(\w+):\s+(\d+) kB", _read("/proc/meminfo"), re.MULTILINE))
+    ram = (f"{_gib(int(meminfo['MemTotal']) * 1024)} total, {_gib(int(meminfo.get('MemAvailable', 0)) * 1024)} available"
+           if "MemTotal" in meminfo else "unknown")
+    disks = []
+    for label, path in (("run folder", run_dir), ("project", layout.ROOT)):
+        try:
+            usage = shutil.disk_usage(path)
+            disks.append(f"{_gib(usage.free)} free of {_gib(usage.total)} ({label}: {path})")
+        except OSError as e:
+            disks.append(f"unknown ({label}: {e.strerror})")
+    return [
+        ("host", socket.gethostname()),
+        ("os", f"{os_name or platform.system()} ({platform.platform()})"),
+        ("kernel", platform.release()),
+        ("glibc", glibc),
+        ("python", f"{platform.python_version()} ({sys.executable})"),
+        ("cpu", f"{cpu}, {os.cpu_count()} logical CPUs ({usable} usable by this process)"),
+        ("ram", ram),
+        *(("disk", d) for d in disks),
+    ]
+
+
+GPU_COLUMNS = ("idx", "name", "memory MiB (free)", "cc", "ecc cur/pend", "uncorr. ecc vol/agg",
+               "persistence", "clock events", "pci bus", "uuid")
+
+
+def gpu_rows(gpus: list[Gpu]) -> list[tuple[str, ...]]:
+    def n(v):
+        return NA if v is None else str(v)
+    rows = []
+    for g in gpus:
+        reasons = NA if g.clock_event_reasons is None else (",".join(g.clock_event_reasons) or "none")
+        rows.append((str(g.index), g.name, f"{n(g.memory_total_mib)} ({n(g.memory_free_mib)})",
+                     g.compute_capability or NA, f"{g.ecc_current}/{g.ecc_pending}",
+                     f"{n(g.ecc_uncorrected_volatile)}/{n(g.ecc_uncorrected_aggregate)}",
+                     g.persistence_mode, reasons, g.pci_bus_id or NA, g.uuid or NA))
+    return rows
+
+
+def text_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in (header, *rows))
+
+
+def env_info_text(system: list[tuple[str, str]], env: Mapping[str, str], facts: DriverFacts,
+                  passed: bool | None, gate_line: str) -> str:
+    lines = [f"# env_info.txt, written by the probe stage at {now_iso()}", "", "## System"]
+    width = max(len(k) for k, _ in system)
+    lines += [f"{k.ljust(width)} : {v}" for k, v in system]
+    lines += ["", "## Environment (names containing " + ", ".join(redact.SECRET_WORDS) + " are redacted)"]
+    lines += redact.env_lines(env)
+    lines += ["", f"## Driver and GPUs (source: {facts.source})",
+              f"driver      : {facts.driver or 'none found'}",
+              f"driver CUDA : {facts.driver_cuda or 'unknown'}",
+              f"GPUs        : {len(facts.gpus)} ({gpus_summary(facts.gpus)})"]
+    lines += [f"note        : {note}" for note in facts.notes]
+    if facts.gpus:
+        lines += ["", text_table(GPU_COLUMNS, gpu_rows(facts.gpus))]
+        slow = sorted({r for g in facts.gpus for r in (g.clock_event_reasons or []) if r not in BENIGN_REASONS})
+        if slow:
+            lines.append(f"warning     : clocks held down by {', '.join(slow)} (check cooling and power)")
+    verdict = "PASS" if passed else ("FAIL" if passed is False else "NOT DECIDED")
+    lines += ["", "## Gate", f"{verdict}: {gate_line}", ""]
+    return "\n".join(lines)
+
+
+def gpus_document(facts: DriverFacts, passed: bool | None, gate_line: str, min_cuda: str | None) -> dict:
+    """gpus.json (schema 1): source, driver, driver_cuda, min_driver_cuda, gate {passed, line}, notes,
+    gpus [{index, name, model, uuid, pci_bus_id, compute_capability, memory_total_mib, memory_free_mib,
+    ecc_current, ecc_pending, ecc_uncorrected_volatile, ecc_uncorrected_aggregate, persistence_mode,
+    clock_event_reasons}]."""
+    return {"schema": 1, "source": facts.source, "driver": facts.driver, "driver_cuda": facts.driver_cuda,
+            "min_driver_cuda": min_cuda, "gate": {"passed": passed, "line": gate_line},
+            "notes": facts.notes, "gpus": [asdict(g) for g in facts.gpus]}
+
+
+# --------------------------------------------------------------------------- the stage
+
+def run(run_dir: Path, args, *, env: Mapping[str, str] | None = None,
+        nvml_loader=load_pynvml, runner=run_commands) -> Outcome:
+    env = os.environ if env is None else env
+    facts, smi_text = collect(getattr(args, "probe_source", "auto"), nvml_loader, runner)
+
+    min_cuda = getattr(args, "min_driver_cuda", None)
+    config_error = None
+    if min_cuda:
+        min_from = "--min-driver-cuda"
+    else:
+        settings_path = getattr(args, "settings", None) or layout.SETTINGS_FILE
+        min_from = f"min_driver_cuda in {_short(settings_path)}"
+        try:
+            min_cuda = str(config.load_settings(settings_path)["min_driver_cuda"])
+        except config.ConfigError as e:
+            config_error = str(e)
+
+    if config_error:
+        passed, line = None, f"cannot decide: {config_error}"
+    else:
+        passed, line = gate(facts, min_cuda, min_from)
+
+    print(f"probe: source {facts.source}; driver {facts.driver or 'none'} (CUDA {facts.driver_cuda or '?'}); "
+          f"{gpus_summary(facts.gpus)}", flush=True)
+    for note in facts.notes:
+        print(f"probe: {note}", flush=True)
+    if passed:  # on failure the harness prints the reason
+        print(f"probe: gate PASS: {line}", flush=True)
+
+    files = [*layout.STAGE_FILES["probe"], layout.GPUS_JSON]
+    (run_dir / "nvidia_smi.txt").write_text(smi_text)
+    (run_dir / "env_info.txt").write_text(env_info_text(system_facts(run_dir), env, facts, passed, line))
+    (run_dir / layout.GPUS_JSON).write_text(json.dumps(gpus_document(facts, passed, line, min_cuda), indent=2) + "\n")
+
+    figures = {"source": facts.source, "driver": facts.driver or "none", "driver_cuda": facts.driver_cuda or "none",
+               "min_driver_cuda": min_cuda or "unknown", "gpu_count": len(facts.gpus),
+               "gpus": gpus_summary(facts.gpus)}
+    if passed:
+        return Outcome(PASS, "", figures, files)
+    return Outcome(FAIL, config_error or line, figures, files)
+
+
+def _short(path: Path) -> str:
+    path = Path(path).resolve()
+    try:
+        return str(path.relative_to(layout.ROOT))
+    except ValueError:
+        return str(path)

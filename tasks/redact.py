@@ -1,0 +1,60 @@
+"""Keeping secrets out of run folders: the one place that decides what an environment dump shows.
+
+Every writer that puts environment variables into a file goes through `redact_env` (or
+`env_lines`, which uses it). A variable whose NAME contains TOKEN, KEY, SECRET, PASSWORD or
+CREDENTIAL (any case) is written as `<redacted>`; in every other value, credentials embedded in a
+URL (`https://user:pass@host`, as in PIP_INDEX_URL) are replaced too.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+
+SECRET_WORDS = ("TOKEN", "KEY", "SECRET", "PASSWORD", "CREDENTIAL")
+REDACTED = "<redacted>"
+UNSET = "<unset>"
+
+_URL_USERINFO = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
+
+# The variables that matter to a GPU bring-up, shown in env_info.txt: exact names, then prefixes.
+RELEVANT_NAMES = ("CUDA_VISIBLE_DEVICES", "LD_LIBRARY_PATH", "PATH", "VIRTUAL_ENV", "CONDA_PREFIX",
+                  "PYTHONPATH", "OMP_NUM_THREADS")
+RELEVANT_PREFIXES = ("NVIDIA_", "CUDA_", "PYTORCH_", "TORCH_", "NCCL_", "HF_", "PIP_")
+
+
+def is_secret_name(name: str) -> bool:
+    upper = name.upper()
+    return any(word in upper for word in SECRET_WORDS)
+
+
+def redact_value(name: str, value: str) -> str:
+    if is_secret_name(name):
+        return REDACTED
+    return _URL_USERINFO.sub(rf"\1{REDACTED}@", value)
+
+
+def redact_env(env: Mapping[str, str]) -> dict[str, str]:
+    """A copy of `env` that is safe to write to a file."""
+    return {name: redact_value(name, value) for name, value in env.items()}
+
+
+def relevant_names(env: Mapping[str, str]) -> list[str]:
+    """Names of the variables worth recording, sorted (CUDA_VISIBLE_DEVICES first, set or not)."""
+    found = {n for n in env if n in RELEVANT_NAMES or n.startswith(RELEVANT_PREFIXES)}
+    found.discard("CUDA_VISIBLE_DEVICES")
+    return ["CUDA_VISIBLE_DEVICES", *sorted(found)]
+
+
+def env_lines(env: Mapping[str, str], names: Iterable[str] | None = None) -> list[str]:
+    """`NAME=value` lines, redacted; CUDA_VISIBLE_DEVICES always says whether it is unset or empty."""
+    safe = redact_env(env)
+    lines = []
+    for name in relevant_names(env) if names is None else names:
+        if name not in env:
+            lines.append(f"{name}={UNSET}")
+        elif name == "CUDA_VISIBLE_DEVICES" and env[name].strip() == "":
+            lines.append(f'{name}="{env[name]}"   (set but empty: CUDA programs will see no GPU)')
+        else:
+            lines.append(f"{name}={safe[name]}")
+    return lines
