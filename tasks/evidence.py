@@ -1,15 +1,339 @@
-"""Stage evidence (stub: being written)."""
+"""Stage evidence: render a run's README.md and summary.json from its stage records, then seal it.
+
+Evidence reads only what the run folder holds: the stage records (`records.read_all`), probe's
+gpus.json and the list of files. It never overwrites a file another stage wrote. For every stage
+file (layout.STAGE_FILES) that is missing it writes one that says why ("install did not run: probe
+failed — ..."), so every finished run holds the same six files.
+
+Order of writing: the placeholder files, README.md, summary.json, the GitHub step summary (when
+$GITHUB_STEP_SUMMARY is set); then the harness writes stages/evidence.json and calls
+`after_record`, which writes SHA256SUMS over every file of the run (all but the lock file and
+SHA256SUMS itself) in `sha256sum -c` format. SHA256SUMS is written last: its presence means the run
+is sealed (runs.is_sealed) and no stage writes into it again.
+
+The evidence stage passes when it rendered; the machine's verdict is in README.md and summary.json.
+
+summary.json, schema 1:
+
+    schema        1
+    run           the run folder's name, "m40_v3"
+    generated     ISO 8601 UTC time evidence rendered it
+    verdict       "PASS" | "FAIL" | "INTERRUPTED"
+    failed_stage  the stage the verdict names (null on PASS)
+    reason        that stage's one-line reason ("" on PASS)
+    stages        {stage: {status, reason, duration_s, started, ended, figures}} for probe, install,
+                  cuda_check and train, in order; status is a record status (pass, fail, skip,
+                  interrupted) or "missing" when the stage left no record
+    gpus          probe's GPU list (gpus.json "gpus"; [] when probe did not run)
+    versions      {name: value}: driver and driver_cuda from probe, and the figures named in
+                  VERSION_KEYS (or ending in "_version") of install, cuda_check and train
+    files         every file of the sealed run, relative paths, sorted (SHA256SUMS included)
+"""
 
 from __future__ import annotations
 
-from tasks.records import FAIL, Outcome
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+from urllib.parse import quote
 
-DESCRIPTION = "stage evidence"
+import jinja2
+
+from tasks import layout, records
+from tasks.records import FAIL, INTERRUPTED, PASS, SKIP, Outcome, StageRecord, now_iso
+
+DESCRIPTION = ("Render the run's README.md, summary.json and SHA256SUMS from its stage records and seal it "
+               "(no later stage writes into a sealed run).")
+
+SCHEMA = 1
+WORK_STAGES = tuple(s for s in layout.STAGES if s != "evidence")
+MISSING = "missing"
+STEP_SUMMARY_ENV = "GITHUB_STEP_SUMMARY"
+
+# Figures shown under "Versions" (besides any figure whose name ends in "_version"), in this order.
+VERSION_KEYS = ("driver", "driver_cuda", "channel", "python", "torch", "torch_cuda", "cudnn", "nccl",
+                "triton", "transformers")
+IMAGE_SUFFIXES = (".svg", ".png", ".jpg", ".jpeg", ".gif")
+
+FILE_NOTES = {
+    "env_info.txt": "OS, CPU, RAM, disk, environment, GPU table, driver gate (probe)",
+    "nvidia_smi.txt": "raw `nvidia-smi` and `nvidia-smi -q` (probe)",
+    layout.GPUS_JSON: "GPU list, machine-readable (probe)",
+    "torch_version.txt": "the installed PyTorch and its CUDA (install)",
+    "requirements-gpu.txt": "what .venv-gpu holds (install)",
+    "cuda_check.txt": "CUDA correctness and speed checks (cuda_check)",
+    "training_log.txt": "the training run's log (train)",
+    "metrics.jsonl": "training metrics per step (train)",
+    layout.README_FILE: "this page (evidence)",
+    layout.SUMMARY_FILE: "the verdict and figures, machine-readable (evidence)",
+    layout.SUMS_FILE: "SHA-256 of every file: `sha256sum -c SHA256SUMS` (evidence, written last)",
+}
 
 
 def add_arguments(parser) -> None:
-    pass
+    pass  # evidence has no options: it renders what the run folder holds
 
 
-def run(run_dir, args) -> Outcome:
-    return Outcome(FAIL, "stage evidence is not implemented yet")
+# --------------------------------------------------------------------------- the verdict
+
+def verdict(recs: dict[str, StageRecord]) -> tuple[str, str | None, str]:
+    """(verdict, failed_stage, reason) of a run from its stage records (evidence's own is ignored).
+
+    INTERRUPTED names the stage Ctrl-C stopped; else FAIL names the first failed stage; else FAIL
+    names the first stage that was skipped or left no record; else PASS.
+    """
+    for status, word in ((INTERRUPTED, "INTERRUPTED"), (FAIL, "FAIL")):
+        for name in WORK_STAGES:
+            rec = recs.get(name)
+            if rec is not None and rec.status == status:
+                return word, name, rec.reason or f"{name} {status}"
+    for name in WORK_STAGES:
+        rec = recs.get(name)
+        if rec is None:
+            return "FAIL", name, f"{name} did not run (no record in {layout.STAGES_DIR}/)"
+        if rec.status == SKIP:
+            return "FAIL", name, f"{name} was skipped: {rec.reason}" if rec.reason else f"{name} was skipped"
+    return "PASS", None, ""
+
+
+def why_not_written(stage: str, recs: dict[str, StageRecord]) -> str:
+    """One line: why `stage` left no file (used in the placeholder evidence writes instead)."""
+    rec = recs.get(stage)
+    earlier = WORK_STAGES[: WORK_STAGES.index(stage)] if stage in WORK_STAGES else WORK_STAGES
+    blocker = next((recs[s] for s in earlier if s in recs and recs[s].status in (FAIL, INTERRUPTED)), None)
+    if rec is None or rec.status == SKIP:
+        if blocker is not None:
+            what = "failed" if blocker.status == FAIL else "was interrupted"
+            return f"{stage} did not run: {blocker.stage} {what} — {blocker.reason}"
+        if rec is None:
+            return f"{stage} did not run: it left no record in {layout.STAGES_DIR}/ (it was never run into this run folder)"
+        return f"{stage} did not run: {rec.reason or 'skipped'}"
+    if rec.status == INTERRUPTED:
+        return f"{stage} was interrupted before it wrote this file — {rec.reason}"
+    if rec.status == FAIL:
+        return f"{stage} failed before it wrote this file — {rec.reason}"
+    return f"{stage} passed but did not write this file (a bug in the stage); see {layout.STAGES_DIR}/{stage}.json"
+
+
+# --------------------------------------------------------------------------- reading the run
+
+def run_files(run_dir: Path) -> list[str]:
+    """Every file of the run (relative posix paths, sorted) except the lock file and SHA256SUMS."""
+    skip = {layout.LOCK_FILE, layout.SUMS_FILE}
+    out = []
+    for path in run_dir.rglob("*"):
+        rel = path.relative_to(run_dir).as_posix()
+        if rel in skip or not path.is_file():
+            continue
+        out.append(rel)
+    return sorted(out)
+
+
+def read_gpus(run_dir: Path) -> dict:
+    try:
+        data = json.loads((run_dir / layout.GPUS_JSON).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def versions_of(recs: dict[str, StageRecord], gpu_doc: dict) -> dict[str, str]:
+    found: dict[str, str] = {}
+    probe = recs.get("probe")
+    for key in ("driver", "driver_cuda"):
+        value = (probe.figures.get(key) if probe else None) or gpu_doc.get(key)
+        if value and value != "none":
+            found[key] = str(value)
+    for name in ("install", "cuda_check", "train"):
+        rec = recs.get(name)
+        if rec is None:
+            continue
+        for key, value in rec.figures.items():
+            if (key in VERSION_KEYS or key.endswith("_version")) and key not in found and value not in (None, ""):
+                found[key] = str(value)
+    order = {k: i for i, k in enumerate(VERSION_KEYS)}
+    return dict(sorted(found.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
+
+
+def stage_rows(recs: dict[str, StageRecord]) -> list[dict]:
+    rows = []
+    for name in WORK_STAGES:
+        rec = recs.get(name)
+        if rec is None:
+            rows.append({"name": name, "status": MISSING, "reason": "no record", "duration_s": None,
+                         "started": "", "ended": "", "figures": {}})
+        else:
+            rows.append({"name": name, "status": rec.status, "reason": rec.reason, "duration_s": rec.duration_s,
+                         "started": rec.started, "ended": rec.ended, "figures": dict(rec.figures)})
+    return rows
+
+
+# --------------------------------------------------------------------------- rendering
+
+def md(value) -> str:
+    """Text made safe for one markdown table cell or line (no pipes, no HTML, one line)."""
+    text = " ".join(str(value).split())
+    return text.replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def figures_text(figures: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in figures.items())
+
+
+def link(path: str) -> str:
+    return quote(path, safe="/._-")
+
+
+def environment() -> jinja2.Environment:
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(layout.TEMPLATES)), autoescape=False,  # markdown: text is escaped by the md filter
+                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
+                             keep_trailing_newline=True)
+    env.filters.update(md=md, figures=figures_text, link=link)
+    return env
+
+
+def context(run_dir: Path, recs: dict[str, StageRecord], files: list[str], placeholders: dict[str, str]) -> dict:
+    word, failed_stage, reason = verdict(recs)
+    gpu_doc = read_gpus(run_dir)
+    gpus = gpu_doc.get("gpus") or []
+    return {
+        "run": run_dir.name,
+        "generated": now_iso(),
+        "verdict": word,
+        "failed_stage": failed_stage,
+        "reason": reason,
+        "stages": stage_rows(recs),
+        "gpus": gpus,
+        "gpu_source": gpu_doc.get("source"),
+        "gpu_note": (f"probe found none (source: {gpu_doc.get('source')}); see env_info.txt" if gpu_doc
+                     else f"probe left no {layout.GPUS_JSON} (it did not run)"),
+        "versions": versions_of(recs, gpu_doc),
+        "files": [{"path": f, "size": _size(run_dir / f), "note": file_note(f, placeholders)} for f in files],
+        "images": [f for f in files if f.lower().endswith(IMAGE_SUFFIXES)],
+        "sums_file": layout.SUMS_FILE,
+    }
+
+
+def file_note(rel: str, placeholders: dict[str, str]) -> str:
+    if rel in placeholders:
+        return "placeholder: " + placeholders[rel].split(" — ")[0] + " (the file says why)"
+    if rel.startswith(layout.STAGES_DIR + "/") and rel.endswith(".json"):
+        return f"stage record of {Path(rel).stem}"
+    return FILE_NOTES.get(rel, "")
+
+
+def _size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return None  # not written yet (README.md, summary.json, SHA256SUMS)
+
+
+def summary_document(ctx: dict) -> dict:
+    return {
+        "schema": SCHEMA,
+        "run": ctx["run"],
+        "generated": ctx["generated"],
+        "verdict": ctx["verdict"],
+        "failed_stage": ctx["failed_stage"],
+        "reason": ctx["reason"],
+        "stages": {row["name"]: {k: row[k] for k in ("status", "reason", "duration_s", "started", "ended", "figures")}
+                   for row in ctx["stages"]},
+        "gpus": ctx["gpus"],
+        "versions": ctx["versions"],
+        "files": [f["path"] for f in ctx["files"]],
+    }
+
+
+# --------------------------------------------------------------------------- writing
+
+def write_placeholders(run_dir: Path, recs: dict[str, StageRecord]) -> dict[str, str]:
+    """For each missing stage file, write one saying why; never touch a file that exists."""
+    written = {}
+    for stage, names in layout.STAGE_FILES.items():
+        if stage == "evidence":
+            continue
+        for name in names:
+            why = why_not_written(stage, recs)
+            try:
+                with open(run_dir / name, "x", encoding="utf-8") as f:
+                    f.write(f"{why}\n\n(written by the evidence stage at {now_iso()} in place of the {name} "
+                            f"that {stage} writes, so that every finished run holds the same files)\n")
+            except FileExistsError:
+                continue
+            written[name] = why
+    return written
+
+
+def append_step_summary(text: str, env=os.environ) -> str | None:
+    """Append to $GITHUB_STEP_SUMMARY when set; returns the path written, or None."""
+    target = env.get(STEP_SUMMARY_ENV)
+    if not target:
+        return None
+    try:
+        with open(target, "a", encoding="utf-8") as f:
+            f.write(text)
+    except OSError as e:
+        print(f"evidence: warning: cannot append to ${STEP_SUMMARY_ENV} ({target}): {e.strerror}", file=sys.stderr)
+        return None
+    return target
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sums_line(digest: str, rel: str) -> str:
+    """One line of `sha256sum` output (text mode), with its escaping of backslashes and newlines."""
+    if "\\" in rel or "\n" in rel or "\r" in rel:
+        rel = rel.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
+        return f"\\{digest}  {rel}\n"
+    return f"{digest}  {rel}\n"
+
+
+def seal(run_dir: Path) -> Path:
+    """Write SHA256SUMS over every file of the run; written last, atomically (its presence = sealed)."""
+    text = "".join(sums_line(sha256_of(run_dir / rel), rel) for rel in run_files(run_dir))
+    target = run_dir / layout.SUMS_FILE
+    tmp = run_dir / (layout.SUMS_FILE + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(target)
+    return target
+
+
+def after_record(run_dir: Path, rec: StageRecord) -> None:
+    """Called by the harness once stages/evidence.json exists, so SHA256SUMS covers it too."""
+    seal(run_dir)
+
+
+def run(run_dir: Path, args, *, env=None) -> Outcome:
+    env = os.environ if env is None else env
+    recs = {name: rec for name, rec in records.read_all(run_dir).items() if name != "evidence"}
+    placeholders = write_placeholders(run_dir, recs)
+
+    # What the sealed run will hold: what is there now, plus what evidence is about to write.
+    to_come = {layout.README_FILE, layout.SUMMARY_FILE, layout.SUMS_FILE,
+               layout.stage_record_path(run_dir, "evidence").relative_to(run_dir).as_posix()}
+    files = sorted(set(run_files(run_dir)) | to_come)
+    ctx = context(run_dir, recs, files, placeholders)
+
+    templates = environment()
+    (run_dir / layout.README_FILE).write_text(templates.get_template("README.md.j2").render(**ctx), encoding="utf-8")
+    (run_dir / layout.SUMMARY_FILE).write_text(json.dumps(summary_document(ctx), indent=2) + "\n", encoding="utf-8")
+    step_summary = append_step_summary(templates.get_template("step_summary.md.j2").render(**ctx), env)
+
+    line = ctx["verdict"] if ctx["verdict"] == "PASS" else f"{ctx['verdict']} at {ctx['failed_stage']}: {ctx['reason']}"
+    print(f"evidence: verdict {line}", flush=True)
+    print(f"evidence: {run_dir / layout.README_FILE}", flush=True)
+    if step_summary:
+        print(f"evidence: appended the verdict to ${STEP_SUMMARY_ENV}", flush=True)
+
+    figures = {"verdict": ctx["verdict"], "failed_stage": ctx["failed_stage"] or "", "files": len(files)}
+    written = [*placeholders, layout.README_FILE, layout.SUMMARY_FILE, layout.SUMS_FILE]
+    return Outcome(PASS, "", figures, written)

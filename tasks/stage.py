@@ -4,6 +4,7 @@ A stage module provides:
     DESCRIPTION               one line, for --help
     add_arguments(parser)     its options (each option name used by one stage only)
     run(run_dir, args)        does the work, returns records.Outcome; never calls sys.exit
+    after_record(run_dir, rec)  optional: runs after stages/<stage>.json is written, if the stage passed
 
 The harness times it, writes `stages/<stage>.json`, turns errors into a one-line failed record,
 and maps the result to the stage's exit code.
@@ -43,6 +44,14 @@ def execute(stage: str, run_dir: Path, args: argparse.Namespace) -> records.Stag
         traceback.print_exc()
         rec = timer.record(stage, FAIL, f"unexpected {type(e).__name__}: {e}")
     records.write(run_dir, rec)
+    # Optional hook, run once the record exists: evidence seals the run here, so SHA256SUMS covers its record.
+    after = getattr(mod, "after_record", None)
+    if after is not None and rec.ok:
+        try:
+            after(run_dir, rec)
+        except OSError as e:
+            rec = timer.record(stage, FAIL, f"{stage} could not finish: {e}")
+            records.write(run_dir, rec)
     print(verdict_line(rec), flush=True)
     return rec
 
