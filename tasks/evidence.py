@@ -66,6 +66,8 @@ FILE_NOTES = {
     "cuda_check.txt": "CUDA correctness and speed checks (cuda_check)",
     "training_log.txt": "the training run's log (train)",
     "metrics.jsonl": "training metrics per step (train)",
+    "loss.svg": "training loss curve (train)",
+    "loss.png": "training loss curve (train)",
     layout.README_FILE: "this page (evidence)",
     layout.SUMMARY_FILE: "the verdict and figures, machine-readable (evidence)",
     layout.SUMS_FILE: "SHA-256 of every file: `sha256sum -c SHA256SUMS` (evidence, written last)",

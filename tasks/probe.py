@@ -66,6 +66,7 @@ SMI_FIELDS = (
     "persistence_mode", "clocks_event_reasons.active",
 )
 SMI_CORE_FIELDS = SMI_FIELDS[:7]
+NO_GPU_TODO = "check that the GPU is attached and visible here (containers: --gpus all, NVIDIA_VISIBLE_DEVICES)"
 _SMI_NA = {"", "n/a", "[n/a]", "not supported", "[not supported]", "unknown error", "[unknown error]"}
 
 
@@ -378,9 +379,9 @@ def smi_facts(query: CmdResult, plain: CmdResult, full_q: CmdResult, fields=SMI_
         return facts
     if query.rc != 0:
         if "no devices were found" in query.out.lower():
-            facts.driver = parse_smi_driver(plain.out) or parse_smi_driver(full_q.out)
-            facts.driver_cuda = parse_smi_cuda(plain.out) or parse_smi_cuda(full_q.out)
-            return facts  # a driver without GPUs: the gate says so
+            facts.found = "an NVIDIA driver but no GPU (nvidia-smi: No devices were found)"
+            facts.todo = NO_GPU_TODO
+            return facts
         facts.found = f"nvidia-smi failing ({query.describe()})"
         facts.todo = ("check that the NVIDIA kernel module is loaded (`nvidia-smi`, `lsmod | grep nvidia`); "
                       "reinstall the driver or reboot")
@@ -466,8 +467,7 @@ def gate(facts: DriverFacts, min_cuda: str, min_from: str) -> tuple[bool, str]:
         return False, (f"found {drv} but no CUDA version from {facts.source}; {need}; "
                        "run `nvidia-smi` by hand and repair or reinstall the driver")
     if not facts.gpus:
-        return False, (f"found {drv} (CUDA {facts.driver_cuda}) but no GPU; need at least one NVIDIA GPU; "
-                       "check the GPU is attached and visible here (containers: --gpus all / NVIDIA_VISIBLE_DEVICES)")
+        return False, f"found {drv} (CUDA {facts.driver_cuda}) but no GPU; need at least one NVIDIA GPU; {NO_GPU_TODO}"
     if config.parse_version(facts.driver_cuda) < config.parse_version(min_cuda):
         return False, (f"found {drv} supporting CUDA {facts.driver_cuda}; need CUDA >= {min_cuda} ({min_from}); "
                        f"upgrade the NVIDIA driver to one supporting CUDA {min_cuda} or newer, "

@@ -1,0 +1,304 @@
+"""The probe stage: NVML facts (fake pynvml values), the nvidia-smi fallback (fake scripts on PATH), the gate."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from types import SimpleNamespace
+
+import fake_gpu
+import pynvml
+import pytest
+
+from tasks import layout, probe, records
+
+
+def args(**kw):
+    base = {"min_driver_cuda": None, "settings": None, "probe_source": "auto"}
+    return argparse.Namespace(**{**base, **kw})
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    d = tmp_path / "run"
+    d.mkdir()
+    return d
+
+
+def read(run_dir, name):
+    return (run_dir / name).read_text()
+
+
+# --------------------------------------------------------------------------- pure parsing
+
+def test_cuda_version_from_nvml_int():
+    assert probe.cuda_version_from_int(13000) == "13.0"
+    assert probe.cuda_version_from_int(12080) == "12.8"
+    assert probe.cuda_version_from_int(12040) == "12.4"
+
+
+def test_clock_reasons_decode_to_names_and_keep_unknown_bits():
+    assert probe.decode_clock_reasons(0) == []
+    assert probe.decode_clock_reasons(0x1 | 0x40) == ["gpu_idle", "hw_thermal_slowdown"]
+    assert probe.decode_clock_reasons(0x1000) == ["unknown_0x1000"]
+
+
+def test_smi_csv_parses_values_and_not_available_fields():
+    row = fake_gpu.query_row(0, ecc="[N/A]", reasons="0x0000000000000004").replace(", 0, 0, Enabled", ", [N/A], [N/A], Disabled")
+    driver, gpus = probe.parse_smi_csv(row + "\n")
+    assert driver == "580.95.05"
+    (g,) = gpus
+    assert (g.index, g.name, g.compute_capability, g.memory_total_mib) == (0, fake_gpu.H100, "9.0", 81559)
+    assert (g.ecc_current, g.ecc_pending, g.ecc_uncorrected_volatile) == ("N/A", "N/A", None)
+    assert g.persistence_mode == "disabled"
+    assert g.clock_event_reasons == ["sw_power_cap"]
+
+
+def test_smi_csv_rejects_garbage():
+    with pytest.raises(probe.SmiParseError):
+        probe.parse_smi_csv("Segmentation fault? lorem ipsum, dolor\n")
+
+
+def test_smi_header_gives_driver_and_cuda():
+    text = fake_gpu.header("580.95.05", "13.0")
+    assert probe.parse_smi_cuda(text) == "13.0"
+    assert probe.parse_smi_driver(text) == "580.95.05"
+    assert probe.parse_smi_cuda("CUDA Version                              : 12.4\n") == "12.4"
+    assert probe.parse_smi_cuda("nothing here") is None
+
+
+# --------------------------------------------------------------------------- nvidia-smi fallback (NVML unavailable)
+
+def test_cuda_13_driver_passes_through_nvidia_smi(monkeypatch, tmp_path, run_dir):
+    fake_gpu.no_nvml(monkeypatch)
+    fake_gpu.working_smi(tmp_path / "bin", cuda="13.0")
+    fake_gpu.only_on_path(monkeypatch, tmp_path / "bin")
+    out = probe.run(run_dir, args())
+    assert out.status == records.PASS, out.reason
+    assert out.figures["source"] == "nvidia-smi"
+    assert out.figures["driver"] == "580.95.05"
+    assert out.figures["driver_cuda"] == "13.0"
+    assert out.figures["gpu_count"] == 1
+    assert out.figures["gpus"] == f"1x {fake_gpu.H100}"
+    raw = read(run_dir, "nvidia_smi.txt")
+    assert "CUDA Version: 13.0" in raw and "NVSMI LOG" in raw
+    env_info = read(run_dir, "env_info.txt")
+    assert "source: nvidia-smi" in env_info
+    assert "NVML not used" in env_info
+    assert "PASS: driver 580.95.05 supports CUDA 13.0 >= 12.8" in env_info
+    doc = json.loads(read(run_dir, layout.GPUS_JSON))
+    assert doc["gpus"][0]["model"] == "H100 SXM"  # the datasheet entry from configs/gpus.yaml
+    assert doc["gate"]["passed"] is True
+
+
+def test_cuda_12_4_driver_fails_the_gate_with_one_line(monkeypatch, tmp_path, run_dir):
+    fake_gpu.no_nvml(monkeypatch)
+    fake_gpu.working_smi(tmp_path / "bin", cuda="12.4", driver="550.54.15")
+    fake_gpu.only_on_path(monkeypatch, tmp_path / "bin")
+    out = probe.run(run_dir, args())
+    assert out.status == records.FAIL
+    assert "\n" not in out.reason
+    assert "found driver 550.54.15 supporting CUDA 12.4" in out.reason  # what was found
+    assert "need CUDA >= 12.8" in out.reason  # what is needed
+    assert "upgrade the NVIDIA driver" in out.reason  # what to do
+    assert f"FAIL: {out.reason}" in read(run_dir, "env_info.txt")
+
+
+def test_min_driver_cuda_option_overrides_the_config(monkeypatch, tmp_path, run_dir):
+    fake_gpu.no_nvml(monkeypatch)
+    fake_gpu.working_smi(tmp_path / "bin", cuda="12.4", driver="550.54.15")
+    fake_gpu.only_on_path(monkeypatch, tmp_path / "bin")
+    out = probe.run(run_dir, args(min_driver_cuda="12.4"))
+    assert out.status == records.PASS
+    assert out.figures["min_driver_cuda"] == "12.4"
+
+
+def test_settings_file_gives_the_minimum(monkeypatch, tmp_path, run_dir):
+    fake_gpu.no_nvml(monkeypatch)
+    fake_gpu.working_smi(tmp_path / "bin", cuda="13.0")
+    fake_gpu.only_on_path(monkeypatch, tmp_path / "bin")
+    settings = tmp_path / "m40.yaml"
+    settings.write_text('min_driver_cuda: "13.1"\nchannel_order: [cu128]\ngpu_packages: []\n')
+    out = probe.run(run_dir, args(settings=settings))
+    assert out.status == records.FAIL
+    assert "need CUDA >= 13.1" in out.reason
+
+
+def test_bad_settings_file_fails_but_env_info_is_written(monkeypatch, tmp_path, run_dir):
+    fake_gpu.no_nvml(monkeypatch)
+    fake_gpu.only_on_path(monkeypatch, tmp_path / "empty")
+    settings = tmp_path / "m40.yaml"
+    settings.write_text("min_driver_cuda: [oops\n")
+    out = probe.run(run_dir, args(settings=settings))
+    assert out.status == records.FAIL
+    assert "not valid YAML" in out.reason
+    assert "cannot decide" in read(run_dir, "env_info.txt")
+
+
+def test_garbage_output_fails_with_one_line(monkeypatch, tmp_path, run_dir):
+    fake_gpu.no_nvml(monkeypatch)
+    fake_gpu.garbage_smi(tmp_path / "bin")
+    fake_gpu.only_on_path(monkeypatch, tmp_path / "bin")
+    out = probe.run(run_dir, args())
+    assert out.status == records.FAIL
+    assert "\n" not in out.reason
+    assert "nvidia-smi output this probe cannot read" in out.reason
+    assert "reinstall the NVIDIA driver" in out.reason
+    assert "lorem ipsum" in read(run_dir, "nvidia_smi.txt")  # the raw text is kept
+    assert (run_dir / "env_info.txt").exists()
+
+
+def test_missing_binary_and_no_nvml_means_no_driver(monkeypatch, tmp_path, run_dir):
+    fake_gpu.no_nvml(monkeypatch)
+    fake_gpu.only_on_path(monkeypatch, tmp_path / "empty")
+    out = probe.run(run_dir, args())
+    assert out.status == records.FAIL
+    assert out.reason.startswith("found no NVIDIA driver")
+    assert "nvidia-smi not found on PATH" in out.reason
+    assert "need a driver supporting CUDA >= 12.8" in out.reason
+    assert "install the NVIDIA driver" in out.reason
+    assert out.figures["source"] == "none" and out.figures["gpu_count"] == 0
+    assert "could not be run: nvidia-smi not found on PATH" in read(run_dir, "nvidia_smi.txt")
+    env_info = read(run_dir, "env_info.txt")
+    for section in ("## System", "kernel", "glibc", "python", "cpu", "ram", "disk", "## Environment", "## Gate"):
+        assert section in env_info
+
+
+def test_driver_not_loaded_names_nvidia_smi_message(monkeypatch, tmp_path, run_dir):
+    fake_gpu.no_nvml(monkeypatch)
+    fake_gpu.failing_smi(tmp_path / "bin")
+    fake_gpu.only_on_path(monkeypatch, tmp_path / "bin")
+    out = probe.run(run_dir, args())
+    assert out.status == records.FAIL
+    assert "couldn't communicate with the NVIDIA driver" in out.reason
+    assert "lsmod | grep nvidia" in out.reason
+
+
+def test_no_devices_found(monkeypatch, tmp_path, run_dir):
+    fake_gpu.no_nvml(monkeypatch)
+    fake_gpu.write_script(tmp_path / "bin", 'echo "No devices were found"\nexit 6\n')
+    fake_gpu.only_on_path(monkeypatch, tmp_path / "bin")
+    out = probe.run(run_dir, args())
+    assert out.status == records.FAIL
+    assert "no GPU" in out.reason and "NVIDIA_VISIBLE_DEVICES" in out.reason
+
+
+def test_older_driver_without_new_fields_is_asked_again_with_core_fields(monkeypatch, tmp_path, run_dir):
+    fake_gpu.no_nvml(monkeypatch)
+    core = "0, NVIDIA A100-SXM4-80GB, GPU-1, 00000000:07:00.0, 535.104.05, 81920, 81000"
+    fake_gpu.write_script(tmp_path / "bin", f"""case "$1" in
+*compute_cap*) echo 'Field "compute_cap" is not a valid field to query.'; exit 2;;
+--query-gpu=*) echo '{core}';;
+*) echo '| NVIDIA-SMI 535.104.05   Driver Version: 535.104.05   CUDA Version: 12.2 |';;
+esac
+""")
+    fake_gpu.only_on_path(monkeypatch, tmp_path / "bin")
+    out = probe.run(run_dir, args(min_driver_cuda="12.0"))
+    assert out.status == records.PASS, out.reason
+    assert out.figures["gpus"] == "1x NVIDIA A100-SXM4-80GB"
+    doc = json.loads(read(run_dir, layout.GPUS_JSON))
+    assert doc["gpus"][0]["ecc_current"] == "N/A"
+
+
+def test_probe_source_nvml_does_not_fall_back(monkeypatch, tmp_path, run_dir):
+    fake_gpu.no_nvml(monkeypatch)
+    fake_gpu.working_smi(tmp_path / "bin")
+    fake_gpu.only_on_path(monkeypatch, tmp_path / "bin")
+    out = probe.run(run_dir, args(probe_source="nvml"))
+    assert out.status == records.FAIL
+    assert "NVML unavailable" in out.reason
+
+
+# --------------------------------------------------------------------------- NVML (fake pynvml values)
+
+class FakeNvml:
+    """Values a 2-GPU H100 machine's NVML returns; GPU 1 does not support ECC queries."""
+
+    def __init__(self, monkeypatch):
+        self.calls = []
+        fns = {
+            "nvmlInit": lambda: None,
+            "nvmlShutdown": lambda: self.calls.append("shutdown"),
+            "nvmlSystemGetDriverVersion": lambda: "580.95.05",
+            "nvmlSystemGetCudaDriverVersion_v2": lambda: 13000,
+            "nvmlDeviceGetCount": lambda: 2,
+            "nvmlDeviceGetHandleByIndex": lambda i: i,
+            "nvmlDeviceGetName": lambda h: fake_gpu.H100,
+            "nvmlDeviceGetUUID": lambda h: f"GPU-aaaa-{h}",
+            "nvmlDeviceGetPciInfo": lambda h: SimpleNamespace(busId=f"00000000:{0x18 + h:02X}:00.0".encode()),
+            "nvmlDeviceGetCudaComputeCapability": lambda h: (9, 0),
+            "nvmlDeviceGetMemoryInfo": lambda h: SimpleNamespace(total=81559 * 2**20, free=81004 * 2**20, used=0),
+            "nvmlDeviceGetEccMode": self.ecc_mode,
+            "nvmlDeviceGetTotalEccErrors": lambda h, kind, counter: 0 if counter == pynvml.NVML_VOLATILE_ECC else 3,
+            "nvmlDeviceGetPersistenceMode": lambda h: 1,
+            "nvmlDeviceGetCurrentClocksEventReasons": lambda h: 0x1 if h == 0 else 0x1 | 0x40,
+        }
+        for name, fn in fns.items():
+            monkeypatch.setattr(pynvml, name, fn)
+
+    @staticmethod
+    def ecc_mode(h):
+        if h == 1:
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        return [1, 1]
+
+
+def test_nvml_is_the_first_source(monkeypatch, tmp_path, run_dir):
+    nvml = FakeNvml(monkeypatch)
+    fake_gpu.only_on_path(monkeypatch, tmp_path / "empty")  # no nvidia-smi at all: NVML alone is enough
+    out = probe.run(run_dir, args())
+    assert out.status == records.PASS, out.reason
+    assert out.figures == {"source": "nvml", "driver": "580.95.05", "driver_cuda": "13.0", "min_driver_cuda": "12.8",
+                           "gpu_count": 2, "gpus": f"2x {fake_gpu.H100}"}
+    assert nvml.calls == ["shutdown"]
+    doc = json.loads(read(run_dir, layout.GPUS_JSON))
+    g0, g1 = doc["gpus"]
+    assert g0["pci_bus_id"] == "00000000:18:00.0" and g0["uuid"] == "GPU-aaaa-0"
+    assert g0["compute_capability"] == "9.0" and g0["memory_total_mib"] == 81559
+    assert (g0["ecc_current"], g0["ecc_pending"]) == ("enabled", "enabled")
+    assert (g0["ecc_uncorrected_volatile"], g0["ecc_uncorrected_aggregate"]) == (0, 3)
+    assert g0["persistence_mode"] == "enabled" and g0["clock_event_reasons"] == ["gpu_idle"]
+    assert (g1["ecc_current"], g1["ecc_uncorrected_volatile"]) == ("N/A", None)
+    assert g1["clock_event_reasons"] == ["gpu_idle", "hw_thermal_slowdown"]
+    env_info = read(run_dir, "env_info.txt")
+    assert "source: nvml" in env_info
+    assert "warning     : clocks held down by hw_thermal_slowdown" in env_info
+    assert "could not be run: nvidia-smi not found on PATH" in read(run_dir, "nvidia_smi.txt")
+
+
+def test_nvml_cuda_below_minimum_fails(monkeypatch, tmp_path, run_dir):
+    FakeNvml(monkeypatch)
+    monkeypatch.setattr(pynvml, "nvmlSystemGetCudaDriverVersion_v2", lambda: 12040)
+    fake_gpu.only_on_path(monkeypatch, tmp_path / "empty")
+    out = probe.run(run_dir, args())
+    assert out.status == records.FAIL
+    assert out.figures["source"] == "nvml"
+    assert "supporting CUDA 12.4; need CUDA >= 12.8" in out.reason
+
+
+def test_nvml_failing_midway_falls_back_to_nvidia_smi(monkeypatch, tmp_path, run_dir):
+    FakeNvml(monkeypatch)
+
+    def broken():
+        raise pynvml.NVMLError(pynvml.NVML_ERROR_UNKNOWN)
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetCount", broken)
+    fake_gpu.working_smi(tmp_path / "bin")
+    fake_gpu.only_on_path(monkeypatch, tmp_path / "bin")
+    out = probe.run(run_dir, args())
+    assert out.status == records.PASS, out.reason
+    assert out.figures["source"] == "nvidia-smi"
+    assert "NVML failed while reading the GPUs" in read(run_dir, "env_info.txt")
+
+
+def test_env_info_shows_cuda_visible_devices_unset_or_empty(monkeypatch, tmp_path, run_dir):
+    FakeNvml(monkeypatch)
+    fake_gpu.only_on_path(monkeypatch, tmp_path / "empty")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setenv("NCCL_DEBUG", "INFO")
+    probe.run(run_dir, args())
+    env_info = read(run_dir, "env_info.txt")
+    assert "CUDA_VISIBLE_DEVICES=<unset>" in env_info
+    assert "NCCL_DEBUG=INFO" in env_info
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    probe.run(run_dir, args())
+    assert 'CUDA_VISIBLE_DEVICES=""   (set but empty' in read(run_dir, "env_info.txt")
