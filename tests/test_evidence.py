@@ -1,0 +1,220 @@
+"""The evidence stage: README.md, summary.json, placeholders and SHA256SUMS from a fixture run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+
+import pytest
+
+from tasks import evidence, layout, records, runs, stage
+from tasks.records import FAIL, INTERRUPTED, PASS, SKIP, StageRecord
+
+GPU = {"index": 0, "name": "NVIDIA H100 80GB HBM3", "model": "H100 SXM", "uuid": "GPU-1234", "pci_bus_id": "00000000:18:00.0",
+       "compute_capability": "9.0", "memory_total_mib": 81559, "memory_free_mib": 81004, "ecc_current": "enabled",
+       "ecc_pending": "enabled", "ecc_uncorrected_volatile": 0, "ecc_uncorrected_aggregate": 0,
+       "persistence_mode": "enabled", "clock_event_reasons": ["gpu_idle"]}
+STAGE_TEXT = {"env_info.txt": "env of the machine\n", "nvidia_smi.txt": "raw smi\n",
+              "torch_version.txt": "torch 2.11.0+cu130\n", "cuda_check.txt": "all checks pass\n",
+              "training_log.txt": "step 1 loss 10.9\n"}
+FIGURES = {"probe": {"source": "nvml", "driver": "580.95.05", "driver_cuda": "13.0", "gpu_count": 1},
+           "install": {"channel": "cu130", "torch": "2.11.0+cu130", "torch_cuda": "13.0"},
+           "cuda_check": {"matmul_tflops": 612.5, "cudnn": "91002"},
+           "train": {"final_loss": 7.21, "tokens_per_s": 95000, "transformers_version": "5.0.0"}}
+SHA256SUM = shutil.which("sha256sum")
+
+
+@pytest.fixture(autouse=True)
+def no_step_summary(monkeypatch):
+    monkeypatch.delenv(evidence.STEP_SUMMARY_ENV, raising=False)
+
+
+def make_run(tmp_path, statuses: dict[str, str], reasons: dict[str, str] | None = None):
+    """A run folder as the stages would leave it: a record per stage in `statuses`, and the files
+    of each stage that ran (pass or fail)."""
+    run_dir = tmp_path / "m40_v1"
+    run_dir.mkdir()
+    reasons = reasons or {}
+    for name, status in statuses.items():
+        reason = reasons.get(name, "" if status == PASS else f"{name} went wrong")
+        records.write(run_dir, StageRecord(name, status, reason, duration_s=1.5, figures=FIGURES.get(name, {})))
+        if status in (PASS, FAIL):
+            for f in layout.STAGE_FILES[name]:
+                (run_dir / f).write_text(STAGE_TEXT[f])
+        if name == "probe":
+            (run_dir / layout.GPUS_JSON).write_text(json.dumps({"schema": 1, "source": "nvml", "driver": "580.95.05",
+                                                                "driver_cuda": "13.0", "gpus": [GPU]}))
+    return run_dir
+
+
+def render(run_dir):
+    """Run evidence through the harness, as nox does (the harness calls the sealing hook)."""
+    with runs.locked(run_dir):
+        return stage.execute("evidence", run_dir, argparse.Namespace())
+
+
+def sha256sum_check(run_dir):
+    return subprocess.run([SHA256SUM, "--strict", "-c", layout.SUMS_FILE], cwd=run_dir,  # noqa: S603
+                          capture_output=True, text=True)
+
+
+ALL_PASS = {"probe": PASS, "install": PASS, "cuda_check": PASS, "train": PASS}
+
+
+# --------------------------------------------------------------------------- verdict
+
+def recs(**statuses):
+    return {n: StageRecord(n, s, "" if s == PASS else f"{n} says why") for n, s in statuses.items()}
+
+
+def test_verdict_pass_only_when_every_stage_passed():
+    assert evidence.verdict(recs(**ALL_PASS)) == ("PASS", None, "")
+
+
+def test_verdict_names_the_first_failed_stage():
+    r = recs(probe=PASS, install=FAIL, cuda_check=SKIP, train=SKIP)
+    assert evidence.verdict(r) == ("FAIL", "install", "install says why")
+
+
+def test_verdict_interrupted_names_where():
+    assert evidence.verdict(recs(probe=PASS, install=PASS, cuda_check=INTERRUPTED))[:2] == ("INTERRUPTED", "cuda_check")
+
+
+def test_verdict_missing_or_skipped_stage_is_not_a_pass():
+    assert evidence.verdict(recs(probe=PASS)) == ("FAIL", "install", "install did not run (no record in stages/)")
+    assert evidence.verdict(recs(probe=PASS, install=SKIP, cuda_check=PASS, train=PASS))[:2] == ("FAIL", "install")
+    # a real failure is named before an earlier skip
+    assert evidence.verdict(recs(probe=PASS, install=SKIP, cuda_check=FAIL))[1] == "cuda_check"
+
+
+# --------------------------------------------------------------------------- rendering a fixture run
+
+@pytest.mark.skipif(SHA256SUM is None, reason="needs coreutils sha256sum")
+def test_passing_run_renders_readme_summary_and_verifiable_sums(tmp_path):
+    run_dir = make_run(tmp_path, ALL_PASS)
+    (run_dir / "loss.svg").write_text('<svg xmlns="http://www.w3.org/2000/svg"></svg>\n')
+    (run_dir / "odd name\\with backslash.txt").write_text("still checksummed\n")
+    before = {f: (run_dir / f).read_text() for f in STAGE_TEXT}
+
+    rec = render(run_dir)
+    assert rec.status == PASS, rec.reason
+    assert rec.figures["verdict"] == "PASS"
+
+    for f in layout.REQUIRED_FILES:
+        assert (run_dir / f).is_file(), f
+    assert {f: (run_dir / f).read_text() for f in STAGE_TEXT} == before  # never overwrites a stage's file
+
+    readme = (run_dir / layout.README_FILE).read_text()
+    assert readme.splitlines()[0] == "# M40 run `m40_v1`: PASS"
+    assert "**PASS**" in readme.split("## Stages")[0]
+    assert "| probe | PASS | 1.5 s |" in readme
+    assert "| 0 | NVIDIA H100 80GB HBM3 | H100 SXM | 81559 (81004) | 9.0 | enabled/enabled | 0/0 |" in readme
+    for name, value in (("driver", "580.95.05"), ("driver_cuda", "13.0"), ("torch", "2.11.0+cu130"),
+                        ("cudnn", "91002"), ("transformers_version", "5.0.0")):
+        assert f"| {name} | {value} |" in readme
+    assert "![loss.svg](loss.svg)" in readme
+    for f in evidence.run_files(run_dir):
+        assert f"]({evidence.link(f)})" in readme, f  # a link to every file
+    assert "[SHA256SUMS](SHA256SUMS)" in readme
+
+    summary = json.loads((run_dir / layout.SUMMARY_FILE).read_text())
+    assert summary["schema"] == evidence.SCHEMA
+    assert (summary["verdict"], summary["failed_stage"], summary["reason"]) == ("PASS", None, "")
+    assert list(summary["stages"]) == ["probe", "install", "cuda_check", "train"]
+    assert summary["stages"]["install"]["figures"]["torch"] == "2.11.0+cu130"
+    assert summary["gpus"] == [GPU]
+    assert summary["versions"]["torch_cuda"] == "13.0"
+    assert sorted(summary["files"]) == sorted([*evidence.run_files(run_dir), layout.SUMS_FILE])
+
+    assert runs.is_sealed(run_dir)
+    listed = [line.split("  ", 1)[1] for line in (run_dir / layout.SUMS_FILE).read_text().splitlines()]
+    assert "stages/evidence.json" in listed and layout.LOCK_FILE not in listed and layout.SUMS_FILE not in listed
+    check = sha256sum_check(run_dir)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "README.md: OK" in check.stdout
+
+    (run_dir / "cuda_check.txt").write_text("tampered\n")
+    assert sha256sum_check(run_dir).returncode != 0
+
+
+def test_failed_run_names_the_stage_and_writes_why_files_are_missing(tmp_path):
+    reason = "found driver 550.54.15 supporting CUDA 12.4; need CUDA >= 12.8; upgrade the driver"
+    run_dir = make_run(tmp_path, {"probe": PASS, "install": FAIL, "cuda_check": SKIP, "train": SKIP},
+                       {"install": reason, "cuda_check": "not run: install failed", "train": "not run: install failed"})
+    (run_dir / "torch_version.txt").unlink()  # install failed before writing its file
+    render(run_dir)
+
+    readme = (run_dir / layout.README_FILE).read_text()
+    assert readme.splitlines()[0] == "# M40 run `m40_v1`: FAIL"
+    assert f"**FAIL** at **install**: {evidence.md(reason)}" in readme
+    assert "| cuda_check | SKIP |" in readme
+    assert (run_dir / "torch_version.txt").read_text().startswith(f"install failed before it wrote this file — {reason}")
+    assert (run_dir / "cuda_check.txt").read_text().startswith(f"cuda_check did not run: install failed — {reason}")
+    assert (run_dir / "training_log.txt").read_text().startswith("train did not run: install failed")
+    summary = json.loads((run_dir / layout.SUMMARY_FILE).read_text())
+    assert (summary["verdict"], summary["failed_stage"], summary["reason"]) == ("FAIL", "install", reason)
+
+
+def test_interrupted_run_says_where(tmp_path):
+    run_dir = make_run(tmp_path, {"probe": PASS, "install": PASS, "cuda_check": INTERRUPTED},
+                       {"cuda_check": "interrupted by the user (Ctrl-C) during cuda_check"})
+    render(run_dir)
+    readme = (run_dir / layout.README_FILE).read_text()
+    assert "**INTERRUPTED during cuda_check**" in readme
+    assert "| train | MISSING | — |" in readme
+    assert (run_dir / "training_log.txt").read_text().startswith("train did not run: cuda_check was interrupted")
+    assert json.loads((run_dir / layout.SUMMARY_FILE).read_text())["stages"]["train"]["status"] == "missing"
+
+
+def test_evidence_alone_on_an_empty_run_still_leaves_all_six_files(tmp_path):
+    run_dir = tmp_path / "m40_v1"
+    run_dir.mkdir()
+    rec = render(run_dir)
+    assert rec.status == PASS
+    for f in layout.REQUIRED_FILES:
+        assert (run_dir / f).is_file(), f
+    assert (run_dir / "env_info.txt").read_text().startswith("probe did not run: it left no record in stages/")
+    readme = (run_dir / layout.README_FILE).read_text()
+    assert "**FAIL** at **probe**: probe did not run" in readme
+    assert "probe left no gpus.json" in readme
+
+
+def test_markdown_special_characters_in_reasons_cannot_break_the_tables(tmp_path):
+    run_dir = make_run(tmp_path, {"probe": FAIL}, {"probe": "a | b <script> c"})
+    render(run_dir)
+    readme = (run_dir / layout.README_FILE).read_text()
+    assert "a \\| b &lt;script&gt; c" in readme and "<script>" not in readme
+
+
+def test_step_summary_is_appended_when_github_asks(tmp_path, monkeypatch):
+    target = tmp_path / "step_summary.md"
+    target.write_text("earlier step\n")
+    monkeypatch.setenv(evidence.STEP_SUMMARY_ENV, str(target))
+    run_dir = make_run(tmp_path, {"probe": FAIL}, {"probe": "no driver"})
+    render(run_dir)
+    text = target.read_text()
+    assert text.startswith("earlier step\n")
+    assert "## M40 run `m40_v1`: FAIL" in text
+    assert "**FAIL** at **probe**: no driver" in text
+    assert "| stage | status | duration | key figures | reason |" in text
+    assert "| probe | FAIL |" in text
+
+
+def test_unwritable_step_summary_does_not_fail_evidence(tmp_path, monkeypatch):
+    monkeypatch.setenv(evidence.STEP_SUMMARY_ENV, str(tmp_path / "missing-dir" / "summary.md"))
+    run_dir = make_run(tmp_path, ALL_PASS)
+    assert render(run_dir).status == PASS
+
+
+def test_broken_template_fails_evidence_and_leaves_the_run_unsealed(tmp_path, monkeypatch):
+    templates = tmp_path / "templates"
+    shutil.copytree(layout.TEMPLATES, templates)
+    (templates / "README.md.j2").write_text("{{ no_such_value }}\n")
+    monkeypatch.setattr(layout, "TEMPLATES", templates)
+    run_dir = make_run(tmp_path, ALL_PASS)
+    rec = render(run_dir)
+    assert rec.status == FAIL and "no_such_value" in rec.reason
+    assert stage.exit_code(rec) == layout.EXIT_STAGE["evidence"]
+    assert not runs.is_sealed(run_dir)
