@@ -1,0 +1,232 @@
+"""`nox -s m40` and the stage harness: exit codes, skipped stages, Ctrl-C, no secrets, and end to end
+through nox in a copy of the project (the user's .venv stays byte-identical)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import fake_gpu
+import pytest
+
+from tasks import evidence, layout, m40, records, runs, stage
+from tasks.records import FAIL, PASS, Outcome
+
+SHA256SUM = shutil.which("sha256sum")
+
+
+@pytest.fixture(autouse=True)
+def isolated(monkeypatch, tmp_path):
+    """Runs go to tmp_path/runs; NVML is unavailable; GitHub's step summary is not touched."""
+    monkeypatch.setattr(layout, "RUNS_DIR", tmp_path / "runs")
+    monkeypatch.delenv(evidence.STEP_SUMMARY_ENV, raising=False)
+    fake_gpu.no_nvml(monkeypatch)
+
+
+@pytest.fixture
+def good_driver(monkeypatch, tmp_path):
+    fake_gpu.working_smi(tmp_path / "bin", cuda="13.0")
+    fake_gpu.put_first_on_path(monkeypatch, tmp_path / "bin")
+
+
+@pytest.fixture
+def no_driver(monkeypatch, tmp_path):
+    fake_gpu.failing_smi(tmp_path / "bin")
+    fake_gpu.put_first_on_path(monkeypatch, tmp_path / "bin")
+
+
+def fake_stage(name, status=PASS, raises=None):
+    """A stand-in for install/cuda_check/train (their real versions need a GPU)."""
+    def run(run_dir, args):
+        if raises:
+            raise raises
+        for f in layout.STAGE_FILES[name]:
+            (run_dir / f).write_text(f"{name} output\n")
+        return Outcome(status, "" if status == PASS else f"{name} broke", {"torch": "2.11.0+cu130"} if name == "install" else {})
+    return SimpleNamespace(DESCRIPTION=f"fake {name}", add_arguments=lambda parser: None, run=run)
+
+
+def use_fakes(monkeypatch, **overrides):
+    """Replace the GPU-only stages by fakes; probe and evidence stay real."""
+    real = stage.module
+    fakes = {name: overrides.get(name, fake_stage(name)) for name in ("install", "cuda_check", "train")}
+    monkeypatch.setattr(stage, "module", lambda name: fakes[name] if name in fakes else real(name))
+
+
+def only_run():
+    (run_dir,) = runs.list_runs(layout.RUNS_DIR)
+    return run_dir
+
+
+def statuses(run_dir):
+    return {name: rec.status for name, rec in records.read_all(run_dir).items()}
+
+
+# --------------------------------------------------------------------------- exit codes
+
+def test_all_stages_pass_exit_0_and_the_run_is_sealed(monkeypatch, good_driver):
+    use_fakes(monkeypatch)
+    assert m40.main([]) == layout.EXIT_OK
+    run_dir = only_run()
+    assert set(statuses(run_dir).values()) == {PASS}
+    assert runs.is_sealed(run_dir)
+    assert (run_dir / layout.README_FILE).read_text().startswith("# M40 run `m40_v1`: PASS")
+
+
+@pytest.mark.parametrize("failing", ["install", "cuda_check", "train"])
+def test_first_failed_stage_gives_its_exit_code_and_later_stages_are_skipped(monkeypatch, good_driver, failing):
+    use_fakes(monkeypatch, **{failing: fake_stage(failing, FAIL)})
+    assert m40.main([]) == layout.EXIT_STAGE[failing]
+    run_dir = only_run()
+    got = statuses(run_dir)
+    assert got[failing] == FAIL and got["evidence"] == PASS
+    later = layout.STAGES[layout.STAGES.index(failing) + 1: -1]
+    assert all(got[s] == records.SKIP for s in later)
+    assert f"**FAIL** at **{failing}**: {failing} broke" in (run_dir / layout.README_FILE).read_text()
+
+
+def test_probe_failure_exits_10_from_m40_and_from_the_stage_alone(monkeypatch, no_driver, capsys):
+    use_fakes(monkeypatch)
+    assert m40.main([]) == layout.EXIT_STAGE["probe"] == 10
+    out = capsys.readouterr().out
+    assert "probe: FAIL" in out and "couldn't communicate with the NVIDIA driver" in out
+    assert statuses(only_run())["install"] == records.SKIP
+    # the same exit code from `nox -s probe`
+    assert stage.main("probe", []) == 10
+
+
+def test_min_driver_cuda_above_the_driver_exits_10(monkeypatch, good_driver):
+    use_fakes(monkeypatch)
+    assert m40.main(["--min-driver-cuda", "13.1"]) == 10
+    assert stage.main("probe", ["--min-driver-cuda", "12.8"]) == 0
+
+
+def test_evidence_failure_exits_50_when_the_stages_passed(monkeypatch, good_driver):
+    use_fakes(monkeypatch)
+    monkeypatch.setattr(evidence, "run", lambda run_dir, args: (_ for _ in ()).throw(RuntimeError("disk on fire")))
+    assert m40.main([]) == layout.EXIT_STAGE["evidence"] == 50
+    assert not runs.is_sealed(only_run())
+
+
+def test_ctrl_c_exits_130_and_the_run_says_where(monkeypatch, good_driver):
+    use_fakes(monkeypatch, cuda_check=fake_stage("cuda_check", raises=KeyboardInterrupt()))
+    assert m40.main([]) == layout.EXIT_INTERRUPTED == 130
+    run_dir = only_run()
+    assert statuses(run_dir)["cuda_check"] == records.INTERRUPTED
+    assert "train" not in statuses(run_dir)
+    assert runs.is_sealed(run_dir)  # evidence ran after Ctrl-C
+    assert "**INTERRUPTED during cuda_check**" in (run_dir / layout.README_FILE).read_text()
+
+
+def test_bad_option_is_a_usage_error(monkeypatch):
+    use_fakes(monkeypatch)
+    with pytest.raises(SystemExit) as e:
+        m40.main(["--no-such-option"])
+    assert e.value.code == layout.EXIT_USAGE
+    with pytest.raises(SystemExit) as e:
+        stage.main("probe", ["--min-driver-cuda", "twelve"])
+    assert e.value.code == layout.EXIT_USAGE
+    assert not layout.RUNS_DIR.exists()  # nothing started
+
+
+def test_each_m40_run_is_a_new_folder(monkeypatch, no_driver):
+    use_fakes(monkeypatch)
+    m40.main([])
+    m40.main([])
+    assert [p.name for p in runs.list_runs(layout.RUNS_DIR)] == ["m40_v1", "m40_v2"]
+
+
+# --------------------------------------------------------------------------- secrets
+
+def test_a_secret_in_the_environment_reaches_no_file_of_the_run(monkeypatch, good_driver):
+    secrets = {"HF_TOKEN": "hf_plantedsecret0001", "NVIDIA_API_KEY": "nvapi-plantedsecret0002",
+               "CUDA_SECRET": "plantedsecret0003", "NCCL_PASSWORD": "plantedsecret0004",
+               "PYTORCH_CREDENTIALS": "plantedsecret0005",
+               "PIP_INDEX_URL": "https://alice:plantedsecret0006@pypi.example.com/simple"}
+    for name, value in secrets.items():
+        monkeypatch.setenv(name, value)
+    use_fakes(monkeypatch)
+    assert m40.main([]) == 0
+    run_dir = only_run()
+    files = [p for p in run_dir.rglob("*") if p.is_file()]
+    assert len(files) > 10
+    for path in files:
+        data = path.read_bytes()
+        for name, value in secrets.items():
+            assert value.encode() not in data, f"{path.name} holds the value of {name}"
+        assert b"plantedsecret" not in data, f"{path.name} holds part of a planted secret"
+    env_info = (run_dir / "env_info.txt").read_text()
+    assert "NVIDIA_API_KEY=<redacted>" in env_info and "CUDA_SECRET=<redacted>" in env_info
+    assert "PIP_INDEX_URL=https://<redacted>@pypi.example.com/simple" in env_info
+
+
+# --------------------------------------------------------------------------- end to end through nox
+
+def tree_hashes(root: Path) -> dict[str, str]:
+    """Every file (content hash) and symlink (target) under root."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            rel = path.relative_to(root).as_posix()
+            if path.is_symlink():
+                out[rel] = "-> " + os.readlink(path)
+            elif path.is_file():
+                out[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
+            else:
+                out[rel] = "dir"
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(SHA256SUM is None, reason="needs coreutils sha256sum")
+def test_nox_m40_without_a_gpu_end_to_end(tmp_path):
+    project = tmp_path / "project"
+    project.mkdir()
+    shutil.copy2(layout.ROOT / "noxfile.py", project)
+    for folder in ("tasks", "configs", "training_pt"):
+        if (layout.ROOT / folder).is_dir():
+            shutil.copytree(layout.ROOT / folder, project / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    venv = project / ".venv"  # the user's own CPU environment
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)  # noqa: S603
+    (venv / "marker.txt").write_text("user data\n")
+    venv_before = tree_hashes(venv)
+
+    bin_dir = tmp_path / "bin"
+    fake_gpu.failing_smi(bin_dir)
+    env = {k: v for k, v in os.environ.items() if k not in (evidence.STEP_SUMMARY_ENV, "VIRTUAL_ENV")}
+    env.update(PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}", NOX_SCRIPT_MODE="none")
+    # NVML cannot load here (no driver); where it can, the fallback is forced so the fake answers.
+    extra = ["--probe-source", "nvidia-smi"] if fake_gpu.nvml_works_here() else []
+
+    def nox_m40():
+        return subprocess.run([sys.executable, "-m", "nox", "-s", "m40", "--", *extra], cwd=project, env=env,  # noqa: S603
+                              capture_output=True, text=True, timeout=300)
+
+    first = nox_m40()
+    output = first.stdout + first.stderr
+    assert first.returncode == layout.EXIT_STAGE["probe"], output
+    assert "probe: FAIL" in output and "couldn't communicate with the NVIDIA driver" in output
+
+    run_dir = project / "submission_runs" / "m40_v1"
+    for f in layout.REQUIRED_FILES:
+        assert (run_dir / f).is_file(), f
+    readme = (run_dir / layout.README_FILE).read_text()
+    assert readme.splitlines()[0] == "# M40 run `m40_v1`: FAIL"
+    assert "**FAIL** at **probe**" in readme
+    check = subprocess.run([SHA256SUM, "-c", layout.SUMS_FILE], cwd=run_dir, capture_output=True, text=True)  # noqa: S603
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert not (run_dir / layout.LOCK_FILE).exists()
+    v1_before = tree_hashes(run_dir)
+
+    second = nox_m40()
+    assert second.returncode == 10, second.stdout + second.stderr
+    assert (project / "submission_runs" / "m40_v2" / layout.SUMS_FILE).is_file()
+    assert tree_hashes(run_dir) == v1_before  # the finished run was not written again
+    assert tree_hashes(venv) == venv_before  # the user's .venv is byte-identical
+    assert not (project / ".venv-gpu").exists()  # nothing installed when the probe fails
