@@ -60,7 +60,7 @@ class StageRecord:
 class Timer:
     """Measures a stage: `with Timer() as t: ...; t.started, t.ended, t.duration_s`."""
 
-    def __enter__(self) -> "Timer":
+    def __enter__(self) -> Timer:
         self.started = now_iso()
         self._t0 = time.perf_counter()
         self.ended, self.duration_s = "", 0.0
