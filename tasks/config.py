@@ -180,3 +180,61 @@ def gpu_spec_for(device_name: str, specs: list[GpuSpec] | None = None) -> GpuSpe
         if all(s in name for s in spec.match) and not any(s in name for s in spec.exclude):
             return spec
     return None
+
+
+# --------------------------------------------------------------------------- cuda_check (cuda_check.yaml)
+
+CUDA_CHECK_TOLERANCES = ("matmul_fp32", "matmul_tf32", "matmul_bf16", "matmul_fp16", "conv2d_fp32",
+                         "conv2d_bf16", "sdpa_bf16", "reduction_fp32", "compile_fp32")
+CUDA_CHECK_SIZES = ("matmul", "speed_matmul", "copy_mib", "allreduce_mib")
+
+
+def check_share(value, what: str, top: float = 1.0) -> float:
+    """A share in (0, top]: returns it as float, else ValueError naming `what`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= top:
+        raise ValueError(f"{what} must be a number in (0, {top:g}], got {value!r}")
+    return float(value)
+
+
+def load_cuda_check(path: Path | None = None) -> dict:
+    """The cuda_check stage's tolerances, shares, sizes and timeouts, validated."""
+    path = Path(path or layout.CUDA_CHECK_FILE)
+    data = load_yaml(path)
+    fix = "see configs/cuda_check.yaml in the repository"
+    for key in ("tolerances", "memory_share", "speed_share", "sizes", "repeats", "timeout_s",
+                "allreduce_timeout_s", "min_cuda_for_arch"):
+        _require(key in data, path, key, f"missing; add it ({fix})")
+
+    def positive(value) -> bool:
+        return not isinstance(value, bool) and isinstance(value, (int, float)) and value > 0
+
+    tol = data["tolerances"]
+    _require(isinstance(tol, dict), path, "tolerances", "must be a mapping of check -> relative error")
+    for key in CUDA_CHECK_TOLERANCES:
+        _require(key in tol, path, f"tolerances.{key}", f"missing; add it ({fix})")
+        _require(positive(tol[key]) and tol[key] < 1, path, f"tolerances.{key}",
+                 f"{tol[key]!r} must be a relative error in (0, 1)")
+    for key, top in (("memory_share", 0.9), ("speed_share", 1.0)):
+        try:
+            data[key] = check_share(data[key], key, top)
+        except ValueError as e:
+            raise ConfigError(f"{path}: {e}") from None
+    for group, keys in (("sizes", CUDA_CHECK_SIZES), ("repeats", ("warmup", "timed"))):
+        _require(isinstance(data[group], dict), path, group, "must be a mapping")
+        for key in keys:
+            value = data[group].get(key)
+            _require(isinstance(value, int) and not isinstance(value, bool) and value > 0, path,
+                     f"{group}.{key}", f"{value!r} must be a positive whole number")
+    for key in ("timeout_s", "allreduce_timeout_s"):
+        _require(positive(data[key]), path, key, f"{data[key]!r} must be a positive number of seconds")
+    arch = data["min_cuda_for_arch"]
+    _require(isinstance(arch, dict), path, "min_cuda_for_arch", "must be a mapping of sm_XY -> CUDA version")
+    for key, value in arch.items():
+        _require(re.fullmatch(r"sm_\d+[af]?", str(key)) is not None, path, f"min_cuda_for_arch.{key}",
+                 "keys look like sm_90")
+        try:
+            parse_version(str(value))
+        except ValueError:
+            raise ConfigError(f"{path}: min_cuda_for_arch.{key}: {value!r} is not a version like \"12.8\"") from None
+    data["min_cuda_for_arch"] = {str(k): str(v) for k, v in arch.items()}
+    return data

@@ -1,15 +1,140 @@
-"""Stage cuda_check (stub: being written)."""
+"""Stage cuda_check: will PyTorch really compute correctly and fast on every GPU of this machine?
+
+The checks run in `.venv-gpu`'s Python as one fresh process (tasks/gpu_checks.py: it imports torch,
+nox's interpreter never does). It writes cuda_check.txt (one PASS/FAIL/SKIP line per check with its
+value, reason and time) and cuda_check.json; its console goes to cuda_check.log. This module turns
+the JSON into the stage's Outcome. The stage fails when any check FAILs, and also when no GPU check
+ran at all: on a machine where torch sees no GPU the checker SKIPs the GPU checks with the reason,
+but a machine that cannot compute does not pass.
+"""
 
 from __future__ import annotations
 
-from tasks.records import FAIL, Outcome
+import argparse
+import json
+from pathlib import Path
 
-DESCRIPTION = "stage cuda_check"
+from tasks import config, layout, proc
+from tasks.records import FAIL, PASS, Outcome
+
+DESCRIPTION = ("Check that PyTorch computes correctly and at speed on every GPU (build, driver, devices, kernels "
+               "for the architecture, matmul/conv/attention against float64, memory, copy and matmul speed against "
+               "the datasheet, torch.compile, NCCL all-reduce, NVML health); runs in .venv-gpu")
+TXT = layout.STAGE_FILES["cuda_check"][0]
+
+
+def _share(top: float):
+    def parse(text: str) -> float:
+        try:
+            return config.check_share(float(text), "the share", top)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return parse
 
 
 def add_arguments(parser) -> None:
-    pass
+    parser.add_argument("--check-mem-share", type=_share(0.9), default=None, metavar="F",
+                        help="share of each GPU's free memory the memory check writes and reads back "
+                             "(default: memory_share in configs/cuda_check.yaml, 0.5)")
+    parser.add_argument("--check-speed-share", type=_share(1.0), default=None, metavar="F",
+                        help="FAIL a copy or matmul speed below this share of the GPU's datasheet figure "
+                             "(default: speed_share in configs/cuda_check.yaml, 0.5)")
+    parser.add_argument("--check-seed", type=int, default=None, metavar="N",
+                        help="seed of the checks' random inputs (default: a fresh one, recorded in cuda_check.txt)")
 
 
-def run(run_dir, args) -> Outcome:
-    return Outcome(FAIL, "stage cuda_check is not implemented yet")
+def command(run_dir: Path, args, python: Path) -> list:
+    cmd = [python, layout.GPU_CHECKS_SCRIPT, "--out", run_dir, "--config", layout.CUDA_CHECK_FILE,
+           "--gpus-file", layout.GPUS_FILE]
+    for option, name in (("--mem-share", "check_mem_share"), ("--speed-share", "check_speed_share"),
+                         ("--seed", "check_seed")):
+        value = getattr(args, name, None)
+        if value is not None:
+            cmd += [option, str(value)]
+    return cmd
+
+
+def run(run_dir: Path, args) -> Outcome:
+    python = layout.gpu_python()
+    if not python.exists():
+        return Outcome(FAIL, f"no .venv-gpu ({python} does not exist): run `nox -s install -p <channel>` first")
+    settings = config.load_cuda_check()  # a bad config is a one-line ConfigError before anything runs
+    config.load_gpus()
+    result_path = run_dir / layout.CUDA_CHECK_JSON
+    result_path.unlink(missing_ok=True)  # never read a previous run's result as this one's
+    log = run_dir / layout.CUDA_CHECK_LOG
+    # The checker stops itself after timeout_s (faulthandler); this limit is the backstop.
+    code = proc.tee(command(run_dir, args, python), log, env={"NCCL_NVLS_ENABLE": "0"}, cwd=layout.ROOT,
+                    timeout=settings["timeout_s"] + 60)
+    result = None
+    if result_path.exists():
+        try:
+            result = json.loads(result_path.read_text())
+        except ValueError:
+            result = None
+    files = [name for name in (TXT, layout.CUDA_CHECK_JSON, layout.CUDA_CHECK_LOG) if (run_dir / name).exists()]
+    lines = log_lines(log)
+    hung = any(line.startswith("Timeout (") for line in lines)  # faulthandler's watchdog fired
+    return outcome_from(result, code, lines[-1][:300] if lines else "", settings["timeout_s"], files, hung)
+
+
+def log_lines(path: Path) -> list[str]:
+    try:
+        return [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return []
+
+
+def outcome_from(result: dict | None, code: int, log_tail: str, timeout_s: float, files: list,
+                 hung: bool = False) -> Outcome:
+    """The stage's Outcome from the checker's JSON result (None if it wrote none) and exit code."""
+    if result is None:
+        if code == 124:
+            why = f"the checker did not finish within {timeout_s:g} s"
+        elif hung:
+            why = f"the checker hung and stopped itself after {timeout_s:g} s (stack in {layout.CUDA_CHECK_LOG})"
+        else:
+            why = f"the checker exited with code {code} and wrote no {layout.CUDA_CHECK_JSON}"
+        tail = f" (last output: {log_tail})" if log_tail else ""
+        return Outcome(FAIL, f"{why}{tail}; see {layout.CUDA_CHECK_LOG}", {}, files)
+    figures = figures_from(result)
+    reason = result.get("reason") or ""
+    if result.get("exit_code") == 0 and code == 0:
+        return Outcome(PASS, "", figures, files)
+    if not reason:
+        reason = f"the checker exited with code {code} after writing its result; see {layout.CUDA_CHECK_LOG}"
+    return Outcome(FAIL, reason, figures, files)
+
+
+def figures_from(result: dict) -> dict:
+    """Flat key numbers for the evidence table and summary.json."""
+    counts = result.get("counts", {})
+    versions = result.get("versions", {})
+    fig: dict = {
+        "checks_pass": counts.get("PASS", 0), "checks_fail": counts.get("FAIL", 0),
+        "checks_skip": counts.get("SKIP", 0), "gpus_checked": result.get("gpus_checked", 0),
+        "check_s": result.get("total_s"), "seed": result.get("seed"),
+        "torch": versions.get("torch"), "cuda_build": versions.get("cuda"),
+    }
+    failed = []
+    for c in result.get("checks", []):
+        data, gpu, name = c.get("data") or {}, c.get("gpu"), c.get("name")
+        if c.get("status") == "FAIL":
+            failed.append(name if gpu is None else f"gpu{gpu} {name}")
+        if name == "driver" and data.get("driver_cuda"):
+            fig["driver_cuda"] = data["driver_cuda"]
+        elif name == "speed.matmul_bf16" and data.get("tflops"):
+            fig[f"gpu{gpu}_bf16_tflops"] = round(data["tflops"], 1)
+            if data.get("share"):
+                fig[f"gpu{gpu}_bf16_pct_datasheet"] = round(100 * data["share"], 1)
+        elif name == "speed.copy" and data.get("tbs"):
+            fig[f"gpu{gpu}_copy_tbs"] = round(data["tbs"], 3)
+            if data.get("share"):
+                fig[f"gpu{gpu}_copy_pct_datasheet"] = round(100 * data["share"], 1)
+        elif name == "sdpa.causal" and data.get("backend"):
+            fig[f"gpu{gpu}_sdpa_backend"] = data["backend"]
+        elif name == "allreduce" and data.get("busbw_gbs"):
+            fig["allreduce_busbw_gbs"] = round(data["busbw_gbs"], 1)
+    if failed:
+        fig["failed_checks"] = ", ".join(failed)
+    return {k: v for k, v in fig.items() if v is not None}

@@ -45,6 +45,13 @@ STAGE_FILES = {
 }
 REQUIRED_FILES = tuple(f for files in STAGE_FILES.values() for f in files)
 
+# cuda_check: its settings, the checker it runs inside .venv-gpu, and its machine-readable result
+# (cuda_check.txt, its human file, is written by the checker; cuda_check.log is the raw console).
+CUDA_CHECK_FILE = CONFIGS / "cuda_check.yaml"
+GPU_CHECKS_SCRIPT = ROOT / "tasks" / "gpu_checks.py"
+CUDA_CHECK_JSON = "cuda_check.json"
+CUDA_CHECK_LOG = "cuda_check.log"
+
 # Exit codes, the same from a stage run alone and from m40 (documented in README.md).
 EXIT_OK = 0
 EXIT_USAGE = 2  # bad option, bad config file, bad input

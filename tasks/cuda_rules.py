@@ -1,0 +1,555 @@
+"""The decisions of the cuda_check stage, as pure functions of measured values (no torch, no NVML).
+
+`tasks/gpu_checks.py` measures inside `.venv-gpu` and asks these functions for every verdict; the
+tests feed them injected values on a machine without a GPU. Each judge returns a Verdict: PASS, FAIL
+or SKIP, the measured value as text, and a one-line reason (why it failed or was skipped, or a note).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
+STATUSES = (PASS, FAIL, SKIP)
+
+# The environment variable that replaces torch.cuda.get_arch_list() in the arch check: a test seam,
+# so a run on a supported GPU can show the FAIL line ("sm_80,sm_86" on an H100).
+ARCH_LIST_SEAM_ENV = "M40_TEST_ARCH_LIST"
+
+
+@dataclass
+class Verdict:
+    status: str
+    value: str = ""
+    reason: str = ""
+    data: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.status not in STATUSES:
+            raise ValueError(f"unknown check status {self.status!r}")
+        self.reason = " ".join(str(self.reason).split())
+
+
+@dataclass
+class Check:
+    """One line of cuda_check.txt: a verdict with its name, GPU (None: not per GPU) and duration."""
+
+    name: str
+    gpu: int | None
+    status: str
+    value: str = ""
+    reason: str = ""
+    seconds: float = 0.0
+    data: dict = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, name: str, gpu: int | None, v: Verdict, seconds: float = 0.0) -> Check:
+        return cls(name, gpu, v.status, v.value, v.reason, round(seconds, 3), dict(v.data))
+
+    @property
+    def where(self) -> str:
+        return "-" if self.gpu is None else f"gpu{self.gpu}"
+
+
+# --------------------------------------------------------------------------- versions
+
+def version_tuple(text: str | None) -> tuple[int, int] | None:
+    """'12.8' / '13.0.1' / '12.8.61' -> (major, minor); None for None or anything else."""
+    if text is None:
+        return None
+    m = re.match(r"^\s*(\d+)\.(\d+)", str(text))
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def cuda_version_from_int(value: int | None) -> str | None:
+    """CUDA's integer version (cudaDriverGetVersion, NVML): 13000 -> '13.0', 12080 -> '12.8'; 0 -> None."""
+    if not value or value <= 0:
+        return None
+    return f"{value // 1000}.{(value % 1000) // 10}"
+
+
+def cudnn_version_text(value: int | None) -> str | None:
+    """torch.backends.cudnn.version(): 91002 -> '9.10.2' (cuDNN >= 9), 8902 -> '8.9.2'."""
+    if not value:
+        return None
+    if value >= 90000:
+        return f"{value // 10000}.{(value % 10000) // 100}.{value % 100}"
+    return f"{value // 1000}.{(value % 1000) // 100}.{value % 100}"
+
+
+def judge_build(torch_version: str, cuda: str | None, hip: str | None = None,
+                cudnn: str | None = None, nccl: str | None = None) -> Verdict:
+    """Check a: the build must be a CUDA build."""
+    value = f"torch {torch_version}, CUDA {cuda or '-'}, cuDNN {cudnn or '-'}, NCCL {nccl or '-'}"
+    data = {"torch": torch_version, "cuda": cuda, "cudnn": cudnn, "nccl": nccl}
+    if hip:
+        return Verdict(FAIL, value, f"torch {torch_version} is a ROCm (HIP {hip}) build, not a CUDA build; "
+                       "install a CUDA build (`nox -s install -p <channel>`)", data)
+    if not cuda:
+        return Verdict(FAIL, value, f"torch {torch_version} is a CPU build (torch.version.cuda is None): it cannot "
+                       "use any GPU; install a CUDA build (`nox -s install -p <channel>`)", data)
+    notes = [f"no {n}" for n, v in (("cuDNN", cudnn), ("NCCL", nccl)) if not v]
+    return Verdict(PASS, value, "; ".join(notes), data)
+
+
+def judge_driver(driver_cuda: str | None, build_cuda: str | None, source: str,
+                 nvml_cuda: str | None = None, error: str = "") -> Verdict:
+    """Check b: the CUDA version the driver supports (as torch reads it) >= the build's major.minor."""
+    data = {"driver_cuda": driver_cuda, "build_cuda": build_cuda, "source": source, "nvml_cuda": nvml_cuda}
+    if build_cuda is None:
+        return Verdict(SKIP, "", "not a CUDA build (see build)", data)
+    if driver_cuda is None:
+        return Verdict(SKIP, f"build CUDA {build_cuda}",
+                       f"no NVIDIA driver found ({source}: {error or 'version 0'}); "
+                       "install the NVIDIA driver on a machine with a GPU", data)
+    value = f"driver CUDA {driver_cuda} (from {source}), build CUDA {build_cuda}"
+    if nvml_cuda and nvml_cuda != driver_cuda:
+        value += f"; NVML says {nvml_cuda}"
+    drv, build = version_tuple(driver_cuda), version_tuple(build_cuda)
+    if drv is None or build is None:
+        return Verdict(FAIL, value, "cannot compare the versions", data)
+    if drv < build:
+        return Verdict(FAIL, value,
+                       f"the driver supports CUDA {driver_cuda} but this torch is built for CUDA {build_cuda}: "
+                       f"update the NVIDIA driver to one for CUDA >= {build_cuda}, or install a channel built for "
+                       f"CUDA <= {driver_cuda}", data)
+    return Verdict(PASS, value, "", data)
+
+
+# --------------------------------------------------------------------------- device count (check c)
+
+def visible_devices(cvd: str | None, nvml_count: int, uuids: tuple[str, ...] = (),
+                    mig_enabled: bool = False) -> list[str] | None:
+    """The devices CUDA_VISIBLE_DEVICES lets CUDA see, as CUDA parses it; None when it is unset.
+
+    Entries are indexes or (prefixes of) GPU-/MIG- UUIDs, comma-separated; CUDA stops at the first
+    entry that names no device (invalid, out of range, or repeated) and ignores the rest.
+    """
+    if cvd is None:
+        return None
+    seen: list[str] = []
+    for raw in cvd.split(","):
+        token = raw.strip()
+        if not token:
+            break
+        if re.fullmatch(r"\d+", token):
+            index = int(token)
+            key = f"index {index}"
+            ok = index < nvml_count
+            if ok and index < len(uuids):
+                key = uuids[index]
+        elif token.startswith("GPU-"):
+            hits = [u for u in uuids if u.startswith(token)]
+            ok = len(hits) == 1
+            key = hits[0] if ok else token
+        elif token.startswith("MIG-"):
+            ok, key = mig_enabled, token
+        else:
+            ok, key = False, token
+        if not ok or key in seen:
+            break
+        seen.append(key)
+    return seen
+
+
+def _cvd_text(cvd: str | None) -> str:
+    return "CUDA_VISIBLE_DEVICES unset" if cvd is None else f"CUDA_VISIBLE_DEVICES={cvd!r}"
+
+
+def judge_count(nvml_count: int | None, torch_count: int, cvd: str | None, *, uuids: tuple[str, ...] = (),
+                mig_gpus: tuple[int, ...] = (), nvml_error: str = "", cuda_error: str = "") -> Verdict:
+    """Check c: the GPUs NVML lists vs the CUDA devices torch sees, in the same environment.
+
+    No GPU at all (no driver, NVML 0 and torch 0) is a SKIP: the per-GPU checks say the same and
+    the stage fails on "no GPU checked". A GPU that NVML lists and torch cannot see is a FAIL.
+    """
+    data = {"nvml": nvml_count, "torch": torch_count, "cuda_visible_devices": cvd, "mig_gpus": list(mig_gpus)}
+    env = _cvd_text(cvd)
+    value = f"NVML {nvml_count if nvml_count is not None else 'n/a'}, torch {torch_count} ({env})"
+    extra = f" (CUDA said: {cuda_error})" if cuda_error else ""
+    if nvml_count is None:
+        if torch_count > 0:
+            return Verdict(PASS, value, f"NVML unavailable ({nvml_error}); torch sees {torch_count} GPU(s)", data)
+        if cvd is not None and not cvd.strip():
+            return Verdict(FAIL, value, "torch sees no GPU and CUDA_VISIBLE_DEVICES is set but empty, which hides "
+                           "every GPU: unset it (or list the GPUs to use)" + extra, data)
+        return Verdict(SKIP, value, f"no NVIDIA GPU here: NVML unavailable ({nvml_error}) and torch sees no CUDA "
+                       "device" + extra, data)
+    mig = ""
+    if mig_gpus:
+        mig = (f"MIG is enabled on GPU {', '.join(map(str, mig_gpus))}: CUDA sees MIG instances there, not "
+               "the whole GPU (one instance unless CUDA_VISIBLE_DEVICES names MIG UUIDs); ")
+    if nvml_count == 0 and torch_count == 0:
+        return Verdict(SKIP, value, "no NVIDIA GPU here: NVML lists none and torch sees none" + extra, data)
+    if cvd is not None and not cvd.strip():
+        if torch_count == 0:
+            return Verdict(FAIL, value, f"torch sees 0 of {nvml_count} GPU(s): CUDA_VISIBLE_DEVICES is set but "
+                           "empty, which hides every GPU; unset it (or list the GPUs to use)" + extra, data)
+    visible = visible_devices(cvd, nvml_count, uuids, bool(mig_gpus))
+    if visible is not None:  # CUDA_VISIBLE_DEVICES set and not empty
+        tokens = [t.strip() for t in cvd.split(",")]
+        if len(visible) < len(tokens):
+            bad = tokens[len(visible)]
+            why = (f"CUDA_VISIBLE_DEVICES={cvd!r} names {bad!r}, which is no device of the {nvml_count} NVML "
+                   f"lists (indexes 0..{nvml_count - 1}) or a repeat; CUDA ignores it and everything after it")
+            if torch_count == 0:
+                return Verdict(FAIL, value, f"torch sees no GPU: {why}; fix or unset CUDA_VISIBLE_DEVICES" + extra,
+                               data)
+            if torch_count == len(visible):
+                return Verdict(PASS, value, f"torch sees {torch_count} of {nvml_count} GPU(s): {why}", data)
+        elif torch_count == len(visible):
+            note = "" if torch_count == nvml_count else \
+                f"torch sees {torch_count} of {nvml_count} GPU(s), as CUDA_VISIBLE_DEVICES selects"
+            return Verdict(PASS, value, note, data)
+        if torch_count == 0:
+            return Verdict(FAIL, value, f"torch sees no GPU although {env} selects {len(visible)}: {mig}"
+                           "the CUDA runtime could not use them" + extra, data)
+        return Verdict(FAIL, value, f"torch sees {torch_count} GPU(s) but {env} selects {len(visible)}: {mig}"
+                       "check the GPUs with nvidia-smi" + extra, data)
+    if torch_count == nvml_count:
+        return Verdict(PASS, value, mig.rstrip("; ") if mig else "", data)
+    if mig:
+        status = FAIL if torch_count == 0 else PASS
+        return Verdict(status, value, f"torch sees {torch_count}, NVML lists {nvml_count} GPU(s): {mig}"
+                       "name the MIG UUIDs in CUDA_VISIBLE_DEVICES to use several" + extra, data)
+    if torch_count == 0:
+        return Verdict(FAIL, value, f"torch sees 0 of the {nvml_count} GPU(s) NVML lists, with CUDA_VISIBLE_DEVICES "
+                       "unset and no MIG: the CUDA runtime cannot use them (driver/library mismatch, missing "
+                       "/dev/nvidia* in a container, or a GPU in a bad state: see dmesg for Xid)" + extra, data)
+    if torch_count < nvml_count:
+        return Verdict(FAIL, value, f"torch sees {torch_count} of the {nvml_count} GPU(s) NVML lists, with "
+                       "CUDA_VISIBLE_DEVICES unset and no MIG: a GPU failed CUDA initialisation or is hidden "
+                       "from this process (container device list); see nvidia-smi and dmesg for Xid" + extra, data)
+    return Verdict(FAIL, value, f"torch sees {torch_count} GPU(s), more than the {nvml_count} NVML lists: the CUDA "
+                   "driver library and NVML disagree (two driver versions installed?)" + extra, data)
+
+
+# --------------------------------------------------------------------------- architecture (check d)
+
+@dataclass(frozen=True)
+class Arch:
+    kind: str  # "sm" (binary cubin) or "compute" (PTX, JIT-compiled by the driver)
+    major: int
+    minor: int
+    suffix: str = ""  # "a" (arch-specific: that exact GPU only) or "f" (family: same major, minor >=)
+
+    @property
+    def text(self) -> str:
+        return f"{self.kind}_{self.major}{self.minor}{self.suffix}"
+
+
+def parse_arch(entry: str) -> Arch | None:
+    """'sm_86' -> Arch('sm', 8, 6); 'sm_120' -> 12.0; 'compute_90a' -> PTX 9.0 'a'; junk -> None."""
+    m = re.fullmatch(r"(sm|compute)_(\d+)(\d)([af]?)", entry.strip().lower())
+    if not m:
+        return None
+    return Arch(m.group(1), int(m.group(2)), int(m.group(3)), m.group(4))
+
+
+def arch_runs_on(arch: Arch, major: int, minor: int) -> bool:
+    """Whether code built for `arch` runs on a device of capability major.minor.
+
+    Binary (sm_XY): same major and minor <= the device's. PTX (compute_XY): any device >= X.Y (the
+    driver compiles it). Suffix 'a': that exact capability only; 'f': same major, minor >= (family).
+    """
+    device, code = (major, minor), (arch.major, arch.minor)
+    if arch.suffix == "a":
+        return device == code
+    if arch.kind == "sm" or arch.suffix == "f":
+        return major == arch.major and minor >= arch.minor
+    return device >= code
+
+
+def judge_arch(capability: tuple[int, int], arch_list: list[str], gpu_name: str,
+               min_cuda_for_arch: dict[str, str] | None = None, source: str = "torch.cuda.get_arch_list()",
+               torch_warnings: list[str] = ()) -> Verdict:
+    """Check d: does this build carry kernels (or PTX) for the device's compute capability?"""
+    major, minor = capability
+    sm = f"sm_{major}{minor}"
+    value = f"{sm} ({gpu_name}); build has {' '.join(arch_list) or 'nothing'}"
+    data = {"capability": f"{major}.{minor}", "arch_list": list(arch_list), "source": source}
+    parsed = [a for a in (parse_arch(e) for e in arch_list) if a is not None]
+    binary = [a.text for a in parsed if a.kind == "sm" and arch_runs_on(a, major, minor)]
+    ptx = [a.text for a in parsed if a.kind == "compute" and arch_runs_on(a, major, minor)]
+    seam = f" [arch list from {source}]" if source != "torch.cuda.get_arch_list()" else ""
+    warned = f"; torch warned: {torch_warnings[0][:200]}" if torch_warnings else ""
+    if not arch_list:
+        return Verdict(FAIL, value, f"{source} is empty: this torch carries no CUDA kernels{seam}", data)
+    if binary:
+        data["runs_with"] = binary[-1]
+        return Verdict(PASS, value, f"kernels {binary[-1]}{seam}{warned}", data)
+    if ptx:
+        data["runs_with"] = ptx[-1]
+        return Verdict(PASS, value, f"no {sm} kernels; PTX {ptx[-1]} is JIT-compiled by the driver on first use "
+                       f"(slow start){seam}{warned}", data)
+    need = (min_cuda_for_arch or {}).get(sm)
+    hint = f" (cu{need.replace('.', '')} or later for {sm})" if need else ""
+    return Verdict(FAIL, value, f"this PyTorch build has no kernels for {sm} ({gpu_name}); use a channel built "
+                   f"for it{hint}{seam}{warned}", data)
+
+
+# --------------------------------------------------------------------------- correctness (check e)
+
+def judge_error(rel_err: float | None, tol: float, *, nonfinite: int = 0, note: str = "") -> Verdict:
+    """‖out − ref‖ / ‖ref‖ against a tolerance; NaN/inf in the output or the error never passes."""
+    data = {"rel_err": rel_err, "tol": tol, "nonfinite": nonfinite}
+    if rel_err is None:
+        return Verdict(FAIL, "", "no result to compare", data)
+    value = f"rel err {rel_err:.2e} (tol {tol:.0e})"
+    suffix = f"; {note}" if note else ""
+    if nonfinite:
+        return Verdict(FAIL, value, f"{nonfinite} NaN/inf value(s) in the output (unwritten or overflowed)"
+                       + suffix, data)
+    if not math.isfinite(rel_err):
+        return Verdict(FAIL, value, "the error is NaN/inf" + suffix, data)
+    if rel_err > tol:
+        return Verdict(FAIL, value, f"relative error {rel_err:.2e} exceeds the tolerance {tol:.0e}: the GPU "
+                       "computes a wrong result" + suffix, data)
+    return Verdict(PASS, value, note, data)
+
+
+SDPA_LABELS = {"FLASH_ATTENTION": "flash", "EFFICIENT_ATTENTION": "efficient", "CUDNN_ATTENTION": "cudnn",
+               "MATH": "math", "ERROR": "none", "OVERRIDEABLE": "overrideable"}
+
+
+def sdpa_backend_label(name: str) -> str:
+    """torch.nn.attention.SDPBackend member name -> the short name reports use ('flash')."""
+    return SDPA_LABELS.get(name, name.lower())
+
+
+def judge_sdpa(default_backend: str, default: tuple[float, int], forced: dict[str, tuple[float, int] | str],
+               tol: float) -> Verdict:
+    """Causal attention: the backend torch picks by default must be right, and so must every backend
+    that runs when forced (`forced[name]` is (rel_err, nonfinite), or a string: 'n/a…' when torch has no
+    kernel for it here, 'error: …' when it raised). A wrong number from any backend is a FAIL; a forced
+    backend that raises is noted, not failed (it fails loudly, and torch does not pick it here)."""
+    err, bad = default
+    base = judge_error(err, tol, nonfinite=bad)
+    parts = []
+    for name, res in forced.items():
+        parts.append(f"{name} {res[0]:.1e}" if isinstance(res, tuple) else f"{name} {res.split(':')[0]}")
+    value = f"default {default_backend}: {base.value}; forced: {', '.join(parts)}"
+    data = {"backend": default_backend, "default": {"rel_err": err, "nonfinite": bad},
+            "forced": {k: ({"rel_err": v[0], "nonfinite": v[1]} if isinstance(v, tuple) else v)
+                       for k, v in forced.items()}, "tol": tol}
+    if base.status == FAIL:
+        return Verdict(FAIL, value, f"the default backend ({default_backend}): {base.reason}", data)
+    wrong = [name for name, res in forced.items() if isinstance(res, tuple)
+             and judge_error(res[0], tol, nonfinite=res[1]).status == FAIL]
+    if wrong:
+        return Verdict(FAIL, value, f"backend {', '.join(wrong)} computes a wrong result (tolerance {tol:.0e}); "
+                       "torch may pick it for other shapes", data)
+    raised = [f"{name} raised {res[len('error: '):]}" for name, res in forced.items()
+              if isinstance(res, str) and res.startswith("error")]
+    return Verdict(PASS, value, "; ".join(raised), data)
+
+
+def judge_allreduce(world: int, results: list[dict], hung: list[int], timeout_s: float) -> Verdict:
+    """NCCL all-reduce, one process per GPU: every rank's sum exact, nobody hung or failed."""
+    data: dict = {"world": world, "results": results, "hung": hung}
+    errors = [f"rank {r.get('rank')}: {r['error']}" for r in results if r.get("error") and r.get("rank") not in hung]
+    stuck = (f"rank(s) {', '.join(map(str, hung))} did not finish within {timeout_s:g} s" if hung else "")
+    if errors:
+        return Verdict(FAIL, f"{world} ranks", "; ".join(errors + ([stuck] if stuck else [])), data)
+    if hung:
+        return Verdict(FAIL, f"{world} ranks", f"{stuck}: NCCL hangs (check peer access and NCCL_DEBUG=INFO "
+                       "output, and other jobs on the GPUs)", data)
+    wrong = [(r["rank"], r["wrong"]) for r in results if r.get("wrong")]
+    checked = results[0].get("checked", 0) if results else 0
+    times = [r["seconds"] for r in results if r.get("seconds")]
+    value = f"sum of {checked} random integers on {world} GPUs"
+    if times:
+        seconds, nbytes = max(times), results[0].get("bytes", 0)
+        algbw = nbytes / seconds / 1e9
+        busbw = algbw * 2 * (world - 1) / world
+        data.update(algbw_gbs=algbw, busbw_gbs=busbw)
+        value += f"; {nbytes / 2**20:.0f} MiB all-reduce {seconds * 1e3:.2f} ms, bus bandwidth {busbw:.0f} GB/s"
+    if wrong:
+        detail = ", ".join(f"rank {r}: {n} wrong" for r, n in wrong)
+        return Verdict(FAIL, value, f"the all-reduced sum is wrong ({detail}): GPU-to-GPU transfers corrupt data",
+                       data)
+    return Verdict(PASS, value, "", data)
+
+
+def judge_memory(mismatches: int, words: int, alloc_gib: float, free_gib: float, total_gib: float,
+                 error: str = "") -> Verdict:
+    """Check f: every word of the written pattern (and its inverse) reads back."""
+    value = f"{alloc_gib:.1f} GiB of {free_gib:.1f} GiB free ({total_gib:.1f} GiB total)"
+    data = {"alloc_gib": alloc_gib, "free_gib": free_gib, "total_gib": total_gib, "mismatches": mismatches}
+    if error:
+        return Verdict(FAIL, value, f"could not allocate or verify {alloc_gib:.1f} GiB: {error}", data)
+    if mismatches:
+        return Verdict(FAIL, value, f"{mismatches} of {words} 8-byte words read back wrong: faulty memory "
+                       "(check ECC / remapped rows with nvidia-smi -q -d ECC,ROW_REMAPPER)", data)
+    return Verdict(PASS, value, "pattern and inverse read back", data)
+
+
+# --------------------------------------------------------------------------- speed (check g)
+
+def judge_speed(kind: str, measured: float, unit: str, peak: float | None, share: float, model: str | None,
+                gpu_name: str, causes: list[str] = ()) -> Verdict:
+    """Check g: a measured rate against the datasheet of the device's model.
+
+    Unknown model: PASS with "not judged" (the measurement ran and finished; there is no figure to
+    judge it against). Below `share` of the datasheet: FAIL naming the likely causes seen.
+    """
+    data = {"measured": measured, "unit": unit, "peak": peak, "model": model, "share": None}
+    value = f"{measured:.1f} {unit}" if unit == "TFLOP/s" else f"{measured:.2f} {unit}"
+    if not math.isfinite(measured) or measured <= 0:
+        return Verdict(FAIL, value, f"{kind}: no valid measurement", data)
+    if peak is None:
+        return Verdict(PASS, value, f"not judged: {gpu_name!r} is not in configs/gpus.yaml (add its datasheet "
+                       "figures to judge it)", data)
+    frac = measured / peak
+    data["share"] = frac
+    value += f" = {frac:.0%} of {model} datasheet {peak:g} {unit}"
+    if frac < share:
+        seen = "; ".join(causes) if causes else "none of them seen by NVML right now"
+        return Verdict(FAIL, value, f"{kind} below {share:.0%} of the datasheet: likely clock throttling "
+                       f"(thermal, power cap or brake), a lowered power limit, or another process on the GPU "
+                       f"(seen: {seen})", data)
+    return Verdict(PASS, value, "; ".join(causes), data)
+
+
+# --------------------------------------------------------------------------- health (check j)
+
+# nvmlClocksEventReason* bits (nvml.h); the first group is a fault, the second only information.
+THROTTLE_BAD = {0x8: "HW slowdown", 0x20: "SW thermal slowdown", 0x40: "HW thermal slowdown",
+                0x80: "HW power brake"}
+THROTTLE_INFO = {0x1: "idle", 0x2: "application clocks setting", 0x4: "SW power cap", 0x10: "sync boost",
+                 0x100: "display clock setting"}
+
+# Xid codes worth a name in a report (NVIDIA's Xid catalog); others are reported by number.
+XID_NAMES = {13: "graphics engine exception", 31: "GPU memory page fault", 43: "GPU stopped processing",
+             45: "preemptive cleanup", 48: "double-bit ECC error", 61: "internal micro-controller breakpoint",
+             62: "internal micro-controller halt", 63: "ECC page retirement / row remapping recorded",
+             64: "ECC page retirement / row remapping failure", 74: "NVLink error",
+             79: "GPU has fallen off the bus", 92: "high single-bit ECC error rate", 94: "contained ECC error",
+             95: "uncontained ECC error", 119: "GSP RPC timeout", 120: "GSP error"}
+
+
+def decode_throttle(mask: int | None) -> tuple[list[str], list[str]]:
+    """An NVML clocks-event (throttle) bitmask -> (fault names, information names)."""
+    if not mask:
+        return [], []
+    bad = [name for bit, name in THROTTLE_BAD.items() if mask & bit]
+    info = [name for bit, name in THROTTLE_INFO.items() if mask & bit]
+    return bad, info
+
+
+def judge_throttle(samples: dict[str, int | None]) -> Verdict:
+    """Throttle reasons sampled at several moments ('before', 'under load', 'after')."""
+    data = {k: v for k, v in samples.items()}
+    if all(v is None for v in samples.values()):
+        return Verdict(SKIP, "", "NVML cannot read clock throttle reasons on this GPU", data)
+    parts, faults = [], []
+    for when, mask in samples.items():
+        if mask is None:
+            continue
+        bad, info = decode_throttle(mask)
+        faults += [f"{b} ({when})" for b in bad]
+        parts.append(f"{when}: {', '.join(bad + info) or 'none'}")
+    value = "; ".join(parts)
+    if faults:
+        return Verdict(FAIL, value, f"clocks throttled by {', '.join(faults)}: check cooling and power "
+                       "(nvidia-smi -q -d PERFORMANCE,TEMPERATURE,POWER)", data)
+    return Verdict(PASS, value, "", data)
+
+
+def judge_ecc(before: int | None, after: int | None) -> Verdict:
+    """Volatile uncorrectable ECC errors must not grow during the checks."""
+    data = {"before": before, "after": after}
+    if before is None or after is None:
+        return Verdict(SKIP, "", "NVML reports no ECC counters here (ECC off or not supported)", data)
+    value = f"volatile uncorrectable ECC {before} -> {after}"
+    if after > before:
+        return Verdict(FAIL, value, f"{after - before} new uncorrectable ECC error(s) during the checks: "
+                       "faulty GPU memory; drain the GPU and contact the provider", data)
+    note = f"{before} uncorrectable error(s) since the last driver load" if before else ""
+    return Verdict(PASS, value, note, data)
+
+
+def judge_pages(retired_pending: bool | None, remap: tuple[int, int, bool, bool] | None) -> Verdict:
+    """No page retirement pending, no row remapping pending or failed (needs a GPU reset)."""
+    data = {"retired_pending": retired_pending, "remap": list(remap) if remap else None}
+    if retired_pending is None and remap is None:
+        return Verdict(SKIP, "", "NVML reports neither retired pages nor remapped rows here", data)
+    parts, faults = [], []
+    if retired_pending is not None:
+        parts.append(f"retired pages pending: {'yes' if retired_pending else 'no'}")
+        if retired_pending:
+            faults.append("a page retirement is pending")
+    if remap is not None:
+        corr, unc, pending, failed = remap
+        parts.append(f"remapped rows {corr} corr / {unc} uncorr, pending {'yes' if pending else 'no'}, "
+                     f"failure {'yes' if failed else 'no'}")
+        if pending:
+            faults.append("a row remapping is pending")
+        if failed:
+            faults.append("a row remapping failed")
+    value = "; ".join(parts)
+    if faults:
+        return Verdict(FAIL, value, f"{' and '.join(faults)}: the GPU needs a reset (or service) before use", data)
+    return Verdict(PASS, value, "", data)
+
+
+def judge_xid(events: list[int] | None, error: str = "") -> Verdict:
+    """Xid critical-error events NVML delivered during the checks."""
+    data = {"xids": events}
+    if events is None:
+        return Verdict(SKIP, "", f"Xid events cannot be watched here: {error}", data)
+    if events:
+        named = ", ".join(f"Xid {x} ({XID_NAMES.get(x, 'see the Xid catalog')})" for x in events)
+        return Verdict(FAIL, f"{len(events)} Xid event(s)", f"{named} during the checks: see dmesg", data)
+    return Verdict(PASS, "no Xid events", "", data)
+
+
+# --------------------------------------------------------------------------- summary
+
+def counts(checks: list[Check]) -> dict[str, int]:
+    out = {s: 0 for s in STATUSES}
+    for c in checks:
+        out[c.status] += 1
+    return out
+
+
+def gpus_checked(checks: list[Check]) -> int:
+    """GPUs on which at least one per-GPU check ran (PASS or FAIL)."""
+    return len({c.gpu for c in checks if c.gpu is not None and c.status != SKIP})
+
+
+EXIT_OK, EXIT_FAIL, EXIT_NO_GPU = 0, 1, 3
+
+
+def exit_code(checks: list[Check]) -> int:
+    """0: no FAIL and at least one GPU checked; 1: a check failed; 3: no FAIL but no GPU was checked."""
+    if any(c.status == FAIL for c in checks):
+        return EXIT_FAIL
+    return EXIT_OK if gpus_checked(checks) else EXIT_NO_GPU
+
+
+def stage_reason(checks: list[Check]) -> str:
+    """The stage's one-line reason: the first failure in full, the count of the others."""
+    failed = [c for c in checks if c.status == FAIL]
+    if failed:
+        first = failed[0]
+        name = first.name if first.gpu is None else f"{first.where} {first.name}"
+        more = f" (+{len(failed) - 1} more FAIL, see cuda_check.txt)" if len(failed) > 1 else ""
+        return f"{len(failed)} check(s) FAIL: {name}: {first.reason or first.value}{more}"
+    if not gpus_checked(checks):
+        count = next((c for c in checks if c.name == "device_count"), None)
+        why = (count.reason or count.value) if count else "no device check ran"
+        return f"no CUDA device visible to torch: {why}"
+    return ""
+
+
+def format_line(c: Check) -> str:
+    """One report line: status, where, check, seconds, value — reason."""
+    line = f"{c.status:<4}  {c.where:<5} {c.name:<20} {c.seconds:6.2f} s"
+    text = " — ".join(t for t in (c.value, c.reason) if t)
+    return f"{line}  {text}" if text else line
+
+
+HEADER = f"{'':<4}  {'where':<5} {'check':<20} {'time':>8}  value — reason"
