@@ -48,9 +48,12 @@ if sys.path and sys.path[0] and Path(sys.path[0]).resolve() == ROOT / "tasks":
 elif str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-# Never NVLink multicast (NVLS) in the all-reduce; one Inductor compile thread (no worker pool to
-# start for one small kernel). Set before torch and NCCL read them.
+# Never NVLink multicast (NCCL's NVLS, PyTorch's symmetric memory, NVSHMEM): on shared hosts it can
+# put the GPUs out of service. One Inductor compile thread (no worker pool to start for one small
+# kernel). Set before torch and NCCL read them; the all-reduce processes inherit them.
 os.environ["NCCL_NVLS_ENABLE"] = "0"
+os.environ["TORCH_SYMM_MEM_DISABLE_MULTICAST"] = "1"
+os.environ["NVSHMEM_DISABLE_NVLS"] = "1"
 os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
 import torch  # noqa: E402
@@ -369,7 +372,7 @@ class Checker:
         self.emit(f"torch {v['torch']}  CUDA {v['cuda'] or '-'}  cuDNN {v['cudnn'] or '-'}  NCCL {v['nccl'] or '-'}  "
                   f"triton {v['triton'] or '-'}  (import torch {_IMPORT_S:.2f} s)")
         self.emit(f"driver {self.nvml.driver or '-'}  NVML {'ok' if self.nvml.ok else self.nvml.error}  "
-                  f"CUDA_VISIBLE_DEVICES={'<unset>' if cvd is None else repr(cvd)}  NCCL_NVLS_ENABLE=0")
+                  f"CUDA_VISIBLE_DEVICES={'<unset>' if cvd is None else repr(cvd)}  NVLink multicast off (NCCL_NVLS_ENABLE=0)")
         self.emit(f"settings: memory share {self.s['memory_share']:.0%}, speed FAIL below {self.s['speed_share']:.0%} "
                   "of the datasheet, tolerances " + ", ".join(f"{k} {tol[k]:.0e}" for k in tol))
         if os.environ.get(rules.ARCH_LIST_SEAM_ENV):
@@ -441,12 +444,14 @@ class Checker:
                                  cuda_error=cuda_error)
 
     def check_init(self) -> Verdict:
-        """Initialise CUDA, keeping torch's own compatibility warnings (they name unsupported GPUs)."""
+        """Initialise CUDA and a context on every GPU, keeping torch's own compatibility warnings (they
+        name unsupported GPUs)."""
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             torch.cuda.init()
             for i in range(torch.cuda.device_count()):
                 torch.cuda.get_device_properties(i)
+                torch.empty(1, device=f"cuda:{i}")  # creates the context (an allocation, no kernel launch)
         self.torch_warnings = [" ".join(str(w.message).split()) for w in caught]
         note = f"torch warned: {' | '.join(w[:300] for w in self.torch_warnings)}" if self.torch_warnings else ""
         return Verdict(PASS, f"CUDA initialised, {torch.cuda.device_count()} device(s)", note,
