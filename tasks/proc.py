@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 
@@ -21,6 +22,16 @@ def tee(cmd: list[str], log_file: Path | None = None, *, env: dict | None = None
     try:
         proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 env=full_env, cwd=cwd, text=True, errors="replace", bufsize=1)
+        timed_out = threading.Event()
+
+        def _kill() -> None:
+            timed_out.set()
+            proc.kill()
+
+        timer = threading.Timer(timeout, _kill) if timeout else None
+        if timer:
+            timer.daemon = True
+            timer.start()
         try:
             assert proc.stdout is not None
             for line in proc.stdout:
@@ -29,14 +40,14 @@ def tee(cmd: list[str], log_file: Path | None = None, *, env: dict | None = None
                 if log:
                     log.write(line)
                     log.flush()
-            return proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            return 124
+            code = proc.wait()
+            return 124 if timed_out.is_set() else code
         except KeyboardInterrupt:
             proc.wait()
             raise
+        finally:
+            if timer:
+                timer.cancel()
     finally:
         if log:
             log.close()
