@@ -177,7 +177,7 @@ def stage_rows(recs: dict[str, StageRecord]) -> list[dict]:
 def md(value) -> str:
     """Text made safe for one markdown table cell or line (no pipes, no HTML, one line)."""
     text = " ".join(str(value).split())
-    return text.replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
+    return text.replace("|", "\\|").replace("<", "&lt;")  # ">=" stays readable; "<" could open HTML
 
 
 def figures_text(figures: dict) -> str:

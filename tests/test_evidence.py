@@ -185,7 +185,7 @@ def test_markdown_special_characters_in_reasons_cannot_break_the_tables(tmp_path
     run_dir = make_run(tmp_path, {"probe": FAIL}, {"probe": "a | b <script> c"})
     render(run_dir)
     readme = (run_dir / layout.README_FILE).read_text()
-    assert "a \\| b &lt;script&gt; c" in readme and "<script>" not in readme
+    assert "a \\| b &lt;script> c" in readme and "<script>" not in readme
 
 
 def test_step_summary_is_appended_when_github_asks(tmp_path, monkeypatch):
