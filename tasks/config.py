@@ -81,6 +81,10 @@ class Channel:
     pre: bool = False
     torch: str = ""  # optional version specifier, e.g. ">=2.6"
     note: str = ""
+    # URL prefixes the index's files may be served from besides the index itself (PyPI serves from
+    # files.pythonhosted.org, PyTorch's indexes from download-r2.pytorch.org): the provenance check.
+    files_from: tuple[str, ...] = ()
+    retired: str = ""  # set when upstream stopped publishing the channel: said in every failure report
     extra: dict = field(default_factory=dict, compare=False)
 
     @property
@@ -108,7 +112,7 @@ def load_channels(path: Path | str | None = None) -> dict[str, Channel]:
         _require(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", str(name)) is not None, path, key,
                  "a channel name may hold only letters, digits, '.', '_' and '-'")
         _require(isinstance(spec, dict), path, key, "must be a mapping")
-        unknown = set(spec) - {"kind", "cuda", "index_url", "pre", "torch", "note"}
+        unknown = set(spec) - {"kind", "cuda", "index_url", "pre", "torch", "note", "files_from", "retired"}
         _require(not unknown, path, key, f"unknown key(s) {sorted(unknown)}; remove them")
         kind = spec.get("kind")
         _require(kind in CHANNEL_KINDS, path, f"{key}.kind", f"{kind!r} is not one of {list(CHANNEL_KINDS)}")
@@ -123,10 +127,17 @@ def load_channels(path: Path | str | None = None) -> dict[str, Channel]:
         if kind == "index":
             _require(isinstance(index_url, str) and "://" in index_url, path, f"{key}.index_url",
                      "an 'index' channel needs an index URL")
+        if kind == "pypi":
+            _require(index_url is None or (isinstance(index_url, str) and "://" in index_url), path,
+                     f"{key}.index_url", "must be a URL like https://pypi.org/simple")
         _require(isinstance(spec.get("pre", False), bool), path, f"{key}.pre", "must be true or false")
+        files_from = spec.get("files_from", [])
+        _require(isinstance(files_from, list) and all(isinstance(u, str) and "://" in u for u in files_from),
+                 path, f"{key}.files_from", "must be a list of URL prefixes like https://files.pythonhosted.org/")
         out[str(name)] = Channel(
             name=str(name), kind=kind, cuda=cuda, index_url=index_url, pre=spec.get("pre", False),
             torch=str(spec.get("torch") or ""), note=str(spec.get("note") or ""),
+            files_from=tuple(files_from), retired=str(spec.get("retired") or ""),
         )
     return out
 

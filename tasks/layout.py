@@ -15,6 +15,8 @@ TRAIN_SCRIPT = ROOT / "training_pt" / "train.py"
 VENV_GPU = ROOT / ".venv-gpu"
 # Written into .venv-gpu after a verified install: what channel it holds.
 VENV_MARKER = "m40-install.json"
+# In a `provisioned` .venv-gpu: the site-packages of the interpreter whose torch it reuses.
+VENV_PROVISIONED_PTH = "m40-provisioned.pth"
 
 CHANNELS_FILE = CONFIGS / "channels.yaml"
 SETTINGS_FILE = CONFIGS / "m40.yaml"
@@ -51,6 +53,11 @@ CUDA_CHECK_FILE = CONFIGS / "cuda_check.yaml"
 GPU_CHECKS_SCRIPT = ROOT / "tasks" / "gpu_checks.py"
 CUDA_CHECK_JSON = "cuda_check.json"
 CUDA_CHECK_LOG = "cuda_check.log"
+
+# More files of the install stage: `pip freeze` of .venv-gpu as a requirements file that reproduces
+# it, and every command install ran with its output (appended, one block per invocation).
+REQUIREMENTS_GPU = "requirements-gpu.txt"
+INSTALL_LOG = "install_log.txt"
 
 # Exit codes, the same from a stage run alone and from m40 (documented in README.md).
 EXIT_OK = 0

@@ -1,0 +1,200 @@
+"""`.venv-gpu` as a transaction: build a staging venv next to it, verify it, then swap it in.
+
+The previous `.venv-gpu` stays untouched until the swap, and comes back if anything fails (or Ctrl-C
+arrives) during it:
+
+    with venvs.locked(final):              # one installer at a time (.venv-gpu.lock/)
+        venvs.recover(final)               # leftovers of a killed run: restore or remove
+        staging = venvs.staging_path(final)   # .venv-gpu.staging-<pid>
+        try:
+            venvs.create(staging, python); install; verify with staging's own python
+            venvs.swap_in(staging, final, check)
+        finally:
+            venvs.discard(staging)
+
+Venvs are not relocatable: scripts in bin/ carry the staging path in their shebang, pyvenv.cfg
+names it. `swap_in` renames, then rewrites every file in bin/ and pyvenv.cfg that names the staging
+path (byte-exact replacement), then runs `check` with the final venv's python; on failure the swap is
+undone. Bytecode (.pyc) also records the staging path, but CPython rewrites co_filename to the real
+source path when it loads a .pyc, so tracebacks and inspect see the final path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+
+from tasks.records import now_iso
+
+
+class VenvError(Exception):
+    """One line: what went wrong with a venv and what to do."""
+
+
+def staging_path(final: Path) -> Path:
+    return final.with_name(f"{final.name}.staging-{os.getpid()}")
+
+
+def old_path(final: Path) -> Path:
+    return final.with_name(f"{final.name}.old-{os.getpid()}")
+
+
+def lock_path(final: Path) -> Path:
+    return final.with_name(f"{final.name}.lock")
+
+
+def is_venv(path: Path) -> bool:
+    return (path / "pyvenv.cfg").is_file()
+
+
+def python_of(venv: Path) -> Path:
+    return venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def locked(final: Path):
+    """Hold `<venv>.lock/` (a directory: mkdir is atomic); a second installer gets VenvError."""
+    lock = lock_path(final)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "since": now_iso()}
+    for _ in range(2):
+        try:
+            lock.mkdir()
+        except FileExistsError:
+            try:
+                info = json.loads((lock / "owner.json").read_text())
+            except (OSError, ValueError):
+                info = {}
+            if info.get("host") == me["host"] and isinstance(info.get("pid"), int) and not _pid_alive(info["pid"]):
+                shutil.rmtree(lock, ignore_errors=True)  # stale: its holder is gone
+                continue
+            raise VenvError(f"{final} is being installed by pid {info.get('pid')} on {info.get('host')} "
+                            f"since {info.get('since')}; wait for it, or remove {lock} if that process is gone") from None
+        (lock / "owner.json").write_text(json.dumps(me))
+        break
+    try:
+        yield final
+    finally:
+        shutil.rmtree(lock, ignore_errors=True)
+
+
+def recover(final: Path) -> list[str]:
+    """Clean up after an installer that was killed (call while holding the lock).
+
+    A `.old-<pid>` with no `final` is the last good venv, interrupted mid-swap: it is put back.
+    Any other `.staging-*` / `.old-*` sibling is a leftover and is removed. Returns what was done.
+    """
+    done = []
+    pattern = re.compile(rf"^{re.escape(final.name)}\.(staging|old)-(\d+)$")
+    if not final.parent.is_dir():
+        return done
+    for p in sorted(final.parent.iterdir()):
+        m = pattern.match(p.name)
+        if not m or int(m.group(2)) == os.getpid():
+            continue
+        if m.group(1) == "old" and not final.exists() and is_venv(p):
+            p.rename(final)
+            done.append(f"restored {final} from {p.name} (an earlier install was interrupted mid-swap)")
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+            done.append(f"removed leftover {p.name}")
+    return done
+
+
+def create(path: Path, python: str | Path, *, prompt: str, log=None) -> str:
+    """`python -m venv --prompt PROMPT path`; falls back to --without-pip where ensurepip is missing.
+
+    Returns a note ('' normally). Raises VenvError naming the interpreter and its error.
+    """
+    cmd = [str(python), "-m", "venv", "--prompt", prompt, str(path)]
+    res = _run(cmd, log)
+    if res.returncode == 0:
+        return ""
+    shutil.rmtree(path, ignore_errors=True)
+    if "ensurepip" in res.stdout:
+        res = _run(cmd[:-1] + ["--without-pip", str(path)], log)
+        if res.returncode == 0:
+            return f"{python} has no ensurepip: venv made --without-pip"
+        shutil.rmtree(path, ignore_errors=True)
+    last = (res.stdout.strip().splitlines() or ["no output"])[-1]
+    raise VenvError(f"cannot create a venv with {python} (exit {res.returncode}: {last})")
+
+
+def _run(cmd: list[str], log) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    res = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                         errors="replace")
+    if log is not None:
+        log(cmd, res.stdout, res.returncode)
+    return res
+
+
+def fix_paths(venv: Path, old: Path, new: Path) -> list[str]:
+    """Rewrite `old` to `new` in pyvenv.cfg and the text files of bin/ (shebangs, activate scripts)."""
+    old_b, new_b = str(old).encode(), str(new).encode()
+    candidates = [venv / "pyvenv.cfg"]
+    bindir = venv / ("Scripts" if os.name == "nt" else "bin")
+    if bindir.is_dir():
+        candidates += [p for p in bindir.iterdir() if p.is_file() and not p.is_symlink()]
+    fixed = []
+    for p in candidates:
+        try:
+            data = p.read_bytes()
+        except OSError:
+            continue
+        if old_b in data and b"\0" not in data[:1024]:
+            mode = p.stat().st_mode
+            p.write_bytes(data.replace(old_b, new_b))
+            os.chmod(p, mode)
+            fixed.append(p.name)
+    return fixed
+
+
+def swap_in(staging: Path, final: Path, check) -> None:
+    """Make `staging` the new `final`; `check(final)` must pass or the old `final` comes back.
+
+    The old venv is renamed aside (`.old-<pid>`) and deleted only after the new one checked out.
+    On any failure or Ctrl-C the new venv goes back to `staging` (the caller discards it) and the
+    old one is renamed back: `final` is exactly as it was.
+    """
+    if final.exists() and not is_venv(final):
+        raise VenvError(f"{final} exists but is not a virtual environment (no pyvenv.cfg); "
+                        "move it away, install never deletes it")
+    old = old_path(final) if final.exists() else None
+    if old is not None:
+        os.rename(final, old)
+    try:
+        os.rename(staging, final)
+        try:
+            fix_paths(final, staging, final)
+            check(final)
+        except BaseException:
+            os.rename(final, staging)
+            raise
+    except BaseException:
+        if old is not None:
+            os.rename(old, final)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def discard(path: Path) -> None:
+    if path.exists() or path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)

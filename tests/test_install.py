@@ -1,0 +1,432 @@
+"""The install stage against real pip (and uv when present) and local file:// indexes of stand-in wheels.
+
+Every venv here lives under pytest's tmp dirs (`--venv`); settings come from a tmp m40.yaml whose
+gpu_packages are a tiny local wheel (or none), so no test reaches PyPI. The stand-in `torch`
+(tests/wheels.py) reports fixed facts: a version, torch.version.cuda, devices, an arch list.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import wheels
+
+from tasks import install, installers, layout, records, stage, venvs
+from tasks.config import load_channels
+
+GPU_DEP = "m40-dep==1.0"
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Wheels, indexes, a channel catalog and settings shared by every test of this module."""
+    root = tmp_path_factory.mktemp("world")
+    w = root / "wheels"
+    torch128 = wheels.standin_torch(w / "cu128", "2.9.0+cu128", "12.8", requires=("m40-base",))
+    base = wheels.simple_wheel(w / "cu128", "m40-base", "1.0")
+    torch124 = wheels.standin_torch(w / "cu124", "2.5.0+cu124", "12.4")
+    cpu = wheels.standin_torch(w / "cpu", "2.9.0+cpu", None)
+    cu126 = wheels.standin_torch(w / "cu126", "2.9.0+cu126", "12.6")
+    otherpy = wheels.standin_torch(w / "otherpy", "2.9.0+cu124", "12.4", tag="cp399-cp399-manylinux_2_28_x86_64")
+    blackwell = wheels.standin_torch(w / "b", "2.9.0+cu128", "12.8", capabilities=((10, 0),), arch_list=("sm_80", "sm_90"))
+    dep = wheels.simple_wheel(w / "dep", "m40-dep", "1.0")
+    greedy = [wheels.simple_wheel(w / "greedy", "m40-greedy", "1.0", requires=("torch>=2.10",)),
+              wheels.standin_torch(w / "greedy", "2.10.0+cu128", "12.8")]
+    newer = root / "findlinks"  # a newer torch that a machine's pip config could slip in
+    wheels.standin_torch(newer, "2.10.0+cu128", "12.8")
+    house = root / "wheelhouse"
+    for f in (torch128, base, dep):
+        house.mkdir(exist_ok=True)
+        shutil.copy(f, house)
+    idx = {name: wheels.write_index(root / "idx" / name, files) for name, files in {
+        "cu128": [torch128, base], "cu124": [torch124], "cpu": [cpu], "cu126": [cu126], "otherpy": [otherpy],
+        "blackwell": [blackwell], "deps": [dep], "greedy": greedy}.items()}
+    catalog = root / "channels.yaml"
+    catalog.write_text(f"""channels:
+  cu128: {{kind: index, index_url: "{idx['cu128']}", pre: true, cuda: "12.8", note: "stand-in nightly cu128"}}
+  cu124: {{kind: index, index_url: "{idx['cu124']}", pre: true, cuda: "12.4"}}
+  gone: {{kind: index, index_url: "{(root / 'nowhere').as_uri()}", cuda: "12.8", retired: "upstream stopped publishing it"}}
+  otherpy: {{kind: index, index_url: "{idx['otherpy']}", cuda: "12.4"}}
+  cpuonly: {{kind: index, index_url: "{idx['cpu']}", cuda: "12.8"}}
+  wrongtag: {{kind: index, index_url: "{idx['cu126']}", cuda: "12.8"}}
+  blackwell: {{kind: index, index_url: "{idx['blackwell']}", cuda: "12.8"}}
+  cu130: {{kind: index, index_url: "{(root / 'nowhere130').as_uri()}", cuda: "13.0"}}
+  system: {{kind: provisioned}}
+  wheelhouse: {{kind: wheelhouse}}
+""")
+    settings = root / "m40.yaml"
+    settings.write_text(f'min_driver_cuda: "12.8"\nchannel_order: [cu128, cu124]\ngpu_packages: ["{GPU_DEP}"]\n')
+    (root / "both.yaml").write_text(f'min_driver_cuda: "12.8"\nchannel_order: [system]\n'
+                                    f'gpu_packages: ["m40-base==1.0", "{GPU_DEP}"]\n')
+    (root / "greedy.yaml").write_text('min_driver_cuda: "12.8"\nchannel_order: [cu128]\ngpu_packages: [m40-greedy]\n')
+    bare = root / "bare.yaml"
+    bare.write_text('min_driver_cuda: "12.8"\nchannel_order: [cu128, cu124]\ngpu_packages: []\n')
+    return {"root": root, "idx": idx, "catalog": catalog, "settings": settings, "bare": bare,
+            "greedy": root / "greedy.yaml", "both": root / "both.yaml",
+            "newer": newer, "house": house, "dep": dep}
+
+
+def install_args(world, venv: Path, *argv: str, settings: Path | None = None):
+    parser = stage.parser_for("test", "test")
+    install.add_arguments(parser)
+    args = parser.parse_args(["--channels-file", str(world["catalog"]), "--venv", str(venv),
+                              "--installer", "pip", *argv])
+    args.settings = settings or world["bare"]
+    return args
+
+
+def run_install(world, tmp_path: Path, venv: Path, *argv: str, settings: Path | None = None, name="run"):
+    run_dir = tmp_path / name
+    run_dir.mkdir(exist_ok=True)
+    rec = stage.execute("install", run_dir, install_args(world, venv, *argv, settings=settings))
+    assert records.read(run_dir, "install") == rec
+    return rec, run_dir
+
+
+def commands(run_dir: Path) -> list[str]:
+    return [ln[2:] for ln in (run_dir / layout.INSTALL_LOG).read_text().splitlines() if ln.startswith("$ ")]
+
+
+def pip_installs(run_dir: Path) -> list[str]:
+    return [c for c in commands(run_dir) if " -m pip install" in c or "uv pip install" in c]
+
+
+def tree_hash(root: Path) -> str:
+    """Digest of every path, file content and symlink target under root."""
+    h = hashlib.sha256()
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames) + [d for d in dirnames if (Path(dirpath) / d).is_symlink()]:
+            p = Path(dirpath) / name
+            h.update(str(p.relative_to(root)).encode())
+            h.update(os.readlink(p).encode() if p.is_symlink() else p.read_bytes())
+    return h.hexdigest()
+
+
+def leftovers(venv: Path) -> list[str]:
+    return sorted(p.name for p in venv.parent.iterdir() if p.name.startswith(f"{venv.name}."))
+
+
+@pytest.fixture(scope="module")
+def good_venv(world, tmp_path_factory):
+    """A .venv-gpu holding channel cu128 with the gpu_packages step, installed once for the module."""
+    tmp = tmp_path_factory.mktemp("good")
+    venv = tmp / ".venv-gpu"
+    rec, run_dir = run_install(world, tmp, venv, "--channel", "cu128", "--deps-index-url", world["idx"]["deps"],
+                               settings=world["settings"])
+    assert rec.status == "pass", rec.reason
+    return venv, run_dir, rec
+
+
+# --------------------------------------------------------------------------- installs that work
+
+def test_channel_installs_torch_and_gpu_packages_from_their_sources_only(world, good_venv):
+    venv, run_dir, rec = good_venv
+    assert rec.figures["channel"] == "cu128" and rec.figures["torch"] == "2.9.0+cu128"
+    assert rec.figures["cuda"] == "12.8" and rec.figures["installer"].startswith("pip ")
+    marker = json.loads((venv / layout.VENV_MARKER).read_text())
+    assert marker["channel"] == "cu128" and marker["torch_version"] == "2.9.0+cu128"
+    urls = {f["name"]: f["url"] for f in marker["files"]}
+    assert urls["torch"].startswith(world["idx"]["cu128"]) and urls["m40-base"].startswith(world["idx"]["cu128"])
+    assert urls["m40-dep"].startswith(world["idx"]["deps"])
+    torch_cmd, deps_cmd = pip_installs(run_dir)
+    assert f"--index-url {world['idx']['cu128']}" in torch_cmd and "--only-binary=:all:" in torch_cmd
+    assert "--pre" in torch_cmd and torch_cmd.endswith(" torch")
+    assert "--constraint" in deps_cmd and deps_cmd.endswith(GPU_DEP)
+    report = (run_dir / "torch_version.txt").read_text()
+    for needle in ("channel      cu128", "torch.version.cuda 12.8", "cuDNN              91002", "git_version",
+                   "sha256=", "pip freeze of .venv-gpu:", "torch==2.9.0+cu128", "m40-dep==1.0", "installer    pip"):
+        assert needle in report
+    reqs = (run_dir / layout.REQUIREMENTS_GPU).read_text()
+    assert f"torch @ {world['idx']['cu128']}/torch/" in reqs and "#sha256=" in reqs
+    # the final venv names itself, not the staging folder it was built in
+    assert leftovers(venv) == []
+    for f in [venv / "pyvenv.cfg", *(venv / "bin").iterdir()]:
+        if f.is_file() and not f.is_symlink():
+            assert b".staging-" not in f.read_bytes(), f
+    assert os.access(venv / "bin" / "pip", os.X_OK)
+
+
+def test_gpu_packages_cannot_replace_torch(world, good_venv, tmp_path):
+    """A gpu package wanting a newer torch (offered by its index) fails on the constraints; old venv kept."""
+    venv = good_venv[0]
+    before = tree_hash(venv)
+    rec, run_dir = run_install(world, tmp_path, venv, "--channel", "cu128", "--reinstall",
+                               "--deps-index-url", world["idx"]["greedy"], settings=world["greedy"])
+    assert rec.status == "fail"
+    assert "cu128: dependency conflict: m40-greedy 1.0 depends on torch>=2.10" in rec.reason
+    assert "(constraint) torch==2.9.0+cu128" in rec.reason
+    assert "Successfully installed" not in (run_dir / layout.INSTALL_LOG).read_text().split("m40-greedy")[-1]
+    assert tree_hash(venv) == before and leftovers(venv) == []
+
+
+def test_satisfied_rerun_is_a_no_op(world, good_venv, tmp_path):
+    venv, _, _ = good_venv
+    before = tree_hash(venv)
+    rec, run_dir = run_install(world, tmp_path, venv, "--channel", "cu128", "--deps-index-url", world["idx"]["deps"],
+                               settings=world["settings"])
+    assert rec.status == "pass" and rec.figures["noop"] is True and rec.figures["attempts"] == 0
+    assert pip_installs(run_dir) == []
+    assert not any(" -m venv " in c for c in commands(run_dir))
+    assert "no-op" in (run_dir / "torch_version.txt").read_text()
+    assert (run_dir / layout.REQUIREMENTS_GPU).is_file()
+    assert tree_hash(venv) == before
+
+
+def test_m40_order_falls_back_from_a_missing_cu128_to_cu124(world, tmp_path, monkeypatch):
+    # the machine's own find-links (a newer torch) must not leak in: pip's config is isolated
+    monkeypatch.setenv("PIP_FIND_LINKS", str(world["newer"]))
+    venv = tmp_path / ".venv-gpu"
+    rec, run_dir = run_install(world, tmp_path, venv, "--channels", "gone,cu124")
+    assert rec.status == "pass", rec.reason
+    assert rec.figures["channel"] == "cu124" and rec.figures["torch"] == "2.5.0+cu124"
+    assert rec.figures["attempts"] == 2
+    report = (run_dir / "torch_version.txt").read_text()
+    assert "1. gone: index unreachable" in report and "upstream stopped publishing it" in report
+    assert "2. cu124: PASS torch 2.5.0+cu124" in report
+    assert "dropped" in report and "PIP_FIND_LINKS" in report
+    assert leftovers(venv) == []
+
+
+def test_wheelhouse_channel_installs_offline(world, tmp_path):
+    venv = tmp_path / ".venv-gpu"
+    rec, run_dir = run_install(world, tmp_path, venv, "--channel", "wheelhouse", "--wheelhouse", str(world["house"]),
+                               settings=world["settings"])
+    assert rec.status == "pass", rec.reason
+    for cmd in pip_installs(run_dir):
+        assert f"--no-index --find-links {world['house']}" in cmd and "--index-url" not in cmd
+    marker = json.loads((venv / layout.VENV_MARKER).read_text())
+    assert {f["name"] for f in marker["files"]} == {"torch", "m40-base", "m40-dep"}
+    assert all(f["url"].startswith(world["house"].as_uri()) for f in marker["files"])
+
+
+def test_system_channel_reuses_another_venvs_torch_without_touching_it(world, tmp_path):
+    provider = tmp_path / "provider"
+    venvs.create(provider, sys.executable, prompt="provider")
+    env, _ = installers.child_env(False)
+    log = installers.CommandLog(None, env=env, echo=False)
+    rc, out = log.run([venvs.python_of(provider), "-m", "pip", "install", "--no-index", "--find-links",
+                       world["house"], "torch"])
+    assert rc == 0, out
+    before = tree_hash(provider)
+    venv = tmp_path / ".venv-gpu"
+    rec, run_dir = run_install(world, tmp_path, venv, "--channel", "system", "--from-python",
+                               str(venvs.python_of(provider)), "--wheelhouse", str(world["house"]),
+                               settings=world["both"])
+    assert rec.status == "pass", rec.reason
+    assert rec.figures["from_python"] == str(venvs.python_of(provider))
+    assert rec.figures["torch"] == "2.9.0+cu128" and rec.figures["installer"].startswith("pip")
+    # torch is the provider's: seen through the .pth file, not copied
+    pth = next(venv.glob(f"lib/python*/site-packages/{layout.VENV_PROVISIONED_PTH}"))
+    assert str(provider) in pth.read_text()
+    assert not list(venv.glob("lib/python*/site-packages/torch"))
+    # only the missing gpu package was installed (m40-base is the provider's), from the wheelhouse, offline
+    (deps_cmd,) = pip_installs(run_dir)
+    assert f"--no-index --find-links {world['house']}" in deps_cmd
+    marker = json.loads((venv / layout.VENV_MARKER).read_text())
+    assert [f["name"] for f in marker["files"]] == ["m40-dep"]
+    report = (run_dir / "torch_version.txt").read_text()
+    assert f"reuses torch of {venvs.python_of(provider)}" in report
+    assert "# torch==2.9.0+cu128" in (run_dir / layout.REQUIREMENTS_GPU).read_text()
+    assert tree_hash(provider) == before
+    # and a second run is a no-op
+    rec2, run2 = run_install(world, tmp_path, venv, "--channel", "system", "--from-python",
+                             str(venvs.python_of(provider)), "--wheelhouse", str(world["house"]),
+                             settings=world["both"], name="run2")
+    assert rec2.figures["noop"] is True and pip_installs(run2) == []
+
+
+# --------------------------------------------------------------------------- installs that are refused
+
+def test_both_channels_missing_stops_with_both_reasons_and_what_to_use(world, tmp_path):
+    venv = tmp_path / ".venv-gpu"
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    records.write(run_dir, records.StageRecord("probe", "pass", figures={"driver_cuda": "12.8"}))
+    rec, _ = run_install(world, tmp_path, venv, "--channels", "gone,otherpy")
+    assert rec.status == "fail" and stage.exit_code(rec) == layout.EXIT_STAGE["install"]
+    assert "\n" not in rec.reason
+    assert f"gone: index unreachable: {(world['root'] / 'nowhere').as_uri()}: no such directory" in rec.reason
+    assert "[upstream stopped publishing it]" in rec.reason
+    assert f"otherpy: no wheel for this Python and platform: no torch wheel for cp{sys.version_info.major}" \
+           f"{sys.version_info.minor} manylinux" in rec.reason
+    # channels the driver (CUDA 12.8 in the probe record) supports; not cu130, not the failed ones
+    assert "the driver supports CUDA 12.8: use instead" in rec.reason
+    hint = rec.reason.split("use instead ")[1]
+    assert "cu128" in hint and "system" in hint and "cu130" not in hint and "otherpy" not in hint.split(" (e.g.")[0]
+    assert not venv.exists() and leftovers(venv) == []
+    report = (run_dir / "torch_version.txt").read_text()
+    assert report.startswith("install: FAIL") and "attempts (2" in report
+
+
+def test_cpu_build_is_refused_loudly(world, tmp_path):
+    rec, _ = run_install(world, tmp_path, tmp_path / ".venv-gpu", "--channel", "cpuonly")
+    assert rec.status == "fail"
+    assert "cpuonly: CPU build: installed torch 2.9.0+cpu is a CPU build; refusing" in rec.reason
+
+
+def test_wrong_cuda_tag_is_refused(world, tmp_path):
+    rec, _ = run_install(world, tmp_path, tmp_path / ".venv-gpu", "--channel", "wrongtag")
+    assert rec.status == "fail"
+    assert "CUDA version mismatch: wanted cu128 (CUDA 12.8), got torch 2.9.0+cu126 (CUDA 12.6)" in rec.reason
+
+
+def test_torch_without_kernels_for_the_gpu_is_refused(world, tmp_path):
+    rec, _ = run_install(world, tmp_path, tmp_path / ".venv-gpu", "--channel", "blackwell")
+    assert rec.status == "fail"
+    assert "not usable on this GPU" in rec.reason and "is sm_100" in rec.reason
+
+
+def test_a_file_from_another_source_is_refused(world, tmp_path, monkeypatch):
+    """--keep-pip-config lets the machine's config add a find-links; provenance still refuses its file."""
+    conf = tmp_path / "pip.conf"
+    conf.write_text(f"[global]\nfind-links = {world['newer']}\n")
+    monkeypatch.setenv("PIP_CONFIG_FILE", str(conf))
+    monkeypatch.delenv("PIP_FIND_LINKS", raising=False)
+    venv = tmp_path / ".venv-gpu"
+    rec, run_dir = run_install(world, tmp_path, venv, "--channel", "cu128", "--keep-pip-config")
+    assert rec.status == "fail"
+    assert "provenance refused: torch" in rec.reason and "came from file://" in rec.reason
+    assert f"not from {world['idx']['cu128']}" in rec.reason
+    assert not venv.exists() and leftovers(venv) == []
+
+
+def test_no_command_ever_uses_extra_index_url(world, good_venv, tmp_path):
+    rec, run_dir = run_install(world, tmp_path, tmp_path / ".venv-gpu", "--channels", "gone,otherpy,cu124",
+                               "--deps-index-url", world["idx"]["deps"], settings=world["settings"])
+    assert rec.status == "pass"
+    runs = [run_dir, good_venv[1]]
+    cmds = [c for r in runs for c in commands(r)]
+    assert len([c for c in cmds if " -m pip install" in c]) >= 4
+    assert not any("extra-index-url" in c for c in cmds)
+
+
+def test_failed_install_leaves_the_previous_venv_exactly_as_it_was(world, good_venv, tmp_path):
+    venv = good_venv[0]
+    before = tree_hash(venv)
+    rec, _ = run_install(world, tmp_path, venv, "--channel", "cpuonly")
+    assert rec.status == "fail"
+    assert tree_hash(venv) == before and leftovers(venv) == []
+    assert json.loads((venv / layout.VENV_MARKER).read_text())["channel"] == "cu128"
+
+
+def test_ctrl_c_during_the_swap_puts_the_previous_venv_back(world, good_venv, tmp_path, monkeypatch):
+    venv = good_venv[0]
+    before = tree_hash(venv)
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(venvs, "fix_paths", interrupted)  # the new venv is in place, the old one aside
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        stage.execute("install", run_dir, install_args(world, venv, "--channel", "cu124"))
+    assert records.read(run_dir, "install").status == "interrupted"
+    assert tree_hash(venv) == before and leftovers(venv) == []
+    assert "Ctrl-C" in (run_dir / "torch_version.txt").read_text()
+
+
+@pytest.mark.skipif(installers.find_uv() is None or sys.version_info < (3, 11), reason="needs uv on PATH and Python 3.11+")
+def test_uv_installs_what_its_checked_pylock_names(world, tmp_path):
+    venv = tmp_path / ".venv-gpu"
+    rec, run_dir = run_install(world, tmp_path, venv, "--channel", "cu128", "--installer", "uv")
+    assert rec.status == "pass", rec.reason
+    assert rec.figures["installer"].startswith("uv ")
+    cmds = commands(run_dir)
+    assert any("uv pip compile" in c and "pylock" in c for c in cmds)
+    assert any("uv pip install" in c and "-r " in c for c in cmds)
+
+
+# --------------------------------------------------------------------------- pieces
+
+def test_judge_and_arch_coverage():
+    ch = load_channels(Path(__file__).resolve().parent.parent / "configs" / "channels.yaml")["cu128"]
+    good = {"torch_version": "2.9.0+cu128", "cuda": "12.8", "cuda_built": True, "cuda_available": True,
+            "arch_list": ["sm_80", "sm_90", "sm_100", "sm_120"], "devices": [{"index": 0, "name": "H100", "capability": [9, 0]}]}
+    assert install.judge(ch, good) is None
+    assert install.judge(ch, {**good, "cuda_available": False}).category == installers.NOT_USABLE
+    assert install.judge(ch, {**good, "torch_version": "2.9.0+cpu", "cuda": None}).detail == \
+        "installed torch 2.9.0+cpu is a CPU build; refusing"
+    assert install.arch_covers(["sm_80"], (8, 6)) and not install.arch_covers(["sm_86"], (8, 0))
+    assert not install.arch_covers(["sm_90"], (10, 0)) and install.arch_covers(["compute_90"], (10, 0))
+    assert not install.arch_covers(["sm_90a"], (9, 1)) and install.arch_covers(["sm_120"], (12, 0))
+
+
+def test_classify_pip_and_uv_failures():
+    src = installers.index_source("https://download.pytorch.org/whl/nightly/cu128")
+    dns = ("WARNING: Retrying (Retry(total=0, connect=None, read=None, redirect=None, status=None)) after connection "
+           "broken by 'NewConnectionError('<pip._vendor.urllib3.connection.HTTPSConnection object at 0x7f>: Failed to "
+           "establish a new connection: [Errno -2] Name or service not known')': /whl/nightly/cu128/torch/\n"
+           "ERROR: Could not find a version that satisfies the requirement torch (from versions: none)\n")
+    e = installers.classify(dns, 1, src, "cp312 manylinux x86_64")
+    assert (e.category, e.detail) == (installers.UNREACHABLE, f"{src.label} (DNS lookup failed)")
+    uv_dns = ("error: Failed to fetch: `https://download.pytorch.org/whl/nightly/cu128/torch/`\n  Caused by: error "
+              "sending request for url (https://download.pytorch.org/whl/nightly/cu128/torch/)\n  cause: dns error\n")
+    assert installers.classify(uv_dns, 2, src, "cp312 manylinux x86_64").category == installers.UNREACHABLE
+    none = "ERROR: Could not find a version that satisfies the requirement torch (from versions: none)\n"
+    e = installers.classify(none, 1, src, "cp312 manylinux x86_64")
+    assert e.detail == f"no torch wheel for cp312 manylinux x86_64 on {src.label}"
+    uv_tag = ("  × No solution found when resolving dependencies:\n  ╰─▶ Because torch==2.9.0+cu128 has no wheels with "
+              "a matching Python implementation tag (e.g., `cp311`)\n")
+    assert installers.classify(uv_tag, 1, src, "cp311 manylinux x86_64").category == installers.NO_WHEEL
+    uv_conflict = ("  cause: Because all versions of m40-greedy depend on torch>=2.10 and torch==2.9.0+cu128, we can "
+                   "conclude that all versions of m40-greedy cannot be used.\n")
+    e = installers.classify(uv_conflict, 1, src, "cp311 manylinux x86_64")
+    assert (e.category, e.detail) == (installers.CONFLICT, "all versions of m40-greedy depend on torch>=2.10 and "
+                                                           "torch==2.9.0+cu128")
+
+
+def test_pip_is_bootstrapped_into_a_venv_made_without_it(tmp_path):
+    """A base Python without ensurepip (Debian without python3-venv) still gets a venv with pip."""
+    venv = tmp_path / "v"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    log = installers.CommandLog(None, env=installers.child_env(False)[0], echo=False)
+    assert installers.pip_version(venvs.python_of(venv), log) is None
+    ctx = SimpleNamespace(args=SimpleNamespace(wheelhouse=None), log=log)
+    assert install._bootstrap_pip(venvs.python_of(venv), ctx).startswith("pip bootstrapped from ")
+    assert installers.pip_version(venvs.python_of(venv), log)
+
+
+def test_pip_is_isolated_from_the_machines_config(monkeypatch):
+    monkeypatch.setenv("PIP_FIND_LINKS", "/opt/wheels")
+    monkeypatch.setenv("PIP_EXTRA_INDEX_URL", "file:///opt/pypi/simple")
+    monkeypatch.setenv("PIP_PROXY", "http://proxy:3128")
+    env, line = installers.child_env(False)
+    assert env["PIP_CONFIG_FILE"] == os.devnull and env["PIP_PROXY"] == "http://proxy:3128"
+    assert "PIP_FIND_LINKS" not in env and "PIP_EXTRA_INDEX_URL" not in env
+    assert "PIP_FIND_LINKS" in line
+    kept, _ = installers.child_env(True)
+    assert kept["PIP_FIND_LINKS"] == "/opt/wheels"
+    assert installers.redact_url("https://me:s3cret@host/simple") == "https://<redacted>@host/simple"
+
+
+def test_venv_lock_and_recovery(tmp_path):
+    final = tmp_path / ".venv-gpu"
+    with venvs.locked(final):
+        with pytest.raises(venvs.VenvError, match="is being installed by pid"):
+            with venvs.locked(final):
+                pass
+    # a run killed mid-swap left the good venv renamed aside and no final: it comes back
+    old = tmp_path / ".venv-gpu.old-999999"
+    old.mkdir()
+    (old / "pyvenv.cfg").write_text("home = /usr/bin\n")
+    (tmp_path / ".venv-gpu.staging-999999").mkdir()
+    notes = venvs.recover(final)
+    assert (final / "pyvenv.cfg").is_file() and leftovers(final) == []
+    assert any("restored" in n for n in notes)
+
+
+def test_m40_takes_a_list_of_channels():
+    from tasks import m40
+
+    args = m40.build_parser().parse_args(["--channels", "cu130, system"])
+    assert args.channels == ["cu130", "system"] and args.channel is None
