@@ -262,9 +262,24 @@ def _freeze(python: Path, log: CommandLog) -> str:
     return "".join(f"{d['name']}=={d['version']}\n" for d in sorted(dists, key=lambda d: d["name"].lower()))
 
 
-def _resolve_python(spec: str | None) -> str | None:
+def _default_python3(venv: Path) -> str | None:
+    """The first python3 on PATH, skipping nox's own environments (`.nox/…`: in script mode nox puts
+    its venv first on PATH) and the GPU venv itself (and its staging siblings)."""
+    for d in os.environ.get("PATH", "").split(os.pathsep):
+        if not d:
+            continue
+        path = Path(d).absolute()
+        if ".nox" in path.parts or any(part == venv.name or part.startswith(f"{venv.name}.") for part in path.parts):
+            continue
+        candidate = path / "python3"
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    return None
+
+
+def _resolve_python(spec: str | None, venv: Path) -> str | None:
     if spec is None:
-        return shutil.which("python3")
+        return _default_python3(venv)
     if os.sep in spec:
         return spec if Path(spec).exists() else None
     return shutil.which(spec)
@@ -273,7 +288,7 @@ def _resolve_python(spec: str | None) -> str | None:
 def _inspect_source(python: str | None, ctx: Context) -> dict:
     """Facts about the interpreter a provisioned channel reuses (run as its user runs it)."""
     if python is None:
-        what = ctx.args.from_python or "python3 on PATH"
+        what = ctx.args.from_python or "python3 on PATH (outside .nox/ and .venv-gpu)"
         raise StepFailed(installers.NO_TORCH, f"{what} not found; pass --from-python PATH")
     res = subprocess.run([python, "-c", _SOURCE_SCRIPT], capture_output=True, text=True, cwd=ctx.workdir,
                          errors="replace")
@@ -349,11 +364,11 @@ def attempt(ctx: Context, ch: Channel) -> Attempt:
             if (why := src.missing()) is not None:
                 raise StepFailed(installers.UNREACHABLE, why)
         if ch.kind == "provisioned":
-            a.provisioned = _inspect_source(_resolve_python(args.from_python), ctx)
+            a.provisioned = _inspect_source(_resolve_python(args.from_python, ctx.venv), ctx)
             base = a.provisioned["base_executable"]
             a.source = f"provisioned: {a.provisioned['executable']}"
         else:
-            base = _resolve_python(args.from_python) if args.from_python else sys.executable
+            base = _resolve_python(args.from_python, ctx.venv) if args.from_python else sys.executable
             if base is None:
                 raise ConfigError(f"--from-python {args.from_python}: no such interpreter")
         a.venv_note = venvs.create(staging, base, prompt=ctx.venv.name, log=ctx.log.record)
@@ -453,7 +468,7 @@ def satisfied(ctx: Context, names: list[str]) -> tuple[dict, dict] | None:
     if marker.get("entry") != entry_of(ch) or marker.get("gpu_packages") != list(ctx.gpu_packages):
         return None
     if ch.kind == "provisioned":
-        python = _resolve_python(ctx.args.from_python)
+        python = _resolve_python(ctx.args.from_python, ctx.venv)
         if python is None or (marker.get("provisioned") or {}).get("executable") not in (
                 python, str(Path(python).absolute())):
             return None

@@ -208,7 +208,7 @@ def test_wheelhouse_channel_installs_offline(world, tmp_path):
     assert all(f["url"].startswith(world["house"].as_uri()) for f in marker["files"])
 
 
-def test_system_channel_reuses_another_venvs_torch_without_touching_it(world, tmp_path):
+def test_system_channel_reuses_another_venvs_torch_without_touching_it(world, tmp_path, monkeypatch):
     provider = tmp_path / "provider"
     venvs.create(provider, sys.executable, prompt="provider")
     env, _ = installers.child_env(False)
@@ -217,12 +217,16 @@ def test_system_channel_reuses_another_venvs_torch_without_touching_it(world, tm
                        world["house"], "torch"])
     assert rc == 0, out
     before = tree_hash(provider)
+    # the default is the first python3 on PATH, but not nox's own script-mode venv that nox puts first
+    nox_bin = tmp_path / ".nox" / "_nox_script_mode" / "bin"
+    nox_bin.mkdir(parents=True)
+    (nox_bin / "python3").symlink_to(sys.executable)
+    monkeypatch.setenv("PATH", os.pathsep.join([str(nox_bin), str(provider / "bin"), os.environ["PATH"]]))
     venv = tmp_path / ".venv-gpu"
-    rec, run_dir = run_install(world, tmp_path, venv, "--channel", "system", "--from-python",
-                               str(venvs.python_of(provider)), "--wheelhouse", str(world["house"]),
+    rec, run_dir = run_install(world, tmp_path, venv, "--channel", "system", "--wheelhouse", str(world["house"]),
                                settings=world["both"])
     assert rec.status == "pass", rec.reason
-    assert rec.figures["from_python"] == str(venvs.python_of(provider))
+    assert rec.figures["from_python"] == str(provider / "bin" / "python3")
     assert rec.figures["torch"] == "2.9.0+cu128" and rec.figures["installer"].startswith("pip")
     # torch is the provider's: seen through the .pth file, not copied
     pth = next(venv.glob(f"lib/python*/site-packages/{layout.VENV_PROVISIONED_PTH}"))
@@ -234,12 +238,11 @@ def test_system_channel_reuses_another_venvs_torch_without_touching_it(world, tm
     marker = json.loads((venv / layout.VENV_MARKER).read_text())
     assert [f["name"] for f in marker["files"]] == ["m40-dep"]
     report = (run_dir / "torch_version.txt").read_text()
-    assert f"reuses torch of {venvs.python_of(provider)}" in report
+    assert f"reuses torch of {provider / 'bin' / 'python3'}" in report
     assert "# torch==2.9.0+cu128" in (run_dir / layout.REQUIREMENTS_GPU).read_text()
     assert tree_hash(provider) == before
     # and a second run is a no-op
-    rec2, run2 = run_install(world, tmp_path, venv, "--channel", "system", "--from-python",
-                             str(venvs.python_of(provider)), "--wheelhouse", str(world["house"]),
+    rec2, run2 = run_install(world, tmp_path, venv, "--channel", "system", "--wheelhouse", str(world["house"]),
                              settings=world["both"], name="run2")
     assert rec2.figures["noop"] is True and pip_installs(run2) == []
 
