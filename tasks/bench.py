@@ -1,6 +1,45 @@
-"""Benchmark stub (being written)."""
+"""`nox -s bench`: GPT-2 training speed on one GPU, in one process (training_pt/bench.py in .venv-gpu).
+
+    nox -s bench -- [--compile] [--steps N] [--warmup N] [--batch-size N] [--compile-mode MODE]
+                    [--only ROWS] [--set key=value ...] [--out DIR] [--python PATH]
+
+Rows: hf-default (HF GPT-2 defaults, the baseline), smoke (configs/submission_local_gpu_gpt2.yaml),
+smoke-eager (the same uncompiled), and with --compile the compiled benchmark row; tok/s, MFU,
+warm-up time, peak memory and the ratio to the baseline, checked against configs/bench.yaml's targets.
+bench.md (the table), bench.json and bench_console.txt go to --out (default: a new
+submission_runs/bench_<time>/; never a run folder's evidence). This module never imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+from tasks import layout, proc
+
+DESCRIPTION = "Benchmark GPT-2 training speed on one GPU: HF defaults vs the smoke config vs compiled."
 
 
-def main(argv):
-    print("bench: not implemented yet")
-    return 1
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="nox -s bench --", description=DESCRIPTION, add_help=False)
+    parser.add_argument("--python", type=Path, default=None,
+                        help="the interpreter to benchmark with (default: .venv-gpu's)")
+    parser.add_argument("--out", type=Path, default=None, help="folder for bench.md, bench.json, bench_console.txt")
+    parser.add_argument("-h", "--help", action="store_true")
+    args, rest = parser.parse_known_args(argv)
+    python = args.python or layout.gpu_python()
+    if args.help:
+        parser.print_help()
+        print("\nOptions of training_pt/bench.py (passed through):", flush=True)
+        return proc.tee([python, layout.BENCH_SCRIPT, "--help"])
+    if not Path(python).exists():
+        print(f"bench: error: {python} is missing; run `nox -s install` first, or pass --python PATH",
+              file=sys.stderr)
+        return layout.EXIT_USAGE
+    out = args.out or layout.RUNS_DIR / f"bench_{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}"
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = [python, layout.BENCH_SCRIPT, "--out", out, *rest]
+    print(f"bench: {' '.join(map(str, cmd))}", flush=True)
+    return proc.tee(cmd, out / "bench_console.txt", env={"NCCL_NVLS_ENABLE": "0"}, cwd=layout.ROOT)

@@ -22,6 +22,16 @@ CHANNELS_FILE = CONFIGS / "channels.yaml"
 SETTINGS_FILE = CONFIGS / "m40.yaml"
 GPUS_FILE = CONFIGS / "gpus.yaml"
 TRAIN_CONFIG = CONFIGS / "submission_local_gpu_gpt2.yaml"
+# train: what training_pt/train.py writes into its --out folder (the run folder under `nox -s train`),
+# and the stage's capture of the whole console (torchrun's own lines and any traceback included).
+TRAIN_LOG = "training_log.txt"
+TRAIN_METRICS = "metrics.jsonl"
+TRAIN_LOSS_PLOT = "loss.svg"
+TRAIN_RESULT = "train_result.json"
+TRAIN_CONSOLE = "train_console.txt"
+# bench: the benchmark script (runs in .venv-gpu) and its settings (timed steps, speed targets).
+BENCH_SCRIPT = ROOT / "training_pt" / "bench.py"
+BENCH_FILE = CONFIGS / "bench.yaml"
 
 # Environment variable that replaces the channel catalog (also read by noxfile.py for `-p NAME`).
 CHANNELS_ENV = "M40_CHANNELS_FILE"

@@ -1,15 +1,148 @@
-"""Stage train (stub: being written)."""
+"""Stage train: run training_pt/train.py in .venv-gpu, under torchrun when several GPUs are visible.
+
+    nox -s train -- [--train-config PATH] [--train-override key=value ...] [--nproc N] [--train-device cpu]
+
+train.py writes into the run folder: training_log.txt (its log, also on failure), metrics.jsonl (one
+JSON per step), loss.svg (the loss curve) and train_result.json (status, one-line reason, figures),
+which this stage reads for its record. The whole console (torchrun's lines, tracebacks) goes to
+train_console.txt. With N > 1 processes: `python -m torch.distributed.run --standalone
+--nproc-per-node N`, DDP over NCCL, NVLink multicast (NVLS) off. This module never imports torch.
+"""
 
 from __future__ import annotations
 
-from tasks.records import FAIL, Outcome
+import json
+import os
+import subprocess
+from pathlib import Path
 
-DESCRIPTION = "stage train"
+from tasks import layout, proc, records
+from tasks.records import FAIL, PASS, Outcome
+
+DESCRIPTION = ("Train GPT-2 for a few steps on every GPU (training_pt/train.py in .venv-gpu): the loss falls on "
+               "real text, nothing goes non-finite; tok/s, MFU, memory and NVML samples in training_log.txt.")
+
+# Figures copied from train_result.json into the stage record (and so into summary.json / README).
+FIGURES = ("model", "params_m", "gpus", "gpu_name", "gpu_model", "tok_s", "tok_s_per_gpu", "mfu_pct", "peak_tflops",
+           "first_loss", "final_loss", "steps", "batch_size", "block_size", "tokens_per_step", "compile",
+           "warmup_s", "first_step_s", "peak_mem_alloc_gib", "peak_mem_reserved_gib", "gpu_util_median",
+           "power_w_median", "sm_clock_mhz_median", "temp_c_max", "torch", "transformers")
+# Environment of the training processes: never NVLink multicast (NVLS) in NCCL.
+TRAIN_ENV = {"NCCL_NVLS_ENABLE": "0"}
 
 
 def add_arguments(parser) -> None:
-    pass
+    parser.add_argument("--train-config", type=Path, default=layout.TRAIN_CONFIG, metavar="PATH",
+                        help="training settings (default: configs/submission_local_gpu_gpt2.yaml; "
+                             "Gemma-2B: configs/submission_local_gpu_gemma2b.yaml)")
+    parser.add_argument("--train-override", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one training setting, e.g. train.steps=20 (repeatable)")
+    parser.add_argument("--nproc", type=int, default=None, metavar="N",
+                        help="training processes, one per GPU (default: every GPU visible; 1 runs without torchrun)")
+    parser.add_argument("--train-device", choices=("auto", "cuda", "cpu"), default="auto",
+                        help="cpu: train on the CPU (slow; machines without a GPU and tests)")
+    parser.add_argument("--train-timeout", type=float, default=1800.0, metavar="SECONDS",
+                        help="stop training after this long (default 1800)")
 
 
-def run(run_dir, args) -> Outcome:
-    return Outcome(FAIL, "stage train is not implemented yet")
+def torch_gpu_count(python: Path) -> tuple[int | None, str]:
+    """torch.cuda.device_count() as .venv-gpu's torch sees it (honours CUDA_VISIBLE_DEVICES)."""
+    try:
+        out = subprocess.run([str(python), "-c", "import torch; print(torch.cuda.device_count())"],
+                             capture_output=True, text=True, timeout=300)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return None, f"could not ask .venv-gpu's torch for the GPU count ({e})"
+    lines = out.stdout.strip().splitlines()
+    if out.returncode != 0 or not lines or not lines[-1].isdigit():
+        last = (out.stderr.strip().splitlines() or ["no output"])[-1]
+        return None, f"could not ask .venv-gpu's torch for the GPU count ({last})"
+    return int(lines[-1]), "torch.cuda.device_count()"
+
+
+def gpu_count(run_dir: Path, python: Path) -> tuple[int | None, str]:
+    """(count, where from): probe's record when CUDA_VISIBLE_DEVICES does not narrow it, else torch."""
+    if "CUDA_VISIBLE_DEVICES" not in os.environ:
+        probe = records.read(run_dir, "probe")
+        count = probe.figures.get("gpu_count") if probe else None
+        if isinstance(count, int) and not isinstance(count, bool) and count > 0:
+            return count, "probe"
+    return torch_gpu_count(python)
+
+
+def command(python: Path, nproc: int, args, run_dir: Path) -> list[str]:
+    script = [str(layout.TRAIN_SCRIPT), "--config", str(args.train_config), "--out", str(run_dir),
+              "--device", args.train_device, *args.train_override]
+    if nproc > 1:
+        return [str(python), "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), *script]
+    return [str(python), *script]
+
+
+def failure_reason(run_dir: Path, rc: int, timeout: float, result: dict | None) -> str:
+    """One line: a timeout; else another rank's FAIL line (torchrun then stops rank 0, whose own reason
+    is only "interrupted"); else train.py's reason; else the console's last line."""
+    if rc == 124:
+        return f"training did not finish within {timeout:g} s; raise --train-timeout or lower train.steps"
+    log = run_dir / layout.TRAIN_LOG
+    lines = log.read_text(errors="replace").splitlines() if log.exists() else []
+    fails = [line.strip() for line in lines if "FAIL:" in line]
+    # the first rank that failed by itself (the others then end "interrupted" by torchrun's SIGTERM)
+    other_ranks = [line for line in fails if line.startswith("[rank ") and "FAIL: interrupted" not in line]
+    if other_ranks:
+        return other_ranks[0]
+    if result is not None and result.get("reason"):
+        return str(result["reason"])
+    if fails:
+        return fails[-1]
+    console = run_dir / layout.TRAIN_CONSOLE
+    tail = [line for line in console.read_text(errors="replace").splitlines() if line.strip()] if console.exists() else []
+    return f"train.py exited with code {rc}: {tail[-1].strip() if tail else 'no output'}"
+
+
+def run(run_dir: Path, args) -> Outcome:
+    python = layout.gpu_python()
+    if not python.exists():
+        return Outcome(FAIL, f"no GPU environment: {python} is missing; run `nox -s install` (or `nox -s m40`) first")
+    if not Path(args.train_config).is_file():
+        return Outcome(FAIL, f"--train-config {args.train_config} does not exist; pass an existing YAML file")
+
+    if args.nproc is not None:
+        if args.nproc < 1:
+            return Outcome(FAIL, f"--nproc {args.nproc}: must be 1 or more")
+        nproc, source = args.nproc, "--nproc"
+    elif args.train_device == "cpu":
+        nproc, source = 1, "--train-device cpu"
+    else:
+        count, source = gpu_count(run_dir, python)
+        if count is None:
+            return Outcome(FAIL, f"{source}; check the install (nox -s cuda_check)")
+        if count == 0:
+            return Outcome(FAIL, "no CUDA GPU visible to .venv-gpu's torch (torch.cuda.device_count() = 0); "
+                                 "check `nox -s cuda_check`, or pass --train-device cpu to train on the CPU (slow)")
+        nproc = count
+    print(f"train: {nproc} process(es) ({source}); config {args.train_config}", flush=True)
+
+    for name in (layout.TRAIN_RESULT, layout.TRAIN_METRICS, layout.TRAIN_LOSS_PLOT):
+        (run_dir / name).unlink(missing_ok=True)  # a re-run must not report an earlier attempt's result
+    env = dict(TRAIN_ENV)
+    if nproc > 1 and "OMP_NUM_THREADS" not in os.environ:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
+    cmd = command(python, nproc, args, run_dir)
+    console = run_dir / layout.TRAIN_CONSOLE
+    console.write_text(f"$ {' '.join(f'{k}={v}' for k, v in env.items())} {' '.join(cmd)}\n")
+    rc = proc.tee(cmd, console, env=env, cwd=layout.ROOT, timeout=args.train_timeout, append=True)
+
+    log = run_dir / layout.TRAIN_LOG
+    if not log.exists():  # train.py died before it opened its log: keep what the console says
+        log.write_text(f"train.py wrote no log (exit code {rc}); its console output follows\n\n"
+                       + console.read_text(errors="replace"))
+    try:
+        result = json.loads((run_dir / layout.TRAIN_RESULT).read_text())
+    except (OSError, ValueError):
+        result = None
+    files = [n for n in (layout.TRAIN_LOG, layout.TRAIN_METRICS, layout.TRAIN_LOSS_PLOT, layout.TRAIN_RESULT,
+                         layout.TRAIN_CONSOLE) if (run_dir / n).exists()]
+    figures = {k: v for k, v in ((result or {}).get("figures") or {}).items() if k in FIGURES}
+    figures.update(nproc=nproc, config=Path(args.train_config).name)
+    if result is not None and result.get("status") == "pass" and rc == 0:
+        return Outcome(PASS, "", figures, files)
+    return Outcome(FAIL, failure_reason(run_dir, rc, args.train_timeout, result), figures, files)

@@ -1,0 +1,60 @@
+"""`nox -s bench` on the CPU at toy size: the rows run, the table and JSON are written; targets and ratios."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from tasks import bench as bench_task
+from tasks import layout
+
+sys.path.insert(0, str(layout.ROOT / "training_pt"))
+import bench  # noqa: E402  (training_pt/bench.py)
+
+TOY = ["--set", "model.config.n_layer=2", "--set", "model.config.n_head=2", "--set", "model.config.n_embd=64",
+       "--set", "train.block_size=64", "--set", "train.batch_size=4", "--set", "train.compile=false"]
+
+
+def test_bench_runs_every_row_and_writes_the_table(tmp_path, monkeypatch):
+    out = tmp_path / "bench"
+    code = bench_task.main(["--python", sys.executable, "--out", str(out), "--device", "cpu", "--steps", "2",
+                            "--warmup", "1", *TOY])
+    assert code == 0, (out / "bench_console.txt").read_text()
+    data = json.loads((out / "bench.json").read_text())
+    assert [r["variant"] for r in data["rows"]] == ["hf-default", "smoke"]
+    base, smoke = data["rows"]
+    assert base["tok_s"] > 0 and smoke["tok_s"] > 0 and base["compile"] == "off"
+    assert base["flops_per_token"] > 0 and base["mfu"] is None  # no datasheet peak on a CPU
+    assert data["verdicts"] == {} and data["targets"] is None
+    md = (out / "bench.md").read_text()
+    assert "| variant | compile | attention | batch x T | tok/s | MFU |" in md and "| hf-default | off | " in md
+    assert "1.00x" in md and "No speed targets for cpu" in md
+    console = (out / "bench_console.txt").read_text()
+    assert console.rstrip().endswith("No speed targets for cpu in bench.yaml: numbers only.")
+
+
+def test_bench_without_interpreter_is_a_usage_error(tmp_path, capsys):
+    assert bench_task.main(["--python", str(tmp_path / "none" / "python")]) == layout.EXIT_USAGE
+    assert "is missing; run `nox -s install` first" in capsys.readouterr().err
+
+
+def test_verdicts_against_the_h100_targets():
+    target = bench.load_bench_settings(layout.BENCH_FILE)["targets"]["H100 SXM"]
+    rows = {"hf-default": {"tok_s": 164_000}, "smoke": {"tok_s": 330_000}, "compiled": {"tok_s": 465_000}}
+    assert bench.verdicts(rows, target) == {"smoke_tok_s": True, "smoke_vs_baseline": True, "compiled_tok_s": False}
+    rows["smoke"]["tok_s"] = 319_000
+    assert bench.verdicts(rows, target)["smoke_tok_s"] is False
+    assert bench.verdicts({"smoke": {"error": "out of memory"}}, target) == {}
+    assert bench.verdicts(rows, None) == {}
+
+
+def test_table_shows_failed_rows_and_ratios():
+    rows = [{"variant": "hf-default", "compile": "off", "batch_size": 16, "block_size": 1024, "tok_s": 160_000.0,
+             "mfu": 0.138, "attention": "flash_attention", "ms_per_step": 102.4, "warmup_s": 3.0, "peak_alloc_gib": 20.5, "first_loss": 10.99,
+             "last_loss": 8.1},
+            {"variant": "compiled", "compile": "default", "batch_size": 32, "block_size": 1024,
+             "error": "out of memory at batch_size=32"}]
+    text = bench.table(rows, 160_000.0)
+    assert ("| hf-default | off | flash_attention | 16 x 1024 | 160,000 | 13.8% | 102.4 | 3.0 | 20.5 | 1.00x | "
+            "10.99 -> 8.10 |") in text
+    assert "| compiled | default | | 32 x 1024 | failed: out of memory at batch_size=32 |" in text

