@@ -78,19 +78,21 @@ def command(python: Path, nproc: int, args, run_dir: Path) -> list[str]:
 
 
 def failure_reason(run_dir: Path, rc: int, timeout: float, result: dict | None) -> str:
-    """One line: a timeout; else another rank's FAIL line (torchrun then stops rank 0, whose own reason
-    is only "interrupted"); else train.py's reason; else the console's last line."""
+    """One line: a timeout; train.py's own reason; but when rank 0 was only stopped ("interrupted", as
+    torchrun stops every rank once one fails) the failing rank's FAIL line; else the console's last line."""
     if rc == 124:
         return f"training did not finish within {timeout:g} s; raise --train-timeout or lower train.steps"
+    reason = str((result or {}).get("reason") or "")
+    if reason and not reason.startswith("interrupted"):
+        return reason
     log = run_dir / layout.TRAIN_LOG
     lines = log.read_text(errors="replace").splitlines() if log.exists() else []
-    fails = [line.strip() for line in lines if "FAIL:" in line]
-    # the first rank that failed by itself (the others then end "interrupted" by torchrun's SIGTERM)
-    other_ranks = [line for line in fails if line.startswith("[rank ") and "FAIL: interrupted" not in line]
+    other_ranks = [line.strip() for line in lines if line.startswith("[rank ") and "FAIL:" in line]
     if other_ranks:
         return other_ranks[0]
-    if result is not None and result.get("reason"):
-        return str(result["reason"])
+    if reason:
+        return reason
+    fails = [line.strip() for line in lines if line.startswith("FAIL:")]
     if fails:
         return fails[-1]
     console = run_dir / layout.TRAIN_CONSOLE

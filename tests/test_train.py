@@ -322,15 +322,28 @@ def test_stage_without_gpu_names_the_cpu_option(tmp_path, venv_python):
     assert "torch.cuda.device_count() = 0" in out.reason and "--train-device cpu" in out.reason
 
 
-def test_stage_reports_another_ranks_failure_first(tmp_path):
+def test_stage_reports_the_rank_that_failed(tmp_path):
+    """Rank 1 runs out of memory; torchrun then stops rank 0, whose own reason is only "interrupted"."""
     (tmp_path / layout.TRAIN_LOG).write_text(
-        "step    0/30 | loss ...\n[rank 2] FAIL: interrupted (Ctrl-C or SIGTERM) before training finished\n"
-        "[rank 1] FAIL: CUDA out of memory at step 0 with batch_size=64 x block_size=1024 "
+        "step    0/30 | loss ...\n[rank 1] FAIL: CUDA out of memory at step 0 with batch_size=64 x block_size=1024 "
         "(79.0 GiB allocated, 79.1 GiB on the GPU); try batch_size=32\n"
         "FAIL: interrupted (Ctrl-C or SIGTERM) before training finished\n")
-    reason = stage.failure_reason(tmp_path, 1, 600, {"reason": "interrupted (Ctrl-C or SIGTERM) before training finished"})
+    interrupted = {"reason": "interrupted (Ctrl-C or SIGTERM) before training finished"}
+    reason = stage.failure_reason(tmp_path, 1, 600, interrupted)
     assert reason.startswith("[rank 1] FAIL: CUDA out of memory at step 0 with batch_size=64")
+    assert stage.failure_reason(tmp_path, 3, 600, {"reason": "step 5: loss nan"}) == "step 5: loss nan"
     assert stage.failure_reason(tmp_path, 124, 600, None).startswith("training did not finish within 600 s")
+
+
+def test_stage_ddp_check_failure_is_rank_0s_one_line(tmp_path, venv_python):
+    run_dir = tmp_path / "m40_v1"
+    run_dir.mkdir()
+    out = stage.run(run_dir, stage_args(nproc=2, train_device="cpu",
+                                        train_override=[*TINY, "train.steps=3", "checks.final_window=2",
+                                                        "checks.min_loss_drop=50"]))
+    assert out.status == "fail" and out.reason.startswith("step 2: mean loss of the last 2 steps")
+    log = (run_dir / layout.TRAIN_LOG).read_text()
+    assert log.count("FAIL:") == 1 and "[rank 1]" not in log
 
 
 def test_stage_command_single_process_and_torchrun():

@@ -797,11 +797,16 @@ class Log:
             with self.path.open("a", encoding="utf-8") as f:
                 f.write(text + "\n")
 
-    def failure(self, text: str) -> None:
-        line = text if self.rank == 0 else f"[rank {self.rank}] {text}"
-        if self.rank != 0:
-            print(line, file=sys.stderr, flush=True)
-        self(line, to_file=True)
+    def failure(self, text: str, *, own: bool) -> None:
+        """A FAIL line. Another rank's goes to the file too when the failure is its own (out of memory, a
+        crash); config errors and the checks (on the all-reduced loss) fail every rank alike."""
+        if self.rank == 0:
+            self(text)
+            return
+        line = f"[rank {self.rank}] {text}"
+        print(line, file=sys.stderr, flush=True)
+        if own:
+            self(line, to_file=True)
 
 
 def fmt_int(n: float) -> str:
@@ -1133,17 +1138,17 @@ def main(argv: list[str] | None = None) -> int:
     except (TrainError, ConfigError) as e:
         code = getattr(e, "code", EXIT_INPUT)
         result["reason"] = str(e)
-        log.failure(f"FAIL: {e}")
+        log.failure(f"FAIL: {e}", own=code == EXIT_OOM)
     except KeyboardInterrupt:
         code = EXIT_INTERRUPTED
         result["reason"] = "interrupted (Ctrl-C or SIGTERM) before training finished"
-        log.failure(f"FAIL: {result['reason']}")
+        log.failure(f"FAIL: {result['reason']}", own=False)
     except Exception as e:  # a bug or an unforeseen failure: the traceback goes to the log too
         code = EXIT_ERROR
         log(traceback.format_exc().rstrip(), to_file=True)
         first = (str(e).strip().splitlines() or [""])[0][:300]
         result["reason"] = f"unexpected {type(e).__name__}: {first}"
-        log.failure(f"FAIL: {result['reason']}")
+        log.failure(f"FAIL: {result['reason']}", own=True)
     finally:
         result["exit_code"] = code
         result["ended"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
