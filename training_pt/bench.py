@@ -49,15 +49,23 @@ def load_bench_settings(path: Path) -> dict:
     return data
 
 
-def no_compile_caches() -> None:
-    """Every compiled row compiles from scratch: compiled and compiled-cudnn differ only in the SDPA kernel
-    picked while tracing, which the compile caches' keys may not see."""
+@contextlib.contextmanager
+def no_compile_caches():
+    """Compile from scratch: a row that prefers another SDPA kernel differs from the others only in the
+    kernel picked while tracing, which the compile caches' keys may not see."""
     import torch._functorch.config as functorch_config
     import torch._inductor.config as inductor_config
 
+    saved = inductor_config.fx_graph_cache, getattr(functorch_config, "enable_autograd_cache", None)
     inductor_config.fx_graph_cache = False
-    if hasattr(functorch_config, "enable_autograd_cache"):
+    if saved[1] is not None:
         functorch_config.enable_autograd_cache = False
+    try:
+        yield
+    finally:
+        inductor_config.fx_graph_cache = saved[0]
+        if saved[1] is not None:
+            functorch_config.enable_autograd_cache = saved[1]
 
 
 def free_memory() -> None:
@@ -153,7 +161,8 @@ def ours_row(cfg: dict, device: torch.device, batches, warmup: int, steps: int) 
     layers, heads, head_dim = T.attention_shape(model)
     fpt = T.flops_per_token(T.matmul_params(model, cfg["model"]["family"]), layers, heads, head_dim, t["block_size"])
     kernel = T.attention_kernel(device, model, t["block_size"], t["sdpa_backend"])
-    out = time_steps(step, batches, warmup, steps, device)
+    with no_compile_caches() if t["compile"] and t["sdpa_backend"] != "auto" else contextlib.nullcontext():
+        out = time_steps(step, batches, warmup, steps, device)
     return {**out, "flops_per_token": fpt, "compile": t["compile_mode"] if t["compile"] else "off",
             "attention": kernel}
 
@@ -281,7 +290,6 @@ def main(argv: list[str] | None = None) -> int:
             cudnn = copy.deepcopy(comp)
             cudnn["train"]["sdpa_backend"] = "cudnn"
             plan.append(("compiled-cudnn", ours_row, cudnn))
-    no_compile_caches()
     only = {s.strip() for s in args.only.split(",") if s.strip()}
     peak = spec.bf16_tflops if spec else None
     context = {"gpu": gpu, "gpu_model": spec.model if spec else None, "peak_bf16_tflops": peak,
