@@ -595,20 +595,23 @@ class Checker:
     def _pattern_test(dev, words: int, start: int, chunk: int = 1 << 26) -> int:
         """Word i holds (start + i) * GOLDEN (int64, wrapping), then its bitwise inverse; returns the
         number of words that read back wrong over both passes."""
+        # Written and compared in chunks: one torch.arange over more than 2**32 elements computed wrong
+        # values past 2**32 on an H100 (torch 2.11+cu130, seen 2026-11-25), which read as bad memory.
+        def expected(lo: int, hi: int, invert: bool):
+            values = torch.arange(start + lo, start + hi, dtype=torch.int64, device=dev).mul_(GOLDEN)
+            return values.bitwise_not_() if invert else values
+
         buf = torch.empty(words, dtype=torch.int64, device=dev)
-        torch.arange(start, start + words, dtype=torch.int64, out=buf)
-        buf.mul_(GOLDEN)
+        spans = [(lo, min(lo + chunk, words)) for lo in range(0, words, chunk)]
+        for lo, hi in spans:
+            buf[lo:hi] = expected(lo, hi, False)
         mismatches = 0
         for invert in (False, True):
             if invert:
                 buf.bitwise_not_()
             wrong = torch.zeros((), dtype=torch.int64, device=dev)
-            for lo in range(0, words, chunk):
-                hi = min(lo + chunk, words)
-                expect = torch.arange(start + lo, start + hi, dtype=torch.int64, device=dev).mul_(GOLDEN)
-                if invert:
-                    expect.bitwise_not_()
-                wrong += (buf[lo:hi] != expect).sum()
+            for lo, hi in spans:
+                wrong += (buf[lo:hi] != expected(lo, hi, invert)).sum()
             mismatches += int(wrong)
         return mismatches
 
