@@ -210,6 +210,9 @@ def judge(ch: Channel, facts: dict) -> StepFailed | None:
                           f"wanted {ch.tag} (CUDA {ch.cuda}), got torch {version} (CUDA {cuda}); refusing")
     if ch.cuda and _major_minor(cuda) != _major_minor(ch.cuda):
         return StepFailed(installers.CUDA_MISMATCH, f"wanted CUDA {ch.cuda}, got torch {version} with CUDA {cuda}; refusing")
+    if facts.get("cuda_available") is not True and hidden_by_cuda_visible_devices():
+        return StepFailed(installers.NOT_USABLE,
+                          f"torch {version} is a CUDA {cuda} build but sees no GPU: {HIDDEN_GPUS}")
     if facts.get("cuda_available") is not True:
         return StepFailed(installers.NOT_USABLE,
                           f"torch {version} is a CUDA {cuda} build but torch.cuda.is_available() is "
@@ -483,8 +486,20 @@ def satisfied(ctx: Context, names: list[str]) -> tuple[dict, dict] | None:
 
 # --------------------------------------------------------------------------- reports
 
+HIDDEN_GPUS = ("CUDA_VISIBLE_DEVICES is set but empty, which hides every GPU from CUDA; "
+               "unset it (or list the GPUs to use) and run again")
+
+
+def hidden_by_cuda_visible_devices() -> bool:
+    """CUDA_VISIBLE_DEVICES set to "" hides every GPU: no channel can help, so none is suggested."""
+    cvd = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return cvd is not None and not cvd.strip()
+
+
 def suggest(ctx: Context, attempts: list[Attempt]) -> str:
     """Which channel to use instead: those the driver supports, from the probe record if any."""
+    if hidden_by_cuda_visible_devices():
+        return f"no channel will do while {HIDDEN_GPUS}"
     tried = {a.channel.name for a in attempts}
     rest = [c for c in ctx.catalog.values() if c.name not in tried and not c.retired]
     provisioned = [c.name for c in rest if c.kind == "provisioned"]

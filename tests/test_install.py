@@ -364,6 +364,20 @@ def test_judge_and_arch_coverage():
     assert not install.arch_covers(["sm_90a"], (9, 1)) and install.arch_covers(["sm_120"], (12, 0))
 
 
+def test_gpus_hidden_by_an_empty_cuda_visible_devices_are_named_not_blamed_on_the_channel(monkeypatch):
+    ch = load_channels(Path(__file__).resolve().parent.parent / "configs" / "channels.yaml")["system"]
+    facts = {"torch_version": "2.11.0+cu130", "cuda": "13.0", "cuda_built": True, "cuda_available": False,
+             "arch_list": ["sm_90"], "devices": []}
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    failed = install.judge(ch, facts)
+    assert failed.category == installers.NOT_USABLE
+    assert failed.detail == ("torch 2.11.0+cu130 is a CUDA 13.0 build but sees no GPU: CUDA_VISIBLE_DEVICES is set "
+                             "but empty, which hides every GPU from CUDA; unset it (or list the GPUs to use) and run again")
+    assert install.suggest(None, []).startswith("no channel will do while CUDA_VISIBLE_DEVICES is set but empty")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    assert "sees no GPU: CUDA_VISIBLE_DEVICES" not in install.judge(ch, facts).detail
+
+
 def test_classify_pip_and_uv_failures():
     src = installers.index_source("https://download.pytorch.org/whl/nightly/cu128")
     dns = ("WARNING: Retrying (Retry(total=0, connect=None, read=None, redirect=None, status=None)) after connection "
