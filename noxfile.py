@@ -23,6 +23,7 @@ nox.options.sessions = ["m40"]
 nox.options.default_venv_backend = "none"
 
 CHANNELS = config.channel_names()
+TEST_TORCH = "torch==2.13.0+cpu"  # the tests session's torch: a CPU build, pinned
 
 
 def _run(stage_main, *argv: str) -> None:
@@ -92,7 +93,10 @@ def bench(session: nox.Session) -> None:
 @nox.session(venv_backend="virtualenv")
 def tests(session: nox.Session) -> None:
     """Run the test suite on the CPU (CPU torch pinned: never a CUDA download)."""
-    session.install("-r", "requirements-test.txt")
+    # torch alone first, from PyTorch's CPU index (PyPI's Linux torch is a CUDA build of several GB);
+    # where that index is unreachable, a local copy that pip's find-links provide does as well.
+    session.install("--retries", "1", "--index-url", "https://download.pytorch.org/whl/cpu", TEST_TORCH)
+    session.install("-r", "requirements-test.txt", TEST_TORCH)
     session.run("pytest", *session.posargs)
 
 
