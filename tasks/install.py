@@ -499,7 +499,7 @@ def hidden_by_cuda_visible_devices() -> bool:
 def suggest(ctx: Context, attempts: list[Attempt]) -> str:
     """Which channel to use instead: those the driver supports, from the probe record if any."""
     if hidden_by_cuda_visible_devices():
-        return f"no channel will do while {HIDDEN_GPUS}"
+        return "another channel would not help: the GPUs are hidden, not unsupported"
     tried = {a.channel.name for a in attempts}
     rest = [c for c in ctx.catalog.values() if c.name not in tried and not c.retired]
     provisioned = [c.name for c in rest if c.kind == "provisioned"]

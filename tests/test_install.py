@@ -373,7 +373,7 @@ def test_gpus_hidden_by_an_empty_cuda_visible_devices_are_named_not_blamed_on_th
     assert failed.category == installers.NOT_USABLE
     assert failed.detail == ("torch 2.11.0+cu130 is a CUDA 13.0 build but sees no GPU: CUDA_VISIBLE_DEVICES is set "
                              "but empty, which hides every GPU from CUDA; unset it (or list the GPUs to use) and run again")
-    assert install.suggest(None, []).startswith("no channel will do while CUDA_VISIBLE_DEVICES is set but empty")
+    assert install.suggest(None, []) == "another channel would not help: the GPUs are hidden, not unsupported"
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
     assert "sees no GPU: CUDA_VISIBLE_DEVICES" not in install.judge(ch, facts).detail
 
