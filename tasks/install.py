@@ -375,7 +375,7 @@ def attempt(ctx: Context, ch: Channel) -> Attempt:
             if base is None:
                 raise ConfigError(f"--from-python {args.from_python}: no such interpreter")
         a.venv_note = venvs.create(staging, base, prompt=ctx.venv.name, log=ctx.log.record)
-        spy = venvs.python_of(staging)
+        spy = layout.gpu_python(staging)
         info = _dists(spy, ctx.log)
         where = installers.platform_phrase(info["python_tag"], info["platform"])
         if a.provisioned is not None:
@@ -432,7 +432,7 @@ def attempt(ctx: Context, ch: Channel) -> Attempt:
         (staging / layout.VENV_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
 
         def check(final: Path) -> None:
-            again = verify(venvs.python_of(final), ctx.log)
+            again = verify(layout.gpu_python(final), ctx.log)
             if (problem := judge(ch, again)) is not None:
                 raise problem
             if again.get("torch_version") != a.facts.get("torch_version"):
@@ -477,7 +477,7 @@ def satisfied(ctx: Context, names: list[str]) -> tuple[dict, dict] | None:
             return None
     if ch.kind == "wheelhouse" and marker.get("wheelhouse") != str(ctx.args.wheelhouse.resolve()):
         return None
-    facts = verify(venvs.python_of(ctx.venv), ctx.log)
+    facts = verify(layout.gpu_python(ctx.venv), ctx.log)
     if judge(ch, facts) is not None or facts.get("torch_version") != marker.get("torch_version") \
             or facts.get("cuda") != marker.get("cuda"):
         return None
@@ -645,7 +645,7 @@ def run(run_dir: Path, args) -> Outcome:
                     log.write(f"# {note}\n")
                 if (done := satisfied(ctx, names)) is not None:
                     marker, facts = done
-                    freeze = _freeze(venvs.python_of(venv), log)
+                    freeze = _freeze(layout.gpu_python(venv), log)
                     seconds = time.perf_counter() - t0
                     reason = ""
                     write_report(ctx, status=PASS, reason=reason, attempts=[], chosen=marker, facts=facts,
@@ -679,7 +679,7 @@ def run(run_dir: Path, args) -> Outcome:
             return Outcome(FAIL, reason, {"attempts": len(attempts), "install_s": round(seconds, 1),
                                           "channel": "none"}, files)
         marker = json.loads((venv / layout.VENV_MARKER).read_text())
-        freeze = _freeze(venvs.python_of(venv), log)
+        freeze = _freeze(layout.gpu_python(venv), log)
         write_report(ctx, status=PASS, reason="", attempts=attempts, chosen=marker, facts=good.facts, freeze=freeze,
                      noop=False, seconds=seconds)
         write_requirements(ctx, marker, freeze)

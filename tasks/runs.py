@@ -8,15 +8,10 @@ unfinished (unsealed) run, or starts a new one. `--run-dir` picks one explicitly
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import re
-import socket
-import sys
 from pathlib import Path
 
-from tasks import layout
-from tasks.records import now_iso
+from tasks import layout, locks
 
 
 class RunError(Exception):
@@ -85,49 +80,15 @@ def resolve(runs_dir: Path, run_dir: Path | None, *, new: bool) -> Path:
     return create_next(runs_dir)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _holder_text(info: dict) -> str:
-    return f"pid {info.get('pid')} on {info.get('host')} since {info.get('since')} ({info.get('command')})"
-
-
 @contextlib.contextmanager
 def locked(run_dir: Path):
-    """Hold the run's lock file; a second process gets RunLocked naming the holder.
-
-    A lock left by a dead process on this host is taken over.
-    """
-    lock = run_dir / layout.LOCK_FILE
-    me = {"pid": os.getpid(), "host": socket.gethostname(), "since": now_iso(),
-          "command": " ".join(sys.argv[:4])}
-    for _ in range(2):
+    """Hold the run's lock file; a second process gets RunLocked naming the holder."""
+    with contextlib.ExitStack() as stack:
         try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            try:
-                info = json.loads(lock.read_text() or "{}")
-            except (OSError, ValueError):
-                info = {}
-            if info.get("host") == me["host"] and isinstance(info.get("pid"), int) \
-                    and not _pid_alive(info["pid"]):
-                lock.unlink(missing_ok=True)  # stale: its holder is gone
-                continue
+            stack.enter_context(locks.exclusive(run_dir / layout.LOCK_FILE))
+        except locks.Busy as busy:
             raise RunLocked(
-                f"run folder {run_dir} is locked by {_holder_text(info)}; "
+                f"run folder {run_dir} is locked by {busy}; "
                 f"wait for it to finish, or pass --run-dir to use another run"
             ) from None
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
-        break
-    try:
         yield run_dir
-    finally:
-        lock.unlink(missing_ok=True)

@@ -3,7 +3,7 @@
 The previous `.venv-gpu` stays untouched until the swap, and comes back if anything fails (or Ctrl-C
 arrives) during it:
 
-    with venvs.locked(final):              # one installer at a time (.venv-gpu.lock/)
+    with venvs.locked(final):              # one installer at a time (.venv-gpu.lock)
         venvs.recover(final)               # leftovers of a killed run: restore or remove
         staging = venvs.staging_path(final)   # .venv-gpu.staging-<pid>
         try:
@@ -22,15 +22,13 @@ source path when it loads a .pyc, so tracebacks and inspect see the final path.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 from pathlib import Path
 
-from tasks.records import now_iso
+from tasks import locks
 
 
 class VenvError(Exception):
@@ -53,45 +51,17 @@ def is_venv(path: Path) -> bool:
     return (path / "pyvenv.cfg").is_file()
 
 
-def python_of(venv: Path) -> Path:
-    return venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 @contextlib.contextmanager
 def locked(final: Path):
-    """Hold `<venv>.lock/` (a directory: mkdir is atomic); a second installer gets VenvError."""
+    """Hold `<venv>.lock`; a second installer gets VenvError naming the holder."""
     lock = lock_path(final)
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    me = {"pid": os.getpid(), "host": socket.gethostname(), "since": now_iso()}
-    for _ in range(2):
+    with contextlib.ExitStack() as stack:
         try:
-            lock.mkdir()
-        except FileExistsError:
-            try:
-                info = json.loads((lock / "owner.json").read_text())
-            except (OSError, ValueError):
-                info = {}
-            if info.get("host") == me["host"] and isinstance(info.get("pid"), int) and not _pid_alive(info["pid"]):
-                shutil.rmtree(lock, ignore_errors=True)  # stale: its holder is gone
-                continue
-            raise VenvError(f"{final} is being installed by pid {info.get('pid')} on {info.get('host')} "
-                            f"since {info.get('since')}; wait for it, or remove {lock} if that process is gone") from None
-        (lock / "owner.json").write_text(json.dumps(me))
-        break
-    try:
+            stack.enter_context(locks.exclusive(lock))
+        except locks.Busy as busy:
+            raise VenvError(f"{final} is being installed by {busy}; wait for it, "
+                            f"or remove {lock} if that process is gone") from None
         yield final
-    finally:
-        shutil.rmtree(lock, ignore_errors=True)
 
 
 def recover(final: Path) -> list[str]:

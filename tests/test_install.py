@@ -213,7 +213,7 @@ def test_system_channel_reuses_another_venvs_torch_without_touching_it(world, tm
     venvs.create(provider, sys.executable, prompt="provider")
     env, _ = installers.child_env(False)
     log = installers.CommandLog(None, env=env, echo=False)
-    rc, out = log.run([venvs.python_of(provider), "-m", "pip", "install", "--no-index", "--find-links",
+    rc, out = log.run([layout.gpu_python(provider), "-m", "pip", "install", "--no-index", "--find-links",
                        world["house"], "torch"])
     assert rc == 0, out
     before = tree_hash(provider)
@@ -407,10 +407,10 @@ def test_pip_is_bootstrapped_into_a_venv_made_without_it(tmp_path):
     venv = tmp_path / "v"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     log = installers.CommandLog(None, env=installers.child_env(False)[0], echo=False)
-    assert installers.pip_version(venvs.python_of(venv), log) is None
+    assert installers.pip_version(layout.gpu_python(venv), log) is None
     ctx = SimpleNamespace(args=SimpleNamespace(wheelhouse=None), log=log)
-    assert install._bootstrap_pip(venvs.python_of(venv), ctx).startswith("pip bootstrapped from ")
-    assert installers.pip_version(venvs.python_of(venv), log)
+    assert install._bootstrap_pip(layout.gpu_python(venv), ctx).startswith("pip bootstrapped from ")
+    assert installers.pip_version(layout.gpu_python(venv), log)
 
 
 def test_pip_is_isolated_from_the_machines_config(monkeypatch):
