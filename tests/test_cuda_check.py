@@ -149,3 +149,16 @@ def test_outcome_without_a_result_names_the_exit_and_the_log():
     assert "did not finish within 300 s" in cuda_check.outcome_from(None, 124, "", 300, []).reason
     disagree = cuda_check.outcome_from(GOOD_RESULT, 1, "", 300, [])
     assert disagree.status == records.FAIL and "exited with code 1" in disagree.reason
+
+
+def test_memory_pattern_is_written_and_checked_in_chunks_without_false_errors():
+    """The pattern test fills and compares chunk by chunk (one arange over >2**32 words computed wrong
+    values on an H100); on the CPU, with a chunk size that leaves a ragged last chunk, it must find
+    every word right in both passes."""
+    import importlib.util
+
+    torch = pytest.importorskip("torch")
+    spec = importlib.util.spec_from_file_location("gpu_checks_under_test", layout.GPU_CHECKS_SCRIPT)
+    checks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(checks)
+    assert checks.Checker._pattern_test(torch.device("cpu"), 100_003, 17, chunk=4096) == 0
