@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+from tasks import redact
 from tasks.records import now_iso
 
 # Failure categories, worded for the report.
@@ -53,9 +54,9 @@ class StepFailed(Exception):
         self.category, self.detail = category, detail
 
 
-def redact_url(text: str) -> str:
-    """Hide credentials in URLs (https://user:token@host -> https://<redacted>@host)."""
-    return re.sub(r"(\b[a-z][a-z0-9+.-]*://)[^/@\s]+@", r"\1<redacted>@", str(text))
+def redact_url(text) -> str:
+    """Credentials inside URLs hidden (the one rule of tasks/redact.py)."""
+    return redact.redact_url(str(text))
 
 
 # --------------------------------------------------------------------------- environment

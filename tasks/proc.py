@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -13,20 +14,29 @@ def tee(cmd: list[str], log_file: Path | None = None, *, env: dict | None = None
         cwd: Path | None = None, timeout: float | None = None, append: bool = False) -> int:
     """Run `cmd`, echoing stdout+stderr line by line to our stdout and to `log_file`.
 
-    Returns the exit code (124 on timeout, like coreutils' timeout). Ctrl-C reaches the child
-    (same process group) and is re-raised here after the child ends.
+    Returns the exit code (124 on timeout, like coreutils' timeout). The child runs in a process
+    group of its own, so a timeout kills its children too (torchrun's ranks, spawned NCCL workers),
+    which would otherwise hold the GPU and the output pipe. Ctrl-C is passed on to that group and
+    re-raised here after the child ends.
     """
     full_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
     mode = "a" if append else "w"
     log = open(log_file, mode, encoding="utf-8") if log_file else None
     try:
         proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                env=full_env, cwd=cwd, text=True, errors="replace", bufsize=1)
+                                env=full_env, cwd=cwd, text=True, errors="replace", bufsize=1,
+                                start_new_session=True)
         timed_out = threading.Event()
+
+        def _signal_group(sig: int) -> None:
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                pass
 
         def _kill() -> None:
             timed_out.set()
-            proc.kill()
+            _signal_group(signal.SIGKILL)
 
         timer = threading.Timer(timeout, _kill) if timeout else None
         if timer:
@@ -43,6 +53,7 @@ def tee(cmd: list[str], log_file: Path | None = None, *, env: dict | None = None
             code = proc.wait()
             return 124 if timed_out.is_set() else code
         except KeyboardInterrupt:
+            _signal_group(signal.SIGINT)
             proc.wait()
             raise
         finally:

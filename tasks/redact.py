@@ -16,6 +16,9 @@ REDACTED = "<redacted>"
 UNSET = "<unset>"
 
 _URL_USERINFO = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
+# A query parameter whose name holds a secret word (`?token=…`, `&api_key=…`): its value goes.
+_URL_SECRET_PARAM = re.compile(r"([?&;][^=&#\s]*(?:" + "|".join(SECRET_WORDS) + r")[^=&#\s]*=)[^&#\s]+",
+                               re.IGNORECASE)
 
 # The variables that matter to a GPU bring-up, shown in env_info.txt: exact names, then prefixes.
 RELEVANT_NAMES = ("CUDA_VISIBLE_DEVICES", "LD_LIBRARY_PATH", "PATH", "VIRTUAL_ENV", "CONDA_PREFIX",
@@ -28,10 +31,16 @@ def is_secret_name(name: str) -> bool:
     return any(word in upper for word in SECRET_WORDS)
 
 
+def redact_url(text: str) -> str:
+    """`text` with credentials inside URLs replaced: `user:pass@` and secret-named query parameters."""
+    text = _URL_USERINFO.sub(rf"\1{REDACTED}@", text)
+    return _URL_SECRET_PARAM.sub(rf"\1{REDACTED}", text)
+
+
 def redact_value(name: str, value: str) -> str:
     if is_secret_name(name):
         return REDACTED
-    return _URL_USERINFO.sub(rf"\1{REDACTED}@", value)
+    return redact_url(value)
 
 
 def redact_env(env: Mapping[str, str]) -> dict[str, str]:

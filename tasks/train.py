@@ -123,7 +123,7 @@ def run(run_dir: Path, args) -> Outcome:
         nproc = count
     print(f"train: {nproc} process(es) ({source}); config {args.train_config}", flush=True)
 
-    for name in (layout.TRAIN_RESULT, layout.TRAIN_METRICS, layout.TRAIN_LOSS_PLOT):
+    for name in (layout.TRAIN_LOG, layout.TRAIN_RESULT, layout.TRAIN_METRICS, layout.TRAIN_LOSS_PLOT):
         (run_dir / name).unlink(missing_ok=True)  # a re-run must not report an earlier attempt's result
     env = dict(TRAIN_ENV)
     if nproc > 1 and "OMP_NUM_THREADS" not in os.environ:

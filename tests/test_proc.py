@@ -17,3 +17,13 @@ def test_tee_kills_a_hung_child_at_the_timeout(tmp_path):
                     log, timeout=1)
     assert code == 124
     assert log.read_text() == "started\n"
+
+
+def test_tee_timeout_kills_the_childs_own_children_too(tmp_path):
+    """A grandchild (a torchrun rank, an NCCL worker) holding the pipe must not outlive the timeout."""
+    import time
+
+    start = time.monotonic()
+    code = proc.tee(["sh", "-c", "sleep 30 & sleep 30"], tmp_path / "out.log", timeout=1)
+    assert code == 124
+    assert time.monotonic() - start < 10

@@ -28,3 +28,14 @@ def test_env_lines_pick_what_matters_and_say_unset_or_empty():
     assert "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True" in lines
     assert not any(line.startswith("HOME=") for line in lines)
     assert redact.env_lines({})[0] == "CUDA_VISIBLE_DEVICES=<unset>"
+
+
+def test_credentials_inside_urls_are_hidden_in_any_scheme_case_and_in_query_parameters():
+    from tasks import installers, redact
+
+    text = "HTTPS://user:pass@host/simple?token=abc123&page=2 https://h/x?Api_Key=zz#frag"
+    safe = redact.redact_url(text)
+    assert "pass" not in safe and "abc123" not in safe and "zz" not in safe
+    assert safe == ("HTTPS://<redacted>@host/simple?token=<redacted>&page=2 "
+                    "https://h/x?Api_Key=<redacted>#frag")
+    assert installers.redact_url(text) == safe  # the installer's logs use the same rule
