@@ -41,12 +41,21 @@ def probe(session: nox.Session) -> None:
     _run(lambda a: stage.main("probe", a), *session.posargs)
 
 
+def _channel_named() -> bool:
+    """Whether the command line picked install's channel (`-p NAME`, `-s "install(NAME)"`): a bare
+    `nox -s install` selects every install(<channel>) session, each replacing .venv-gpu in turn."""
+    return any(a in ("-p", "--python") or a.startswith(("--python=", "-p")) and not a.startswith("--")
+               or "install(" in a for a in sys.argv[1:])
+
+
 @nox.session
 @nox.parametrize("python", CHANNELS, ids=CHANNELS)
 def install(session: nox.Session) -> None:
     """Install a CUDA build of PyTorch from one channel into .venv-gpu and verify it."""
     from tasks import stage
 
+    if not _channel_named():
+        session.error(f"name one channel: nox -s install -p CHANNEL (one of {', '.join(CHANNELS)})")
     _run(lambda a: stage.main("install", a), "--channel", session.python, *session.posargs)
 
 

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from tasks.records import now_iso
+from tasks.redact import redact_url
 
 
 class Busy(Exception):
@@ -47,27 +48,40 @@ def _read_holder(lock: Path) -> dict:
     return info if isinstance(info, dict) else {}
 
 
+def _take_over_stale(lock: Path) -> None:
+    """Move a dead holder's lock aside. A rename succeeds for one process only, so two processes
+    that both found the lock stale cannot both remove it (one of them would remove the other's)."""
+    aside = lock.with_name(f"{lock.name}.stale-{os.getpid()}")
+    try:
+        os.rename(lock, aside)
+    except FileNotFoundError:
+        return  # another process moved it first; the next O_EXCL open decides who gets the lock
+    aside.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def exclusive(lock: Path):
     """Hold `lock` for the duration of the block; raises Busy when a live process holds it."""
-    me = {"pid": os.getpid(), "host": socket.gethostname(), "since": now_iso(), "command": " ".join(sys.argv[:4])}
+    command = redact_url(" ".join(sys.argv[:4]))  # an index URL on the command line may carry a token
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "since": now_iso(), "command": command}
     lock.parent.mkdir(parents=True, exist_ok=True)
-    for _ in range(2):
+    for _ in range(3):
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             holder = _read_holder(lock)
             if holder.get("host") == me["host"] and isinstance(holder.get("pid"), int) \
                     and not _pid_alive(holder["pid"]):
-                lock.unlink(missing_ok=True)  # stale: its holder is gone
+                _take_over_stale(lock)
                 continue
             raise Busy(holder) from None
         with os.fdopen(fd, "w") as f:
             json.dump(me, f)
         break
-    else:  # the stale lock came back between unlink and open twice: someone else is taking it
+    else:  # the lock kept coming back: another process is taking it over right now
         raise Busy(_read_holder(lock))
     try:
         yield lock
     finally:
-        lock.unlink(missing_ok=True)
+        if _read_holder(lock).get("pid") == me["pid"]:  # never remove a lock that is not ours
+            lock.unlink(missing_ok=True)

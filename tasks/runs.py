@@ -91,4 +91,6 @@ def locked(run_dir: Path):
                 f"run folder {run_dir} is locked by {busy}; "
                 f"wait for it to finish, or pass --run-dir to use another run"
             ) from None
+        if is_sealed(run_dir):  # sealed between our choice of this run and our lock
+            raise RunError(f"run folder {run_dir} was sealed by another process just now; run the command again")
         yield run_dir

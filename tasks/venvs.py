@@ -67,19 +67,26 @@ def locked(final: Path):
 def recover(final: Path) -> list[str]:
     """Clean up after an installer that was killed (call while holding the lock).
 
-    A `.old-<pid>` with no `final` is the last good venv, interrupted mid-swap: it is put back.
-    Any other `.staging-*` / `.old-*` sibling is a leftover and is removed. Returns what was done.
+    A `.old-<pid>` venv is the last good venv of a swap that was interrupted (swap_in deletes it
+    only after the new venv checked out): it is put back, and a `final` beside it, not known to have
+    passed its check, is discarded. Any other `.staging-*` / `.old-*` sibling is a leftover and is
+    removed. Returns what was done.
     """
     done = []
     pattern = re.compile(rf"^{re.escape(final.name)}\.(staging|old)-(\d+)$")
     if not final.parent.is_dir():
         return done
+    restored = False
     for p in sorted(final.parent.iterdir()):
         m = pattern.match(p.name)
         if not m or int(m.group(2)) == os.getpid():
             continue
-        if m.group(1) == "old" and not final.exists() and is_venv(p):
+        if m.group(1) == "old" and not restored and is_venv(p):
+            if final.exists():
+                shutil.rmtree(final)
+                done.append(f"discarded {final}: its swap was interrupted before the previous venv was removed")
             p.rename(final)
+            restored = True
             done.append(f"restored {final} from {p.name} (an earlier install was interrupted mid-swap)")
         else:
             shutil.rmtree(p, ignore_errors=True)

@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import pytest
 import wheels
 
-from tasks import install, installers, layout, records, stage, venvs
+from tasks import config, install, installers, layout, records, stage, venvs
 from tasks.config import load_channels
 
 GPU_DEP = "m40-dep==1.0"
@@ -440,6 +440,14 @@ def test_venv_lock_and_recovery(tmp_path):
     notes = venvs.recover(final)
     assert (final / "pyvenv.cfg").is_file() and leftovers(final) == []
     assert any("restored" in n for n in notes)
+    # killed after the new venv was renamed in but before it checked out: the previous one wins
+    (final / "new-unverified").write_text("x")
+    old.mkdir()
+    (old / "pyvenv.cfg").write_text("home = /usr/bin\n")
+    (old / "previous").write_text("good")
+    notes = venvs.recover(final)
+    assert (final / "previous").read_text() == "good" and not (final / "new-unverified").exists()
+    assert leftovers(final) == [] and any("discarded" in n for n in notes)
 
 
 def test_m40_takes_a_list_of_channels():
@@ -447,3 +455,13 @@ def test_m40_takes_a_list_of_channels():
 
     args = m40.build_parser().parse_args(["--channels", "cu130, system"])
     assert args.channels == ["cu130", "system"] and args.channel is None
+
+
+def test_bare_nox_install_refuses_instead_of_installing_every_channel_in_turn():
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "NOX_SCRIPT_MODE": "none"}
+    done = subprocess.run([sys.executable, "-m", "nox", "-f", str(root / "noxfile.py"), "-s", "install"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode != 0
+    assert done.stderr.count("name one channel: nox -s install -p CHANNEL") == len(config.channel_names())
+    assert "Running session install(cu128)" in done.stderr and "staging venv" not in done.stdout + done.stderr

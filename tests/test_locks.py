@@ -32,3 +32,18 @@ def test_a_lock_held_on_another_host_is_never_taken_over(tmp_path):
         with locks.exclusive(lock):
             pass
     assert lock.exists()
+
+
+def test_the_lock_file_never_holds_a_token_from_the_command_line(tmp_path, monkeypatch):
+    monkeypatch.setattr("sys.argv", ["nox", "-s", "install", "--deps-index-url=https://me:s3cr3t@idx/simple"])
+    lock = tmp_path / "x.lock"
+    with locks.exclusive(lock):
+        text = lock.read_text()
+    assert "s3cr3t" not in text and "<redacted>@idx" in text
+
+
+def test_a_lock_that_is_no_longer_ours_is_left_alone_on_exit(tmp_path):
+    lock = tmp_path / "x.lock"
+    with locks.exclusive(lock):
+        lock.write_text(json.dumps({"pid": 1, "host": "elsewhere"}))  # someone else's now
+    assert json.loads(lock.read_text())["host"] == "elsewhere"
