@@ -17,7 +17,7 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from tasks import layout, proc
+from tasks import layout, proc, runs
 
 DESCRIPTION = "Benchmark GPT-2 training speed on one GPU: HF defaults vs the smoke config vs compiled."
 
@@ -30,16 +30,22 @@ def main(argv: list[str]) -> int:
     parser.add_argument("-h", "--help", action="store_true")
     args, rest = parser.parse_known_args(argv)
     python = args.python or layout.gpu_python()
+    if not Path(python).exists():
+        if args.help:
+            parser.print_help()
+        print(f"bench: error: {python} is missing; run `nox -s install -p CHANNEL` first, or pass --python PATH",
+              file=sys.stderr)
+        return layout.EXIT_USAGE
     if args.help:
         parser.print_help()
         print("\nOptions of training_pt/bench.py (passed through):", flush=True)
         return proc.tee([python, layout.BENCH_SCRIPT, "--help"])
-    if not Path(python).exists():
-        print(f"bench: error: {python} is missing; run `nox -s install` first, or pass --python PATH",
-              file=sys.stderr)
+    if args.out is not None and runs.is_sealed(args.out):
+        print(f"bench: error: {args.out} is a sealed run folder (it has {layout.SUMS_FILE}); "
+              "pass another --out", file=sys.stderr)
         return layout.EXIT_USAGE
     out = args.out or layout.RUNS_DIR / f"bench_{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}"
     out.mkdir(parents=True, exist_ok=True)
     cmd = [python, layout.BENCH_SCRIPT, "--out", out, *rest]
     print(f"bench: {' '.join(map(str, cmd))}", flush=True)
-    return proc.tee(cmd, out / "bench_console.txt", env={"NCCL_NVLS_ENABLE": "0"}, cwd=layout.ROOT)
+    return proc.tee(cmd, out / "bench_console.txt", env=layout.NO_MULTICAST_ENV, cwd=layout.ROOT)

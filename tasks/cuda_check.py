@@ -22,7 +22,6 @@ DESCRIPTION = ("Check that PyTorch computes correctly and at speed on every GPU 
                "the datasheet, torch.compile, NCCL all-reduce, NVML health); runs in .venv-gpu")
 TXT = layout.STAGE_FILES["cuda_check"][0]
 # NVLink multicast stays off in every process of the check (the checker sets these too).
-NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
 def _share(top: float):
@@ -66,7 +65,7 @@ def run(run_dir: Path, args) -> Outcome:
     result_path.unlink(missing_ok=True)  # never read a previous run's result as this one's
     log = run_dir / layout.CUDA_CHECK_LOG
     # The checker stops itself after timeout_s (faulthandler); this limit is the backstop.
-    code = proc.tee(command(run_dir, args, python), log, env=NO_MULTICAST, cwd=layout.ROOT,
+    code = proc.tee(command(run_dir, args, python), log, env=layout.NO_MULTICAST_ENV, cwd=layout.ROOT,
                     timeout=settings["timeout_s"] + 60)
     result = None
     if result_path.exists():

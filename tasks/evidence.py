@@ -57,17 +57,22 @@ VERSION_KEYS = ("driver", "driver_cuda", "channel", "python", "torch", "torch_cu
                 "triton", "transformers")
 IMAGE_SUFFIXES = (".svg", ".png", ".jpg", ".jpeg", ".gif")
 
+_ENV_INFO, _NVIDIA_SMI = layout.STAGE_FILES["probe"]
 FILE_NOTES = {
-    "env_info.txt": "OS, CPU, RAM, disk, environment, GPU table, driver gate (probe)",
-    "nvidia_smi.txt": "raw `nvidia-smi` and `nvidia-smi -q` (probe)",
+    _ENV_INFO: "OS, CPU, RAM, disk, environment, GPU table, driver gate (probe)",
+    _NVIDIA_SMI: "raw `nvidia-smi` and `nvidia-smi -q` (probe)",
     layout.GPUS_JSON: "GPU list, machine-readable (probe)",
-    "torch_version.txt": "the installed PyTorch and its CUDA (install)",
-    "requirements-gpu.txt": "what .venv-gpu holds (install)",
-    "cuda_check.txt": "CUDA correctness and speed checks (cuda_check)",
-    "training_log.txt": "the training run's log (train)",
-    "metrics.jsonl": "training metrics per step (train)",
-    "loss.svg": "training loss curve (train)",
-    "loss.png": "training loss curve (train)",
+    layout.STAGE_FILES["install"][0]: "the installed PyTorch and its CUDA (install)",
+    layout.REQUIREMENTS_GPU: "what .venv-gpu holds (install)",
+    layout.INSTALL_LOG: "every install command and its output (install)",
+    layout.STAGE_FILES["cuda_check"][0]: "CUDA correctness and speed checks (cuda_check)",
+    layout.CUDA_CHECK_JSON: "the checks, machine-readable (cuda_check)",
+    layout.CUDA_CHECK_LOG: "the checker's console (cuda_check)",
+    layout.TRAIN_LOG: "the training run's log (train)",
+    layout.TRAIN_METRICS: "training metrics per step (train)",
+    layout.TRAIN_LOSS_PLOT: "training loss curve (train)",
+    layout.TRAIN_RESULT: "the training result, machine-readable (train)",
+    layout.TRAIN_CONSOLE: "the training processes' console (train)",
     layout.README_FILE: "this page (evidence)",
     layout.SUMMARY_FILE: "the verdict and figures, machine-readable (evidence)",
     layout.SUMS_FILE: "SHA-256 of every file: `sha256sum -c SHA256SUMS` (evidence, written last)",

@@ -51,15 +51,14 @@ elif str(ROOT) not in sys.path:
 # Never NVLink multicast (NCCL's NVLS, PyTorch's symmetric memory, NVSHMEM): on shared hosts it can
 # put the GPUs out of service. One Inductor compile thread (no worker pool to start for one small
 # kernel). Set before torch and NCCL read them; the all-reduce processes inherit them.
-os.environ["NCCL_NVLS_ENABLE"] = "0"
-os.environ["TORCH_SYMM_MEM_DISABLE_MULTICAST"] = "1"
-os.environ["NVSHMEM_DISABLE_NVLS"] = "1"
+from tasks import layout  # noqa: E402
+
+os.environ.update(layout.NO_MULTICAST_ENV)
 os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
 import torch  # noqa: E402
 
 from tasks import cuda_rules as rules  # noqa: E402
-from tasks import layout  # noqa: E402
 from tasks.cuda_rules import FAIL, PASS, SKIP, Check, Verdict  # noqa: E402
 
 try:

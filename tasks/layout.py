@@ -52,7 +52,7 @@ STAGE_FILES = {
     "probe": ("env_info.txt", "nvidia_smi.txt"),
     "install": ("torch_version.txt",),
     "cuda_check": ("cuda_check.txt",),
-    "train": ("training_log.txt",),
+    "train": (TRAIN_LOG,),
     "evidence": (README_FILE,),
 }
 REQUIRED_FILES = tuple(f for files in STAGE_FILES.values() for f in files)
@@ -68,6 +68,10 @@ CUDA_CHECK_LOG = "cuda_check.log"
 # it, and every command install ran with its output (appended, one block per invocation).
 REQUIREMENTS_GPU = "requirements-gpu.txt"
 INSTALL_LOG = "install_log.txt"
+
+# The environment of every process that may start NCCL, PyTorch symmetric memory or NVSHMEM: never
+# NVLink multicast, which on a shared host can put every GPU out of service.
+NO_MULTICAST_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 # Exit codes, the same from a stage run alone and from m40 (documented in README.md).
 EXIT_OK = 0

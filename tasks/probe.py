@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tasks import config, layout, redact
+from tasks.cuda_rules import cuda_version_from_int
 from tasks.records import FAIL, PASS, Outcome, now_iso
 
 DESCRIPTION = ("Probe the NVIDIA driver and GPUs (NVML, else nvidia-smi), record the machine in env_info.txt "
@@ -125,12 +126,6 @@ class NvmlUnavailable(Exception):
 
 
 # --------------------------------------------------------------------------- pure helpers
-
-def cuda_version_from_int(value: int) -> str:
-    """NVML's CUDA driver version (13000) -> "13.0"."""
-    value = int(value)
-    return f"{value // 1000}.{(value % 1000) // 10}"
-
 
 def decode_clock_reasons(mask: int) -> list[str]:
     names = [name for bit, name in CLOCK_EVENT_REASONS.items() if mask & bit]
@@ -329,10 +324,6 @@ class CmdResult:
     out: str = ""
     error: str | None = None  # why it could not run / finish
 
-    @property
-    def ok(self) -> bool:
-        return self.error is None and self.rc == 0
-
     def describe(self) -> str:
         if self.error:
             return self.error
@@ -449,8 +440,13 @@ def collect(source: str = "auto", nvml_loader=load_pynvml, runner=run_commands) 
             facts.todo = "install the NVIDIA driver and reboot, or run on a machine with an NVIDIA GPU"
     if nvml_note:
         facts.notes.append(f"NVML not used: {nvml_note}")
+    try:
+        specs = config.load_gpus()
+    except config.ConfigError as e:  # the datasheet is a nicety here: the facts are still written
+        specs = []
+        facts.notes.append(f"datasheet models not named: {e}")
     for gpu in facts.gpus:
-        spec = config.gpu_spec_for(gpu.name)
+        spec = config.gpu_spec_for(gpu.name, specs)
         gpu.model = spec.model if spec else None
     return facts, raw_smi_text(plain, full_q, query)
 
@@ -621,9 +617,10 @@ def run(run_dir: Path, args, *, env: Mapping[str, str] | None = None,
     if passed:  # on failure the harness prints the reason
         print(f"probe: gate PASS: {line}", flush=True)
 
-    files = [*layout.STAGE_FILES["probe"], layout.GPUS_JSON]
-    (run_dir / "nvidia_smi.txt").write_text(smi_text)
-    (run_dir / "env_info.txt").write_text(env_info_text(system_facts(run_dir), env, facts, passed, line))
+    env_file, smi_file = layout.STAGE_FILES["probe"]
+    files = [env_file, smi_file, layout.GPUS_JSON]
+    (run_dir / smi_file).write_text(smi_text)
+    (run_dir / env_file).write_text(env_info_text(system_facts(run_dir), env, facts, passed, line))
     (run_dir / layout.GPUS_JSON).write_text(json.dumps(gpus_document(facts, passed, line, min_cuda), indent=2) + "\n")
 
     figures = {"source": facts.source, "driver": facts.driver or "none", "driver_cuda": facts.driver_cuda or "none",

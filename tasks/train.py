@@ -27,8 +27,6 @@ FIGURES = ("model", "params_m", "gpus", "gpu_name", "gpu_model", "tok_s", "tok_s
            "first_loss", "final_loss", "steps", "batch_size", "block_size", "tokens_per_step", "compile",
            "warmup_s", "first_step_s", "peak_mem_alloc_gib", "peak_mem_reserved_gib", "gpu_util_median",
            "power_w_median", "sm_clock_mhz_median", "temp_c_max", "torch", "transformers")
-# Environment of the training processes: never NVLink multicast (NVLS) in NCCL.
-TRAIN_ENV = {"NCCL_NVLS_ENABLE": "0"}
 
 
 def add_arguments(parser) -> None:
@@ -60,12 +58,13 @@ def torch_gpu_count(python: Path) -> tuple[int | None, str]:
 
 
 def gpu_count(run_dir: Path, python: Path) -> tuple[int | None, str]:
-    """(count, where from): probe's record when CUDA_VISIBLE_DEVICES does not narrow it, else torch."""
-    if "CUDA_VISIBLE_DEVICES" not in os.environ:
-        probe = records.read(run_dir, "probe")
-        count = probe.figures.get("gpu_count") if probe else None
-        if isinstance(count, int) and not isinstance(count, bool) and count > 0:
-            return count, "probe"
+    """(count, where from): the GPUs cuda_check ran on in this run (torch's own view in .venv-gpu, so
+    CUDA_VISIBLE_DEVICES and MIG are accounted for, unlike NVML's count of physical GPUs), else
+    what .venv-gpu's torch sees now."""
+    check = records.read(run_dir, "cuda_check") if "CUDA_VISIBLE_DEVICES" not in os.environ else None
+    count = check.figures.get("gpus_checked") if check and check.ok else None
+    if isinstance(count, int) and not isinstance(count, bool) and count > 0:
+        return count, "cuda_check"
     return torch_gpu_count(python)
 
 
@@ -125,7 +124,7 @@ def run(run_dir: Path, args) -> Outcome:
 
     for name in (layout.TRAIN_LOG, layout.TRAIN_RESULT, layout.TRAIN_METRICS, layout.TRAIN_LOSS_PLOT):
         (run_dir / name).unlink(missing_ok=True)  # a re-run must not report an earlier attempt's result
-    env = dict(TRAIN_ENV)
+    env = dict(layout.NO_MULTICAST_ENV)
     if nproc > 1 and "OMP_NUM_THREADS" not in os.environ:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
     cmd = command(python, nproc, args, run_dir)

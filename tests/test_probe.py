@@ -302,3 +302,17 @@ def test_env_info_shows_cuda_visible_devices_unset_or_empty(monkeypatch, tmp_pat
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     probe.run(run_dir, args())
     assert 'CUDA_VISIBLE_DEVICES=""   (set but empty' in read(run_dir, "env_info.txt")
+
+
+def test_a_broken_gpu_datasheet_still_leaves_the_facts_written(monkeypatch, tmp_path, run_dir):
+    fake_gpu.no_nvml(monkeypatch)
+    fake_gpu.working_smi(tmp_path / "bin", cuda="13.0")
+    fake_gpu.only_on_path(monkeypatch, tmp_path / "bin")
+    broken = tmp_path / "gpus.yaml"
+    broken.write_text("gpus: [{model: x}]\n")
+    monkeypatch.setattr(layout, "GPUS_FILE", broken)
+    out = probe.run(run_dir, args())
+    assert out.status == records.PASS, out.reason  # the gate is about the driver, not the datasheet
+    assert json.loads(read(run_dir, layout.GPUS_JSON))["gpus"][0]["model"] is None
+    assert "datasheet models not named:" in read(run_dir, "env_info.txt")
+    assert "CUDA Version: 13.0" in read(run_dir, "nvidia_smi.txt")

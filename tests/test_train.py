@@ -355,12 +355,16 @@ def test_stage_command_single_process_and_torchrun():
     assert multi[:6] == ["/venv/bin/python", "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "8"]
 
 
-def test_stage_gpu_count_comes_from_the_probe_record(tmp_path, monkeypatch):
+def test_stage_gpu_count_comes_from_the_gpus_cuda_check_ran_on(tmp_path, monkeypatch):
+    """Not from probe's NVML count: with MIG, NVML counts physical GPUs that torch does not see."""
     from tasks import records
 
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     records.write(tmp_path, records.StageRecord(stage="probe", status="pass", figures={"gpu_count": 8}))
-    assert stage.gpu_count(tmp_path, Path("/nonexistent/python")) == (8, "probe")
+    records.write(tmp_path, records.StageRecord(stage="cuda_check", status="pass", figures={"gpus_checked": 2}))
+    assert stage.gpu_count(tmp_path, Path("/nonexistent/python")) == (2, "cuda_check")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")  # narrowed since: ask torch (here: no python to ask)
+    assert stage.gpu_count(tmp_path, Path("/nonexistent/python"))[0] is None
 
 
 def test_stage_without_venv_says_to_install(tmp_path, monkeypatch):
@@ -368,3 +372,13 @@ def test_stage_without_venv_says_to_install(tmp_path, monkeypatch):
     out = stage.run(tmp_path, stage_args())
     assert out.status == "fail" and "nox -s install" in out.reason
 
+
+
+def test_train_py_refuses_to_write_into_a_sealed_run(tmp_path):
+    sealed = tmp_path / "m40_v1"
+    sealed.mkdir()
+    (sealed / layout.SUMS_FILE).write_text("")
+    done = subprocess.run([sys.executable, str(layout.TRAIN_SCRIPT), "--out", str(sealed), "--device", "cpu"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "is a sealed run folder" in done.stderr and not (sealed / layout.TRAIN_LOG).exists()

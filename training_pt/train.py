@@ -1107,6 +1107,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.out is None:
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         args.out = layout.RUNS_DIR / f"train_direct_{stamp}"
+    elif (args.out / layout.SUMS_FILE).exists():  # evidence sealed it: never write into finished evidence
+        p.error(f"--out {args.out} is a sealed run folder (it has {layout.SUMS_FILE}); pass another folder")
     return args
 
 
