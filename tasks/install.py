@@ -634,6 +634,9 @@ def run(run_dir: Path, args) -> Outcome:
     log = CommandLog(log_path, env=env)
     log.write(f"\n===== install {records.now_iso()}: channels {', '.join(names)} =====\n")
     venv = Path(args.venv or layout.VENV_GPU).absolute()
+    # Inputs that would fail every attempt are refused before any download.
+    if args.from_python and _resolve_python(args.from_python, venv) is None:
+        raise ConfigError(f"--from-python {args.from_python}: no such interpreter; pass the path of a Python")
     files = [REPORT, layout.INSTALL_LOG]
     attempts: list[Attempt] = []
     with tempfile.TemporaryDirectory(prefix="m40-install-") as tmp:
@@ -643,6 +646,7 @@ def run(run_dir: Path, args) -> Outcome:
                 for note in venvs.recover(venv):
                     print(f"install: {note}", flush=True)
                     log.write(f"# {note}\n")
+                venvs.check_replaceable(venv)  # before any download, not at the swap
                 if (done := satisfied(ctx, names)) is not None:
                     marker, facts = done
                     freeze = _freeze(layout.gpu_python(venv), log)

@@ -297,8 +297,7 @@ class CommandLog:
         self.commands.append(redact_url(line))
         self.write(f"\n$ {line}\n{output}[exit {rc}] {now_iso()}\n")
 
-    def run(self, cmd: list, *, stdin: str | None = None, echo: bool | None = None,
-            timeout: float | None = None) -> tuple[int, str]:
+    def run(self, cmd: list, *, echo: bool | None = None) -> tuple[int, str]:
         cmd = [str(c) for c in cmd]
         line = " ".join(cmd)
         self.commands.append(redact_url(line))
@@ -307,14 +306,10 @@ class CommandLog:
         if show:
             print(f"install: $ {redact_url(line)}", flush=True)
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+                                stdin=subprocess.DEVNULL,
                                 env={**self.env, "PYTHONUNBUFFERED": "1"}, text=True, errors="replace")
         chunks = []
         try:
-            if stdin is not None:
-                assert proc.stdin is not None
-                proc.stdin.write(stdin)
-                proc.stdin.close()
             assert proc.stdout is not None
             for out_line in proc.stdout:
                 chunks.append(out_line)
@@ -322,15 +317,11 @@ class CommandLog:
                 if show:
                     sys.stdout.write(out_line)
                     sys.stdout.flush()
-            rc = proc.wait(timeout=timeout)
+            rc = proc.wait()
         except KeyboardInterrupt:
             proc.wait()
             self.write(f"[interrupted] {now_iso()}\n")
             raise
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            rc = 124
         self.write(f"[exit {rc}] {now_iso()}\n")
         return rc, "".join(chunks)
 

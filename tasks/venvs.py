@@ -143,6 +143,13 @@ def fix_paths(venv: Path, old: Path, new: Path) -> list[str]:
     return fixed
 
 
+def check_replaceable(final: Path) -> None:
+    """Install replaces a venv, never anything else that happens to stand at its path."""
+    if final.exists() and not is_venv(final):
+        raise VenvError(f"{final} exists but is not a virtual environment (no pyvenv.cfg); "
+                        "move it away, install never deletes it")
+
+
 def swap_in(staging: Path, final: Path, check) -> None:
     """Make `staging` the new `final`; `check(final)` must pass or the old `final` comes back.
 
@@ -150,9 +157,7 @@ def swap_in(staging: Path, final: Path, check) -> None:
     On any failure or Ctrl-C the new venv goes back to `staging` (the caller discards it) and the
     old one is renamed back: `final` is exactly as it was.
     """
-    if final.exists() and not is_venv(final):
-        raise VenvError(f"{final} exists but is not a virtual environment (no pyvenv.cfg); "
-                        "move it away, install never deletes it")
+    check_replaceable(final)
     old = old_path(final) if final.exists() else None
     if old is not None:
         os.rename(final, old)

@@ -465,3 +465,19 @@ def test_bare_nox_install_refuses_instead_of_installing_every_channel_in_turn():
     assert done.returncode != 0
     assert done.stderr.count("name one channel: nox -s install -p CHANNEL") == len(config.channel_names())
     assert "Running session install(cu128)" in done.stderr and "staging venv" not in done.stdout + done.stderr
+
+
+def test_inputs_that_would_fail_every_attempt_are_refused_before_any_download(tmp_path):
+    not_a_venv = tmp_path / "data"
+    not_a_venv.mkdir()
+    (not_a_venv / "precious.txt").write_text("keep me")
+    out = install.run(tmp_path, SimpleNamespace(
+        channel="cu128", channels=None, channels_file=None, from_python=None, wheelhouse=None, installer="pip",
+        keep_pip_config=False, deps_index_url=None, venv=str(not_a_venv), reinstall=False, settings=None))
+    assert out.status == records.FAIL and "is not a virtual environment" in out.reason
+    assert (not_a_venv / "precious.txt").read_text() == "keep me"
+    assert "pip install" not in (tmp_path / layout.INSTALL_LOG).read_text()
+    with pytest.raises(config.ConfigError, match="--from-python /no/such/python: no such interpreter"):
+        install.run(tmp_path, SimpleNamespace(
+            channel="system", channels=None, channels_file=None, from_python="/no/such/python", wheelhouse=None,
+            installer="pip", keep_pip_config=False, deps_index_url=None, venv=None, reinstall=False, settings=None))
