@@ -5,6 +5,7 @@ Every problem is a ConfigError whose message is one line: the file, the key, wha
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 from dataclasses import dataclass, field
@@ -205,6 +206,16 @@ def check_share(value, what: str, top: float = 1.0) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= top:
         raise ValueError(f"{what} must be a number in (0, {top:g}], got {value!r}")
     return float(value)
+
+
+def share_arg(top: float = 1.0):
+    """An argparse `type=` for a share in (0, top], with check_share's message on a bad value."""
+    def parse(text: str) -> float:
+        try:
+            return check_share(float(text), "the share", top)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return parse
 
 
 def load_cuda_check(path: Path | None = None) -> dict:

@@ -10,7 +10,6 @@ but a machine that cannot compute does not pass.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -21,23 +20,13 @@ DESCRIPTION = ("Check that PyTorch computes correctly and at speed on every GPU 
                "for the architecture, matmul/conv/attention against float64, memory, copy and matmul speed against "
                "the datasheet, torch.compile, NCCL all-reduce, NVML health); runs in .venv-gpu")
 TXT = layout.STAGE_FILES["cuda_check"][0]
-# NVLink multicast stays off in every process of the check (the checker sets these too).
-
-
-def _share(top: float):
-    def parse(text: str) -> float:
-        try:
-            return config.check_share(float(text), "the share", top)
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
-    return parse
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--check-mem-share", type=_share(0.9), default=None, metavar="F",
+    parser.add_argument("--check-mem-share", type=config.share_arg(0.9), default=None, metavar="F",
                         help="share of each GPU's free memory the memory check writes and reads back "
                              "(default: memory_share in configs/cuda_check.yaml, 0.5)")
-    parser.add_argument("--check-speed-share", type=_share(1.0), default=None, metavar="F",
+    parser.add_argument("--check-speed-share", type=config.share_arg(1.0), default=None, metavar="F",
                         help="FAIL a copy or matmul speed below this share of the GPU's datasheet figure "
                              "(default: speed_share in configs/cuda_check.yaml, 0.5)")
     parser.add_argument("--check-seed", type=int, default=None, metavar="N",

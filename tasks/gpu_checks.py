@@ -37,7 +37,7 @@ import sys  # noqa: E402
 import tempfile  # noqa: E402
 import warnings  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
-from datetime import datetime, timedelta, timezone  # noqa: E402
+from datetime import timedelta  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 # Run by path, Python puts tasks/ itself on sys.path, where module names like `config` or `train`
@@ -60,6 +60,7 @@ import torch  # noqa: E402
 
 from tasks import cuda_rules as rules  # noqa: E402
 from tasks.cuda_rules import FAIL, PASS, SKIP, Check, Verdict  # noqa: E402
+from tasks.records import now_iso  # noqa: E402
 
 try:
     import pynvml
@@ -80,10 +81,6 @@ TXT_FILE = layout.STAGE_FILES["cuda_check"][0]
 def first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0] if text else ''}".strip().rstrip(":")
-
-
-def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 # --------------------------------------------------------------------------- NVML
@@ -808,17 +805,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, required=True, help="folder for cuda_check.txt and cuda_check.json")
     p.add_argument("--seed", type=int, default=None, help="seed of the random inputs (default: a fresh one)")
 
-    def share(top):
-        def parse(text):
-            try:
-                return config.check_share(float(text), "the share", top)
-            except ValueError as e:
-                raise argparse.ArgumentTypeError(str(e)) from None
-        return parse
-
-    p.add_argument("--mem-share", type=share(0.9), default=None,
+    p.add_argument("--mem-share", type=config.share_arg(0.9), default=None,
                    help="share of free memory the memory check uses (default: configs/cuda_check.yaml)")
-    p.add_argument("--speed-share", type=share(1.0), default=None,
+    p.add_argument("--speed-share", type=config.share_arg(1.0), default=None,
                    help="FAIL a speed below this share of the datasheet (default: configs/cuda_check.yaml)")
     p.add_argument("--config", type=Path, default=None, help="cuda_check settings (default configs/cuda_check.yaml)")
     p.add_argument("--gpus-file", type=Path, default=None, help="datasheet figures (default configs/gpus.yaml)")
