@@ -6,6 +6,7 @@ Every problem is a ConfigError whose message is one line: the file, the key, wha
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import re
 from dataclasses import dataclass, field
@@ -20,12 +21,19 @@ class ConfigError(Exception):
     exit_code = layout.EXIT_USAGE
 
 
-def load_yaml(path: Path) -> dict:
+def load_yaml(path: Path, *, empty_ok: bool = False) -> dict:
+    """The mapping a YAML file holds (safe_load), or ConfigError with one line naming the file and the fix.
+
+    The one YAML loader: configs/, channel catalogs, training and bench settings. `empty_ok`: an empty
+    file is {} (a settings file whose every value has a default).
+    """
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"config file {path} not found; pass an existing file") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
     except OSError as e:
         raise ConfigError(f"config file {path} cannot be read ({e.strerror}); check its permissions") from None
     try:
@@ -34,6 +42,8 @@ def load_yaml(path: Path) -> dict:
         where = getattr(e, "problem_mark", None)
         at = f" at line {where.line + 1}" if where else ""
         raise ConfigError(f"config file {path} is not valid YAML{at}; fix the syntax") from None
+    if data is None and empty_ok:
+        return {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
     return data
@@ -45,10 +55,31 @@ def _require(cond: bool, path: Path, key: str, msg: str) -> None:
 
 
 def parse_version(text: str) -> tuple[int, ...]:
-    """'12.8' -> (12, 8); raises ValueError on anything else."""
+    """'12.8' -> (12, 8), '12.8.61' -> (12, 8, 61); raises ValueError on anything else.
+
+    The one version parser (CUDA, driver CUDA, settings); `major_minor` and `version_arg` build on it.
+    """
     if not re.fullmatch(r"\d+(\.\d+)*", str(text).strip()):
         raise ValueError(f"not a version: {text!r}")
     return tuple(int(x) for x in str(text).strip().split("."))
+
+
+def major_minor(text: str | None) -> tuple[int, int] | None:
+    """'12.8.61' -> (12, 8), '13' -> (13, 0); None for None or anything that is not a version."""
+    try:
+        parts = parse_version(str(text)) if text is not None else None
+    except ValueError:
+        return None
+    return None if parts is None else (parts[0], parts[1] if len(parts) > 1 else 0)
+
+
+def version_arg(text: str) -> str:
+    """An argparse `type=` for a version like 12.8."""
+    try:
+        parse_version(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a version like 12.8") from None
+    return text.strip()
 
 
 # --------------------------------------------------------------------------- settings (m40.yaml)
@@ -260,3 +291,44 @@ def load_cuda_check(path: Path | None = None) -> dict:
             raise ConfigError(f"{path}: min_cuda_for_arch.{key}: {value!r} is not a version like \"12.8\"") from None
     data["min_cuda_for_arch"] = {str(k): str(v) for k, v in arch.items()}
     return data
+
+
+# --------------------------------------------------------------------------- NVML facts (nvml.yaml)
+
+@dataclass(frozen=True)
+class NvmlTables:
+    """The clock-event reason bits (bit -> (name, is_fault)) and the Xid classes (code -> description)."""
+
+    clock_events: dict[int, tuple[str, bool]]
+    xid_hardware: dict[int, str]
+    xid_application: dict[int, str]
+
+
+def load_nvml(path: Path | None = None) -> NvmlTables:
+    path = Path(path or layout.NVML_FILE)
+    data = load_yaml(path)
+    events = data.get("clock_events")
+    _require(isinstance(events, list) and events, path, "clock_events", "must be a list of {bit, name, fault}")
+    table: dict[int, tuple[str, bool]] = {}
+    for i, e in enumerate(events):
+        key = f"clock_events[{i}]"
+        _require(isinstance(e, dict) and set(e) == {"bit", "name", "fault"}, path, key, "must be {bit, name, fault}")
+        _require(isinstance(e["bit"], int) and e["bit"] > 0 and e["bit"] & (e["bit"] - 1) == 0, path,
+                 f"{key}.bit", f"{e['bit']!r} must be a single bit like 0x40")
+        _require(isinstance(e["fault"], bool), path, f"{key}.fault", "must be true or false")
+        table[e["bit"]] = (str(e["name"]), e["fault"])
+    xids = {}
+    for group in ("xid_hardware", "xid_application"):
+        raw = data.get(group)
+        _require(isinstance(raw, dict) and all(isinstance(k, int) and k > 0 for k in raw), path, group,
+                 "must be a mapping of Xid number -> description")
+        xids[group] = {k: str(v) for k, v in raw.items()}
+    both = set(xids["xid_hardware"]) & set(xids["xid_application"])
+    _require(not both, path, "xid_application", f"Xid {sorted(both)} also listed in xid_hardware; keep one")
+    return NvmlTables(table, xids["xid_hardware"], xids["xid_application"])
+
+
+@functools.cache
+def nvml_tables() -> NvmlTables:
+    """configs/nvml.yaml, loaded once per process."""
+    return load_nvml()

@@ -11,6 +11,8 @@ import math
 import re
 from dataclasses import dataclass, field
 
+from tasks import config
+
 PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
 STATUSES = (PASS, FAIL, SKIP)
 
@@ -54,14 +56,6 @@ class Check:
 
 
 # --------------------------------------------------------------------------- versions
-
-def version_tuple(text: str | None) -> tuple[int, int] | None:
-    """'12.8' / '13.0.1' / '12.8.61' -> (major, minor); None for None or anything else."""
-    if text is None:
-        return None
-    m = re.match(r"^\s*(\d+)\.(\d+)", str(text))
-    return (int(m.group(1)), int(m.group(2))) if m else None
-
 
 def cuda_version_from_int(value: int | None) -> str | None:
     """CUDA's integer version (cudaDriverGetVersion, NVML): 13000 -> '13.0', 12080 -> '12.8'; 0 -> None."""
@@ -107,7 +101,7 @@ def judge_driver(driver_cuda: str | None, build_cuda: str | None, source: str,
     value = f"driver CUDA {driver_cuda} (from {source}), build CUDA {build_cuda}"
     if nvml_cuda and nvml_cuda != driver_cuda:
         value += f"; NVML says {nvml_cuda}"
-    drv, build = version_tuple(driver_cuda), version_tuple(build_cuda)
+    drv, build = config.major_minor(driver_cuda), config.major_minor(build_cuda)
     if drv is None or build is None:
         return Verdict(FAIL, value, "cannot compare the versions", data)
     if drv < build:
@@ -260,6 +254,12 @@ def arch_runs_on(arch: Arch, major: int, minor: int) -> bool:
     if arch.kind == "sm" or arch.suffix == "f":
         return major == arch.major and minor >= arch.minor
     return device >= code
+
+
+def arch_list_covers(arch_list: list[str], capability: tuple[int, int] | list[int]) -> bool:
+    """Whether any entry of a build's arch list (torch.cuda.get_arch_list()) runs on this capability."""
+    major, minor = int(capability[0]), int(capability[1])
+    return any(arch_runs_on(a, major, minor) for a in (parse_arch(str(e)) for e in arch_list or []) if a)
 
 
 def judge_arch(capability: tuple[int, int], arch_list: list[str], gpu_name: str,
@@ -415,28 +415,26 @@ def judge_speed(kind: str, measured: float, unit: str, peak: float | None, share
 
 # --------------------------------------------------------------------------- health (check j)
 
-# nvmlClocksEventReason* bits (nvml.h); the first group is a fault, the second only information.
-THROTTLE_BAD = {0x8: "HW slowdown", 0x20: "SW thermal slowdown", 0x40: "HW thermal slowdown",
-                0x80: "HW power brake"}
-THROTTLE_INFO = {0x1: "idle", 0x2: "application clocks setting", 0x4: "SW power cap", 0x10: "sync boost",
-                 0x100: "display clock setting"}
+def clock_event_names(mask: int | None) -> list[str]:
+    """An NVML clocks-event (throttle) bitmask -> the reasons' names in bit order (configs/nvml.yaml);
+    a bit the table does not know is named unknown_0x..."""
+    if not mask:
+        return []
+    table = config.nvml_tables().clock_events
+    names = [name for bit, (name, _) in sorted(table.items()) if mask & bit]
+    unknown = mask & ~sum(table)
+    return names + ([f"unknown_{unknown:#x}"] if unknown else [])
 
-# Xid codes worth a name in a report (NVIDIA's Xid catalog); others are reported by number.
-XID_NAMES = {13: "graphics engine exception", 31: "GPU memory page fault", 43: "GPU stopped processing",
-             45: "preemptive cleanup", 48: "double-bit ECC error", 61: "internal micro-controller breakpoint",
-             62: "internal micro-controller halt", 63: "ECC page retirement / row remapping recorded",
-             64: "ECC page retirement / row remapping failure", 74: "NVLink error",
-             79: "GPU has fallen off the bus", 92: "high single-bit ECC error rate", 94: "contained ECC error",
-             95: "uncontained ECC error", 119: "GSP RPC timeout", 120: "GSP error"}
+
+def clock_event_is_fault(name: str) -> bool:
+    """Whether a clock-event reason is a fault (thermal, power brake, HW slowdown) or information."""
+    return any(n == name and fault for n, fault in config.nvml_tables().clock_events.values())
 
 
 def decode_throttle(mask: int | None) -> tuple[list[str], list[str]]:
     """An NVML clocks-event (throttle) bitmask -> (fault names, information names)."""
-    if not mask:
-        return [], []
-    bad = [name for bit, name in THROTTLE_BAD.items() if mask & bit]
-    info = [name for bit, name in THROTTLE_INFO.items() if mask & bit]
-    return bad, info
+    names = clock_event_names(mask)
+    return [n for n in names if clock_event_is_fault(n)], [n for n in names if not clock_event_is_fault(n)]
 
 
 def judge_throttle(samples: dict[str, int | None]) -> Verdict:
@@ -501,7 +499,8 @@ def judge_xid(events: list[int] | None, error: str = "") -> Verdict:
     if events is None:
         return Verdict(SKIP, "", f"Xid events cannot be watched here: {error}", data)
     if events:
-        named = ", ".join(f"Xid {x} ({XID_NAMES.get(x, 'see the Xid catalog')})" for x in events)
+        known = {**config.nvml_tables().xid_application, **config.nvml_tables().xid_hardware}
+        named = ", ".join(f"Xid {x} ({known.get(x, 'see the Xid catalog')})" for x in events)
         return Verdict(FAIL, f"{len(events)} Xid event(s)", f"{named} during the checks: see dmesg", data)
     return Verdict(PASS, "no Xid events", "", data)
 

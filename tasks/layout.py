@@ -21,6 +21,7 @@ VENV_PROVISIONED_PTH = "m40-provisioned.pth"
 CHANNELS_FILE = CONFIGS / "channels.yaml"
 SETTINGS_FILE = CONFIGS / "m40.yaml"
 GPUS_FILE = CONFIGS / "gpus.yaml"
+NVML_FILE = CONFIGS / "nvml.yaml"  # clock-event reasons and Xid classes: the one table of each
 TRAIN_CONFIG = CONFIGS / "submission_local_gpu_gpt2.yaml"
 # train: what training_pt/train.py writes into its --out folder (the run folder under `nox -s train`),
 # and the stage's capture of the whole console (torchrun's own lines and any traceback included).

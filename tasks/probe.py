@@ -17,7 +17,6 @@ Gate: the CUDA version the driver supports must be >= min_driver_cuda (configs/m
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -32,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tasks import config, layout, redact
-from tasks.cuda_rules import cuda_version_from_int
+from tasks.cuda_rules import clock_event_is_fault, clock_event_names, cuda_version_from_int
 from tasks.records import FAIL, PASS, Outcome, now_iso
 
 DESCRIPTION = ("Probe the NVIDIA driver and GPUs (NVML, else nvidia-smi), record the machine in env_info.txt "
@@ -41,22 +40,6 @@ DESCRIPTION = ("Probe the NVIDIA driver and GPUs (NVML, else nvidia-smi), record
 NA = "N/A"
 SOURCES = ("auto", "nvml", "nvidia-smi")
 SMI_TIMEOUT_S = 20.0  # a hung driver makes nvidia-smi hang; don't wait for ever
-
-# Clock event ("throttle") reason bits, NVML's ABI (nvmlClocksEventReason*); nvidia-smi prints the
-# same mask as hex in clocks_event_reasons.active.
-CLOCK_EVENT_REASONS = {
-    0x001: "gpu_idle",
-    0x002: "applications_clocks_setting",
-    0x004: "sw_power_cap",
-    0x008: "hw_slowdown",
-    0x010: "sync_boost",
-    0x020: "sw_thermal_slowdown",
-    0x040: "hw_thermal_slowdown",
-    0x080: "hw_power_brake_slowdown",
-    0x100: "display_clock_setting",
-}
-# Reasons that say nothing is wrong (an idle GPU runs slow on purpose).
-BENIGN_REASONS = {"gpu_idle", "applications_clocks_setting", "sync_boost", "display_clock_setting"}
 
 # nvidia-smi --query-gpu fields, in the order parse_smi_csv expects them. Older drivers may not know
 # the later ones; then the core fields are asked again alone.
@@ -72,7 +55,7 @@ _SMI_NA = {"", "n/a", "[n/a]", "not supported", "[not supported]", "unknown erro
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--min-driver-cuda", type=_version_arg, default=None, metavar="X.Y",
+    parser.add_argument("--min-driver-cuda", type=config.version_arg, default=None, metavar="X.Y",
                         help="lowest CUDA version the driver must support (default: min_driver_cuda in "
                              "configs/m40.yaml)")
     parser.add_argument("--settings", type=Path, default=None, metavar="PATH",
@@ -80,14 +63,6 @@ def add_arguments(parser) -> None:
     parser.add_argument("--probe-source", choices=SOURCES, default="auto",
                         help="where driver facts come from: auto (NVML, else nvidia-smi), nvml, nvidia-smi "
                              "(default: auto)")
-
-
-def _version_arg(text: str) -> str:
-    try:
-        config.parse_version(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a version like 12.8") from None
-    return text.strip()
 
 
 # --------------------------------------------------------------------------- facts
@@ -127,14 +102,6 @@ class NvmlUnavailable(Exception):
 
 # --------------------------------------------------------------------------- pure helpers
 
-def decode_clock_reasons(mask: int) -> list[str]:
-    names = [name for bit, name in CLOCK_EVENT_REASONS.items() if mask & bit]
-    unknown = mask & ~sum(CLOCK_EVENT_REASONS)
-    if unknown:
-        names.append(f"unknown_{unknown:#x}")
-    return names
-
-
 def enable_state(value) -> str:
     """NVML enable state (0/1) or nvidia-smi text ("Enabled") -> "enabled" | "disabled" | "N/A"."""
     if value is None:
@@ -170,7 +137,7 @@ def gpu_from_nvml(raw: Mapping) -> Gpu:
         ecc_uncorrected_volatile=raw.get("ecc_uncorrected_volatile"),
         ecc_uncorrected_aggregate=raw.get("ecc_uncorrected_aggregate"),
         persistence_mode=enable_state(raw.get("persistence_mode")),
-        clock_event_reasons=decode_clock_reasons(reasons) if reasons is not None else None,
+        clock_event_reasons=clock_event_names(reasons) if reasons is not None else None,
     )
 
 
@@ -222,7 +189,7 @@ def parse_smi_csv(text: str, fields: tuple[str, ...] = SMI_FIELDS) -> tuple[str 
         driver = _smi_value(row.get("driver_version", "")) or driver
         reasons = _smi_value(row.get("clocks_event_reasons.active", ""))
         try:
-            reason_names = decode_clock_reasons(int(reasons, 16)) if reasons else None
+            reason_names = clock_event_names(int(reasons, 16)) if reasons else None
         except ValueError:
             reason_names = None
         gpus.append(Gpu(
@@ -568,7 +535,7 @@ def env_info_text(system: list[tuple[str, str]], env: Mapping[str, str], facts: 
     lines += [f"note        : {note}" for note in facts.notes]
     if facts.gpus:
         lines += ["", text_table(GPU_COLUMNS, gpu_rows(facts.gpus))]
-        slow = sorted({r for g in facts.gpus for r in (g.clock_event_reasons or []) if r not in BENIGN_REASONS})
+        slow = sorted({r for g in facts.gpus for r in (g.clock_event_reasons or []) if clock_event_is_fault(r)})
         if slow:
             lines.append(f"warning     : clocks held down by {', '.join(slow)} (check cooling and power)")
     verdict = "PASS" if passed else ("FAIL" if passed is False else "NOT DECIDED")

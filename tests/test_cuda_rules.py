@@ -62,6 +62,15 @@ def test_empty_arch_list_and_seam_source_are_named():
     assert v.status == FAIL and "M40_TEST_ARCH_LIST" in v.reason and "torch warned: H100" in v.reason
 
 
+def test_family_specific_code_runs_only_within_its_family_and_arch_specific_only_on_its_capability():
+    covers = cuda_rules.arch_list_covers
+    assert covers(["compute_100f"], (10, 3)) and not covers(["compute_100f"], (12, 0))  # PTX 'f': the 10.x family
+    assert covers(["sm_100f"], (10, 3)) and not covers(["sm_100f"], (11, 0))
+    assert covers(["sm_90a"], (9, 0)) and not covers(["compute_90a"], (10, 0))  # 'a': that capability only
+    assert covers(["compute_90"], (12, 0)) and not covers(["compute_90"], (8, 9))  # plain PTX: any newer device
+    assert covers(["sm_80"], [8, 6]) and not covers(["sm_86"], (8, 0)) and not covers(["gfx90a", ""], (9, 0))
+
+
 def test_parse_arch():
     assert cuda_rules.parse_arch("sm_120") == cuda_rules.Arch("sm", 12, 0)
     assert cuda_rules.parse_arch("compute_90a") == cuda_rules.Arch("compute", 9, 0, "a")
@@ -188,7 +197,11 @@ def test_version_helpers():
     assert cuda_rules.cuda_version_from_int(0) is None
     assert cuda_rules.cudnn_version_text(91002) == "9.10.2"
     assert cuda_rules.cudnn_version_text(8902) == "8.9.2"
-    assert cuda_rules.version_tuple("12.8.61") == (12, 8)
+    assert config.major_minor("12.8.61") == (12, 8) and config.major_minor("13") == (13, 0)
+    assert config.major_minor("12.x") is None and config.major_minor(None) is None
+    assert config.parse_version("12.8.61") == (12, 8, 61)
+    with pytest.raises(ValueError):
+        config.parse_version("12.8 beta")
 
 
 # --------------------------------------------------------------------------- datasheet and speed (g)
@@ -213,8 +226,8 @@ def test_unknown_model_has_no_datasheet():
 
 def test_speed_below_share_fails_naming_causes():
     v = cuda_rules.judge_speed("bf16 matmul", 300.0, "TFLOP/s", 989.0, 0.5, "H100 SXM", "NVIDIA H100 80GB HBM3",
-                               ["clocks under load limited by HW power brake"])
-    assert v.status == FAIL and "30% of H100 SXM" in v.value and "HW power brake" in v.reason
+                               ["clocks under load limited by hw_power_brake_slowdown"])
+    assert v.status == FAIL and "30% of H100 SXM" in v.value and "hw_power_brake_slowdown" in v.reason
     assert "throttling" in v.reason and "power" in v.reason
 
 
@@ -227,11 +240,22 @@ def test_speed_above_share_passes_and_unknown_model_is_not_judged():
 
 # --------------------------------------------------------------------------- health (j) and multi-GPU (i)
 
+def test_clock_event_reasons_decode_to_names_and_keep_unknown_bits():
+    assert cuda_rules.clock_event_names(0) == []
+    assert cuda_rules.clock_event_names(0x1 | 0x40) == ["gpu_idle", "hw_thermal_slowdown"]
+    assert cuda_rules.clock_event_names(0x1000) == ["unknown_0x1000"]
+
+
+def test_clock_event_faults_are_hardware_slowdown_thermal_and_power_brake_and_nothing_else():
+    faults = [n for bit in range(9) for n in cuda_rules.decode_throttle(1 << bit)[0]]
+    assert faults == ["hw_slowdown", "sw_thermal_slowdown", "hw_thermal_slowdown", "hw_power_brake_slowdown"]
+
+
 def test_throttle_reasons():
-    assert cuda_rules.decode_throttle(0x1 | 0x4) == ([], ["idle", "SW power cap"])
+    assert cuda_rules.decode_throttle(0x1 | 0x4) == ([], ["gpu_idle", "sw_power_cap"])
     assert cuda_rules.judge_throttle({"before": 0x1, "under load": 0x4, "after": 0x1}).status == PASS
     v = cuda_rules.judge_throttle({"before": 0x1, "under load": 0x40 | 0x4, "after": 0x0})
-    assert v.status == FAIL and "HW thermal slowdown (under load)" in v.reason
+    assert v.status == FAIL and "hw_thermal_slowdown (under load)" in v.reason
     assert cuda_rules.judge_throttle({"before": 0x80}).status == FAIL
     assert cuda_rules.judge_throttle({"before": None, "after": None}).status == SKIP
 
@@ -284,6 +308,31 @@ def test_report_line():
 
 
 # --------------------------------------------------------------------------- the settings file
+
+def test_a_config_file_that_is_not_utf8_is_one_line_naming_the_file(tmp_path):
+    bad = tmp_path / "cuda_check.yaml"
+    bad.write_bytes(b"memory_share: 0.5 # caf\xe9\n")
+    with pytest.raises(config.ConfigError, match=r"cuda_check.yaml is not UTF-8 text .*save it as UTF-8"):
+        config.load_cuda_check(bad)
+
+
+def test_an_empty_settings_file_is_an_empty_mapping_only_where_asked(tmp_path):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing set\n")
+    assert config.load_yaml(empty, empty_ok=True) == {}
+    with pytest.raises(config.ConfigError, match="must hold a mapping"):
+        config.load_yaml(empty)
+
+
+def test_nvml_tables_are_validated_on_load(tmp_path):
+    tables = config.load_nvml()
+    assert tables.clock_events[0x4] == ("sw_power_cap", False) and 79 in tables.xid_hardware
+    text = config.layout.NVML_FILE.read_text()
+    bad = tmp_path / "nvml.yaml"
+    bad.write_text(text.replace("bit: 0x040", "bit: 0x041"))
+    with pytest.raises(config.ConfigError, match=r"clock_events\[6\]\.bit: 65 must be a single bit"):
+        config.load_nvml(bad)
+
 
 def test_settings_load_and_bad_values_are_one_line_errors(tmp_path):
     s = config.load_cuda_check()

@@ -4,25 +4,17 @@ from __future__ import annotations
 
 import argparse
 import json
-from types import SimpleNamespace
 
 import fake_gpu
 import pynvml
 import pytest
 
-from tasks import layout, probe, records
+from tasks import cuda_rules, layout, probe, records
 
 
 def args(**kw):
     base = {"min_driver_cuda": None, "settings": None, "probe_source": "auto"}
     return argparse.Namespace(**{**base, **kw})
-
-
-@pytest.fixture
-def run_dir(tmp_path):
-    d = tmp_path / "run"
-    d.mkdir()
-    return d
 
 
 def read(run_dir, name):
@@ -35,12 +27,6 @@ def test_cuda_version_from_nvml_int():
     assert probe.cuda_version_from_int(13000) == "13.0"
     assert probe.cuda_version_from_int(12080) == "12.8"
     assert probe.cuda_version_from_int(12040) == "12.4"
-
-
-def test_clock_reasons_decode_to_names_and_keep_unknown_bits():
-    assert probe.decode_clock_reasons(0) == []
-    assert probe.decode_clock_reasons(0x1 | 0x40) == ["gpu_idle", "hw_thermal_slowdown"]
-    assert probe.decode_clock_reasons(0x1000) == ["unknown_0x1000"]
 
 
 def test_smi_csv_parses_values_and_not_available_fields():
@@ -69,10 +55,8 @@ def test_smi_header_gives_driver_and_cuda():
 
 # --------------------------------------------------------------------------- nvidia-smi fallback (NVML unavailable)
 
-def test_cuda_13_driver_passes_through_nvidia_smi(monkeypatch, tmp_path, run_dir):
-    fake_gpu.no_nvml(monkeypatch)
-    fake_gpu.working_smi(tmp_path / "bin", cuda="13.0")
-    fake_gpu.only_on_path(monkeypatch, tmp_path / "bin")
+def test_cuda_13_driver_passes_through_nvidia_smi(monkeypatch, run_dir, smi_machine):
+    fake_gpu.working_smi(smi_machine, cuda="13.0")
     out = probe.run(run_dir, args())
     assert out.status == records.PASS, out.reason
     assert out.figures["source"] == "nvidia-smi"
@@ -91,10 +75,8 @@ def test_cuda_13_driver_passes_through_nvidia_smi(monkeypatch, tmp_path, run_dir
     assert doc["gate"]["passed"] is True
 
 
-def test_cuda_12_4_driver_fails_the_gate_with_one_line(monkeypatch, tmp_path, run_dir):
-    fake_gpu.no_nvml(monkeypatch)
-    fake_gpu.working_smi(tmp_path / "bin", cuda="12.4", driver="550.54.15")
-    fake_gpu.only_on_path(monkeypatch, tmp_path / "bin")
+def test_cuda_12_4_driver_fails_the_gate_with_one_line(monkeypatch, run_dir, smi_machine):
+    fake_gpu.working_smi(smi_machine, cuda="12.4", driver="550.54.15")
     out = probe.run(run_dir, args())
     assert out.status == records.FAIL
     assert "\n" not in out.reason
@@ -104,19 +86,15 @@ def test_cuda_12_4_driver_fails_the_gate_with_one_line(monkeypatch, tmp_path, ru
     assert f"FAIL: {out.reason}" in read(run_dir, "env_info.txt")
 
 
-def test_min_driver_cuda_option_overrides_the_config(monkeypatch, tmp_path, run_dir):
-    fake_gpu.no_nvml(monkeypatch)
-    fake_gpu.working_smi(tmp_path / "bin", cuda="12.4", driver="550.54.15")
-    fake_gpu.only_on_path(monkeypatch, tmp_path / "bin")
+def test_min_driver_cuda_option_overrides_the_config(monkeypatch, run_dir, smi_machine):
+    fake_gpu.working_smi(smi_machine, cuda="12.4", driver="550.54.15")
     out = probe.run(run_dir, args(min_driver_cuda="12.4"))
     assert out.status == records.PASS
     assert out.figures["min_driver_cuda"] == "12.4"
 
 
-def test_settings_file_gives_the_minimum(monkeypatch, tmp_path, run_dir):
-    fake_gpu.no_nvml(monkeypatch)
-    fake_gpu.working_smi(tmp_path / "bin", cuda="13.0")
-    fake_gpu.only_on_path(monkeypatch, tmp_path / "bin")
+def test_settings_file_gives_the_minimum(monkeypatch, tmp_path, run_dir, smi_machine):
+    fake_gpu.working_smi(smi_machine, cuda="13.0")
     settings = tmp_path / "m40.yaml"
     settings.write_text('min_driver_cuda: "13.1"\nchannel_order: [cu128]\ngpu_packages: []\n')
     out = probe.run(run_dir, args(settings=settings))
@@ -124,9 +102,7 @@ def test_settings_file_gives_the_minimum(monkeypatch, tmp_path, run_dir):
     assert "need CUDA >= 13.1" in out.reason
 
 
-def test_bad_settings_file_fails_but_env_info_is_written(monkeypatch, tmp_path, run_dir):
-    fake_gpu.no_nvml(monkeypatch)
-    fake_gpu.only_on_path(monkeypatch, tmp_path / "empty")
+def test_bad_settings_file_fails_but_env_info_is_written(monkeypatch, tmp_path, run_dir, smi_machine):
     settings = tmp_path / "m40.yaml"
     settings.write_text("min_driver_cuda: [oops\n")
     out = probe.run(run_dir, args(settings=settings))
@@ -135,10 +111,8 @@ def test_bad_settings_file_fails_but_env_info_is_written(monkeypatch, tmp_path, 
     assert "cannot decide" in read(run_dir, "env_info.txt")
 
 
-def test_garbage_output_fails_with_one_line(monkeypatch, tmp_path, run_dir):
-    fake_gpu.no_nvml(monkeypatch)
-    fake_gpu.garbage_smi(tmp_path / "bin")
-    fake_gpu.only_on_path(monkeypatch, tmp_path / "bin")
+def test_garbage_output_fails_with_one_line(monkeypatch, run_dir, smi_machine):
+    fake_gpu.garbage_smi(smi_machine)
     out = probe.run(run_dir, args())
     assert out.status == records.FAIL
     assert "\n" not in out.reason
@@ -148,9 +122,7 @@ def test_garbage_output_fails_with_one_line(monkeypatch, tmp_path, run_dir):
     assert (run_dir / "env_info.txt").exists()
 
 
-def test_missing_binary_and_no_nvml_means_no_driver(monkeypatch, tmp_path, run_dir):
-    fake_gpu.no_nvml(monkeypatch)
-    fake_gpu.only_on_path(monkeypatch, tmp_path / "empty")
+def test_missing_binary_and_no_nvml_means_no_driver(monkeypatch, run_dir, smi_machine):
     out = probe.run(run_dir, args())
     assert out.status == records.FAIL
     assert out.reason.startswith("found no NVIDIA driver")
@@ -164,35 +136,29 @@ def test_missing_binary_and_no_nvml_means_no_driver(monkeypatch, tmp_path, run_d
         assert section in env_info
 
 
-def test_driver_not_loaded_names_nvidia_smi_message(monkeypatch, tmp_path, run_dir):
-    fake_gpu.no_nvml(monkeypatch)
-    fake_gpu.failing_smi(tmp_path / "bin")
-    fake_gpu.only_on_path(monkeypatch, tmp_path / "bin")
+def test_driver_not_loaded_names_nvidia_smi_message(monkeypatch, run_dir, smi_machine):
+    fake_gpu.failing_smi(smi_machine)
     out = probe.run(run_dir, args())
     assert out.status == records.FAIL
     assert "couldn't communicate with the NVIDIA driver" in out.reason
     assert "lsmod | grep nvidia" in out.reason
 
 
-def test_no_devices_found(monkeypatch, tmp_path, run_dir):
-    fake_gpu.no_nvml(monkeypatch)
-    fake_gpu.write_script(tmp_path / "bin", 'echo "No devices were found"\nexit 6\n')
-    fake_gpu.only_on_path(monkeypatch, tmp_path / "bin")
+def test_no_devices_found(monkeypatch, run_dir, smi_machine):
+    fake_gpu.write_script(smi_machine, 'echo "No devices were found"\nexit 6\n')
     out = probe.run(run_dir, args())
     assert out.status == records.FAIL
     assert "no GPU" in out.reason and "NVIDIA_VISIBLE_DEVICES" in out.reason
 
 
-def test_older_driver_without_new_fields_is_asked_again_with_core_fields(monkeypatch, tmp_path, run_dir):
-    fake_gpu.no_nvml(monkeypatch)
+def test_older_driver_without_new_fields_is_asked_again_with_core_fields(monkeypatch, run_dir, smi_machine):
     core = "0, NVIDIA A100-SXM4-80GB, GPU-1, 00000000:07:00.0, 535.104.05, 81920, 81000"
-    fake_gpu.write_script(tmp_path / "bin", f"""case "$1" in
+    fake_gpu.write_script(smi_machine, f"""case "$1" in
 *compute_cap*) echo 'Field "compute_cap" is not a valid field to query.'; exit 2;;
 --query-gpu=*) echo '{core}';;
 *) echo '| NVIDIA-SMI 535.104.05   Driver Version: 535.104.05   CUDA Version: 12.2 |';;
 esac
 """)
-    fake_gpu.only_on_path(monkeypatch, tmp_path / "bin")
     out = probe.run(run_dir, args(min_driver_cuda="12.0"))
     assert out.status == records.PASS, out.reason
     assert out.figures["gpus"] == "1x NVIDIA A100-SXM4-80GB"
@@ -200,10 +166,8 @@ esac
     assert doc["gpus"][0]["ecc_current"] == "N/A"
 
 
-def test_probe_source_nvml_does_not_fall_back(monkeypatch, tmp_path, run_dir):
-    fake_gpu.no_nvml(monkeypatch)
-    fake_gpu.working_smi(tmp_path / "bin")
-    fake_gpu.only_on_path(monkeypatch, tmp_path / "bin")
+def test_probe_source_nvml_does_not_fall_back(monkeypatch, run_dir, smi_machine):
+    fake_gpu.working_smi(smi_machine)
     out = probe.run(run_dir, args(probe_source="nvml"))
     assert out.status == records.FAIL
     assert "NVML unavailable" in out.reason
@@ -211,46 +175,12 @@ def test_probe_source_nvml_does_not_fall_back(monkeypatch, tmp_path, run_dir):
 
 # --------------------------------------------------------------------------- NVML (fake pynvml values)
 
-class FakeNvml:
-    """Values a 2-GPU H100 machine's NVML returns; GPU 1 does not support ECC queries."""
-
-    def __init__(self, monkeypatch):
-        self.calls = []
-        fns = {
-            "nvmlInit": lambda: None,
-            "nvmlShutdown": lambda: self.calls.append("shutdown"),
-            "nvmlSystemGetDriverVersion": lambda: "580.95.05",
-            "nvmlSystemGetCudaDriverVersion_v2": lambda: 13000,
-            "nvmlDeviceGetCount": lambda: 2,
-            "nvmlDeviceGetHandleByIndex": lambda i: i,
-            "nvmlDeviceGetName": lambda h: fake_gpu.H100,
-            "nvmlDeviceGetUUID": lambda h: f"GPU-aaaa-{h}",
-            "nvmlDeviceGetPciInfo": lambda h: SimpleNamespace(busId=f"00000000:{0x18 + h:02X}:00.0".encode()),
-            "nvmlDeviceGetCudaComputeCapability": lambda h: (9, 0),
-            "nvmlDeviceGetMemoryInfo": lambda h: SimpleNamespace(total=81559 * 2**20, free=81004 * 2**20, used=0),
-            "nvmlDeviceGetEccMode": self.ecc_mode,
-            "nvmlDeviceGetTotalEccErrors": lambda h, kind, counter: 0 if counter == pynvml.NVML_VOLATILE_ECC else 3,
-            "nvmlDeviceGetPersistenceMode": lambda h: 1,
-            "nvmlDeviceGetCurrentClocksEventReasons": lambda h: 0x1 if h == 0 else 0x1 | 0x40,
-        }
-        for name, fn in fns.items():
-            monkeypatch.setattr(pynvml, name, fn)
-
-    @staticmethod
-    def ecc_mode(h):
-        if h == 1:
-            raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
-        return [1, 1]
-
-
-def test_nvml_is_the_first_source(monkeypatch, tmp_path, run_dir):
-    nvml = FakeNvml(monkeypatch)
-    fake_gpu.only_on_path(monkeypatch, tmp_path / "empty")  # no nvidia-smi at all: NVML alone is enough
+def test_nvml_is_the_first_source(monkeypatch, run_dir, nvml_machine):
     out = probe.run(run_dir, args())
     assert out.status == records.PASS, out.reason
     assert out.figures == {"source": "nvml", "driver": "580.95.05", "driver_cuda": "13.0", "min_driver_cuda": "12.8",
                            "gpu_count": 2, "gpus": f"2x {fake_gpu.H100}"}
-    assert nvml.calls == ["shutdown"]
+    assert nvml_machine.calls == ["shutdown"]
     doc = json.loads(read(run_dir, layout.GPUS_JSON))
     g0, g1 = doc["gpus"]
     assert g0["pci_bus_id"] == "00000000:18:00.0" and g0["uuid"] == "GPU-aaaa-0"
@@ -266,18 +196,24 @@ def test_nvml_is_the_first_source(monkeypatch, tmp_path, run_dir):
     assert "could not be run: nvidia-smi not found on PATH" in read(run_dir, "nvidia_smi.txt")
 
 
-def test_nvml_cuda_below_minimum_fails(monkeypatch, tmp_path, run_dir):
-    FakeNvml(monkeypatch)
+def test_a_power_capped_gpu_is_information_not_a_warning_as_cuda_check_judges_it(monkeypatch, run_dir, nvml_machine):
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetCurrentClocksEventReasons", lambda h: 0x4)  # SW power cap only
+    probe.run(run_dir, args())
+    doc = json.loads(read(run_dir, layout.GPUS_JSON))
+    assert doc["gpus"][0]["clock_event_reasons"] == ["sw_power_cap"]
+    assert "warning" not in read(run_dir, "env_info.txt")
+    assert cuda_rules.judge_throttle({"under load": 0x4}).status == cuda_rules.PASS  # the same split
+
+
+def test_nvml_cuda_below_minimum_fails(monkeypatch, run_dir, nvml_machine):
     monkeypatch.setattr(pynvml, "nvmlSystemGetCudaDriverVersion_v2", lambda: 12040)
-    fake_gpu.only_on_path(monkeypatch, tmp_path / "empty")
     out = probe.run(run_dir, args())
     assert out.status == records.FAIL
     assert out.figures["source"] == "nvml"
     assert "supporting CUDA 12.4; need CUDA >= 12.8" in out.reason
 
 
-def test_nvml_failing_midway_falls_back_to_nvidia_smi(monkeypatch, tmp_path, run_dir):
-    FakeNvml(monkeypatch)
+def test_nvml_failing_midway_falls_back_to_nvidia_smi(monkeypatch, tmp_path, run_dir, nvml_machine):
 
     def broken():
         raise pynvml.NVMLError(pynvml.NVML_ERROR_UNKNOWN)
@@ -290,9 +226,7 @@ def test_nvml_failing_midway_falls_back_to_nvidia_smi(monkeypatch, tmp_path, run
     assert "NVML failed while reading the GPUs" in read(run_dir, "env_info.txt")
 
 
-def test_env_info_shows_cuda_visible_devices_unset_or_empty(monkeypatch, tmp_path, run_dir):
-    FakeNvml(monkeypatch)
-    fake_gpu.only_on_path(monkeypatch, tmp_path / "empty")
+def test_env_info_shows_cuda_visible_devices_unset_or_empty(monkeypatch, run_dir, nvml_machine):
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.setenv("NCCL_DEBUG", "INFO")
     probe.run(run_dir, args())
@@ -304,10 +238,8 @@ def test_env_info_shows_cuda_visible_devices_unset_or_empty(monkeypatch, tmp_pat
     assert 'CUDA_VISIBLE_DEVICES=""   (set but empty' in read(run_dir, "env_info.txt")
 
 
-def test_a_broken_gpu_datasheet_still_leaves_the_facts_written(monkeypatch, tmp_path, run_dir):
-    fake_gpu.no_nvml(monkeypatch)
-    fake_gpu.working_smi(tmp_path / "bin", cuda="13.0")
-    fake_gpu.only_on_path(monkeypatch, tmp_path / "bin")
+def test_a_broken_gpu_datasheet_still_leaves_the_facts_written(monkeypatch, tmp_path, run_dir, smi_machine):
+    fake_gpu.working_smi(smi_machine, cuda="13.0")
     broken = tmp_path / "gpus.yaml"
     broken.write_text("gpus: [{model: x}]\n")
     monkeypatch.setattr(layout, "GPUS_FILE", broken)
