@@ -92,6 +92,14 @@ def m40(session: nox.Session) -> None:
 
 
 @nox.session
+def fleet(session: nox.Session) -> None:
+    """One report (fleet.md/.json/.csv) over many nodes' sealed run folders: `nox -s fleet -- PATH...`."""
+    from tasks import fleet as fleet_task
+
+    _run(fleet_task.main, *session.posargs)
+
+
+@nox.session
 def bench(session: nox.Session) -> None:
     """Benchmark GPT-2 training speed on one GPU: HF baseline, smoke config, compiled (in .venv-gpu)."""
     from tasks import bench as bench_task

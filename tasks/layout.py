@@ -20,6 +20,7 @@ VENV_PROVISIONED_PTH = "m40-provisioned.pth"
 
 CHANNELS_FILE = CONFIGS / "channels.yaml"
 SETTINGS_FILE = CONFIGS / "m40.yaml"
+FLEET_FILE = CONFIGS / "fleet.yaml"  # the fleet report's outlier settings
 GPUS_FILE = CONFIGS / "gpus.yaml"
 NVML_FILE = CONFIGS / "nvml.yaml"  # clock-event reasons and Xid classes: the one table of each
 TRAIN_CONFIG = CONFIGS / "submission_local_gpu_gpt2.yaml"
@@ -80,6 +81,8 @@ EXIT_USAGE = 2  # bad option, bad config file, bad input
 EXIT_LOCKED = 3  # another process holds the run folder
 EXIT_STAGE = {"probe": 10, "install": 20, "cuda_check": 30, "train": 40, "evidence": 50}
 EXIT_INTERRUPTED = 130
+EXIT_FLEET_NOT_PASS = 60  # nox -s fleet: a node is not PASS (FAIL, INTERRUPTED, TAMPERED, UNSEALED, UNREADABLE)
+EXIT_FLEET_OUTLIER = 61  # nox -s fleet: every node PASS, some more than outlier_share below their model's median
 
 
 def gpu_python(venv: Path | None = None) -> Path:

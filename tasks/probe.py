@@ -590,8 +590,8 @@ def run(run_dir: Path, args, *, env: Mapping[str, str] | None = None,
     (run_dir / env_file).write_text(env_info_text(system_facts(run_dir), env, facts, passed, line))
     (run_dir / layout.GPUS_JSON).write_text(json.dumps(gpus_document(facts, passed, line, min_cuda), indent=2) + "\n")
 
-    figures = {"source": facts.source, "driver": facts.driver or "none", "driver_cuda": facts.driver_cuda or "none",
-               "min_driver_cuda": min_cuda or "unknown", "gpu_count": len(facts.gpus),
+    figures = {"host": socket.gethostname(), "source": facts.source, "driver": facts.driver or "none",
+               "driver_cuda": facts.driver_cuda or "none", "min_driver_cuda": min_cuda or "unknown", "gpu_count": len(facts.gpus),
                "gpus": gpus_summary(facts.gpus)}
     if passed:
         return Outcome(PASS, "", figures, files)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import socket
 
 import fake_gpu
 import pynvml
@@ -178,8 +179,8 @@ def test_probe_source_nvml_does_not_fall_back(monkeypatch, run_dir, smi_machine)
 def test_nvml_is_the_first_source(monkeypatch, run_dir, nvml_machine):
     out = probe.run(run_dir, args())
     assert out.status == records.PASS, out.reason
-    assert out.figures == {"source": "nvml", "driver": "580.95.05", "driver_cuda": "13.0", "min_driver_cuda": "12.8",
-                           "gpu_count": 2, "gpus": f"2x {fake_gpu.H100}"}
+    assert out.figures == {"host": socket.gethostname(), "source": "nvml", "driver": "580.95.05", "driver_cuda": "13.0",
+                           "min_driver_cuda": "12.8", "gpu_count": 2, "gpus": f"2x {fake_gpu.H100}"}
     assert nvml_machine.calls == ["shutdown"]
     doc = json.loads(read(run_dir, layout.GPUS_JSON))
     g0, g1 = doc["gpus"]

@@ -1,0 +1,224 @@
+"""`nox -s fleet`: one report over many nodes' run folders, built here by the real stage records and evidence."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+
+import pytest
+
+from tasks import evidence, fleet, layout, records, runs, stage
+from tasks.records import FAIL, PASS, SKIP, StageRecord
+
+MODEL, NAME = "H100 SXM", "NVIDIA H100 80GB HBM3"
+
+
+@pytest.fixture(autouse=True)
+def no_step_summary(monkeypatch):
+    monkeypatch.delenv(evidence.STEP_SUMMARY_ENV, raising=False)
+
+
+def check_figures(gpus: int, bf16: float, copy: float) -> dict:
+    fig = {"gpus_checked": gpus, "torch": "2.11.0+cu130"}
+    if gpus > 1:
+        fig["allreduce_busbw_gbs"] = 360.0
+    for i in range(gpus):  # the slowest GPU sets the node's figure: GPU 0 a little faster than the rest
+        fig[f"gpu{i}_bf16_tflops"] = bf16 + (5.0 if i == 0 else 0.0)
+        fig[f"gpu{i}_copy_tbs"] = copy + (0.1 if i == 0 else 0.0)
+    return fig
+
+
+def make_node(root, host: str, *, gpus: int = 8, model: str = MODEL, bf16: float = 700.0, copy: float = 2.9, tok_s_per_gpu: int = 90_000,
+              fail: tuple[str, str] | None = None, seal: bool = True, train_extra: dict | None = None):
+    """A node's run folder (root/host/m40_v1) as the stages leave it, sealed by the real evidence stage."""
+    run_dir = root / host / "m40_v1"
+    run_dir.mkdir(parents=True)
+    figures = {"probe": {"host": host, "source": "nvml", "driver": "580.95.05", "driver_cuda": "13.0", "gpu_count": gpus},
+               "install": {"channel": "cu130", "torch": "2.11.0+cu130"},
+               "cuda_check": check_figures(gpus, bf16, copy),
+               "train": {"tok_s": tok_s_per_gpu * gpus, "tok_s_per_gpu": tok_s_per_gpu, "mfu_pct": 41.5,
+                         **(train_extra or {})}}
+    failed_at = fail[0] if fail else None
+    for name in ("probe", "install", "cuda_check", "train"):
+        if failed_at and layout.STAGES.index(name) > layout.STAGES.index(failed_at):
+            records.write(run_dir, StageRecord(name, SKIP, f"not run: {failed_at} failed"))
+            continue
+        status, reason = (FAIL, fail[1]) if name == failed_at else (PASS, "")
+        records.write(run_dir, StageRecord(name, status, reason, duration_s=1.0, figures=figures[name]))
+        for f in layout.STAGE_FILES[name]:
+            (run_dir / f).write_text(f"{name} output\n")
+    gpu = {"name": NAME, "model": model, "uuid": "GPU-1234", "pci_bus_id": "00000000:18:00.0", "compute_capability": "9.0",
+           "memory_total_mib": 81559, "memory_free_mib": 81004, "ecc_current": "enabled", "ecc_pending": "enabled",
+           "ecc_uncorrected_volatile": 0, "ecc_uncorrected_aggregate": 0, "persistence_mode": "enabled",
+           "clock_event_reasons": []}
+    (run_dir / layout.GPUS_JSON).write_text(json.dumps({"schema": 1, "source": "nvml", "driver": "580.95.05",
+                                                        "gpus": [dict(gpu, index=i) for i in range(gpus)]}))
+    if seal:
+        with runs.locked(run_dir):
+            assert stage.execute("evidence", run_dir, argparse.Namespace()).ok
+    return run_dir
+
+
+@pytest.fixture
+def fleet_dir(tmp_path):
+    """Eight nodes of one model: five healthy, one slow, one FAIL (its reason holds markdown), one
+    tampered after sealing, one never sealed; and a single node of another model."""
+    root = tmp_path / "results"
+    for i in range(1, 6):
+        make_node(root, f"node0{i}", bf16=700.0 + i, copy=2.9 + i / 100, tok_s_per_gpu=90_000 + 100 * i)
+    make_node(root, "node06", bf16=520.0, tok_s_per_gpu=70_000)  # the slow one: ~26% below on bf16, ~22% on tok/s
+    make_node(root, "node07", fail=("cuda_check", "gpu3 speed.copy: 0.8 TB/s | <b>27%</b> of datasheet"), copy=2.9)
+    tampered = make_node(root, "node08")
+    summary = json.loads((tampered / layout.SUMMARY_FILE).read_text())
+    (tampered / layout.SUMMARY_FILE).write_text(json.dumps({**summary, "verdict": "PASS", "reason": ""}) + " ")
+    make_node(root, "node09", seal=False)
+    make_node(root, "odd01", gpus=1, model="A100 SXM4 80GB", bf16=300.0)  # one node of its model: no median, never an outlier
+    return root
+
+
+def report(tmp_path, *paths) -> tuple[int, dict, str, list[dict]]:
+    out = tmp_path / "report"
+    code = fleet.main([*map(str, paths), "--out", str(out)])
+    doc = json.loads((out / "fleet.json").read_text())
+    with open(out / "fleet.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    return code, doc, (out / "fleet.md").read_text(), rows
+
+
+def row_of(doc: dict, host: str) -> dict:
+    return next(r for r in doc["rows"] if r["host"] == host)
+
+
+# --------------------------------------------------------------------------- the report over fixtures
+
+def test_fleet_report_names_every_node_its_verdict_and_the_slow_one(tmp_path, fleet_dir, capsys):
+    code, doc, md, csv_rows = report(tmp_path, fleet_dir)
+    print(md)  # shown with -s: the report the lead pastes
+    assert code == layout.EXIT_FLEET_NOT_PASS == 60
+    assert doc["counts"] == {"TAMPERED": 1, "UNSEALED": 1, "FAIL": 1, "PASS": 7}
+    assert [r["host"] for r in doc["rows"][:3]] == ["node08", "node09", "node07"]  # problems first
+
+    good = row_of(doc, "node03")
+    assert good["verdict"] == "PASS" and good["gpu_model"] == MODEL and good["gpu_count"] == 8
+    assert good["bf16_tflops"] == 703.0 and good["copy_tbs"] == pytest.approx(2.93)  # min over GPUs, not GPU 0's
+    assert good["allreduce_busbw_gbs"] == 360.0 and good["tok_s"] == 8 * 90_300 and good["mfu_pct"] == 41.5
+    assert good["driver"] == "580.95.05" and good["torch"] == "2.11.0+cu130" and good["run"] == "node03/m40_v1"
+
+    failed = row_of(doc, "node07")
+    assert failed["verdict"] == "FAIL" and failed["failed_stage"] == "cuda_check"
+    assert failed["reason"].startswith("gpu3 speed.copy: 0.8 TB/s") and failed["tok_s"] is None
+    assert "gpu3 speed.copy: 0.8 TB/s \\| &lt;b>27%&lt;/b> of datasheet" in md  # escaped: no broken table, no HTML
+
+    tampered, unsealed = row_of(doc, "node08"), row_of(doc, "node09")
+    assert tampered["verdict"] == "TAMPERED" and "1 changed (summary.json)" in tampered["reason"]
+    assert tampered["bf16_tflops"] is None and tampered["gpu_model"] is None  # never trusted
+    assert unsealed["verdict"] == "UNSEALED" and "no SHA256SUMS" in unsealed["reason"]
+
+    slow = [o for o in doc["outliers"] if o["host"] == "node06"]
+    assert {o["figure"] for o in slow} == {"bf16_tflops", "tok_s_per_gpu"}
+    assert {o["host"] for o in doc["outliers"]} == {"node06"}  # node07's copy is healthy; odd01 has no peers
+    bf16 = next(o for o in slow if o["figure"] == "bf16_tflops")
+    assert bf16["median"] == 702.5 and bf16["nodes"] == 6 and bf16["below_pct"] == 26.0
+    assert "| node06 | node06/m40_v1 | H100 SXM | bf16 TFLOP/s per GPU (min) | 520.0 | 702.5 (6) | 26.0% |" in md
+    assert "| TAMPERED | 1 |" in md and "| PASS | 7 |" in md
+
+    assert [r["host"] for r in csv_rows] == [r["host"] for r in doc["rows"]]
+    assert csv_rows[0]["bf16_tflops"] == "" and row_of({"rows": csv_rows}, "node06")["outliers"].startswith("bf16_tflops")
+    assert "fleet:   FAIL        node07 (node07/m40_v1): gpu3 speed.copy" in capsys.readouterr().out
+
+
+def test_a_missing_figure_is_a_dash_not_a_crash(tmp_path):
+    """A node whose probe failed: sealed, FAIL, and no figure at all (not even its host)."""
+    other = tmp_path / "r2" / "m40_v1"
+    other.mkdir(parents=True)
+    records.write(other, StageRecord("probe", FAIL, "no NVIDIA driver", figures={}))
+    with runs.locked(other):
+        stage.execute("evidence", other, argparse.Namespace())
+    code, doc, md, _ = report(tmp_path, tmp_path / "r2")
+    row = doc["rows"][0]
+    assert code == 60 and row["verdict"] == "FAIL" and row["failed_stage"] == "probe"
+    assert row["bf16_tflops"] is None and row["host"] is None
+    assert "| – | m40_v1 | – | – | – | **FAIL** | probe | no NVIDIA driver | – | – | – | – | – | – |" in md
+
+
+def test_all_pass_exits_0_and_outliers_alone_exit_61(tmp_path):
+    root = tmp_path / "ok"
+    for i in range(3):
+        make_node(root, f"n{i}", bf16=700.0 + i)
+    code, doc, md, _ = report(tmp_path, f"{root}/*/m40_v*")  # a glob, as a shell would pass it quoted
+    assert code == 0 and doc["counts"] == {"PASS": 3} and doc["outliers"] == [] and "None: no node is" in md
+    make_node(root, "n3", bf16=400.0)
+    out = tmp_path / "second"
+    assert fleet.main([str(root), "--out", str(out)]) == layout.EXIT_FLEET_OUTLIER == 61
+
+
+def test_default_out_is_a_new_fleet_folder_and_nothing_is_overwritten(tmp_path, monkeypatch, capsys):
+    make_node(tmp_path / "runs", "n0")
+    monkeypatch.setattr(layout, "RUNS_DIR", tmp_path / "submission_runs")
+    assert fleet.main([str(tmp_path / "runs")]) == 0
+    assert fleet.main([str(tmp_path / "runs")]) == 0
+    assert sorted(p.name for p in (tmp_path / "submission_runs").iterdir()) == ["fleet_v1", "fleet_v2"]
+    capsys.readouterr()
+    assert fleet.main([str(tmp_path / "runs"), "--out", str(tmp_path / "submission_runs" / "fleet_v1")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fleet: error: --out") and "already holds fleet.md" in err and len(err.splitlines()) == 1
+
+
+def test_no_run_folder_is_a_one_line_usage_error(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert fleet.main([str(tmp_path / "empty")]) == 2
+    assert fleet.main([str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("fleet: error: no run folder") and err[1].startswith("fleet: error: ")
+    assert "no such file or folder" in err[1]
+
+
+def test_a_file_added_or_removed_after_sealing_is_tampered(tmp_path):
+    run_dir = make_node(tmp_path / "a", "n0")
+    (run_dir / "extra.txt").write_text("slipped in later")
+    assert fleet.check_seal(run_dir) == ("TAMPERED", "SHA256SUMS does not match: 1 not in the seal (extra.txt)")
+    (run_dir / "extra.txt").unlink()
+    assert fleet.check_seal(run_dir) == (None, "")
+    (run_dir / "training_log.txt").unlink()
+    assert fleet.check_seal(run_dir)[1] == "SHA256SUMS does not match: 1 missing (training_log.txt)"
+    (run_dir / layout.SUMS_FILE).write_text("not a sums file\n")
+    assert fleet.check_seal(run_dir)[0] == "TAMPERED"
+
+
+def test_sums_parser_undoes_sha256sums_escapes():
+    digest = "a" * 64
+    text = evidence.sums_line(digest, "plain.txt") + evidence.sums_line(digest, "odd\\name\nx")
+    assert fleet.parse_sums(text) == {"plain.txt": digest, "odd\\name\nx": digest}
+
+
+def test_multi_node_job_is_shown(tmp_path):
+    job = {"rdzv_id": "job42", "nnodes": 2, "node_rank": 1, "world_size": 16}
+    make_node(tmp_path / "j", "n1", train_extra=job)
+    code, doc, md, _ = report(tmp_path, tmp_path / "j")
+    assert {k: doc["rows"][0][k] for k in job} == job
+    assert "| job42, node 1 / 2, world 16 |" in md
+
+
+def test_hostile_text_cannot_break_the_table_or_a_spreadsheet(tmp_path):
+    make_node(tmp_path / "h", "=HYPERLINK(1)|x\n\x1b[31m", fail=("train", "@cmd <script>"))
+    _, doc, md, csv_rows = report(tmp_path, tmp_path / "h")
+    line = next(x for x in md.splitlines() if "HYPERLINK" in x)
+    assert line.count("|") - line.count("\\|") == 15 and "\x1b" not in md and "<script>" not in md
+    assert csv_rows[0]["host"].startswith("'=HYPERLINK") and csv_rows[0]["reason"] == "'@cmd <script>"
+
+
+def test_bad_fleet_config_is_a_one_line_error(tmp_path, capsys):
+    make_node(tmp_path / "c", "n0")
+    bad = tmp_path / "fleet.yaml"
+    bad.write_text("outlier_share: 2\nmin_nodes: 3\noutlier_figures: [bf16_tflops]\n")
+    assert fleet.main([str(tmp_path / "c"), "--config", str(bad)]) == 2
+    assert "outlier_share must be a number in (0, 0.99]" in capsys.readouterr().err
+
+
+def test_fleet_never_imports_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, tasks.fleet; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=layout.ROOT).returncode == 0
