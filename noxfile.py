@@ -26,9 +26,15 @@ CHANNELS = config.channel_names()
 TEST_TORCH = "torch==2.13.0+cpu"  # the tests session's torch: a CPU build, pinned
 
 
-def _run(stage_main, *argv: str) -> None:
-    """Run a task's main(); a non-zero result leaves nox with that exit code (see README)."""
-    code = stage_main(list(argv))
+def _stage(name: str, *argv: str) -> None:
+    """Run one stage (tasks/stage.py) with these options."""
+    from tasks import stage  # imported here: listing the sessions (`nox -l`) needs none of it
+
+    _exit_with(stage.main(name, list(argv)))
+
+
+def _exit_with(code: int) -> None:
+    """A task's non-zero exit code becomes nox's (README: exit codes)."""
     if code:
         raise SystemExit(code)
 
@@ -36,9 +42,7 @@ def _run(stage_main, *argv: str) -> None:
 @nox.session
 def probe(session: nox.Session) -> None:
     """Probe the NVIDIA driver and GPUs (NVML, else nvidia-smi) and gate on the driver's CUDA."""
-    from tasks import stage
-
-    _run(lambda a: stage.main("probe", a), *session.posargs)
+    _stage("probe", *session.posargs)
 
 
 def _channel_named() -> bool:
@@ -52,35 +56,27 @@ def _channel_named() -> bool:
 @nox.parametrize("python", CHANNELS, ids=CHANNELS)
 def install(session: nox.Session) -> None:
     """Install a CUDA build of PyTorch from one channel into .venv-gpu and verify it."""
-    from tasks import stage
-
     if not _channel_named():
         session.error(f"name one channel: nox -s install -p CHANNEL (one of {', '.join(CHANNELS)})")
-    _run(lambda a: stage.main("install", a), "--channel", session.python, *session.posargs)
+    _stage("install", "--channel", session.python, *session.posargs)
 
 
 @nox.session
 def cuda_check(session: nox.Session) -> None:
     """Check that PyTorch computes correctly and at speed on every GPU (runs in .venv-gpu)."""
-    from tasks import stage
-
-    _run(lambda a: stage.main("cuda_check", a), *session.posargs)
+    _stage("cuda_check", *session.posargs)
 
 
 @nox.session
 def train(session: nox.Session) -> None:
     """Train GPT-2 for a few steps on every GPU (training_pt/train.py in .venv-gpu)."""
-    from tasks import stage
-
-    _run(lambda a: stage.main("train", a), *session.posargs)
+    _stage("train", *session.posargs)
 
 
 @nox.session
 def evidence(session: nox.Session) -> None:
     """Render the run's README.md, summary.json and SHA256SUMS from its stage records; seal it."""
-    from tasks import stage
-
-    _run(lambda a: stage.main("evidence", a), *session.posargs)
+    _stage("evidence", *session.posargs)
 
 
 @nox.session
@@ -88,7 +84,7 @@ def m40(session: nox.Session) -> None:
     """Run probe, install, cuda_check, train and evidence into a new submission_runs/m40_vN."""
     from tasks import m40 as chain
 
-    _run(chain.main, *session.posargs)
+    _exit_with(chain.main(session.posargs))
 
 
 @nox.session
@@ -104,7 +100,7 @@ def bench(session: nox.Session) -> None:
     """Benchmark GPT-2 training speed on one GPU: HF baseline, smoke config, compiled (in .venv-gpu)."""
     from tasks import bench as bench_task
 
-    _run(bench_task.main, *session.posargs)
+    _exit_with(bench_task.main(session.posargs))
 
 
 @nox.session(venv_backend="virtualenv")

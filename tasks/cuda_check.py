@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from tasks import config, layout, proc
-from tasks.records import FAIL, PASS, Outcome
+from tasks.records import Outcome, StageStatus
 
 DESCRIPTION = ("Check that PyTorch computes correctly and at speed on every GPU (build, driver, devices, kernels "
                "for the architecture, matmul/conv/attention against float64, memory, copy and matmul speed against "
@@ -47,7 +47,7 @@ def command(run_dir: Path, args, python: Path) -> list:
 def run(run_dir: Path, args) -> Outcome:
     python = layout.gpu_python()
     if not python.exists():
-        return Outcome(FAIL, f"no .venv-gpu ({python} does not exist): run `nox -s install -p <channel>` first")
+        return Outcome(StageStatus.FAIL, f"no .venv-gpu ({python} does not exist): run `nox -s install -p <channel>` first")
     settings = config.load_cuda_check()  # a bad config is a one-line ConfigError before anything runs
     config.load_gpus()
     result_path = run_dir / layout.CUDA_CHECK_JSON
@@ -86,14 +86,14 @@ def outcome_from(result: dict | None, code: int, log_tail: str, timeout_s: float
         else:
             why = f"the checker exited with code {code} and wrote no {layout.CUDA_CHECK_JSON}"
         tail = f" (last output: {log_tail})" if log_tail else ""
-        return Outcome(FAIL, f"{why}{tail}; see {layout.CUDA_CHECK_LOG}", {}, files)
+        return Outcome(StageStatus.FAIL, f"{why}{tail}; see {layout.CUDA_CHECK_LOG}", {}, files)
     figures = figures_from(result)
     reason = result.get("reason") or ""
     if result.get("exit_code") == 0 and code == 0:
-        return Outcome(PASS, "", figures, files)
+        return Outcome(StageStatus.PASS, "", figures, files)
     if not reason:
         reason = f"the checker exited with code {code} after writing its result; see {layout.CUDA_CHECK_LOG}"
-    return Outcome(FAIL, reason, figures, files)
+    return Outcome(StageStatus.FAIL, reason, figures, files)
 
 
 def figures_from(result: dict) -> dict:

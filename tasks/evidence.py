@@ -41,8 +41,8 @@ from urllib.parse import quote
 
 import jinja2
 
-from tasks import layout, records
-from tasks.records import FAIL, INTERRUPTED, PASS, SKIP, Outcome, StageRecord, now_iso
+from tasks import layout, records, text
+from tasks.records import Outcome, StageRecord, StageStatus, now_iso
 
 DESCRIPTION = ("Render the run's README.md, summary.json and SHA256SUMS from its stage records and seal it "
                "(no later stage writes into a sealed run).")
@@ -91,7 +91,7 @@ def verdict(recs: dict[str, StageRecord]) -> tuple[str, str | None, str]:
     INTERRUPTED names the stage Ctrl-C stopped; else FAIL names the first failed stage; else FAIL
     names the first stage that was skipped or left no record; else PASS.
     """
-    for status, word in ((INTERRUPTED, "INTERRUPTED"), (FAIL, "FAIL")):
+    for status, word in ((StageStatus.INTERRUPTED, "INTERRUPTED"), (StageStatus.FAIL, "FAIL")):
         for name in WORK_STAGES:
             rec = recs.get(name)
             if rec is not None and rec.status == status:
@@ -100,7 +100,7 @@ def verdict(recs: dict[str, StageRecord]) -> tuple[str, str | None, str]:
         rec = recs.get(name)
         if rec is None:
             return "FAIL", name, f"{name} did not run (no record in {layout.STAGES_DIR}/)"
-        if rec.status == SKIP:
+        if rec.status == StageStatus.SKIP:
             return "FAIL", name, f"{name} was skipped: {rec.reason}" if rec.reason else f"{name} was skipped"
     return "PASS", None, ""
 
@@ -109,17 +109,17 @@ def why_not_written(stage: str, recs: dict[str, StageRecord]) -> str:
     """One line: why `stage` left no file (used in the placeholder evidence writes instead)."""
     rec = recs.get(stage)
     earlier = WORK_STAGES[: WORK_STAGES.index(stage)] if stage in WORK_STAGES else WORK_STAGES
-    blocker = next((recs[s] for s in earlier if s in recs and recs[s].status in (FAIL, INTERRUPTED)), None)
-    if rec is None or rec.status == SKIP:
+    blocker = next((recs[s] for s in earlier if s in recs and recs[s].status in (StageStatus.FAIL, StageStatus.INTERRUPTED)), None)
+    if rec is None or rec.status == StageStatus.SKIP:
         if blocker is not None:
-            what = "failed" if blocker.status == FAIL else "was interrupted"
+            what = "failed" if blocker.status == StageStatus.FAIL else "was interrupted"
             return f"{stage} did not run: {blocker.stage} {what} — {blocker.reason}"
         if rec is None:
             return f"{stage} did not run: it left no record in {layout.STAGES_DIR}/ (it was never run into this run folder)"
         return f"{stage} did not run: {rec.reason or 'skipped'}"
-    if rec.status == INTERRUPTED:
+    if rec.status == StageStatus.INTERRUPTED:
         return f"{stage} was interrupted before it wrote this file — {rec.reason}"
-    if rec.status == FAIL:
+    if rec.status == StageStatus.FAIL:
         return f"{stage} failed before it wrote this file — {rec.reason}"
     return f"{stage} passed but did not write this file (a bug in the stage); see {layout.STAGES_DIR}/{stage}.json"
 
@@ -179,12 +179,6 @@ def stage_rows(recs: dict[str, StageRecord]) -> list[dict]:
 
 # --------------------------------------------------------------------------- rendering
 
-def md(value) -> str:
-    """Text made safe for one markdown table cell or line (no pipes, no HTML, one line)."""
-    text = " ".join(str(value).split())
-    return text.replace("|", "\\|").replace("<", "&lt;")  # ">=" stays readable; "<" could open HTML
-
-
 def figures_text(figures: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in figures.items())
 
@@ -197,7 +191,7 @@ def environment() -> jinja2.Environment:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(layout.TEMPLATES)), autoescape=False,  # markdown: text is escaped by the md filter
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
                              keep_trailing_newline=True)
-    env.filters.update(md=md, figures=figures_text, link=link)
+    env.filters.update(md=text.md_inert, figures=figures_text, link=link)
     return env
 
 
@@ -343,4 +337,4 @@ def run(run_dir: Path, args, *, env=None) -> Outcome:
 
     figures = {"verdict": ctx["verdict"], "failed_stage": ctx["failed_stage"] or "", "files": len(files)}
     written = [*placeholders, layout.README_FILE, layout.SUMMARY_FILE, layout.SUMS_FILE]
-    return Outcome(PASS, "", figures, written)
+    return Outcome(StageStatus.PASS, "", figures, written)

@@ -37,7 +37,7 @@ from pathlib import Path
 from tasks import config, installers, layout, records, venvs
 from tasks.config import Channel, ConfigError
 from tasks.installers import CommandLog, Installed, StepFailed
-from tasks.records import FAIL, PASS, Outcome
+from tasks.records import Outcome, StageStatus
 
 DESCRIPTION = ("Install a CUDA build of PyTorch into .venv-gpu from a channel of configs/channels.yaml: "
                "staging venv, one source per step, provenance check, verification, then swap")
@@ -107,7 +107,7 @@ def add_arguments(parser) -> None:
 @dataclass
 class Attempt:
     channel: Channel
-    status: str = FAIL
+    status: str = StageStatus.FAIL
     category: str = ""
     detail: str = ""
     seconds: float = 0.0
@@ -120,7 +120,7 @@ class Attempt:
 
     @property
     def ok(self) -> bool:
-        return self.status == PASS
+        return self.status == StageStatus.PASS
 
     def line(self) -> str:
         if self.ok:
@@ -441,7 +441,7 @@ def attempt(ctx: Context, ch: Channel) -> Attempt:
             a.facts = again
 
         venvs.swap_in(staging, ctx.venv, check)
-        a.status = PASS
+        a.status = StageStatus.PASS
     except StepFailed as e:
         a.category, a.detail = e.category, e.detail
     except venvs.VenvError as e:
@@ -652,21 +652,21 @@ def run(run_dir: Path, args) -> Outcome:
                     freeze = _freeze(layout.gpu_python(venv), log)
                     seconds = time.perf_counter() - t0
                     reason = ""
-                    write_report(ctx, status=PASS, reason=reason, attempts=[], chosen=marker, facts=facts,
+                    write_report(ctx, status=StageStatus.PASS, reason=reason, attempts=[], chosen=marker, facts=facts,
                                  freeze=freeze, noop=True, seconds=seconds)
                     write_requirements(ctx, marker, freeze)
                     print(f"install: .venv-gpu already holds channel {marker['channel']} (torch "
                           f"{marker['torch_version']}), verified again: nothing to do", flush=True)
-                    return Outcome(PASS, "", _figures(marker, facts, 0, seconds, noop=True),
+                    return Outcome(StageStatus.PASS, "", _figures(marker, facts, 0, seconds, noop=True),
                                    files + [layout.REQUIREMENTS_GPU])
                 for name in names:
                     attempts.append(attempt(ctx, catalog[name]))
                     if attempts[-1].ok:
                         break
         except venvs.VenvError as e:
-            write_report(ctx, status=FAIL, reason=str(e), attempts=attempts, chosen=None, facts=None, freeze="",
+            write_report(ctx, status=StageStatus.FAIL, reason=str(e), attempts=attempts, chosen=None, facts=None, freeze="",
                          noop=False, seconds=time.perf_counter() - t0)
-            return Outcome(FAIL, str(e), {"attempts": len(attempts)}, files)
+            return Outcome(StageStatus.FAIL, str(e), {"attempts": len(attempts)}, files)
         except KeyboardInterrupt:
             write_report(ctx, status="interrupted", reason="Ctrl-C: .venv-gpu is as it was before this run",
                          attempts=attempts, chosen=None, facts=None, freeze="", noop=False,
@@ -678,16 +678,16 @@ def run(run_dir: Path, args) -> Outcome:
             summary = "; ".join(a.line() for a in attempts)
             which = f"channel {names[0]}" if len(names) == 1 else f"all {len(names)} channels ({', '.join(names)})"
             reason = f"no CUDA torch installed: {which} failed — {summary}; {suggest(ctx, attempts)}"
-            write_report(ctx, status=FAIL, reason=reason, attempts=attempts, chosen=None, facts=None, freeze="",
+            write_report(ctx, status=StageStatus.FAIL, reason=reason, attempts=attempts, chosen=None, facts=None, freeze="",
                          noop=False, seconds=seconds)
-            return Outcome(FAIL, reason, {"attempts": len(attempts), "install_s": round(seconds, 1),
+            return Outcome(StageStatus.FAIL, reason, {"attempts": len(attempts), "install_s": round(seconds, 1),
                                           "channel": "none"}, files)
         marker = json.loads((venv / layout.VENV_MARKER).read_text())
         freeze = _freeze(layout.gpu_python(venv), log)
-        write_report(ctx, status=PASS, reason="", attempts=attempts, chosen=marker, facts=good.facts, freeze=freeze,
+        write_report(ctx, status=StageStatus.PASS, reason="", attempts=attempts, chosen=marker, facts=good.facts, freeze=freeze,
                      noop=False, seconds=seconds)
         write_requirements(ctx, marker, freeze)
-        return Outcome(PASS, "", _figures(marker, good.facts, len(attempts), seconds, noop=False),
+        return Outcome(StageStatus.PASS, "", _figures(marker, good.facts, len(attempts), seconds, noop=False),
                        files + [layout.REQUIREMENTS_GPU])
 
 

@@ -16,7 +16,7 @@ def build_parser():
     parser = stage.parser_for("nox -s m40 --", DESCRIPTION)
     for name in layout.STAGES:
         group = parser.add_argument_group(f"{name} options")
-        stage.module(name).add_arguments(group)
+        stage.MODULES[name].add_arguments(group)
     return parser
 
 
@@ -38,8 +38,8 @@ def _chain(run_dir, args) -> int:
     try:
         for name in WORK_STAGES:
             if blocker is not None:
-                timer = records.Timer().__enter__()
-                records.write(run_dir, timer.record(name, records.SKIP, f"not run: {blocker}"))
+                skipped = records.Timer.start().record(name, records.StageStatus.SKIP, f"not run: {blocker}")
+                records.write(run_dir, skipped)
                 continue
             rec = stage.execute(name, run_dir, args)
             if not rec.ok:

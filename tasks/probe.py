@@ -32,7 +32,7 @@ from pathlib import Path
 
 from tasks import config, layout, redact
 from tasks.cuda_rules import clock_event_is_fault, clock_event_names, cuda_version_from_int
-from tasks.records import FAIL, PASS, Outcome, now_iso
+from tasks.records import Outcome, StageStatus, now_iso
 
 DESCRIPTION = ("Probe the NVIDIA driver and GPUs (NVML, else nvidia-smi), record the machine in env_info.txt "
                "and gate on the CUDA version the driver supports.")
@@ -594,8 +594,8 @@ def run(run_dir: Path, args, *, env: Mapping[str, str] | None = None,
                "driver_cuda": facts.driver_cuda or "none", "min_driver_cuda": min_cuda or "unknown", "gpu_count": len(facts.gpus),
                "gpus": gpus_summary(facts.gpus)}
     if passed:
-        return Outcome(PASS, "", figures, files)
-    return Outcome(FAIL, config_error or line, figures, files)
+        return Outcome(StageStatus.PASS, "", figures, files)
+    return Outcome(StageStatus.FAIL, config_error or line, figures, files)
 
 
 def _short(path: Path) -> str:

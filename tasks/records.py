@@ -3,7 +3,8 @@
 Schema (version 1), the only contract between stages and `evidence`:
 
     stage       one of layout.STAGES
-    status      "pass" | "fail" | "skip" | "interrupted"
+    status      a StageStatus: "pass" | "fail" | "skip" | "interrupted" | "running" (written when the
+                stage starts, replaced when it ends: a record still "running" is a stage that never finished)
     reason      one line: why it failed / was skipped ("" on pass)
     started     ISO 8601 UTC time the stage began
     ended       ISO 8601 UTC time the stage ended
@@ -21,11 +22,21 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from tasks import layout
+from tasks import layout, text
 
-PASS, FAIL, SKIP, INTERRUPTED = "pass", "fail", "skip", "interrupted"
-STATUSES = (PASS, FAIL, SKIP, INTERRUPTED)
 SCHEMA = 1
+
+
+class StageStatus:
+    """A stage record's status: lower-case words. (A single check's status inside cuda_check is a
+    different thing, cuda_rules' upper-case word; the two never mix.)"""
+
+    PASS = "pass"
+    FAIL = "fail"
+    SKIP = "skip"
+    INTERRUPTED = "interrupted"
+    RUNNING = "running"  # written as the stage starts; a record left so means it never finished
+    ALL = (PASS, FAIL, SKIP, INTERRUPTED, RUNNING)
 
 
 def now_iso() -> str:
@@ -47,27 +58,27 @@ class StageRecord:
     def __post_init__(self) -> None:
         if self.stage not in layout.STAGES:
             raise ValueError(f"unknown stage {self.stage!r}")
-        if self.status not in STATUSES:
+        if self.status not in StageStatus.ALL:
             raise ValueError(f"unknown status {self.status!r}")
-        # A reason is one line by contract.
-        self.reason = " ".join(str(self.reason).split())
+        # A reason is one line by contract: whitespace runs collapse, other control characters are escaped.
+        self.reason = text.one_line(" ".join(str(self.reason).split()))
 
     @property
     def ok(self) -> bool:
-        return self.status == PASS
+        return self.status == StageStatus.PASS
 
 
 class Timer:
-    """Measures a stage: `with Timer() as t: ...; t.started, t.ended, t.duration_s`."""
+    """Measures a stage: `t = Timer.start()`, then `t.record(stage, status, ...)` stops it and builds its record."""
 
-    def __enter__(self) -> Timer:
+    def __init__(self) -> None:
         self.started = now_iso()
         self._t0 = time.perf_counter()
         self.ended, self.duration_s = "", 0.0
-        return self
 
-    def __exit__(self, *exc) -> None:
-        self.stop()
+    @classmethod
+    def start(cls) -> Timer:
+        return cls()
 
     def stop(self) -> None:
         if not self.ended:

@@ -13,36 +13,34 @@ and maps the result to the stage's exit code.
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 import traceback
 from pathlib import Path
 
-from tasks import layout, records, runs
+from tasks import cuda_check, evidence, install, layout, probe, records, runs, train
 from tasks.config import ConfigError
-from tasks.records import FAIL, INTERRUPTED, Timer
+from tasks.records import StageStatus, Timer
 
-
-def module(stage: str):
-    return importlib.import_module(f"tasks.{stage}")
+# The stages, in layout.STAGES order: the one table from a stage's name to its module.
+MODULES = {"probe": probe, "install": install, "cuda_check": cuda_check, "train": train, "evidence": evidence}
 
 
 def execute(stage: str, run_dir: Path, args: argparse.Namespace) -> records.StageRecord:
     """Run one stage into run_dir (already locked) and write its record. Re-raises Ctrl-C."""
-    mod = module(stage)
-    timer = Timer().__enter__()
+    mod = MODULES[stage]
+    timer = Timer.start()
     try:
         out = mod.run(run_dir, args)
         rec = timer.record(stage, out.status, out.reason, out.figures, out.files)
     except KeyboardInterrupt:
-        rec = timer.record(stage, INTERRUPTED, f"interrupted by the user (Ctrl-C) during {stage}")
+        rec = timer.record(stage, StageStatus.INTERRUPTED, f"interrupted by the user (Ctrl-C) during {stage}")
         records.write(run_dir, rec)
         raise
     except ConfigError as e:
-        rec = timer.record(stage, FAIL, str(e))
+        rec = timer.record(stage, StageStatus.FAIL, str(e))
     except Exception as e:  # a bug or an unforeseen failure: one line in the record, trace in the log
         traceback.print_exc()
-        rec = timer.record(stage, FAIL, f"unexpected {type(e).__name__}: {e}")
+        rec = timer.record(stage, StageStatus.FAIL, f"unexpected {type(e).__name__}: {e}")
     records.write(run_dir, rec)
     # Optional hook, run once the record exists: evidence seals the run here, so SHA256SUMS covers its record.
     after = getattr(mod, "after_record", None)
@@ -50,7 +48,7 @@ def execute(stage: str, run_dir: Path, args: argparse.Namespace) -> records.Stag
         try:
             after(run_dir, rec)
         except OSError as e:
-            rec = timer.record(stage, FAIL, f"{stage} could not finish: {e}")
+            rec = timer.record(stage, StageStatus.FAIL, f"{stage} could not finish: {e}")
             records.write(run_dir, rec)
     print(verdict_line(rec), flush=True)
     return rec
@@ -62,9 +60,9 @@ def verdict_line(rec: records.StageRecord) -> str:
 
 
 def exit_code(rec: records.StageRecord) -> int:
-    if rec.status == INTERRUPTED:
+    if rec.status == StageStatus.INTERRUPTED:
         return layout.EXIT_INTERRUPTED
-    return layout.EXIT_OK if rec.status in (records.PASS, records.SKIP) else layout.EXIT_STAGE[rec.stage]
+    return layout.EXIT_OK if rec.status in (StageStatus.PASS, StageStatus.SKIP) else layout.EXIT_STAGE[rec.stage]
 
 
 def parser_for(prog: str, description: str) -> argparse.ArgumentParser:
@@ -76,7 +74,7 @@ def parser_for(prog: str, description: str) -> argparse.ArgumentParser:
 
 def main(stage: str, argv: list[str]) -> int:
     """`nox -s <stage> -- [options]`: run one stage into the newest unfinished run (or a new one)."""
-    mod = module(stage)
+    mod = MODULES[stage]
     parser = parser_for(f"nox -s {stage} --", mod.DESCRIPTION)
     mod.add_arguments(parser)
     args = parser.parse_args(argv)
@@ -92,3 +90,4 @@ def main(stage: str, argv: list[str]) -> int:
         print(f"{stage}: interrupted", file=sys.stderr)
         return layout.EXIT_INTERRUPTED
     return exit_code(rec)
+

@@ -17,7 +17,7 @@ import subprocess
 from pathlib import Path
 
 from tasks import layout, proc, records
-from tasks.records import FAIL, PASS, Outcome
+from tasks.records import Outcome, StageStatus
 
 DESCRIPTION = ("Train GPT-2 for a few steps on every GPU (training_pt/train.py in .venv-gpu): the loss falls on "
                "real text, nothing goes non-finite; tok/s, MFU, memory and NVML samples in training_log.txt.")
@@ -102,22 +102,22 @@ def failure_reason(run_dir: Path, rc: int, timeout: float, result: dict | None) 
 def run(run_dir: Path, args) -> Outcome:
     python = layout.gpu_python()
     if not python.exists():
-        return Outcome(FAIL, f"no GPU environment: {python} is missing; run `nox -s install` (or `nox -s m40`) first")
+        return Outcome(StageStatus.FAIL, f"no GPU environment: {python} is missing; run `nox -s install` (or `nox -s m40`) first")
     if not Path(args.train_config).is_file():
-        return Outcome(FAIL, f"--train-config {args.train_config} does not exist; pass an existing YAML file")
+        return Outcome(StageStatus.FAIL, f"--train-config {args.train_config} does not exist; pass an existing YAML file")
 
     if args.nproc is not None:
         if args.nproc < 1:
-            return Outcome(FAIL, f"--nproc {args.nproc}: must be 1 or more")
+            return Outcome(StageStatus.FAIL, f"--nproc {args.nproc}: must be 1 or more")
         nproc, source = args.nproc, "--nproc"
     elif args.train_device == "cpu":
         nproc, source = 1, "--train-device cpu"
     else:
         count, source = gpu_count(run_dir, python)
         if count is None:
-            return Outcome(FAIL, f"{source}; check the install (nox -s cuda_check)")
+            return Outcome(StageStatus.FAIL, f"{source}; check the install (nox -s cuda_check)")
         if count == 0:
-            return Outcome(FAIL, "no CUDA GPU visible to .venv-gpu's torch (torch.cuda.device_count() = 0); "
+            return Outcome(StageStatus.FAIL, "no CUDA GPU visible to .venv-gpu's torch (torch.cuda.device_count() = 0); "
                                  "check `nox -s cuda_check`, or pass --train-device cpu to train on the CPU (slow)")
         nproc = count
     print(f"train: {nproc} process(es) ({source}); config {args.train_config}", flush=True)
@@ -145,5 +145,5 @@ def run(run_dir: Path, args) -> Outcome:
     figures = {k: v for k, v in ((result or {}).get("figures") or {}).items() if k in FIGURES}
     figures.update(nproc=nproc, config=Path(args.train_config).name)
     if result is not None and result.get("status") == "pass" and rc == 0:
-        return Outcome(PASS, "", figures, files)
-    return Outcome(FAIL, failure_reason(run_dir, rc, args.train_timeout, result), figures, files)
+        return Outcome(StageStatus.PASS, "", figures, files)
+    return Outcome(StageStatus.FAIL, failure_reason(run_dir, rc, args.train_timeout, result), figures, files)

@@ -76,7 +76,7 @@ def test_stage_fails_on_cpu_torch_with_one_line_and_keeps_the_files(tmp_path, mo
     (run_dir / layout.CUDA_CHECK_JSON).write_text('{"exit_code": 0, "reason": "stale"}')  # never read as this run's
     args = argparse.Namespace(check_mem_share=None, check_speed_share=None, check_seed=11)
     rec = stage.execute("cuda_check", run_dir, args)
-    assert rec.status == records.FAIL
+    assert rec.status == records.StageStatus.FAIL
     assert rec.reason.startswith("1 check(s) FAIL: build: torch ") and "CPU build" in rec.reason
     assert stage.exit_code(rec) == layout.EXIT_STAGE["cuda_check"]
     assert set(rec.files) == {"cuda_check.txt", layout.CUDA_CHECK_JSON, layout.CUDA_CHECK_LOG}
@@ -90,7 +90,7 @@ def test_stage_fails_on_cpu_torch_with_one_line_and_keeps_the_files(tmp_path, mo
 def test_stage_without_venv_gpu_says_to_install(tmp_path, monkeypatch):
     monkeypatch.setattr(layout, "VENV_GPU", tmp_path / "missing")
     out = cuda_check.run(tmp_path, argparse.Namespace())
-    assert out.status == records.FAIL
+    assert out.status == records.StageStatus.FAIL
     assert out.reason.startswith("no .venv-gpu (") and "run `nox -s install -p <channel>` first" in out.reason
 
 
@@ -123,7 +123,7 @@ GOOD_RESULT = {
 
 def test_outcome_from_a_passing_result_carries_the_key_figures():
     out = cuda_check.outcome_from(GOOD_RESULT, 0, "", 300, ["cuda_check.txt"])
-    assert out.status == records.PASS and out.reason == ""
+    assert out.status == records.StageStatus.PASS and out.reason == ""
     assert out.figures == {
         "checks_pass": 21, "checks_fail": 0, "checks_skip": 2, "gpus_checked": 1, "check_s": 11.9, "seed": 5,
         "torch": "2.11.0+cu130", "cuda_build": "13.0", "driver_cuda": "13.0", "gpu0_sdpa_backend": "flash",
@@ -136,19 +136,19 @@ def test_outcome_when_no_gpu_was_checked_is_a_failure():
     result = dict(GOOD_RESULT, exit_code=3, gpus_checked=0,
                   reason="no CUDA device visible to torch: torch sees 0 of 1 GPU(s): CUDA_VISIBLE_DEVICES is set but empty")
     out = cuda_check.outcome_from(result, 3, "", 300, [])
-    assert out.status == records.FAIL and out.reason.startswith("no CUDA device visible to torch: ")
+    assert out.status == records.StageStatus.FAIL and out.reason.startswith("no CUDA device visible to torch: ")
 
 
 def test_outcome_without_a_result_names_the_exit_and_the_log():
     crashed = cuda_check.outcome_from(None, 1, "ModuleNotFoundError: No module named 'torch'", 300, [])
-    assert crashed.status == records.FAIL
+    assert crashed.status == records.StageStatus.FAIL
     assert crashed.reason == ("the checker exited with code 1 and wrote no cuda_check.json (last output: "
                               "ModuleNotFoundError: No module named 'torch'); see cuda_check.log")
     hung = cuda_check.outcome_from(None, 1, 'File "x", line 3 in bench', 300, [], hung=True)
     assert "hung and stopped itself after 300 s" in hung.reason
     assert "did not finish within 300 s" in cuda_check.outcome_from(None, 124, "", 300, []).reason
     disagree = cuda_check.outcome_from(GOOD_RESULT, 1, "", 300, [])
-    assert disagree.status == records.FAIL and "exited with code 1" in disagree.reason
+    assert disagree.status == records.StageStatus.FAIL and "exited with code 1" in disagree.reason
 
 
 def test_memory_pattern_is_written_and_checked_in_chunks_without_false_errors():

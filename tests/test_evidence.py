@@ -9,8 +9,8 @@ import subprocess
 
 import pytest
 
-from tasks import evidence, layout, records, runs, stage
-from tasks.records import FAIL, INTERRUPTED, PASS, SKIP, StageRecord
+from tasks import evidence, layout, records, runs, stage, text
+from tasks.records import StageRecord, StageStatus
 
 GPU = {"index": 0, "name": "NVIDIA H100 80GB HBM3", "model": "H100 SXM", "uuid": "GPU-1234", "pci_bus_id": "00000000:18:00.0",
        "compute_capability": "9.0", "memory_total_mib": 81559, "memory_free_mib": 81004, "ecc_current": "enabled",
@@ -38,9 +38,9 @@ def make_run(tmp_path, statuses: dict[str, str], reasons: dict[str, str] | None 
     run_dir.mkdir()
     reasons = reasons or {}
     for name, status in statuses.items():
-        reason = reasons.get(name, "" if status == PASS else f"{name} went wrong")
+        reason = reasons.get(name, "" if status == StageStatus.PASS else f"{name} went wrong")
         records.write(run_dir, StageRecord(name, status, reason, duration_s=1.5, figures=FIGURES.get(name, {})))
-        if status in (PASS, FAIL):
+        if status in (StageStatus.PASS, StageStatus.FAIL):
             for f in layout.STAGE_FILES[name]:
                 (run_dir / f).write_text(STAGE_TEXT[f])
         if name == "probe":
@@ -60,13 +60,13 @@ def sha256sum_check(run_dir):
                           capture_output=True, text=True)
 
 
-ALL_PASS = {"probe": PASS, "install": PASS, "cuda_check": PASS, "train": PASS}
+ALL_PASS = {"probe": StageStatus.PASS, "install": StageStatus.PASS, "cuda_check": StageStatus.PASS, "train": StageStatus.PASS}
 
 
 # --------------------------------------------------------------------------- verdict
 
 def recs(**statuses):
-    return {n: StageRecord(n, s, "" if s == PASS else f"{n} says why") for n, s in statuses.items()}
+    return {n: StageRecord(n, s, "" if s == StageStatus.PASS else f"{n} says why") for n, s in statuses.items()}
 
 
 def test_verdict_pass_only_when_every_stage_passed():
@@ -74,19 +74,19 @@ def test_verdict_pass_only_when_every_stage_passed():
 
 
 def test_verdict_names_the_first_failed_stage():
-    r = recs(probe=PASS, install=FAIL, cuda_check=SKIP, train=SKIP)
+    r = recs(probe=StageStatus.PASS, install=StageStatus.FAIL, cuda_check=StageStatus.SKIP, train=StageStatus.SKIP)
     assert evidence.verdict(r) == ("FAIL", "install", "install says why")
 
 
 def test_verdict_interrupted_names_where():
-    assert evidence.verdict(recs(probe=PASS, install=PASS, cuda_check=INTERRUPTED))[:2] == ("INTERRUPTED", "cuda_check")
+    assert evidence.verdict(recs(probe=StageStatus.PASS, install=StageStatus.PASS, cuda_check=StageStatus.INTERRUPTED))[:2] == ("INTERRUPTED", "cuda_check")
 
 
 def test_verdict_missing_or_skipped_stage_is_not_a_pass():
-    assert evidence.verdict(recs(probe=PASS)) == ("FAIL", "install", "install did not run (no record in stages/)")
-    assert evidence.verdict(recs(probe=PASS, install=SKIP, cuda_check=PASS, train=PASS))[:2] == ("FAIL", "install")
+    assert evidence.verdict(recs(probe=StageStatus.PASS)) == ("FAIL", "install", "install did not run (no record in stages/)")
+    assert evidence.verdict(recs(probe=StageStatus.PASS, install=StageStatus.SKIP, cuda_check=StageStatus.PASS, train=StageStatus.PASS))[:2] == ("FAIL", "install")
     # a real failure is named before an earlier skip
-    assert evidence.verdict(recs(probe=PASS, install=SKIP, cuda_check=FAIL))[1] == "cuda_check"
+    assert evidence.verdict(recs(probe=StageStatus.PASS, install=StageStatus.SKIP, cuda_check=StageStatus.FAIL))[1] == "cuda_check"
 
 
 # --------------------------------------------------------------------------- rendering a fixture run
@@ -99,7 +99,7 @@ def test_passing_run_renders_readme_summary_and_verifiable_sums(tmp_path):
     before = {f: (run_dir / f).read_text() for f in STAGE_TEXT}
 
     rec = render(run_dir)
-    assert rec.status == PASS, rec.reason
+    assert rec.status == StageStatus.PASS, rec.reason
     assert rec.figures["verdict"] == "PASS"
 
     for f in layout.REQUIRED_FILES:
@@ -141,14 +141,14 @@ def test_passing_run_renders_readme_summary_and_verifiable_sums(tmp_path):
 
 def test_failed_run_names_the_stage_and_writes_why_files_are_missing(tmp_path):
     reason = "found driver 550.54.15 supporting CUDA 12.4; need CUDA >= 12.8; upgrade the driver"
-    run_dir = make_run(tmp_path, {"probe": PASS, "install": FAIL, "cuda_check": SKIP, "train": SKIP},
+    run_dir = make_run(tmp_path, {"probe": StageStatus.PASS, "install": StageStatus.FAIL, "cuda_check": StageStatus.SKIP, "train": StageStatus.SKIP},
                        {"install": reason, "cuda_check": "not run: install failed", "train": "not run: install failed"})
     (run_dir / "torch_version.txt").unlink()  # install failed before writing its file
     render(run_dir)
 
     readme = (run_dir / layout.README_FILE).read_text()
     assert readme.splitlines()[0] == "# M40 run `m40_v1`: FAIL"
-    assert f"**FAIL** at **install**: {evidence.md(reason)}" in readme
+    assert f"**FAIL** at **install**: {text.md_inert(reason)}" in readme
     assert "| cuda_check | SKIP |" in readme
     assert (run_dir / "torch_version.txt").read_text().startswith(f"install failed before it wrote this file — {reason}")
     assert (run_dir / "cuda_check.txt").read_text().startswith(f"cuda_check did not run: install failed — {reason}")
@@ -158,7 +158,7 @@ def test_failed_run_names_the_stage_and_writes_why_files_are_missing(tmp_path):
 
 
 def test_interrupted_run_says_where(tmp_path):
-    run_dir = make_run(tmp_path, {"probe": PASS, "install": PASS, "cuda_check": INTERRUPTED},
+    run_dir = make_run(tmp_path, {"probe": StageStatus.PASS, "install": StageStatus.PASS, "cuda_check": StageStatus.INTERRUPTED},
                        {"cuda_check": "interrupted by the user (Ctrl-C) during cuda_check"})
     render(run_dir)
     readme = (run_dir / layout.README_FILE).read_text()
@@ -172,7 +172,7 @@ def test_evidence_alone_on_an_empty_run_still_leaves_all_six_files(tmp_path):
     run_dir = tmp_path / "m40_v1"
     run_dir.mkdir()
     rec = render(run_dir)
-    assert rec.status == PASS
+    assert rec.status == StageStatus.PASS
     for f in layout.REQUIRED_FILES:
         assert (run_dir / f).is_file(), f
     assert (run_dir / "env_info.txt").read_text().startswith("probe did not run: it left no record in stages/")
@@ -182,7 +182,7 @@ def test_evidence_alone_on_an_empty_run_still_leaves_all_six_files(tmp_path):
 
 
 def test_markdown_special_characters_in_reasons_cannot_break_the_tables(tmp_path):
-    run_dir = make_run(tmp_path, {"probe": FAIL}, {"probe": "a | b <script> c"})
+    run_dir = make_run(tmp_path, {"probe": StageStatus.FAIL}, {"probe": "a | b <script> c"})
     render(run_dir)
     readme = (run_dir / layout.README_FILE).read_text()
     assert "a \\| b &lt;script> c" in readme and "<script>" not in readme
@@ -192,7 +192,7 @@ def test_step_summary_is_appended_when_github_asks(tmp_path, monkeypatch):
     target = tmp_path / "step_summary.md"
     target.write_text("earlier step\n")
     monkeypatch.setenv(evidence.STEP_SUMMARY_ENV, str(target))
-    run_dir = make_run(tmp_path, {"probe": FAIL}, {"probe": "no driver"})
+    run_dir = make_run(tmp_path, {"probe": StageStatus.FAIL}, {"probe": "no driver"})
     render(run_dir)
     text = target.read_text()
     assert text.startswith("earlier step\n")
@@ -205,7 +205,7 @@ def test_step_summary_is_appended_when_github_asks(tmp_path, monkeypatch):
 def test_unwritable_step_summary_does_not_fail_evidence(tmp_path, monkeypatch):
     monkeypatch.setenv(evidence.STEP_SUMMARY_ENV, str(tmp_path / "missing-dir" / "summary.md"))
     run_dir = make_run(tmp_path, ALL_PASS)
-    assert render(run_dir).status == PASS
+    assert render(run_dir).status == StageStatus.PASS
 
 
 def test_broken_template_fails_evidence_and_leaves_the_run_unsealed(tmp_path, monkeypatch):
@@ -215,6 +215,6 @@ def test_broken_template_fails_evidence_and_leaves_the_run_unsealed(tmp_path, mo
     monkeypatch.setattr(layout, "TEMPLATES", templates)
     run_dir = make_run(tmp_path, ALL_PASS)
     rec = render(run_dir)
-    assert rec.status == FAIL and "no_such_value" in rec.reason
+    assert rec.status == StageStatus.FAIL and "no_such_value" in rec.reason
     assert stage.exit_code(rec) == layout.EXIT_STAGE["evidence"]
     assert not runs.is_sealed(run_dir)

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from tasks import evidence, fleet, layout, records, runs, stage
-from tasks.records import FAIL, PASS, SKIP, StageRecord
+from tasks.records import StageRecord, StageStatus
 
 MODEL, NAME = "H100 SXM", "NVIDIA H100 80GB HBM3"
 
@@ -42,9 +42,9 @@ def make_node(root, host: str, *, gpus: int = 8, model: str = MODEL, bf16: float
     failed_at = fail[0] if fail else None
     for name in ("probe", "install", "cuda_check", "train"):
         if failed_at and layout.STAGES.index(name) > layout.STAGES.index(failed_at):
-            records.write(run_dir, StageRecord(name, SKIP, f"not run: {failed_at} failed"))
+            records.write(run_dir, StageRecord(name, StageStatus.SKIP, f"not run: {failed_at} failed"))
             continue
-        status, reason = (FAIL, fail[1]) if name == failed_at else (PASS, "")
+        status, reason = (StageStatus.FAIL, fail[1]) if name == failed_at else (StageStatus.PASS, "")
         records.write(run_dir, StageRecord(name, status, reason, duration_s=1.0, figures=figures[name]))
         for f in layout.STAGE_FILES[name]:
             (run_dir / f).write_text(f"{name} output\n")
@@ -132,7 +132,7 @@ def test_a_missing_figure_is_a_dash_not_a_crash(tmp_path):
     """A node whose probe failed: sealed, FAIL, and no figure at all (not even its host)."""
     other = tmp_path / "r2" / "m40_v1"
     other.mkdir(parents=True)
-    records.write(other, StageRecord("probe", FAIL, "no NVIDIA driver", figures={}))
+    records.write(other, StageRecord("probe", StageStatus.FAIL, "no NVIDIA driver", figures={}))
     with runs.locked(other):
         stage.execute("evidence", other, argparse.Namespace())
     code, doc, md, _ = report(tmp_path, tmp_path / "r2")

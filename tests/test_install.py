@@ -474,7 +474,7 @@ def test_inputs_that_would_fail_every_attempt_are_refused_before_any_download(tm
     out = install.run(tmp_path, SimpleNamespace(
         channel="cu128", channels=None, channels_file=None, from_python=None, wheelhouse=None, installer="pip",
         keep_pip_config=False, deps_index_url=None, venv=str(not_a_venv), reinstall=False, settings=None))
-    assert out.status == records.FAIL and "is not a virtual environment" in out.reason
+    assert out.status == records.StageStatus.FAIL and "is not a virtual environment" in out.reason
     assert (not_a_venv / "precious.txt").read_text() == "keep me"
     assert "pip install" not in (tmp_path / layout.INSTALL_LOG).read_text()
     with pytest.raises(config.ConfigError, match="--from-python /no/such/python: no such interpreter"):

@@ -15,7 +15,7 @@ import fake_gpu
 import pytest
 
 from tasks import evidence, layout, m40, records, runs, stage
-from tasks.records import FAIL, PASS, Outcome
+from tasks.records import Outcome, StageStatus
 
 SHA256SUM = shutil.which("sha256sum")
 
@@ -40,22 +40,21 @@ def no_driver(monkeypatch, tmp_path):
     fake_gpu.put_first_on_path(monkeypatch, tmp_path / "bin")
 
 
-def fake_stage(name, status=PASS, raises=None):
+def fake_stage(name, status=StageStatus.PASS, raises=None):
     """A stand-in for install/cuda_check/train (their real versions need a GPU)."""
     def run(run_dir, args):
         if raises:
             raise raises
         for f in layout.STAGE_FILES[name]:
             (run_dir / f).write_text(f"{name} output\n")
-        return Outcome(status, "" if status == PASS else f"{name} broke", {"torch": "2.11.0+cu130"} if name == "install" else {})
+        return Outcome(status, "" if status == StageStatus.PASS else f"{name} broke", {"torch": "2.11.0+cu130"} if name == "install" else {})
     return SimpleNamespace(DESCRIPTION=f"fake {name}", add_arguments=lambda parser: None, run=run)
 
 
 def use_fakes(monkeypatch, **overrides):
     """Replace the GPU-only stages by fakes; probe and evidence stay real."""
-    real = stage.module
-    fakes = {name: overrides.get(name, fake_stage(name)) for name in ("install", "cuda_check", "train")}
-    monkeypatch.setattr(stage, "module", lambda name: fakes[name] if name in fakes else real(name))
+    for name in ("install", "cuda_check", "train"):
+        monkeypatch.setitem(stage.MODULES, name, overrides.get(name, fake_stage(name)))
 
 
 def only_run():
@@ -73,20 +72,20 @@ def test_all_stages_pass_exit_0_and_the_run_is_sealed(monkeypatch, good_driver):
     use_fakes(monkeypatch)
     assert m40.main([]) == layout.EXIT_OK
     run_dir = only_run()
-    assert set(statuses(run_dir).values()) == {PASS}
+    assert set(statuses(run_dir).values()) == {StageStatus.PASS}
     assert runs.is_sealed(run_dir)
     assert (run_dir / layout.README_FILE).read_text().startswith("# M40 run `m40_v1`: PASS")
 
 
 @pytest.mark.parametrize("failing", ["install", "cuda_check", "train"])
 def test_first_failed_stage_gives_its_exit_code_and_later_stages_are_skipped(monkeypatch, good_driver, failing):
-    use_fakes(monkeypatch, **{failing: fake_stage(failing, FAIL)})
+    use_fakes(monkeypatch, **{failing: fake_stage(failing, StageStatus.FAIL)})
     assert m40.main([]) == layout.EXIT_STAGE[failing]
     run_dir = only_run()
     got = statuses(run_dir)
-    assert got[failing] == FAIL and got["evidence"] == PASS
+    assert got[failing] == StageStatus.FAIL and got["evidence"] == StageStatus.PASS
     later = layout.STAGES[layout.STAGES.index(failing) + 1: -1]
-    assert all(got[s] == records.SKIP for s in later)
+    assert all(got[s] == records.StageStatus.SKIP for s in later)
     assert f"**FAIL** at **{failing}**: {failing} broke" in (run_dir / layout.README_FILE).read_text()
 
 
@@ -95,7 +94,7 @@ def test_probe_failure_exits_10_from_m40_and_from_the_stage_alone(monkeypatch, n
     assert m40.main([]) == layout.EXIT_STAGE["probe"] == 10
     out = capsys.readouterr().out
     assert "probe: FAIL" in out and "couldn't communicate with the NVIDIA driver" in out
-    assert statuses(only_run())["install"] == records.SKIP
+    assert statuses(only_run())["install"] == records.StageStatus.SKIP
     # the same exit code from `nox -s probe`
     assert stage.main("probe", []) == 10
 
@@ -117,7 +116,7 @@ def test_ctrl_c_exits_130_and_the_run_says_where(monkeypatch, good_driver):
     use_fakes(monkeypatch, cuda_check=fake_stage("cuda_check", raises=KeyboardInterrupt()))
     assert m40.main([]) == layout.EXIT_INTERRUPTED == 130
     run_dir = only_run()
-    assert statuses(run_dir)["cuda_check"] == records.INTERRUPTED
+    assert statuses(run_dir)["cuda_check"] == records.StageStatus.INTERRUPTED
     assert "train" not in statuses(run_dir)
     assert runs.is_sealed(run_dir)  # evidence ran after Ctrl-C
     assert "**INTERRUPTED during cuda_check**" in (run_dir / layout.README_FILE).read_text()

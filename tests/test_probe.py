@@ -59,7 +59,7 @@ def test_smi_header_gives_driver_and_cuda():
 def test_cuda_13_driver_passes_through_nvidia_smi(monkeypatch, run_dir, smi_machine):
     fake_gpu.working_smi(smi_machine, cuda="13.0")
     out = probe.run(run_dir, args())
-    assert out.status == records.PASS, out.reason
+    assert out.status == records.StageStatus.PASS, out.reason
     assert out.figures["source"] == "nvidia-smi"
     assert out.figures["driver"] == "580.95.05"
     assert out.figures["driver_cuda"] == "13.0"
@@ -79,7 +79,7 @@ def test_cuda_13_driver_passes_through_nvidia_smi(monkeypatch, run_dir, smi_mach
 def test_cuda_12_4_driver_fails_the_gate_with_one_line(monkeypatch, run_dir, smi_machine):
     fake_gpu.working_smi(smi_machine, cuda="12.4", driver="550.54.15")
     out = probe.run(run_dir, args())
-    assert out.status == records.FAIL
+    assert out.status == records.StageStatus.FAIL
     assert "\n" not in out.reason
     assert "found driver 550.54.15 supporting CUDA 12.4" in out.reason  # what was found
     assert "need CUDA >= 12.8" in out.reason  # what is needed
@@ -90,7 +90,7 @@ def test_cuda_12_4_driver_fails_the_gate_with_one_line(monkeypatch, run_dir, smi
 def test_min_driver_cuda_option_overrides_the_config(monkeypatch, run_dir, smi_machine):
     fake_gpu.working_smi(smi_machine, cuda="12.4", driver="550.54.15")
     out = probe.run(run_dir, args(min_driver_cuda="12.4"))
-    assert out.status == records.PASS
+    assert out.status == records.StageStatus.PASS
     assert out.figures["min_driver_cuda"] == "12.4"
 
 
@@ -99,7 +99,7 @@ def test_settings_file_gives_the_minimum(monkeypatch, tmp_path, run_dir, smi_mac
     settings = tmp_path / "m40.yaml"
     settings.write_text('min_driver_cuda: "13.1"\nchannel_order: [cu128]\ngpu_packages: []\n')
     out = probe.run(run_dir, args(settings=settings))
-    assert out.status == records.FAIL
+    assert out.status == records.StageStatus.FAIL
     assert "need CUDA >= 13.1" in out.reason
 
 
@@ -107,7 +107,7 @@ def test_bad_settings_file_fails_but_env_info_is_written(monkeypatch, tmp_path, 
     settings = tmp_path / "m40.yaml"
     settings.write_text("min_driver_cuda: [oops\n")
     out = probe.run(run_dir, args(settings=settings))
-    assert out.status == records.FAIL
+    assert out.status == records.StageStatus.FAIL
     assert "not valid YAML" in out.reason
     assert "cannot decide" in read(run_dir, "env_info.txt")
 
@@ -115,7 +115,7 @@ def test_bad_settings_file_fails_but_env_info_is_written(monkeypatch, tmp_path, 
 def test_garbage_output_fails_with_one_line(monkeypatch, run_dir, smi_machine):
     fake_gpu.garbage_smi(smi_machine)
     out = probe.run(run_dir, args())
-    assert out.status == records.FAIL
+    assert out.status == records.StageStatus.FAIL
     assert "\n" not in out.reason
     assert "nvidia-smi output this probe cannot read" in out.reason
     assert "reinstall the NVIDIA driver" in out.reason
@@ -125,7 +125,7 @@ def test_garbage_output_fails_with_one_line(monkeypatch, run_dir, smi_machine):
 
 def test_missing_binary_and_no_nvml_means_no_driver(monkeypatch, run_dir, smi_machine):
     out = probe.run(run_dir, args())
-    assert out.status == records.FAIL
+    assert out.status == records.StageStatus.FAIL
     assert out.reason.startswith("found no NVIDIA driver")
     assert "nvidia-smi not found on PATH" in out.reason
     assert "need a driver supporting CUDA >= 12.8" in out.reason
@@ -140,7 +140,7 @@ def test_missing_binary_and_no_nvml_means_no_driver(monkeypatch, run_dir, smi_ma
 def test_driver_not_loaded_names_nvidia_smi_message(monkeypatch, run_dir, smi_machine):
     fake_gpu.failing_smi(smi_machine)
     out = probe.run(run_dir, args())
-    assert out.status == records.FAIL
+    assert out.status == records.StageStatus.FAIL
     assert "couldn't communicate with the NVIDIA driver" in out.reason
     assert "lsmod | grep nvidia" in out.reason
 
@@ -148,7 +148,7 @@ def test_driver_not_loaded_names_nvidia_smi_message(monkeypatch, run_dir, smi_ma
 def test_no_devices_found(monkeypatch, run_dir, smi_machine):
     fake_gpu.write_script(smi_machine, 'echo "No devices were found"\nexit 6\n')
     out = probe.run(run_dir, args())
-    assert out.status == records.FAIL
+    assert out.status == records.StageStatus.FAIL
     assert "no GPU" in out.reason and "NVIDIA_VISIBLE_DEVICES" in out.reason
 
 
@@ -161,7 +161,7 @@ def test_older_driver_without_new_fields_is_asked_again_with_core_fields(monkeyp
 esac
 """)
     out = probe.run(run_dir, args(min_driver_cuda="12.0"))
-    assert out.status == records.PASS, out.reason
+    assert out.status == records.StageStatus.PASS, out.reason
     assert out.figures["gpus"] == "1x NVIDIA A100-SXM4-80GB"
     doc = json.loads(read(run_dir, layout.GPUS_JSON))
     assert doc["gpus"][0]["ecc_current"] == "N/A"
@@ -170,7 +170,7 @@ esac
 def test_probe_source_nvml_does_not_fall_back(monkeypatch, run_dir, smi_machine):
     fake_gpu.working_smi(smi_machine)
     out = probe.run(run_dir, args(probe_source="nvml"))
-    assert out.status == records.FAIL
+    assert out.status == records.StageStatus.FAIL
     assert "NVML unavailable" in out.reason
 
 
@@ -178,7 +178,7 @@ def test_probe_source_nvml_does_not_fall_back(monkeypatch, run_dir, smi_machine)
 
 def test_nvml_is_the_first_source(monkeypatch, run_dir, nvml_machine):
     out = probe.run(run_dir, args())
-    assert out.status == records.PASS, out.reason
+    assert out.status == records.StageStatus.PASS, out.reason
     assert out.figures == {"host": socket.gethostname(), "source": "nvml", "driver": "580.95.05", "driver_cuda": "13.0",
                            "min_driver_cuda": "12.8", "gpu_count": 2, "gpus": f"2x {fake_gpu.H100}"}
     assert nvml_machine.calls == ["shutdown"]
@@ -209,7 +209,7 @@ def test_a_power_capped_gpu_is_information_not_a_warning_as_cuda_check_judges_it
 def test_nvml_cuda_below_minimum_fails(monkeypatch, run_dir, nvml_machine):
     monkeypatch.setattr(pynvml, "nvmlSystemGetCudaDriverVersion_v2", lambda: 12040)
     out = probe.run(run_dir, args())
-    assert out.status == records.FAIL
+    assert out.status == records.StageStatus.FAIL
     assert out.figures["source"] == "nvml"
     assert "supporting CUDA 12.4; need CUDA >= 12.8" in out.reason
 
@@ -222,7 +222,7 @@ def test_nvml_failing_midway_falls_back_to_nvidia_smi(monkeypatch, tmp_path, run
     fake_gpu.working_smi(tmp_path / "bin")
     fake_gpu.only_on_path(monkeypatch, tmp_path / "bin")
     out = probe.run(run_dir, args())
-    assert out.status == records.PASS, out.reason
+    assert out.status == records.StageStatus.PASS, out.reason
     assert out.figures["source"] == "nvidia-smi"
     assert "NVML failed while reading the GPUs" in read(run_dir, "env_info.txt")
 
@@ -245,7 +245,7 @@ def test_a_broken_gpu_datasheet_still_leaves_the_facts_written(monkeypatch, tmp_
     broken.write_text("gpus: [{model: x}]\n")
     monkeypatch.setattr(layout, "GPUS_FILE", broken)
     out = probe.run(run_dir, args())
-    assert out.status == records.PASS, out.reason  # the gate is about the driver, not the datasheet
+    assert out.status == records.StageStatus.PASS, out.reason  # the gate is about the driver, not the datasheet
     assert json.loads(read(run_dir, layout.GPUS_JSON))["gpus"][0]["model"] is None
     assert "datasheet models not named:" in read(run_dir, "env_info.txt")
     assert "CUDA Version: 13.0" in read(run_dir, "nvidia_smi.txt")

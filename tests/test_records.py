@@ -10,7 +10,7 @@ from tasks import layout, records
 
 
 def test_record_round_trips_through_its_file(tmp_path):
-    rec = records.StageRecord("probe", records.FAIL, "no driver", figures={"gpu_count": 0}, files=["env_info.txt"])
+    rec = records.StageRecord("probe", records.StageStatus.FAIL, "no driver", figures={"gpu_count": 0}, files=["env_info.txt"])
     path = records.write(tmp_path, rec)
     assert path == tmp_path / layout.STAGES_DIR / "probe.json"
     assert json.loads(path.read_text())["schema"] == records.SCHEMA
@@ -19,7 +19,7 @@ def test_record_round_trips_through_its_file(tmp_path):
 
 
 def test_reason_is_always_one_line():
-    rec = records.StageRecord("install", records.FAIL, "pip failed:\n  no matching\tdistribution  ")
+    rec = records.StageRecord("install", records.StageStatus.FAIL, "pip failed:\n  no matching\tdistribution  ")
     assert rec.reason == "pip failed: no matching distribution"
 
 
@@ -31,7 +31,7 @@ def test_unknown_stage_or_status_is_refused(kw):
 
 def test_read_all_returns_only_recorded_stages_in_order(tmp_path):
     for stage in ("train", "probe"):
-        records.write(tmp_path, records.StageRecord(stage, records.PASS))
+        records.write(tmp_path, records.StageRecord(stage, records.StageStatus.PASS))
     assert list(records.read_all(tmp_path)) == ["probe", "train"]
     assert records.read(tmp_path, "install") is None
 
@@ -40,13 +40,32 @@ def test_read_ignores_fields_a_newer_writer_added(tmp_path):
     path = layout.stage_record_path(tmp_path, "probe")
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps({"stage": "probe", "status": "pass", "added_later": 1}))
-    assert records.read(tmp_path, "probe").status == records.PASS
+    assert records.read(tmp_path, "probe").status == records.StageStatus.PASS
 
 
 def test_timer_records_start_end_and_duration():
-    with records.Timer() as t:
-        pass
-    rec = t.record("train", records.SKIP, "not run: probe failed", figures={"a": 1})
+    t = records.Timer.start()
+    rec = t.record("train", records.StageStatus.SKIP, "not run: probe failed", figures={"a": 1})
     assert rec.started and rec.ended and rec.duration_s >= 0
-    assert (rec.stage, rec.status, rec.figures) == ("train", records.SKIP, {"a": 1})
-    assert not rec.ok and records.StageRecord("train", records.PASS).ok
+    assert (rec.stage, rec.status, rec.figures) == ("train", records.StageStatus.SKIP, {"a": 1})
+    assert not rec.ok and records.StageRecord("train", records.StageStatus.PASS).ok
+
+
+def test_a_reason_cannot_carry_an_escape_sequence_or_a_second_line():
+    rec = records.StageRecord("probe", records.StageStatus.FAIL, "bad\x1b[2J name\u2028## Gate")
+    assert rec.reason == "bad\\x1b[2J name ## Gate"
+
+
+def test_stage_statuses_are_words_apart_from_a_single_checks_status():
+    from tasks import cuda_rules
+
+    assert set(records.StageStatus.ALL) == {"pass", "fail", "skip", "interrupted", "running"}
+    check_words = {v for k, v in vars(cuda_rules).items() if k in ("PASS", "FAIL", "SKIP", "WARN")}
+    assert not check_words & set(records.StageStatus.ALL)
+
+
+def test_the_stage_table_names_every_stage_in_order():
+    from tasks import stage
+
+    assert tuple(stage.MODULES) == layout.STAGES
+    assert all(stage.MODULES[name].__name__ == f"tasks.{name}" for name in layout.STAGES)

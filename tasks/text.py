@@ -1,0 +1,49 @@
+"""Text from the machine made safe to write into the evidence: on one line, and inert in markdown.
+
+Every value the machine or the user supplies (environment values, GPU names, driver strings, error
+reasons) goes through `one_line` before it is written into a text file of the run, so it cannot add a
+line (a forged "## Gate" section) or a terminal escape; and through `md_inert` before it is written
+into README.md, so it cannot become a link, an image, HTML or a table column. Never imports torch.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+
+# Control characters (Cc), format characters (Cf: bidi overrides, zero-width), and the Unicode line
+# and paragraph separators (Zl, Zp) that str.splitlines() and many viewers treat as line breaks.
+_CONTROL_CATEGORIES = ("Cc", "Cf", "Zl", "Zp")
+_NAMED_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+# Markdown that could start a link, image, HTML, code span, emphasis or a table column; a backslash
+# first, so an escape already in the value stays visible as written.
+_MD_PUNCTUATION = "\\`*_[]!|~#"
+# "<" opens HTML and autolinks; "&" an entity. ">" is left alone: it acts only at a line's start, and
+# a value never starts a line of the README.
+_MD_ENTITIES = {"&": "&amp;", "<": "&lt;"}
+
+
+def _escaped(ch: str) -> str:
+    if ch in _NAMED_ESCAPES:
+        return _NAMED_ESCAPES[ch]
+    if unicodedata.category(ch) in _CONTROL_CATEGORIES:
+        code = ord(ch)
+        return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+    return ch
+
+
+def one_line(value: object) -> str:
+    """`value` as one line of text: every control character escaped as Python writes it (\\n, \\x1b, \\u2028)."""
+    return "".join(_escaped(ch) for ch in str(value))
+
+
+def md_inert(value: object) -> str:
+    """`value` as one line of markdown that renders as the plain text it is (no link, image, HTML, column)."""
+    out = []
+    for ch in one_line(value):
+        if ch in _MD_ENTITIES:
+            out.append(_MD_ENTITIES[ch])
+        elif ch in _MD_PUNCTUATION:
+            out.append("\\" + ch)
+        else:
+            out.append(ch)
+    return "".join(out)
