@@ -14,9 +14,10 @@ import unicodedata
 # and paragraph separators (Zl, Zp) that str.splitlines() and many viewers treat as line breaks.
 _CONTROL_CATEGORIES = ("Cc", "Cf", "Zl", "Zp")
 _NAMED_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
-# Markdown that could start a link, image, HTML, code span, emphasis or a table column; a backslash
-# first, so an escape already in the value stays visible as written.
-_MD_PUNCTUATION = "\\`*_[]!|~#"
+# Markdown that could start a link or image ("[", which "!" needs too), a code span, bold or a table column, and the backslash itself
+# (so an escape already in the value stays visible as written). "_", "#" and "~" stay readable
+# (`cuda_check`, `#3`): inside a line of words they start nothing that could mislead.
+_MD_PUNCTUATION = "\\`*[]|"
 # "<" opens HTML and autolinks; "&" an entity. ">" is left alone: it acts only at a line's start, and
 # a value never starts a line of the README.
 _MD_ENTITIES = {"&": "&amp;", "<": "&lt;"}
