@@ -92,7 +92,7 @@ def fleet(session: nox.Session) -> None:
     """One report (fleet.md/.json/.csv) over many nodes' sealed run folders: `nox -s fleet -- PATH...`."""
     from tasks import fleet as fleet_task
 
-    _run(fleet_task.main, *session.posargs)
+    _exit_with(fleet_task.main(session.posargs))
 
 
 @nox.session
