@@ -30,7 +30,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from tasks import config, evidence, layout
+from tasks import config, evidence, layout, text
 from tasks.config import ConfigError
 from tasks.records import now_iso
 
@@ -274,8 +274,8 @@ def plain(value) -> str:
 
 
 def cell(value) -> str:
-    """A markdown table cell: "–" for nothing, else the text escaped (evidence.md: pipes, HTML)."""
-    return DASH if value in (None, "") else evidence.md(plain(value))
+    """A markdown table cell: "–" for nothing, else the text made inert (text.md_inert: pipes, links, HTML)."""
+    return DASH if value in (None, "") else text.md_inert(plain(value))
 
 
 def num(value, figure: str) -> str:
