@@ -187,10 +187,26 @@ def channel_names(path: Path | str | None = None) -> list[str]:
 @dataclass(frozen=True)
 class GpuSpec:
     model: str
-    match: tuple[str, ...]  # all substrings (case-insensitive) that the device name must contain
-    exclude: tuple[str, ...]
-    bf16_tflops: float  # dense, no sparsity
-    mem_bw_tbs: float
+    match: tuple[str, ...]  # words the device name must hold (see name_words)
+    exclude: tuple[str, ...]  # words it must not hold ("laptop")
+    bf16_tflops: float | None  # dense, no sparsity; None: no bf16 tensor cores or no published figure
+    mem_bw_tbs: float | None
+    memory_gb: float
+
+    def figure(self, unit: str) -> tuple[str, float | None]:
+        """The datasheet key and value a speed in `unit` ("TFLOP/s" or "TB/s") is judged against."""
+        return ("bf16_tflops", self.bf16_tflops) if unit == "TFLOP/s" else ("mem_bw_tbs", self.mem_bw_tbs)
+
+
+def name_words(name: str) -> tuple[str, ...]:
+    """'NVIDIA A100-SXM4-80GB' -> ('nvidia', 'a100', 'sxm4', '80gb'): lower case, cut at non-alphanumerics."""
+    return tuple(w for w in re.split(r"[^a-z0-9]+", str(name).lower()) if w)
+
+
+def _figure(value, path: Path, key: str) -> float | None:
+    ok = value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0)
+    _require(ok, path, key, f"{value!r} must be a positive number (or null: no published figure)")
+    return None if value is None else float(value)
 
 
 def load_gpus(path: Path | None = None) -> list[GpuSpec]:
@@ -198,31 +214,38 @@ def load_gpus(path: Path | None = None) -> list[GpuSpec]:
     data = load_yaml(path)
     raw = data.get("gpus")
     _require(isinstance(raw, list) and raw, path, "gpus", "must be a list of GPU models")
-    out = []
+    out, seen = [], {}
     for i, g in enumerate(raw):
         key = f"gpus[{i}]"
         _require(isinstance(g, dict), path, key, "must be a mapping")
-        for k in ("model", "match", "bf16_tflops", "mem_bw_tbs"):
+        for k in ("model", "match", "bf16_tflops", "mem_bw_tbs", "memory_gb"):
             _require(k in g, path, f"{key}.{k}", "missing")
-        for k in ("bf16_tflops", "mem_bw_tbs"):
-            _require(isinstance(g[k], (int, float)) and g[k] > 0, path, f"{key}.{k}", "must be a positive number")
-        out.append(GpuSpec(model=str(g["model"]), match=tuple(str(s).lower() for s in g["match"]),
-                           exclude=tuple(str(s).lower() for s in g.get("exclude", ())),
-                           bf16_tflops=float(g["bf16_tflops"]), mem_bw_tbs=float(g["mem_bw_tbs"])))
+        for k in ("match", "exclude"):
+            _require(isinstance(g.get(k, []), list), path, f"{key}.{k}", "must be a list of words")
+        match = tuple(w for s in g["match"] for w in name_words(s))
+        _require(bool(match), path, f"{key}.match", "must name at least one word of the device name")
+        _require(frozenset(match) not in seen, path, f"{key}.match",
+                 f"same words as {seen.get(frozenset(match))!r}: make one of them more specific")
+        seen[frozenset(match)] = g["model"]
+        memory = _figure(g["memory_gb"], path, f"{key}.memory_gb")
+        _require(memory is not None, path, f"{key}.memory_gb", "must be the GPU's memory in GB")
+        out.append(GpuSpec(model=str(g["model"]), match=match,
+                           exclude=tuple(w for s in g.get("exclude", []) for w in name_words(s)),
+                           bf16_tflops=_figure(g["bf16_tflops"], path, f"{key}.bf16_tflops"),
+                           mem_bw_tbs=_figure(g["mem_bw_tbs"], path, f"{key}.mem_bw_tbs"), memory_gb=memory))
     return out
 
 
 def gpu_spec_for(device_name: str, specs: list[GpuSpec] | None = None) -> GpuSpec | None:
     """The datasheet entry for a device name ('NVIDIA H100 80GB HBM3'); None when unknown (no guess).
 
-    The first entry whose `match` substrings all occur and whose `exclude` substrings don't wins,
-    so list specific models (H100 PCIe) before general ones (H100 SXM).
+    Of the entries whose `match` words the name holds and whose `exclude` words it does not, the one
+    with the most `match` words wins (the most specific: 'H200 NVL' over 'H200').
     """
-    name = device_name.lower()
-    for spec in specs if specs is not None else load_gpus():
-        if all(s in name for s in spec.match) and not any(s in name for s in spec.exclude):
-            return spec
-    return None
+    words = set(name_words(device_name))
+    hits = [s for s in (specs if specs is not None else load_gpus())
+            if words.issuperset(s.match) and not words.intersection(s.exclude)]
+    return max(hits, key=lambda s: len(s.match), default=None)
 
 
 # --------------------------------------------------------------------------- cuda_check (cuda_check.yaml)

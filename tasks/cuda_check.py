@@ -90,7 +90,7 @@ def outcome_from(result: dict | None, code: int, log_tail: str, timeout_s: float
     figures = figures_from(result)
     reason = result.get("reason") or ""
     if result.get("exit_code") == 0 and code == 0:
-        return Outcome(StageStatus.PASS, "", figures, files)
+        return Outcome(StageStatus.PASS, reason, figures, files)  # a pass's reason notes what was not judged
     if not reason:
         reason = f"the checker exited with code {code} after writing its result; see {layout.CUDA_CHECK_LOG}"
     return Outcome(StageStatus.FAIL, reason, figures, files)

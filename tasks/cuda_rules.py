@@ -392,16 +392,16 @@ def judge_speed(kind: str, measured: float, unit: str, peak: float | None, share
                 gpu_name: str, causes: list[str] = ()) -> Verdict:
     """Check g: a measured rate against the datasheet of the device's model.
 
-    Unknown model: PASS with "not judged" (the measurement ran and finished; there is no figure to
-    judge it against). Below `share` of the datasheet: FAIL naming the likely causes seen.
+    No datasheet figure (a model not in configs/gpus.yaml, or listed without this figure): SKIP,
+    naming the figure and where to add it; the measurement stays in the value. Below `share` of the
+    datasheet: FAIL naming the likely causes seen.
     """
     data = {"measured": measured, "unit": unit, "peak": peak, "model": model, "share": None}
     value = f"{measured:.1f} {unit}" if unit == "TFLOP/s" else f"{measured:.2f} {unit}"
     if not math.isfinite(measured) or measured <= 0:
         return Verdict(FAIL, value, f"{kind}: no valid measurement", data)
     if peak is None:
-        return Verdict(PASS, value, f"not judged: {gpu_name!r} is not in configs/gpus.yaml (add its datasheet "
-                       "figures to judge it)", data)
+        return Verdict(SKIP, value, missing_figure(gpu_name, model, unit), data)
     frac = measured / peak
     data["share"] = frac
     value += f" = {frac:.0%} of {model} datasheet {peak:g} {unit}"
@@ -411,6 +411,16 @@ def judge_speed(kind: str, measured: float, unit: str, peak: float | None, share
                        f"(thermal, power cap or brake), a lowered power limit, or another process on the GPU "
                        f"(seen: {seen})", data)
     return Verdict(PASS, value, "; ".join(causes), data)
+
+
+def missing_figure(gpu_name: str, model: str | None, unit: str) -> str:
+    """Why a speed is not judged: which datasheet figure is missing and where to add it."""
+    key = "bf16_tflops" if unit == "TFLOP/s" else "mem_bw_tbs"
+    if model is None:
+        return (f"speed not judged: {gpu_name!r} is not in configs/gpus.yaml; add an entry with its datasheet's "
+                f"dense {key} (and the other figures) to judge it")
+    return (f"speed not judged: configs/gpus.yaml gives no {key} for {model} (no bf16 tensor cores or no "
+            "published figure); add the datasheet's dense figure there to judge it")
 
 
 # --------------------------------------------------------------------------- health (check j)
@@ -530,7 +540,8 @@ def exit_code(checks: list[Check]) -> int:
 
 
 def stage_reason(checks: list[Check]) -> str:
-    """The stage's one-line reason: the first failure in full, the count of the others."""
+    """The stage's one-line reason: the first failure in full, the count of the others; with no failure,
+    the speed checks that were not judged (which datasheet figure is missing, where to add it)."""
     failed = [c for c in checks if c.status == FAIL]
     if failed:
         first = failed[0]
@@ -541,6 +552,11 @@ def stage_reason(checks: list[Check]) -> str:
         count = next((c for c in checks if c.name == "device_count"), None)
         why = (count.reason or count.value) if count else "no device check ran"
         return f"no CUDA device visible to torch: {why}"
+    unjudged = [c for c in checks if c.status == SKIP and c.name.startswith("speed.") and c.gpu is not None]
+    if unjudged:
+        where = ", ".join(f"{c.where} {c.name}" for c in unjudged)
+        reasons = list(dict.fromkeys(c.reason for c in unjudged))
+        return f"{where} SKIP: {'; '.join(reasons)}"
     return ""
 
 

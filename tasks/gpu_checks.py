@@ -464,7 +464,9 @@ class Checker:
                  "sms": p.multi_processor_count, "spec": spec, "nvml": nvml_index}
             g["health_before"] = self.nvml.snapshot(nvml_index)
             self.gpus.append(g)
-            sheet = (f"datasheet {spec.model} ({spec.bf16_tflops:g} TFLOP/s bf16, {spec.mem_bw_tbs:g} TB/s)"
+            figures = [f"{v:g} {unit}" if v else f"no {unit}" for v, unit in
+                       ((spec.bf16_tflops, "TFLOP/s bf16"), (spec.mem_bw_tbs, "TB/s"))] if spec else []
+            sheet = (f"datasheet {spec.model} ({', '.join(figures)})"
                      if spec else "no datasheet entry in configs/gpus.yaml (speed not judged)")
             where = f"NVML index {nvml_index}" if nvml_index is not None else "no NVML match"
             self.emit(f"gpu{i}: {p.name}, sm_{p.major}{p.minor}, {g['total_gib']:.1f} GiB, "

@@ -211,17 +211,55 @@ def test_version_helpers():
     ("NVIDIA H100 PCIe", "H100 PCIe"),
     ("NVIDIA H100 NVL", "H100 NVL"),
     ("NVIDIA H200", "H200 SXM"),
+    ("NVIDIA H200 NVL", "H200 NVL"),
+    ("NVIDIA GH200 480GB", "GH200"),
+    ("NVIDIA GH200 144G HBM3e", "GH200 144GB"),
+    ("NVIDIA H20", "H20"),
+    ("NVIDIA H800", "H800 SXM"),
+    ("NVIDIA H800 PCIe", "H800 PCIe"),
     ("NVIDIA A100-SXM4-80GB", "A100 SXM 80GB"),
+    ("NVIDIA A100-SXM4-40GB", "A100 SXM 40GB"),
+    ("NVIDIA A100-PCIE-40GB", "A100 PCIe 40GB"),
+    ("NVIDIA A100 80GB PCIe", "A100 PCIe 80GB"),
+    ("NVIDIA A10", "A10"),
+    ("NVIDIA A10G", "A10G"),
+    ("NVIDIA A40", "A40"),
     ("NVIDIA L40S", "L40S"),
+    ("NVIDIA L40", "L40"),
     ("NVIDIA L4", "L4"),
+    ("Tesla T4", "T4"),
+    ("Tesla V100-SXM2-32GB", "V100"),
+    ("NVIDIA B200", "B200"),
+    ("NVIDIA B300 SXM6 AC", "B300"),
+    ("NVIDIA GB200", "GB200"),
+    ("NVIDIA RTX 6000 Ada Generation", "RTX 6000 Ada"),
+    ("NVIDIA RTX PRO 6000 Blackwell Workstation Edition", "RTX PRO 6000 Blackwell"),
+    ("NVIDIA RTX PRO 6000 Blackwell Server Edition", "RTX PRO 6000 Blackwell"),
+    ("NVIDIA GeForce RTX 3090", "RTX 3090"),
+    ("NVIDIA GeForce RTX 4090", "RTX 4090"),
     ("NVIDIA GeForce RTX 5090", "RTX 5090"),
 ])
-def test_datasheet_lookup_by_device_name(name, model):
+def test_datasheet_lookup_picks_the_most_specific_entry_for_the_device_name(name, model):
     assert config.gpu_spec_for(name).model == model
 
 
-def test_unknown_model_has_no_datasheet():
-    assert config.gpu_spec_for("Tesla M40 24GB") is None
+@pytest.mark.parametrize("name", ["Tesla M40 24GB", "NVIDIA GeForce RTX 4090 Laptop GPU",
+                                  "NVIDIA GeForce RTX 5090 Laptop GPU", "NVIDIA GeForce RTX 3090 Ti",
+                                  "NVIDIA GeForce RTX 4090 D", "Quadro RTX 6000",
+                                  "NVIDIA RTX PRO 6000 Blackwell Max-Q Workstation Edition"])
+def test_a_gpu_whose_figures_differ_from_a_listed_name_has_no_datasheet(name):
+    assert config.gpu_spec_for(name) is None
+
+
+def test_every_datasheet_entry_holds_the_figures_and_no_two_entries_the_same_words(tmp_path):
+    specs = config.load_gpus()
+    assert len(specs) >= 30 and all(s.memory_gb > 0 and s.mem_bw_tbs for s in specs)
+    assert {s.model for s in specs if s.bf16_tflops is None} == {"T4", "V100", "A10G"}
+    bad = tmp_path / "gpus.yaml"
+    bad.write_text("gpus:\n  - {model: a, match: [h100], bf16_tflops: 1, mem_bw_tbs: 1, memory_gb: 1}\n"
+                   "  - {model: b, match: [H100], bf16_tflops: 2, mem_bw_tbs: 1, memory_gb: 1}\n")
+    with pytest.raises(config.ConfigError, match=r"gpus\[1\]\.match: same words as 'a'"):
+        config.load_gpus(bad)
 
 
 def test_speed_below_share_fails_naming_causes():
@@ -231,11 +269,20 @@ def test_speed_below_share_fails_naming_causes():
     assert "throttling" in v.reason and "power" in v.reason
 
 
-def test_speed_above_share_passes_and_unknown_model_is_not_judged():
+def test_speed_above_share_passes():
     assert cuda_rules.judge_speed("copy", 3.0, "TB/s", 3.35, 0.5, "H100 SXM", "x").status == PASS
-    v = cuda_rules.judge_speed("copy", 1.0, "TB/s", None, 0.5, None, "Mystery GPU")
-    assert v.status == PASS and v.reason.startswith("not judged") and v.data["share"] is None
     assert cuda_rules.judge_speed("copy", math.nan, "TB/s", 3.35, 0.5, "H100 SXM", "x").status == FAIL
+
+
+def test_a_gpu_missing_from_the_datasheet_skips_speed_naming_the_figure_and_where_to_add_it():
+    v = cuda_rules.judge_speed("copy", 1.0, "TB/s", None, 0.5, None, "Mystery GPU")
+    assert v.status == SKIP and v.data["share"] is None and v.value == "1.00 TB/s"
+    assert "'Mystery GPU' is not in configs/gpus.yaml" in v.reason and "mem_bw_tbs" in v.reason
+    t4 = cuda_rules.judge_speed("bf16 matmul", 20.0, "TFLOP/s", None, 0.5, "T4", "Tesla T4")
+    assert t4.status == SKIP and "configs/gpus.yaml gives no bf16_tflops for T4" in t4.reason
+    checks = [Check("speed.copy", 0, PASS, "3 TB/s"), Check.of("speed.matmul_bf16", 0, t4), _check(PASS)]
+    assert cuda_rules.exit_code(checks) == cuda_rules.EXIT_OK
+    assert cuda_rules.stage_reason(checks) == f"gpu0 speed.matmul_bf16 SKIP: {t4.reason}"
 
 
 # --------------------------------------------------------------------------- health (j) and multi-GPU (i)

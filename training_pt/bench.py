@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = gpu_spec_for(gpu) if device.type == "cuda" else None
     total_gib = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else 0.0
     target = settings["targets"].get(spec.model) if spec else None
-    print(f"bench: {gpu} ({spec.model + f', {spec.bf16_tflops:g} TFLOP/s bf16' if spec else 'no datasheet peak: no MFU'}); "
+    print(f"bench: {gpu} ({spec.model + f', {spec.bf16_tflops:g} TFLOP/s bf16' if spec and spec.bf16_tflops else 'no datasheet peak: no MFU'}); "
           f"torch {torch.__version__}, transformers {transformers.__version__}; out {out_dir}", flush=True)
 
     tokens = T.tokenize(T.gpt2_tokenizer(cfg["tokenizer"]["files_dir"]), T.load_documents(cfg["data"])[0])
@@ -315,7 +315,7 @@ def write_report(out_dir: Path, rows: list[dict], context: dict, spec, settings_
     result = {"generated": datetime.now(timezone.utc).isoformat(timespec="seconds"), **context, "rows": rows,
               "verdicts": verdicts(by_name, target)}
     peak = context["peak_bf16_tflops"]
-    where = f"{spec.model}, {peak:g} TFLOP/s dense bf16" if spec else "no datasheet peak"
+    where = f"{spec.model}, {peak:g} TFLOP/s dense bf16" if spec and peak else "no datasheet peak"
     lines = [f"GPT-2 training speed on one {context['gpu']} ({where}), torch {context['torch']} "
              f"(CUDA {context['cuda']}), transformers {context['transformers']}; {context['warmup_steps']} warm-up + "
              f"{context['timed_steps']} timed steps per row, one process, one GPU.", "", table(rows, base), ""]

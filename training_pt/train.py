@@ -1047,9 +1047,9 @@ def train(cfg: dict, args, log: Log, result: dict) -> None:
     spec = gpu_spec_for(gpu_name) if device.type == "cuda" else None
     bf16 = use_autocast or m["dtype"] == "bfloat16"
     mfu_value = None
-    if spec is None:
+    if spec is None or spec.bf16_tflops is None:
         why = ("CPU run" if device.type != "cuda"
-               else f"GPU model {gpu_name!r} is not in configs/gpus.yaml (add its dense bf16 peak there)")
+               else f"GPU model {gpu_name!r} has no dense bf16_tflops in configs/gpus.yaml (add its peak there)")
         log(f"MFU: not computed: {why}; {fpt / 1e6:.1f} MFLOP/token")
     elif not bf16:
         log(f"MFU: not computed: the run is not in bf16 (the datasheet peak is bf16); {fpt / 1e6:.1f} MFLOP/token")
@@ -1073,7 +1073,7 @@ def train(cfg: dict, args, log: Log, result: dict) -> None:
     figures.update(tok_s=round(total_tok_s), tok_s_per_gpu=round(total_tok_s / world), warmup_s=round(warmup_s, 1),
                    first_step_s=round(first_step_s, 1), compile=compile_state,
                    mfu_pct=round(100 * mfu_value, 1) if mfu_value is not None else "n/a",
-                   peak_tflops=spec.bf16_tflops if spec else "n/a", gpu_model=spec.model if spec else "unknown")
+                   peak_tflops=(spec.bf16_tflops if spec else None) or "n/a", gpu_model=spec.model if spec else "unknown")
     result["per_gpu"] = [{"tok_s": round(v), **{k: r[k] for k in ("peak_alloc_gib", "peak_reserved_gib", "nvml")}}
                          for v, r in zip(per_gpu, per_rank, strict=True)]
 
