@@ -102,7 +102,7 @@ def figures_from(result: dict) -> dict:
     versions = result.get("versions", {})
     fig: dict = {
         "checks_pass": counts.get("PASS", 0), "checks_fail": counts.get("FAIL", 0),
-        "checks_skip": counts.get("SKIP", 0), "gpus_checked": result.get("gpus_checked", 0),
+        "checks_skip": counts.get("SKIP", 0), "checks_warn": counts.get("WARN", 0), "gpus_checked": result.get("gpus_checked", 0),
         "check_s": result.get("total_s"), "seed": result.get("seed"),
         "torch": versions.get("torch"), "cuda_build": versions.get("cuda"),
     }

@@ -1,8 +1,8 @@
 """The decisions of the cuda_check stage, as pure functions of measured values (no torch, no NVML).
 
 `tasks/gpu_checks.py` measures inside `.venv-gpu` and asks these functions for every verdict; the
-tests feed them injected values on a machine without a GPU. Each judge returns a Verdict: PASS, FAIL
-or SKIP, the measured value as text, and a one-line reason (why it failed or was skipped, or a note).
+tests feed them injected values on a machine without a GPU. Each judge returns a Verdict: PASS, WARN,
+FAIL or SKIP, the measured value as text, and a one-line reason (why it failed or was skipped, or a note).
 """
 
 from __future__ import annotations
@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 
 from tasks import config
 
-PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
-STATUSES = (PASS, FAIL, SKIP)
+# WARN: the check ran and found something worth reading that does not make the GPU unusable (a build
+# for a newer CUDA minor than the driver's, an Xid another program raised); it does not fail the stage.
+PASS, WARN, FAIL, SKIP = "PASS", "WARN", "FAIL", "SKIP"
+STATUSES = (PASS, WARN, FAIL, SKIP)
 
 # The environment variable that replaces torch.cuda.get_arch_list() in the arch check: a test seam,
 # so a run on a supported GPU can show the FAIL line ("sm_80,sm_86" on an H100).
@@ -90,7 +92,12 @@ def judge_build(torch_version: str, cuda: str | None, hip: str | None = None,
 
 def judge_driver(driver_cuda: str | None, build_cuda: str | None, source: str,
                  nvml_cuda: str | None = None, error: str = "") -> Verdict:
-    """Check b: the CUDA version the driver supports (as torch reads it) >= the build's major.minor."""
+    """Check b: the CUDA version the driver supports (as torch reads it) against the build's.
+
+    An older major FAILs. A newer minor of the same major WARNs: CUDA's minor-version compatibility
+    runs a 12.9 build on a 12.8 driver (features that need the newer driver, such as JIT-compiling
+    newer PTX, fail), so the kernel checks decide.
+    """
     data = {"driver_cuda": driver_cuda, "build_cuda": build_cuda, "source": source, "nvml_cuda": nvml_cuda}
     if build_cuda is None:
         return Verdict(SKIP, "", "not a CUDA build (see build)", data)
@@ -104,11 +111,16 @@ def judge_driver(driver_cuda: str | None, build_cuda: str | None, source: str,
     drv, build = config.major_minor(driver_cuda), config.major_minor(build_cuda)
     if drv is None or build is None:
         return Verdict(FAIL, value, "cannot compare the versions", data)
-    if drv < build:
+    if drv[0] < build[0]:
         return Verdict(FAIL, value,
-                       f"the driver supports CUDA {driver_cuda} but this torch is built for CUDA {build_cuda}: "
-                       f"update the NVIDIA driver to one for CUDA >= {build_cuda}, or install a channel built for "
-                       f"CUDA <= {driver_cuda}", data)
+                       f"the driver supports CUDA {driver_cuda} but this torch is built for CUDA {build_cuda}, a newer "
+                       f"major: update the NVIDIA driver to one for CUDA >= {build_cuda}, or install a channel built "
+                       f"for CUDA {drv[0]}.x", data)
+    if drv < build:
+        return Verdict(WARN, value,
+                       f"the driver supports CUDA {driver_cuda} and this torch is built for CUDA {build_cuda}: "
+                       f"CUDA's minor-version compatibility runs it, except features that need a newer driver "
+                       f"(the kernel checks decide); a driver for CUDA >= {build_cuda} removes the doubt", data)
     return Verdict(PASS, value, "", data)
 
 
@@ -504,15 +516,32 @@ def judge_pages(retired_pending: bool | None, remap: tuple[int, int, bool, bool]
 
 
 def judge_xid(events: list[int] | None, error: str = "") -> Verdict:
-    """Xid critical-error events NVML delivered during the checks."""
+    """Xid critical-error events NVML delivered during the checks (classes in configs/nvml.yaml).
+
+    A hardware or driver Xid FAILs; an application Xid (a program's own fault, maybe another tenant's
+    on a shared machine) and an unclassified one WARN, each named.
+    """
     data = {"xids": events}
     if events is None:
         return Verdict(SKIP, "", f"Xid events cannot be watched here: {error}", data)
-    if events:
-        known = {**config.nvml_tables().xid_application, **config.nvml_tables().xid_hardware}
-        named = ", ".join(f"Xid {x} ({known.get(x, 'see the Xid catalog')})" for x in events)
-        return Verdict(FAIL, f"{len(events)} Xid event(s)", f"{named} during the checks: see dmesg", data)
-    return Verdict(PASS, "no Xid events", "", data)
+    if not events:
+        return Verdict(PASS, "no Xid events", "", data)
+    tables = config.nvml_tables()
+
+    def name(x: int) -> str:
+        if x in tables.xid_hardware:
+            return f"Xid {x} ({tables.xid_hardware[x]}: hardware/driver)"
+        if x in tables.xid_application:
+            return f"Xid {x} ({tables.xid_application[x]}: application)"
+        return f"Xid {x} (not in configs/nvml.yaml: see NVIDIA's Xid catalog)"
+
+    named = ", ".join(name(x) for x in dict.fromkeys(events))
+    value = f"{len(events)} Xid event(s)"
+    if any(x in tables.xid_hardware for x in events):
+        return Verdict(FAIL, value, f"{named} during the checks: a hardware or driver fault; see dmesg and "
+                       "drain or reset the GPU", data)
+    return Verdict(WARN, value, f"{named} during the checks: raised by a program (this one's kernels passed "
+                   "their checks, so maybe another process on the GPU); see dmesg", data)
 
 
 # --------------------------------------------------------------------------- summary
@@ -552,12 +581,19 @@ def stage_reason(checks: list[Check]) -> str:
         count = next((c for c in checks if c.name == "device_count"), None)
         why = (count.reason or count.value) if count else "no device check ran"
         return f"no CUDA device visible to torch: {why}"
+    notes = []
+    warned = [c for c in checks if c.status == WARN]
+    if warned:
+        first = warned[0]
+        name = first.name if first.gpu is None else f"{first.where} {first.name}"
+        more = f" (+{len(warned) - 1} more WARN, see cuda_check.txt)" if len(warned) > 1 else ""
+        notes.append(f"{len(warned)} check(s) WARN: {name}: {first.reason or first.value}{more}")
     unjudged = [c for c in checks if c.status == SKIP and c.name.startswith("speed.") and c.gpu is not None]
     if unjudged:
         where = ", ".join(f"{c.where} {c.name}" for c in unjudged)
         reasons = list(dict.fromkeys(c.reason for c in unjudged))
-        return f"{where} SKIP: {'; '.join(reasons)}"
-    return ""
+        notes.append(f"{where} SKIP: {'; '.join(reasons)}")
+    return "; ".join(notes)
 
 
 def format_line(c: Check) -> str:

@@ -59,7 +59,7 @@ os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 import torch  # noqa: E402
 
 from tasks import cuda_rules as rules  # noqa: E402
-from tasks.cuda_rules import FAIL, PASS, SKIP, Check, Verdict  # noqa: E402
+from tasks.cuda_rules import FAIL, PASS, SKIP, WARN, Check, Verdict  # noqa: E402
 from tasks.records import now_iso  # noqa: E402
 
 try:
@@ -749,7 +749,7 @@ class Checker:
         checks_s = sum(x.seconds for x in self.checks)
         code = rules.exit_code(self.checks)
         self.emit("")
-        self.emit(f"summary: {c[PASS]} PASS, {c[FAIL]} FAIL, {c[SKIP]} SKIP on {rules.gpus_checked(self.checks)} GPU(s) "
+        self.emit(f"summary: {c[PASS]} PASS, {c[WARN]} WARN, {c[FAIL]} FAIL, {c[SKIP]} SKIP on {rules.gpus_checked(self.checks)} GPU(s) "
                   f"in {total:.1f} s (import torch {_IMPORT_S:.1f} s, checks {checks_s:.1f} s)")
         slow = sorted(self.checks, key=lambda x: -x.seconds)[:5]
         self.emit("slowest: " + ", ".join(f"{x.where} {x.name} {x.seconds:.2f} s" for x in slow))

@@ -125,11 +125,18 @@ def test_outcome_from_a_passing_result_carries_the_key_figures():
     out = cuda_check.outcome_from(GOOD_RESULT, 0, "", 300, ["cuda_check.txt"])
     assert out.status == records.StageStatus.PASS and out.reason == ""
     assert out.figures == {
-        "checks_pass": 21, "checks_fail": 0, "checks_skip": 2, "gpus_checked": 1, "check_s": 11.9, "seed": 5,
+        "checks_pass": 21, "checks_fail": 0, "checks_skip": 2, "checks_warn": 0, "gpus_checked": 1, "check_s": 11.9, "seed": 5,
         "torch": "2.11.0+cu130", "cuda_build": "13.0", "driver_cuda": "13.0", "gpu0_sdpa_backend": "flash",
         "gpu0_copy_tbs": 2.951, "gpu0_copy_pct_datasheet": 88.1, "gpu0_bf16_tflops": 702.3,
         "gpu0_bf16_pct_datasheet": 71.0,
     }
+
+
+def test_a_passing_result_with_a_warning_passes_and_keeps_the_warning_as_its_reason():
+    why = "1 check(s) WARN: driver: the driver supports CUDA 12.8 and this torch is built for CUDA 12.9: ..."
+    result = dict(GOOD_RESULT, counts={"PASS": 20, "WARN": 1, "FAIL": 0, "SKIP": 2}, reason=why)
+    out = cuda_check.outcome_from(result, 0, "", 300, [])
+    assert out.status == records.PASS and out.reason == why and out.figures["checks_warn"] == 1
 
 
 def test_outcome_when_no_gpu_was_checked_is_a_failure():

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from tasks import config, cuda_rules
-from tasks.cuda_rules import FAIL, PASS, SKIP, Check, judge_arch, judge_count, judge_error
+from tasks.cuda_rules import FAIL, PASS, SKIP, WARN, Check, judge_arch, judge_count, judge_error
 
 CU124_ARCHES = ["sm_50", "sm_60", "sm_70", "sm_75", "sm_80", "sm_86", "sm_90"]
 CU128_ARCHES = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120", "compute_120"]
@@ -183,12 +183,21 @@ def judge_build_status(torch_version, cuda):
 
 
 def test_driver_older_than_build_fails_naming_both():
-    v = cuda_rules.judge_driver("12.4", "12.8", "cudaDriverGetVersion")
-    assert v.status == FAIL and "CUDA 12.4" in v.reason and "CUDA 12.8" in v.reason
+    v = cuda_rules.judge_driver("11.8", "12.8", "cudaDriverGetVersion")
+    assert v.status == FAIL and "CUDA 11.8" in v.reason and "CUDA 12.8" in v.reason
     assert cuda_rules.judge_driver("13.0", "12.8", "cudaDriverGetVersion").status == PASS
     assert cuda_rules.judge_driver("12.8", "12.8", "cudaDriverGetVersion").status == PASS
     assert cuda_rules.judge_driver(None, "12.8", "cudaDriverGetVersion").status == SKIP
     assert cuda_rules.judge_driver("13.0", None, "x").status == SKIP
+
+
+def test_a_newer_minor_build_on_the_same_major_driver_warns_and_a_newer_major_fails():
+    minor = cuda_rules.judge_driver("12.8", "12.9", "cudaDriverGetVersion")
+    assert minor.status == WARN
+    assert "minor-version compatibility" in minor.reason and "kernel checks decide" in minor.reason
+    major = cuda_rules.judge_driver("12.8", "13.0", "cudaDriverGetVersion")
+    assert major.status == FAIL and "CUDA 12.8" in major.reason and "CUDA 13.0" in major.reason
+    assert cuda_rules.exit_code([Check.of("driver", None, minor), _check(PASS)]) == cuda_rules.EXIT_OK
 
 
 def test_version_helpers():
@@ -319,6 +328,30 @@ def test_ecc_growth_pages_and_xid():
     assert v.status == FAIL and "fallen off the bus" in v.reason
     assert cuda_rules.judge_xid([]).status == PASS
     assert cuda_rules.judge_xid(None, "Not Supported").status == SKIP
+
+
+@pytest.mark.parametrize("xid", [13, 31, 43, 45])
+def test_an_application_xid_warns_and_does_not_fail(xid):
+    v = cuda_rules.judge_xid([xid])
+    assert v.status == WARN and f"Xid {xid} (" in v.reason and "application" in v.reason
+
+
+@pytest.mark.parametrize("xid", [48, 63, 64, 74, 79, 92, 94, 95, 119, 120])
+def test_a_hardware_or_driver_xid_fails(xid):
+    v = cuda_rules.judge_xid([13, xid])
+    assert v.status == FAIL and f"Xid {xid} (" in v.reason and "Xid 13" in v.reason
+
+
+def test_an_unclassified_xid_warns_naming_it_as_unclassified():
+    v = cuda_rules.judge_xid([999])
+    assert v.status == WARN and "Xid 999 (not in configs/nvml.yaml" in v.reason
+
+
+def test_warnings_are_named_in_the_reason_of_a_passing_stage():
+    checks = [Check.of("driver", None, cuda_rules.judge_driver("12.8", "12.9", "x")), _check(PASS)]
+    assert cuda_rules.counts(checks)[WARN] == 1
+    assert cuda_rules.stage_reason(checks).startswith("1 check(s) WARN: driver: the driver supports CUDA 12.8")
+    assert cuda_rules.format_line(checks[0]).startswith("WARN  -     driver")
 
 
 def test_allreduce_verdicts():
