@@ -136,7 +136,7 @@ def test_a_passing_result_with_a_warning_passes_and_keeps_the_warning_as_its_rea
     why = "1 check(s) WARN: driver: the driver supports CUDA 12.8 and this torch is built for CUDA 12.9: ..."
     result = dict(GOOD_RESULT, counts={"PASS": 20, "WARN": 1, "FAIL": 0, "SKIP": 2}, reason=why)
     out = cuda_check.outcome_from(result, 0, "", 300, [])
-    assert out.status == records.PASS and out.reason == why and out.figures["checks_warn"] == 1
+    assert out.status == records.StageStatus.PASS and out.reason == why and out.figures["checks_warn"] == 1
 
 
 def test_outcome_when_no_gpu_was_checked_is_a_failure():
