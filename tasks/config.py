@@ -316,6 +316,34 @@ def load_cuda_check(path: Path | None = None) -> dict:
     return data
 
 
+# --------------------------------------------------------------------------- probe (probe.yaml)
+
+def positive_seconds(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and 0 < value < float("inf")
+
+
+def load_probe(path: Path | None = None) -> dict:
+    """The probe's settings: `timeout_s`, its one deadline for NVML and nvidia-smi together."""
+    path = Path(path or layout.PROBE_FILE)
+    data = load_yaml(path)
+    _require("timeout_s" in data, path, "timeout_s", "missing; add it (see configs/probe.yaml in the repository)")
+    _require(positive_seconds(data["timeout_s"]), path, "timeout_s",
+             f"{data['timeout_s']!r} must be a positive number of seconds")
+    data["timeout_s"] = float(data["timeout_s"])
+    return data
+
+
+def seconds_arg(text: str) -> float:
+    """An argparse `type=` for a positive number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not positive_seconds(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
+
+
 # --------------------------------------------------------------------------- NVML facts (nvml.yaml)
 
 @dataclass(frozen=True)

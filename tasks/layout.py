@@ -22,6 +22,7 @@ CHANNELS_FILE = CONFIGS / "channels.yaml"
 SETTINGS_FILE = CONFIGS / "m40.yaml"
 FLEET_FILE = CONFIGS / "fleet.yaml"  # the fleet report's outlier settings
 GPUS_FILE = CONFIGS / "gpus.yaml"
+PROBE_FILE = CONFIGS / "probe.yaml"  # the probe's one deadline
 NVML_FILE = CONFIGS / "nvml.yaml"  # clock-event reasons and Xid classes: the one table of each
 TRAIN_CONFIG = CONFIGS / "submission_local_gpu_gpt2.yaml"
 # train: what training_pt/train.py writes into its --out folder (the run folder under `nox -s train`),

@@ -19,12 +19,17 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import platform
 import re
+import select
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -39,7 +44,6 @@ DESCRIPTION = ("Probe the NVIDIA driver and GPUs (NVML, else nvidia-smi), record
 
 NA = "N/A"
 SOURCES = ("auto", "nvml", "nvidia-smi")
-SMI_TIMEOUT_S = 20.0  # a hung driver makes nvidia-smi hang; don't wait for ever
 
 # nvidia-smi --query-gpu fields, in the order parse_smi_csv expects them. Older drivers may not know
 # the later ones; then the core fields are asked again alone.
@@ -63,6 +67,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--probe-source", choices=SOURCES, default="auto",
                         help="where driver facts come from: auto (NVML, else nvidia-smi), nvml, nvidia-smi "
                              "(default: auto)")
+    parser.add_argument("--probe-timeout", type=config.seconds_arg, default=None, metavar="S",
+                        help="one deadline for NVML and every nvidia-smi call together; what still runs then is "
+                             "killed and the probe fails (default: timeout_s in configs/probe.yaml)")
 
 
 # --------------------------------------------------------------------------- facts
@@ -94,10 +101,15 @@ class DriverFacts:
     notes: list[str] = field(default_factory=list)  # e.g. why NVML was not used
     found: str | None = None  # set when the facts themselves are missing: what was found instead
     todo: str | None = None  # and what to do about it
+    hung: list[str] = field(default_factory=list)  # what did not answer before the deadline
 
 
 class NvmlUnavailable(Exception):
     """NVML cannot be used here; the message says why (one phrase)."""
+
+
+class NvmlHung(NvmlUnavailable):
+    """NVML did not answer before the deadline (a hung driver or GPU)."""
 
 
 # --------------------------------------------------------------------------- pure helpers
@@ -282,6 +294,77 @@ def nvml_facts(nv) -> DriverFacts:
                        driver_cuda=cuda_version_from_int(cuda_int) if cuda_int is not None else None, gpus=gpus)
 
 
+class Deadline:
+    """One moment by which everything must have answered."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.at = seconds, time.monotonic() + seconds
+
+    def left(self) -> float:
+        return max(0.0, self.at - time.monotonic())
+
+
+def nvml_in_child(nvml_loader, deadline: Deadline) -> DriverFacts:
+    """nvml_facts in a forked child process: a driver that hangs NVML stops the child, which is killed at
+    the deadline (NvmlHung), never the probe. NvmlUnavailable for any failure NVML reports."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: answer through the pipe, then leave without running the parent's cleanup
+        try:
+            os.close(read_end)
+            try:
+                answer = ("facts", nvml_facts(nvml_loader()))
+            except NvmlUnavailable as e:
+                answer = ("unavailable", str(e))
+            except BaseException as e:  # NVML is a foreign library: anything it throws means "use the fallback"
+                answer = ("unavailable", f"NVML failed: {type(e).__name__}: {e}")
+            with os.fdopen(write_end, "wb") as pipe:
+                pickle.dump(answer, pipe)
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    try:
+        data = read_until(read_end, deadline)
+    finally:
+        os.close(read_end)
+        stop(pid)
+    if data is None:
+        raise NvmlHung(f"NVML did not answer within {deadline.seconds:g} s (driver or GPU hung?)")
+    try:
+        kind, value = pickle.loads(data)
+    except Exception:
+        raise NvmlUnavailable("NVML's child process ended without an answer (crashed in the driver library?)") from None
+    if kind != "facts":
+        raise NvmlUnavailable(value)
+    return value
+
+
+def read_until(fd: int, deadline: Deadline) -> bytes | None:
+    """Everything written to `fd` until its writer closes it; None when the deadline comes first."""
+    chunks = []
+    while True:
+        ready, _, _ = select.select([fd], [], [], deadline.left())
+        if not ready:
+            return None
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
+def stop(pid: int) -> None:
+    """Kill a child if it still runs and reap it if it has ended (never waits for one that will not die)."""
+    try:
+        if os.waitpid(pid, os.WNOHANG) == (0, 0):
+            os.kill(pid, signal.SIGKILL)
+            for _ in range(20):
+                if os.waitpid(pid, os.WNOHANG) != (0, 0):
+                    break
+                time.sleep(0.05)
+    except ChildProcessError:
+        pass
+
+
 # --------------------------------------------------------------------------- nvidia-smi (thin layer)
 
 @dataclass
@@ -301,31 +384,53 @@ def smi_query_cmd(fields: tuple[str, ...] = SMI_FIELDS) -> list[str]:
     return ["nvidia-smi", f"--query-gpu={','.join(fields)}", "--format=csv,noheader,nounits"]
 
 
-def run_commands(cmds: dict[str, list[str]], timeout: float = SMI_TIMEOUT_S) -> dict[str, CmdResult]:
-    """Run the commands at once (they are independent), each with stdout+stderr joined."""
-    started: dict[str, tuple[CmdResult, subprocess.Popen | None]] = {}
-    for key, cmd in cmds.items():
-        res = CmdResult(cmd)
-        proc = None
-        try:
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,  # noqa: S603
-                                    stdin=subprocess.DEVNULL, text=True, errors="replace")
-        except FileNotFoundError:
-            res.error = f"{cmd[0]} not found on PATH"
-        except OSError as e:
-            res.error = f"{cmd[0]} cannot run ({e.strerror})"
-        started[key] = (res, proc)
-    for res, proc in started.values():
-        if proc is None:
-            continue
-        try:
-            res.out, _ = proc.communicate(timeout=timeout)
-            res.rc = proc.returncode
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            res.out, _ = proc.communicate()
-            res.error = f"{res.cmd[0]} did not answer within {timeout:.0f} s (driver hung?)"
-    return {key: res for key, (res, _) in started.items()}
+class Commands:
+    """Independent commands started at once, each in a process group of its own with its output in a
+    temporary file (a child that inherits the output and lives on cannot hold a pipe open).
+    `finish` waits for them until the deadline and kills the whole group of each one still running."""
+
+    def __init__(self, cmds: dict[str, list[str]]):
+        self.started: dict[str, tuple[CmdResult, subprocess.Popen | None, object]] = {}
+        for key, cmd in cmds.items():
+            res, proc, out = CmdResult(cmd), None, tempfile.TemporaryFile()
+            try:
+                proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,  # noqa: S603
+                                        stdin=subprocess.DEVNULL, start_new_session=True)
+            except FileNotFoundError:
+                res.error = f"{cmd[0]} not found on PATH"
+            except OSError as e:
+                res.error = f"{cmd[0]} cannot run ({e.strerror})"
+            self.started[key] = (res, proc, out)
+
+    def finish(self, deadline: Deadline) -> dict[str, CmdResult]:
+        for res, proc, out in self.started.values():
+            if proc is not None:
+                try:
+                    res.rc = proc.wait(timeout=deadline.left())
+                except subprocess.TimeoutExpired:
+                    res.error = f"{res.cmd[0]} did not answer within {deadline.seconds:g} s (driver hung?)"
+                kill_group(proc)
+            out.seek(0)
+            res.out = out.read().decode(errors="replace")
+            out.close()
+        return {key: res for key, (res, _, _) in self.started.items()}
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL every process left in the child's group (the child, or what it started and left behind)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        proc.wait(timeout=1)
+    except subprocess.TimeoutExpired:
+        pass  # unkillable for now (stuck in the kernel): never wait for it
+
+
+def run_commands(cmds: dict[str, list[str]], deadline: Deadline) -> dict[str, CmdResult]:
+    """Run the commands at once, each with stdout+stderr joined, all within the deadline."""
+    return Commands(cmds).finish(deadline)
 
 
 def smi_facts(query: CmdResult, plain: CmdResult, full_q: CmdResult, fields=SMI_FIELDS) -> DriverFacts:
@@ -373,24 +478,28 @@ def raw_smi_text(plain: CmdResult, full_q: CmdResult, query: CmdResult | None = 
 
 # --------------------------------------------------------------------------- collecting
 
-def collect(source: str = "auto", nvml_loader=load_pynvml, runner=run_commands) -> tuple[DriverFacts, str]:
-    """Driver facts plus the text of nvidia_smi.txt."""
-    nvml_note = None
-    facts = None
+def collect(source: str = "auto", nvml_loader=load_pynvml, timeout_s: float = 30.0) -> tuple[DriverFacts, str]:
+    """Driver facts plus the text of nvidia_smi.txt, all within one deadline of `timeout_s`.
+
+    NVML (in a child process) and the nvidia-smi calls for nvidia_smi.txt run at the same time; the
+    query nvidia-smi is only asked when NVML gave no facts.
+    """
+    deadline = Deadline(timeout_s)
+    cmds = {"plain": ["nvidia-smi"], "q": ["nvidia-smi", "-q"]}
+    if source == "nvidia-smi":
+        cmds["query"] = smi_query_cmd(SMI_FIELDS)
+    running = Commands(cmds)
+    facts, nvml_note, nvml_hung = None, None, False
     if source in ("auto", "nvml"):
         try:
-            facts = nvml_facts(nvml_loader())
+            facts = nvml_in_child(nvml_loader, deadline)
         except NvmlUnavailable as e:
-            nvml_note = str(e)
-        except Exception as e:  # NVML is a foreign library: anything it throws means "use the fallback"
-            nvml_note = f"NVML failed: {type(e).__name__}: {e}"
+            nvml_note, nvml_hung = str(e), isinstance(e, NvmlHung)
     else:
         nvml_note = "NVML not asked (--probe-source nvidia-smi)"
-
-    cmds = {"plain": ["nvidia-smi"], "q": ["nvidia-smi", "-q"]}
-    if facts is None and source != "nvml":
-        cmds["query"] = smi_query_cmd(SMI_FIELDS)
-    res = runner(cmds)
+    res = running.finish(deadline)
+    if facts is None and source == "auto" and "query" not in res:
+        res["query"] = run_commands({"query": smi_query_cmd(SMI_FIELDS)}, deadline)["query"]
     plain, full_q, query = res["plain"], res["q"], res.get("query")
 
     if facts is None and source == "nvml":
@@ -400,13 +509,27 @@ def collect(source: str = "auto", nvml_loader=load_pynvml, runner=run_commands) 
         fields = SMI_FIELDS
         if query.rc not in (0, None) and "field" in query.out.lower():  # an older driver: fewer fields
             fields = SMI_CORE_FIELDS
-            query = runner({"query": smi_query_cmd(fields)})["query"]
+            query = run_commands({"query": smi_query_cmd(fields)}, deadline)["query"]
         facts = smi_facts(query, plain, full_q, fields)
         if facts.source == "none":
             facts.found = f"no NVIDIA driver ({nvml_note}; {facts.found})"
             facts.todo = "install the NVIDIA driver and reboot, or run on a machine with an NVIDIA GPU"
     if nvml_note:
         facts.notes.append(f"NVML not used: {nvml_note}")
+    stuck = (["NVML"] if nvml_hung else []) + [command_label(r.cmd) for r in (plain, full_q, query)
+                                               if r is not None and r.rc is None and r.error and "did not" in r.error]
+    facts.hung = [f"{what} did not answer within {timeout_s:g} s" for what in stuck]
+    name_models(facts)
+    return facts, raw_smi_text(plain, full_q, query)
+
+
+def command_label(cmd: list[str]) -> str:
+    """'nvidia-smi', 'nvidia-smi -q', 'nvidia-smi --query-gpu' (without the field list)."""
+    return " ".join([cmd[0], *(c.split("=")[0] for c in cmd[1:2])])
+
+
+def name_models(facts: DriverFacts) -> None:
+    """Each GPU's datasheet model from configs/gpus.yaml (None when not listed)."""
     try:
         specs = config.load_gpus()
     except config.ConfigError as e:  # the datasheet is a nicety here: the facts are still written
@@ -415,7 +538,6 @@ def collect(source: str = "auto", nvml_loader=load_pynvml, runner=run_commands) 
     for gpu in facts.gpus:
         spec = config.gpu_spec_for(gpu.name, specs)
         gpu.model = spec.model if spec else None
-    return facts, raw_smi_text(plain, full_q, query)
 
 
 # --------------------------------------------------------------------------- gate
@@ -423,6 +545,9 @@ def collect(source: str = "auto", nvml_loader=load_pynvml, runner=run_commands) 
 def gate(facts: DriverFacts, min_cuda: str, min_from: str) -> tuple[bool, str]:
     """(passed, one line): what was found, what is needed, what to do."""
     need = f"need a driver supporting CUDA >= {min_cuda} ({min_from}) and at least one GPU"
+    if facts.hung:
+        return False, (f"found {' and '.join(facts.hung)} (a hung driver or GPU; what still ran was killed); "
+                       f"{need}; look for Xid errors in dmesg, then reset the GPU or reboot")
     if facts.found:
         return False, f"found {facts.found}; {need}; {facts.todo or 'install or repair the NVIDIA driver'}"
     drv = f"driver {facts.driver or '?'}"
@@ -533,6 +658,7 @@ def env_info_text(system: list[tuple[str, str]], env: Mapping[str, str], facts: 
               f"driver CUDA : {facts.driver_cuda or 'unknown'}",
               f"GPUs        : {len(facts.gpus)} ({gpus_summary(facts.gpus)})"]
     lines += [f"note        : {note}" for note in facts.notes]
+    lines += [f"hung        : {what} (killed at the probe's deadline)" for what in facts.hung]
     if facts.gpus:
         lines += ["", text_table(GPU_COLUMNS, gpu_rows(facts.gpus))]
         slow = sorted({r for g in facts.gpus for r in (g.clock_event_reasons or []) if clock_event_is_fault(r)})
@@ -550,15 +676,15 @@ def gpus_document(facts: DriverFacts, passed: bool | None, gate_line: str, min_c
     clock_event_reasons}]."""
     return {"schema": 1, "source": facts.source, "driver": facts.driver, "driver_cuda": facts.driver_cuda,
             "min_driver_cuda": min_cuda, "gate": {"passed": passed, "line": gate_line},
-            "notes": facts.notes, "gpus": [asdict(g) for g in facts.gpus]}
+            "notes": facts.notes, "hung": facts.hung, "gpus": [asdict(g) for g in facts.gpus]}
 
 
 # --------------------------------------------------------------------------- the stage
 
-def run(run_dir: Path, args, *, env: Mapping[str, str] | None = None,
-        nvml_loader=load_pynvml, runner=run_commands) -> Outcome:
+def run(run_dir: Path, args, *, env: Mapping[str, str] | None = None, nvml_loader=load_pynvml) -> Outcome:
     env = os.environ if env is None else env
-    facts, smi_text = collect(getattr(args, "probe_source", "auto"), nvml_loader, runner)
+    timeout_s = getattr(args, "probe_timeout", None) or config.load_probe()["timeout_s"]
+    facts, smi_text = collect(getattr(args, "probe_source", "auto"), nvml_loader, timeout_s)
 
     min_cuda = getattr(args, "min_driver_cuda", None)
     config_error = None

@@ -31,13 +31,16 @@ def smi_machine(monkeypatch, tmp_path):
 
 
 class FakeNvml:
-    """Values a 2-GPU H100 machine's NVML returns; GPU 1 does not support ECC queries."""
+    """Values a 2-GPU H100 machine's NVML returns; GPU 1 does not support ECC queries.
 
-    def __init__(self, monkeypatch):
-        self.calls = []
+    The probe asks NVML in a child process: `calls` are kept in a file, so the test sees the child's.
+    """
+
+    def __init__(self, monkeypatch, calls_file):
+        self.calls_file = calls_file
         fns = {
             "nvmlInit": lambda: None,
-            "nvmlShutdown": lambda: self.calls.append("shutdown"),
+            "nvmlShutdown": lambda: self.record("shutdown"),
             "nvmlSystemGetDriverVersion": lambda: "580.95.05",
             "nvmlSystemGetCudaDriverVersion_v2": lambda: 13000,
             "nvmlDeviceGetCount": lambda: 2,
@@ -55,6 +58,14 @@ class FakeNvml:
         for name, fn in fns.items():
             monkeypatch.setattr(pynvml, name, fn)
 
+    def record(self, call: str) -> None:
+        with open(self.calls_file, "a") as f:
+            f.write(call + "\n")
+
+    @property
+    def calls(self) -> list[str]:
+        return self.calls_file.read_text().split() if self.calls_file.exists() else []
+
     @staticmethod
     def ecc_mode(h):
         if h == 1:
@@ -65,6 +76,6 @@ class FakeNvml:
 @pytest.fixture
 def nvml_machine(monkeypatch, tmp_path):
     """A fake 2-GPU NVML, and PATH without any nvidia-smi: NVML alone must be enough."""
-    nvml = FakeNvml(monkeypatch)
+    nvml = FakeNvml(monkeypatch, tmp_path / "nvml-calls.txt")
     fake_gpu.only_on_path(monkeypatch, tmp_path / "empty")
     return nvml

@@ -5,16 +5,20 @@ from __future__ import annotations
 import argparse
 import json
 import socket
+import sys
+import threading
+import time
+from pathlib import Path
 
 import fake_gpu
 import pynvml
 import pytest
 
-from tasks import cuda_rules, layout, probe, records
+from tasks import config, cuda_rules, layout, probe, records
 
 
 def args(**kw):
-    base = {"min_driver_cuda": None, "settings": None, "probe_source": "auto"}
+    base = {"min_driver_cuda": None, "settings": None, "probe_source": "auto", "probe_timeout": None}
     return argparse.Namespace(**{**base, **kw})
 
 
@@ -249,3 +253,86 @@ def test_a_broken_gpu_datasheet_still_leaves_the_facts_written(monkeypatch, tmp_
     assert json.loads(read(run_dir, layout.GPUS_JSON))["gpus"][0]["model"] is None
     assert "datasheet models not named:" in read(run_dir, "env_info.txt")
     assert "CUDA Version: 13.0" in read(run_dir, "nvidia_smi.txt")
+
+
+# --------------------------------------------------------------------------- hung drivers: one deadline
+
+HANGING_SMI = """#!{python}
+import os, sys, time
+if os.fork() == 0:  # a child that keeps stdout, the probe's end of the output, open
+    with open({pidfile!r}, "a") as f:
+        f.write(f"{{os.getpid()}}\\n")
+    time.sleep(600)
+    os._exit(0)
+print("NVIDIA-SMI starting", flush=True)
+{tail}
+"""
+
+
+def hanging_smi(bin_dir, pidfile, hang: bool):
+    body = HANGING_SMI.format(python=sys.executable, pidfile=str(pidfile), tail="time.sleep(600)" if hang else "")
+    path = bin_dir / "nvidia-smi"
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(body)
+    path.chmod(0o755)
+
+
+def run_with_a_watchdog(run_dir, probe_args, limit_s=30.0):
+    """probe.run in a thread: a probe that hangs fails the test instead of hanging the suite."""
+    box = {}
+    worker = threading.Thread(target=lambda: box.update(out=probe.run(run_dir, probe_args)), daemon=True)
+    t0 = time.monotonic()
+    worker.start()
+    worker.join(limit_s)
+    assert not worker.is_alive(), f"the probe still runs after {limit_s:g} s"
+    return box["out"], time.monotonic() - t0
+
+
+def gone(pid: int, wait_s: float = 5.0) -> bool:
+    """Whether a process has ended (a zombie waiting for its reaper counts as ended)."""
+    end = time.monotonic() + wait_s
+    while time.monotonic() < end:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return True
+        if state in ("Z", "X"):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.parametrize("hang", [True, False], ids=["hangs", "exits-leaving-a-child"])
+def test_a_hung_nvidia_smi_whose_child_holds_the_output_open_ends_within_the_one_deadline(
+        tmp_path, run_dir, smi_machine, hang):
+    pidfile = tmp_path / "children.txt"
+    hanging_smi(smi_machine, pidfile, hang)
+    out, seconds = run_with_a_watchdog(run_dir, args(probe_timeout=2.0))
+    assert out.status == records.StageStatus.FAIL and "\n" not in out.reason
+    assert seconds < 2.0 + 4.0  # one deadline for every command, not 20 s each
+    pids = [int(p) for p in pidfile.read_text().split()]
+    assert pids and all(gone(p) for p in pids)  # the whole process group was killed
+    env_info = read(run_dir, "env_info.txt")
+    assert "## Gate\nFAIL: " in env_info
+    if hang:
+        assert "nvidia-smi did not answer within 2 s" in out.reason
+        assert "did not answer within 2 s" in read(run_dir, "nvidia_smi.txt")
+
+
+def test_a_hung_nvml_fails_within_the_deadline_and_says_so_in_env_info(monkeypatch, run_dir, nvml_machine):
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetCount", lambda: time.sleep(600))  # the driver stops answering
+    out, seconds = run_with_a_watchdog(run_dir, args(probe_timeout=2.0))
+    assert seconds < 2.0 + 4.0
+    assert out.status == records.StageStatus.FAIL
+    assert "NVML did not answer within 2 s" in out.reason and "reset the GPU or reboot" in out.reason
+    env_info = read(run_dir, "env_info.txt")
+    assert "NVML did not answer within 2 s" in env_info and "## Gate\nFAIL: " in env_info
+    assert (run_dir / "nvidia_smi.txt").exists() and (run_dir / layout.GPUS_JSON).exists()
+
+
+def test_the_probe_deadline_comes_from_configs_and_is_validated(tmp_path):
+    assert config.load_probe()["timeout_s"] > 0
+    bad = tmp_path / "probe.yaml"
+    bad.write_text("timeout_s: -1\n")
+    with pytest.raises(config.ConfigError, match=r"probe.yaml: timeout_s: -1 must be a positive number of seconds"):
+        config.load_probe(bad)
