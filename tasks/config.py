@@ -383,3 +383,58 @@ def load_nvml(path: Path | None = None) -> NvmlTables:
 def nvml_tables() -> NvmlTables:
     """configs/nvml.yaml, loaded once per process."""
     return load_nvml()
+
+
+# --------------------------------------------------------------------------- burn-in (burnin.yaml)
+
+BURNIN_SEVERITIES = ("FAIL", "WARN")
+# group -> {key: kind}: "s" seconds/positive number, "n" positive whole number, "share" in (0, 1],
+# "sev" FAIL or WARN, "map" a mapping of name -> positive number.
+BURNIN_KEYS = {
+    None: {"duration_s": "s", "extra_timeout_s": "s", "sample_interval_s": "s"},
+    "burn": {"matmul_n": "n", "window_s": "s", "clock_share": "share", "low_clock_share": "share"},
+    "memory": {"share": "share", "chunk_words": "n"},
+    "peers": {"below_median_share": "share", "severity": "sev"},
+    "pcie": {"link_severity": "sev", "slot_severity": "sev", "copy_mib": "n", "repeats": "n",
+             "warn_share": "share", "fail_share": "share"},
+    "nvlink": {"down_severity": "sev", "errors_severity": "sev"},
+    "p2p": {"copy_mib": "n", "repeats": "n", "below_median_share": "share", "severity": "sev"},
+    "collectives": {"min_bytes": "n", "max_bytes": "n", "warmup": "n", "iters": "n", "timeout_s": "s",
+                    "expect_busbw_gbs": "map", "severity": "sev"},
+    "dcgm": {"level": "n", "timeout_s": "s", "severity": "sev"},
+}
+
+
+def _burnin_value(path: Path, key: str, kind: str, value) -> None:
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind == "s":
+        _require(number and value > 0, path, key, f"{value!r} must be a positive number")
+    elif kind == "n":
+        _require(number and isinstance(value, int) and value > 0, path, key, f"{value!r} must be a positive whole number")
+    elif kind == "share":
+        _require(number and 0 < value <= 1, path, key, f"{value!r} must be a share in (0, 1]")
+    elif kind == "sev":
+        _require(value in BURNIN_SEVERITIES, path, key, f"{value!r} must be one of {list(BURNIN_SEVERITIES)}")
+    elif kind == "map":
+        _require(isinstance(value, dict) and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+                                                 for v in value.values()),
+                 path, key, "must be a mapping of name -> positive number")
+
+
+def load_burnin(path: Path | None = None) -> dict:
+    """The long level's durations, sizes and thresholds (configs/burnin.yaml), validated."""
+    path = Path(path or layout.BURNIN_FILE)
+    data = load_yaml(path)
+    for group, keys in BURNIN_KEYS.items():
+        section = data if group is None else data.get(group)
+        _require(isinstance(section, dict), path, str(group), "missing or not a mapping; see configs/burnin.yaml")
+        for key, kind in keys.items():
+            name = key if group is None else f"{group}.{key}"
+            _require(key in section, path, name, "missing; add it (see configs/burnin.yaml in the repository)")
+            _burnin_value(path, name, kind, section[key])
+    _require(data["pcie"]["fail_share"] <= data["pcie"]["warn_share"], path, "pcie.fail_share",
+             "must not exceed pcie.warn_share")
+    _require(data["collectives"]["min_bytes"] <= data["collectives"]["max_bytes"], path, "collectives.min_bytes",
+             "must not exceed collectives.max_bytes")
+    _require(data["dcgm"]["level"] in (1, 2, 3, 4), path, "dcgm.level", "must be 1, 2, 3 or 4 (dcgmi diag -r)")
+    return data

@@ -66,6 +66,11 @@ CUDA_CHECK_FILE = CONFIGS / "cuda_check.yaml"
 GPU_CHECKS_SCRIPT = ROOT / "tasks" / "gpu_checks.py"
 CUDA_CHECK_JSON = "cuda_check.json"
 CUDA_CHECK_LOG = "cuda_check.log"
+# cuda_check --level long (burn-in and fabric checks): its settings and the files it adds to the run.
+BURNIN_FILE = CONFIGS / "burnin.yaml"
+BURN_SAMPLES = "burn_samples.csv"  # NVML samples (clocks, power, temperature, events, PCIe) throughout
+BURN_PLOT = "burn.svg"  # the same samples and the burn's TFLOP/s, drawn
+DCGM_JSON = "dcgm_diag.json"  # `dcgmi diag --json` as DCGM wrote it, when dcgmi exists
 
 # More files of the install stage: `pip freeze` of .venv-gpu as a requirements file that reproduces
 # it, and every command install ran with its output (appended, one block per invocation).
