@@ -1,0 +1,32 @@
+"""DCGM's own diagnostics where DCGM is installed: `dcgmi diag -r LEVEL --json`, its JSON kept in the
+run folder. Torch-free; called by the long level of cuda_check. Nothing else depends on it: without
+`dcgmi` on PATH the check SKIPs with one line (tasks/burn_rules.py:judge_dcgm)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+
+def run_diag(level: int, timeout_s: float, out_file: Path) -> tuple[bool, int | None, dict | None, str]:
+    """(dcgmi found, its exit code, its JSON, an error): runs `dcgmi diag -r LEVEL --json` and writes
+    its output to out_file as DCGM wrote it. dcgmi exits non-zero when a test fails: the JSON says which."""
+    exe = shutil.which("dcgmi")
+    if exe is None:
+        return False, None, None, ""
+    try:
+        proc = subprocess.run([exe, "diag", "-r", str(level), "--json"], capture_output=True, text=True,
+                              timeout=timeout_s, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        return True, None, None, f"dcgmi diag did not finish within {timeout_s:g} s"
+    except OSError as e:
+        return True, None, None, f"dcgmi cannot be run: {e}"
+    out_file.write_text(proc.stdout)
+    try:
+        doc = json.loads(proc.stdout)
+    except ValueError:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()
+        return True, proc.returncode, None, f"its output is not JSON ({tail[-1][:200] if tail else 'empty'})"
+    return True, proc.returncode, doc if isinstance(doc, dict) else None, ""

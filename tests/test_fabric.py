@@ -1,0 +1,69 @@
+"""The fabric code of the long level on CPUs: the collective sweep (training_pt/fabric.py) with gloo
+across real processes, judged by tasks/burn_rules.py; DCGM through a fake `dcgmi` (tasks/dcgm.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tasks import burn_rules as br
+from tasks.cuda_rules import PASS
+
+fabric = pytest.importorskip("training_pt.fabric")
+
+
+def test_the_collective_sweep_runs_every_op_and_size_exactly_across_gloo_processes():
+    sizes = br.sweep_sizes(8, 1 << 14)
+    rows, errors = fabric.run_sweep(3, "gloo", sizes, warmup=1, iters=2, timeout=240)
+    assert errors == []
+    assert [(r["op"], r["bytes"]) for r in rows][:3] == [("all_reduce", 8), ("all_reduce", 16), ("all_reduce", 32)]
+    assert len(rows) == 3 * len(sizes)
+    assert {r["op"] for r in rows} == set(br.COLLECTIVES)
+    assert all(r["wrong"] == 0 and r["seconds"] > 0 for r in rows)
+    gathers = [r["bytes"] for r in rows if r["op"] == "all_gather"]
+    assert gathers[0] == 12 and all(b % 12 == 0 for b in gathers)  # a multiple of 3 ranks x 4 bytes
+    v = br.judge_collectives(rows, 3, errors, "pcie", {"pcie": 1e-9}, "WARN")
+    assert v.status == PASS and not v.reason, v
+    assert len(br.collective_lines(rows, 3)) == 2 + len(rows)
+
+
+DCGM_SAMPLE = """{"DCGM Diagnostic": {"test_categories": [
+  {"category": "Deployment", "tests": [
+    {"name": "software", "results": [{"entity_group": "GPU", "entity_id": 0, "status": "Pass"}],
+     "test_summary": {"status": "Pass"}},
+    {"name": "pcie", "results": [{"entity_group": "GPU", "entity_id": 0, "status": "Fail",
+      "warnings": [{"warning": "GPU 0 PCIe link width x8 below x16", "error_id": 50}]}],
+     "test_summary": {"status": "Fail"}}]}]},
+ "metadata": {"version": "4.2.3"}}"""
+
+
+def fake_dcgmi(bin_dir, body: str):
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    exe = bin_dir / "dcgmi"
+    exe.write_text("#!/bin/sh\n" + body)
+    exe.chmod(0o755)
+    return bin_dir
+
+
+def test_dcgmi_diag_json_is_kept_and_summarised_per_plugin(tmp_path, monkeypatch):
+    from tasks import dcgm
+    (tmp_path / "sample.json").write_text(DCGM_SAMPLE)
+    bin_dir = fake_dcgmi(tmp_path / "bin", f'echo "$@" > {tmp_path}/argv\ncat {tmp_path}/sample.json\nexit 226\n')
+    monkeypatch.setenv("PATH", str(bin_dir))
+    found, code, doc, error = dcgm.run_diag(2, 30, tmp_path / "dcgm_diag.json")
+    assert (found, code, error) == (True, 226, "")
+    assert (tmp_path / "argv").read_text().split() == ["diag", "-r", "2", "--json"]
+    assert (tmp_path / "dcgm_diag.json").read_text().strip() == DCGM_SAMPLE
+    v = br.judge_dcgm(found, code, doc, 2, "FAIL")
+    assert v.status == "FAIL" and v.value == "dcgmi diag -r 2: software Pass, pcie Fail"
+    assert "Deployment/pcie on GPU 0 (GPU 0 PCIe link width x8 below x16)" in v.reason
+
+
+def test_no_dcgmi_is_one_line_and_garbage_output_is_named(tmp_path, monkeypatch):
+    from tasks import dcgm
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert dcgm.run_diag(1, 30, tmp_path / "x.json") == (False, None, None, "")
+    monkeypatch.setenv("PATH", str(fake_dcgmi(tmp_path / "bin", "echo 'Error: unable to connect to host engine'\n"
+                                              "exit 1\n")))
+    found, code, doc, error = dcgm.run_diag(1, 30, tmp_path / "x.json")
+    assert found and code == 1 and doc is None and "unable to connect to host engine" in error
+    assert br.judge_dcgm(found, code, doc, 1, "FAIL").status == "FAIL"
