@@ -37,6 +37,7 @@ DCGM_SAMPLE = """{"DCGM Diagnostic": {"test_categories": [
 
 
 def fake_dcgmi(bin_dir, body: str):
+    """An executable `dcgmi` running the sh `body` (sh builtins only: PATH holds nothing else)."""
     bin_dir.mkdir(parents=True, exist_ok=True)
     exe = bin_dir / "dcgmi"
     exe.write_text("#!/bin/sh\n" + body)
@@ -47,7 +48,8 @@ def fake_dcgmi(bin_dir, body: str):
 def test_dcgmi_diag_json_is_kept_and_summarised_per_plugin(tmp_path, monkeypatch):
     from tasks import dcgm
     (tmp_path / "sample.json").write_text(DCGM_SAMPLE)
-    bin_dir = fake_dcgmi(tmp_path / "bin", f'echo "$@" > {tmp_path}/argv\ncat {tmp_path}/sample.json\nexit 226\n')
+    bin_dir = fake_dcgmi(tmp_path / "bin", f'echo "$@" > {tmp_path}/argv\n'
+                         f'while IFS= read -r line; do echo "$line"; done < {tmp_path}/sample.json\nexit 226\n')
     monkeypatch.setenv("PATH", str(bin_dir))
     found, code, doc, error = dcgm.run_diag(2, 30, tmp_path / "dcgm_diag.json")
     assert (found, code, error) == (True, 226, "")
