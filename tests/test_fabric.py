@@ -47,7 +47,7 @@ def fake_dcgmi(bin_dir, body: str):
 
 def test_dcgmi_diag_json_is_kept_and_summarised_per_plugin(tmp_path, monkeypatch):
     from tasks import dcgm
-    (tmp_path / "sample.json").write_text(DCGM_SAMPLE)
+    (tmp_path / "sample.json").write_text(DCGM_SAMPLE + "\n")
     bin_dir = fake_dcgmi(tmp_path / "bin", f'echo "$@" > {tmp_path}/argv\n'
                          f'while IFS= read -r line; do echo "$line"; done < {tmp_path}/sample.json\nexit 226\n')
     monkeypatch.setenv("PATH", str(bin_dir))
