@@ -258,7 +258,7 @@ def judge_memory_patterns(results: dict[str, int], words: int, gib: float, secon
                           error: str = "") -> Verdict:
     """Check memory.patterns: words read back wrong per pattern (each written, read, inverted, read)."""
     data = {"mismatches": results, "words": words, "gib": gib, "seconds": seconds, "free_gib": free_gib}
-    traffic = 4 * gib * len(results)  # write, read, invert (read+write): 4 passes over the buffer per pattern
+    traffic = 5 * gib * len(results)  # per pattern: write, read, invert (read + write), read
     speed = traffic / seconds if seconds > 0 else 0.0
     value = (f"{gib:.1f} GiB of {free_gib:.1f} GiB free x {len(results)} patterns "
              f"({', '.join(results) or '-'}), {seconds:.1f} s, {speed:.0f} GiB/s")
