@@ -1,0 +1,61 @@
+"""The long level's GPU-side code run on the CPU (training_pt/burn.py): the burn compares every
+product bit for bit and catches a flipped bit; the memory patterns read back, and catch a flipped bit."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+burn = pytest.importorskip("training_pt.burn")
+
+CPU = torch.device("cpu")
+
+
+def test_a_clean_burn_compares_every_product_and_times_windows():
+    a, b = burn.burn_inputs(64, seed=3)
+    r = burn.burn(CPU, a, b, duration_s=0.3, window_s=0.05)
+    assert r["iterations"] > 4 and r["bad_iterations"] == 0 and r["bad_elements"] == 0 and r["nonfinite"] == 0
+    assert r["tflops"] > 0 and len(r["windows"]) >= 2 and r["elements"] == 64 * 64
+
+
+def test_a_flipped_bit_in_one_burn_product_is_caught():
+    a, b = burn.burn_inputs(64, seed=3)
+    calls = {"n": 0}
+
+    def faulty(x, y, out=None):
+        result = torch.matmul(x, y, out=out)
+        calls["n"] += 1
+        if calls["n"] == 3:  # the second product after the reference
+            result.view(torch.int16)[5, 7] ^= 1
+        return result
+
+    r = burn.burn(CPU, a, b, duration_s=0.2, window_s=0.05, matmul=faulty)
+    assert r["bad_iterations"] == 1 and r["bad_elements"] == 1
+
+
+def test_inputs_and_checksum_are_the_same_bits_for_the_same_seed():
+    a1, b1 = burn.burn_inputs(32, 9)
+    a2, b2 = burn.burn_inputs(32, 9)
+    assert torch.equal(a1, a2) and torch.equal(b1, b2)
+    assert burn.checksum(a1 @ b1) == burn.checksum(a2 @ b2)
+    c = (a1 @ b1).clone()
+    c.view(torch.int16)[0, 0] ^= 1
+    assert burn.checksum(c) != burn.checksum(a1 @ b1)
+
+
+def test_memory_patterns_read_back_across_a_ragged_last_chunk():
+    out = burn.memory_patterns(CPU, words=1000, seed=5, chunk=256)
+    assert out == {"walking_ones": 0, "random": 0, "address": 0}
+    walking = burn.expected("walking_ones", 60, 68, CPU, 0, 0).tolist()
+    assert walking[3] == -(1 << 63) and walking[4] == 1 and walking[5] == 2
+    assert burn.expected("address", 2, 4, CPU, 0, 4096).tolist() == [4096 + 16, 4096 + 24]
+    rand = burn.expected("random", 0, 1000, CPU, 5, 0)
+    assert len(set(rand.tolist())) == 1000 and torch.equal(rand, burn.expected("random", 0, 1000, CPU, 5, 0))
+
+
+def test_a_flipped_bit_in_memory_is_caught_in_the_pattern_and_its_inverse():
+    def flip(buf):
+        buf[777] ^= 1 << 40
+
+    out = burn.memory_patterns(CPU, words=1000, seed=5, chunk=256, patterns=("random",), after_write=flip)
+    assert out == {"random": 2}  # the word reads back wrong, and so does its inverse
