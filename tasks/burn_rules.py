@@ -27,6 +27,22 @@ def flagged(severity: str, value: str, reason: str, data: dict | None = None) ->
     return Verdict(PASS, value, f"{WARN}: {reason}", data)
 
 
+def figures(name: str, gpu: int | None, data: dict) -> dict:
+    """The long level's key numbers of one check for the stage record (cuda_check.figures_from)."""
+    where = f"gpu{gpu}_"
+    if name == "burn.compare" and data.get("tflops"):
+        return {f"{where}burn_tflops": round(data["tflops"], 1)}
+    if name == "memory.patterns" and data.get("gibs"):
+        return {f"{where}memtest_gib": round(data["gib"], 1), f"{where}memtest_gibs": round(data["gibs"], 1)}
+    if name == "pcie.link" and data.get("gen"):
+        return {f"{where}pcie_link": f"Gen{data['gen']} x{data['width']}"}
+    if name == "pcie.bandwidth" and data.get("h2d_gbs"):
+        return {f"{where}h2d_gbs": round(data["h2d_gbs"], 1), f"{where}d2h_gbs": round(data["d2h_gbs"], 1)}
+    if name == "collectives" and data.get("busbw_gbs"):
+        return {f"{op}_sweep_busbw_gbs": round(bw, 1) for op, bw in data["busbw_gbs"].items()}
+    return {}
+
+
 def time_budget_s(level: str, duration_s: float, base_timeout_s: float, extra_timeout_s: float) -> float:
     """Seconds the checker may run: the quick level's limit, plus the burn and its extras when long."""
     return base_timeout_s + (duration_s + extra_timeout_s if level == "long" else 0.0)

@@ -10,10 +10,11 @@ but a machine that cannot compute does not pass.
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
-from tasks import config, layout, proc
+from tasks import burn_rules, config, layout, proc
 from tasks.records import Outcome, StageStatus
 
 DESCRIPTION = ("Check that PyTorch computes correctly and at speed on every GPU (build, driver, devices, kernels "
@@ -31,13 +32,32 @@ def add_arguments(parser) -> None:
                              "(default: speed_share in configs/cuda_check.yaml, 0.5)")
     parser.add_argument("--check-seed", type=int, default=None, metavar="N",
                         help="seed of the checks' random inputs (default: a fresh one, recorded in cuda_check.txt)")
+    parser.add_argument("--level", choices=burn_rules.LEVELS, default="quick",
+                        help="quick: the checks above (seconds per GPU; the default, also in m40); long: also a "
+                             "burn-in on every GPU at once and the fabric checks (docs/cuda_check.md)")
+    parser.add_argument("--duration", type=seconds_arg, default=None, metavar="SECONDS",
+                        help="seconds of the long level's burn (default: duration_s in configs/burnin.yaml, 300)")
+    parser.add_argument("--dcgm-level", type=int, choices=(1, 2, 3, 4), default=None, metavar="N",
+                        help="`dcgmi diag -r N` in the long level where dcgmi exists (default: configs/burnin.yaml, 1)")
+
+
+def seconds_arg(text: str) -> float:
+    """--duration: a positive number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds; give e.g. --duration 300")
+    return value
 
 
 def command(run_dir: Path, args, python: Path) -> list:
     cmd = [python, layout.GPU_CHECKS_SCRIPT, "--out", run_dir, "--config", layout.CUDA_CHECK_FILE,
            "--gpus-file", layout.GPUS_FILE]
     for option, name in (("--mem-share", "check_mem_share"), ("--speed-share", "check_speed_share"),
-                         ("--seed", "check_seed")):
+                         ("--seed", "check_seed"), ("--level", "level"), ("--duration", "duration"),
+                         ("--dcgm-level", "dcgm_level")):
         value = getattr(args, name, None)
         if value is not None:
             cmd += [option, str(value)]
@@ -50,12 +70,16 @@ def run(run_dir: Path, args) -> Outcome:
         return Outcome(StageStatus.FAIL, f"no .venv-gpu ({python} does not exist): run `nox -s install -p <channel>` first")
     settings = config.load_cuda_check()  # a bad config is a one-line ConfigError before anything runs
     config.load_gpus()
+    burnin = config.load_burnin()
+    limit = burn_rules.time_budget_s(getattr(args, "level", "quick"),
+                                     getattr(args, "duration", None) or burnin["duration_s"],
+                                     settings["timeout_s"], burnin["extra_timeout_s"])
     result_path = run_dir / layout.CUDA_CHECK_JSON
     result_path.unlink(missing_ok=True)  # never read a previous run's result as this one's
     log = run_dir / layout.CUDA_CHECK_LOG
     # The checker stops itself after timeout_s (faulthandler); this limit is the backstop.
     code = proc.tee(command(run_dir, args, python), log, env=layout.NO_MULTICAST_ENV, cwd=layout.ROOT,
-                    timeout=settings["timeout_s"] + 60)
+                    timeout=limit + 60)
     result = None
     if result_path.exists():
         try:
@@ -65,7 +89,9 @@ def run(run_dir: Path, args) -> Outcome:
     files = [name for name in (TXT, layout.CUDA_CHECK_JSON, layout.CUDA_CHECK_LOG) if (run_dir / name).exists()]
     lines = log_lines(log)
     hung = any(line.startswith("Timeout (") for line in lines)  # faulthandler's watchdog fired
-    return outcome_from(result, code, lines[-1][:300] if lines else "", settings["timeout_s"], files, hung)
+    if getattr(args, "level", "quick") == "long":  # written by this run only: a quick re-run does not claim them
+        files += [name for name in (layout.BURN_SAMPLES, layout.BURN_PLOT, layout.DCGM_JSON) if (run_dir / name).exists()]
+    return outcome_from(result, code, lines[-1][:300] if lines else "", limit, files, hung)
 
 
 def log_lines(path: Path) -> list[str]:
@@ -125,6 +151,10 @@ def figures_from(result: dict) -> dict:
             fig[f"gpu{gpu}_sdpa_backend"] = data["backend"]
         elif name == "allreduce" and data.get("busbw_gbs"):
             fig["allreduce_busbw_gbs"] = round(data["busbw_gbs"], 1)
+        fig.update(burn_rules.figures(name, gpu, data))
     if failed:
         fig["failed_checks"] = ", ".join(failed)
+    warned = [c.get("name") for c in result.get("checks", []) if (c.get("data") or {}).get("warn")]
+    if warned:
+        fig["checks_warn"] = len(warned)
     return {k: v for k, v in fig.items() if v is not None}

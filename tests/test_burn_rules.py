@@ -249,3 +249,16 @@ def test_the_burn_plot_and_samples_file_are_written_without_matplotlib():
     lines = text.splitlines()
     assert lines[0].startswith("t_s,gpu,phase,tflops,sm_mhz") and len(lines) == 41
     assert ",0x8," in lines[4]
+
+
+def test_the_long_levels_figures_reach_the_stage_record():
+    from tasks import cuda_check
+    checks = [{"name": "burn.compare", "gpu": 0, "status": "PASS", "data": {"tflops": 712.34}},
+              {"name": "pcie.link", "gpu": 0, "status": "PASS", "data": {"gen": 5, "width": 16}},
+              {"name": "pcie.bandwidth", "gpu": 0, "status": "PASS",
+               "data": {"h2d_gbs": 55.04, "d2h_gbs": 55.51, "warn": True}},
+              {"name": "memory.patterns", "gpu": 0, "status": "PASS", "data": {"gib": 112.0, "gibs": 2100.0}}]
+    fig = cuda_check.figures_from({"checks": checks, "counts": {"PASS": 4}})
+    assert fig["gpu0_burn_tflops"] == 712.3 and fig["gpu0_pcie_link"] == "Gen5 x16"
+    assert (fig["gpu0_h2d_gbs"], fig["gpu0_d2h_gbs"]) == (55.0, 55.5) and fig["gpu0_memtest_gibs"] == 2100.0
+    assert fig["checks_warn"] == 1

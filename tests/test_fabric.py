@@ -69,3 +69,19 @@ def test_no_dcgmi_is_one_line_and_garbage_output_is_named(tmp_path, monkeypatch)
     found, code, doc, error = dcgm.run_diag(1, 30, tmp_path / "x.json")
     assert found and code == 1 and doc is None and "unable to connect to host engine" in error
     assert br.judge_dcgm(found, code, doc, 1, "FAIL").status == "FAIL"
+
+
+def test_the_stage_passes_level_and_duration_to_the_checker_and_refuses_a_bad_duration(capsys):
+    from tasks import cuda_check, stage
+    parser = stage.parser_for("nox -s cuda_check --", "x")
+    cuda_check.add_arguments(parser)
+    args = parser.parse_args(["--level", "long", "--duration", "120", "--dcgm-level", "2"])
+    cmd = [str(x) for x in cuda_check.command(cuda_check.layout.ROOT, args, cuda_check.layout.gpu_python())]
+    assert cmd[cmd.index("--level") + 1] == "long" and cmd[cmd.index("--duration") + 1] == "120.0"
+    assert cmd[cmd.index("--dcgm-level") + 1] == "2"
+    assert parser.parse_args([]).level == "quick"
+    for bad in ("0", "-5", "soon"):
+        with pytest.raises(SystemExit) as e:
+            parser.parse_args(["--duration", bad])
+        assert e.value.code == 2
+    assert "is not a positive number of seconds; give e.g. --duration 300" in capsys.readouterr().err
