@@ -34,7 +34,7 @@ def figures(name: str, gpu: int | None, data: dict) -> dict:
         return {f"{where}burn_tflops": round(data["tflops"], 1)}
     if name == "memory.patterns" and data.get("gibs"):
         return {f"{where}memtest_gib": round(data["gib"], 1), f"{where}memtest_gibs": round(data["gibs"], 1)}
-    if name == "pcie.link" and data.get("gen"):
+    if name in ("pcie.link", "pcie.link_burn") and data.get("gen"):
         return {f"{where}pcie_link": f"Gen{data['gen']} x{data['width']}"}
     if name == "pcie.bandwidth" and data.get("h2d_gbs"):
         return {f"{where}h2d_gbs": round(data["h2d_gbs"], 1), f"{where}d2h_gbs": round(data["d2h_gbs"], 1)}

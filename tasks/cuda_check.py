@@ -32,7 +32,7 @@ def add_arguments(parser) -> None:
                              "(default: speed_share in configs/cuda_check.yaml, 0.5)")
     parser.add_argument("--check-seed", type=int, default=None, metavar="N",
                         help="seed of the checks' random inputs (default: a fresh one, recorded in cuda_check.txt)")
-    parser.add_argument("--level", choices=burn_rules.LEVELS, default="quick",
+    parser.add_argument("--level", choices=burn_rules.LEVELS, default=None,
                         help="quick: the checks above (seconds per GPU; the default, also in m40); long: also a "
                              "burn-in on every GPU at once and the fabric checks (docs/cuda_check.md)")
     parser.add_argument("--duration", type=seconds_arg, default=None, metavar="SECONDS",
@@ -71,7 +71,7 @@ def run(run_dir: Path, args) -> Outcome:
     settings = config.load_cuda_check()  # a bad config is a one-line ConfigError before anything runs
     config.load_gpus()
     burnin = config.load_burnin()
-    limit = burn_rules.time_budget_s(getattr(args, "level", "quick"),
+    limit = burn_rules.time_budget_s(getattr(args, "level", None) or "quick",
                                      getattr(args, "duration", None) or burnin["duration_s"],
                                      settings["timeout_s"], burnin["extra_timeout_s"])
     result_path = run_dir / layout.CUDA_CHECK_JSON
@@ -89,7 +89,7 @@ def run(run_dir: Path, args) -> Outcome:
     files = [name for name in (TXT, layout.CUDA_CHECK_JSON, layout.CUDA_CHECK_LOG) if (run_dir / name).exists()]
     lines = log_lines(log)
     hung = any(line.startswith("Timeout (") for line in lines)  # faulthandler's watchdog fired
-    if getattr(args, "level", "quick") == "long":  # written by this run only: a quick re-run does not claim them
+    if getattr(args, "level", None) == "long":  # written by this run only: a quick re-run does not claim them
         files += [name for name in (layout.BURN_SAMPLES, layout.BURN_PLOT, layout.DCGM_JSON) if (run_dir / name).exists()]
     return outcome_from(result, code, lines[-1][:300] if lines else "", limit, files, hung)
 

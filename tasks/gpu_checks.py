@@ -61,6 +61,7 @@ import torch  # noqa: E402
 from tasks import cuda_rules as rules  # noqa: E402
 from tasks.cuda_rules import FAIL, PASS, SKIP, WARN, Check, Verdict  # noqa: E402
 from tasks.records import now_iso  # noqa: E402
+from training_pt import burn  # noqa: E402
 
 try:
     import pynvml
@@ -348,14 +349,17 @@ class Checker:
                 why = "CUDA could not be initialised (see init)"
             else:
                 why = "no CUDA device visible to torch (see device_count)"
-            for name in PER_GPU + MULTI_GPU + HEALTH:
+            for name in PER_GPU + MULTI_GPU + HEALTH + burn.skipped_names(self.level):
                 self.add(name, None, Verdict(SKIP, "", why))
             return
         self.nvml.watch_xid()
         self.describe_gpus(n)
         for g in self.gpus:
             self.per_gpu(g)
+        burn.peer_checks(self)
         self.multi_gpu()
+        if self.level == "long":
+            burn.run_long(self, self.duration, self.dcgm_level)
         self.health()
 
     def header(self) -> None:
@@ -489,6 +493,7 @@ class Checker:
         self.run("memory", i, self.check_memory, dev)
         self.run("speed.copy", i, self.check_copy, dev, g)
         self.run("speed.matmul_bf16", i, self.check_speed_matmul, dev, g)
+        self.run("pcie.link", i, burn.quick_pcie_link, self, g)
         self.run("compile", i, self.check_compile, dev, tol["compile_fp32"])
         torch.cuda.empty_cache()
 
@@ -813,6 +818,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="FAIL a speed below this share of the datasheet (default: configs/cuda_check.yaml)")
     p.add_argument("--config", type=Path, default=None, help="cuda_check settings (default configs/cuda_check.yaml)")
     p.add_argument("--gpus-file", type=Path, default=None, help="datasheet figures (default configs/gpus.yaml)")
+    burn.add_options(p)
     return p.parse_args(argv)
 
 
@@ -822,6 +828,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = config.load_cuda_check(args.config)
         specs = config.load_gpus(args.gpus_file)
+        burnin = config.load_burnin(args.burnin_config)
     except config.ConfigError as e:
         print(f"gpu_checks: error: {e}", file=sys.stderr)
         return 2
@@ -830,11 +837,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.speed_share is not None:
         settings["speed_share"] = args.speed_share
     args.out.mkdir(parents=True, exist_ok=True)
-    faulthandler.dump_traceback_later(settings["timeout_s"], exit=True)  # a hung GPU must not hang us
+    faulthandler.dump_traceback_later(burn.time_limit(args, burnin, settings), exit=True)  # a hung GPU must not hang us
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little") & 0x3FFFFFFF
     checker = Checker(settings, specs, seed, args.out)
+    burn.configure(checker, args, burnin)
     checker.run_all()
     result = checker.finish()
+    result["level"], result["duration_s"] = checker.level, checker.duration if checker.level == "long" else None
     tmp = args.out / (layout.CUDA_CHECK_JSON + ".tmp")
     tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
     tmp.replace(args.out / layout.CUDA_CHECK_JSON)

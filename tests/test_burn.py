@@ -59,3 +59,22 @@ def test_a_flipped_bit_in_memory_is_caught_in_the_pattern_and_its_inverse():
 
     out = burn.memory_patterns(CPU, words=1000, seed=5, chunk=256, patterns=("random",), after_write=flip)
     assert out == {"random": 2}  # the word reads back wrong, and so does its inverse
+
+
+def test_the_checker_at_the_long_level_without_a_gpu_skips_every_long_check_by_name(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tasks import layout
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    proc = subprocess.run([sys.executable, str(layout.GPU_CHECKS_SCRIPT), "--out", str(tmp_path), "--seed", "7",
+                           "--level", "long", "--duration", "1"], capture_output=True, text=True, env=env,
+                          cwd=tmp_path, timeout=300)
+    result = json.loads((tmp_path / layout.CUDA_CHECK_JSON).read_text())
+    assert proc.returncode == 1 and result["level"] == "long" and result["duration_s"] == 1
+    by_name = {c["name"]: c for c in result["checks"]}
+    for name in burn.QUICK_CHECKS + burn.LONG_CHECKS:
+        assert by_name[name]["status"] == "SKIP" and "CPU build" in by_name[name]["reason"], name
+    assert not (tmp_path / layout.BURN_SAMPLES).exists()  # nothing burned, nothing claimed

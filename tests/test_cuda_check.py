@@ -17,7 +17,8 @@ from tasks.cuda_rules import ARCH_LIST_SEAM_ENV
 
 GPU_CHECKS = ("arch", "matmul.fp32", "matmul.tf32", "matmul.bf16", "matmul.fp16", "conv2d.fp32", "conv2d.bf16",
               "sdpa.causal", "reduction", "memory", "speed.copy", "speed.matmul_bf16", "compile", "peer_access",
-              "allreduce", "health.ecc", "health.pages", "health.throttle", "health.xid")
+              "allreduce", "health.ecc", "health.pages", "health.throttle", "health.xid", "pcie.link",
+              "peers.matmul_bf16", "peers.copy")
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import torch
 
@@ -31,8 +32,41 @@ pynvml = fabric.pynvml
 # function of its index and the seed, so a chunk's expected values are recomputed, never stored.
 MIX1, MIX2, MIX3 = -7046029254386353131, -4658895280553007687, -7723592293110705685
 PATTERNS = ("walking_ones", "random", "address")
-LONG_PER_GPU = ("burn.compare", "burn.clocks", "memory.patterns", "pcie.bandwidth", "nvlink")
-LONG_ACROSS = ("burn.peers", "peers.burn_tflops", "p2p.bandwidth", "collectives", "dcgm")
+# The checks this module adds, by level: SKIPped by name when there is no GPU to run them on.
+QUICK_CHECKS = ("pcie.link", "peers.matmul_bf16", "peers.copy")
+LONG_CHECKS = ("dcgm", "burn.compare", "burn.clocks", "memory.patterns", "pcie.bandwidth", "pcie.link_burn", "nvlink",
+               "burn.peers",
+               "peers.burn_tflops", "p2p.bandwidth", "collectives")
+
+
+# --------------------------------------------------------------------------- the checker's options
+
+def add_options(parser) -> None:
+    parser.add_argument("--level", choices=burn_rules.LEVELS, default="quick",
+                        help="quick: the correctness and speed checks; long: also the burn-in and fabric checks")
+    parser.add_argument("--duration", type=float, default=None,
+                        help="seconds of the long level's burn (default: duration_s in configs/burnin.yaml)")
+    parser.add_argument("--dcgm-level", type=int, choices=(1, 2, 3, 4), default=None,
+                        help="dcgmi diag -r N in the long level (default: dcgm.level in configs/burnin.yaml)")
+    parser.add_argument("--burnin-config", type=Path, default=None,
+                        help="long-level settings (default configs/burnin.yaml)")
+
+
+def time_limit(args, burnin: dict, settings: dict) -> float:
+    """Seconds the checker may run in all: the quick level's limit, plus the burn and its extras if long."""
+    duration = args.duration if args.duration is not None else burnin["duration_s"]
+    return burn_rules.time_budget_s(args.level, duration, settings["timeout_s"], burnin["extra_timeout_s"])
+
+
+def configure(checker, args, burnin: dict) -> None:
+    """Give the checker its level and the burn-in settings (checker.burnin, level, duration, dcgm_level)."""
+    checker.burnin, checker.level = burnin, args.level
+    checker.duration = args.duration if args.duration is not None else burnin["duration_s"]
+    checker.dcgm_level = args.dcgm_level if args.dcgm_level is not None else burnin["dcgm"]["level"]
+
+
+def skipped_names(level: str) -> tuple[str, ...]:
+    return QUICK_CHECKS + (LONG_CHECKS if level == "long" else ())
 
 
 # --------------------------------------------------------------------------- the quick level's hooks
@@ -311,7 +345,7 @@ def per_gpu_long(checker, g: dict, handle, r: dict, nvlink_before, seconds: floa
     checker.add("memory.patterns", i, burn_rules.judge_memory_patterns(
         r.get("memory") or {}, r.get("words", 0), gib, r.get("memory_s", 0.0), r.get("free_gib", 0.0),
         r["memory_error"]), r.get("memory_s", 0.0))
-    checker.run("pcie.link", i, long_pcie, checker, g, handle, under_load)
+    checker.run("pcie.link_burn", i, long_pcie, checker, g, handle, under_load)
     checker.run("nvlink", i, nvlink_check, s["nvlink"], handle, nvlink_before)
 
 
@@ -322,7 +356,7 @@ def nvlink_check(nv: dict, handle, before) -> Verdict:
 
 
 def long_pcie(checker, g: dict, handle, under_load: list) -> Verdict:
-    """pcie.link read during the burn and the pinned copies; pcie.bandwidth added beside it."""
+    """pcie.link_burn: the link read during the burn and the pinned copies; pcie.bandwidth added before it."""
     p = checker.burnin["pcie"]
     error, h2d, d2h, seen = "", None, None, []
     t0 = time.perf_counter()

@@ -95,8 +95,9 @@ def pinned_bandwidth(dev, mib: int, repeats: int, handle=None) -> tuple[float, f
                 times.append(start.elapsed_time(end) / 1e3)
         return nbytes / statistics.median(times) / 1e9
 
-    h2d = timed(device, host)
-    d2h = timed(host, device)
+    with torch.cuda.device(dev):  # the events and the copies on this GPU's current stream
+        h2d = timed(device, host)
+        d2h = timed(host, device)
     if not bool((host == 0xA5).all()):
         raise RuntimeError("the pinned buffer came back from the GPU changed")
     return h2d, d2h, seen
