@@ -35,8 +35,7 @@ PATTERNS = ("walking_ones", "random", "address")
 # The checks this module adds, by level: SKIPped by name when there is no GPU to run them on.
 QUICK_CHECKS = ("pcie.link", "peers.matmul_bf16", "peers.copy")
 LONG_CHECKS = ("dcgm", "burn.compare", "burn.clocks", "memory.patterns", "pcie.bandwidth", "pcie.link_burn", "nvlink",
-               "burn.peers",
-               "peers.burn_tflops", "p2p.bandwidth", "collectives")
+               "burn.peers", "peers.burn_tflops", "p2p.bandwidth", "collectives")
 
 
 # --------------------------------------------------------------------------- the checker's options
