@@ -88,14 +88,20 @@ def add_arguments(parser) -> None:
 def verdict(recs: dict[str, StageRecord]) -> tuple[str, str | None, str]:
     """(verdict, failed_stage, reason) of a run from its stage records (evidence's own is ignored).
 
-    INTERRUPTED names the stage Ctrl-C stopped; else FAIL names the first failed stage; else FAIL
-    names the first stage that was skipped or left no record; else PASS.
+    INTERRUPTED names the stage Ctrl-C stopped; else FAIL names the first stage that failed or did not
+    finish (its record still says running: it was killed); else FAIL names the first stage that was
+    skipped or left no record; else PASS.
     """
-    for status, word in ((StageStatus.INTERRUPTED, "INTERRUPTED"), (StageStatus.FAIL, "FAIL")):
-        for name in WORK_STAGES:
-            rec = recs.get(name)
-            if rec is not None and rec.status == status:
-                return word, name, rec.reason or f"{name} {status}"
+    for name in WORK_STAGES:
+        rec = recs.get(name)
+        if rec is not None and rec.status == StageStatus.INTERRUPTED:
+            return "INTERRUPTED", name, rec.reason or f"{name} interrupted"
+    for name in WORK_STAGES:
+        rec = recs.get(name)
+        if rec is not None and rec.status == StageStatus.FAIL:
+            return "FAIL", name, rec.reason or f"{name} failed"
+        if rec is not None and rec.status == StageStatus.RUNNING:
+            return "FAIL", name, did_not_finish(rec)
     for name in WORK_STAGES:
         rec = recs.get(name)
         if rec is None:
@@ -105,20 +111,32 @@ def verdict(recs: dict[str, StageRecord]) -> tuple[str, str | None, str]:
     return "PASS", None, ""
 
 
+def did_not_finish(rec: StageRecord) -> str:
+    return (f"{rec.stage} did not finish: it started at {rec.started} and was stopped before it wrote its result "
+            f"(killed: SIGKILL, the OOM killer, a job time limit?); run it again: nox -s {rec.stage}")
+
+
+# An earlier stage in one of these states is why a later one did not run.
+BLOCKED_BY = {StageStatus.FAIL: "failed", StageStatus.INTERRUPTED: "was interrupted",
+              StageStatus.RUNNING: "did not finish"}
+
+
 def why_not_written(stage: str, recs: dict[str, StageRecord]) -> str:
     """One line: why `stage` left no file (used in the placeholder evidence writes instead)."""
     rec = recs.get(stage)
     earlier = WORK_STAGES[: WORK_STAGES.index(stage)] if stage in WORK_STAGES else WORK_STAGES
-    blocker = next((recs[s] for s in earlier if s in recs and recs[s].status in (StageStatus.FAIL, StageStatus.INTERRUPTED)), None)
+    blocker = next((recs[s] for s in earlier if s in recs and recs[s].status in BLOCKED_BY), None)
     if rec is None or rec.status == StageStatus.SKIP:
         if blocker is not None:
-            what = "failed" if blocker.status == StageStatus.FAIL else "was interrupted"
-            return f"{stage} did not run: {blocker.stage} {what} — {blocker.reason}"
+            why = did_not_finish(blocker) if blocker.status == StageStatus.RUNNING else blocker.reason
+            return f"{stage} did not run: {blocker.stage} {BLOCKED_BY[blocker.status]} — {why}"
         if rec is None:
             return f"{stage} did not run: it left no record in {layout.STAGES_DIR}/ (it was never run into this run folder)"
         return f"{stage} did not run: {rec.reason or 'skipped'}"
     if rec.status == StageStatus.INTERRUPTED:
         return f"{stage} was interrupted before it wrote this file — {rec.reason}"
+    if rec.status == StageStatus.RUNNING:
+        return f"{stage} did not finish before it wrote this file — {did_not_finish(rec)}"
     if rec.status == StageStatus.FAIL:
         return f"{stage} failed before it wrote this file — {rec.reason}"
     return f"{stage} passed but did not write this file (a bug in the stage); see {layout.STAGES_DIR}/{stage}.json"

@@ -29,6 +29,9 @@ def execute(stage: str, run_dir: Path, args: argparse.Namespace) -> records.Stag
     """Run one stage into run_dir (already locked) and write its record. Re-raises Ctrl-C."""
     mod = MODULES[stage]
     timer = Timer.start()
+    # Replaces any earlier record first: a stage killed from here on (SIGKILL, the OOM killer, a
+    # Slurm/Kubernetes stop) leaves "running", which evidence reads as "did not finish", never a stale pass.
+    records.write(run_dir, records.StageRecord(stage, StageStatus.RUNNING, started=timer.started))
     try:
         out = mod.run(run_dir, args)
         rec = timer.record(stage, out.status, out.reason, out.figures, out.files)

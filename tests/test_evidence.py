@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import signal
 import subprocess
+import sys
+import time
 
+import fake_gpu
 import pytest
 
 from tasks import evidence, layout, records, runs, stage, text
@@ -218,3 +223,40 @@ def test_broken_template_fails_evidence_and_leaves_the_run_unsealed(tmp_path, mo
     assert rec.status == StageStatus.FAIL and "no_such_value" in rec.reason
     assert stage.exit_code(rec) == layout.EXIT_STAGE["evidence"]
     assert not runs.is_sealed(run_dir)
+
+
+# --------------------------------------------------------------------------- a stage that never finished
+
+def test_a_stage_killed_mid_way_reads_as_did_not_finish_not_its_earlier_pass(tmp_path):
+    """Re-running probe in a folder whose records all say pass, killed with SIGKILL (as the OOM killer or
+    a Slurm/Kubernetes stop would): the old pass record must not survive."""
+    run_dir = make_run(tmp_path, ALL_PASS)
+    bin_dir, started = tmp_path / "bin", tmp_path / "smi-started"
+    fake_gpu.write_script(bin_dir, f": > '{started}'\nexec sleep 60\n")  # a driver tool that hangs
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(layout.ROOT)}
+    code = "import sys; from tasks import stage; sys.exit(stage.main('probe', sys.argv[1:]))"
+    child = subprocess.Popen([sys.executable, "-c", code, "--run-dir", str(run_dir), "--probe-source", "nvidia-smi"],  # noqa: S603
+                             cwd=layout.ROOT, env=env, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not started.exists() and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert started.exists(), "probe never reached nvidia-smi"
+    finally:
+        os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
+
+    assert records.read(run_dir, "probe").status == StageStatus.RUNNING
+    render(run_dir)
+    summary = json.loads((run_dir / layout.SUMMARY_FILE).read_text())
+    assert (summary["verdict"], summary["failed_stage"]) == ("FAIL", "probe")
+    assert summary["reason"].startswith("probe did not finish")
+    assert "**FAIL** at **probe**: probe did not finish" in (run_dir / layout.README_FILE).read_text()
+
+
+def test_verdict_reads_a_running_record_as_did_not_finish():
+    r = recs(probe=StageStatus.PASS, install=StageStatus.PASS, cuda_check=StageStatus.RUNNING,
+             train=StageStatus.PASS)
+    word, stage_name, reason = evidence.verdict(r)
+    assert (word, stage_name) == ("FAIL", "cuda_check") and reason.startswith("cuda_check did not finish")
