@@ -18,9 +18,12 @@ summary.json, schema 1:
     schema        1
     run           the run folder's name, "m40_v3"
     generated     ISO 8601 UTC time evidence rendered it
-    verdict       "PASS" | "FAIL" | "INTERRUPTED"
-    failed_stage  the stage the verdict names (null on PASS)
-    reason        that stage's one-line reason ("" on PASS)
+    verdict       "PASS" | "PARTIAL" | "FAIL" | "INTERRUPTED" (tasks/verdict.py says what each means)
+    exit_code     the verdict's exit code, as `nox -s m40` exits (README: exit codes)
+    failed_stage  the stage a FAIL or INTERRUPTED names (null otherwise)
+    reason        that stage's one-line reason ("" otherwise)
+    deviations    PARTIAL: each way the run falls short of a full PASS, one line each (listed on FAIL too)
+    harmless_overrides  overrides that keep PASS ("stage: key=value", configs/verdict.yaml)
     stages        {stage: {status, reason, duration_s, started, ended, figures}} for probe, install,
                   cuda_check and train, in order; status is a record status (pass, fail, skip,
                   interrupted) or "missing" when the stage left no record
@@ -41,14 +44,14 @@ from urllib.parse import quote
 
 import jinja2
 
-from tasks import layout, records, text
+from tasks import layout, records, text, verdict
 from tasks.records import Outcome, StageRecord, StageStatus, now_iso
 
 DESCRIPTION = ("Render the run's README.md, summary.json and SHA256SUMS from its stage records and seal it "
                "(no later stage writes into a sealed run).")
 
 SCHEMA = 1
-WORK_STAGES = tuple(s for s in layout.STAGES if s != "evidence")
+WORK_STAGES = verdict.WORK_STAGES
 MISSING = "missing"
 STEP_SUMMARY_ENV = "GITHUB_STEP_SUMMARY"
 
@@ -85,37 +88,6 @@ def add_arguments(parser) -> None:
 
 # --------------------------------------------------------------------------- the verdict
 
-def verdict(recs: dict[str, StageRecord]) -> tuple[str, str | None, str]:
-    """(verdict, failed_stage, reason) of a run from its stage records (evidence's own is ignored).
-
-    INTERRUPTED names the stage Ctrl-C stopped; else FAIL names the first stage that failed or did not
-    finish (its record still says running: it was killed); else FAIL names the first stage that was
-    skipped or left no record; else PASS.
-    """
-    for name in WORK_STAGES:
-        rec = recs.get(name)
-        if rec is not None and rec.status == StageStatus.INTERRUPTED:
-            return "INTERRUPTED", name, rec.reason or f"{name} interrupted"
-    for name in WORK_STAGES:
-        rec = recs.get(name)
-        if rec is not None and rec.status == StageStatus.FAIL:
-            return "FAIL", name, rec.reason or f"{name} failed"
-        if rec is not None and rec.status == StageStatus.RUNNING:
-            return "FAIL", name, did_not_finish(rec)
-    for name in WORK_STAGES:
-        rec = recs.get(name)
-        if rec is None:
-            return "FAIL", name, f"{name} did not run (no record in {layout.STAGES_DIR}/)"
-        if rec.status == StageStatus.SKIP:
-            return "FAIL", name, f"{name} was skipped: {rec.reason}" if rec.reason else f"{name} was skipped"
-    return "PASS", None, ""
-
-
-def did_not_finish(rec: StageRecord) -> str:
-    return (f"{rec.stage} did not finish: it started at {rec.started} and was stopped before it wrote its result "
-            f"(killed: SIGKILL, the OOM killer, a job time limit?); run it again: nox -s {rec.stage}")
-
-
 # An earlier stage in one of these states is why a later one did not run.
 BLOCKED_BY = {StageStatus.FAIL: "failed", StageStatus.INTERRUPTED: "was interrupted",
               StageStatus.RUNNING: "did not finish"}
@@ -128,7 +100,7 @@ def why_not_written(stage: str, recs: dict[str, StageRecord]) -> str:
     blocker = next((recs[s] for s in earlier if s in recs and recs[s].status in BLOCKED_BY), None)
     if rec is None or rec.status == StageStatus.SKIP:
         if blocker is not None:
-            why = did_not_finish(blocker) if blocker.status == StageStatus.RUNNING else blocker.reason
+            why = verdict.did_not_finish(blocker) if blocker.status == StageStatus.RUNNING else blocker.reason
             return f"{stage} did not run: {blocker.stage} {BLOCKED_BY[blocker.status]} — {why}"
         if rec is None:
             return f"{stage} did not run: it left no record in {layout.STAGES_DIR}/ (it was never run into this run folder)"
@@ -136,7 +108,7 @@ def why_not_written(stage: str, recs: dict[str, StageRecord]) -> str:
     if rec.status == StageStatus.INTERRUPTED:
         return f"{stage} was interrupted before it wrote this file — {rec.reason}"
     if rec.status == StageStatus.RUNNING:
-        return f"{stage} did not finish before it wrote this file — {did_not_finish(rec)}"
+        return f"{stage} did not finish before it wrote this file — {verdict.did_not_finish(rec)}"
     if rec.status == StageStatus.FAIL:
         return f"{stage} failed before it wrote this file — {rec.reason}"
     return f"{stage} passed but did not write this file (a bug in the stage); see {layout.STAGES_DIR}/{stage}.json"
@@ -214,15 +186,19 @@ def environment() -> jinja2.Environment:
 
 
 def context(run_dir: Path, recs: dict[str, StageRecord], files: list[str], placeholders: dict[str, str]) -> dict:
-    word, failed_stage, reason = verdict(recs)
+    judged = verdict.judge(recs, verdict.load_rules())
     gpu_doc = read_gpus(run_dir)
     gpus = gpu_doc.get("gpus") or []
     return {
         "run": run_dir.name,
         "generated": now_iso(),
-        "verdict": word,
-        "failed_stage": failed_stage,
-        "reason": reason,
+        "verdict": judged.word,
+        "failed_stage": judged.stage,
+        "reason": judged.reason,
+        "deviations": list(judged.deviations),
+        "harmless": list(judged.harmless),
+        "exit_code": judged.exit_code,
+        "verdict_line": judged.line(),
         "stages": stage_rows(recs),
         "gpus": gpus,
         "gpu_source": gpu_doc.get("source"),
@@ -258,6 +234,9 @@ def summary_document(ctx: dict) -> dict:
         "verdict": ctx["verdict"],
         "failed_stage": ctx["failed_stage"],
         "reason": ctx["reason"],
+        "deviations": ctx["deviations"],
+        "harmless_overrides": ctx["harmless"],
+        "exit_code": ctx["exit_code"],
         "stages": {row["name"]: {k: row[k] for k in ("status", "reason", "duration_s", "started", "ended", "figures")}
                    for row in ctx["stages"]},
         "gpus": ctx["gpus"],
@@ -347,12 +326,12 @@ def run(run_dir: Path, args, *, env=None) -> Outcome:
     (run_dir / layout.SUMMARY_FILE).write_text(json.dumps(summary_document(ctx), indent=2) + "\n", encoding="utf-8")
     step_summary = append_step_summary(templates.get_template("step_summary.md.j2").render(**ctx), env)
 
-    line = ctx["verdict"] if ctx["verdict"] == "PASS" else f"{ctx['verdict']} at {ctx['failed_stage']}: {ctx['reason']}"
-    print(f"evidence: verdict {line}", flush=True)
+    print(f"evidence: verdict {ctx['verdict_line']}", flush=True)
     print(f"evidence: {run_dir / layout.README_FILE}", flush=True)
     if step_summary:
         print(f"evidence: appended the verdict to ${STEP_SUMMARY_ENV}", flush=True)
 
-    figures = {"verdict": ctx["verdict"], "failed_stage": ctx["failed_stage"] or "", "files": len(files)}
+    figures = {"verdict": ctx["verdict"], "exit_code": ctx["exit_code"], "verdict_line": ctx["verdict_line"],
+               "failed_stage": ctx["failed_stage"] or "", "files": len(files)}
     written = [*placeholders, layout.README_FILE, layout.SUMMARY_FILE, layout.SUMS_FILE]
     return Outcome(StageStatus.PASS, "", figures, written)

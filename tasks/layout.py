@@ -23,6 +23,7 @@ SETTINGS_FILE = CONFIGS / "m40.yaml"
 FLEET_FILE = CONFIGS / "fleet.yaml"  # the fleet report's outlier settings
 GPUS_FILE = CONFIGS / "gpus.yaml"
 PROBE_FILE = CONFIGS / "probe.yaml"  # the probe's one deadline
+VERDICT_FILE = CONFIGS / "verdict.yaml"  # which overrides keep a PASS (tasks/verdict.py)
 NVML_FILE = CONFIGS / "nvml.yaml"  # clock-event reasons and Xid classes: the one table of each
 TRAIN_CONFIG = CONFIGS / "submission_local_gpu_gpt2.yaml"
 # train: what training_pt/train.py writes into its --out folder (the run folder under `nox -s train`),
@@ -86,6 +87,7 @@ EXIT_OK = 0
 EXIT_USAGE = 2  # bad option, bad config file, bad input
 EXIT_LOCKED = 3  # another process holds the run folder
 EXIT_STAGE = {"probe": 10, "install": 20, "cuda_check": 30, "train": 40, "evidence": 50}
+EXIT_PARTIAL = 70  # every stage passed, but not under the default checks on every GPU (tasks/verdict.py)
 EXIT_INTERRUPTED = 130
 EXIT_FLEET_NOT_PASS = 60  # nox -s fleet: a node is not PASS (FAIL, INTERRUPTED, TAMPERED, UNSEALED, UNREADABLE)
 EXIT_FLEET_OUTLIER = 61  # nox -s fleet: every node PASS, some more than outlier_share below their model's median

@@ -51,6 +51,11 @@ def _chain(run_dir, args) -> int:
     finally:
         # Evidence runs on success, failure and Ctrl-C alike; a second Ctrl-C here is not caught.
         ev = stage.execute("evidence", run_dir, args)
-    if code == layout.EXIT_OK and not ev.ok:
-        code = stage.exit_code(ev)
+    if not ev.ok:
+        code = code or stage.exit_code(ev)
+        print(f"m40: no verdict (exit {code}): evidence failed — {ev.reason}", flush=True)
+        return code
+    # The verdict (tasks/verdict.py) decides: a torch that changed between stages FAILs, a weakened run is PARTIAL.
+    code = ev.figures["exit_code"] if code != layout.EXIT_INTERRUPTED else code
+    print(f"m40: {ev.figures['verdict_line']} (exit {code}); read {run_dir / layout.README_FILE}", flush=True)
     return code

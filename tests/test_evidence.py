@@ -24,10 +24,13 @@ GPU = {"index": 0, "name": "NVIDIA H100 80GB HBM3", "model": "H100 SXM", "uuid":
 STAGE_TEXT = {"env_info.txt": "env of the machine\n", "nvidia_smi.txt": "raw smi\n",
               "torch_version.txt": "torch 2.11.0+cu130\n", "cuda_check.txt": "all checks pass\n",
               "training_log.txt": "step 1 loss 10.9\n"}
+TORCH_ID = {"version": "2.11.0+cu130", "file": "/m/.venv-gpu/lib/python3.12/site-packages/torch/__init__.py",
+            "record_sha256": "0" * 64}
 FIGURES = {"probe": {"source": "nvml", "driver": "580.95.05", "driver_cuda": "13.0", "gpu_count": 1},
-           "install": {"channel": "cu130", "torch": "2.11.0+cu130", "torch_cuda": "13.0"},
-           "cuda_check": {"matmul_tflops": 612.5, "cudnn": "91002"},
-           "train": {"final_loss": 7.21, "tokens_per_s": 95000, "transformers_version": "5.0.0"}}
+           "install": {"channel": "cu130", "torch": "2.11.0+cu130", "torch_cuda": "13.0", "torch_identity": TORCH_ID},
+           "cuda_check": {"matmul_tflops": 612.5, "cudnn": "91002", "gpus_checked": 1, "torch_identity": TORCH_ID},
+           "train": {"final_loss": 7.21, "tokens_per_s": 95000, "transformers_version": "5.0.0", "device": "cuda",
+                     "nproc": 1, "torch_identity": TORCH_ID}}
 SHA256SUM = shutil.which("sha256sum")
 
 
@@ -66,32 +69,6 @@ def sha256sum_check(run_dir):
 
 
 ALL_PASS = {"probe": StageStatus.PASS, "install": StageStatus.PASS, "cuda_check": StageStatus.PASS, "train": StageStatus.PASS}
-
-
-# --------------------------------------------------------------------------- verdict
-
-def recs(**statuses):
-    return {n: StageRecord(n, s, "" if s == StageStatus.PASS else f"{n} says why") for n, s in statuses.items()}
-
-
-def test_verdict_pass_only_when_every_stage_passed():
-    assert evidence.verdict(recs(**ALL_PASS)) == ("PASS", None, "")
-
-
-def test_verdict_names_the_first_failed_stage():
-    r = recs(probe=StageStatus.PASS, install=StageStatus.FAIL, cuda_check=StageStatus.SKIP, train=StageStatus.SKIP)
-    assert evidence.verdict(r) == ("FAIL", "install", "install says why")
-
-
-def test_verdict_interrupted_names_where():
-    assert evidence.verdict(recs(probe=StageStatus.PASS, install=StageStatus.PASS, cuda_check=StageStatus.INTERRUPTED))[:2] == ("INTERRUPTED", "cuda_check")
-
-
-def test_verdict_missing_or_skipped_stage_is_not_a_pass():
-    assert evidence.verdict(recs(probe=StageStatus.PASS)) == ("FAIL", "install", "install did not run (no record in stages/)")
-    assert evidence.verdict(recs(probe=StageStatus.PASS, install=StageStatus.SKIP, cuda_check=StageStatus.PASS, train=StageStatus.PASS))[:2] == ("FAIL", "install")
-    # a real failure is named before an earlier skip
-    assert evidence.verdict(recs(probe=StageStatus.PASS, install=StageStatus.SKIP, cuda_check=StageStatus.FAIL))[1] == "cuda_check"
 
 
 # --------------------------------------------------------------------------- rendering a fixture run
@@ -253,10 +230,3 @@ def test_a_stage_killed_mid_way_reads_as_did_not_finish_not_its_earlier_pass(tmp
     assert (summary["verdict"], summary["failed_stage"]) == ("FAIL", "probe")
     assert summary["reason"].startswith("probe did not finish")
     assert "**FAIL** at **probe**: probe did not finish" in (run_dir / layout.README_FILE).read_text()
-
-
-def test_verdict_reads_a_running_record_as_did_not_finish():
-    r = recs(probe=StageStatus.PASS, install=StageStatus.PASS, cuda_check=StageStatus.RUNNING,
-             train=StageStatus.PASS)
-    word, stage_name, reason = evidence.verdict(r)
-    assert (word, stage_name) == ("FAIL", "cuda_check") and reason.startswith("cuda_check did not finish")

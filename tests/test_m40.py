@@ -4,6 +4,7 @@ through nox in a copy of the project (the user's .venv stays byte-identical)."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -40,14 +41,21 @@ def no_driver(monkeypatch, tmp_path):
     fake_gpu.put_first_on_path(monkeypatch, tmp_path / "bin")
 
 
-def fake_stage(name, status=StageStatus.PASS, raises=None):
+TORCH_ID = {"version": "2.11.0+cu130", "file": "/m/.venv-gpu/torch/__init__.py", "record_sha256": "0" * 64}
+# What the real stages record on a healthy 1-GPU machine (the fake nvidia-smi shows one H100).
+FAKE_FIGURES = {"install": {"torch": "2.11.0+cu130", "torch_identity": TORCH_ID},
+                "cuda_check": {"gpus_checked": 1, "overrides": [], "torch_identity": TORCH_ID},
+                "train": {"device": "cuda", "nproc": 1, "overrides": [], "torch_identity": TORCH_ID}}
+
+
+def fake_stage(name, status=StageStatus.PASS, raises=None, **figures):
     """A stand-in for install/cuda_check/train (their real versions need a GPU)."""
     def run(run_dir, args):
         if raises:
             raise raises
         for f in layout.STAGE_FILES[name]:
             (run_dir / f).write_text(f"{name} output\n")
-        return Outcome(status, "" if status == StageStatus.PASS else f"{name} broke", {"torch": "2.11.0+cu130"} if name == "install" else {})
+        return Outcome(status, "" if status == StageStatus.PASS else f"{name} broke", {**FAKE_FIGURES[name], **figures})
     return SimpleNamespace(DESCRIPTION=f"fake {name}", add_arguments=lambda parser: None, run=run)
 
 
@@ -229,3 +237,38 @@ def test_nox_m40_without_a_gpu_end_to_end(tmp_path):
     assert tree_hashes(run_dir) == v1_before  # the finished run was not written again
     assert tree_hashes(venv) == venv_before  # the user's .venv is byte-identical
     assert not (project / ".venv-gpu").exists()  # nothing installed when the probe fails
+
+
+# --------------------------------------------------------------------------- PARTIAL and the last line
+
+@pytest.mark.parametrize(("train_figures", "named"), [
+    ({"device": "cpu"}, "train ran on cpu, not on CUDA"),
+    ({"overrides": ["checks.min_loss_drop=0.3"]}, "train ran with checks.min_loss_drop=0.3"),
+])
+def test_a_weakened_run_is_partial_with_its_own_exit_code_named_first_in_the_readme(
+        monkeypatch, good_driver, capsys, train_figures, named):
+    use_fakes(monkeypatch, train=fake_stage("train", **train_figures))
+    assert m40.main([]) == layout.EXIT_PARTIAL == 70
+    run_dir = only_run()
+    head = (run_dir / layout.README_FILE).read_text().splitlines()[:6]
+    assert head[0] == "# M40 run `m40_v1`: PARTIAL"
+    assert any(named in line for line in head), head
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("m40: PARTIAL: ") and named in last
+    assert last.endswith(f"(exit 70); read {run_dir / layout.README_FILE}")
+
+
+def test_a_torch_that_changed_between_stages_fails_at_that_stage(monkeypatch, good_driver):
+    other = {"version": "2.5.0", "file": "/stand-in/torch/__init__.py", "record_sha256": "f" * 64}
+    use_fakes(monkeypatch, train=fake_stage("train", torch_identity=other))
+    assert m40.main([]) == layout.EXIT_STAGE["train"]
+    reason = json.loads((only_run() / layout.SUMMARY_FILE).read_text())["reason"]
+    assert "train ran torch 2.5.0 from /stand-in/torch/__init__.py" in reason
+    assert "install recorded torch 2.11.0+cu130" in reason
+
+
+def test_the_last_line_of_m40_is_the_verdict_its_exit_code_and_the_readme(monkeypatch, good_driver, capsys):
+    use_fakes(monkeypatch)
+    assert m40.main([]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last == f"m40: PASS (exit 0); read {only_run() / layout.README_FILE}"

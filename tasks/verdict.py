@@ -1,0 +1,196 @@
+"""The verdict of a run, from its stage records alone: PASS, PARTIAL, FAIL or INTERRUPTED.
+
+Pure functions (no files but the rules' YAML, no torch), so that the judgement has a table test:
+
+    FAIL / INTERRUPTED  a stage failed, was interrupted, did not finish (its record still says
+                        "running"), was skipped or left no record; or install, cuda_check and train
+                        ran different torches (torch_identity differs)
+    PARTIAL             every stage passed, but not the whole claim: a check changed from its
+                        default (configs/verdict.yaml), training on the CPU, fewer training
+                        processes than GPUs, or GPUs that NVML sees hidden from torch
+    PASS                every stage passed under the default checks, training ran on CUDA on every
+                        GPU that probe found, one and the same torch throughout
+
+What the rule reads from the records' figures: probe `gpu_count` (NVML, or nvidia-smi); cuda_check
+`gpus_checked` (torch's device count); train `device` and `nproc`; each stage's `overrides` (a list
+of "key=value") and `torch_identity` ({version, file, record_sha256}) of install, cuda_check, train.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tasks import config, layout
+from tasks.records import StageRecord, StageStatus
+
+WORK_STAGES = tuple(s for s in layout.STAGES if s != "evidence")
+TORCH_STAGES = ("install", "cuda_check", "train")  # each records the torch it ran
+PASS, PARTIAL, FAIL, INTERRUPTED = "PASS", "PARTIAL", "FAIL", "INTERRUPTED"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    word: str  # PASS | PARTIAL | FAIL | INTERRUPTED
+    stage: str | None = None  # the stage a FAIL or INTERRUPTED names
+    reason: str = ""  # one line (FAIL, INTERRUPTED); "" otherwise
+    deviations: tuple[str, ...] = ()  # each way the run falls short of a full PASS (PARTIAL)
+    harmless: tuple[str, ...] = ()  # overrides that keep PASS, listed in the README
+
+    @property
+    def exit_code(self) -> int:
+        if self.word == INTERRUPTED:
+            return layout.EXIT_INTERRUPTED
+        if self.word == FAIL:
+            return layout.EXIT_STAGE.get(self.stage or "", layout.EXIT_STAGE["evidence"])
+        return layout.EXIT_PARTIAL if self.word == PARTIAL else layout.EXIT_OK
+
+    def line(self) -> str:
+        """The verdict in one line: `PASS`, `PARTIAL: a; b`, `FAIL at train: why`."""
+        if self.word == PARTIAL:
+            return f"PARTIAL: {'; '.join(self.deviations)}"
+        return f"{self.word} at {self.stage}: {self.reason}" if self.stage else self.word
+
+
+@dataclass(frozen=True)
+class Rules:
+    """configs/verdict.yaml: per stage, the overrides that keep PASS ("any", or a closed [low, high])."""
+
+    harmless: dict = field(default_factory=dict)  # {stage: {setting: "any" | [low, high]}}
+
+
+def load_rules(path: Path | None = None) -> Rules:
+    path = path or layout.VERDICT_FILE
+    table = config.load_yaml(path).get("harmless_overrides") or {}
+    if not isinstance(table, dict) or not all(isinstance(v, dict) for v in table.values()):
+        raise config.ConfigError(f"{path}: harmless_overrides must map a stage to {{setting: any | [low, high]}}")
+    for stage, settings in table.items():
+        for key, rule in settings.items():
+            if not (rule == "any" or (isinstance(rule, list) and len(rule) == 2
+                                      and all(isinstance(v, (int, float)) for v in rule))):
+                raise config.ConfigError(f"{path}: harmless_overrides.{stage}.{key} must be any or [low, high], "
+                                         f"not {rule!r}")
+    return Rules(harmless=table)
+
+
+# --------------------------------------------------------------------------- the judgement
+
+def judge(recs: dict[str, StageRecord], rules: Rules) -> Verdict:
+    """The verdict of a run from its stage records (evidence's own record is ignored)."""
+    failed = stage_failure(recs)
+    harmless, deviations = judge_overrides(recs, rules)
+    deviations += coverage_deviations(recs) + identity_gaps(recs)
+    if failed is None:
+        failed = torch_disagreement(recs)
+    if failed is not None:
+        word, stage, reason = failed
+        return Verdict(word, stage, reason, tuple(deviations), tuple(harmless))
+    return Verdict(PARTIAL if deviations else PASS, None, "", tuple(deviations), tuple(harmless))
+
+
+def stage_failure(recs: dict[str, StageRecord]) -> tuple[str, str, str] | None:
+    """INTERRUPTED names the stage Ctrl-C stopped; else FAIL names the first stage that failed or did
+    not finish; else FAIL names the first stage skipped or without a record; None when all passed."""
+    for name in WORK_STAGES:
+        rec = recs.get(name)
+        if rec is not None and rec.status == StageStatus.INTERRUPTED:
+            return INTERRUPTED, name, rec.reason or f"{name} interrupted"
+    for name in WORK_STAGES:
+        rec = recs.get(name)
+        if rec is not None and rec.status == StageStatus.FAIL:
+            return FAIL, name, rec.reason or f"{name} failed"
+        if rec is not None and rec.status == StageStatus.RUNNING:
+            return FAIL, name, did_not_finish(rec)
+    for name in WORK_STAGES:
+        rec = recs.get(name)
+        if rec is None:
+            return FAIL, name, f"{name} did not run (no record in {layout.STAGES_DIR}/)"
+        if rec.status == StageStatus.SKIP:
+            return FAIL, name, f"{name} was skipped: {rec.reason}" if rec.reason else f"{name} was skipped"
+    return None
+
+
+def did_not_finish(rec: StageRecord) -> str:
+    return (f"{rec.stage} did not finish: it started at {rec.started} and was stopped before it wrote its result "
+            f"(killed: SIGKILL, the OOM killer, a job time limit?); run it again: nox -s {rec.stage}")
+
+
+def judge_overrides(recs: dict[str, StageRecord], rules: Rules) -> tuple[list[str], list[str]]:
+    """(harmless, deviations): every stage's overrides, each judged by configs/verdict.yaml."""
+    harmless, deviations = [], []
+    for name in WORK_STAGES:
+        rec = recs.get(name)
+        for item in (rec.figures.get("overrides") or []) if rec else []:
+            key, _, value = str(item).partition("=")
+            why = override_weakens(name, key.strip(), value.strip(), rules)
+            if why:
+                deviations.append(f"{name} ran with {item}: {why}")
+            else:
+                harmless.append(f"{name}: {item}")
+    return harmless, deviations
+
+
+def override_weakens(stage: str, key: str, value: str, rules: Rules) -> str:
+    """Why `key=value` in `stage` is not the default checks ("" when it keeps PASS)."""
+    settings = rules.harmless.get(stage) or {}
+    # A training setting may be named by its unique leaf (`steps` for train.steps).
+    rule = settings.get(key, next((r for k, r in settings.items() if "." not in key and k.rsplit(".", 1)[-1] == key),
+                                  None))
+    if rule is None:
+        return "a changed check or setting (only those in configs/verdict.yaml keep PASS)"
+    if rule == "any":
+        return ""
+    low, high = rule
+    try:
+        number = float(value)
+    except ValueError:
+        return f"not a number; a PASS allows {low}-{high}"
+    return "" if low <= number <= high else f"outside the {low}-{high} a PASS allows"
+
+
+def coverage_deviations(recs: dict[str, StageRecord]) -> list[str]:
+    """Training on CUDA on every GPU: probe's GPUs (NVML) vs torch's (cuda_check) vs train's processes."""
+    out = []
+    probe, check, train = (recs.get(s).figures if recs.get(s) else {} for s in ("probe", "cuda_check", "train"))
+    found, seen = probe.get("gpu_count"), check.get("gpus_checked")
+    device, nproc = train.get("device"), train.get("nproc")
+    if device is None:
+        out.append("train recorded no device: training on CUDA is not shown")
+    elif device != "cuda":
+        out.append(f"train ran on {device}, not on CUDA (--train-device {device})")
+    if isinstance(found, int) and isinstance(seen, int) and seen < found:
+        out.append(f"torch saw {seen} of the {found} GPUs that {probe.get('source') or 'probe'} found "
+                   f"({found - seen} hidden from torch: CUDA_VISIBLE_DEVICES?)")
+    if not isinstance(nproc, int):
+        out.append("train recorded no process count: training on every GPU is not shown")
+    elif device == "cuda" and isinstance(seen, int) and nproc < seen:
+        out.append(f"train ran {nproc} process(es) on {seen} GPUs that cuda_check checked (--nproc {nproc})")
+    return out
+
+
+def identity_of(rec: StageRecord | None) -> dict | None:
+    ident = rec.figures.get("torch_identity") if rec else None
+    return ident if isinstance(ident, dict) else None
+
+
+def describe_torch(ident: dict) -> str:
+    sha = str(ident.get("record_sha256") or "?")[:12]
+    return f"torch {ident.get('version')} from {ident.get('file')} (RECORD sha256 {sha})"
+
+
+def torch_disagreement(recs: dict[str, StageRecord]) -> tuple[str, str, str] | None:
+    """FAIL at the first stage whose torch is not install's (or cuda_check's when install recorded none)."""
+    keys = ("version", "file", "record_sha256")
+    known = [(s, ident) for s in TORCH_STAGES if (ident := identity_of(recs.get(s))) is not None]
+    for (first, a), (name, b) in ((known[0], other) for other in known[1:]):
+        if tuple(a.get(k) for k in keys) != tuple(b.get(k) for k in keys):
+            return FAIL, name, (f"{name} ran {describe_torch(b)}, but {first} recorded {describe_torch(a)}: "
+                                "not the torch that was installed and checked; look for PYTHONPATH or a second "
+                                "torch, then run nox -s m40 again")
+    return None
+
+
+def identity_gaps(recs: dict[str, StageRecord]) -> list[str]:
+    missing = [s for s in TORCH_STAGES if recs.get(s) is not None and identity_of(recs.get(s)) is None]
+    return [f"{', '.join(missing)} recorded no torch identity: one and the same torch throughout is not shown"] \
+        if missing else []
