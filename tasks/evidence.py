@@ -21,7 +21,7 @@ summary.json, schema 1:
     verdict       "PASS" | "PARTIAL" | "FAIL" | "INTERRUPTED" (tasks/verdict.py says what each means)
     exit_code     the verdict's exit code, as `nox -s m40` exits (README: exit codes)
     failed_stage  the stage a FAIL or INTERRUPTED names (null otherwise)
-    reason        that stage's one-line reason ("" otherwise)
+    reason        that stage's one-line reason; PARTIAL: its deviations joined by "; "; PASS: ""
     deviations    PARTIAL: each way the run falls short of a full PASS, one line each (listed on FAIL too)
     harmless_overrides  overrides that keep PASS ("stage: key=value", configs/verdict.yaml)
     stages        {stage: {status, reason, duration_s, started, ended, figures}} for probe, install,

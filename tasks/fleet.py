@@ -14,7 +14,7 @@ Outliers: for each figure in configs/fleet.yaml, a node more than `outlier_share
 of the nodes with the same GPU model (all-reduce: model and GPU count) is named.
 
 Exit codes (README): 0 every node PASS and no outlier; 2 bad option, no run folder found, or --out
-not new; 60 a node is not PASS (FAIL, INTERRUPTED, TAMPERED, UNSEALED, UNREADABLE); 61 every node
+not new; 60 a node is not PASS (FAIL, INTERRUPTED, PARTIAL, TAMPERED, UNSEALED, UNREADABLE); 61 every node
 PASS but some are outliers.
 """
 
@@ -40,7 +40,7 @@ SCHEMA = 1
 OUT_PREFIX = "fleet_v"
 TAMPERED, UNSEALED, UNREADABLE = "TAMPERED", "UNSEALED", "UNREADABLE"
 # Row order: the ones to look at first.
-VERDICT_ORDER = (TAMPERED, UNSEALED, UNREADABLE, "FAIL", "INTERRUPTED", "PASS")
+VERDICT_ORDER = (TAMPERED, UNSEALED, UNREADABLE, "FAIL", "INTERRUPTED", "PARTIAL", "PASS")
 COLUMNS = ("host", "run", "gpu_model", "gpu_count", "driver", "torch", "verdict", "failed_stage", "reason",
            "bf16_tflops", "copy_tbs", "allreduce_busbw_gbs", "tok_s", "tok_s_per_gpu", "mfu_pct",
            "rdzv_id", "nnodes", "node_rank", "world_size", "outliers")

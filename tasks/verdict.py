@@ -33,7 +33,7 @@ PASS, PARTIAL, FAIL, INTERRUPTED = "PASS", "PARTIAL", "FAIL", "INTERRUPTED"
 class Verdict:
     word: str  # PASS | PARTIAL | FAIL | INTERRUPTED
     stage: str | None = None  # the stage a FAIL or INTERRUPTED names
-    reason: str = ""  # one line (FAIL, INTERRUPTED); "" otherwise
+    reason: str = ""  # one line: why it FAILed or was INTERRUPTED; PARTIAL: the deviations; PASS: ""
     deviations: tuple[str, ...] = ()  # each way the run falls short of a full PASS (PARTIAL)
     harmless: tuple[str, ...] = ()  # overrides that keep PASS, listed in the README
 
@@ -48,7 +48,7 @@ class Verdict:
     def line(self) -> str:
         """The verdict in one line: `PASS`, `PARTIAL: a; b`, `FAIL at train: why`."""
         if self.word == PARTIAL:
-            return f"PARTIAL: {'; '.join(self.deviations)}"
+            return f"PARTIAL: {self.reason}"
         return f"{self.word} at {self.stage}: {self.reason}" if self.stage else self.word
 
 
@@ -85,7 +85,9 @@ def judge(recs: dict[str, StageRecord], rules: Rules) -> Verdict:
     if failed is not None:
         word, stage, reason = failed
         return Verdict(word, stage, reason, tuple(deviations), tuple(harmless))
-    return Verdict(PARTIAL if deviations else PASS, None, "", tuple(deviations), tuple(harmless))
+    if deviations:
+        return Verdict(PARTIAL, None, "; ".join(deviations), tuple(deviations), tuple(harmless))
+    return Verdict(PASS, None, "", (), tuple(harmless))
 
 
 def stage_failure(recs: dict[str, StageRecord]) -> tuple[str, str, str] | None:

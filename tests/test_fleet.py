@@ -19,8 +19,12 @@ def no_step_summary(monkeypatch):
     monkeypatch.delenv(evidence.STEP_SUMMARY_ENV, raising=False)
 
 
+# What a healthy node's stages record besides their figures (tasks/verdict.py: a full PASS).
+TORCH_ID = {"version": "2.11.0+cu130", "file": "/m/.venv-gpu/torch/__init__.py", "record_sha256": "0" * 64}
+
+
 def check_figures(gpus: int, bf16: float, copy: float) -> dict:
-    fig = {"gpus_checked": gpus, "torch": "2.11.0+cu130"}
+    fig = {"gpus_checked": gpus, "torch": "2.11.0+cu130", "torch_identity": TORCH_ID}
     if gpus > 1:
         fig["allreduce_busbw_gbs"] = 360.0
     for i in range(gpus):  # the slowest GPU sets the node's figure: GPU 0 a little faster than the rest
@@ -35,9 +39,10 @@ def make_node(root, host: str, *, gpus: int = 8, model: str = MODEL, bf16: float
     run_dir = root / host / "m40_v1"
     run_dir.mkdir(parents=True)
     figures = {"probe": {"host": host, "source": "nvml", "driver": "580.95.05", "driver_cuda": "13.0", "gpu_count": gpus},
-               "install": {"channel": "cu130", "torch": "2.11.0+cu130"},
+               "install": {"channel": "cu130", "torch": "2.11.0+cu130", "torch_identity": TORCH_ID},
                "cuda_check": check_figures(gpus, bf16, copy),
                "train": {"tok_s": tok_s_per_gpu * gpus, "tok_s_per_gpu": tok_s_per_gpu, "mfu_pct": 41.5,
+                         "device": "cuda", "nproc": gpus, "torch_identity": TORCH_ID,
                          **(train_extra or {})}}
     failed_at = fail[0] if fail else None
     for name in ("probe", "install", "cuda_check", "train"):
