@@ -1,16 +1,22 @@
-"""One lock mechanism for the run folder and for `.venv-gpu`: a file created exclusively.
+"""One lock mechanism for the run folder and for `.venv-gpu`: a kernel lock (flock) on a lock file.
 
-The lock file holds its owner (pid, host, start time, command) as JSON, so a second process can say
-who holds it. A lock left by a process that is gone (same host, pid no longer alive) is taken over.
+The kernel holds the lock and drops it when its holder dies (exit, crash, SIGKILL), so there is no
+stale lock to take over and no race between two processes that both think a lock is stale. The lock
+file also holds its owner (pid, host, start time, command) as JSON, so a second process can say who
+holds it. A lock file naming another host is left alone (a network filesystem may not carry flock
+between hosts): its message says to remove the file once that process is gone.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import json
 import os
 import socket
 import sys
+import time
 from pathlib import Path
 
 from tasks.records import now_iso
@@ -18,26 +24,16 @@ from tasks.redact import redact_url
 
 
 class Busy(Exception):
-    """The lock is held by a live process, described by `holder`."""
+    """The lock is held by another process, described by `holder`."""
 
-    def __init__(self, holder: dict):
-        super().__init__(describe(holder))
+    def __init__(self, holder: dict, hint: str = ""):
+        super().__init__(describe(holder) + hint)
         self.holder = holder
 
 
 def describe(holder: dict) -> str:
     return (f"pid {holder.get('pid')} on {holder.get('host')} since {holder.get('since')}"
             f" ({holder.get('command') or 'unknown command'})")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _read_holder(lock: Path) -> dict:
@@ -48,40 +44,64 @@ def _read_holder(lock: Path) -> dict:
     return info if isinstance(info, dict) else {}
 
 
-def _take_over_stale(lock: Path) -> None:
-    """Move a dead holder's lock aside. A rename succeeds for one process only, so two processes
-    that both found the lock stale cannot both remove it (one of them would remove the other's)."""
-    aside = lock.with_name(f"{lock.name}.stale-{os.getpid()}")
+def _holder_of_busy(lock: Path) -> dict:
+    """The holder of a lock we could not take; it may be writing its JSON right now, so read twice."""
+    for _ in range(20):
+        if holder := _read_holder(lock):
+            return holder
+        time.sleep(0.05)
+    return {}
+
+
+def _open(lock: Path) -> int:
+    """The lock file's descriptor, never through a symbolic link."""
     try:
-        os.rename(lock, aside)
-    except FileNotFoundError:
-        return  # another process moved it first; the next O_EXCL open decides who gets the lock
-    aside.unlink(missing_ok=True)
+        return os.open(lock, os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise OSError(e.errno, f"{lock} is a symbolic link; remove it") from None
+        raise
+
+
+def _acquire(lock: Path) -> int:
+    """A descriptor holding the kernel lock on the file now at `lock`; raises Busy when another holds it."""
+    while True:
+        fd = _open(lock)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise Busy(_holder_of_busy(lock)) from None
+        # The holder before us may have removed the file between our open and our flock: then we
+        # hold a lock on a file nobody else can see. Only the file that is at the path counts.
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(lock, follow_symlinks=False))
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)
 
 
 @contextlib.contextmanager
 def exclusive(lock: Path):
-    """Hold `lock` for the duration of the block; raises Busy when a live process holds it."""
+    """Hold `lock` for the duration of the block; raises Busy when another process holds it."""
     command = redact_url(" ".join(sys.argv[:4]))  # an index URL on the command line may carry a token
     me = {"pid": os.getpid(), "host": socket.gethostname(), "since": now_iso(), "command": command}
     lock.parent.mkdir(parents=True, exist_ok=True)
-    for _ in range(3):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            holder = _read_holder(lock)
-            if holder.get("host") == me["host"] and isinstance(holder.get("pid"), int) \
-                    and not _pid_alive(holder["pid"]):
-                _take_over_stale(lock)
-                continue
-            raise Busy(holder) from None
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
-        break
-    else:  # the lock kept coming back: another process is taking it over right now
-        raise Busy(_read_holder(lock))
+    fd = _acquire(lock)
+    try:
+        left = _read_holder(lock)
+        if left.get("host") not in (None, me["host"]):  # its holder may live on that host: not ours to take
+            raise Busy(left, f"; if that process is gone, remove {lock}")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(me).encode(), 0)
+    except BaseException:
+        os.close(fd)
+        raise
     try:
         yield lock
     finally:
-        if _read_holder(lock).get("pid") == me["pid"]:  # never remove a lock that is not ours
-            lock.unlink(missing_ok=True)
+        if _read_holder(lock).get("pid") == me["pid"]:  # never remove a lock file that is not ours
+            lock.unlink(missing_ok=True)  # while we still hold it, so no one locks the removed file
+        os.close(fd)

@@ -1,10 +1,15 @@
 import json
 import os
 import socket
+import subprocess
+import sys
+import time
 
 import pytest
 
-from tasks import locks
+from tasks import layout, locks
+
+CHILD_ENV = {**os.environ, "PYTHONPATH": str(layout.ROOT)}
 
 
 def test_a_held_lock_names_its_holder_and_is_released_after(tmp_path):
@@ -47,3 +52,77 @@ def test_a_lock_that_is_no_longer_ours_is_left_alone_on_exit(tmp_path):
     with locks.exclusive(lock):
         lock.write_text(json.dumps({"pid": 1, "host": "elsewhere"}))  # someone else's now
     assert json.loads(lock.read_text())["host"] == "elsewhere"
+
+
+RACER = """
+import sys, time
+from pathlib import Path
+from tasks import locks
+lock, start = Path(sys.argv[1]), float(sys.argv[2])
+while time.time() < start:
+    pass
+try:
+    with locks.exclusive(lock):
+        print("got", flush=True)
+        time.sleep(1.5)
+except locks.Busy as busy:
+    print(f"busy {busy}", flush=True)
+"""
+
+
+def race(lock, n=6):
+    """n real processes that try to take `lock` at the same instant; their outputs."""
+    start = time.time() + 1.5  # after every interpreter has started
+    procs = [subprocess.Popen([sys.executable, "-c", RACER, str(lock), str(start)], cwd=layout.ROOT,  # noqa: S603
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=CHILD_ENV)
+             for _ in range(n)]
+    return [(p.pid, p.communicate(timeout=60)[0].strip()) for p in procs]
+
+
+@pytest.mark.parametrize("left_behind", [False, True], ids=["no lock file", "a dead holder's lock file"])
+def test_processes_racing_for_a_lock_have_exactly_one_winner_named_by_the_others(tmp_path, left_behind):
+    lock = tmp_path / "x.lock"
+    if left_behind:  # a holder killed with SIGKILL: its file stays, its kernel lock died with it
+        lock.write_text(json.dumps({"pid": 2**22 + 12345, "host": socket.gethostname(), "since": "then"}))
+    for _ in range(2):
+        outputs = race(lock)
+        winners = [pid for pid, out in outputs if out == "got"]
+        assert len(winners) == 1, outputs
+        losers = [out for pid, out in outputs if pid != winners[0]]
+        assert all(out.startswith(f"busy pid {winners[0]} on {socket.gethostname()} since ") for out in losers), outputs
+        assert not lock.exists()
+
+
+def test_a_lock_file_that_no_live_process_locks_is_free_whatever_pid_it_names(tmp_path):
+    """A pid that was reused by an unrelated process (here: our parent) does not keep a dead holder's lock."""
+    lock = tmp_path / "x.lock"
+    lock.write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname(), "since": "then"}))
+    with locks.exclusive(lock):
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+
+
+def test_a_lock_dies_with_a_holder_killed_by_sigkill(tmp_path):
+    lock = tmp_path / "x.lock"
+    code = ("import sys, time; from pathlib import Path; from tasks import locks\n"
+            "with locks.exclusive(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(60)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(lock)], cwd=layout.ROOT,  # noqa: S603
+                              stdout=subprocess.PIPE, text=True, env=CHILD_ENV)
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(locks.Busy, match=f"pid {holder.pid} on "):
+        with locks.exclusive(lock):
+            pass
+    holder.kill()
+    holder.wait()
+    assert lock.exists()  # the file stays behind; its kernel lock does not
+    with locks.exclusive(lock):
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+
+
+def test_a_symlinked_lock_file_is_never_followed(tmp_path):
+    target = tmp_path / "precious.txt"
+    target.write_text("keep me")
+    (tmp_path / "x.lock").symlink_to(target)
+    with pytest.raises(OSError, match="symbolic link"):
+        with locks.exclusive(tmp_path / "x.lock"):
+            pass
+    assert target.read_text() == "keep me"
