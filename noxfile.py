@@ -17,12 +17,15 @@ from pathlib import Path
 import nox
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # nox does not put the noxfile's folder on sys.path
-from tasks import config  # noqa: E402
+from tasks import config, validate  # noqa: E402
 
 nox.options.sessions = ["m40"]
 nox.options.default_venv_backend = "none"
 
 CHANNELS = config.channel_names()
+if (_refused := validate.unknown_channels(sys.argv[1:], CHANNELS)) is not None:
+    print(_refused, file=sys.stderr)  # else nox says "no sessions selected" and exits 3
+    raise SystemExit(2)
 TEST_TORCH = "torch==2.13.0+cpu"  # the tests session's torch: a CPU build, pinned
 
 

@@ -64,6 +64,12 @@ def command(run_dir: Path, args, python: Path) -> list:
     return cmd
 
 
+def check_inputs(args) -> None:
+    """The check tolerances and the GPU datasheet, refused before any stage runs (ConfigError, exit 2)."""
+    config.load_cuda_check()
+    config.load_gpus()
+
+
 def run(run_dir: Path, args) -> Outcome:
     python = layout.gpu_python()
     if not python.exists():

@@ -249,6 +249,15 @@ def _channel_list(args, catalog: dict, settings: dict) -> list[str]:
     return names
 
 
+def check_inputs(args) -> None:
+    """Refuse, before any stage runs, what install would refuse: its catalog, settings, channel names and
+    --from-python (ConfigError, exit 2). Called by tasks/validate.py for `nox -s install` and `nox -s m40`."""
+    catalog = config.load_channels(args.channels_file)
+    _channel_list(args, catalog, config.load_settings(getattr(args, "settings", None)))
+    if args.from_python and _resolve_python(args.from_python, Path(args.venv or layout.VENV_GPU).absolute()) is None:
+        raise ConfigError(f"--from-python {args.from_python}: no such interpreter; pass the path of a Python")
+
+
 def _dists(python: Path, log: CommandLog) -> dict:
     rc, out = log.run([python, "-I", VERIFY_SCRIPT, "--env"], echo=False)
     line = next((ln for ln in reversed(out.splitlines()) if ln.startswith("{")), None)

@@ -85,7 +85,7 @@ NO_MULTICAST_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST":
 # Exit codes, the same from a stage run alone and from m40 (documented in README.md).
 EXIT_OK = 0
 EXIT_USAGE = 2  # bad option, bad config file, bad input
-EXIT_LOCKED = 3  # another process holds the run folder
+EXIT_LOCKED = 75  # another process holds the run folder (EX_TEMPFAIL: nox itself exits 1, 2 or 3)
 EXIT_STAGE = {"probe": 10, "install": 20, "cuda_check": 30, "train": 40, "evidence": 50}
 EXIT_PARTIAL = 70  # every stage passed, but not under the default checks on every GPU (tasks/verdict.py)
 EXIT_INTERRUPTED = 130

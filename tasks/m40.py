@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from tasks import layout, records, runs, stage
+from tasks import layout, records, runs, stage, validate
 from tasks.config import ConfigError
 
 DESCRIPTION = ("Run every stage into a new submission_runs/m40_vN: probe, install, cuda_check, train; "
@@ -23,6 +23,7 @@ def build_parser():
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     try:
+        validate.inputs(args, layout.STAGES, stage.MODULES)  # every option and config file, before the first stage
         run_dir = runs.resolve(layout.RUNS_DIR, args.run_dir, new=True)
         with runs.locked(run_dir):
             print(f"m40: run folder {run_dir}", flush=True)
@@ -30,6 +31,9 @@ def main(argv: list[str]) -> int:
     except (runs.RunError, ConfigError) as e:
         print(f"m40: error: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:
+        print(f"m40: error: {stage.file_error(e)}", file=sys.stderr)
+        return layout.EXIT_USAGE
 
 
 def _chain(run_dir, args) -> int:

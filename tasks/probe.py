@@ -681,6 +681,12 @@ def gpus_document(facts: DriverFacts, passed: bool | None, gate_line: str, min_c
 
 # --------------------------------------------------------------------------- the stage
 
+def check_inputs(args) -> None:
+    """The settings files probe reads, refused before any stage runs (ConfigError, exit 2)."""
+    config.load_settings(getattr(args, "settings", None))
+    config.load_probe()
+
+
 def run(run_dir: Path, args, *, env: Mapping[str, str] | None = None, nvml_loader=load_pynvml) -> Outcome:
     env = os.environ if env is None else env
     timeout_s = getattr(args, "probe_timeout", None) or config.load_probe()["timeout_s"]

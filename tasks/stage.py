@@ -5,6 +5,8 @@ A stage module provides:
     add_arguments(parser)     its options (each option name used by one stage only)
     run(run_dir, args)        does the work, returns records.Outcome; never calls sys.exit
     after_record(run_dir, rec)  optional: runs after stages/<stage>.json is written, if the stage passed
+    check_inputs(args)        optional: raises ConfigError on a bad option or config file; called before
+                              any stage runs (m40 calls every stage's), so a bad input is exit 2 up front
 
 The harness times it, writes `stages/<stage>.json`, turns errors into a one-line failed record,
 and maps the result to the stage's exit code.
@@ -17,7 +19,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from tasks import cuda_check, evidence, install, layout, probe, records, runs, train
+from tasks import cuda_check, evidence, install, layout, probe, records, runs, train, validate
 from tasks.config import ConfigError
 from tasks.records import StageStatus, Timer
 
@@ -39,8 +41,11 @@ def execute(stage: str, run_dir: Path, args: argparse.Namespace) -> records.Stag
         rec = timer.record(stage, StageStatus.INTERRUPTED, f"interrupted by the user (Ctrl-C) during {stage}")
         records.write(run_dir, rec)
         raise
-    except ConfigError as e:
-        rec = timer.record(stage, StageStatus.FAIL, str(e))
+    except ConfigError as e:  # a bad input found by the stage itself: a FAIL record, and exit 2 from the caller
+        records.write(run_dir, timer.record(stage, StageStatus.FAIL, str(e)))
+        raise
+    except OSError as e:  # a file the stage could not read or write: one line, no traceback
+        rec = timer.record(stage, StageStatus.FAIL, f"{stage}: {e.filename or ''}: {e.strerror or e}")
     except Exception as e:  # a bug or an unforeseen failure: one line in the record, trace in the log
         traceback.print_exc()
         rec = timer.record(stage, StageStatus.FAIL, f"unexpected {type(e).__name__}: {e}")
@@ -57,6 +62,10 @@ def execute(stage: str, run_dir: Path, args: argparse.Namespace) -> records.Stag
     return rec
 
 
+def file_error(e: OSError) -> str:
+    return f"cannot write {e.filename} ({e.strerror or e}); make the run folder writable, or pass --run-dir DIR"
+
+
 def verdict_line(rec: records.StageRecord) -> str:
     text = f"{rec.stage}: {rec.status.upper()} ({rec.duration_s:.1f} s)"
     return f"{text} — {rec.reason}" if rec.reason else text
@@ -69,7 +78,7 @@ def exit_code(rec: records.StageRecord) -> int:
 
 
 def parser_for(prog: str, description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=description)
+    p = validate.Parser(prog=prog, description=description)
     p.add_argument("--run-dir", type=Path, default=None,
                    help="write into this run folder instead of the newest unfinished submission_runs/m40_vN")
     return p
@@ -82,6 +91,7 @@ def main(stage: str, argv: list[str]) -> int:
     mod.add_arguments(parser)
     args = parser.parse_args(argv)
     try:
+        validate.inputs(args, (stage,), MODULES)
         run_dir = runs.resolve(layout.RUNS_DIR, args.run_dir, new=False)
         with runs.locked(run_dir):
             print(f"{stage}: run folder {run_dir}", flush=True)
@@ -89,6 +99,9 @@ def main(stage: str, argv: list[str]) -> int:
     except (runs.RunError, ConfigError) as e:
         print(f"{stage}: error: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:  # the run folder could not be written (full disk, made read-only meanwhile)
+        print(f"{stage}: error: {file_error(e)}", file=sys.stderr)
+        return layout.EXIT_USAGE
     except KeyboardInterrupt:
         print(f"{stage}: interrupted", file=sys.stderr)
         return layout.EXIT_INTERRUPTED

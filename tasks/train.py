@@ -16,7 +16,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from tasks import layout, proc, records
+from tasks import layout, proc, records, validate
 from tasks.records import Outcome, StageStatus
 
 DESCRIPTION = ("Train GPT-2 for a few steps on every GPU (training_pt/train.py in .venv-gpu): the loss falls on "
@@ -97,6 +97,11 @@ def failure_reason(run_dir: Path, rc: int, timeout: float, result: dict | None) 
     console = run_dir / layout.TRAIN_CONSOLE
     tail = [line for line in console.read_text(errors="replace").splitlines() if line.strip()] if console.exists() else []
     return f"train.py exited with code {rc}: {tail[-1].strip() if tail else 'no output'}"
+
+
+def check_inputs(args) -> None:
+    """The training config and options, refused before any stage runs (ConfigError, exit 2)."""
+    validate.train_options(args)
 
 
 def run(run_dir: Path, args) -> Outcome:

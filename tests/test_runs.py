@@ -30,7 +30,7 @@ def test_runs_are_numbered_from_v1_and_never_reuse_a_number(tmp_path):
 
 def test_numbers_sort_as_numbers(tmp_path):
     for n in (9, 10, 2):
-        (tmp_path / f"m40_v{n}").mkdir()
+        (tmp_path / f"m40_v{n}" / layout.STAGES_DIR).mkdir(parents=True)  # a run folder holds stages/
     assert [p.name for p in runs.list_runs(tmp_path)] == ["m40_v2", "m40_v9", "m40_v10"]
     assert runs.newest_unfinished(tmp_path).name == "m40_v10"
 
@@ -83,6 +83,7 @@ def test_lock_is_released_after_use_and_after_an_error(tmp_path):
 @pytest.fixture
 def holder(tmp_path):
     """Another process holding the run's lock (killed hard at the end, as a crash would)."""
+    (tmp_path / layout.STAGES_DIR).mkdir()  # a run folder
     code = ("import sys, time; from pathlib import Path; from tasks import runs\n"
             "with runs.locked(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(60)\n")
     proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=PROJECT,  # noqa: S603
@@ -101,10 +102,10 @@ def test_second_process_is_told_who_holds_the_lock(tmp_path, holder, capsys):
     assert f"pid {holder.pid} on {socket.gethostname()}" in msg
     assert "wait for it to finish" in msg
     assert e.value.exit_code == layout.EXIT_LOCKED
-    # The same through a stage run alone: exit code 3, nothing written.
+    # The same through a stage run alone: the locked exit code, nothing written.
     assert stage.main("probe", ["--run-dir", str(tmp_path)]) == layout.EXIT_LOCKED
     assert f"locked by pid {holder.pid}" in capsys.readouterr().err
-    assert not (tmp_path / layout.STAGES_DIR).exists()
+    assert not any((tmp_path / layout.STAGES_DIR).iterdir())
 
 
 def test_lock_of_a_dead_process_is_taken_over(tmp_path, holder):
