@@ -1,0 +1,312 @@
+"""Hostile input and faults, built for real, through nox in a copy of the project (issue 11.1-11.3).
+
+Each test makes the fault (a broken or non-UTF-8 config file, a file in the way, an immutable folder, a
+real symlink, a held lock, a bad option) and checks: the exit code the README gives, exactly one line
+on stderr besides nox's own, naming the problem and the fix, no traceback, and nothing lost (the earlier
+sealed run, the project's README and any linked folder are byte-identical afterwards).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import fake_gpu
+import pytest
+
+from tasks import config, evidence, layout, m40, records, runs, stage, validate
+
+pytestmark = pytest.mark.slow
+CHATTR = shutil.which("chattr")
+USAGE, LOCKED = layout.EXIT_USAGE, layout.EXIT_LOCKED
+
+
+def tree_hashes(root: Path) -> dict[str, str]:
+    """Every file (content hash), folder and symlink (target) under root."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            rel = path.relative_to(root).as_posix()
+            if path.is_symlink():
+                out[rel] = "-> " + os.readlink(path)
+            elif path.is_file():
+                out[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
+            else:
+                out[rel] = "dir"
+    return out
+
+
+class Project:
+    """A copy of the project on a machine without a GPU (a failing nvidia-smi first on PATH)."""
+
+    def __init__(self, root: Path, bin_dir: Path):
+        self.root, self.runs = root, root / "submission_runs"
+        self.env = {k: v for k, v in os.environ.items()
+                    if k not in (evidence.STEP_SUMMARY_ENV, "VIRTUAL_ENV", layout.CHANNELS_ENV)}
+        self.env.update(PATH=f"{bin_dir}{os.pathsep}{self.env.get('PATH', '')}", NOX_SCRIPT_MODE="none")
+
+    def nox(self, *argv: str, env: dict | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "nox", *argv], cwd=self.root, env={**self.env, **(env or {})},  # noqa: S603
+                              capture_output=True, text=True, timeout=300)
+
+    def write(self, name: str, data: str | bytes) -> Path:
+        path = self.root.parent / name
+        path.write_bytes(data.encode() if isinstance(data, str) else data)
+        return path
+
+    def run_names(self) -> list[str]:
+        return sorted(p.name for p in self.runs.iterdir() if p.name != ".gitkeep")
+
+
+NO_GPU = ["--probe-source", "nvidia-smi"] if fake_gpu.nvml_works_here() else []  # the fake answers, not NVML
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory):
+    """A project copy holding one sealed FAIL run, m40_v1, made by a real `nox -s m40` without a GPU."""
+    base = tmp_path_factory.mktemp("template")
+    root = base / "project"
+    root.mkdir()
+    for name in ("noxfile.py", "README.md"):
+        shutil.copy2(layout.ROOT / name, root)
+    for folder in ("tasks", "configs", "training_pt"):
+        shutil.copytree(layout.ROOT / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    fake_gpu.failing_smi(base / "bin")
+    first = Project(root, base / "bin").nox("-s", "m40", "--", *NO_GPU)
+    assert first.returncode == layout.EXIT_STAGE["probe"], first.stdout + first.stderr
+    assert runs.is_sealed(root / "submission_runs" / "m40_v1")
+    return base
+
+
+@pytest.fixture
+def project(template, tmp_path):
+    shutil.copytree(template, tmp_path / "t", symlinks=True)
+    p = Project(tmp_path / "t" / "project", tmp_path / "t" / "bin")
+    before = {"v1": tree_hashes(p.runs / "m40_v1"), "readme": (p.root / "README.md").read_bytes()}
+    yield p
+    for path in p.runs.iterdir() if p.runs.is_dir() else ():  # the fault may have left an immutable folder
+        if CHATTR:
+            subprocess.run([CHATTR, "-i", str(path)], capture_output=True)  # noqa: S603
+    if p.runs.is_dir() and CHATTR:
+        subprocess.run([CHATTR, "-i", str(p.runs)], capture_output=True)  # noqa: S603
+    if (p.runs / "m40_v1").is_dir():
+        assert tree_hashes(p.runs / "m40_v1") == before["v1"], "the earlier sealed run changed"
+    assert (p.root / "README.md").read_bytes() == before["readme"], "the project's README changed"
+
+
+def refused(result: subprocess.CompletedProcess, code: int, *words: str) -> str:
+    """The one line the user got; checks the exit code, that it is the only one, and no traceback."""
+    output = result.stdout + result.stderr
+    assert result.returncode == code, output
+    assert "Traceback" not in output, output
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip() and not ln.startswith("nox > ")]
+    assert len(lines) == 1, output
+    for word in words:
+        assert word in lines[0], lines[0]
+    return lines[0]
+
+
+# --------------------------------------------------------------------------- 11.1 exit codes, checked up front
+
+def test_m40_refuses_an_unknown_channel_before_any_stage_and_names_the_valid_ones(project):
+    line = refused(project.nox("-s", "m40", "--", "--channels", "bogus"), USAGE, "bogus", "cu128", "cu124")
+    assert "unknown channel" in line
+    assert project.run_names() == ["m40_v1"]  # no run started
+
+
+@pytest.mark.parametrize("how", ["option", "environment"])
+def test_a_broken_channels_file_is_reported_on_a_machine_whose_probe_would_fail_first(project, how):
+    bad = project.write("channels.yaml", "channels:\n  cu128: [\n")
+    if how == "option":
+        result = project.nox("-s", "m40", "--", "--channels-file", str(bad), *NO_GPU)
+    else:
+        result = project.nox("-s", "m40", "--", *NO_GPU, env={layout.CHANNELS_ENV: str(bad)})
+    refused(result, USAGE, str(bad), "not valid YAML", "fix the syntax")
+    assert project.run_names() == ["m40_v1"]
+
+
+def test_install_with_an_unknown_channel_names_the_valid_ones_not_nox_s_no_sessions(project):
+    line = refused(project.nox("-s", "install", "-p", "cu999"), USAGE, "cu999", "cu128", "wheelhouse")
+    assert "no sessions" not in line
+
+
+@pytest.mark.parametrize("session,config_name,argv", [
+    ("probe", "m40.yaml", ["--settings", "{bad}"]),
+    ("install", "channels.yaml", ["--channels-file", "{bad}"]),
+    ("cuda_check", "cuda_check.yaml", []),
+    ("train", "submission_local_gpu_gpt2.yaml", ["--train-config", "{bad}"]),
+    ("m40", "gpus.yaml", []),
+])
+def test_every_session_refuses_a_broken_config_file_with_exit_2(project, session, config_name, argv):
+    bad = project.root / "configs" / config_name
+    bad.write_text("key: [unclosed\n")
+    nox_args = ["-s", session] + (["-p", "cu128"] if session == "install" else [])
+    result = project.nox(*nox_args, "--", *[a.format(bad=bad) for a in argv], *(NO_GPU if session == "m40" else []))
+    refused(result, USAGE, str(bad), "fix the syntax")
+    assert project.run_names() == ["m40_v1"]
+
+
+def test_a_bad_option_value_is_one_line_not_the_usage_block(project):
+    refused(project.nox("-s", "m40", "--", "--check-speed-share", "2"), USAGE,
+            "--check-speed-share", "(0, 1]", "--help")
+
+
+def test_a_locked_run_exits_with_a_code_nox_does_not_use_and_names_the_holder(project):
+    run_dir = project.runs / "m40_v2"
+    (run_dir / layout.STAGES_DIR).mkdir(parents=True)
+    code = ("import sys, time; from pathlib import Path; from tasks import runs\n"
+            "with runs.locked(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(60)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(run_dir)], cwd=project.root,  # noqa: S603
+                              stdout=subprocess.PIPE, text=True, env={**project.env, "PYTHONPATH": str(project.root)})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert LOCKED not in (1, 2, 3)  # nox's own exit codes
+        refused(project.nox("-s", "probe", "--", *NO_GPU), LOCKED, f"locked by pid {holder.pid}", "wait for it")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not any((run_dir / layout.STAGES_DIR).iterdir())
+
+
+# --------------------------------------------------------------------------- 11.2 no traceback
+
+def test_a_config_file_with_bytes_that_are_not_utf8_is_one_line(project):
+    bad = project.write("m40.yaml", b'min_driver_cuda: "12.8"\xff\n')
+    refused(project.nox("-s", "probe", "--", "--settings", str(bad)), USAGE, str(bad), "not UTF-8", "save it as UTF-8")
+    refused(project.nox("-s", "m40", "--", "--train-config", str(bad)), USAGE, str(bad), "not UTF-8")
+
+
+def test_submission_runs_that_is_a_file_is_one_line(project):
+    shutil.rmtree(project.runs)
+    project.runs.write_text("in the way\n")
+    refused(project.nox("-s", "probe", "--", *NO_GPU), USAGE, str(project.runs), "not a folder", "move it away")
+    assert project.runs.read_text() == "in the way\n"
+
+
+@pytest.mark.skipif(CHATTR is None or os.geteuid() != 0, reason="needs chattr and root (chmod does not stop root)")
+def test_submission_runs_that_cannot_be_written_is_one_line(project):
+    subprocess.run([CHATTR, "+i", str(project.runs)], check=True)  # noqa: S603
+    refused(project.nox("-s", "m40", "--", *NO_GPU), USAGE, "cannot create", str(project.runs / "m40_v2"),
+            "Operation not permitted", "chattr -i")
+
+
+def test_a_run_dir_that_is_a_file_or_lies_under_one_is_one_line(project):
+    afile = project.write("notes.txt", "mine\n")
+    refused(project.nox("-s", "probe", "--", "--run-dir", str(afile)), USAGE, str(afile), "is a file")
+    refused(project.nox("-s", "probe", "--", "--run-dir", str(afile / "sub")), USAGE, "lies under", str(afile))
+    assert afile.read_text() == "mine\n"
+
+
+@pytest.mark.parametrize("where", ["config file", "override"])
+def test_a_learning_rate_that_is_nan_is_refused_before_training(project, where):
+    if where == "config file":
+        cfg = project.write("nan.yaml", "train:\n  lr: .nan\n")
+        line = refused(project.nox("-s", "train", "--", "--train-config", str(cfg)), USAGE, str(cfg), "train.lr")
+    else:
+        line = refused(project.nox("-s", "m40", "--", "--train-override", "train.lr=nan"), USAGE, "train.lr=nan")
+    assert "not a finite number" in line
+
+
+def test_a_stage_that_finds_a_bad_input_itself_leaves_a_sealed_fail_run_and_exits_2(monkeypatch, tmp_path, capsys):
+    """The checks up front catch what they can; a stage that still meets a bad input (here a stand-in
+    install raising ConfigError) fails its record, evidence seals the run, and m40 exits 2."""
+    monkeypatch.setattr(layout, "RUNS_DIR", tmp_path / "runs")
+    monkeypatch.delenv(evidence.STEP_SUMMARY_ENV, raising=False)
+    fake_gpu.no_nvml(monkeypatch)
+    fake_gpu.working_smi(tmp_path / "bin", cuda="13.0")
+    fake_gpu.put_first_on_path(monkeypatch, tmp_path / "bin")
+
+    def broken_install(run_dir, args):
+        raise config.ConfigError("channels.yaml: channels.x: broken; fix it")
+    real = stage.module
+    fake = SimpleNamespace(DESCRIPTION="install", add_arguments=lambda parser: None, run=broken_install)
+    monkeypatch.setattr(stage, "module", lambda name: fake if name == "install" else real(name))
+    assert m40.main(["--train-device", "cpu"]) == USAGE
+    (run_dir,) = runs.list_runs(layout.RUNS_DIR)
+    assert runs.is_sealed(run_dir)
+    assert records.read(run_dir, "install").status == records.FAIL
+    assert "broken; fix it" in records.read(run_dir, "install").reason
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert err == ["m40: error: channels.yaml: channels.x: broken; fix it"]
+
+
+# --------------------------------------------------------------------------- 11.3 paths
+
+def test_a_symlinked_run_folder_is_never_written_through(project, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / layout.STAGES_DIR).mkdir(parents=True)
+    (elsewhere / "env_info.txt").write_text("someone else's file\n")
+    before = tree_hashes(elsewhere)
+    (project.runs / "m40_v2").symlink_to(elsewhere)
+    # Picked implicitly: the link is not a run, so a new run is made beside it.
+    result = project.nox("-s", "probe", "--", *NO_GPU)
+    assert result.returncode == layout.EXIT_STAGE["probe"], result.stdout + result.stderr
+    assert (project.runs / "m40_v3" / "env_info.txt").is_file()
+    # Picked explicitly: refused.
+    refused(project.nox("-s", "probe", "--", "--run-dir", str(project.runs / "m40_v2")), USAGE,
+            "symbolic link", str(elsewhere))
+    refused(project.nox("-s", "evidence", "--", "--run-dir", str(project.runs / "m40_v2")), USAGE, "symbolic link")
+    assert tree_hashes(elsewhere) == before
+
+
+def test_a_symlinked_file_inside_a_run_folder_is_never_written_through(project, tmp_path):
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep me\n")
+    run_dir = project.runs / "m40_v2"
+    (run_dir / layout.STAGES_DIR).mkdir(parents=True)
+    (run_dir / "env_info.txt").symlink_to(precious)
+    refused(project.nox("-s", "probe", "--", *NO_GPU), USAGE, "holds a symbolic link", "env_info.txt", "remove it")
+    refused(project.nox("-s", "evidence"), USAGE, "holds a symbolic link")
+    assert precious.read_text() == "keep me\n"
+    assert sorted(p.name for p in run_dir.iterdir()) == ["env_info.txt", layout.STAGES_DIR]
+
+
+def test_a_run_dir_inside_a_sealed_run_is_refused_and_the_run_still_checks(project):
+    inside = project.runs / "m40_v1" / layout.STAGES_DIR
+    refused(project.nox("-s", "probe", "--", "--run-dir", str(inside)), USAGE, "inside the run folder",
+            str(project.runs / "m40_v1"))
+    refused(project.nox("-s", "m40", "--", "--run-dir", str(inside / "deeper")), USAGE, "inside the run folder")
+    if shutil.which("sha256sum"):
+        check = subprocess.run(["sha256sum", "-c", "--quiet", layout.SUMS_FILE], cwd=project.runs / "m40_v1")  # noqa: S603,S607
+        assert check.returncode == 0
+
+
+def test_run_dir_dot_never_overwrites_the_project(project):
+    refused(project.nox("-s", "probe", "--", "--run-dir", ".", *NO_GPU), USAGE, "--run-dir .", "no stages/",
+            "new or empty folder")
+    assert not (project.root / "env_info.txt").exists()
+
+
+def test_run_dir_accepts_a_new_folder_an_empty_one_and_a_run_folder(project, tmp_path):
+    for run_dir in (tmp_path / "new" / "run", tmp_path / "empty", project.runs / "m40_v1x"):
+        if run_dir.name == "empty":
+            run_dir.mkdir()
+        result = project.nox("-s", "probe", "--", "--run-dir", str(run_dir), *NO_GPU)
+        assert result.returncode == layout.EXIT_STAGE["probe"], result.stdout + result.stderr
+        assert (run_dir / "env_info.txt").is_file() and (run_dir / layout.STAGES_DIR / "probe.json").is_file()
+        again = project.nox("-s", "probe", "--", "--run-dir", str(run_dir), *NO_GPU)  # now a run folder
+        assert again.returncode == layout.EXIT_STAGE["probe"], again.stdout + again.stderr
+
+
+def test_a_folder_the_user_made_under_submission_runs_is_never_written_into(project):
+    mine = project.runs / "m40_v2"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my notes\n")
+    before = tree_hashes(mine)
+    result = project.nox("-s", "probe", "--", *NO_GPU)
+    assert result.returncode == layout.EXIT_STAGE["probe"], result.stdout + result.stderr
+    assert (project.runs / "m40_v3" / "env_info.txt").is_file()
+    refused(project.nox("-s", "probe", "--", "--run-dir", str(mine)), USAGE, "no stages/")
+    assert tree_hashes(mine) == before
+
+
+def test_nox_python_values_are_read_as_nox_reads_them():
+    argv = ["-s", "install", "-p", "a", "b", "--python=c", "-pd", "--extra-python", "e,f", "-r", "--", "-p", "x"]
+    assert validate.python_args(argv) == ["a", "b", "c", "d", "e", "f"]
+    assert validate.unknown_channels(["-s", "install", "-p", "cu128"], ["cu128"]) is None
