@@ -224,13 +224,12 @@ def test_a_stage_that_finds_a_bad_input_itself_leaves_a_sealed_fail_run_and_exit
 
     def broken_install(run_dir, args):
         raise config.ConfigError("channels.yaml: channels.x: broken; fix it")
-    real = stage.module
     fake = SimpleNamespace(DESCRIPTION="install", add_arguments=lambda parser: None, run=broken_install)
-    monkeypatch.setattr(stage, "module", lambda name: fake if name == "install" else real(name))
+    monkeypatch.setitem(stage.MODULES, "install", fake)
     assert m40.main(["--train-device", "cpu"]) == USAGE
     (run_dir,) = runs.list_runs(layout.RUNS_DIR)
     assert runs.is_sealed(run_dir)
-    assert records.read(run_dir, "install").status == records.FAIL
+    assert records.read(run_dir, "install").status == records.StageStatus.FAIL
     assert "broken; fix it" in records.read(run_dir, "install").reason
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert err == ["m40: error: channels.yaml: channels.x: broken; fix it"]
