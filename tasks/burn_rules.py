@@ -4,27 +4,22 @@ No torch, no NVML: training_pt/burn.py and training_pt/fabric.py measure and cal
 inject faults here on a CPU (a throttle under load, one slow GPU of eight, an x8 link, a burn output
 that differs). Thresholds come from configs/burnin.yaml (tasks/config.py:load_burnin).
 
-WARN: cuda_check's statuses are PASS, FAIL and SKIP (tasks/cuda_rules.py). A configured WARN is a
-PASS whose reason starts with "WARN:" and whose data holds warn=True: reported, never failing.
+A finding configured as WARN (configs/burnin.yaml `*_severity`) is cuda_rules' WARN status: reported,
+never failing the stage.
 """
 
 from __future__ import annotations
 
 import statistics
 
-from tasks.cuda_rules import FAIL, PASS, SKIP, Verdict, decode_throttle
+from tasks.cuda_rules import FAIL, PASS, SKIP, WARN, Verdict, decode_throttle
 
-WARN = "WARN"
 LEVELS = ("quick", "long")
 
 
 def flagged(severity: str, value: str, reason: str, data: dict | None = None) -> Verdict:
-    """A finding at its configured severity: FAIL, or a PASS marked WARN."""
-    data = dict(data or {})
-    if severity == FAIL:
-        return Verdict(FAIL, value, reason, data)
-    data["warn"] = True
-    return Verdict(PASS, value, f"{WARN}: {reason}", data)
+    """A finding at its configured severity: FAIL or WARN."""
+    return Verdict(FAIL if severity == FAIL else WARN, value, reason, dict(data or {}))
 
 
 def figures(name: str, gpu: int | None, data: dict) -> dict:

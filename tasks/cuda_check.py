@@ -160,7 +160,4 @@ def figures_from(result: dict) -> dict:
         fig.update(burn_rules.figures(name, gpu, data))
     if failed:
         fig["failed_checks"] = ", ".join(failed)
-    warned = [c.get("name") for c in result.get("checks", []) if (c.get("data") or {}).get("warn")]
-    if warned:
-        fig["checks_warn"] = len(warned)
     return {k: v for k, v in fig.items() if v is not None}

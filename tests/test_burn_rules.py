@@ -7,7 +7,7 @@ import pytest
 
 from tasks import burn_rules as br
 from tasks import config
-from tasks.cuda_rules import FAIL, PASS, SKIP
+from tasks.cuda_rules import FAIL, PASS, SKIP, WARN
 
 H200 = "NVIDIA H200"
 HW_SLOWDOWN, POWER_BRAKE, SW_POWER_CAP = 0x8, 0x80, 0x4
@@ -63,7 +63,7 @@ def test_a_power_brake_under_load_fails():
 def test_low_clocks_most_of_the_burn_without_an_event_warn():
     samples = [sample(t, sm=1000, reasons=SW_POWER_CAP) for t in range(40)] + [sample(t) for t in range(40, 60)]
     v = br.judge_clocks(samples, 0.7, 0.5)
-    assert v.status == PASS and v.reason.startswith("WARN: SM clock below 70%") and v.data["warn"]
+    assert v.status == WARN and v.reason.startswith("SM clock below 70%")
     assert "40 of 60" in v.reason
 
 
@@ -103,7 +103,7 @@ def test_peers_are_gpus_of_the_same_model_only():
 
 def test_a_slow_peer_can_be_configured_to_warn():
     v = br.judge_peers("matmul", "TFLOP/s", {0: 700.0, 1: 700.0, 2: 500.0}, {0: H200, 1: H200, 2: H200}, 0.1, "WARN")
-    assert v.status == PASS and v.reason.startswith("WARN: gpu2")
+    assert v.status == WARN and v.reason.startswith("gpu2")
 
 
 # ---- PCIe
@@ -120,9 +120,10 @@ def test_a_link_downtrained_at_idle_counts_at_its_best_under_load():
 
 
 def test_a_gen4_slot_for_a_gen5_gpu_warns_and_gen3_warns_when_configured():
-    assert br.judge_pcie_link([(4, 16)], 4, 16, 5, FAIL, "WARN").reason.startswith("WARN: the GPU supports Gen5")
+    slot = br.judge_pcie_link([(4, 16)], 4, 16, 5, FAIL, "WARN")
+    assert slot.status == WARN and slot.reason.startswith("the GPU supports Gen5")
     v = br.judge_pcie_link([(3, 16)], 5, 16, 5, "WARN", "WARN")
-    assert v.status == PASS and "Gen3 instead of Gen5" in v.reason
+    assert v.status == WARN and "Gen3 instead of Gen5" in v.reason
     assert br.judge_pcie_link([], None, None, None, FAIL, "WARN").status == SKIP
 
 
@@ -131,7 +132,7 @@ def test_pcie_bandwidth_against_the_link():
     ok = br.judge_pcie_bandwidth(55.0, 55.4, 5, 16, 0.7, 0.4)  # issue 13's H200 numbers
     assert ok.status == PASS and "87% / 88% of Gen5 x16 (63.0 GB/s)" in ok.value
     half = br.judge_pcie_bandwidth(27.0, 55.0, 5, 16, 0.7, 0.4)
-    assert half.status == PASS and half.reason.startswith("WARN: below 70%")
+    assert half.status == WARN and half.reason.startswith("below 70%")
     assert br.judge_pcie_bandwidth(20.0, 55.0, 5, 16, 0.7, 0.4).status == FAIL
     assert "not judged" in br.judge_pcie_bandwidth(20.0, 55.0, None, None, 0.7, 0.4).reason
 
@@ -153,13 +154,13 @@ def test_nvlink_not_supported_skips_a_down_link_fails_and_growing_errors_warn():
     links[2]["active"] = True
     links[1]["errors_after"] = {"replay": 5}
     v = br.judge_nvlink(links, "", FAIL, "WARN")
-    assert v.status == PASS and v.reason == "WARN: NVLink error counters grew during the checks: link 1 replay +5"
+    assert v.status == WARN and v.reason == "NVLink error counters grew during the checks: link 1 replay +5"
 
 
 def test_p2p_matrix_flags_a_slow_pair():
     m = [[None, 400.0, 400.0], [400.0, None, 40.0], [400.0, 400.0, None]]
     v = br.judge_p2p(m, 0.5, "WARN")
-    assert v.status == PASS and "1->2 40" in v.reason and v.data["warn"]
+    assert v.status == WARN and "1->2 40" in v.reason
     assert len(br.p2p_lines(m)) == 4
     assert br.judge_p2p([[None]], 0.5, "WARN").status == SKIP
 
@@ -185,7 +186,7 @@ def test_collectives_fail_on_a_wrong_result_and_warn_below_the_interconnect():
     ok = br.judge_collectives(rows, 8, [], "nvlink", {"nvlink": 100}, "WARN")
     assert ok.status == PASS and ok.data["busbw_gbs"]["all_reduce"] == pytest.approx(187.9, abs=0.1)
     slow = br.judge_collectives(rows, 8, [], "nvlink", {"nvlink": 300}, "WARN")
-    assert slow.status == PASS and slow.reason.startswith("WARN: all_reduce bus bandwidth 188 GB/s")
+    assert slow.status == WARN and slow.reason.startswith("all_reduce bus bandwidth 188 GB/s")
     rows[1]["wrong"] = 2
     assert br.judge_collectives(rows, 8, [], "nvlink", {}, "WARN").status == FAIL
     assert br.judge_collectives([], 2, ["rank 1: NCCL error"], "pcie", {}, "WARN").status == FAIL
@@ -256,9 +257,9 @@ def test_the_long_levels_figures_reach_the_stage_record():
     checks = [{"name": "burn.compare", "gpu": 0, "status": "PASS", "data": {"tflops": 712.34}},
               {"name": "pcie.link", "gpu": 0, "status": "PASS", "data": {"gen": 5, "width": 16}},
               {"name": "pcie.bandwidth", "gpu": 0, "status": "PASS",
-               "data": {"h2d_gbs": 55.04, "d2h_gbs": 55.51, "warn": True}},
+               "data": {"h2d_gbs": 55.04, "d2h_gbs": 55.51}},
               {"name": "memory.patterns", "gpu": 0, "status": "PASS", "data": {"gib": 112.0, "gibs": 2100.0}}]
-    fig = cuda_check.figures_from({"checks": checks, "counts": {"PASS": 4}})
+    fig = cuda_check.figures_from({"checks": checks, "counts": {"PASS": 3, "WARN": 1}})
     assert fig["gpu0_burn_tflops"] == 712.3 and fig["gpu0_pcie_link"] == "Gen5 x16"
     assert (fig["gpu0_h2d_gbs"], fig["gpu0_d2h_gbs"]) == (55.0, 55.5) and fig["gpu0_memtest_gibs"] == 2100.0
     assert fig["checks_warn"] == 1
