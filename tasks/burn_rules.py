@@ -288,10 +288,9 @@ def judge_memory_patterns(results: dict[str, int], words: int, gib: float, secon
 
 def judge_nvlink(links: list[dict] | None, error: str, down_severity: str, errors_severity: str) -> Verdict:
     """Check nvlink: links as {link, active, errors_before, errors_after} (errors: counter -> count);
-    None with error "Not Supported" on a GPU without NVLink."""
+    None with the reason (NVML answers Not Supported on a GPU without NVLink)."""
     if links is None:
-        return Verdict(SKIP, "", f"NVML answers {error or 'nothing'} for NVLink on this GPU: no NVLink to check",
-                       {"error": error})
+        return Verdict(SKIP, "", f"NVLink not checked: {error or 'no answer from NVML'}", {"error": error})
     data = {"links": links}
     active = [x["link"] for x in links if x.get("active")]
     down = [x["link"] for x in links if not x.get("active")]

@@ -78,3 +78,59 @@ def test_the_checker_at_the_long_level_without_a_gpu_skips_every_long_check_by_n
     for name in burn.QUICK_CHECKS + burn.LONG_CHECKS:
         assert by_name[name]["status"] == "SKIP" and "CPU build" in by_name[name]["reason"], name
     assert not (tmp_path / layout.BURN_SAMPLES).exists()  # nothing burned, nothing claimed
+
+
+class FakeChecker:
+    """The parts of training_pt/gpu_checks.Checker the long level uses, without a GPU or NVML."""
+
+    def __init__(self, out_dir, gpus: int) -> None:
+        from tasks import config
+        self.burnin, self.out_dir, self.checks, self.lines = config.load_burnin(), out_dir, [], []
+        self.gpus = [{"index": i, "name": "NVIDIA H200", "nvml": None} for i in range(gpus)]
+        self.long_samples: list[dict] = []
+
+    def emit(self, line: str = "") -> None:
+        self.lines.append(line)
+
+    def add(self, name, gpu, verdict, seconds: float = 0.0):
+        from tasks.cuda_rules import Check
+        self.checks.append(Check.of(name, gpu, verdict, seconds))
+
+    def run(self, name, gpu, fn, *args):
+        from tasks.cuda_rules import FAIL, Verdict
+        try:
+            verdict = fn(*args)
+        except Exception as e:
+            verdict = Verdict(FAIL, "", str(e))
+        self.add(name, gpu, verdict)
+
+    def by_name(self) -> dict:
+        return {(c.name, c.gpu): c for c in self.checks}
+
+
+def burn_result(checksum="aa", tflops=700.0, bad=0, memory_bad=0):
+    return {"burn_error": "", "memory_error": "", "free_gib": 130.0, "words": 1 << 30, "memory_s": 4.0,
+            "memory": {"walking_ones": 0, "random": memory_bad, "address": 0},
+            "burn": {"iterations": 900, "bad_iterations": bad, "bad_elements": bad, "elements": 8192 * 8192,
+                     "nonfinite": 0, "checksum": checksum, "windows": [(1.0, tflops)], "tflops": tflops}}
+
+
+def test_the_long_levels_report_names_a_throttle_a_flipped_bit_and_a_slow_gpu_among_peers(tmp_path):
+    checker = FakeChecker(tmp_path, gpus=3)
+    throttled = {"sm_mhz": 1100, "sm_max_mhz": 1980, "power_w": 700.0, "temp_c": 90.0, "reasons": 0x40}
+    checker.long_samples = [{"t_s": t, "gpu": g, "phase": "burn", "tflops": 700.0, "sm_mhz": 1980,
+                             "sm_max_mhz": 1980, "power_w": 690.0, "temp_c": 60.0, "reasons": 0}
+                            | (throttled if g == 1 and t > 50 else {}) for g in range(3) for t in range(60)]
+    results = {0: burn_result(), 1: burn_result(bad=1), 2: burn_result(checksum="ab", tflops=550.0)}
+    for g in checker.gpus:
+        burn.per_gpu_long(checker, g, None, results[g["index"]], None, 60.0)
+    burn.across_gpus(checker, results)
+    c = checker.by_name()
+    assert c[("burn.compare", 0)].status == "PASS" and "median 700.0 TFLOP/s" in c[("burn.compare", 0)].value
+    assert c[("burn.compare", 1)].status == "FAIL" and c[("burn.clocks", 1)].status == "FAIL"
+    assert "hw_thermal_slowdown in 9 of 60 samples" in c[("burn.clocks", 1)].reason
+    assert c[("burn.clocks", 0)].status == "PASS" and c[("memory.patterns", 0)].status == "PASS"
+    assert c[("burn.peers", None)].status == "FAIL" and c[("burn.peers", None)].data["odd"] == [2]
+    assert c[("peers.burn_tflops", None)].status == "FAIL" and c[("peers.burn_tflops", None)].data["outliers"] == [2]
+    assert c[("nvlink", 0)].status == "SKIP" and c[("pcie.link_burn", 0)].status == "SKIP"
+    assert any(line.startswith("gpu1 burn over time:") for line in checker.lines)

@@ -147,7 +147,8 @@ def test_memory_patterns_name_the_pattern_that_read_back_wrong():
 
 
 def test_nvlink_not_supported_skips_a_down_link_fails_and_growing_errors_warn():
-    assert br.judge_nvlink(None, "Not Supported", FAIL, "WARN").status == SKIP
+    v = br.judge_nvlink(None, "NVML answers Not Supported (no NVLink on this GPU)", FAIL, "WARN")
+    assert v.status == SKIP and v.reason == "NVLink not checked: NVML answers Not Supported (no NVLink on this GPU)"
     links = [{"link": k, "active": k != 2, "errors_before": {"replay": 0}, "errors_after": {"replay": 0}}
              for k in range(4)]
     assert br.judge_nvlink(links, "", FAIL, "WARN").status == FAIL

@@ -3,6 +3,8 @@ across real processes, judged by tasks/burn_rules.py; DCGM through a fake `dcgmi
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from tasks import burn_rules as br
@@ -86,3 +88,51 @@ def test_the_stage_passes_level_and_duration_to_the_checker_and_refuses_a_bad_du
             parser.parse_args(["--duration", bad])
         assert e.value.code == 2
     assert "is not a positive number of seconds; give e.g. --duration 300" in capsys.readouterr().err
+
+
+@pytest.fixture
+def fake_nvml(monkeypatch):
+    """NVML answers as an H200 gives them (issue 13): Gen5 x16, NVLink Not Supported on one GPU."""
+    import pynvml
+    answers = {"nvmlDeviceGetCurrPcieLinkGeneration": 5, "nvmlDeviceGetCurrPcieLinkWidth": 16,
+               "nvmlDeviceGetMaxPcieLinkGeneration": 5, "nvmlDeviceGetMaxPcieLinkWidth": 16,
+               "nvmlDeviceGetGpuMaxPcieLinkGeneration": 5, "nvmlDeviceGetPowerUsage": 690500,
+               "nvmlDeviceGetTemperature": 57, "nvmlDeviceGetCurrentClocksEventReasons": 0x4}
+    for name, value in answers.items():
+        monkeypatch.setattr(pynvml, name, lambda *a, v=value: v)
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetClockInfo", lambda h, kind: 1980 if kind == pynvml.NVML_CLOCK_SM else 3201)
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetMaxClockInfo", lambda h, kind: 1980)
+
+    def not_supported(*a):
+        raise pynvml.NVMLError_NotSupported()
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetNvLinkState", not_supported)
+    return pynvml
+
+
+def test_nvml_facts_read_as_the_h200_answers(fake_nvml):
+    burn = pytest.importorskip("training_pt.burn")
+    assert fabric.pcie_now("h") == (5, 16)
+    assert fabric.pcie_max("h") == {"max_gen": 5, "max_width": 16, "gpu_max_gen": 5}
+    links, why = fabric.nvlink_links("h")
+    assert links is None and why == "NVML answers Not Supported (no NVLink on this GPU)"
+    sampler = burn.Sampler({0: "h"}, 0.01)
+    sampler.phase[0], sampler.live[0] = "burn", 701.5
+    s = sampler.read(0, "h")
+    assert (s["sm_mhz"], s["sm_max_mhz"], s["mem_mhz"], s["power_w"], s["temp_c"]) == (1980, 1980, 3201, 690.5, 57)
+    assert (s["reasons"], s["pcie_gen"], s["pcie_width"], s["tflops"], s["phase"]) == (0x4, 5, 16, 701.5, "burn")
+    sampler.start()
+    time.sleep(0.1)
+    sampler.stop.set()
+    sampler.join(5)
+    assert len(sampler.of(0, "burn")) >= 2
+
+
+def test_nvlink_links_and_counters_are_read_per_link(fake_nvml, monkeypatch):
+    monkeypatch.setattr(fake_nvml, "NVML_NVLINK_MAX_LINKS", 4)
+    monkeypatch.setattr(fake_nvml, "nvmlDeviceGetNvLinkState", lambda h, link: 0 if link == 2 else 1)
+    monkeypatch.setattr(fake_nvml, "nvmlDeviceGetNvLinkErrorCounter", lambda h, link, counter: link * 10 + counter)
+    before, _ = fabric.nvlink_links("h")
+    assert [x["active"] for x in before] == [True, True, False, True]
+    assert before[1]["errors"]["replay"] == 10 + fake_nvml.NVML_NVLINK_ERROR_DL_REPLAY
+    v = br.judge_nvlink(fabric.nvlink_compare(before, before), "", "FAIL", "WARN")
+    assert v.status == "FAIL" and "link(s) 2 inactive" in v.reason

@@ -363,7 +363,7 @@ def long_pcie(checker, g: dict, handle, under_load: list) -> Verdict:
         h2d, d2h, seen = fabric.pinned_bandwidth(torch.device("cuda", g["index"]), p["copy_mib"], p["repeats"], handle)
     except Exception as e:
         error = fabric.first_line(e)
-    readings = [(x["pcie_gen"], x["pcie_width"]) for x in under_load] + seen
+    readings = [(x.get("pcie_gen"), x.get("pcie_width")) for x in under_load] + seen
     link = judge_link(checker.burnin, handle, readings) if handle is not None else \
         Verdict(SKIP, "", "NVML cannot read this GPU's PCIe link (no NVML match)")
     bw = burn_rules.judge_pcie_bandwidth(h2d, d2h, link.data.get("gen"), link.data.get("width"),

@@ -112,7 +112,7 @@ NVLINK_COUNTERS = {"replay": "NVML_NVLINK_ERROR_DL_REPLAY", "recovery": "NVML_NV
 def nvlink_links(handle) -> tuple[list[dict] | None, str]:
     """Every NVLink link of a GPU: {link, active, errors}; (None, why) where NVML answers Not Supported."""
     if pynvml is None or handle is None:
-        return None, "no NVML"
+        return None, "NVML unavailable for this GPU"
     links = []
     for link in range(getattr(pynvml, "NVML_NVLINK_MAX_LINKS", 18)):
         try:
@@ -120,7 +120,7 @@ def nvlink_links(handle) -> tuple[list[dict] | None, str]:
         except pynvml.NVMLError as e:
             if links:  # past the GPU's last link
                 break
-            return None, str(e)
+            return None, f"NVML answers {e} (no NVLink on this GPU)"
         errors = {name: nvml_call(pynvml.nvmlDeviceGetNvLinkErrorCounter, handle, link, getattr(pynvml, const))
                   for name, const in NVLINK_COUNTERS.items() if hasattr(pynvml, const)}
         links.append({"link": link, "active": state == pynvml.NVML_FEATURE_ENABLED, "errors": errors})
