@@ -2,8 +2,11 @@
 
 Every writer that puts environment variables into a file goes through `redact_env` (or
 `env_lines`, which uses it). A variable whose NAME contains TOKEN, KEY, SECRET, PASSWORD or
-CREDENTIAL (any case) is written as `<redacted>`; in every other value, credentials embedded in a
-URL (`https://user:pass@host`, as in PIP_INDEX_URL) are replaced too.
+CREDENTIAL (any case) is written as `<redacted>`. A URL-valued PIP_*, UV_*, HF_* or *_URL variable is
+written as `scheme://host/` only (a token can sit in the user part, the path or the query). In every
+other value and in free text (install logs), `redact_url` replaces the user part of a URL (up to its
+last `@`, so a raw `@` in a password leaks nothing) and secret-looking query parameters (token, key,
+secret, password, credential, sig, auth).
 """
 
 from __future__ import annotations
@@ -12,18 +15,23 @@ import re
 from collections.abc import Iterable, Mapping
 
 SECRET_WORDS = ("TOKEN", "KEY", "SECRET", "PASSWORD", "CREDENTIAL")
+# Query parameters that carry a credential besides the words above: an Azure SAS `sig=`, an S3
+# `X-Amz-Signature=`, `?auth=`.
+SECRET_PARAM_WORDS = (*SECRET_WORDS, "SIG", "AUTH")
+URL_VARIABLE_PREFIXES = ("PIP_", "UV_", "HF_")
 REDACTED = "<redacted>"
 UNSET = "<unset>"
 
-_URL_USERINFO = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
+# The user part runs to the LAST "@" before the path: a raw "@" inside the password is part of it.
+_URL_USERINFO = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://)[^/\s]*@")
 # A query parameter whose name holds a secret word (`?token=…`, `&api_key=…`): its value goes.
-_URL_SECRET_PARAM = re.compile(r"([?&;][^=&#\s]*(?:" + "|".join(SECRET_WORDS) + r")[^=&#\s]*=)[^&#\s]+",
+_URL_SECRET_PARAM = re.compile(r"([?&;][^=&#\s]*(?:" + "|".join(SECRET_PARAM_WORDS) + r")[^=&#\s]*=)[^&#\s]+",
                                re.IGNORECASE)
 
 # The variables that matter to a GPU bring-up, shown in env_info.txt: exact names, then prefixes.
 RELEVANT_NAMES = ("CUDA_VISIBLE_DEVICES", "LD_LIBRARY_PATH", "PATH", "VIRTUAL_ENV", "CONDA_PREFIX",
                   "PYTHONPATH", "OMP_NUM_THREADS")
-RELEVANT_PREFIXES = ("NVIDIA_", "CUDA_", "PYTORCH_", "TORCH_", "NCCL_", "HF_", "PIP_")
+RELEVANT_PREFIXES = ("NVIDIA_", "CUDA_", "PYTORCH_", "TORCH_", "NCCL_", "HF_", "PIP_", "UV_")
 
 
 def is_secret_name(name: str) -> bool:
@@ -37,9 +45,29 @@ def redact_url(text: str) -> str:
     return _URL_SECRET_PARAM.sub(rf"\1{REDACTED}", text)
 
 
+_URL = re.compile(r"\b([A-Za-z][A-Za-z0-9+.-]*)://(\S*)")
+
+
+def is_url_variable(name: str) -> bool:
+    upper = name.upper()
+    return upper.startswith(URL_VARIABLE_PREFIXES) or upper.endswith(("_URL", "_URLS"))
+
+
+def url_hosts_only(text: str) -> str:
+    """Every URL in `text` cut to `scheme://host/` (the user part, path, query and fragment dropped)."""
+    def host(m: re.Match) -> str:
+        rest = re.split(r"[?#]", m.group(2), maxsplit=1)[0]
+        rest = rest.rsplit("@", 1)[-1]  # after the user part, wherever a raw "@" in it sits
+        netloc = rest.split("/", 1)[0].rstrip(",;")
+        return f"{m.group(1)}://{netloc or REDACTED}/"
+    return _URL.sub(host, text)
+
+
 def redact_value(name: str, value: str) -> str:
     if is_secret_name(name):
         return REDACTED
+    if is_url_variable(name):
+        return url_hosts_only(value)
     return redact_url(value)
 
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from tasks import redact
+import argparse
+
+import pytest
+
+from tasks import probe, redact
 
 
 def test_names_with_secret_words_are_redacted_in_any_case():
@@ -14,9 +18,11 @@ def test_names_with_secret_words_are_redacted_in_any_case():
 
 
 def test_credentials_inside_urls_are_redacted():
-    safe = redact.redact_value("PIP_INDEX_URL", "https://alice:hunter2@pypi.example.com/simple")
+    safe = redact.redact_value("DATA_ENDPOINT", "https://alice:hunter2@pypi.example.com/simple")
     assert safe == "https://<redacted>@pypi.example.com/simple"
-    assert redact.redact_value("PIP_INDEX_URL", "https://pypi.org/simple") == "https://pypi.org/simple"
+    assert redact.redact_value("DATA_ENDPOINT", "https://pypi.org/simple") == "https://pypi.org/simple"
+    assert redact.redact_value("PIP_INDEX_URL", "https://alice:hunter2@pypi.example.com/simple") == \
+        "https://pypi.example.com/"  # a URL-valued pip variable: scheme and host only
 
 
 def test_env_lines_pick_what_matters_and_say_unset_or_empty():
@@ -39,3 +45,46 @@ def test_credentials_inside_urls_are_hidden_in_any_scheme_case_and_in_query_para
     assert safe == ("HTTPS://<redacted>@host/simple?token=<redacted>&page=2 "
                     "https://h/x?Api_Key=<redacted>#frag")
     assert installers.redact_url(text) == safe  # the installer's logs use the same rule
+
+
+SECRET_URLS = {
+    # name: (value as a user sets it, what must not appear anywhere in the file)
+    "PIP_INDEX_URL": ("https://user:p@ss@pypi.example.com/simple", ("p@ss", "ss@", "user")),
+    "PIP_EXTRA_INDEX_URL": ("https://alice:hunter2@a.example.com/simple https://b.example.com/t/ghp_TOKEN123/simple",
+                            ("hunter2", "alice", "ghp_TOKEN123")),
+    "UV_INDEX_URL": ("https://pkgs.example.com/simple?auth=AUTHSECRET", ("AUTHSECRET",)),
+    "HF_ENDPOINT": ("https://acct.blob.core.windows.net/c?sv=2024-11-04&sig=SASSIG%2Bxyz&se=2030", ("SASSIG", "sv=")),
+    "MODEL_URL": ("https://host.example.com/download/tok_SECRETPATH/model.bin", ("tok_SECRETPATH",)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SECRET_URLS))
+def test_url_valued_variables_are_written_as_scheme_and_host_only(name):
+    value, secrets = SECRET_URLS[name]
+    safe = redact.redact_value(name, value)
+    assert not any(s in safe for s in secrets), safe
+    assert safe.startswith("https://") and safe.endswith("/")
+
+
+def test_a_password_with_a_raw_at_sign_leaks_nothing_in_free_text():
+    line = "Looking in indexes: https://user:p@ss@pypi.example.com/simple, https://h.example.com/x"
+    safe = redact.redact_url(line)
+    assert "p@ss" not in safe and "ss@" not in safe and "user" not in safe
+    assert safe == "Looking in indexes: https://<redacted>@pypi.example.com/simple, https://h.example.com/x"
+
+
+def test_sas_signatures_and_auth_parameters_are_hidden_in_free_text():
+    safe = redact.redact_url("GET https://a.blob.core.windows.net/c/f?sv=1&sig=SASSIG&se=2 https://h/x?auth=AUTHZ")
+    assert "SASSIG" not in safe and "AUTHZ" not in safe and "sv=1" in safe
+
+
+def test_the_env_info_of_a_real_probe_run_holds_no_part_of_any_secret(monkeypatch, run_dir, nvml_machine):
+    for name, (value, _) in SECRET_URLS.items():
+        monkeypatch.setenv(name, value)
+    probe.run(run_dir, argparse.Namespace(min_driver_cuda=None, settings=None, probe_source="auto", probe_timeout=None))
+    env_info = (run_dir / "env_info.txt").read_text()
+    for name, (_, secrets) in SECRET_URLS.items():
+        assert not any(s in env_info for s in secrets), name
+    assert "PIP_INDEX_URL=https://pypi.example.com/\n" in env_info
+    assert "UV_INDEX_URL=https://pkgs.example.com/\n" in env_info  # uv's variables matter to the install
+    assert "HF_ENDPOINT=https://acct.blob.core.windows.net/\n" in env_info
