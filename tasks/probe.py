@@ -38,6 +38,7 @@ from pathlib import Path
 from tasks import config, layout, redact
 from tasks.cuda_rules import clock_event_is_fault, clock_event_names, cuda_version_from_int
 from tasks.records import Outcome, StageStatus, now_iso
+from tasks.text import one_line
 
 DESCRIPTION = ("Probe the NVIDIA driver and GPUs (NVML, else nvidia-smi), record the machine in env_info.txt "
                "and gate on the CUDA version the driver supports.")
@@ -127,7 +128,8 @@ def enable_state(value) -> str:
 
 
 def _text(value) -> str:
-    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+    """A string NVML returned, on one line (a name or version holding a newline cannot add a line anywhere)."""
+    return one_line(value.decode(errors="replace") if isinstance(value, bytes) else value)
 
 
 def gpu_from_nvml(raw: Mapping) -> Gpu:
@@ -206,7 +208,7 @@ def parse_smi_csv(text: str, fields: tuple[str, ...] = SMI_FIELDS) -> tuple[str 
             reason_names = None
         gpus.append(Gpu(
             index=index,
-            name=row["name"],
+            name=one_line(row["name"]),
             uuid=row.get("uuid", ""),
             pci_bus_id=row.get("pci.bus_id", ""),
             compute_capability=_smi_value(row.get("compute_cap", "")) or "",
@@ -648,6 +650,8 @@ def text_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
 
 def env_info_text(system: list[tuple[str, str]], env: Mapping[str, str], facts: DriverFacts,
                   passed: bool | None, gate_line: str) -> str:
+    """The file's text. Every line, and every cell of the GPU table, goes through one_line: a value
+    from the machine (environment, GPU name, driver string, reason) cannot add a line or a section."""
     lines = [f"# env_info.txt, written by the probe stage at {now_iso()}", "", "## System"]
     width = max(len(k) for k, _ in system)
     lines += [f"{k.ljust(width)} : {v}" for k, v in system]
@@ -660,13 +664,14 @@ def env_info_text(system: list[tuple[str, str]], env: Mapping[str, str], facts: 
     lines += [f"note        : {note}" for note in facts.notes]
     lines += [f"hung        : {what} (killed at the probe's deadline)" for what in facts.hung]
     if facts.gpus:
-        lines += ["", text_table(GPU_COLUMNS, gpu_rows(facts.gpus))]
+        rows = [tuple(one_line(cell) for cell in row) for row in gpu_rows(facts.gpus)]
+        lines += ["", *text_table(GPU_COLUMNS, rows).split("\n")]
         slow = sorted({r for g in facts.gpus for r in (g.clock_event_reasons or []) if clock_event_is_fault(r)})
         if slow:
             lines.append(f"warning     : clocks held down by {', '.join(slow)} (check cooling and power)")
     verdict = "PASS" if passed else ("FAIL" if passed is False else "NOT DECIDED")
     lines += ["", "## Gate", f"{verdict}: {gate_line}", ""]
-    return "\n".join(lines)
+    return "\n".join(one_line(line) for line in lines)
 
 
 def gpus_document(facts: DriverFacts, passed: bool | None, gate_line: str, min_cuda: str | None) -> dict:

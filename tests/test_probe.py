@@ -336,3 +336,24 @@ def test_the_probe_deadline_comes_from_configs_and_is_validated(tmp_path):
     bad.write_text("timeout_s: -1\n")
     with pytest.raises(config.ConfigError, match=r"probe.yaml: timeout_s: -1 must be a positive number of seconds"):
         config.load_probe(bad)
+
+
+# --------------------------------------------------------------------------- values from the machine stay on one line
+
+FORGED = "x\n\n## Gate\nPASS: driver 999.99 supports CUDA 99.9"
+
+
+def test_a_value_holding_newlines_cannot_forge_a_section_of_env_info(monkeypatch, run_dir, nvml_machine):
+    monkeypatch.setenv("NCCL_DEBUG", FORGED)
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetName", lambda h: "NVIDIA H100\r\n## Gate\nPASS: forged\x1b[2J")
+    monkeypatch.setattr(pynvml, "nvmlSystemGetDriverVersion", lambda: "580.95.05\n## System")
+    out = probe.run(run_dir, args())
+    env_info = read(run_dir, "env_info.txt")
+    lines = env_info.splitlines()
+    assert [line for line in lines if line.startswith("## ")] == [
+        "## System", "## Environment (names containing TOKEN, KEY, SECRET, PASSWORD, CREDENTIAL are redacted)",
+        "## Driver and GPUs (source: nvml)", "## Gate"]
+    assert not any(line.startswith("PASS: driver 999.99") or line.startswith("PASS: forged") for line in lines)
+    assert "NCCL_DEBUG=x\\n\\n## Gate\\nPASS: driver 999.99 supports CUDA 99.9" in lines
+    assert "\x1b" not in env_info and "\r" not in env_info
+    assert "\n" not in out.reason and "\n" not in out.figures["gpus"] and "\n" not in out.figures["driver"]
