@@ -169,7 +169,7 @@ def test_a_secret_in_the_environment_reaches_no_file_of_the_run(monkeypatch, goo
         assert b"plantedsecret" not in data, f"{path.name} holds part of a planted secret"
     env_info = (run_dir / "env_info.txt").read_text()
     assert "NVIDIA_API_KEY=<redacted>" in env_info and "CUDA_SECRET=<redacted>" in env_info
-    assert "PIP_INDEX_URL=https://<redacted>@pypi.example.com/simple" in env_info
+    assert "PIP_INDEX_URL=https://pypi.example.com/\n" in env_info and "alice" not in env_info  # scheme://host/ only
 
 
 # --------------------------------------------------------------------------- end to end through nox
