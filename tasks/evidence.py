@@ -44,7 +44,7 @@ from urllib.parse import quote
 
 import jinja2
 
-from tasks import layout, records, text, verdict
+from tasks import layout, records, runs, text, verdict
 from tasks.records import Outcome, StageRecord, StageStatus, now_iso
 
 DESCRIPTION = ("Render the run's README.md, summary.json and SHA256SUMS from its stage records and seal it "
@@ -303,6 +303,21 @@ def seal(run_dir: Path) -> Path:
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(target)
     return target
+
+
+def nothing_to_do(args) -> str | None:
+    """`nox -s evidence` without --run-dir when the newest run is sealed: say so (never seal a new empty run)."""
+    found = runs.list_runs(layout.RUNS_DIR)
+    if args.run_dir is not None or not found or not runs.is_sealed(found[-1]):
+        return None
+    try:
+        summary = json.loads((found[-1] / layout.SUMMARY_FILE).read_text(encoding="utf-8"))
+        said = f"{summary['verdict']} at {summary['failed_stage']}: {summary['reason']}" if summary.get("failed_stage") \
+            else f"{summary['verdict']}" + (f": {summary['reason']}" if summary.get("reason") else "")
+    except (OSError, ValueError, KeyError, TypeError):
+        said = f"its {layout.SUMMARY_FILE} is unreadable"
+    return (f"{found[-1]} is already sealed: {text.one_line(said)}; nothing changed. A new run: nox -s m40 "
+            f"(or a stage); this one's files: cd {found[-1]} && sha256sum -c {layout.SUMS_FILE}")
 
 
 def after_record(run_dir: Path, rec: StageRecord) -> None:

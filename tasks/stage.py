@@ -7,6 +7,7 @@ A stage module provides:
     after_record(run_dir, rec)  optional: runs after stages/<stage>.json is written, if the stage passed
     check_inputs(args)        optional: raises ConfigError on a bad option or config file; called before
                               any stage runs (m40 calls every stage's), so a bad input is exit 2 up front
+    nothing_to_do(args)       optional: a one-line reason to do nothing (then no run folder is touched)
 
 The harness times it, writes `stages/<stage>.json`, turns errors into a one-line failed record,
 and maps the result to the stage's exit code.
@@ -92,6 +93,11 @@ def main(stage: str, argv: list[str]) -> int:
     args = parser.parse_args(argv)
     try:
         validate.inputs(args, (stage,), MODULES)
+        # Optional hook: a stage with nothing to do says why (evidence on a sealed newest run), changes nothing.
+        idle = getattr(mod, "nothing_to_do", None)
+        if idle is not None and (why := idle(args)):
+            print(f"{stage}: {why}", flush=True)
+            return layout.EXIT_OK
         run_dir = runs.resolve(layout.RUNS_DIR, args.run_dir, new=False)
         with runs.locked(run_dir):
             print(f"{stage}: run folder {run_dir}", flush=True)

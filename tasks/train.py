@@ -107,7 +107,8 @@ def check_inputs(args) -> None:
 def run(run_dir: Path, args) -> Outcome:
     python = layout.gpu_python()
     if not python.exists():
-        return Outcome(StageStatus.FAIL, f"no GPU environment: {python} is missing; run `nox -s install` (or `nox -s m40`) first")
+        return Outcome(StageStatus.FAIL, f"no GPU environment: {python} is missing; run `nox -s install -p CHANNEL` first "
+                                     "(`nox -l` lists the channels), or `nox -s m40`")
     if not Path(args.train_config).is_file():
         return Outcome(StageStatus.FAIL, f"--train-config {args.train_config} does not exist; pass an existing YAML file")
 

@@ -272,3 +272,27 @@ def test_the_last_line_of_m40_is_the_verdict_its_exit_code_and_the_readme(monkey
     assert m40.main([]) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last == f"m40: PASS (exit 0); read {only_run() / layout.README_FILE}"
+
+
+# --------------------------------------------------------------------------- one voice (issue 16.4)
+
+def test_evidence_alone_on_a_sealed_newest_run_says_so_and_changes_nothing(monkeypatch, no_driver, capsys):
+    use_fakes(monkeypatch)
+    assert m40.main([]) == 10
+    run_dir = only_run()
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert stage.main("evidence", []) == layout.EXIT_OK
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and out[0].startswith(f"evidence: {run_dir} is already sealed: FAIL at probe")
+    assert "nothing changed" in out[0]
+    assert runs.list_runs(layout.RUNS_DIR) == [run_dir]  # no new, empty run sealed
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+
+
+def test_train_without_the_gpu_environment_names_the_install_command(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(layout, "VENV_GPU", tmp_path / "no-venv")
+    assert stage.main("train", []) == layout.EXIT_STAGE["train"]
+    out = capsys.readouterr().out
+    assert "nox -s install -p CHANNEL" in out
+    assert "`nox -s install`" not in out  # the bare command refuses to run
