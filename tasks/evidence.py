@@ -28,8 +28,9 @@ summary.json, schema 1:
                   cuda_check and train, in order; status is a record status (pass, fail, skip,
                   interrupted) or "missing" when the stage left no record
     gpus          probe's GPU list (gpus.json "gpus"; [] when probe did not run)
-    versions      {name: value}: driver and driver_cuda from probe, and the figures named in
-                  VERSION_KEYS (or ending in "_version") of install, cuda_check and train
+    versions      {component: version}: the driver, Python, torch, CUDA, cuDNN, NCCL, triton,
+                  transformers, the channel and this tool's git commit (tasks/proof.py); a component
+                  nobody recorded is left out
     files         every file of the sealed run, relative paths, sorted (SHA256SUMS included)
 """
 
@@ -44,7 +45,7 @@ from urllib.parse import quote
 
 import jinja2
 
-from tasks import layout, records, runs, text, verdict
+from tasks import layout, proof, records, runs, text, verdict
 from tasks.records import Outcome, StageRecord, StageStatus, now_iso
 
 DESCRIPTION = ("Render the run's README.md, summary.json and SHA256SUMS from its stage records and seal it "
@@ -55,9 +56,6 @@ WORK_STAGES = verdict.WORK_STAGES
 MISSING = "missing"
 STEP_SUMMARY_ENV = "GITHUB_STEP_SUMMARY"
 
-# Figures shown under "Versions" (besides any figure whose name ends in "_version"), in this order.
-VERSION_KEYS = ("driver", "driver_cuda", "channel", "python", "torch", "torch_cuda", "cudnn", "nccl",
-                "triton", "transformers")
 IMAGE_SUFFIXES = (".svg", ".png", ".jpg", ".jpeg", ".gif")
 
 _ENV_INFO, _NVIDIA_SMI = layout.STAGE_FILES["probe"]
@@ -70,7 +68,7 @@ FILE_NOTES = {
     layout.INSTALL_LOG: "every install command and its output (install)",
     layout.STAGE_FILES["cuda_check"][0]: "CUDA correctness and speed checks (cuda_check)",
     layout.CUDA_CHECK_JSON: "the checks, machine-readable (cuda_check)",
-    layout.CUDA_CHECK_LOG: "the checker's console (cuda_check)",
+    layout.COLLECT_ENV: "`python -m torch.utils.collect_env` in .venv-gpu: what PyTorch bug reports ask for (evidence)",
     layout.TRAIN_LOG: "the training run's log (train)",
     layout.TRAIN_METRICS: "training metrics per step (train)",
     layout.TRAIN_LOSS_PLOT: "training loss curve (train)",
@@ -80,6 +78,11 @@ FILE_NOTES = {
     layout.SUMMARY_FILE: "the verdict and figures, machine-readable (evidence)",
     layout.SUMS_FILE: "SHA-256 of every file: `sha256sum -c SHA256SUMS` (evidence, written last)",
 }
+
+
+# In SHA256SUMS and summary.json, but not in the README's files table: the checker's raw console
+# repeats cuda_check.txt line for line.
+TABLE_LEAVES_OUT = {layout.CUDA_CHECK_LOG}
 
 
 def add_arguments(parser) -> None:
@@ -136,24 +139,6 @@ def read_gpus(run_dir: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def versions_of(recs: dict[str, StageRecord], gpu_doc: dict) -> dict[str, str]:
-    found: dict[str, str] = {}
-    probe = recs.get("probe")
-    for key in ("driver", "driver_cuda"):
-        value = (probe.figures.get(key) if probe else None) or gpu_doc.get(key)
-        if value and value != "none":
-            found[key] = str(value)
-    for name in ("install", "cuda_check", "train"):
-        rec = recs.get(name)
-        if rec is None:
-            continue
-        for key, value in rec.figures.items():
-            if (key in VERSION_KEYS or key.endswith("_version")) and key not in found and value not in (None, ""):
-                found[key] = str(value)
-    order = {k: i for i, k in enumerate(VERSION_KEYS)}
-    return dict(sorted(found.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
-
-
 def stage_rows(recs: dict[str, StageRecord]) -> list[dict]:
     rows = []
     for name in WORK_STAGES:
@@ -170,7 +155,9 @@ def stage_rows(recs: dict[str, StageRecord]) -> list[dict]:
 # --------------------------------------------------------------------------- rendering
 
 def figures_text(figures: dict) -> str:
-    return ", ".join(f"{k}={v}" for k, v in figures.items())
+    """key=value, ...; a list as its items, a mapping (torch_identity: in the Versions table) left out."""
+    return ", ".join(f"{k}={'; '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in figures.items()
+                     if not isinstance(v, dict) and v != [])
 
 
 def link(path: str) -> str:
@@ -204,19 +191,30 @@ def context(run_dir: Path, recs: dict[str, StageRecord], files: list[str], place
         "gpu_source": gpu_doc.get("source"),
         "gpu_note": (f"probe found none (source: {gpu_doc.get('source')}); see env_info.txt" if gpu_doc
                      else f"probe left no {layout.GPUS_JSON} (it did not run)"),
-        "versions": versions_of(recs, gpu_doc),
-        "files": [{"path": f, "size": _size(run_dir / f), "note": file_note(f, placeholders)} for f in files],
+        "versions": dict(proof.versions(recs, run_dir, gpu_doc)),
+        "proofs": proof.proof_rows(recs),
+        "what_to_do": proof.PARTIAL_TO_DO if judged.word == verdict.PARTIAL else proof.WHAT_TO_DO.get(
+            judged.stage or "", f"run `nox -s {judged.stage}` (or `nox -s m40`) again"),
+        "gpu_count": len(gpus),
+        "files": [{"path": f, "size": None if f in written_last(run_dir) else _size(run_dir / f),
+                   "note": file_note(f, placeholders)} for f in files if f not in TABLE_LEAVES_OUT],
         "images": [f for f in files if f.lower().endswith(IMAGE_SUFFIXES)],
         "sums_file": layout.SUMS_FILE,
     }
 
 
+def written_last(run_dir: Path) -> set[str]:
+    """The files evidence writes after it renders the README (so the README cannot give their size)."""
+    return {layout.README_FILE, layout.SUMMARY_FILE, layout.SUMS_FILE,
+            layout.stage_record_path(run_dir, "evidence").relative_to(run_dir).as_posix()}
+
+
 def file_note(rel: str, placeholders: dict[str, str]) -> str:
-    if rel in placeholders:
-        return "placeholder: " + placeholders[rel].split(" — ")[0] + " (the file says why)"
+    if rel in placeholders:  # the note quotes a reason: machine text, made inert (the other notes are ours)
+        return "placeholder: " + text.md_inert(placeholders[rel].split(" — ")[0]) + " (the file says why)"
     if rel.startswith(layout.STAGES_DIR + "/") and rel.endswith(".json"):
         return f"stage record of {Path(rel).stem}"
-    return FILE_NOTES.get(rel, "")
+    return FILE_NOTES.get(rel, "written into this run (not described here)")
 
 
 def _size(path: Path) -> int | None:
@@ -331,9 +329,7 @@ def run(run_dir: Path, args, *, env=None) -> Outcome:
     placeholders = write_placeholders(run_dir, recs)
 
     # What the sealed run will hold: what is there now, plus what evidence is about to write.
-    to_come = {layout.README_FILE, layout.SUMMARY_FILE, layout.SUMS_FILE,
-               layout.stage_record_path(run_dir, "evidence").relative_to(run_dir).as_posix()}
-    files = sorted(set(run_files(run_dir)) | to_come)
+    files = sorted(set(run_files(run_dir)) | written_last(run_dir))
     ctx = context(run_dir, recs, files, placeholders)
 
     templates = environment()

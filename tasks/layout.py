@@ -67,6 +67,8 @@ CUDA_CHECK_FILE = CONFIGS / "cuda_check.yaml"
 GPU_CHECKS_SCRIPT = ROOT / "tasks" / "gpu_checks.py"
 CUDA_CHECK_JSON = "cuda_check.json"
 CUDA_CHECK_LOG = "cuda_check.log"
+# evidence: `python -m torch.utils.collect_env` run in .venv-gpu (what PyTorch's bug reports ask for).
+COLLECT_ENV = "collect_env.txt"
 # cuda_check --level long (burn-in and fabric checks): its settings and the files it adds to the run.
 BURNIN_FILE = CONFIGS / "burnin.yaml"
 BURN_SAMPLES = "burn_samples.csv"  # NVML samples (clocks, power, temperature, events, PCIe) throughout

@@ -27,10 +27,16 @@ STAGE_TEXT = {"env_info.txt": "env of the machine\n", "nvidia_smi.txt": "raw smi
 TORCH_ID = {"version": "2.11.0+cu130", "file": "/m/.venv-gpu/lib/python3.12/site-packages/torch/__init__.py",
             "record_sha256": "0" * 64}
 FIGURES = {"probe": {"source": "nvml", "driver": "580.95.05", "driver_cuda": "13.0", "gpu_count": 1},
-           "install": {"channel": "cu130", "torch": "2.11.0+cu130", "torch_cuda": "13.0", "torch_identity": TORCH_ID},
-           "cuda_check": {"matmul_tflops": 612.5, "cudnn": "91002", "gpus_checked": 1, "torch_identity": TORCH_ID},
-           "train": {"final_loss": 7.21, "tokens_per_s": 95000, "transformers_version": "5.0.0", "device": "cuda",
-                     "nproc": 1, "torch_identity": TORCH_ID}}
+           "install": {"channel": "cu130", "torch": "2.11.0+cu130", "cuda": "13.0", "torch_identity": TORCH_ID},
+           "cuda_check": {"checks_pass": 21, "checks_fail": 0, "checks_skip": 2, "gpus_checked": 1,
+                          "gpu0_bf16_tflops": 793.3, "gpu0_bf16_pct_datasheet": 80.2, "gpu0_copy_tbs": 2.584,
+                          "gpu0_copy_pct_datasheet": 77.1, "cuda_build": "13.0", "torch_identity": TORCH_ID},
+           "train": {"model": "gpt2", "first_loss": 10.912, "final_loss": 5.2628, "steps": 30, "tok_s": 420319,
+                     "tok_s_per_gpu": 420319, "mfu_pct": 36.4, "peak_tflops": 989.0, "transformers": "5.0.0",
+                     "device": "cuda", "nproc": 1, "torch_identity": TORCH_ID}}
+# cuda_check.json's versions, as the checker reads them inside .venv-gpu
+CHECKER_VERSIONS = {"torch": "2.11.0+cu130", "cuda": "13.0", "cudnn": "9.19.0", "nccl": "2.28.9", "triton": "3.6.0",
+                    "python": "3.12.3", "driver": "580.95.05"}
 SHA256SUM = shutil.which("sha256sum")
 
 
@@ -51,6 +57,8 @@ def make_run(tmp_path, statuses: dict[str, str], reasons: dict[str, str] | None 
         if status in (StageStatus.PASS, StageStatus.FAIL):
             for f in layout.STAGE_FILES[name]:
                 (run_dir / f).write_text(STAGE_TEXT[f])
+        if name == "cuda_check" and status in (StageStatus.PASS, StageStatus.FAIL):
+            (run_dir / layout.CUDA_CHECK_JSON).write_text(json.dumps({"versions": CHECKER_VERSIONS}))
         if name == "probe":
             (run_dir / layout.GPUS_JSON).write_text(json.dumps({"schema": 1, "source": "nvml", "driver": "580.95.05",
                                                                 "driver_cuda": "13.0", "gpus": [GPU]}))
@@ -93,9 +101,11 @@ def test_passing_run_renders_readme_summary_and_verifiable_sums(tmp_path):
     assert "**PASS**" in readme.split("## Stages")[0]
     assert "| probe | PASS | 1.5 s |" in readme
     assert "| 0 | NVIDIA H100 80GB HBM3 | H100 SXM | 81559 (81004) | 9.0 | enabled/enabled | 0/0 |" in readme
-    for name, value in (("driver", "580.95.05"), ("driver_cuda", "13.0"), ("torch", "2.11.0+cu130"),
-                        ("cudnn", "91002"), ("transformers_version", "5.0.0")):
+    for name, value in (("NVIDIA driver", "580.95.05 (supports CUDA 13.0)"), ("Python (.venv-gpu)", "3.12.3"),
+                        ("torch", "2.11.0+cu130"), ("CUDA (torch build)", "13.0"), ("cuDNN", "9.19.0"),
+                        ("NCCL", "2.28.9"), ("triton", "3.6.0"), ("transformers", "5.0.0"), ("install channel", "cu130")):
         assert f"| {name} | {value} |" in readme
+    assert "| this tool (git commit) | " in readme
     assert "![loss.svg](loss.svg)" in readme
     for f in evidence.run_files(run_dir):
         assert f"]({evidence.link(f)})" in readme, f  # a link to every file
@@ -107,7 +117,7 @@ def test_passing_run_renders_readme_summary_and_verifiable_sums(tmp_path):
     assert list(summary["stages"]) == ["probe", "install", "cuda_check", "train"]
     assert summary["stages"]["install"]["figures"]["torch"] == "2.11.0+cu130"
     assert summary["gpus"] == [GPU]
-    assert summary["versions"]["torch_cuda"] == "13.0"
+    assert summary["versions"]["CUDA (torch build)"] == "13.0"
     assert sorted(summary["files"]) == sorted([*evidence.run_files(run_dir), layout.SUMS_FILE])
 
     assert runs.is_sealed(run_dir)
@@ -130,7 +140,8 @@ def test_failed_run_names_the_stage_and_writes_why_files_are_missing(tmp_path):
 
     readme = (run_dir / layout.README_FILE).read_text()
     assert readme.splitlines()[0] == "# M40 run `m40_v1`: FAIL"
-    assert f"**FAIL** at **install**: {text.md_inert(reason)}" in readme
+    assert f"**FAIL at install** (exit code 20).\n\n**What happened:** {text.md_inert(reason)}" in readme
+    assert readme.count(text.md_inert(reason)) == 1  # said once
     assert "| cuda_check | SKIP |" in readme
     assert (run_dir / "torch_version.txt").read_text().startswith(f"install failed before it wrote this file — {reason}")
     assert (run_dir / "cuda_check.txt").read_text().startswith(f"cuda_check did not run: install failed — {reason}")
@@ -144,7 +155,7 @@ def test_interrupted_run_says_where(tmp_path):
                        {"cuda_check": "interrupted by the user (Ctrl-C) during cuda_check"})
     render(run_dir)
     readme = (run_dir / layout.README_FILE).read_text()
-    assert "**INTERRUPTED during cuda_check**" in readme
+    assert "**INTERRUPTED at cuda_check** (exit code 130)." in readme
     assert "| train | MISSING | — |" in readme
     assert (run_dir / "training_log.txt").read_text().startswith("train did not run: cuda_check was interrupted")
     assert json.loads((run_dir / layout.SUMMARY_FILE).read_text())["stages"]["train"]["status"] == "missing"
@@ -159,7 +170,7 @@ def test_evidence_alone_on_an_empty_run_still_leaves_all_six_files(tmp_path):
         assert (run_dir / f).is_file(), f
     assert (run_dir / "env_info.txt").read_text().startswith("probe did not run: it left no record in stages/")
     readme = (run_dir / layout.README_FILE).read_text()
-    assert "**FAIL** at **probe**: probe did not run" in readme
+    assert "**What happened:** probe did not run" in readme
     assert "probe left no gpus.json" in readme
 
 
@@ -179,7 +190,7 @@ def test_step_summary_is_appended_when_github_asks(tmp_path, monkeypatch):
     text = target.read_text()
     assert text.startswith("earlier step\n")
     assert "## M40 run `m40_v1`: FAIL" in text
-    assert "**FAIL** at **probe**: no driver" in text
+    assert "**FAIL at probe** (exit code 10).\n\n**What happened:** no driver" in text
     assert "| stage | status | duration | key figures | reason |" in text
     assert "| probe | FAIL |" in text
 
@@ -229,4 +240,56 @@ def test_a_stage_killed_mid_way_reads_as_did_not_finish_not_its_earlier_pass(tmp
     summary = json.loads((run_dir / layout.SUMMARY_FILE).read_text())
     assert (summary["verdict"], summary["failed_stage"]) == ("FAIL", "probe")
     assert summary["reason"].startswith("probe did not finish")
-    assert "**FAIL** at **probe**: probe did not finish" in (run_dir / layout.README_FILE).read_text()
+    assert "**What happened:** probe did not finish" in (run_dir / layout.README_FILE).read_text()
+
+
+# --------------------------------------------------------------------------- the README as its receiver reads it
+
+def test_the_first_lines_of_a_pass_are_the_verdict_and_the_figures_that_prove_it(tmp_path):
+    run_dir = make_run(tmp_path, ALL_PASS)
+    render(run_dir)
+    head = (run_dir / layout.README_FILE).read_text().split("\nRendered ")[0]
+    assert head.splitlines()[2].startswith("**PASS** (exit code 0): this machine trains with PyTorch on its 1 GPU(s).")
+    for row in ("| CUDA checks | 21 passed, 0 failed, 2 skipped on 1 GPU(s) (cuda_check.txt) |",
+                "| bf16 matmul | 793.3 TFLOP/s (80.2% of datasheet); dense bf16 matmul |",
+                "| memory copy | 2.584 TB/s (77.1% of datasheet); device memory copy |",
+                "| training loss | gpt2: 10.91 → 5.26 in 30 steps |",
+                "| training speed | 420,319 tok/s on cuda |",
+                "| MFU | 36.4% of 989 TFLOP/s bf16 dense per GPU |"):
+        assert row in head, row
+
+
+def test_a_fail_says_what_happened_and_what_to_do_once(tmp_path):
+    reason = "no channel gave a verified CUDA torch: cu128 unreachable; use cu130"
+    run_dir = make_run(tmp_path, {"probe": StageStatus.PASS, "install": StageStatus.FAIL,
+                                  "cuda_check": StageStatus.SKIP, "train": StageStatus.SKIP}, {"install": reason})
+    render(run_dir)
+    readme = (run_dir / layout.README_FILE).read_text()
+    assert readme.count("**What happened:**") == 1 and readme.count("**What to do:**") == 1
+    assert readme.count(reason.split(":")[0]) == 1  # the reason is said once: not again in the stage table
+    assert "| install | FAIL | 1.5 s | channel=cu130" in readme and "| the verdict above |" in readme
+
+
+def test_the_files_table_has_no_empty_cell_and_leaves_out_the_checkers_console(tmp_path):
+    run_dir = make_run(tmp_path, ALL_PASS)
+    (run_dir / layout.CUDA_CHECK_LOG).write_text("the checker's console\n")
+    (run_dir / "extra_notes.txt").write_text("something a stage added\n")
+    render(run_dir)
+    readme = (run_dir / layout.README_FILE).read_text()
+    table = readme.split("## Files")[1].strip().splitlines()[2:]
+    assert table and all("||" not in line.replace(" ", "") for line in table)
+    assert all(cell.strip() for line in table for cell in line.strip("|").split("|")), table
+    assert f"[{layout.CUDA_CHECK_LOG}]" not in readme
+    assert layout.CUDA_CHECK_LOG in (run_dir / layout.SUMS_FILE).read_text()  # still sealed with the rest
+
+
+def test_a_value_from_the_machine_cannot_add_markup_to_the_readme(tmp_path):
+    run_dir = make_run(tmp_path, ALL_PASS)
+    gpus = json.loads((run_dir / layout.GPUS_JSON).read_text())
+    gpus["gpus"][0]["name"] = "H100 [click](https://evil.example) ![x](https://evil.example/x.png)\n## Verdict: PASS"
+    (run_dir / layout.GPUS_JSON).write_text(json.dumps(gpus))
+    render(run_dir)
+    readme = (run_dir / layout.README_FILE).read_text()
+    assert readme.count("](https://evil") == readme.count("\\](https://evil") == 2  # every bracket escaped
+    assert "\n## Verdict" not in readme
+    assert "H100 \\[click\\](https://evil.example) !\\[x\\](https://evil.example/x.png)\\\\n## Verdict: PASS" in readme

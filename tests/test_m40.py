@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import fake_gpu
 import pytest
 
-from tasks import evidence, layout, m40, records, runs, stage
+from tasks import evidence, layout, m40, records, runs, stage, text
 from tasks.records import Outcome, StageStatus
 
 SHA256SUM = shutil.which("sha256sum")
@@ -94,7 +94,8 @@ def test_first_failed_stage_gives_its_exit_code_and_later_stages_are_skipped(mon
     assert got[failing] == StageStatus.FAIL and got["evidence"] == StageStatus.PASS
     later = layout.STAGES[layout.STAGES.index(failing) + 1: -1]
     assert all(got[s] == records.StageStatus.SKIP for s in later)
-    assert f"**FAIL** at **{failing}**: {failing} broke" in (run_dir / layout.README_FILE).read_text()
+    readme = (run_dir / layout.README_FILE).read_text()
+    assert f"**FAIL at {failing}** (exit code {layout.EXIT_STAGE[failing]}).\n\n**What happened:** {text.md_inert(failing)} broke" in readme
 
 
 def test_probe_failure_exits_10_from_m40_and_from_the_stage_alone(monkeypatch, no_driver, capsys):
@@ -127,7 +128,7 @@ def test_ctrl_c_exits_130_and_the_run_says_where(monkeypatch, good_driver):
     assert statuses(run_dir)["cuda_check"] == records.StageStatus.INTERRUPTED
     assert "train" not in statuses(run_dir)
     assert runs.is_sealed(run_dir)  # evidence ran after Ctrl-C
-    assert "**INTERRUPTED during cuda_check**" in (run_dir / layout.README_FILE).read_text()
+    assert "**INTERRUPTED at cuda_check** (exit code 130)." in (run_dir / layout.README_FILE).read_text()
 
 
 def test_bad_option_is_a_usage_error(monkeypatch):
@@ -225,7 +226,7 @@ def test_nox_m40_without_a_gpu_end_to_end(tmp_path):
         assert (run_dir / f).is_file(), f
     readme = (run_dir / layout.README_FILE).read_text()
     assert readme.splitlines()[0] == "# M40 run `m40_v1`: FAIL"
-    assert "**FAIL** at **probe**" in readme
+    assert "**FAIL at probe** (exit code 10)." in readme
     check = subprocess.run([SHA256SUM, "-c", layout.SUMS_FILE], cwd=run_dir, capture_output=True, text=True)  # noqa: S603
     assert check.returncode == 0, check.stdout + check.stderr
     assert not (run_dir / layout.LOCK_FILE).exists()
