@@ -89,6 +89,11 @@ def add_arguments(parser) -> None:
     pass  # evidence has no options: it renders what the run folder holds
 
 
+def check_inputs(args) -> None:
+    """A broken configs/verdict.yaml is a one-line ConfigError (exit 2) before any stage runs."""
+    verdict.load_rules()
+
+
 # --------------------------------------------------------------------------- the verdict
 
 # An earlier stage in one of these states is why a later one did not run.

@@ -132,3 +132,15 @@ def test_verdict_reads_a_running_record_as_did_not_finish():
              train=StageStatus.PASS)
     word, stage_name, reason = verdict.stage_failure(r)
     assert (word, stage_name) == ("FAIL", "cuda_check") and reason.startswith("cuda_check did not finish")
+
+
+def test_a_broken_verdict_config_stops_m40_before_the_first_stage(monkeypatch, tmp_path, capsys):
+    from tasks import m40
+
+    bad = tmp_path / "verdict.yaml"
+    bad.write_text("harmless_overrides: [1, 2]\n")
+    monkeypatch.setattr(layout, "VERDICT_FILE", bad)
+    monkeypatch.setattr(layout, "RUNS_DIR", tmp_path / "runs")
+    assert m40.main([]) == layout.EXIT_USAGE
+    assert "harmless_overrides must map a stage" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
