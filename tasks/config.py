@@ -192,6 +192,7 @@ class GpuSpec:
     bf16_tflops: float | None  # dense, no sparsity; None: no bf16 tensor cores or no published figure
     mem_bw_tbs: float | None
     memory_gb: float
+    mig_slices: int | None = None  # compute slices a MIG-capable GPU is cut into (7 on A100/H100); None: no MIG data
 
     def figure(self, unit: str) -> tuple[str, float | None]:
         """The datasheet key and value a speed in `unit` ("TFLOP/s" or "TB/s") is judged against."""
@@ -199,8 +200,12 @@ class GpuSpec:
 
 
 def name_words(name: str) -> tuple[str, ...]:
-    """'NVIDIA A100-SXM4-80GB' -> ('nvidia', 'a100', 'sxm4', '80gb'): lower case, cut at non-alphanumerics."""
-    return tuple(w for w in re.split(r"[^a-z0-9]+", str(name).lower()) if w)
+    """'NVIDIA A100-SXM4-80GB' -> ('nvidia', 'a100', 'sxm4', '80gb'): lower case, cut at non-alphanumerics.
+
+    A MIG slice's profile is not part of its GPU's name: 'NVIDIA A100-SXM4-80GB MIG 3g.40gb' has the
+    words of its A100 80GB, never a '40gb' that would match the 40 GB model."""
+    words = tuple(w for w in re.split(r"[^a-z0-9]+", str(name).lower()) if w)
+    return words[:words.index("mig")] if "mig" in words else words
 
 
 def _figure(value, path: Path, key: str) -> float | None:
@@ -227,12 +232,16 @@ def load_gpus(path: Path | None = None) -> list[GpuSpec]:
         _require(frozenset(match) not in seen, path, f"{key}.match",
                  f"same words as {seen.get(frozenset(match))!r}: make one of them more specific")
         seen[frozenset(match)] = g["model"]
+        slices = g.get("mig_slices")
+        _require(slices is None or (isinstance(slices, int) and not isinstance(slices, bool) and slices > 0), path,
+                 f"{key}.mig_slices", f"{slices!r} must be a positive whole number (compute slices)")
         memory = _figure(g["memory_gb"], path, f"{key}.memory_gb")
         _require(memory is not None, path, f"{key}.memory_gb", "must be the GPU's memory in GB")
         out.append(GpuSpec(model=str(g["model"]), match=match,
                            exclude=tuple(w for s in g.get("exclude", []) for w in name_words(s)),
                            bf16_tflops=_figure(g["bf16_tflops"], path, f"{key}.bf16_tflops"),
-                           mem_bw_tbs=_figure(g["mem_bw_tbs"], path, f"{key}.mem_bw_tbs"), memory_gb=memory))
+                           mem_bw_tbs=_figure(g["mem_bw_tbs"], path, f"{key}.mem_bw_tbs"), memory_gb=memory,
+                           mig_slices=slices))
     return out
 
 

@@ -400,8 +400,43 @@ def judge_memory(mismatches: int, words: int, alloc_gib: float, free_gib: float,
 
 # --------------------------------------------------------------------------- speed (check g)
 
+@dataclass(frozen=True)
+class MigSlice:
+    compute: int  # compute slices ("1g" -> 1)
+    memory_gb: float  # its memory ("10gb" -> 10)
+
+
+def parse_mig(device_name: str) -> MigSlice | None:
+    """'NVIDIA H100 80GB HBM3 MIG 1g.10gb' -> MigSlice(1, 10.0); None for a whole GPU."""
+    m = re.search(r"\bMIG\s+(\d+)g\.(\d+(?:\.\d+)?)gb", device_name, re.IGNORECASE)
+    return MigSlice(int(m.group(1)), float(m.group(2))) if m else None
+
+
+def speed_expectation(spec: config.GpuSpec | None, unit: str, gpu_name: str) -> tuple[float | None, str | None, str]:
+    """(datasheet figure to judge a speed in `unit` against, the model as reported, why there is none).
+
+    A MIG slice is judged against its share of the GPU: its compute slices of `mig_slices` for TFLOP/s,
+    its memory of the GPU's for TB/s (bandwidth comes with the memory slices). A slice of a model with
+    no `mig_slices` in configs/gpus.yaml is not judged, and the reason says so.
+    """
+    if spec is None:
+        return None, None, ""
+    key, peak = spec.figure(unit)
+    mig = parse_mig(gpu_name)
+    if mig is None or peak is None:
+        return peak, spec.model, ""
+    label = f"{spec.model} MIG {mig.compute}g.{mig.memory_gb:g}gb"
+    if not spec.mig_slices:
+        return None, label, (f"speed not judged: {gpu_name!r} is a MIG slice and configs/gpus.yaml gives no "
+                             f"mig_slices for {spec.model} to scale its {key} by; add the count of compute slices")
+    if unit == "TFLOP/s":
+        return peak * mig.compute / spec.mig_slices, f"{label} = {mig.compute}/{spec.mig_slices} of the compute", ""
+    share = min(1.0, mig.memory_gb / spec.memory_gb)
+    return peak * share, f"{label} = {mig.memory_gb:g}/{spec.memory_gb:g} GB of the memory", ""
+
+
 def judge_speed(kind: str, measured: float, unit: str, peak: float | None, share: float, model: str | None,
-                gpu_name: str, causes: list[str] = ()) -> Verdict:
+                gpu_name: str, causes: list[str] = (), why_missing: str = "") -> Verdict:
     """Check g: a measured rate against the datasheet of the device's model.
 
     No datasheet figure (a model not in configs/gpus.yaml, or listed without this figure): SKIP,
@@ -413,7 +448,7 @@ def judge_speed(kind: str, measured: float, unit: str, peak: float | None, share
     if not math.isfinite(measured) or measured <= 0:
         return Verdict(FAIL, value, f"{kind}: no valid measurement", data)
     if peak is None:
-        return Verdict(SKIP, value, missing_figure(gpu_name, model, unit), data)
+        return Verdict(SKIP, value, why_missing or missing_figure(gpu_name, model, unit), data)
     frac = measured / peak
     data["share"] = frac
     value += f" = {frac:.0%} of {model} datasheet {peak:g} {unit}"
@@ -423,6 +458,13 @@ def judge_speed(kind: str, measured: float, unit: str, peak: float | None, share
                        f"(thermal, power cap or brake), a lowered power limit, or another process on the GPU "
                        f"(seen: {seen})", data)
     return Verdict(PASS, value, "; ".join(causes), data)
+
+
+def judge_speed_for(kind: str, measured: float, unit: str, spec: config.GpuSpec | None, share: float,
+                    gpu_name: str, causes: list[str] = ()) -> Verdict:
+    """judge_speed against the device's datasheet entry (None: not listed), a MIG slice against its share."""
+    peak, model, why = speed_expectation(spec, unit, gpu_name)
+    return judge_speed(kind, measured, unit, peak, share, model, gpu_name, causes, why)
 
 
 def missing_figure(gpu_name: str, model: str | None, unit: str) -> str:

@@ -628,9 +628,8 @@ class Checker:
             return Verdict(FAIL, "", "the copied buffer differs from its source")
         tbs = 2 * nbytes / seconds / 1e12
         spec = g["spec"]
-        verdict = rules.judge_speed("device-to-device copy", tbs, "TB/s", spec.mem_bw_tbs if spec else None,
-                                    self.s["speed_share"], spec.model if spec else None, g["name"],
-                                    self.nvml.load_causes(g["nvml"], None))
+        verdict = rules.judge_speed_for("device-to-device copy", tbs, "TB/s", spec, self.s["speed_share"], g["name"],
+                                        self.nvml.load_causes(g["nvml"], None))
         verdict.data.update(tbs=tbs, bytes=2 * nbytes, median_s=seconds)
         return verdict
 
@@ -648,9 +647,8 @@ class Checker:
             return Verdict(FAIL, "", "the timed matmul produced NaN/inf from finite random inputs")
         tflops = 2 * n**3 / seconds / 1e12
         spec = g["spec"]
-        verdict = rules.judge_speed(f"bf16 matmul {n}^3", tflops, "TFLOP/s", spec.bf16_tflops if spec else None,
-                                    self.s["speed_share"], spec.model if spec else None, g["name"],
-                                    self.nvml.load_causes(g["nvml"], load))
+        verdict = rules.judge_speed_for(f"bf16 matmul {n}^3", tflops, "TFLOP/s", spec, self.s["speed_share"],
+                                        g["name"], self.nvml.load_causes(g["nvml"], load))
         verdict.data.update(tflops=tflops, median_s=seconds)
         return verdict
 

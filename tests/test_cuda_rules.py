@@ -426,3 +426,36 @@ def test_settings_load_and_bad_values_are_one_line_errors(tmp_path):
     with pytest.raises(config.ConfigError, match="tolerances.matmul_tf32") as e:
         config.load_cuda_check(bad)
     assert "\n" not in str(e.value)
+
+
+# --------------------------------------------------------------------------- MIG slices
+
+def test_a_mig_slice_name_matches_its_parent_gpu_and_not_a_model_named_by_the_slice_memory():
+    assert config.gpu_spec_for("NVIDIA A100-SXM4-80GB MIG 3g.40gb").model == "A100 SXM 80GB"
+    assert config.gpu_spec_for("NVIDIA H100 80GB HBM3 MIG 1g.10gb").model == "H100 SXM"
+    assert cuda_rules.parse_mig("NVIDIA H100 80GB HBM3 MIG 1g.10gb") == cuda_rules.MigSlice(1, 10.0)
+    assert cuda_rules.parse_mig("NVIDIA H100 80GB HBM3") is None
+
+
+def test_a_healthy_mig_slice_is_judged_against_its_share_of_the_gpu_not_the_whole_gpu():
+    name = "NVIDIA H100 80GB HBM3 MIG 1g.10gb"
+    spec = config.gpu_spec_for(name)
+    peak, model, why = cuda_rules.speed_expectation(spec, "TFLOP/s", name)
+    assert why == "" and peak == pytest.approx(989 / 7) and "1/7 of the compute" in model
+    v = cuda_rules.judge_speed("bf16 matmul", 110.0, "TFLOP/s", peak, 0.5, model, name)  # ~11% of a whole H100
+    assert v.status == PASS and "78% of H100 SXM MIG 1g.10gb" in v.value
+    bw, model, why = cuda_rules.speed_expectation(spec, "TB/s", name)
+    assert bw == pytest.approx(3.35 * 10 / 80) and "10/80 GB of the memory" in model
+    whole = cuda_rules.speed_expectation(spec, "TB/s", "NVIDIA H100 80GB HBM3")
+    assert whole == (3.35, "H100 SXM", "")
+    copy = cuda_rules.judge_speed_for("copy", 0.35, "TB/s", spec, 0.5, name)  # ~10% of a whole H100's bandwidth
+    assert copy.status == PASS and "84% of H100 SXM MIG 1g.10gb = 10/80 GB of the memory" in copy.value
+    assert cuda_rules.judge_speed_for("copy", 0.35, "TB/s", spec, 0.5, "NVIDIA H100 80GB HBM3").status == FAIL
+
+
+def test_a_mig_slice_of_a_gpu_without_mig_data_skips_speed_saying_why():
+    name = "NVIDIA RTX 6000 Ada Generation MIG 1g.12gb"  # no mig_slices for it in configs/gpus.yaml
+    peak, model, why = cuda_rules.speed_expectation(config.gpu_spec_for(name), "TFLOP/s", name)
+    assert peak is None and "MIG slice" in why and "mig_slices" in why
+    v = cuda_rules.judge_speed("bf16 matmul", 30.0, "TFLOP/s", peak, 0.5, model, name, why_missing=why)
+    assert v.status == SKIP and v.reason == why
