@@ -309,3 +309,16 @@ def test_nox_python_values_are_read_as_nox_reads_them():
     argv = ["-s", "install", "-p", "a", "b", "--python=c", "-pd", "--extra-python", "e,f", "-r", "--", "-p", "x"]
     assert validate.python_args(argv) == ["a", "b", "c", "d", "e", "f"]
     assert validate.unknown_channels(["-s", "install", "-p", "cu128"], ["cu128"]) is None
+
+
+@pytest.mark.parametrize("content", ["garbage", '{"stage": "probe", "status": "weird"}', "[1]",
+                                     '{"stage": "train", "status": "pass"}', b'\xff\xfe'])
+def test_a_damaged_stage_record_is_a_fail_not_a_traceback(project, content):
+    run_dir = project.runs / "m40_v2"
+    (run_dir / layout.STAGES_DIR).mkdir(parents=True)
+    path = run_dir / layout.STAGES_DIR / "probe.json"
+    path.write_bytes(content.encode() if isinstance(content, str) else content)
+    result = project.nox("-s", "evidence")
+    assert result.returncode == 0 and "Traceback" not in result.stdout + result.stderr, result.stdout + result.stderr
+    assert "verdict FAIL at probe: stages/probe.json is not a valid stage record" in result.stdout
+    assert runs.is_sealed(run_dir)
