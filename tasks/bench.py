@@ -40,12 +40,12 @@ def main(argv: list[str]) -> int:
         parser.print_help()
         print("\nOptions of training_pt/bench.py (passed through):", flush=True)
         return proc.tee([python, layout.BENCH_SCRIPT, "--help"])
-    if args.out is not None and runs.is_sealed(args.out):
-        print(f"bench: error: {args.out} is a sealed run folder (it has {layout.SUMS_FILE}); "
-              "pass another --out", file=sys.stderr)
-        return layout.EXIT_USAGE
-    out = args.out or layout.RUNS_DIR / f"bench_{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}"
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out = runs.make_output_dir(args.out or layout.RUNS_DIR / f"bench_{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}",
+                                   "--out")
+    except runs.RunError as e:
+        print(f"bench: error: {e}", file=sys.stderr)
+        return e.exit_code
     cmd = [python, layout.BENCH_SCRIPT, "--out", out, *rest]
     print(f"bench: {' '.join(map(str, cmd))}", flush=True)
     return proc.tee(cmd, out / "bench_console.txt", env=layout.NO_MULTICAST_ENV, cwd=layout.ROOT)

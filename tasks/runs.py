@@ -100,22 +100,40 @@ def newest_unfinished(runs_dir: Path) -> Path | None:
     return None
 
 
-def check_run_dir(run_dir: Path) -> None:
-    """A --run-dir is a new or empty folder, or a run folder; not a link, not in a run, not sealed."""
-    path = Path(os.path.abspath(run_dir))
+def check_outside_runs(folder: Path, option: str) -> None:
+    """`folder` (given as `option`) is not a link, not a file, not under a file and not inside a run."""
+    path = Path(os.path.abspath(folder))
     if path.is_symlink():
-        raise RunError(f"--run-dir {run_dir} is a symbolic link (to {os.readlink(path)}); "
-                       "pass a real folder: a run never writes through a link")
+        raise RunError(f"{option} {folder} is a symbolic link (to {os.readlink(path)}); "
+                       "pass a real folder: nothing is written through a link")
     for above in path.parents:
         if above.exists() and not above.is_dir():
-            raise RunError(f"--run-dir {run_dir} lies under {above}, which is a file; pass a folder path")
+            raise RunError(f"{option} {folder} lies under {above}, which is a file; pass a folder path")
         if is_sealed(above) or is_run(above):
-            raise RunError(f"--run-dir {run_dir} lies inside the run folder {above}; "
-                           "pass a folder outside every run (or drop --run-dir)")
+            raise RunError(f"{option} {folder} lies inside the run folder {above}; pass a folder outside every run")
+    if path.exists() and not path.is_dir():
+        raise RunError(f"{option} {folder} is a file; pass a folder path")
+
+
+def make_output_dir(folder: Path, option: str) -> Path:
+    """A folder for a tool's own files (bench): never a run folder, nor inside one, nor through a link."""
+    check_outside_runs(folder, option)
+    if is_sealed(folder) or is_run(folder):
+        raise RunError(f"{option} {folder} is a run folder (it has {layout.STAGES_DIR}/ or {layout.SUMS_FILE}); "
+                       "pass another folder: a run's evidence holds only its stages' files")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _oserror(folder, e, f"pass another {option}") from None
+    return folder
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """A --run-dir is a new or empty folder, or a run folder; not a link, not in a run, not sealed."""
+    check_outside_runs(run_dir, "--run-dir")
+    path = Path(os.path.abspath(run_dir))
     if not path.exists():
         return
-    if not path.is_dir():
-        raise RunError(f"--run-dir {run_dir} is a file; pass a folder path")
     if is_sealed(path):
         raise RunError(f"run folder {run_dir} is sealed (it has {layout.SUMS_FILE}); drop --run-dir to start a new run")
     if not is_run(path) and any(path.iterdir()):

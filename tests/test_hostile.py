@@ -322,3 +322,15 @@ def test_a_damaged_stage_record_is_a_fail_not_a_traceback(project, content):
     assert result.returncode == 0 and "Traceback" not in result.stdout + result.stderr, result.stdout + result.stderr
     assert "verdict FAIL at probe: stages/probe.json is not a valid stage record" in result.stdout
     assert runs.is_sealed(run_dir)
+
+
+@pytest.mark.parametrize("where", ["inside a sealed run", "a run folder", "a symbolic link", "under a file"])
+def test_bench_output_never_goes_into_a_run_or_through_a_link(project, tmp_path, where):
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    out = {"inside a sealed run": project.runs / "m40_v1" / "bench", "a run folder": project.runs / "m40_v1",
+           "a symbolic link": project.runs / "bench_link", "under a file": project.root / "README.md" / "b"}[where]
+    if where == "a symbolic link":
+        out.symlink_to(target)
+    refused(project.nox("-s", "bench", "--", "--python", sys.executable, "--out", str(out)), USAGE, "--out", str(out))
+    assert not any(target.iterdir())
