@@ -6,7 +6,10 @@ train.py writes into the run folder: training_log.txt (its log, also on failure)
 JSON per step), loss.svg (the loss curve) and train_result.json (status, one-line reason, figures),
 which this stage reads for its record. The whole console (torchrun's lines, tracebacks) goes to
 train_console.txt. With N > 1 processes: `python -m torch.distributed.run --standalone
---nproc-per-node N`, DDP over NCCL, NVLink multicast (NVLS) off. This module never imports torch.
+--nproc-per-node N`, DDP over NCCL, NVLink multicast (NVLS) off. Across nodes (--nnodes,
+--rdzv-endpoint, or Slurm's / torchrun-style environment: tasks/multinode.py) every node joins one
+torchrun job through its c10d rendezvous and records the job's id, its node rank and the world size.
+This module never imports torch.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from tasks import layout, proc, records, validate
+from tasks import layout, multinode, proc, records, validate
 from tasks.records import Outcome, StageStatus
 
 DESCRIPTION = ("Train GPT-2 for a few steps on every GPU (training_pt/train.py in .venv-gpu): the loss falls on "
@@ -26,7 +29,8 @@ DESCRIPTION = ("Train GPT-2 for a few steps on every GPU (training_pt/train.py i
 FIGURES = ("model", "params_m", "gpus", "gpu_name", "gpu_model", "tok_s", "tok_s_per_gpu", "mfu_pct", "peak_tflops",
            "first_loss", "final_loss", "steps", "batch_size", "block_size", "tokens_per_step", "compile",
            "warmup_s", "first_step_s", "peak_mem_alloc_gib", "peak_mem_reserved_gib", "gpu_util_median",
-           "power_w_median", "sm_clock_mhz_median", "temp_c_max", "torch", "transformers")
+           "power_w_median", "sm_clock_mhz_median", "temp_c_max", "torch", "transformers",
+           "nnodes", "node_rank", "world_size", "rdzv_id")
 
 
 def add_arguments(parser) -> None:
@@ -41,6 +45,7 @@ def add_arguments(parser) -> None:
                         help="cpu: train on the CPU (slow; machines without a GPU and tests)")
     parser.add_argument("--train-timeout", type=float, default=1800.0, metavar="SECONDS",
                         help="stop training after this long (default 1800)")
+    multinode.add_arguments(parser)
 
 
 def torch_gpu_count(python: Path) -> tuple[int | None, str]:
@@ -68,17 +73,24 @@ def gpu_count(run_dir: Path, python: Path) -> tuple[int | None, str]:
     return torch_gpu_count(python)
 
 
-def command(python: Path, nproc: int, args, run_dir: Path) -> list[str]:
+def command(python: Path, nproc: int, args, run_dir: Path, job: multinode.Job | None = None) -> list[str]:
     script = [str(layout.TRAIN_SCRIPT), "--config", str(args.train_config), "--out", str(run_dir),
               "--device", args.train_device, *args.train_override]
+    if job is not None:  # one job across nodes: torchrun's c10d rendezvous, even for one process here
+        return [str(python), "-m", "torch.distributed.run", *multinode.torchrun_args(job, nproc), *script]
     if nproc > 1:
         return [str(python), "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), *script]
     return [str(python), *script]
 
 
-def failure_reason(run_dir: Path, rc: int, timeout: float, result: dict | None) -> str:
-    """One line: a timeout; train.py's own reason; but when rank 0 was only stopped ("interrupted", as
-    torchrun stops every rank once one fails) the failing rank's FAIL line; else the console's last line."""
+def failure_reason(run_dir: Path, rc: int, timeout: float, result: dict | None, job: multinode.Job | None = None) -> str:
+    """One line: a timeout; the rendezvous that did not form; train.py's own reason; but when rank 0 was
+    only stopped ("interrupted", as torchrun stops every rank once one fails) the failing rank's FAIL
+    line; else the console's last line."""
+    console = run_dir / layout.TRAIN_CONSOLE
+    if job is not None and result is None and console.exists():
+        if (rdzv := multinode.rendezvous_failure(console.read_text(errors="replace"), job)) is not None:
+            return rdzv
     if rc == 124:
         return f"training did not finish within {timeout:g} s; raise --train-timeout or lower train.steps"
     reason = str((result or {}).get("reason") or "")
@@ -94,7 +106,6 @@ def failure_reason(run_dir: Path, rc: int, timeout: float, result: dict | None) 
     fails = [line.strip() for line in lines if line.startswith("FAIL:")]
     if fails:
         return fails[-1]
-    console = run_dir / layout.TRAIN_CONSOLE
     tail = [line for line in console.read_text(errors="replace").splitlines() if line.strip()] if console.exists() else []
     return f"train.py exited with code {rc}: {tail[-1].strip() if tail else 'no output'}"
 
@@ -126,6 +137,15 @@ def run(run_dir: Path, args) -> Outcome:
             return Outcome(StageStatus.FAIL, "no CUDA GPU visible to .venv-gpu's torch (torch.cuda.device_count() = 0); "
                                  "check `nox -s cuda_check`, or pass --train-device cpu to train on the CPU (slow)")
         nproc = count
+    try:
+        job = multinode.resolve(args, os.environ)
+    except ValueError as e:
+        return Outcome(StageStatus.FAIL, str(e))
+    if job is not None:
+        print(f"train: node {job.node_rank} of {job.nnodes} in job {job.rdzv_id}, rendezvous {job.endpoint} "
+              f"(from {job.source}; timeout {job.timeout_s:g} s)", flush=True)
+        if (unreachable := multinode.reach(job)) is not None:
+            return Outcome(StageStatus.FAIL, unreachable, job.figures())
     print(f"train: {nproc} process(es) ({source}); config {args.train_config}", flush=True)
 
     for name in (layout.TRAIN_LOG, layout.TRAIN_RESULT, layout.TRAIN_METRICS, layout.TRAIN_LOSS_PLOT):
@@ -133,7 +153,7 @@ def run(run_dir: Path, args) -> Outcome:
     env = dict(layout.NO_MULTICAST_ENV)
     if nproc > 1 and "OMP_NUM_THREADS" not in os.environ:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
-    cmd = command(python, nproc, args, run_dir)
+    cmd = command(python, nproc, args, run_dir, job)
     console = run_dir / layout.TRAIN_CONSOLE
     console.write_text(f"$ {' '.join(f'{k}={v}' for k, v in env.items())} {' '.join(cmd)}\n")
     rc = proc.tee(cmd, console, env=env, cwd=layout.ROOT, timeout=args.train_timeout, append=True)
@@ -148,8 +168,9 @@ def run(run_dir: Path, args) -> Outcome:
         result = None
     files = [n for n in (layout.TRAIN_LOG, layout.TRAIN_METRICS, layout.TRAIN_LOSS_PLOT, layout.TRAIN_RESULT,
                          layout.TRAIN_CONSOLE) if (run_dir / n).exists()]
-    figures = {k: v for k, v in ((result or {}).get("figures") or {}).items() if k in FIGURES}
+    figures = job.figures() if job is not None else {}
+    figures.update({k: v for k, v in ((result or {}).get("figures") or {}).items() if k in FIGURES})
     figures.update(nproc=nproc, config=Path(args.train_config).name)
     if result is not None and result.get("status") == "pass" and rc == 0:
         return Outcome(StageStatus.PASS, "", figures, files)
-    return Outcome(StageStatus.FAIL, failure_reason(run_dir, rc, args.train_timeout, result), figures, files)
+    return Outcome(StageStatus.FAIL, failure_reason(run_dir, rc, args.train_timeout, result, job), figures, files)

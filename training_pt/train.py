@@ -783,24 +783,27 @@ def loss_svg(losses: list[float], title: str, width: int = 720, height: int = 36
 
 
 class Log:
-    """Lines to stdout and (rank 0) training_log.txt; other ranks add only their failure lines to the file."""
+    """Lines to stdout and (the node's first process) training_log.txt; other ranks add only their failure lines.
 
-    def __init__(self, out: Path, rank: int):
+    Each node writes into its own run folder, so the leader is local rank 0 (rank 0 on one node)."""
+
+    def __init__(self, out: Path, rank: int, leader: bool | None = None):
         self.rank, self.path = rank, out / layout.TRAIN_LOG
-        if rank == 0:
+        self.leader = rank == 0 if leader is None else leader
+        if self.leader:
             self.path.write_text("")  # a fresh log; every write below appends, so other ranks' lines stay
 
     def __call__(self, text: str = "", *, to_file: bool | None = None) -> None:
-        if self.rank == 0:
+        if self.leader:
             print(text, flush=True)
-        if to_file if to_file is not None else self.rank == 0:
+        if to_file if to_file is not None else self.leader:
             with self.path.open("a", encoding="utf-8") as f:
                 f.write(text + "\n")
 
     def failure(self, text: str, *, own: bool) -> None:
         """A FAIL line. Another rank's goes to the file too when the failure is its own (out of memory, a
         crash); config errors and the checks (on the all-reduced loss) fail every rank alike."""
-        if self.rank == 0:
+        if self.leader:
             self(text)
             return
         line = f"[rank {self.rank}] {text}"
@@ -823,11 +826,21 @@ def setup_device(choice: str, rank: int, local_rank: int, world: int) -> torch.d
             raise TrainError(EXIT_INPUT, "--device cuda but PyTorch sees no CUDA device "
                              f"(torch {torch.__version__}, built for CUDA {torch.version.cuda}); check the driver and the install")
         raise TrainError(EXIT_INPUT, "no CUDA device; pass --device cpu to train on the CPU (slow)")
-    if world > torch.cuda.device_count():
-        raise TrainError(EXIT_INPUT, f"{world} processes but only {torch.cuda.device_count()} GPU(s) visible; "
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))  # this node's processes (torchrun sets it)
+    if local_world > torch.cuda.device_count():
+        raise TrainError(EXIT_INPUT, f"{local_world} processes but only {torch.cuda.device_count()} GPU(s) visible; "
                          "start one process per GPU (--nproc-per-node)")
     torch.cuda.set_device(local_rank)
     return torch.device("cuda", local_rank)
+
+
+def job_figures(world: int) -> dict:
+    """The multi-node job as torchrun formed it (its c10d rendezvous assigns node ranks); {} on one node."""
+    nnodes = int(os.environ.get("GROUP_WORLD_SIZE", "1"))
+    if nnodes == 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
+        return {}
+    return {"nnodes": nnodes, "node_rank": int(os.environ.get("GROUP_RANK", "0")), "world_size": world,
+            "rdzv_id": os.environ.get("TORCHELASTIC_RUN_ID", "")}
 
 
 def oom_message(step_text: str, t: dict, device: torch.device, checkpointing: bool) -> str:
@@ -872,7 +885,7 @@ def train(cfg: dict, args, log: Log, result: dict) -> None:
     log(f"device: {gpu_name} x {world} ({device.type}); torch {torch.__version__} (CUDA {torch.version.cuda}); "
         f"host {socket.gethostname()}")
     figures.update(gpus=world if device.type == "cuda" else 0, gpu_name=gpu_name, device=device.type,
-                   torch=torch.__version__, torch_cuda=torch.version.cuda or "none")
+                   torch=torch.__version__, torch_cuda=torch.version.cuda or "none", **job_figures(world))
 
     # tokenizer and data ------------------------------------------------------------------------------
     t0 = time.perf_counter()
@@ -961,7 +974,7 @@ def train(cfg: dict, args, log: Log, result: dict) -> None:
 
     # training loop -------------------------------------------------------------------------------------
     metrics_path = args.out / layout.TRAIN_METRICS
-    if rank == 0:
+    if log.leader:
         metrics_path.write_text("")
     expected = math.log(vocab_real)
     losses: list[float] = result["losses"]
@@ -1003,7 +1016,7 @@ def train(cfg: dict, args, log: Log, result: dict) -> None:
         tok_s = tokens_per_step * world / dt
         log(f"step {step:4d}/{t['steps']} | loss {loss:8.4f} | grad-norm {norm:8.4f} | lr {lr:.2e} | "
             f"{dt * 1000:8.1f} ms | {fmt_int(tok_s):>11} tok/s")
-        if rank == 0:
+        if log.leader:
             with metrics_path.open("a") as f:
                 f.write(json.dumps({"step": step, "loss": loss, "grad_norm": norm, "lr": lr, "ms": round(dt * 1000, 3),
                                     "tok_s": round(tok_s, 1)}) + "\n")
@@ -1120,7 +1133,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     rank = int(os.environ.get("RANK", "0"))
     args.out.mkdir(parents=True, exist_ok=True)
-    log = Log(args.out, rank)
+    log = Log(args.out, rank, leader=int(os.environ.get("LOCAL_RANK", "0")) == 0)
     result = {"status": "fail", "reason": "", "exit_code": EXIT_ERROR, "figures": {}, "losses": [],
               "config": str(args.config), "overrides": args.overrides,
               "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
@@ -1154,7 +1167,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         result["exit_code"] = code
         result["ended"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        if rank == 0:
+        if log.leader:
             if result["losses"]:
                 title = f"{result['figures'].get('model', 'model')} training loss, {result['figures'].get('gpu_name', '')}"
                 (args.out / layout.TRAIN_LOSS_PLOT).write_text(loss_svg(result["losses"], title))

@@ -1,0 +1,220 @@
+"""Training across nodes: options and environment (tasks/multinode.py), the unreachable rendezvous, and
+two "nodes" on localhost joined by torchrun's c10d rendezvous through the real train stage, evidence and fleet."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tasks import evidence, fleet, layout, multinode, records, runs, stage
+from tasks import train as train_stage
+from tasks.records import PASS, StageRecord
+
+# tests/test_train.py's tiny GPT-2, smaller still: 4 processes share this CPU, and in float32 (bf16 autocast on a
+# CPU without bf16 instructions is ~15x slower per step, measured here: 40 s against 2.8 s).
+TINY = ["model.config.n_layer=2", "model.config.n_head=2", "model.config.n_embd=64", "model.config.n_positions=64",
+        "train.block_size=64", "train.batch_size=4", "train.steps=6", "train.lr=3e-3", "train.lr_warmup_steps=2",
+        "train.timing_warmup=1", "train.compile=false", "train.autocast=none", "checks.final_window=2",
+        "checks.min_loss_drop=0.3"]
+
+
+def options(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    multinode.add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+# --------------------------------------------------------------------------- options and environment
+
+def test_one_machine_without_options_or_environment_is_no_job():
+    assert multinode.resolve(options(), {}) is None
+    assert multinode.resolve(options(), {"MASTER_ADDR": "10.0.0.1", "SLURM_NNODES": "1"}) is None  # a stray address
+
+
+def test_slurm_environment_is_picked_up_and_explicit_options_win():
+    env = {"SLURM_NNODES": "4", "SLURM_NODEID": "2", "SLURM_JOB_ID": "81234", "MASTER_ADDR": "gpu001",
+           "MASTER_PORT": "29600"}
+    job = multinode.resolve(options(), env)
+    assert (job.nnodes, job.node_rank, job.endpoint, job.rdzv_id) == (4, 2, "gpu001:29600", "81234")
+    job = multinode.resolve(options("--nnodes", "2", "--node-rank", "1", "--rdzv-endpoint", "head:1234",
+                                    "--rdzv-id", "mine"), env)
+    assert (job.nnodes, job.node_rank, job.endpoint, job.rdzv_id) == (2, 1, "head:1234", "mine")
+    assert job.source == "--nnodes, --rdzv-endpoint, --node-rank, --rdzv-id"
+
+
+def test_torchrun_style_environment_and_defaults():
+    job = multinode.resolve(options(), {"NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "fe80::1"})
+    assert (job.nnodes, job.node_rank, job.host, job.port, job.rdzv_id) == (2, 1, "fe80::1", 29500, "m40")
+    assert job.endpoint == "[fe80::1]:29500"
+    single = multinode.resolve(options("--rdzv-endpoint", "localhost:29500"), {})  # one node, through the rendezvous
+    assert (single.nnodes, single.node_rank, single.endpoint) == (1, 0, "localhost:29500")
+
+
+@pytest.mark.parametrize("argv, env, message", [
+    (("--nnodes", "2"), {}, "2 nodes (--nnodes) but no rendezvous: pass --rdzv-endpoint HOST:PORT"),
+    (("--nnodes", "2", "--node-rank", "2", "--rdzv-endpoint", "h:1"), {}, "--node-rank=2: a node rank is in 0..1"),
+    (("--rdzv-endpoint", "h:99999"), {}, "port 99999 is not in 1..65535"),
+    (("--rdzv-endpoint", "h:1", "--rdzv-id", "a b"), {}, "rendezvous id 'a b' (--rdzv-id)"),
+    ((), {"SLURM_NNODES": "two", "MASTER_ADDR": "h"}, "SLURM_NNODES='two' is not a whole number"),
+])
+def test_bad_job_settings_are_one_line(argv, env, message):
+    with pytest.raises(ValueError, match=re.escape(message)) as err:
+        multinode.resolve(options(*argv), env)
+    assert "\n" not in str(err.value)
+
+
+def test_torchrun_options_for_a_node():
+    job = multinode.resolve(options("--nnodes", "2", "--rdzv-endpoint", "head:29400", "--rdzv-id", "j1",
+                                    "--rdzv-timeout", "2.5"), {})
+    assert multinode.torchrun_args(job, 8) == [
+        "--nnodes", "2", "--nproc-per-node", "8", "--rdzv-backend", "c10d", "--rdzv-endpoint", "head:29400",
+        "--rdzv-id", "j1", "--rdzv-conf", "join_timeout=3,read_timeout=3", "--max-restarts", "0"]
+
+
+# --------------------------------------------------------------------------- an unreachable rendezvous
+
+def test_unresolvable_endpoint_fails_at_once_naming_it():
+    job = multinode.resolve(options("--nnodes", "2", "--rdzv-endpoint", "no-such-node.invalid:29500"), {})
+    line = multinode.reach(job)
+    assert line.startswith("rendezvous endpoint no-such-node.invalid:29500: the host name does not resolve")
+
+
+def test_silent_endpoint_fails_after_the_deadline_not_a_hang():
+    """A non-local address nothing answers on: connects are retried until --rdzv-timeout, then one line."""
+    job = multinode.resolve(options("--nnodes", "2", "--rdzv-endpoint", "192.0.2.1:29500", "--rdzv-timeout", "1.5"), {})
+    assert not multinode.is_local("192.0.2.1")  # TEST-NET-1: never this machine's address
+    now = [0.0]
+
+    def sleep(s):
+        now[0] += s
+
+    line = multinode.reach(job, clock=lambda: now[0], sleep=sleep)
+    assert line.startswith("cannot reach the rendezvous at 192.0.2.1:29500 within 1.5 s (--rdzv-timeout; last error:")
+    assert 1.5 <= now[0] < 3
+
+
+def test_this_machine_hosts_the_store_so_nothing_is_tried_first():
+    assert multinode.is_local("127.0.0.1") and multinode.is_local("localhost")
+    job = multinode.resolve(options("--rdzv-endpoint", "127.0.0.1:1"), {})
+    assert multinode.reach(job) is None
+
+
+def test_torchrun_rendezvous_errors_become_one_line():
+    job = multinode.resolve(options("--nnodes", "2", "--rdzv-endpoint", "h:1", "--rdzv-id", "j"), {})
+    console = "Traceback ...\ntorch.distributed.elastic.rendezvous.api.RendezvousTimeoutError\n"
+    assert multinode.rendezvous_failure(console, job) == (
+        "the rendezvous at h:1 (id j) did not form a job of 2 node(s) within 300 s (RendezvousTimeoutError); "
+        "start every node with the same --nnodes, --rdzv-endpoint and --rdzv-id")
+    assert multinode.rendezvous_failure("ValueError: something else", job) is None
+
+
+@pytest.fixture
+def venv_python(monkeypatch):
+    """The stage runs `.venv-gpu`'s python; here it is this test's interpreter (CPU torch)."""
+    monkeypatch.setattr(layout, "gpu_python", lambda venv=None: Path(sys.executable))
+
+
+def test_train_stage_alone_on_two_nodes_fails_at_the_join_timeout_in_one_line(tmp_path, venv_python, capsys):
+    """Node 0 of 2 hosts the rendezvous; node 1 never comes: torchrun's join timeout, never a hang."""
+    code = stage.main("train", ["--run-dir", str(tmp_path / "m40_v1"), "--train-device", "cpu", "--nnodes", "2",
+                                "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--rdzv-id", "lonely",
+                                "--rdzv-timeout", "3", *sum((["--train-override", o] for o in TINY), [])])
+    rec = records.read(tmp_path / "m40_v1", "train")
+    assert code == layout.EXIT_STAGE["train"] and rec.status == "fail"
+    assert rec.reason.startswith("the rendezvous at 127.0.0.1:") and "(id lonely) did not form a job of 2 node(s) " \
+        "within 3 s (RendezvousTimeoutError)" in rec.reason
+    assert rec.figures["rdzv_id"] == "lonely" and rec.figures["nnodes"] == 2
+    assert rec.duration_s < 120
+
+
+# --------------------------------------------------------------------------- two nodes on localhost
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+NODE = ("import sys; from pathlib import Path; from tasks import layout, stage; "
+        "layout.gpu_python = lambda venv=None: Path(sys.executable); "  # .venv-gpu's python: this CPU-torch one
+        "sys.exit(stage.main('train', sys.argv[1:]))")
+
+
+def stand_in_gpu_stages(run_dir: Path, host: str) -> None:
+    """probe, install and cuda_check cannot run on a CPU: their records stand in, so evidence can judge."""
+    figures = {"probe": {"host": host, "driver": "none", "gpu_count": 0}, "install": {"channel": "none (CPU test)"},
+               "cuda_check": {"gpus_checked": 0}}
+    for name, fig in figures.items():
+        records.write(run_dir, StageRecord(name, PASS, "", figures=fig))
+        for f in layout.STAGE_FILES[name]:
+            (run_dir / f).write_text(f"{name}: stand-in record of tests/test_multinode.py (no GPU here)\n")
+
+
+def test_two_nodes_on_localhost_train_as_one_job_and_the_fleet_reads_both(tmp_path, monkeypatch):
+    """Two "nodes" (each `nox -s train`'s stage, two processes each, gloo) join one torchrun job through its
+    c10d rendezvous on a free port; each seals its own run folder; the fleet report names the job."""
+    monkeypatch.delenv(evidence.STEP_SUMMARY_ENV, raising=False)
+    endpoint, nodes = f"127.0.0.1:{free_port()}", []
+    for rank in range(2):
+        run_dir = tmp_path / "collected" / f"node{rank}" / "m40_v1"
+        run_dir.mkdir(parents=True)
+        stand_in_gpu_stages(run_dir, f"node{rank}")
+        argv = ["--run-dir", str(run_dir), "--train-device", "cpu", "--nproc", "2", "--nnodes", "2",
+                "--node-rank", str(rank), "--rdzv-endpoint", endpoint, "--rdzv-id", "sim42", "--rdzv-timeout", "120",
+                *sum((["--train-override", o] for o in TINY), [])]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        with open(tmp_path / f"node{rank}.out", "w") as out:  # a file, not a pipe: a full pipe would stall a node
+            nodes.append(subprocess.Popen([sys.executable, "-c", NODE, *argv], cwd=layout.ROOT, env=env,
+                                          stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
+    try:
+        codes = [p.wait(timeout=600) for p in nodes]
+    finally:
+        for p in nodes:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)  # the stage's own process group: torchrun ends its workers
+    outputs = [(tmp_path / f"node{rank}.out").read_text() for rank in range(2)]
+    assert codes == [0, 0], "\n\n".join(outputs)
+
+    ranks = set()
+    for rank in range(2):
+        run_dir = tmp_path / "collected" / f"node{rank}" / "m40_v1"
+        rec = records.read(run_dir, "train")
+        assert rec.status == PASS, rec.reason
+        fig = rec.figures
+        assert (fig["nnodes"], fig["world_size"], fig["rdzv_id"], fig["nproc"]) == (2, 4, "sim42", 2)
+        ranks.add(fig["node_rank"])
+        log = (run_dir / layout.TRAIN_LOG).read_text()  # each node's leader (local rank 0) writes its own log
+        assert "x 4 process(es)" in log and log.rstrip().splitlines()[-1].startswith("PASS: gpt2")
+        assert "--rdzv-backend c10d" in (run_dir / layout.TRAIN_CONSOLE).read_text()
+        with runs.locked(run_dir):
+            assert stage.execute("evidence", run_dir, argparse.Namespace()).ok
+        assert json.loads((run_dir / layout.SUMMARY_FILE).read_text())["verdict"] == "PASS"
+    assert ranks == {0, 1}  # the rendezvous gave each node its own rank
+
+    out = tmp_path / "report"
+    assert fleet.main([str(tmp_path / "collected"), "--out", str(out)]) == 0
+    doc = json.loads((out / "fleet.json").read_text())
+    assert doc["counts"] == {"PASS": 2}
+    assert sorted((r["host"], r["rdzv_id"], r["nnodes"], r["world_size"]) for r in doc["rows"]) == [
+        ("node0", "sim42", 2, 4), ("node1", "sim42", 2, 4)]
+    assert all(r["tok_s"] and r["tok_s"] > 0 for r in doc["rows"])
+    md = (out / "fleet.md").read_text()
+    print(md)
+    assert "| sim42, node 0 / 2, world 4 |" in md and "| sim42, node 1 / 2, world 4 |" in md
+
+
+def test_stage_command_across_nodes_uses_c10d():
+    args = argparse.Namespace(train_config=layout.TRAIN_CONFIG, train_device="auto", train_override=[])
+    job = multinode.resolve(options("--rdzv-endpoint", "localhost:29500"), {})
+    cmd = train_stage.command(Path("/venv/bin/python"), 1, args, Path("/runs/m40_v1"), job)
+    assert cmd[:4] == ["/venv/bin/python", "-m", "torch.distributed.run", "--nnodes"]
+    assert "--standalone" not in cmd and cmd[cmd.index("--rdzv-backend") + 1] == "c10d"
