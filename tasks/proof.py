@@ -87,9 +87,10 @@ def training_rows(recs: dict[str, StageRecord]) -> list[tuple[str, str]]:
         if per_gpu_tok is not None and nproc and nproc > 1:
             text += f" ({per_gpu_tok:,.0f} per GPU × {nproc})"
         rows.append(("training speed", text + f" on {figure(recs, 'train', 'device') or 'an unrecorded device'}"))
-    if (mfu := figure(recs, "train", "mfu_pct")) is not None:
-        peak = figure(recs, "train", "peak_tflops")
-        rows.append(("MFU", f"{mfu:g}%" + (f" of {peak:g} TFLOP/s bf16 dense per GPU" if peak else "")))
+    mfu, peak = figure(recs, "train", "mfu_pct"), figure(recs, "train", "peak_tflops")
+    if isinstance(mfu, (int, float)):  # "n/a" without a datasheet peak (a CPU run, a GPU not in gpus.yaml)
+        peak_text = f" of {peak:g} TFLOP/s bf16 dense per GPU" if isinstance(peak, (int, float)) else ""
+        rows.append(("MFU", f"{mfu:g}%" + peak_text))
     return rows
 
 

@@ -293,3 +293,14 @@ def test_a_value_from_the_machine_cannot_add_markup_to_the_readme(tmp_path):
     assert readme.count("](https://evil") == readme.count("\\](https://evil") == 2  # every bracket escaped
     assert "\n## Verdict" not in readme
     assert "H100 \\[click\\](https://evil.example) !\\[x\\](https://evil.example/x.png)\\\\n## Verdict: PASS" in readme
+
+
+def test_a_cpu_training_run_has_no_mfu_row_and_still_renders(tmp_path):
+    """train.py records mfu_pct and peak_tflops as "n/a" when it has no datasheet peak (a CPU run)."""
+    run_dir = make_run(tmp_path, ALL_PASS)
+    rec = records.read(run_dir, "train")
+    rec.figures.update(mfu_pct="n/a", peak_tflops="n/a", first_loss=10.8, final_loss=9.6)
+    records.write(run_dir, rec)
+    assert render(run_dir).ok
+    readme = (run_dir / layout.README_FILE).read_text()
+    assert "10.80 → 9.60" in readme and "| MFU |" not in readme
