@@ -269,13 +269,13 @@ DECIMALS = {"bf16_tflops": 1, "copy_tbs": 2, "allreduce_busbw_gbs": 1, "tok_s": 
 
 
 def plain(value) -> str:
-    """Untrusted text as one printable line (no control characters: safe on a terminal too)."""
-    return " ".join("".join(c if c.isprintable() else " " for c in str(value)).split())
+    """Untrusted text as one line, control characters escaped (safe in a CSV cell and on a terminal)."""
+    return text.one_line(value)
 
 
 def cell(value) -> str:
     """A markdown table cell: "–" for nothing, else the text made inert (text.md_inert: pipes, links, HTML)."""
-    return DASH if value in (None, "") else text.md_inert(plain(value))
+    return DASH if value in (None, "") else text.md_inert(value)
 
 
 def num(value, figure: str) -> str:

@@ -17,7 +17,7 @@ import pytest
 
 from tasks import evidence, fleet, layout, multinode, records, runs, stage
 from tasks import train as train_stage
-from tasks.records import PASS, StageRecord
+from tasks.records import StageRecord, StageStatus
 
 # tests/test_train.py's tiny GPT-2, smaller still: 4 processes share this CPU, and in float32 (bf16 autocast on a
 # CPU without bf16 instructions is ~15x slower per step, measured here: 40 s against 2.8 s).
@@ -154,7 +154,7 @@ def stand_in_gpu_stages(run_dir: Path, host: str) -> None:
     figures = {"probe": {"host": host, "driver": "none", "gpu_count": 0}, "install": {"channel": "none (CPU test)"},
                "cuda_check": {"gpus_checked": 0}}
     for name, fig in figures.items():
-        records.write(run_dir, StageRecord(name, PASS, "", figures=fig))
+        records.write(run_dir, StageRecord(name, StageStatus.PASS, "", figures=fig))
         for f in layout.STAGE_FILES[name]:
             (run_dir / f).write_text(f"{name}: stand-in record of tests/test_multinode.py (no GPU here)\n")
 
@@ -188,7 +188,7 @@ def test_two_nodes_on_localhost_train_as_one_job_and_the_fleet_reads_both(tmp_pa
     for rank in range(2):
         run_dir = tmp_path / "collected" / f"node{rank}" / "m40_v1"
         rec = records.read(run_dir, "train")
-        assert rec.status == PASS, rec.reason
+        assert rec.status == StageStatus.PASS, rec.reason
         fig = rec.figures
         assert (fig["nnodes"], fig["world_size"], fig["rdzv_id"], fig["nproc"]) == (2, 4, "sim42", 2)
         ranks.add(fig["node_rank"])
