@@ -5,16 +5,18 @@ nox's interpreter never does). It writes cuda_check.txt (one PASS/FAIL/SKIP line
 value, reason and time) and cuda_check.json; its console goes to cuda_check.log. This module turns
 the JSON into the stage's Outcome. The stage fails when any check FAILs, and also when no GPU check
 ran at all: on a machine where torch sees no GPU the checker SKIPs the GPU checks with the reason,
-but a machine that cannot compute does not pass.
+but a machine that cannot compute does not pass. In a job of several nodes (tasks/multinode.py) it
+then runs one all-reduce over every node's GPUs (training_pt/allreduce_nodes.py under torchrun).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
-from tasks import burn_rules, config, layout, proc
+from tasks import burn_rules, config, layout, multinode, proc
 from tasks.records import Outcome, StageStatus
 
 DESCRIPTION = ("Check that PyTorch computes correctly and at speed on every GPU (build, driver, devices, kernels "
@@ -97,7 +99,24 @@ def run(run_dir: Path, args) -> Outcome:
     hung = any(line.startswith("Timeout (") for line in lines)  # faulthandler's watchdog fired
     if getattr(args, "level", None) == "long":  # written by this run only: a quick re-run does not claim them
         files += [name for name in (layout.BURN_SAMPLES, layout.BURN_PLOT, layout.DCGM_JSON) if (run_dir / name).exists()]
-    return outcome_from(result, code, lines[-1][:300] if lines else "", limit, files, hung)
+    out = outcome_from(result, code, lines[-1][:300] if lines else "", limit, files, hung)
+    return across_nodes(run_dir, args, python, out, settings)
+
+
+def across_nodes(run_dir: Path, args, python: Path, out: Outcome, settings: dict) -> Outcome:
+    """In a job of several nodes (the train stage's options under m40, or the scheduler's environment),
+    one all-reduce over every node's GPUs once this node's own checks pass (tasks/multinode.py)."""
+    try:
+        job = multinode.resolve(args, os.environ)
+    except ValueError as e:
+        return Outcome(StageStatus.FAIL, str(e), out.figures, out.files)
+    nproc = out.figures.get("gpus_checked") or 0
+    if job is None or job.nnodes < 2 or not out.ok or nproc < 1:
+        return out
+    ok, reason, figures = multinode.allreduce_across_nodes(
+        run_dir, job, python, nproc, mib=settings["sizes"]["allreduce_mib"], timeout=settings["allreduce_timeout_s"])
+    files = out.files + [n for n in (multinode.CHECK_RESULT, layout.ALLREDUCE_NODES_LOG) if (run_dir / n).exists()]
+    return Outcome(out.status if ok else StageStatus.FAIL, out.reason if ok else reason, {**out.figures, **figures}, files)
 
 
 def log_lines(path: Path) -> list[str]:

@@ -42,8 +42,8 @@ TAMPERED, UNSEALED, UNREADABLE = "TAMPERED", "UNSEALED", "UNREADABLE"
 # Row order: the ones to look at first.
 VERDICT_ORDER = (TAMPERED, UNSEALED, UNREADABLE, "FAIL", "INTERRUPTED", "PARTIAL", "PASS")
 COLUMNS = ("host", "run", "gpu_model", "gpu_count", "driver", "torch", "verdict", "failed_stage", "reason",
-           "bf16_tflops", "copy_tbs", "allreduce_busbw_gbs", "tok_s", "tok_s_per_gpu", "mfu_pct",
-           "rdzv_id", "nnodes", "node_rank", "world_size", "outliers")
+           "bf16_tflops", "copy_tbs", "allreduce_busbw_gbs", "nodes_allreduce_busbw_gbs", "tok_s", "tok_s_per_gpu", "mfu_pct",
+           "rdzv_id", "nnodes", "node_rank", "node_rank_given", "world_size", "outliers")
 REPORT_FILES = ("fleet.md", "fleet.json", "fleet.csv")
 FIGURE_NAMES = {"bf16_tflops": "bf16 TFLOP/s per GPU (min)", "copy_tbs": "copy TB/s per GPU (min)",
                 "allreduce_busbw_gbs": "all-reduce bus GB/s", "tok_s_per_gpu": "train tok/s per GPU"}
@@ -211,9 +211,10 @@ def read_node(run_dir: Path, label: str) -> dict:
                verdict=summary["verdict"], failed_stage=summary.get("failed_stage"), reason=summary.get("reason"),
                bf16_tflops=per_gpu_min(check, "bf16_tflops"), copy_tbs=per_gpu_min(check, "copy_tbs"),
                allreduce_busbw_gbs=number(check.get("allreduce_busbw_gbs")),
+               nodes_allreduce_busbw_gbs=number(check.get("nodes_allreduce_busbw_gbs")),
                tok_s=number(train.get("tok_s")), tok_s_per_gpu=number(train.get("tok_s_per_gpu")),
                mfu_pct=number(train.get("mfu_pct")))
-    for key in ("rdzv_id", "nnodes", "node_rank", "world_size"):
+    for key in ("rdzv_id", "nnodes", "node_rank", "node_rank_given", "world_size"):
         row[key] = train.get(key)
     return row
 
@@ -242,10 +243,10 @@ def find_outliers(rows: list[dict], settings: dict) -> list[dict]:
     """Nodes more than outlier_share below their group's median, per figure; marks each row too."""
     found = []
     for figure in settings["outlier_figures"]:
-        # The median is over PASS nodes; a sealed FAIL node that measured the figure is compared too.
+        # The median is over PASS nodes; a sealed PARTIAL or FAIL node that measured the figure is compared too.
         groups: dict[tuple, list[dict]] = {}
         for row in rows:
-            if row["verdict"] in ("PASS", "FAIL") and row["gpu_model"] and row[figure] is not None:
+            if row["verdict"] in ("PASS", "PARTIAL", "FAIL") and row["gpu_model"] and row[figure] is not None:
                 groups.setdefault(group_key(row, figure), []).append(row)
         for key, members in groups.items():
             passed = [r[figure] for r in members if r["verdict"] == "PASS"]
@@ -265,7 +266,7 @@ def find_outliers(rows: list[dict], settings: dict) -> list[dict]:
 # --------------------------------------------------------------------------- the report
 
 DASH = "–"
-DECIMALS = {"bf16_tflops": 1, "copy_tbs": 2, "allreduce_busbw_gbs": 1, "tok_s": 0, "tok_s_per_gpu": 0, "mfu_pct": 1}
+DECIMALS = {"bf16_tflops": 1, "copy_tbs": 2, "allreduce_busbw_gbs": 1, "nodes_allreduce_busbw_gbs": 2, "tok_s": 0, "tok_s_per_gpu": 0, "mfu_pct": 1}
 
 
 def plain(value) -> str:
@@ -291,7 +292,9 @@ def gpus_text(row: dict) -> str:
 def job_text(row: dict) -> str:
     if not row["rdzv_id"] and not row["nnodes"]:
         return DASH
-    return cell(f"{row['rdzv_id'] or '?'}, node {row['node_rank']} / {row['nnodes']}, world {row['world_size']}")
+    given = row["node_rank_given"]  # the scheduler's number; c10d's rendezvous may assign another
+    also = f" (scheduler's {given})" if given is not None and given != row["node_rank"] else ""
+    return cell(f"{row['rdzv_id'] or '?'}, node {row['node_rank']}{also} / {row['nnodes']}, world {row['world_size']}")
 
 
 def counts_of(rows: list[dict]) -> dict[str, int]:

@@ -33,6 +33,9 @@ TRAIN_METRICS = "metrics.jsonl"
 TRAIN_LOSS_PLOT = "loss.svg"
 TRAIN_RESULT = "train_result.json"
 TRAIN_CONSOLE = "train_console.txt"
+# cuda_check across nodes (one torchrun job over every node's GPUs): the script and its console.
+ALLREDUCE_NODES_SCRIPT = ROOT / "training_pt" / "allreduce_nodes.py"
+ALLREDUCE_NODES_LOG = "allreduce_nodes.log"
 # bench: the benchmark script (runs in .venv-gpu) and its settings (timed steps, speed targets).
 BENCH_SCRIPT = ROOT / "training_pt" / "bench.py"
 BENCH_FILE = CONFIGS / "bench.yaml"
@@ -91,7 +94,7 @@ EXIT_LOCKED = 75  # another process holds the run folder (EX_TEMPFAIL: nox itsel
 EXIT_STAGE = {"probe": 10, "install": 20, "cuda_check": 30, "train": 40, "evidence": 50}
 EXIT_PARTIAL = 70  # every stage passed, but not under the default checks on every GPU (tasks/verdict.py)
 EXIT_INTERRUPTED = 130
-EXIT_FLEET_NOT_PASS = 60  # nox -s fleet: a node is not PASS (FAIL, INTERRUPTED, TAMPERED, UNSEALED, UNREADABLE)
+EXIT_FLEET_NOT_PASS = 60  # nox -s fleet: a node is not PASS (FAIL, INTERRUPTED, PARTIAL, TAMPERED, UNSEALED, UNREADABLE)
 EXIT_FLEET_OUTLIER = 61  # nox -s fleet: every node PASS, some more than outlier_share below their model's median
 
 

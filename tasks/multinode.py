@@ -17,12 +17,16 @@ torchrun's own join timeout is the same number. This module never imports torch.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import re
 import socket
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from tasks import layout, proc
 
 DEFAULT_PORT = 29500  # torchrun's default rendezvous port
 DEFAULT_TIMEOUT_S = 300.0  # long enough for a scheduler to start every node's task; short enough not to hang a job
@@ -185,3 +189,42 @@ def rendezvous_failure(console: str, job: Job) -> str | None:
         return None
     return (f"the rendezvous at {job.endpoint} (id {job.rdzv_id}) did not form a job of {job.nnodes} node(s) within "
             f"{job.timeout_s:g} s ({hit}); start every node with the same --nnodes, --rdzv-endpoint and --rdzv-id")
+
+
+# --------------------------------------------------------------------------- cuda_check across nodes
+
+CHECK_RESULT = "allreduce_nodes.json"  # written by training_pt/allreduce_nodes.py into each node's run folder
+
+
+def check_job(job: Job) -> Job:
+    """The all-reduce check's own rendezvous: the next port and its own id, so that a node that finishes
+    the check early never meets the closing store of another node's check when the train stage starts."""
+    return replace(job, port=job.port + 1, rdzv_id=f"{job.rdzv_id}-check")
+
+
+def allreduce_across_nodes(run_dir: Path, job: Job, python: Path, nproc: int, *, device: str = "auto",
+                           mib: int = 256, timeout: float = 600.0) -> tuple[bool, str, dict]:
+    """Run training_pt/allreduce_nodes.py as one torchrun job over every node: (passed, one line, figures)."""
+    check = check_job(job)
+    result_path = run_dir / CHECK_RESULT
+    result_path.unlink(missing_ok=True)
+    if (unreachable := reach(check)) is not None:
+        return False, unreachable, {}
+    cmd = [str(python), "-m", "torch.distributed.run", *torchrun_args(check, nproc), str(layout.ALLREDUCE_NODES_SCRIPT),
+           "--out", str(run_dir), "--mib", str(mib), "--timeout", str(timeout), "--device", device]
+    log = run_dir / layout.ALLREDUCE_NODES_LOG
+    log.write_text(f"$ {' '.join(cmd)}\n")
+    rc = proc.tee(cmd, log, env=layout.NO_MULTICAST_ENV, cwd=layout.ROOT, timeout=check.timeout_s + timeout + 60,
+                  append=True)
+    try:
+        result = json.loads(result_path.read_text())
+    except (OSError, ValueError):
+        why = rendezvous_failure(log.read_text(errors="replace"), check) or (
+            f"the all-reduce across nodes exited with code {rc} and wrote no {CHECK_RESULT}; see {log.name}")
+        return False, why, {}
+    figures = {"nodes_allreduce_busbw_gbs": result.get("busbw_gbs"), "world_size": result.get("world_size"),
+               "nnodes": result.get("nnodes"), "node_rank": result.get("node_rank"), "rdzv_id": job.rdzv_id}
+    figures = {k: v for k, v in figures.items() if v is not None}
+    if result.get("status") == "pass" and rc == 0:
+        return True, "", figures
+    return False, result.get("reason") or f"the all-reduce across nodes exited with code {rc}; see {log.name}", figures

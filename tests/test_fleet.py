@@ -144,7 +144,7 @@ def test_a_missing_figure_is_a_dash_not_a_crash(tmp_path):
     row = doc["rows"][0]
     assert code == 60 and row["verdict"] == "FAIL" and row["failed_stage"] == "probe"
     assert row["bf16_tflops"] is None and row["host"] is None
-    assert "| – | m40_v1 | – | – | – | **FAIL** | probe | no NVIDIA driver | – | – | – | – | – | – |" in md
+    assert "| – | m40_v1 | – | – | – | **FAIL** | probe | no NVIDIA driver | – | – | – | – | – | – | – |" in md
 
 
 def test_all_pass_exits_0_and_outliers_alone_exit_61(tmp_path):
@@ -198,18 +198,18 @@ def test_sums_parser_undoes_sha256sums_escapes():
 
 
 def test_multi_node_job_is_shown(tmp_path):
-    job = {"rdzv_id": "job42", "nnodes": 2, "node_rank": 1, "world_size": 16}
+    job = {"rdzv_id": "job42", "nnodes": 2, "node_rank": 1, "node_rank_given": 0, "world_size": 16}
     make_node(tmp_path / "j", "n1", train_extra=job)
     code, doc, md, _ = report(tmp_path, tmp_path / "j")
     assert {k: doc["rows"][0][k] for k in job} == job
-    assert "| job42, node 1 / 2, world 16 |" in md
+    assert "| job42, node 1 (scheduler's 0) / 2, world 16 |" in md  # c10d numbered the node, not Slurm
 
 
 def test_hostile_text_cannot_break_the_table_or_a_spreadsheet(tmp_path):
     make_node(tmp_path / "h", "=HYPERLINK(1)|x\n\x1b[31m", fail=("train", "@cmd <script>"))
     _, doc, md, csv_rows = report(tmp_path, tmp_path / "h")
     line = next(x for x in md.splitlines() if "HYPERLINK" in x)
-    assert line.count("|") - line.count("\\|") == 15 and "\x1b" not in md and "<script>" not in md
+    assert line.count("|") - line.count("\\|") == 16 and "\x1b" not in md and "<script>" not in md
     assert csv_rows[0]["host"].startswith("'=HYPERLINK") and csv_rows[0]["reason"] == "'@cmd <script>"
 
 

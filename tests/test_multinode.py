@@ -139,29 +139,52 @@ def test_train_stage_alone_on_two_nodes_fails_at_the_join_timeout_in_one_line(tm
 # --------------------------------------------------------------------------- two nodes on localhost
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port whose next one is free too (cuda_check's all-reduce across nodes rendezvous there)."""
+    while True:
+        with socket.socket() as s, socket.socket() as t:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+            try:
+                t.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+            return port
 
 
-NODE = ("import sys; from pathlib import Path; from tasks import layout, stage; "
-        "layout.gpu_python = lambda venv=None: Path(sys.executable); "  # .venv-gpu's python: this CPU-torch one
-        "sys.exit(stage.main('train', sys.argv[1:]))")
+# One node: cuda_check's all-reduce across nodes (its checks of this node's GPUs cannot run on a CPU), then the
+# train stage, both as the stages run them, with .venv-gpu's python replaced by this CPU-torch one.
+NODE = """
+import argparse, sys
+from pathlib import Path
+from tasks import layout, multinode, records, stage
+from tasks.records import StageRecord, StageStatus
+layout.gpu_python = lambda venv=None: Path(sys.executable)
+parser = argparse.ArgumentParser()
+multinode.add_arguments(parser)
+job = multinode.resolve(parser.parse_known_args(sys.argv[1:])[0], {})
+run_dir = Path(sys.argv[sys.argv.index("--run-dir") + 1])
+ok, reason, figures = multinode.allreduce_across_nodes(run_dir, job, layout.gpu_python(), 2, device="cpu", mib=1,
+                                                       timeout=120)
+status = StageStatus.PASS if ok else StageStatus.FAIL
+records.write(run_dir, StageRecord("cuda_check", status, reason, figures={"gpus_checked": 0, **figures}))
+sys.exit(stage.main("train", sys.argv[1:]) if ok else 30)
+"""
 
 
 def stand_in_gpu_stages(run_dir: Path, host: str) -> None:
-    """probe, install and cuda_check cannot run on a CPU: their records stand in, so evidence can judge."""
-    figures = {"probe": {"host": host, "driver": "none", "gpu_count": 0}, "install": {"channel": "none (CPU test)"},
-               "cuda_check": {"gpus_checked": 0}}
+    """probe and install cannot run on a CPU: their records stand in, so evidence can judge."""
+    figures = {"probe": {"host": host, "driver": "none", "gpu_count": 0}, "install": {"channel": "none (CPU test)"}}
     for name, fig in figures.items():
         records.write(run_dir, StageRecord(name, StageStatus.PASS, "", figures=fig))
+    for name in ("probe", "install", "cuda_check"):
         for f in layout.STAGE_FILES[name]:
-            (run_dir / f).write_text(f"{name}: stand-in record of tests/test_multinode.py (no GPU here)\n")
+            (run_dir / f).write_text(f"{name}: stand-in file of tests/test_multinode.py (no GPU here)\n")
 
 
 def test_two_nodes_on_localhost_train_as_one_job_and_the_fleet_reads_both(tmp_path, monkeypatch):
-    """Two "nodes" (each `nox -s train`'s stage, two processes each, gloo) join one torchrun job through its
-    c10d rendezvous on a free port; each seals its own run folder; the fleet report names the job."""
+    """Two "nodes" (two processes each, gloo) run cuda_check's all-reduce across nodes and then the train stage,
+    each as one torchrun job through a c10d rendezvous on a free port (the check on the next port); each node
+    seals its own run folder; the fleet report names the job."""
     monkeypatch.delenv(evidence.STEP_SUMMARY_ENV, raising=False)
     endpoint, nodes = f"127.0.0.1:{free_port()}", []
     for rank in range(2):
@@ -195,21 +218,27 @@ def test_two_nodes_on_localhost_train_as_one_job_and_the_fleet_reads_both(tmp_pa
         log = (run_dir / layout.TRAIN_LOG).read_text()  # each node's leader (local rank 0) writes its own log
         assert "x 4 process(es)" in log and log.rstrip().splitlines()[-1].startswith("PASS: gpt2")
         assert "--rdzv-backend c10d" in (run_dir / layout.TRAIN_CONSOLE).read_text()
+        check = records.read(run_dir, "cuda_check")
+        assert check.status == StageStatus.PASS and check.figures["rdzv_id"] == "sim42"
+        assert (check.figures["nnodes"], check.figures["world_size"]) == (2, 4)
+        assert check.figures["nodes_allreduce_busbw_gbs"] > 0
+        assert json.loads((run_dir / multinode.CHECK_RESULT).read_text())["wrong"] == 0
         with runs.locked(run_dir):
             assert stage.execute("evidence", run_dir, argparse.Namespace()).ok
-        assert json.loads((run_dir / layout.SUMMARY_FILE).read_text())["verdict"] == "PASS"
+        # Sealed, and honest: stand-in GPU stages and training on the CPU never make a full PASS.
+        assert json.loads((run_dir / layout.SUMMARY_FILE).read_text())["verdict"] == "PARTIAL"
     assert ranks == {0, 1}  # the rendezvous gave each node its own rank
 
     out = tmp_path / "report"
-    assert fleet.main([str(tmp_path / "collected"), "--out", str(out)]) == 0
+    assert fleet.main([str(tmp_path / "collected"), "--out", str(out)]) == layout.EXIT_FLEET_NOT_PASS
     doc = json.loads((out / "fleet.json").read_text())
-    assert doc["counts"] == {"PASS": 2}
+    assert doc["counts"] == {"PARTIAL": 2}
     assert sorted((r["host"], r["rdzv_id"], r["nnodes"], r["world_size"]) for r in doc["rows"]) == [
         ("node0", "sim42", 2, 4), ("node1", "sim42", 2, 4)]
-    assert all(r["tok_s"] and r["tok_s"] > 0 for r in doc["rows"])
+    assert all(r["tok_s"] and r["tok_s"] > 0 and r["nodes_allreduce_busbw_gbs"] > 0 for r in doc["rows"])
     md = (out / "fleet.md").read_text()
     print(md)
-    assert "| sim42, node 0 / 2, world 4 |" in md and "| sim42, node 1 / 2, world 4 |" in md
+    assert "sim42, node 0" in md and "sim42, node 1" in md and "/ 2, world 4 |" in md
 
 
 def test_stage_command_across_nodes_uses_c10d():
