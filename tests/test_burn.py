@@ -134,3 +134,11 @@ def test_the_long_levels_report_names_a_throttle_a_flipped_bit_and_a_slow_gpu_am
     assert c[("peers.burn_tflops", None)].status == "FAIL" and c[("peers.burn_tflops", None)].data["outliers"] == [2]
     assert c[("nvlink", 0)].status == "SKIP" and c[("pcie.link_burn", 0)].status == "SKIP"
     assert any(line.startswith("gpu1 burn over time:") for line in checker.lines)
+
+
+def test_a_gpu_whose_thread_left_no_result_fails_both_long_checks(tmp_path):
+    checker = FakeChecker(tmp_path, gpus=1)
+    burn.per_gpu_long(checker, checker.gpus[0], None, {}, None, 1.0)
+    c = checker.by_name()
+    assert c[("burn.compare", 0)].status == "FAIL" and "no result" in c[("burn.compare", 0)].reason
+    assert c[("memory.patterns", 0)].status == "FAIL" and "did not run" in c[("memory.patterns", 0)].reason

@@ -288,7 +288,7 @@ def run_long(checker, duration_s: float, dcgm_level: int) -> None:
     nvlink_before = {i: fabric.nvlink_links(h)[0] for i, h in handles.items()}
     results, seconds = burn_all(checker, duration_s, {i: h for i, h in handles.items() if h is not None})
     for g in gpus:
-        per_gpu_long(checker, g, handles[g["index"]], results[g["index"]], nvlink_before[g["index"]], seconds)
+        per_gpu_long(checker, g, handles[g["index"]], results.get(g["index"], {}), nvlink_before[g["index"]], seconds)
     across_gpus(checker, results)
 
 
@@ -329,21 +329,23 @@ def per_gpu_long(checker, g: dict, handle, r: dict, nvlink_before, seconds: floa
     under_load = [x for x in samples if x["phase"] == "burn"]
     for line in burn_rules.timeline_lines(i, burn_rules.timeline(under_load)):
         checker.emit(line)
-    info = r.get("burn") or {}
-    if r["burn_error"]:
-        checker.add("burn.compare", i, Verdict(FAIL, "", f"the burn stopped: {r['burn_error']}"), seconds)
+    info = r.get("burn")
+    if not info:
+        why = r.get("burn_error") or "no result (its thread ended early; see cuda_check.log)"
+        checker.add("burn.compare", i, Verdict(FAIL, "", f"the burn stopped: {why}"), seconds)
     else:
         v = burn_rules.judge_burn_compare(info["iterations"], info["bad_iterations"], info["bad_elements"],
                                           info["elements"], info["nonfinite"])
-        v.value += f", median {info['tflops']:.1f} TFLOP/s"
+        v.value += f", median {info['tflops'] or 0:.1f} TFLOP/s"
         v.data.update(tflops=info["tflops"], checksum=info["checksum"], windows=info["windows"])
         checker.add("burn.compare", i, v, seconds)
     checker.add("burn.clocks", i, burn_rules.judge_clocks(under_load, s["burn"]["clock_share"],
                                                           s["burn"]["low_clock_share"]))
     gib = r.get("words", 0) * 8 / 2**30
+    memory_error = r.get("memory_error") or ("" if r.get("memory") else "the memory test did not run")
     checker.add("memory.patterns", i, burn_rules.judge_memory_patterns(
         r.get("memory") or {}, r.get("words", 0), gib, r.get("memory_s", 0.0), r.get("free_gib", 0.0),
-        r["memory_error"]), r.get("memory_s", 0.0))
+        memory_error), r.get("memory_s", 0.0))
     checker.run("pcie.link_burn", i, long_pcie, checker, g, handle, under_load)
     checker.run("nvlink", i, nvlink_check, s["nvlink"], handle, nvlink_before)
 
