@@ -39,6 +39,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 from urllib.parse import quote
@@ -328,10 +329,39 @@ def after_record(run_dir: Path, rec: StageRecord) -> None:
     seal(run_dir)
 
 
+COLLECT_ENV_TIMEOUT_S = 180  # collect_env imports torch and runs nvidia-smi and pip: seconds, not minutes
+
+
+def gpu_child_env() -> dict:
+    """The environment of a child in .venv-gpu: no PYTHON* variable of ours (PYTHONPATH could put another
+    torch first), no user site-packages. (To become helper A's one launcher, proc.gpu_env, once on main.)"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env.update(PYTHONNOUSERSITE="1", PYTHONUNBUFFERED="1")
+    return env
+
+
+def write_collect_env(run_dir: Path, recs: dict[str, StageRecord]) -> None:
+    """collect_env.txt: `python -m torch.utils.collect_env` in .venv-gpu, what PyTorch's bug reports ask for.
+    Once per run, after a passing install; its failure is written into the file, never fails evidence."""
+    target, python = run_dir / layout.COLLECT_ENV, layout.gpu_python()
+    install = recs.get("install")
+    if target.exists() or not python.exists() or install is None or not install.ok:
+        return
+    cmd = [str(python), "-m", "torch.utils.collect_env"]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, errors="replace", env=gpu_child_env(),  # noqa: S603
+                             cwd=run_dir, timeout=COLLECT_ENV_TIMEOUT_S)
+        body = out.stdout + (f"\n--- stderr (exit code {out.returncode}) ---\n{out.stderr}" if out.returncode else "")
+    except (OSError, subprocess.TimeoutExpired) as e:
+        body = f"could not run it: {text.one_line(e)}\n"
+    target.write_text(f"$ {' '.join(cmd)}\n\n{body}", encoding="utf-8")
+
+
 def run(run_dir: Path, args, *, env=None) -> Outcome:
     env = os.environ if env is None else env
     recs = {name: rec for name, rec in records.read_all(run_dir).items() if name != "evidence"}
     placeholders = write_placeholders(run_dir, recs)
+    write_collect_env(run_dir, recs)
 
     # What the sealed run will hold: what is there now, plus what evidence is about to write.
     files = sorted(set(run_files(run_dir)) | written_last(run_dir))

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import fake_gpu
 import pytest
@@ -304,3 +305,29 @@ def test_a_cpu_training_run_has_no_mfu_row_and_still_renders(tmp_path):
     assert render(run_dir).ok
     readme = (run_dir / layout.README_FILE).read_text()
     assert "10.80 → 9.60" in readme and "| MFU |" not in readme
+
+
+# --------------------------------------------------------------------------- collect_env.txt
+
+def test_collect_env_runs_in_the_gpu_environment_without_our_pythonpath(tmp_path, monkeypatch):
+    """A real torch.utils.collect_env from the GPU environment's interpreter (here: the test env's CPU torch);
+    a stand-in `torch` on our PYTHONPATH is not the one it reports."""
+    stand_in = tmp_path / "stand-in" / "torch"
+    stand_in.mkdir(parents=True)
+    (stand_in / "__init__.py").write_text("raise SystemExit('the stand-in torch was imported')\n")
+    monkeypatch.setenv("PYTHONPATH", str(stand_in.parent))
+    monkeypatch.setattr(layout, "gpu_python", lambda venv=None: Path(sys.executable))
+    run_dir = make_run(tmp_path, ALL_PASS)
+    render(run_dir)
+    collected = (run_dir / layout.COLLECT_ENV).read_text()
+    assert collected.startswith(f"$ {sys.executable} -m torch.utils.collect_env")
+    assert "PyTorch version:" in collected and "stand-in" not in collected
+    assert f"[{layout.COLLECT_ENV}]({layout.COLLECT_ENV})" in (run_dir / layout.README_FILE).read_text()
+    assert layout.COLLECT_ENV in (run_dir / layout.SUMS_FILE).read_text()
+
+
+def test_no_collect_env_without_a_passing_install(tmp_path, monkeypatch):
+    monkeypatch.setattr(layout, "gpu_python", lambda venv=None: Path(sys.executable))
+    run_dir = make_run(tmp_path, {"probe": StageStatus.PASS, "install": StageStatus.FAIL})
+    render(run_dir)
+    assert not (run_dir / layout.COLLECT_ENV).exists()
