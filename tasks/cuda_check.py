@@ -100,6 +100,7 @@ def run(run_dir: Path, args) -> Outcome:
     if getattr(args, "level", None) == "long":  # written by this run only: a quick re-run does not claim them
         files += [name for name in (layout.BURN_SAMPLES, layout.BURN_PLOT, layout.DCGM_JSON) if (run_dir / name).exists()]
     out = outcome_from(result, code, lines[-1][:300] if lines else "", limit, files, hung)
+    out.figures["overrides"] = overrides(args)  # tasks/verdict.py: a changed check is not a full PASS
     return across_nodes(run_dir, args, python, out, settings)
 
 
@@ -117,6 +118,15 @@ def across_nodes(run_dir: Path, args, python: Path, out: Outcome, settings: dict
         run_dir, job, python, nproc, mib=settings["sizes"]["allreduce_mib"], timeout=settings["allreduce_timeout_s"])
     files = out.files + [n for n in (multinode.CHECK_RESULT, layout.ALLREDUCE_NODES_LOG) if (run_dir / n).exists()]
     return Outcome(out.status if ok else StageStatus.FAIL, out.reason if ok else reason, {**out.figures, **figures}, files)
+
+
+# The options that change a setting of configs/cuda_check.yaml, recorded by that setting's key.
+OVERRIDE_KEYS = (("check_mem_share", "memory_share"), ("check_speed_share", "speed_share"), ("check_seed", "seed"))
+
+
+def overrides(args) -> list[str]:
+    """The settings this run changed from configs/cuda_check.yaml, as "key=value"."""
+    return [f"{key}={value}" for name, key in OVERRIDE_KEYS if (value := getattr(args, name, None)) is not None]
 
 
 def log_lines(path: Path) -> list[str]:

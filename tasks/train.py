@@ -26,7 +26,7 @@ DESCRIPTION = ("Train GPT-2 for a few steps on every GPU (training_pt/train.py i
                "real text, nothing goes non-finite; tok/s, MFU, memory and NVML samples in training_log.txt.")
 
 # Figures copied from train_result.json into the stage record (and so into summary.json / README).
-FIGURES = ("model", "params_m", "gpus", "gpu_name", "gpu_model", "tok_s", "tok_s_per_gpu", "mfu_pct", "peak_tflops",
+FIGURES = ("device", "model", "params_m", "gpus", "gpu_name", "gpu_model", "tok_s", "tok_s_per_gpu", "mfu_pct", "peak_tflops",
            "first_loss", "final_loss", "steps", "batch_size", "block_size", "tokens_per_step", "compile",
            "warmup_s", "first_step_s", "peak_mem_alloc_gib", "peak_mem_reserved_gib", "gpu_util_median",
            "power_w_median", "sm_clock_mhz_median", "temp_c_max", "torch", "transformers",
@@ -170,7 +170,7 @@ def run(run_dir: Path, args) -> Outcome:
                          layout.TRAIN_CONSOLE) if (run_dir / n).exists()]
     figures = job.figures() if job is not None else {}
     figures.update({k: v for k, v in ((result or {}).get("figures") or {}).items() if k in FIGURES})
-    figures.update(nproc=nproc, config=Path(args.train_config).name)
+    figures.update(nproc=nproc, config=Path(args.train_config).name, overrides=list(args.train_override))
     if result is not None and result.get("status") == "pass" and rc == 0:
         return Outcome(StageStatus.PASS, "", figures, files)
     return Outcome(StageStatus.FAIL, failure_reason(run_dir, rc, args.train_timeout, result, job), figures, files)

@@ -144,3 +144,15 @@ def test_a_broken_verdict_config_stops_m40_before_the_first_stage(monkeypatch, t
     assert m40.main([]) == layout.EXIT_USAGE
     assert "harmless_overrides must map a stage" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_cuda_check_records_a_changed_setting_and_a_weaker_speed_share_is_partial():
+    import argparse
+
+    from tasks import cuda_check
+
+    args = argparse.Namespace(check_mem_share=None, check_speed_share=0.01, check_seed=7)
+    assert cuda_check.overrides(args) == ["speed_share=0.01", "seed=7"]
+    got = verdict.judge(run(cuda_check={"overrides": cuda_check.overrides(args)}), RULES)
+    assert got.word == "PARTIAL" and got.harmless == ("cuda_check: seed=7",)
+    assert got.deviations[0].startswith("cuda_check ran with speed_share=0.01")

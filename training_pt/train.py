@@ -745,19 +745,30 @@ def nvml_text(summary: dict) -> str:
 
 # --------------------------------------------------------------------------- outputs
 
-def loss_svg(losses: list[float], title: str, width: int = 720, height: int = 360) -> str:
-    """The loss curve as a small self-contained SVG (no plotting library needed)."""
+def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
+    """Round tick values (1, 2 or 5 times a power of ten apart) covering [lo, hi]."""
+    raw = (hi - lo) / max(1, count - 1)
+    power = 10 ** math.floor(math.log10(raw)) if raw > 0 else 1.0
+    step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
+    first = math.ceil(lo / step) * step
+    return [round(first + k * step, 10) for k in range(int((hi - first) / step + 1e-9) + 1)]
+
+
+def loss_svg(losses: list[float], title: str, reference: float | None = None, width: int = 720,
+             height: int = 360) -> str:
+    """The loss curve as a small self-contained SVG (no plotting library needed); `reference` (ln V, the
+    loss of a uniform guess) as a dashed line."""
     left, right, top, bottom = 64, 20, 36, 44
     pw, ph = width - left - right, height - top - bottom
     finite = [v for v in losses if math.isfinite(v)] or [0.0]
-    lo, hi = min(finite), max(finite)
+    lo, hi = min(finite + ([reference] if reference else [])), max(finite + ([reference] if reference else []))
     if hi - lo < 1e-9:
         lo, hi = lo - 0.5, hi + 0.5
     pad = 0.05 * (hi - lo)
     lo, hi = lo - pad, hi + pad
     last = max(1, len(losses) - 1)
 
-    def xy(i: int, v: float) -> tuple[float, float]:
+    def xy(i: float, v: float) -> tuple[float, float]:
         return left + pw * i / last, top + ph * (hi - v) / (hi - lo)
 
     points = " ".join(f"{x:.1f},{y:.1f}" for x, y in (xy(i, v) for i, v in enumerate(losses) if math.isfinite(v)))
@@ -768,14 +779,18 @@ def loss_svg(losses: list[float], title: str, width: int = 720, height: int = 36
            f'<text x="{width / 2}" y="20" text-anchor="middle" font-size="14">{esc}</text>',
            f'<line x1="{left}" y1="{top + ph}" x2="{left + pw}" y2="{top + ph}" stroke="black"/>',
            f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + ph}" stroke="black"/>']
-    for k in range(5):
-        v = lo + (hi - lo) * k / 4
+    for v in nice_ticks(lo, hi):
         _, y = xy(0, v)
         out += [f'<line x1="{left - 4}" y1="{y:.1f}" x2="{left + pw}" y2="{y:.1f}" stroke="#ddd"/>',
-                f'<text x="{left - 8}" y="{y + 4:.1f}" text-anchor="end">{v:.2f}</text>']
-    for i in sorted({0, last // 2, last}):
+                f'<text x="{left - 8}" y="{y + 4:.1f}" text-anchor="end">{v:g}</text>']
+    for i in nice_ticks(0, last, 7):
         x, _ = xy(i, lo)
-        out.append(f'<text x="{x:.1f}" y="{top + ph + 18}" text-anchor="middle">{i}</text>')
+        out.append(f'<text x="{x:.1f}" y="{top + ph + 18}" text-anchor="middle">{i:g}</text>')
+    if reference:
+        _, y = xy(0, reference)
+        out += [f'<line x1="{left}" y1="{y:.1f}" x2="{left + pw}" y2="{y:.1f}" stroke="#d62728" stroke-dasharray="6 4"/>',
+                f'<text x="{left + pw - 4}" y="{y - 5:.1f}" text-anchor="end" fill="#d62728">'
+                f'ln(V) = {reference:.2f}: a uniform guess</text>']
     out += [f'<text x="{left + pw / 2}" y="{height - 8}" text-anchor="middle">step</text>',
             f'<text x="16" y="{top + ph / 2}" text-anchor="middle" transform="rotate(-90 16 {top + ph / 2})">loss</text>',
             f'<polyline fill="none" stroke="#1f77b4" stroke-width="2" points="{points}"/>', "</svg>"]
@@ -977,6 +992,7 @@ def train(cfg: dict, args, log: Log, result: dict) -> None:
     if log.leader:
         metrics_path.write_text("")
     expected = math.log(vocab_real)
+    result["ln_vocab"] = expected  # the dashed line of loss.svg
     losses: list[float] = result["losses"]
     sampler = NvmlSampler(device, cfg["nvml"]["interval_s"]) if device.type == "cuda" else None
     if device.type == "cuda":
@@ -1169,8 +1185,12 @@ def main(argv: list[str] | None = None) -> int:
         result["ended"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         if log.leader:
             if result["losses"]:
-                title = f"{result['figures'].get('model', 'model')} training loss, {result['figures'].get('gpu_name', '')}"
-                (args.out / layout.TRAIN_LOSS_PLOT).write_text(loss_svg(result["losses"], title))
+                figs = result["figures"]
+                n = figs.get("gpus") or 1
+                unit = "GPU" if figs.get("device", "cuda") == "cuda" else str(figs["device"]).upper()
+                title = f"{figs.get('model', 'model')} training loss, {figs.get('gpu_name', '')} × {n} {unit}{'s' * (n > 1)}"
+                (args.out / layout.TRAIN_LOSS_PLOT).write_text(loss_svg(result["losses"], title,
+                                                                        result.get("ln_vocab")))
             (args.out / layout.TRAIN_RESULT).write_text(json.dumps(result, indent=2, default=str) + "\n")
         with contextlib.suppress(Exception):
             import torch.distributed as dist
