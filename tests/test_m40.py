@@ -297,3 +297,28 @@ def test_train_without_the_gpu_environment_names_the_install_command(monkeypatch
     out = capsys.readouterr().out
     assert "nox -s install -p CHANNEL" in out
     assert "`nox -s install`" not in out  # the bare command refuses to run
+
+
+def test_the_readme_exit_code_table_is_every_code_in_layout():
+    readme = (layout.ROOT / "README.md").read_text()
+    table = readme.split("## Exit codes")[1].split("\n## ")[0]
+    documented = sorted(int(line.split("|")[1]) for line in table.splitlines() if line.startswith("| ") and
+                        line.split("|")[1].strip().isdigit())
+    codes = sorted({v for k, v in vars(layout).items() if k.startswith("EXIT_") and isinstance(v, int)}
+                   | set(layout.EXIT_STAGE.values()))
+    assert documented == codes
+
+
+def test_the_workflows_hold_a_read_only_token_and_one_run_at_a_time():
+    import yaml
+
+    workflows = sorted((layout.ROOT / ".github" / "workflows").glob("*.yml"))
+    assert [w.name for w in workflows] == ["ci.yml", "m40.yml"]
+    for path in workflows:
+        doc = yaml.safe_load(path.read_text())
+        assert doc["permissions"] == {"contents": "read"}, path.name
+        assert "group" in doc["concurrency"], path.name
+    gpu = (layout.ROOT / ".github" / "workflows" / "m40.yml").read_text()
+    assert "::error title=m40 verdict" in gpu and "PIPESTATUS[0]" in gpu
+    labels = yaml.safe_load((layout.ROOT / ".github" / "actionlint.yaml").read_text())["self-hosted-runner"]["labels"]
+    assert "gpu" in labels
