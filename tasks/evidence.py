@@ -174,7 +174,7 @@ def environment() -> jinja2.Environment:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(layout.TEMPLATES)), autoescape=False,  # markdown: text is escaped by the md filter
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
                              keep_trailing_newline=True)
-    env.filters.update(md=text.md_inert, figures=figures_text, link=link)
+    env.filters.update(md=text.md_inert, figures=figures_text, link=link, na=lambda v: "N/A" if v is None else v)
     return env
 
 
