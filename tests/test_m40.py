@@ -220,6 +220,9 @@ def test_nox_m40_without_a_gpu_end_to_end(tmp_path):
     output = first.stdout + first.stderr
     assert first.returncode == layout.EXIT_STAGE["probe"], output
     assert "probe: FAIL" in output and "couldn't communicate with the NVIDIA driver" in output
+    assert first.stdout.strip().splitlines()[-1].startswith("m40: FAIL at probe: ")  # the verdict is the last line
+    assert first.stdout.strip().endswith(f"(exit 10); read {project / 'submission_runs' / 'm40_v1' / 'README.md'}")
+    assert "Session m40" not in first.stderr  # nox adds no line after it
 
     run_dir = project / "submission_runs" / "m40_v1"
     for f in layout.REQUIRED_FILES:

@@ -1,0 +1,33 @@
+"""tasks/identity.py: which torch a stage ran, down to the wheel."""
+
+from __future__ import annotations
+
+from tasks import identity
+
+
+def fake_site(root, version="2.11.0+cu128", record="torch/__init__.py,sha256=abc,10\n"):
+    site = root / "site-packages"
+    (site / "torch").mkdir(parents=True)
+    (site / "torch" / "__init__.py").write_text("")
+    info = site / f"torch-{version}.dist-info"
+    info.mkdir()
+    (info / "RECORD").write_text(record)
+    return site / "torch" / "__init__.py"
+
+
+def test_the_identity_names_the_version_the_file_and_the_wheels_record(tmp_path):
+    got = identity.of_torch(fake_site(tmp_path), "2.11.0+cu128")
+    assert got["version"] == "2.11.0+cu128" and got["file"].endswith("site-packages/torch/__init__.py")
+    assert len(got["record_sha256"]) == 64
+
+
+def test_another_wheel_with_the_same_version_has_another_identity(tmp_path):
+    a = identity.of_torch(fake_site(tmp_path / "a"), "2.11.0")
+    b = identity.of_torch(fake_site(tmp_path / "b", record="torch/__init__.py,sha256=def,10\n"), "2.11.0")
+    assert a["record_sha256"] != b["record_sha256"]
+
+
+def test_no_record_beside_the_package_is_an_empty_hash(tmp_path):
+    (tmp_path / "torch").mkdir()
+    (tmp_path / "torch" / "__init__.py").write_text("")
+    assert identity.of_torch(tmp_path / "torch" / "__init__.py", "2.5.0")["record_sha256"] == ""
