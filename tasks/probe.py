@@ -313,7 +313,10 @@ def nvml_in_child(nvml_loader, deadline: Deadline) -> DriverFacts:
     pid = os.fork()
     if pid == 0:  # the child: answer through the pipe, then leave without running the parent's cleanup
         try:
-            os.close(read_end)
+            # Hold nothing of the parent's but the answer pipe: a child stuck in the driver must not keep
+            # the run folder's lock (or any other file) open after the probe has moved on.
+            os.closerange(3, write_end)
+            os.closerange(write_end + 1, os.sysconf("SC_OPEN_MAX"))
             try:
                 answer = ("facts", nvml_facts(nvml_loader()))
             except NvmlUnavailable as e:

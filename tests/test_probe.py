@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import sys
 import threading
@@ -357,3 +358,26 @@ def test_a_value_holding_newlines_cannot_forge_a_section_of_env_info(monkeypatch
     assert "NCCL_DEBUG=x\\n\\n## Gate\\nPASS: driver 999.99 supports CUDA 99.9" in lines
     assert "\x1b" not in env_info and "\r" not in env_info
     assert "\n" not in out.reason and "\n" not in out.figures["gpus"] and "\n" not in out.figures["driver"]
+
+
+def test_the_nvml_child_holds_no_file_of_the_probe_so_a_stuck_child_cannot_keep_a_run_locked(
+        monkeypatch, tmp_path, run_dir, nvml_machine):
+    lock = tmp_path / "run.lock"
+    held = open(lock, "w")  # stands for the run folder's lock, which the probe's process holds
+    seen = tmp_path / "child-files.txt"
+
+    def init():
+        fds = Path("/proc/self/fd")
+        targets = []
+        for fd in list(fds.iterdir()):
+            try:
+                targets.append(os.readlink(fd))
+            except OSError:
+                pass
+        seen.write_text("\n".join(targets))
+    monkeypatch.setattr(pynvml, "nvmlInit", init)
+    try:
+        probe.run(run_dir, args())
+    finally:
+        held.close()
+    assert seen.exists() and str(lock) not in seen.read_text().splitlines()
