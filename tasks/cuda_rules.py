@@ -430,9 +430,9 @@ def speed_expectation(spec: config.GpuSpec | None, unit: str, gpu_name: str) -> 
         return None, label, (f"speed not judged: {gpu_name!r} is a MIG slice and configs/gpus.yaml gives no "
                              f"mig_slices for {spec.model} to scale its {key} by; add the count of compute slices")
     if unit == "TFLOP/s":
-        return peak * mig.compute / spec.mig_slices, f"{label} = {mig.compute}/{spec.mig_slices} of the compute", ""
+        return peak * mig.compute / spec.mig_slices, f"{label} ({mig.compute}/{spec.mig_slices} of its compute)", ""
     share = min(1.0, mig.memory_gb / spec.memory_gb)
-    return peak * share, f"{label} = {mig.memory_gb:g}/{spec.memory_gb:g} GB of the memory", ""
+    return peak * share, f"{label} ({mig.memory_gb:g}/{spec.memory_gb:g} GB of its memory)", ""
 
 
 def judge_speed(kind: str, measured: float, unit: str, peak: float | None, share: float, model: str | None,
