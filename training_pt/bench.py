@@ -29,14 +29,16 @@ from pathlib import Path
 
 import torch
 import train as T  # training_pt/train.py: the config, tokenizer, data, model and FLOPs code we measure
-import yaml
 
 from tasks import layout  # train put the repository root on sys.path
-from tasks.config import gpu_spec_for
+from tasks.config import ConfigError, gpu_spec_for, load_yaml
 
 
 def load_bench_settings(path: Path) -> dict:
-    data = yaml.safe_load(Path(path).read_text()) or {}
+    try:
+        data = load_yaml(path, empty_ok=True)
+    except ConfigError as e:
+        raise SystemExit(f"bench: {e}") from None
     for key in ("timed_steps", "warmup_steps", "compile_batch_size"):
         if not isinstance(data.get(key), int) or data[key] < 1:
             raise SystemExit(f"bench: {path}: {key} must be a positive integer")

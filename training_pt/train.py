@@ -66,7 +66,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # run as a script: make `tasks` (file names, GPU datasheet) importable
 from tasks import layout  # noqa: E402
-from tasks.config import ConfigError, gpu_spec_for  # noqa: E402
+from tasks.config import ConfigError, gpu_spec_for, load_yaml  # noqa: E402
 
 EXIT_OK, EXIT_ERROR, EXIT_INPUT, EXIT_CHECK, EXIT_OOM, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 
@@ -253,17 +253,9 @@ def apply_override(cfg: dict, item: str) -> None:
 def load_config(path: Path, overrides: list[str]) -> dict:
     """DEFAULTS updated by the YAML and then the overrides, checked; TrainError(EXIT_INPUT) on bad input."""
     try:
-        text = Path(path).read_text()
-    except FileNotFoundError:
-        raise TrainError(EXIT_INPUT, f"config file {path} not found; pass --config with an existing YAML file") from None
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f" at line {mark.line + 1}" if mark else ""
-        raise TrainError(EXIT_INPUT, f"config file {path} is not valid YAML{at}; fix the syntax") from None
-    if not isinstance(data, dict):
-        raise TrainError(EXIT_INPUT, f"config file {path} must hold a mapping of settings")
+        data = load_yaml(path, empty_ok=True)  # the one YAML loader: one-line errors naming the file
+    except ConfigError as e:
+        raise TrainError(EXIT_INPUT, f"{e} (--config)") from None
     cfg = copy.deepcopy(DEFAULTS)
     merge(cfg, data, DEFAULTS, str(path))
     for item in overrides:
