@@ -67,9 +67,12 @@ def command(run_dir: Path, args, python: Path) -> list:
 
 
 def check_inputs(args) -> None:
-    """The check tolerances and the GPU datasheet, refused before any stage runs (ConfigError, exit 2)."""
+    """The check tolerances, the GPU datasheet, the burn-in settings and the NVML tables (clock events,
+    Xids) the checker judges with, refused before any stage runs (ConfigError, exit 2)."""
     config.load_cuda_check()
     config.load_gpus()
+    config.load_burnin()
+    config.load_nvml()
 
 
 def run(run_dir: Path, args) -> Outcome:

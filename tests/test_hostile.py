@@ -334,3 +334,20 @@ def test_bench_output_never_goes_into_a_run_or_through_a_link(project, tmp_path,
         out.symlink_to(target)
     refused(project.nox("-s", "bench", "--", "--python", sys.executable, "--out", str(out)), USAGE, "--out", str(out))
     assert not any(target.iterdir())
+
+
+NOT_READ_BY_M40 = {"bench.yaml", "fleet.yaml", "submission_local_gpu_gemma2b.yaml"}  # other sessions' files
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (layout.ROOT / "configs").glob("*.yaml")))
+def test_every_config_file_m40_reads_is_checked_before_the_first_stage(project, name):
+    """A new config file read by a stage that does not run on this GPU-less machine must still be checked
+    up front (its stage's check_inputs), else this test fails: exit 10 (probe) instead of 2."""
+    bad = project.root / "configs" / name
+    bad.write_text("key: [unclosed\n")
+    result = project.nox("-s", "m40", "--", *NO_GPU)
+    if name in NOT_READ_BY_M40:
+        assert result.returncode == layout.EXIT_STAGE["probe"], result.stdout + result.stderr
+    else:
+        refused(result, USAGE, str(bad), "fix the syntax")
+        assert project.run_names() == ["m40_v1"]
