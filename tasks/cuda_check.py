@@ -66,6 +66,9 @@ def command(run_dir: Path, args, python: Path) -> list:
     return cmd
 
 
+USES_GPU_VENV = True  # the harness holds .venv-gpu shared while run() runs: no install swaps it meanwhile
+
+
 def check_inputs(args) -> None:
     """The check tolerances, the GPU datasheet, the burn-in settings and the NVML tables (clock events,
     Xids) the checker judges with, refused before any stage runs (ConfigError, exit 2)."""

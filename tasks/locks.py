@@ -5,6 +5,9 @@ stale lock to take over and no race between two processes that both think a lock
 file also holds its owner (pid, host, start time, command) as JSON, so a second process can say who
 holds it. A lock file naming another host is left alone (a network filesystem may not carry flock
 between hosts): its message says to remove the file once that process is gone.
+
+`exclusive` is one holder (an install, a run); `shared` is any number of holders at once (stages that
+use `.venv-gpu`), none while an exclusive holder has it. Shared holders do not write the file.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ class Busy(Exception):
 
 
 def describe(holder: dict) -> str:
+    if not holder:
+        return "processes that share it (they record no holder; a stage using it right now)"
     return (f"pid {holder.get('pid')} on {holder.get('host')} since {holder.get('since')}"
             f" ({holder.get('command') or 'unknown command'})")
 
@@ -63,12 +68,13 @@ def _open(lock: Path) -> int:
         raise
 
 
-def _acquire(lock: Path) -> int:
-    """A descriptor holding the kernel lock on the file now at `lock`; raises Busy when another holds it."""
+def _acquire(lock: Path, mode: int) -> int:
+    """A descriptor holding the kernel lock (mode: LOCK_EX or LOCK_SH) on the file now at `lock`; raises
+    Busy when another process holds it in a mode that excludes ours."""
     while True:
         fd = _open(lock)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             raise Busy(_holder_of_busy(lock)) from None
@@ -88,20 +94,40 @@ def exclusive(lock: Path):
     """Hold `lock` for the duration of the block; raises Busy when another process holds it."""
     command = redact_url(" ".join(sys.argv[:4]))  # an index URL on the command line may carry a token
     me = {"pid": os.getpid(), "host": socket.gethostname(), "since": now_iso(), "command": command}
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    fd = _acquire(lock)
+    fd = _take(lock, fcntl.LOCK_EX)
     try:
-        left = _read_holder(lock)
-        if left.get("host") not in (None, me["host"]):  # its holder may live on that host: not ours to take
-            raise Busy(left, f"; if that process is gone, remove {lock}")
-        os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(me).encode(), 0)
-    except BaseException:
-        os.close(fd)
-        raise
-    try:
         yield lock
     finally:
         if _read_holder(lock).get("pid") == me["pid"]:  # never remove a lock file that is not ours
             lock.unlink(missing_ok=True)  # while we still hold it, so no one locks the removed file
         os.close(fd)
+
+
+@contextlib.contextmanager
+def shared(lock: Path):
+    """Hold `lock` together with other shared holders; raises Busy while an exclusive holder has it."""
+    fd = _take(lock, fcntl.LOCK_SH)
+    try:
+        yield lock
+    finally:
+        with contextlib.suppress(BlockingIOError):
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # succeeds only when no one else holds it
+            lock.unlink(missing_ok=True)  # the last holder removes the file, as an exclusive holder does
+        os.close(fd)
+
+
+def _take(lock: Path, mode: int) -> int:
+    """The locked descriptor, the file emptied of a dead holder's record; Busy for another host's record."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = _acquire(lock, mode)
+    try:
+        left = _read_holder(lock)
+        if left.get("host") not in (None, socket.gethostname()):  # its holder may live there: not ours to take
+            raise Busy(left, f"; if that process is gone, remove {lock}")
+        if left:
+            os.ftruncate(fd, 0)  # no live process holds it in a mode that excludes ours: the record is stale
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd

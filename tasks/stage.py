@@ -5,6 +5,7 @@ A stage module provides:
     add_arguments(parser)     its options (each option name used by one stage only)
     run(run_dir, args)        does the work, returns records.Outcome; never calls sys.exit
     after_record(run_dir, rec)  optional: runs after stages/<stage>.json is written, if the stage passed
+    USES_GPU_VENV = True      optional: run() uses .venv-gpu, held shared meanwhile (an install waits)
     check_inputs(args)        optional: raises ConfigError on a bad option or config file; called before
                               any stage runs (m40 calls every stage's), so a bad input is exit 2 up front
     nothing_to_do(args)       optional: a one-line reason to do nothing (then no run folder is touched)
@@ -16,11 +17,12 @@ and maps the result to the stage's exit code.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import traceback
 from pathlib import Path
 
-from tasks import cuda_check, evidence, install, layout, probe, records, runs, train, validate
+from tasks import cuda_check, evidence, install, layout, probe, records, runs, train, validate, venvs
 from tasks.config import ConfigError
 from tasks.records import StageStatus, Timer
 
@@ -36,8 +38,12 @@ def execute(stage: str, run_dir: Path, args: argparse.Namespace) -> records.Stag
     # Slurm/Kubernetes stop) leaves "running", which evidence reads as "did not finish", never a stale pass.
     records.write(run_dir, records.StageRecord(stage, StageStatus.RUNNING, started=timer.started))
     try:
-        out = mod.run(run_dir, args)
+        # A stage that runs .venv-gpu's Python holds it shared: no install swaps it under the stage.
+        with venvs.in_use(layout.VENV_GPU) if getattr(mod, "USES_GPU_VENV", False) else contextlib.nullcontext():
+            out = mod.run(run_dir, args)
         rec = timer.record(stage, out.status, out.reason, out.figures, out.files)
+    except venvs.VenvError as e:  # an install holds .venv-gpu right now
+        rec = timer.record(stage, StageStatus.FAIL, str(e))
     except KeyboardInterrupt:
         rec = timer.record(stage, StageStatus.INTERRUPTED, f"interrupted by the user (Ctrl-C) during {stage}")
         records.write(run_dir, rec)

@@ -110,6 +110,9 @@ def failure_reason(run_dir: Path, rc: int, timeout: float, result: dict | None, 
     return f"train.py exited with code {rc}: {tail[-1].strip() if tail else 'no output'}"
 
 
+USES_GPU_VENV = True  # the harness holds .venv-gpu shared while run() runs: no install swaps it meanwhile
+
+
 def check_inputs(args) -> None:
     """The training config and options, refused before any stage runs (ConfigError, exit 2)."""
     validate.train_options(args)

@@ -59,8 +59,20 @@ def locked(final: Path):
         try:
             stack.enter_context(locks.exclusive(lock))
         except locks.Busy as busy:
-            raise VenvError(f"{final} is being installed by {busy}; wait for it, "
-                            f"or remove {lock} if that process is gone") from None
+            raise VenvError(f"{final} is being installed or used by {busy}; wait for it to finish") from None
+        yield final
+
+
+@contextlib.contextmanager
+def in_use(final: Path):
+    """Hold `<venv>.lock` shared while a stage runs `final`'s Python, so no install swaps it meanwhile;
+    any number of stages may hold it at once. VenvError while an install holds it."""
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(locks.shared(lock_path(final)))
+        except locks.Busy as busy:
+            raise VenvError(f"{final} is being installed by {busy}; wait for it to finish, "
+                            "then run this stage again") from None
         yield final
 
 

@@ -126,3 +126,57 @@ def test_a_symlinked_lock_file_is_never_followed(tmp_path):
         with locks.exclusive(tmp_path / "x.lock"):
             pass
     assert target.read_text() == "keep me"
+
+
+HOLD = """
+import sys, time
+from pathlib import Path
+from tasks import locks
+with getattr(locks, sys.argv[2])(Path(sys.argv[1])):
+    print("held", flush=True)
+    time.sleep(60)
+"""
+
+
+@pytest.fixture
+def hold(tmp_path):
+    """hold(lock, "shared"|"exclusive"): another process holding the lock until the test ends."""
+    procs = []
+
+    def start(lock, mode):
+        proc = subprocess.Popen([sys.executable, "-c", HOLD, str(lock), mode], cwd=layout.ROOT,  # noqa: S603
+                                stdout=subprocess.PIPE, text=True, env=CHILD_ENV)
+        procs.append(proc)
+        assert proc.stdout.readline().strip() == "held"
+        return proc
+    yield start
+    for proc in procs:
+        proc.kill()
+        proc.wait()
+
+
+def test_shared_holders_share_and_keep_an_exclusive_holder_out(tmp_path, hold):
+    lock = tmp_path / "venv.lock"
+    hold(lock, "shared")
+    with locks.shared(lock):  # a second stage at the same time
+        pass
+    with pytest.raises(locks.Busy, match="share it"):
+        with locks.exclusive(lock):
+            pass
+
+
+def test_an_exclusive_holder_keeps_shared_holders_out_and_is_named(tmp_path, hold):
+    lock = tmp_path / "venv.lock"
+    holder = hold(lock, "exclusive")
+    with pytest.raises(locks.Busy, match=f"pid {holder.pid} on {socket.gethostname()}"):
+        with locks.shared(lock):
+            pass
+
+
+def test_the_last_shared_holder_removes_the_lock_file(tmp_path):
+    lock = tmp_path / "venv.lock"
+    with locks.shared(lock), locks.shared(lock):
+        assert lock.exists()
+    assert not lock.exists()
+    with locks.exclusive(lock):  # and an exclusive holder can take it after
+        assert json.loads(lock.read_text())["pid"] == os.getpid()

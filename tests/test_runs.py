@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import socket
 import subprocess
@@ -9,7 +10,8 @@ import sys
 
 import pytest
 
-from tasks import layout, runs, stage
+from tasks import layout, runs, stage, venvs
+from tasks.records import StageStatus
 
 PROJECT = layout.ROOT
 
@@ -121,3 +123,42 @@ def test_lock_from_another_host_is_not_taken_over(tmp_path):
     (tmp_path / layout.LOCK_FILE).write_text(json.dumps({"pid": 1, "host": "other-host", "since": "x", "command": "nox"}))
     with pytest.raises(runs.RunLocked, match="other-host"), runs.locked(tmp_path):
         pass
+
+
+VENV_HOLDER = ("import sys, time; from pathlib import Path; from tasks import venvs\n"
+               "with getattr(venvs, sys.argv[2])(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(60)\n")
+
+
+@pytest.fixture
+def venv_holder(tmp_path, monkeypatch):
+    """venv_holder(how): another process holding tmp_path/.venv-gpu (`locked`: an install, `in_use`: a stage)."""
+    monkeypatch.setattr(layout, "VENV_GPU", tmp_path / ".venv-gpu")
+    procs = []
+
+    def start(how):
+        proc = subprocess.Popen([sys.executable, "-c", VENV_HOLDER, str(layout.VENV_GPU), how],  # noqa: S603
+                                cwd=PROJECT, stdout=subprocess.PIPE, text=True)
+        procs.append(proc)
+        assert proc.stdout.readline().strip() == "held"
+        return proc
+    yield start
+    for proc in procs:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.parametrize("name", ["cuda_check", "train"])
+def test_a_stage_that_uses_gpu_venv_is_a_one_line_fail_while_an_install_holds_it(tmp_path, venv_holder, name):
+    install = venv_holder("locked")
+    run_dir = runs.resolve(tmp_path / "runs", None, new=True)
+    rec = stage.execute(name, run_dir, argparse.Namespace())
+    assert rec.status == StageStatus.FAIL
+    assert f"is being installed by pid {install.pid} on {socket.gethostname()}" in rec.reason
+
+
+def test_an_install_waits_for_stages_that_use_gpu_venv(venv_holder):
+    venv_holder("in_use")
+    venv_holder("in_use")  # two stages at once share it
+    with pytest.raises(venvs.VenvError, match="being installed or used by processes that share it"):
+        with venvs.locked(layout.VENV_GPU):
+            pass
