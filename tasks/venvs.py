@@ -59,7 +59,8 @@ def locked(final: Path):
         try:
             stack.enter_context(locks.exclusive(lock))
         except locks.Busy as busy:
-            raise VenvError(f"{final} is being installed or used by {busy}; wait for it to finish") from None
+            doing = "installed" if busy.holder else "used"  # a stage holding it shared records no holder
+            raise VenvError(f"{final} is being {doing} by {busy}; wait for it to finish") from None
         yield final
 
 

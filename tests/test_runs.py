@@ -159,6 +159,6 @@ def test_a_stage_that_uses_gpu_venv_is_a_one_line_fail_while_an_install_holds_it
 def test_an_install_waits_for_stages_that_use_gpu_venv(venv_holder):
     venv_holder("in_use")
     venv_holder("in_use")  # two stages at once share it
-    with pytest.raises(venvs.VenvError, match="being installed or used by processes that share it"):
+    with pytest.raises(venvs.VenvError, match="being used by processes that share it"):
         with venvs.locked(layout.VENV_GPU):
             pass
