@@ -16,7 +16,7 @@ import json
 import os
 from pathlib import Path
 
-from tasks import burn_rules, config, layout, multinode, proc
+from tasks import burn_rules, config, identity, layout, multinode, proc
 from tasks.records import Outcome, StageStatus
 
 DESCRIPTION = ("Check that PyTorch computes correctly and at speed on every GPU (build, driver, devices, kernels "
@@ -172,6 +172,9 @@ def figures_from(result: dict) -> dict:
         "checks_skip": counts.get("SKIP", 0), "checks_warn": counts.get("WARN", 0), "gpus_checked": result.get("gpus_checked", 0),
         "check_s": result.get("total_s"), "seed": result.get("seed"),
         "torch": versions.get("torch"), "cuda_build": versions.get("cuda"),
+        # which torch the checker imported (tasks/verdict.py compares it with install's and train's)
+        "torch_identity": identity.of_torch(versions["torch_file"], versions.get("torch")) if versions.get("torch_file")
+        else None,
     }
     failed = []
     for c in result.get("checks", []):

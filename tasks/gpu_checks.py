@@ -401,7 +401,7 @@ class Checker:
             self._versions = {"torch": torch.__version__, "cuda": torch.version.cuda,
                               "hip": getattr(torch.version, "hip", None), "cudnn": rules.cudnn_version_text(cudnn),
                               "nccl": nccl, "triton": triton, "python": platform.python_version(),
-                              "driver": self.nvml.driver}
+                              "driver": self.nvml.driver, "torch_file": torch.__file__}
         return self._versions
 
     # ---- a, b, c: the build, the driver, the devices

@@ -34,7 +34,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from tasks import config, installers, layout, records, venvs
+from tasks import config, identity, installers, layout, records, venvs
 from tasks.config import Channel, ConfigError
 from tasks.installers import CommandLog, Installed, StepFailed
 from tasks.records import Outcome, StageStatus
@@ -703,7 +703,10 @@ def run(run_dir: Path, args) -> Outcome:
 def _figures(marker: dict, facts: dict, attempts: int, seconds: float, *, noop: bool) -> dict:
     figures = {"channel": marker["channel"], "kind": marker["entry"]["kind"], "torch": facts.get("torch_version"),
                "cuda": facts.get("cuda"), "installer": marker.get("installer", "").split(" (")[0],
-               "attempts": attempts, "install_s": round(seconds, 1), "noop": noop}
+               "attempts": attempts, "install_s": round(seconds, 1), "noop": noop,
+               # the torch the verifier imported in .venv-gpu (tasks/verdict.py compares cuda_check's and train's)
+               "torch_identity": identity.of_torch(facts["torch_file"], facts.get("torch_version"))
+               if facts.get("torch_file") else None}
     if marker.get("provisioned"):
         figures["from_python"] = marker["provisioned"]["executable"]
     return figures

@@ -19,7 +19,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from tasks import layout, multinode, proc, records, validate
+from tasks import identity, layout, multinode, proc, records, validate
 from tasks.records import Outcome, StageStatus
 
 DESCRIPTION = ("Train GPT-2 for a few steps on every GPU (training_pt/train.py in .venv-gpu): the loss falls on "
@@ -174,6 +174,8 @@ def run(run_dir: Path, args) -> Outcome:
     figures = job.figures() if job is not None else {}
     figures.update({k: v for k, v in ((result or {}).get("figures") or {}).items() if k in FIGURES})
     figures.update(nproc=nproc, config=Path(args.train_config).name, overrides=list(args.train_override))
+    if torch_file := ((result or {}).get("figures") or {}).get("torch_file"):  # tasks/verdict.py compares it
+        figures["torch_identity"] = identity.of_torch(torch_file, figures.get("torch", ""))
     if result is not None and result.get("status") == "pass" and rc == 0:
         return Outcome(StageStatus.PASS, "", figures, files)
     return Outcome(StageStatus.FAIL, failure_reason(run_dir, rc, args.train_timeout, result, job), figures, files)

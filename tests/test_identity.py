@@ -31,3 +31,12 @@ def test_no_record_beside_the_package_is_an_empty_hash(tmp_path):
     (tmp_path / "torch").mkdir()
     (tmp_path / "torch" / "__init__.py").write_text("")
     assert identity.of_torch(tmp_path / "torch" / "__init__.py", "2.5.0")["record_sha256"] == ""
+
+
+def test_cuda_check_records_the_identity_of_the_torch_its_checker_imported(tmp_path):
+    from tasks import cuda_check
+
+    torch_file = fake_site(tmp_path)
+    figures = cuda_check.figures_from({"versions": {"torch": "2.11.0+cu128", "torch_file": str(torch_file)}})
+    assert figures["torch_identity"] == identity.of_torch(torch_file, "2.11.0+cu128")
+    assert "torch_identity" not in cuda_check.figures_from({"versions": {"torch": "2.11.0"}})

@@ -892,7 +892,8 @@ def train(cfg: dict, args, log: Log, result: dict) -> None:
     log(f"device: {gpu_name} x {world} ({device.type}); torch {torch.__version__} (CUDA {torch.version.cuda}); "
         f"host {socket.gethostname()}")
     figures.update(gpus=world if device.type == "cuda" else 0, gpu_name=gpu_name, device=device.type,
-                   torch=torch.__version__, torch_cuda=torch.version.cuda or "none", **job_figures(world))
+                   torch=torch.__version__, torch_file=torch.__file__, torch_cuda=torch.version.cuda or "none",
+                   **job_figures(world))
 
     # tokenizer and data ------------------------------------------------------------------------------
     t0 = time.perf_counter()
