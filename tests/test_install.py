@@ -132,6 +132,9 @@ def test_channel_installs_torch_and_gpu_packages_from_their_sources_only(world, 
     venv, run_dir, rec = good_venv
     assert rec.figures["channel"] == "cu128" and rec.figures["torch"] == "2.9.0+cu128"
     assert rec.figures["cuda"] == "12.8" and rec.figures["installer"].startswith("pip ")
+    ident = rec.figures["torch_identity"]  # the torch the verifier imported in the final venv (tasks/identity.py)
+    assert ident["version"] == "2.9.0+cu128" and ident["file"].startswith(str(venv.resolve()))
+    assert ".staging-" not in ident["file"] and len(ident["record_sha256"]) == 64
     marker = json.loads((venv / layout.VENV_MARKER).read_text())
     assert marker["channel"] == "cu128" and marker["torch_version"] == "2.9.0+cu128"
     urls = {f["name"]: f["url"] for f in marker["files"]}
