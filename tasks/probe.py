@@ -89,6 +89,7 @@ class Gpu:
     ecc_uncorrected_volatile: int | None = None
     ecc_uncorrected_aggregate: int | None = None
     persistence_mode: str = NA  # "enabled" | "disabled" | "N/A"
+    mig_mode: str = NA  # MIG mode now: "enabled" (CUDA sees slices, not this GPU) | "disabled" | "N/A"
     clock_event_reasons: list[str] | None = None  # decoded names; [] = none active; None = not known
     model: str | None = None  # datasheet model from configs/gpus.yaml, None when not listed
 
@@ -151,6 +152,7 @@ def gpu_from_nvml(raw: Mapping) -> Gpu:
         ecc_uncorrected_volatile=raw.get("ecc_uncorrected_volatile"),
         ecc_uncorrected_aggregate=raw.get("ecc_uncorrected_aggregate"),
         persistence_mode=enable_state(raw.get("persistence_mode")),
+        mig_mode=enable_state((raw.get("mig_mode") or (None,))[0]),
         clock_event_reasons=clock_event_names(reasons) if reasons is not None else None,
     )
 
@@ -281,6 +283,7 @@ def nvml_facts(nv) -> DriverFacts:
                     "nvmlDeviceGetTotalEccErrors", h, nv.NVML_MEMORY_ERROR_TYPE_UNCORRECTED, nv.NVML_AGGREGATE_ECC)
                 if ecc_on else None,
                 "persistence_mode": optional("nvmlDeviceGetPersistenceMode", h),
+                "mig_mode": optional("nvmlDeviceGetMigMode", h),
                 "clock_event_reasons": optional("nvmlDeviceGetCurrentClocksEventReasons", h,
                                                 fallback="nvmlDeviceGetCurrentClocksThrottleReasons"),
             }
@@ -521,6 +524,10 @@ def collect(source: str = "auto", nvml_loader=load_pynvml, timeout_s: float = 30
             facts.todo = "install the NVIDIA driver and reboot, or run on a machine with an NVIDIA GPU"
     if nvml_note:
         facts.notes.append(f"NVML not used: {nvml_note}")
+    mig = [str(g.index) for g in facts.gpus if g.mig_mode == "enabled"]
+    if mig:
+        facts.notes.append(f"MIG is enabled on GPU {', '.join(mig)}: cuda_check judges each slice against its "
+                           "share of the GPU's datasheet (configs/gpus.yaml mig_slices)")
     stuck = (["NVML"] if nvml_hung else []) + [command_label(r.cmd) for r in (plain, full_q, query)
                                                if r is not None and r.rc is None and r.error and "did not" in r.error]
     facts.hung = [f"{what} did not answer within {timeout_s:g} s" for what in stuck]
@@ -681,7 +688,7 @@ def gpus_document(facts: DriverFacts, passed: bool | None, gate_line: str, min_c
     """gpus.json (schema 1): source, driver, driver_cuda, min_driver_cuda, gate {passed, line}, notes,
     gpus [{index, name, model, uuid, pci_bus_id, compute_capability, memory_total_mib, memory_free_mib,
     ecc_current, ecc_pending, ecc_uncorrected_volatile, ecc_uncorrected_aggregate, persistence_mode,
-    clock_event_reasons}]."""
+    mig_mode, clock_event_reasons}], hung [what did not answer before the deadline]."""
     return {"schema": 1, "source": facts.source, "driver": facts.driver, "driver_cuda": facts.driver_cuda,
             "min_driver_cuda": min_cuda, "gate": {"passed": passed, "line": gate_line},
             "notes": facts.notes, "hung": facts.hung, "gpus": [asdict(g) for g in facts.gpus]}

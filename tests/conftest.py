@@ -54,6 +54,7 @@ class FakeNvml:
             "nvmlDeviceGetTotalEccErrors": lambda h, kind, counter: 0 if counter == pynvml.NVML_VOLATILE_ECC else 3,
             "nvmlDeviceGetPersistenceMode": lambda h: 1,
             "nvmlDeviceGetCurrentClocksEventReasons": lambda h: 0x1 if h == 0 else 0x1 | 0x40,
+            "nvmlDeviceGetMigMode": self.not_supported,  # an H100 whose MIG mode NVML does not report
         }
         for name, fn in fns.items():
             monkeypatch.setattr(pynvml, name, fn)
@@ -65,6 +66,10 @@ class FakeNvml:
     @property
     def calls(self) -> list[str]:
         return self.calls_file.read_text().split() if self.calls_file.exists() else []
+
+    @staticmethod
+    def not_supported(*args):
+        raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
 
     @staticmethod
     def ecc_mode(h):

@@ -381,3 +381,12 @@ def test_the_nvml_child_holds_no_file_of_the_probe_so_a_stuck_child_cannot_keep_
     finally:
         held.close()
     assert seen.exists() and str(lock) not in seen.read_text().splitlines()
+
+
+def test_mig_mode_from_nvml_is_recorded_and_named_in_env_info(monkeypatch, run_dir, nvml_machine):
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetMigMode", lambda h: [1, 1] if h == 0 else [0, 0])
+    probe.run(run_dir, args())
+    g0, g1 = json.loads(read(run_dir, layout.GPUS_JSON))["gpus"]
+    assert (g0["mig_mode"], g1["mig_mode"]) == ("enabled", "disabled")
+    assert "note        : MIG is enabled on GPU 0: cuda_check judges each slice against its share" in read(
+        run_dir, "env_info.txt")
