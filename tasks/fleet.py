@@ -266,6 +266,7 @@ def find_outliers(rows: list[dict], settings: dict) -> list[dict]:
 # --------------------------------------------------------------------------- the report
 
 DASH = "–"
+REASON_CHARS = 200  # of a reason in fleet.md; fleet.json and fleet.csv keep it whole
 DECIMALS = {"bf16_tflops": 1, "copy_tbs": 2, "allreduce_busbw_gbs": 1, "nodes_allreduce_busbw_gbs": 2, "tok_s": 0, "tok_s_per_gpu": 0, "mfu_pct": 1}
 
 
@@ -277,6 +278,14 @@ def plain(value) -> str:
 def cell(value) -> str:
     """A markdown table cell: "–" for nothing, else the text made inert (text.md_inert: pipes, links, HTML)."""
     return DASH if value in (None, "") else text.md_inert(value)
+
+
+def reason_cell(value, limit: int = REASON_CHARS) -> str:
+    """A reason cut to `limit` characters in the table (a PARTIAL's list of deviations can run long)."""
+    value = plain(value) if value not in (None, "") else value
+    if value and len(value) > limit:
+        value = value[:limit].rstrip() + " … (whole in fleet.json)"
+    return cell(value)
 
 
 def num(value, figure: str) -> str:
@@ -311,7 +320,7 @@ def exit_code_of(rows: list[dict], outliers: list[dict]) -> tuple[int, str]:
 
 def markdown(ctx: dict) -> str:
     env = evidence.environment()
-    env.filters.update(cell=cell, num=num, gpus=gpus_text, job=job_text)
+    env.filters.update(cell=cell, reason=reason_cell, num=num, gpus=gpus_text, job=job_text)
     return env.get_template("fleet.md.j2").render(**ctx)
 
 

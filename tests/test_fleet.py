@@ -227,3 +227,12 @@ def test_fleet_never_imports_torch():
 
     code = "import sys, tasks.fleet; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=layout.ROOT).returncode == 0
+
+
+def test_a_long_reason_is_cut_in_the_table_and_whole_in_the_json(tmp_path):
+    long = "deviation " * 60
+    make_node(tmp_path / "l", "n0", fail=("train", long))
+    _, doc, md, csv_rows = report(tmp_path, tmp_path / "l")
+    assert doc["rows"][0]["reason"] == long.strip() and csv_rows[0]["reason"] == long.strip()
+    row = next(x for x in md.splitlines() if x.startswith("| n0 |"))
+    assert "deviation deviation … (whole in fleet.json) |" in row and row.count("deviation") == 200 // len("deviation ")
