@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+from packaging.requirements import InvalidRequirement, Requirement
+from packaging.specifiers import InvalidSpecifier, SpecifierSet
 
 from tasks import layout
 
@@ -96,12 +98,62 @@ def load_settings(path: Path | None = None) -> dict:
     _require(isinstance(data["channel_order"], list) and data["channel_order"], path, "channel_order",
              "must be a non-empty list of channel names")
     _require(isinstance(data["gpu_packages"], list), path, "gpu_packages", "must be a list of requirement strings")
+    for i, entry in enumerate(data["gpu_packages"]):
+        requirement(entry, path, f"gpu_packages[{i}]")
+    no_deps = data.setdefault("gpu_packages_no_deps", [])
+    _require(isinstance(no_deps, list), path, "gpu_packages_no_deps", "must be a list of requirement strings")
+    for i, entry in enumerate(no_deps):
+        requirement(entry, path, f"gpu_packages_no_deps[{i}]")
     return data
+
+
+def requirement(entry, path: Path, key: str) -> str:
+    """One PEP 508 requirement (`name[extras] specifier`), never a pip option or two lines."""
+    text = entry if isinstance(entry, str) else ""
+    fix = "write one requirement like \"transformers>=4.46\" (no pip options, one line)"
+    _require(bool(text.strip()) and not text.lstrip().startswith("-") and "\n" not in text and "\r" not in text,
+             path, key, f"{entry!r} is not a requirement; {fix}")
+    try:
+        req = Requirement(text)
+    except InvalidRequirement:
+        raise ConfigError(f"{path}: {key}: {entry!r} is not a requirement; {fix}") from None
+    _require(req.url is None, path, key, f"{entry!r} names a URL; name a package from the index instead")
+    return text
+
+
+def specifier(entry, path: Path, key: str) -> str:
+    """A version specifier for torch (e.g. ">=2.7,<2.12"), validated as one."""
+    text = "" if entry is None else entry if isinstance(entry, str) else None
+    fix = "write a specifier like \">=2.7,<2.12\""
+    _require(text is not None and "\n" not in text and "\r" not in text, path, key, f"{entry!r} is not one line; {fix}")
+    try:
+        SpecifierSet(text)
+    except InvalidSpecifier:
+        raise ConfigError(f"{path}: {key}: {entry!r} is not a version specifier; {fix}") from None
+    return text.strip()
 
 
 # --------------------------------------------------------------------------- channels (channels.yaml)
 
 CHANNEL_KINDS = ("index", "pypi", "provisioned", "wheelhouse")
+AUTO_CHANNEL = "auto"  # not a catalog entry: install picks one from the driver and GPUs (tasks/channel_fit.py)
+SOURCE_KEYS = ("index_url", "pre", "torch", "retired", "label")
+CHANNEL_KEYS = ("kind", "cuda", "archs", "sources", "note", "files_from", *SOURCE_KEYS)
+
+
+@dataclass(frozen=True)
+class ChannelSource:
+    """One index a channel may install torch from; a channel tries its sources in order."""
+
+    index_url: str | None
+    pre: bool = False  # allow pre-releases (nightlies)
+    torch: str = ""  # version specifier, e.g. ">=2.7,<2.12"
+    retired: str = ""  # upstream stopped publishing it (date, where that was said): tried fast, reported
+    label: str = ""  # a short name for reports, e.g. "nightly"
+
+    @property
+    def name(self) -> str:
+        return self.label or (self.index_url or "")
 
 
 @dataclass(frozen=True)
@@ -109,14 +161,12 @@ class Channel:
     name: str
     kind: str
     cuda: str | None  # the CUDA version the installed torch must report, e.g. "12.8"
-    index_url: str | None = None
-    pre: bool = False
-    torch: str = ""  # optional version specifier, e.g. ">=2.6"
+    sources: tuple[ChannelSource, ...] = ()
     note: str = ""
     # URL prefixes the index's files may be served from besides the index itself (PyPI serves from
     # files.pythonhosted.org, PyTorch's indexes from download-r2.pytorch.org): the provenance check.
     files_from: tuple[str, ...] = ()
-    retired: str = ""  # set when upstream stopped publishing the channel: said in every failure report
+    archs: tuple[str, ...] = ()  # the GPU architectures its builds carry (the `auto` choice reads them)
     extra: dict = field(default_factory=dict, compare=False)
 
     @property
@@ -126,6 +176,13 @@ class Channel:
             return None
         major, minor = parse_version(self.cuda)[:2]
         return f"cu{major}{minor}"
+
+    @property
+    def retired(self) -> str:
+        """Why the channel cannot work any more: every source retired ('' otherwise)."""
+        if self.sources and all(s.retired for s in self.sources):
+            return "; ".join(s.retired for s in self.sources)
+        return ""
 
 
 def channels_file(path: Path | str | None = None) -> Path:
@@ -143,43 +200,69 @@ def load_channels(path: Path | str | None = None) -> dict[str, Channel]:
         key = f"channels.{name}"
         _require(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", str(name)) is not None, path, key,
                  "a channel name may hold only letters, digits, '.', '_' and '-'")
+        _require(str(name) != AUTO_CHANNEL, path, key, f"'{AUTO_CHANNEL}' is reserved (install picks a channel); rename it")
         _require(isinstance(spec, dict), path, key, "must be a mapping")
-        unknown = set(spec) - {"kind", "cuda", "index_url", "pre", "torch", "note", "files_from", "retired"}
-        _require(not unknown, path, key, f"unknown key(s) {sorted(unknown)}; remove them")
-        kind = spec.get("kind")
-        _require(kind in CHANNEL_KINDS, path, f"{key}.kind", f"{kind!r} is not one of {list(CHANNEL_KINDS)}")
-        cuda = spec.get("cuda")
-        if cuda is not None:
-            cuda = str(cuda)
-            try:
-                parse_version(cuda)
-            except ValueError:
-                raise ConfigError(f"{path}: {key}.cuda: {cuda!r} is not a version like \"12.8\"") from None
-        index_url = spec.get("index_url")
-        if kind == "index":
-            _require(isinstance(index_url, str) and "://" in index_url, path, f"{key}.index_url",
-                     "an 'index' channel needs an index URL")
-        if kind == "pypi":
-            _require(index_url is None or (isinstance(index_url, str) and "://" in index_url), path,
-                     f"{key}.index_url", "must be a URL like https://pypi.org/simple")
-        _require(isinstance(spec.get("pre", False), bool), path, f"{key}.pre", "must be true or false")
-        files_from = spec.get("files_from", [])
-        _require(isinstance(files_from, list) and all(isinstance(u, str) and "://" in u for u in files_from),
-                 path, f"{key}.files_from", "must be a list of URL prefixes like https://files.pythonhosted.org/")
-        out[str(name)] = Channel(
-            name=str(name), kind=kind, cuda=cuda, index_url=index_url, pre=spec.get("pre", False),
-            torch=str(spec.get("torch") or ""), note=str(spec.get("note") or ""),
-            files_from=tuple(files_from), retired=str(spec.get("retired") or ""),
-        )
+        out[str(name)] = _channel(str(name), spec, path, key)
     return out
 
 
+def _channel(name: str, spec: dict, path: Path, key: str) -> Channel:
+    unknown = set(spec) - set(CHANNEL_KEYS)
+    _require(not unknown, path, key, f"unknown key(s) {sorted(unknown)}; remove them")
+    kind = spec.get("kind")
+    _require(kind in CHANNEL_KINDS, path, f"{key}.kind", f"{kind!r} is not one of {list(CHANNEL_KINDS)}")
+    cuda = spec.get("cuda")
+    if cuda is not None:
+        cuda = str(cuda)
+        try:
+            parse_version(cuda)
+        except ValueError:
+            raise ConfigError(f"{path}: {key}.cuda: {cuda!r} is not a version like \"12.8\"") from None
+    files_from = spec.get("files_from", [])
+    _require(isinstance(files_from, list) and all(isinstance(u, str) and "://" in u for u in files_from),
+             path, f"{key}.files_from", "must be a list of URL prefixes like https://files.pythonhosted.org/")
+    archs = spec.get("archs", [])
+    _require(isinstance(archs, list) and all(isinstance(a, str) and re.fullmatch(r"(sm|compute)_\d+[af]?", a)
+                                             for a in archs), path, f"{key}.archs", "must be a list like [sm_80, sm_90]")
+    return Channel(name=name, kind=kind, cuda=cuda, sources=_sources(kind, spec, path, key),
+                   note=str(spec.get("note") or ""), files_from=tuple(files_from), archs=tuple(archs))
+
+
+def _sources(kind: str, spec: dict, path: Path, key: str) -> tuple[ChannelSource, ...]:
+    """`sources: [...]` in order, or the channel's own index_url/pre/torch/retired as its one source."""
+    inline = {k: spec[k] for k in SOURCE_KEYS if k in spec}
+    listed = spec.get("sources")
+    _require(not (listed is not None and inline), path, key,
+             f"give either sources: [...] or {', '.join(sorted(inline))} directly, not both")
+    if listed is None:
+        listed = [inline] if inline or kind == "pypi" else []
+    _require(isinstance(listed, list), path, f"{key}.sources", "must be a list of sources (index_url, pre, torch, retired)")
+    _require(kind in ("index", "pypi") or not listed, path, key, f"a '{kind}' channel has no index sources; remove them")
+    _require(kind != "index" or listed, path, f"{key}.sources", "an 'index' channel needs an index_url")
+    out = []
+    for i, src in enumerate(listed):
+        where = f"{key}.sources[{i}]" if "sources" in spec else key
+        _require(isinstance(src, dict), path, where, "must be a mapping")
+        unknown = set(src) - set(SOURCE_KEYS)
+        _require(not unknown, path, where, f"unknown key(s) {sorted(unknown)}; remove them")
+        url = src.get("index_url")
+        if kind == "pypi" and url is None:
+            url = "https://pypi.org/simple"
+        _require(isinstance(url, str) and "://" in url and url.strip() == url, path, f"{where}.index_url",
+                 "must be an index URL like https://download.pytorch.org/whl/cu128")
+        _require(isinstance(src.get("pre", False), bool), path, f"{where}.pre", "must be true or false")
+        out.append(ChannelSource(index_url=url, pre=src.get("pre", False),
+                                 torch=specifier(src.get("torch"), path, f"{where}.torch"),
+                                 retired=str(src.get("retired") or ""), label=str(src.get("label") or "")))
+    return tuple(out)
+
+
 def channel_names(path: Path | str | None = None) -> list[str]:
-    """Channel names for `nox -l`; an unreadable catalog yields [] so nox can still list sessions."""
+    """Channel names for `nox -l` (the catalog's, then `auto`); an unreadable catalog yields ['auto']."""
     try:
-        return list(load_channels(path))
+        return [*load_channels(path), AUTO_CHANNEL]
     except ConfigError:
-        return []
+        return [AUTO_CHANNEL]
 
 
 # --------------------------------------------------------------------------- GPU datasheet (gpus.yaml)
