@@ -26,6 +26,29 @@ CHANNELS = config.channel_names()
 if (_refused := validate.unknown_channels(sys.argv[1:], CHANNELS)) is not None:
     print(_refused, file=sys.stderr)  # else nox says "no sessions selected" and exits 3
     raise SystemExit(2)
+
+
+def _bare_install(argv: list[str]) -> bool:
+    """`nox -s install` without `-p NAME`: nox would run every install(<channel>) session in turn,
+    each replacing .venv-gpu, so it is refused here, once, before nox selects anything."""
+    selected, taking = [], False
+    for a in argv:
+        if a in ("-s", "--session", "--sessions", "-e"):
+            taking = True
+        elif a.startswith(("--session=", "--sessions=")):
+            selected += a.split("=", 1)[1].split(",")
+        elif a.startswith("-"):
+            taking = False
+        elif taking:
+            selected += a.split(",")
+    named = any(a in ("-p", "--python") or a.startswith(("--python=", "-p")) and not a.startswith("--") for a in argv)
+    return "install" in selected and not named
+
+
+if _bare_install(sys.argv[1:]):
+    print(f"nox: name one channel: nox -s install -p CHANNEL (one of {', '.join(CHANNELS)})", file=sys.stderr)
+    raise SystemExit(2)
+
 TEST_TORCH = "torch==2.13.0+cpu"  # the tests session's torch: a CPU build, pinned
 
 
@@ -48,20 +71,11 @@ def probe(session: nox.Session) -> None:
     _stage("probe", *session.posargs)
 
 
-def _channel_named() -> bool:
-    """Whether the command line picked install's channel (`-p NAME`, `-s "install(NAME)"`): a bare
-    `nox -s install` selects every install(<channel>) session, each replacing .venv-gpu in turn."""
-    return any(a in ("-p", "--python") or a.startswith(("--python=", "-p")) and not a.startswith("--")
-               or "install(" in a for a in sys.argv[1:])
-
-
 @nox.session
 @nox.parametrize("python", CHANNELS, ids=CHANNELS)
 def install(session: nox.Session) -> None:
-    """Install a CUDA build of PyTorch from one channel into .venv-gpu and verify it."""
-    if not _channel_named():
-        session.error(f"name one channel: nox -s install -p CHANNEL (one of {', '.join(CHANNELS)})")
-    _stage("install", "--channel", session.python, *session.posargs)
+    """Install a CUDA build of PyTorch from one channel (or auto) into .venv-gpu and verify it."""
+    _stage("install", "--session-channel", session.python, *session.posargs)
 
 
 @nox.session

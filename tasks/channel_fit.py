@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tasks import cuda_rules, layout
-from tasks.config import AUTO_CHANNEL, Channel, ConfigError
+from tasks.config import AUTO_CHANNEL, Channel, ConfigError, major_minor
 
 
 @dataclass
@@ -51,7 +51,7 @@ class Machine:
 
 
 def _capability(text) -> tuple[int, int] | None:
-    return cuda_rules.version_tuple(str(text)) if text else None
+    return major_minor(str(text)) if text else None
 
 
 def from_gpus_json(path: Path) -> Machine:
@@ -92,8 +92,7 @@ def uncovered(ch: Channel, m: Machine) -> list[Gpu]:
     """The GPUs no architecture of the channel's builds runs on (none when its archs are not listed)."""
     if not ch.archs:
         return []
-    return [g for g in m.gpus if g.capability is None
-            or cuda_rules.judge_arch(g.capability, list(ch.archs), g.name).status == cuda_rules.FAIL]
+    return [g for g in m.gpus if g.capability is None or not cuda_rules.arch_list_covers(list(ch.archs), g.capability)]
 
 
 def unfit(ch: Channel, m: Machine) -> str | None:
@@ -110,7 +109,13 @@ def unfit(ch: Channel, m: Machine) -> str | None:
 def candidates(catalog: dict[str, Channel]) -> list[Channel]:
     """Channels `auto` may pick: an index with a CUDA version and an arch list, not retired; newest first."""
     pool = [c for c in catalog.values() if c.kind == "index" and c.cuda and c.archs and not c.retired]
-    return sorted(pool, key=lambda c: cuda_rules.version_tuple(c.cuda) or (0, 0), reverse=True)
+    return sorted(pool, key=lambda c: major_minor(c.cuda) or (0, 0), reverse=True)
+
+
+def fitting(catalog: dict[str, Channel], m: Machine) -> list[Channel]:
+    """Index channels, not retired, that fit this machine (as far as the catalog knows); newest CUDA first."""
+    pool = [c for c in catalog.values() if c.kind in ("index", "pypi") and not c.retired and unfit(c, m) is None]
+    return sorted(pool, key=lambda c: major_minor(c.cuda) or (0, 0), reverse=True)
 
 
 def pick_auto(catalog: dict[str, Channel], m: Machine) -> tuple[str | None, list[str]]:
@@ -137,6 +142,6 @@ def no_fit_advice(catalog: dict[str, Channel], m: Machine) -> str:
     if not covering:
         sms = ", ".join(sorted({g.sm for g in m.gpus}))
         return f"no channel of the catalog has kernels for {sms}; use -p system with a torch built for it"
-    need = min(covering, key=lambda c: cuda_rules.version_tuple(c.cuda) or (0, 0))
+    need = min(covering, key=lambda c: major_minor(c.cuda) or (0, 0))
     return (f"the GPUs need {need.name} or newer (CUDA >= {need.cuda}) but the driver supports CUDA "
             f"{m.driver_cuda}: update the NVIDIA driver")

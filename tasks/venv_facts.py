@@ -1,0 +1,175 @@
+"""What a venv (or another interpreter) holds, asked from its own Python; nothing here imports torch.
+
+- `verify(python)`: torch's facts (verify_torch.py, run isolated: -I), as JSON;
+- `dists(python)`: its Python tags, purelib and distributions; `freeze(python)`: `pip freeze`;
+- `record_hashes(dists)`: the sha256 of the RECORD file of torch, triton and the nvidia-* dists (a
+  different wheel with the same version string has a different RECORD);
+- `inspect_source(python)`: the interpreter a `provisioned` channel reuses, run as its user runs it;
+- `resolve_python(spec)`, `bootstrap_pip(python)`, `constraints(dists)`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+from tasks import layout
+from tasks.installers import FAILED, NO_TORCH, CommandLog, StepFailed, last_error, normalize
+
+VERIFY_SCRIPT = layout.ROOT / "tasks" / "verify_torch.py"
+TOOLING = {"pip", "setuptools", "wheel"}  # never pinned in the constraints of the second step
+HASHED = re.compile(r"^(torch|triton|pytorch-triton|nvidia-.*)$")  # the dists whose RECORD the marker keeps
+
+# Run with the interpreter whose torch a `provisioned` channel reuses, exactly as its user runs it
+# (its own environment, PYTHONPATH included), from a neutral folder.
+SOURCE_SCRIPT = r"""
+import importlib.util, json, os, sys, sysconfig
+std = {os.path.realpath(sysconfig.get_paths()[k]) for k in ("stdlib", "platstdlib")}
+dirs = []
+for p in sys.path:
+    if not p or not os.path.isdir(p):
+        continue
+    rp = os.path.realpath(p)
+    in_std = any(rp == s or rp.startswith(s + os.sep) for s in std)
+    if in_std and "site-packages" not in rp and "dist-packages" not in rp:
+        continue
+    if p not in dirs:
+        dirs.append(p)
+spec = importlib.util.find_spec("torch")
+print(json.dumps({"executable": sys.executable, "prefix": sys.prefix,
+                  "base_executable": getattr(sys, "_base_executable", None) or sys.executable,
+                  "version": "%d.%d" % sys.version_info[:2], "site_dirs": dirs,
+                  "torch": spec.origin if spec else None}))
+"""
+
+
+def _json_line(out: str) -> dict | None:
+    line = next((ln for ln in reversed(out.splitlines()) if ln.startswith("{")), None)
+    try:
+        return json.loads(line) if line else None
+    except ValueError:
+        return None
+
+
+def verify(python: Path, log: CommandLog) -> dict:
+    """torch's facts from `python` (isolated: -I), or {"import_error": ...} when the script fails."""
+    rc, out = log.run([python, "-I", VERIFY_SCRIPT], echo=False)
+    facts = _json_line(out)
+    return facts if facts is not None else {"import_error": f"verification script failed (exit {rc}): {last_error(out)}"}
+
+
+def dists(python: Path, log: CommandLog) -> dict:
+    rc, out = log.run([python, "-I", VERIFY_SCRIPT, "--env"], echo=False)
+    info = _json_line(out)
+    if rc != 0 or info is None:
+        raise StepFailed(FAILED, f"{python} does not run (exit {rc}): {last_error(out)}")
+    return info
+
+
+def freeze(python: Path, log: CommandLog) -> str:
+    rc, out = log.run([python, "-I", "-m", "pip", "freeze"], echo=False)
+    if rc == 0:
+        return out
+    listed = dists(python, log)["dists"]  # no pip in the venv: the same list, from importlib.metadata
+    return "".join(f"{d['name']}=={d['version']}\n" for d in sorted(listed, key=lambda d: d["name"].lower()))
+
+
+def record_hashes(info: dict) -> dict[str, str]:
+    """{"torch==2.9.0+cu128": sha256 of its RECORD, ...} for torch, triton and the nvidia-* dists."""
+    out = {}
+    for d in info.get("dists", []):
+        name = normalize(d["name"])
+        if not HASHED.match(name):
+            continue
+        for info_dir in Path(d["location"]).glob("*.dist-info"):
+            stem = info_dir.name[: -len(".dist-info")]
+            dist_name, _, version = stem.rpartition("-")
+            if normalize(dist_name) == name and version == d["version"] and (info_dir / "RECORD").is_file():
+                out[f"{d['name']}=={d['version']}"] = hashlib.sha256((info_dir / "RECORD").read_bytes()).hexdigest()
+                break
+        else:
+            out[f"{d['name']}=={d['version']}"] = "no RECORD"
+    return out
+
+
+def constraints(info: dict, path: Path) -> Path:
+    """Pin every distribution the venv sees (but pip's own tooling) to its exact version."""
+    lines = [f"{d['name']}=={d['version']}" for d in info["dists"] if d["name"].lower() not in TOOLING
+             and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", d["name"])
+             and re.fullmatch(r"[0-9][0-9A-Za-z.+!_-]*", d["version"])]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+# --------------------------------------------------------------------------- interpreters
+
+def default_python3(venv: Path) -> str | None:
+    """The first python3 on PATH, skipping nox's own environments (`.nox/…`: in script mode nox puts
+    its venv first on PATH) and the GPU venv itself (and its staging siblings)."""
+    for d in os.environ.get("PATH", "").split(os.pathsep):
+        if not d:
+            continue
+        path = Path(d).absolute()
+        if ".nox" in path.parts or any(part == venv.name or part.startswith(f"{venv.name}.") for part in path.parts):
+            continue
+        candidate = path / "python3"
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    return None
+
+
+def resolve_python(spec: str | None, venv: Path) -> str | None:
+    if spec is None:
+        return default_python3(venv)
+    if os.sep in spec:
+        return spec if Path(spec).exists() else None
+    return shutil.which(spec)
+
+
+def inspect_source(python: str | None, wanted: str, venv: Path, log: CommandLog, workdir: Path) -> dict:
+    """Facts about the interpreter a provisioned channel reuses (run as its user runs it)."""
+    if python is None:
+        raise StepFailed(NO_TORCH, f"{wanted} not found; pass --from-python PATH")
+    res = subprocess.run([python, "-c", SOURCE_SCRIPT], capture_output=True, text=True, cwd=workdir, errors="replace")
+    log.record([python, "-c", "<inspect site-packages and torch>"], res.stdout + res.stderr, res.returncode)
+    info = _json_line(res.stdout)
+    if res.returncode != 0 or info is None:
+        raise StepFailed(NO_TORCH, f"{python} does not run (exit {res.returncode})")
+    prefix, venv = Path(info["prefix"]).resolve(), venv.resolve()
+    if prefix == venv or prefix.name.startswith(f"{venv.name}.") and prefix.parent == venv.parent:
+        raise StepFailed(NO_TORCH, f"{python} is .venv-gpu's own Python; pass --from-python with the "
+                                   "interpreter that has the CUDA torch (e.g. /opt/torch/.venv/bin/python3)")
+    if not info["torch"]:
+        raise StepFailed(NO_TORCH, f"{python} ({info['executable']}) has no torch module; pass "
+                                   "--from-python with an interpreter that can")
+    return info
+
+
+def pip_wheels(wheelhouse: Path | None) -> list[Path]:
+    """pip wheels at hand, offline: --wheelhouse, then those bundled with nox's Python or virtualenv."""
+    dirs = [wheelhouse] if wheelhouse else []
+    for module, sub in (("ensurepip", "_bundled"), ("virtualenv", "seed/wheels/embed")):
+        try:
+            spec = importlib.util.find_spec(module)
+        except (ImportError, ValueError):
+            spec = None
+        if spec and spec.origin:
+            dirs.append(Path(spec.origin).parent / sub)
+    return [w for d in dirs if d.is_dir() for w in sorted(d.glob("pip-*-py3-none-any.whl"), reverse=True)]
+
+
+def bootstrap_pip(python: Path, log: CommandLog, wheelhouse: Path | None) -> str:
+    """Make `python -m pip` work in a venv made --without-pip: install pip from a pip wheel at hand."""
+    for whl in pip_wheels(wheelhouse):
+        rc, _ = log.run([python, "-I", f"{whl}/pip", "install", "--no-index", "--disable-pip-version-check",
+                         "--no-input", whl])
+        if rc == 0:
+            return f"pip bootstrapped from {whl}"
+    raise StepFailed(FAILED, f"no pip for the new venv ({python}): its base Python has no ensurepip and "
+                             "no pip wheel was found; install python3-venv, or put a pip wheel in --wheelhouse")
