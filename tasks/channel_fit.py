@@ -2,10 +2,12 @@
 
 - `machine(run_dir)`: the driver's CUDA version and the GPUs' compute capabilities, from the run's
   probe record (gpus.json) when there is one, else from a quick probe (tasks/probe.py's collect).
-- `unfit(channel, facts)`: why a channel cannot work here (driver too old for its CUDA, or its builds
-  carry no kernels for a GPU), or None; install skips such a channel without downloading it.
+- `unfit(channel, facts)`: why a channel cannot work here (a driver of an older CUDA major, or builds
+  with no kernels for a GPU), or None; install skips such a channel without downloading it. A newer
+  minor is not refused (CUDA's minor-version compatibility; cuda_check's kernels decide).
 - `pick_auto(catalog, facts)`: the `auto` channel, the newest catalog channel whose CUDA the driver
-  supports and whose arch list covers every GPU, with the reasoning as lines for torch_version.txt.
+  supports (driver >= build, judge_driver's PASS) and whose arch list covers every GPU, with the
+  reasoning as lines for torch_version.txt.
 
 The rules themselves (version order, arch coverage) are tasks/cuda_rules.py's; nothing here imports torch.
 """
@@ -82,10 +84,10 @@ def machine(run_dir: Path) -> Machine:
 
 # --------------------------------------------------------------------------- rules
 
-def driver_supports(ch: Channel, m: Machine) -> bool:
-    if ch.cuda is None:
-        return True
-    return cuda_rules.judge_driver(m.driver_cuda, ch.cuda, m.origin).status != cuda_rules.FAIL
+def driver_verdict(ch: Channel, m: Machine):
+    """cuda_rules.judge_driver for this channel's CUDA: PASS (the driver supports it), WARN (a newer minor:
+    CUDA's minor-version compatibility runs it), FAIL (a newer major); SKIP for a channel of any CUDA."""
+    return cuda_rules.judge_driver(m.driver_cuda, ch.cuda, m.origin)
 
 
 def uncovered(ch: Channel, m: Machine) -> list[Gpu]:
@@ -97,8 +99,8 @@ def uncovered(ch: Channel, m: Machine) -> list[Gpu]:
 
 def unfit(ch: Channel, m: Machine) -> str | None:
     """Why channel `ch` cannot give a working torch on this machine, known before any download."""
-    if not driver_supports(ch, m):
-        return (f"its CUDA {ch.cuda} is newer than the {m.driver_cuda} the driver supports "
+    if driver_verdict(ch, m).status == cuda_rules.FAIL:
+        return (f"its CUDA {ch.cuda} is a newer major than the {m.driver_cuda} the driver supports "
                 f"(update the NVIDIA driver, or use a channel for CUDA <= {m.driver_cuda})")
     if missing := uncovered(ch, m):
         g = missing[0]
@@ -124,6 +126,8 @@ def pick_auto(catalog: dict[str, Channel], m: Machine) -> tuple[str | None, list
     chosen = None
     for ch in candidates(catalog):
         why = unfit(ch, m)
+        if why is None and driver_verdict(ch, m).status != cuda_rules.PASS:  # auto wants full support
+            why = f"its CUDA {ch.cuda} is newer than the {m.driver_cuda} the driver supports"
         if why is None and chosen is None:
             chosen = ch.name
             lines.append(f"  {ch.name}: CUDA {ch.cuda} <= {m.driver_cuda}, kernels for every GPU → chosen "

@@ -294,7 +294,9 @@ def torch_from_sources(ctx: Context, a: Attempt, inst, spy: Path, where: str) ->
         finally:
             t.seconds = round(time.perf_counter() - t0, 1)
     if len(a.tries) > 1:
-        raise StepFailed(last.category, "; ".join(f"{t.source.name}: {t.detail}" for t in a.tries))
+        raise StepFailed(last.category, "; ".join(f"{t.source.name}: {t.detail}"
+                                                  + (f" [retired: {t.source.retired}]" if t.source.retired else "")
+                                                  for t in a.tries))
     raise last
 
 
@@ -531,6 +533,8 @@ def run(run_dir: Path, args) -> Outcome:
                     return _noop(ctx, *done, files, report)
                 for name in names:
                     why = channel_fit.unfit(catalog[name], ctx.machine)
+                    if why is None and (v := channel_fit.driver_verdict(catalog[name], ctx.machine)).status == cuda_rules.WARN:
+                        print(f"install: {name}: {v.reason}", flush=True)  # a newer minor: tried, with a warning
                     attempts.append(skipped(catalog[name], why) if why else attempt(ctx, catalog[name]))
                     if attempts[-1].ok or attempts[-1].category == DEPS_FAILED:
                         break  # another torch channel would not fix the other packages' source

@@ -57,15 +57,20 @@ def _json_line(out: str) -> dict | None:
         return None
 
 
+def run_verifier(python: Path, log: CommandLog, *argv: str) -> tuple[int, str]:
+    """The one place that launches verify_torch.py with a venv's Python (isolated: -I)."""
+    return log.run([python, "-I", VERIFY_SCRIPT, *argv], echo=False)
+
+
 def verify(python: Path, log: CommandLog) -> dict:
-    """torch's facts from `python` (isolated: -I), or {"import_error": ...} when the script fails."""
-    rc, out = log.run([python, "-I", VERIFY_SCRIPT], echo=False)
+    """torch's facts from `python`, or {"import_error": ...} when the script fails."""
+    rc, out = run_verifier(python, log)
     facts = _json_line(out)
     return facts if facts is not None else {"import_error": f"verification script failed (exit {rc}): {last_error(out)}"}
 
 
 def dists(python: Path, log: CommandLog) -> dict:
-    rc, out = log.run([python, "-I", VERIFY_SCRIPT, "--env"], echo=False)
+    rc, out = run_verifier(python, log, "--env")
     info = _json_line(out)
     if rc != 0 or info is None:
         raise StepFailed(FAILED, f"{python} does not run (exit {rc}): {last_error(out)}")

@@ -66,7 +66,7 @@ def world(tmp_path_factory):
     cuda: "12.8"
     sources:
       - {{label: nightly, index_url: "{(root / 'nightly-gone').as_uri()}", retired: "2026-04-07 (stand-in)"}}
-      - {{label: stable, index_url: "{idx['cu124']}"}}
+      - {{label: stable, index_url: "{idx['deps']}"}}
   gone: {{kind: index, index_url: "{(root / 'nowhere').as_uri()}", cuda: "12.8", retired: "upstream stopped publishing it"}}
   otherpy: {{kind: index, index_url: "{idx['otherpy']}", cuda: "12.4"}}
   cpuonly: {{kind: index, index_url: "{idx['cpu']}", cuda: "12.8"}}
@@ -565,9 +565,10 @@ def test_a_channel_tries_its_stable_source_when_its_nightly_source_is_missing(wo
 def test_a_channel_whose_sources_all_fail_gives_every_reason_in_order(world, tmp_path):
     rec, run_dir = run_install(world, tmp_path, tmp_path / ".venv-gpu", "--channel", "nosrc")
     assert rec.status == "fail"
-    nightly, stable = rec.reason.index("nightly-gone"), rec.reason.index(world["idx"]["cu124"])
-    assert nightly < stable and "no such directory" in rec.reason
-    assert "wanted" not in rec.reason or "CUDA version mismatch" in rec.reason  # cu124's torch is not a 12.8 build
+    nightly, stable = rec.reason.index("nightly-gone"), rec.reason.index(world["idx"]["deps"])
+    assert nightly < stable
+    assert "nightly: " in rec.reason and "no such directory [retired: 2026-04-07 (stand-in)]" in rec.reason
+    assert f"stable: no torch wheel for cp{sys.version_info.major}{sys.version_info.minor}" in rec.reason
 
 
 def test_auto_installs_the_channel_it_picked_and_writes_why(world, tmp_path):
@@ -577,7 +578,7 @@ def test_auto_installs_the_channel_it_picked_and_writes_why(world, tmp_path):
     assert rec.figures["channel"] == "cu124"
     report = (run_dir / "torch_version.txt").read_text()
     assert "channel choice (auto):" in report
-    assert "cu128: skipped, its CUDA 12.8 is newer than the 12.6 the driver supports" in report
+    assert "cu128: skipped, its CUDA 12.8 is newer than the 12.6 the driver supports" in report  # auto: no minor-compat bet
     assert "cu124: CUDA 12.4 <= 12.6, kernels for every GPU → chosen" in report
 
 
@@ -593,10 +594,11 @@ def test_install_on_a_machine_without_a_gpu_refuses_before_any_download(world, t
 def test_a_channel_the_driver_cannot_run_is_skipped_without_a_download(world, tmp_path):
     probe_record(tmp_path / "run", driver_cuda="12.4")
     venv = tmp_path / ".venv-gpu"
-    rec, run_dir = run_install(world, tmp_path, venv, "--channel", "cu128")
+    rec, run_dir = run_install(world, tmp_path, venv, "--channel", "cu130")
     assert rec.status == "fail"
-    assert "cu128: skipped, nothing downloaded: its CUDA 12.8 is newer than the 12.4 the driver supports" in rec.reason
-    assert "use instead cu124" in rec.reason
+    assert "cu130: skipped, nothing downloaded: its CUDA 13.0 is a newer major than the 12.4 the driver" in rec.reason
+    hint = rec.reason.split("use instead ")[1].split(" (e.g.")[0]
+    assert "cu124" in hint and "cu128" in hint and "cu130" not in hint  # 12.8 on a 12.4 driver: minor compatibility
     assert pip_installs(run_dir) == [] and not venv.exists()
 
 
