@@ -35,7 +35,18 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from tasks import channel_fit, config, cuda_rules, install_report, installers, layout, records, venv_facts, venvs
+from tasks import (
+    channel_fit,
+    config,
+    cuda_rules,
+    identity,
+    install_report,
+    installers,
+    layout,
+    records,
+    venv_facts,
+    venvs,
+)
 from tasks.config import AUTO_CHANNEL, Channel, ChannelSource, ConfigError
 from tasks.installers import CommandLog, StepFailed
 from tasks.records import Outcome, StageStatus
@@ -589,4 +600,6 @@ def _figures(marker: dict, facts: dict, attempts: int, seconds: float, *, noop: 
                "attempts": attempts, "install_s": round(seconds, 1), "noop": noop}
     if marker.get("provisioned"):
         figures["from_python"] = marker["provisioned"]["executable"]
+    if facts.get("torch_file"):  # what verdict compares with cuda_check's and train's (tasks/identity.py)
+        figures["torch_identity"] = identity.of_torch(facts["torch_file"], facts.get("torch_version", "?"))
     return figures

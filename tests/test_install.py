@@ -646,6 +646,7 @@ def test_a_torch_swapped_in_place_with_the_same_version_is_not_a_no_op(world, tm
     assert done.returncode == 0, done.stdout + done.stderr
     rec2, run2 = run_install(world, tmp_path, venv, "--channel", "cu124", name="run2")
     assert rec2.status == "pass" and rec2.figures["noop"] is False and rec2.figures["attempts"] == 1
+    assert rec.figures["torch_identity"]["version"] == "2.5.0+cu124" and rec.figures["torch_identity"]["record_sha256"]
     assert "nothing to do" not in (run2 / "torch_version.txt").read_text()
     rec3, _ = run_install(world, tmp_path, venv, "--channel", "cu124", name="run3")
     assert rec3.figures["noop"] is True  # the reinstalled torch matches its marker again
