@@ -258,11 +258,12 @@ def _sources(kind: str, spec: dict, path: Path, key: str) -> tuple[ChannelSource
 
 
 def channel_names(path: Path | str | None = None) -> list[str]:
-    """Channel names for `nox -l` (the catalog's, then `auto`); an unreadable catalog yields ['auto']."""
+    """Channel names for `nox -l` (the catalog's, then `auto`); an unreadable catalog yields [] so nox can
+    still list sessions (and the stage names the broken file)."""
     try:
         return [*load_channels(path), AUTO_CHANNEL]
     except ConfigError:
-        return [AUTO_CHANNEL]
+        return []
 
 
 # --------------------------------------------------------------------------- GPU datasheet (gpus.yaml)
