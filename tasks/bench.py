@@ -1,4 +1,4 @@
-"""`nox -s bench`: GPT-2 training speed on one GPU, in one process (training_pt/bench.py in .venv-gpu).
+"""`nox -s bench`: GPT-2 training speed on one GPU, in one process (`python -m training_pt.bench` in .venv-gpu).
 
     nox -s bench -- [--compile] [--steps N] [--warmup N] [--batch-size N] [--compile-mode MODE]
                     [--only ROWS] [--set key=value ...] [--out DIR] [--python PATH]
@@ -39,13 +39,13 @@ def main(argv: list[str]) -> int:
     if args.help:
         parser.print_help()
         print("\nOptions of training_pt/bench.py (passed through):", flush=True)
-        return proc.tee([python, layout.BENCH_SCRIPT, "--help"])
+        return proc.run_gpu(python, layout.BENCH_MODULE, ["--help"])
     try:
         out = runs.make_output_dir(args.out or layout.RUNS_DIR / f"bench_{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}",
                                    "--out")
     except runs.RunError as e:
         print(f"bench: error: {e}", file=sys.stderr)
         return e.exit_code
-    cmd = [python, layout.BENCH_SCRIPT, "--out", out, *rest]
-    print(f"bench: {' '.join(map(str, cmd))}", flush=True)
-    return proc.tee(cmd, out / "bench_console.txt", env=layout.NO_MULTICAST_ENV, cwd=layout.ROOT)
+    bench_args = ["--out", out, *rest]
+    print(f"bench: {' '.join(proc.gpu_command(python, layout.BENCH_MODULE, bench_args))}", flush=True)
+    return proc.run_gpu(python, layout.BENCH_MODULE, bench_args, out / "bench_console.txt")

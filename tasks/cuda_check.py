@@ -1,7 +1,7 @@
 """Stage cuda_check: will PyTorch really compute correctly and fast on every GPU of this machine?
 
-The checks run in `.venv-gpu`'s Python as one fresh process (tasks/gpu_checks.py: it imports torch,
-nox's interpreter never does). It writes cuda_check.txt (one PASS/FAIL/SKIP line per check with its
+The checks run in `.venv-gpu`'s Python as one fresh, isolated process (`python -m training_pt.gpu_checks`,
+started by tasks/proc.py's launcher: it imports torch, nox's interpreter never does). It writes cuda_check.txt (one PASS/FAIL/SKIP line per check with its
 value, reason and time) and cuda_check.json; its console goes to cuda_check.log. This module turns
 the JSON into the stage's Outcome. The stage fails when any check FAILs, and also when no GPU check
 ran at all: on a machine where torch sees no GPU the checker SKIPs the GPU checks with the reason,
@@ -54,9 +54,9 @@ def seconds_arg(text: str) -> float:
     return value
 
 
-def command(run_dir: Path, args, python: Path) -> list:
-    cmd = [python, layout.GPU_CHECKS_SCRIPT, "--out", run_dir, "--config", layout.CUDA_CHECK_FILE,
-           "--gpus-file", layout.GPUS_FILE]
+def checker_args(run_dir: Path, args) -> list:
+    """The checker's options: the run folder, the settings files and the stage's --check-* options."""
+    cmd = ["--out", run_dir, "--config", layout.CUDA_CHECK_FILE, "--gpus-file", layout.GPUS_FILE]
     for option, name in (("--mem-share", "check_mem_share"), ("--speed-share", "check_speed_share"),
                          ("--seed", "check_seed"), ("--level", "level"), ("--duration", "duration"),
                          ("--dcgm-level", "dcgm_level")):
@@ -92,8 +92,7 @@ def run(run_dir: Path, args) -> Outcome:
     result_path.unlink(missing_ok=True)  # never read a previous run's result as this one's
     log = run_dir / layout.CUDA_CHECK_LOG
     # The checker stops itself after timeout_s (faulthandler); this limit is the backstop.
-    code = proc.tee(command(run_dir, args, python), log, env=layout.NO_MULTICAST_ENV, cwd=layout.ROOT,
-                    timeout=limit + 60)
+    code = proc.run_gpu(python, layout.GPU_CHECKS_MODULE, checker_args(run_dir, args), log, timeout=limit + 60)
     result = None
     if result_path.exists():
         try:

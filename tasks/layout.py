@@ -9,7 +9,10 @@ ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
 TEMPLATES = ROOT / "tasks" / "templates"
 RUNS_DIR = ROOT / "submission_runs"
-TRAIN_SCRIPT = ROOT / "training_pt" / "train.py"
+# The code that runs in .venv-gpu's Python (it imports torch): one package, its modules started as
+# `python -m training_pt.<module>` by tasks/proc.py's launcher, never by file path.
+GPU_PACKAGE = "training_pt"
+TRAIN_MODULE = "training_pt.train"
 
 # The GPU environment every session shares; nox never creates or deletes it.
 VENV_GPU = ROOT / ".venv-gpu"
@@ -33,11 +36,11 @@ TRAIN_METRICS = "metrics.jsonl"
 TRAIN_LOSS_PLOT = "loss.svg"
 TRAIN_RESULT = "train_result.json"
 TRAIN_CONSOLE = "train_console.txt"
-# cuda_check across nodes (one torchrun job over every node's GPUs): the script and its console.
-ALLREDUCE_NODES_SCRIPT = ROOT / "training_pt" / "allreduce_nodes.py"
+# cuda_check across nodes (one torchrun job over every node's GPUs): the module and its console.
+ALLREDUCE_NODES_MODULE = "training_pt.allreduce_nodes"
 ALLREDUCE_NODES_LOG = "allreduce_nodes.log"
-# bench: the benchmark script (runs in .venv-gpu) and its settings (timed steps, speed targets).
-BENCH_SCRIPT = ROOT / "training_pt" / "bench.py"
+# bench: the benchmark module (runs in .venv-gpu) and its settings (timed steps, speed targets).
+BENCH_MODULE = "training_pt.bench"
 BENCH_FILE = CONFIGS / "bench.yaml"
 
 # Environment variable that replaces the channel catalog (also read by noxfile.py for `-p NAME`).
@@ -67,7 +70,7 @@ REQUIRED_FILES = tuple(f for files in STAGE_FILES.values() for f in files)
 # cuda_check: its settings, the checker it runs inside .venv-gpu, and its machine-readable result
 # (cuda_check.txt, its human file, is written by the checker; cuda_check.log is the raw console).
 CUDA_CHECK_FILE = CONFIGS / "cuda_check.yaml"
-GPU_CHECKS_SCRIPT = ROOT / "tasks" / "gpu_checks.py"
+GPU_CHECKS_MODULE = "training_pt.gpu_checks"
 CUDA_CHECK_JSON = "cuda_check.json"
 CUDA_CHECK_LOG = "cuda_check.log"
 # evidence: `python -m torch.utils.collect_env` run in .venv-gpu (what PyTorch's bug reports ask for).
@@ -77,6 +80,9 @@ BURNIN_FILE = CONFIGS / "burnin.yaml"
 BURN_SAMPLES = "burn_samples.csv"  # NVML samples (clocks, power, temperature, events, PCIe) throughout
 BURN_PLOT = "burn.svg"  # the same samples and the burn's TFLOP/s, drawn
 DCGM_JSON = "dcgm_diag.json"  # `dcgmi diag --json` as DCGM wrote it, when dcgmi exists
+
+# install: the module that reports what the installed torch says about itself.
+VERIFY_MODULE = "training_pt.verify_torch"
 
 # More files of the install stage: `pip freeze` of .venv-gpu as a requirements file that reproduces
 # it, and every command install ran with its output (appended, one block per invocation).

@@ -204,17 +204,17 @@ def check_job(job: Job) -> Job:
 
 def allreduce_across_nodes(run_dir: Path, job: Job, python: Path, nproc: int, *, device: str = "auto",
                            mib: int = 256, timeout: float = 600.0) -> tuple[bool, str, dict]:
-    """Run training_pt/allreduce_nodes.py as one torchrun job over every node: (passed, one line, figures)."""
+    """Run `-m training_pt.allreduce_nodes` as one torchrun job over every node: (passed, one line, figures)."""
     check = check_job(job)
     result_path = run_dir / CHECK_RESULT
     result_path.unlink(missing_ok=True)
     if (unreachable := reach(check)) is not None:
         return False, unreachable, {}
-    cmd = [str(python), "-m", "torch.distributed.run", *torchrun_args(check, nproc), str(layout.ALLREDUCE_NODES_SCRIPT),
-           "--out", str(run_dir), "--mib", str(mib), "--timeout", str(timeout), "--device", device]
+    cmd = proc.gpu_command(python, layout.ALLREDUCE_NODES_MODULE, ["--out", run_dir, "--mib", mib, "--timeout", timeout,
+                                                                    "--device", device], nproc, torchrun_args(check, nproc))
     log = run_dir / layout.ALLREDUCE_NODES_LOG
     log.write_text(f"$ {' '.join(cmd)}\n")
-    rc = proc.tee(cmd, log, env=layout.NO_MULTICAST_ENV, cwd=layout.ROOT, timeout=check.timeout_s + timeout + 60,
+    rc = proc.tee(cmd, log, env=proc.gpu_env(), inherit_env=False, cwd=layout.ROOT, timeout=check.timeout_s + timeout + 60,
                   append=True)
     try:
         result = json.loads(result_path.read_text())

@@ -1,4 +1,10 @@
-"""Running a child process (usually `.venv-gpu`'s Python) with its output shown and kept."""
+"""Running a child process (usually `.venv-gpu`'s Python) with its output shown and kept.
+
+Every child that runs in `.venv-gpu` (cuda_check's checker, install's verifier, train, under torchrun
+or not, and bench) is started one way, by `gpu_command` + `gpu_env` (or `run_gpu`, which tees it):
+`python -m training_pt.<module>` in an isolated environment, so the torch it imports is the one
+installed in that venv and nothing the caller's shell put on PYTHONPATH.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,36 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
+
+from tasks import layout
+
+
+def gpu_env(extra: dict | None = None) -> dict:
+    """The whole environment of a child in .venv-gpu: ours with every PYTHON* variable removed
+    (PYTHONHOME, PYTHONSTARTUP, ...), PYTHONPATH = the repository root only (so `training_pt` and the
+    torch-free helpers of `tasks` import), no user site-packages, the current folder not on sys.path
+    (PYTHONSAFEPATH, Python >= 3.11), NVLink multicast off, then `extra` (which may not undo the isolation)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env.update(layout.NO_MULTICAST_ENV)
+    env.update({k: v for k, v in (extra or {}).items() if not k.startswith("PYTHON")})
+    env.update(PYTHONPATH=str(layout.ROOT), PYTHONNOUSERSITE="1", PYTHONSAFEPATH="1", PYTHONUNBUFFERED="1")
+    return env
+
+
+def gpu_command(python: Path, module: str, args: list, nproc: int = 1, torchrun: list | None = None) -> list[str]:
+    """`python -m <module> args`; with nproc > 1 the same under torchrun on this machine (one process per
+    GPU), or under torchrun with the given options (`torchrun`: a job across nodes)."""
+    if torchrun is None and nproc > 1:
+        torchrun = ["--standalone", "--nproc-per-node", nproc]
+    launch = ["-m", "torch.distributed.run", *torchrun] if torchrun is not None else []
+    return [str(c) for c in (python, *launch, "-m", module, *args)]
+
+
+def run_gpu(python: Path, module: str, args: list, log_file: Path | None = None, *, nproc: int = 1,
+            extra_env: dict | None = None, timeout: float | None = None, append: bool = False) -> int:
+    """Run a `training_pt` module in .venv-gpu's `python`, isolated, from the repository root, teed."""
+    return tee(gpu_command(python, module, args, nproc), log_file, env=gpu_env(extra_env), inherit_env=False,
+               cwd=layout.ROOT, timeout=timeout, append=append)
 
 
 def tee(cmd: list[str], log_file: Path | None = None, *, env: dict | None = None,

@@ -5,11 +5,11 @@
 train.py writes into the run folder: training_log.txt (its log, also on failure), metrics.jsonl (one
 JSON per step), loss.svg (the loss curve) and train_result.json (status, one-line reason, figures),
 which this stage reads for its record. The whole console (torchrun's lines, tracebacks) goes to
-train_console.txt. With N > 1 processes: `python -m torch.distributed.run --standalone
---nproc-per-node N`, DDP over NCCL, NVLink multicast (NVLS) off. Across nodes (--nnodes,
---rdzv-endpoint, or Slurm's / torchrun-style environment: tasks/multinode.py) every node joins one
-torchrun job through its c10d rendezvous and records the job's id, its node rank and the world size.
-This module never imports torch.
+train_console.txt. It runs as `python -m training_pt.train`, isolated (tasks/proc.py's launcher); with
+N > 1 processes under `python -m torch.distributed.run --standalone --nproc-per-node N -m training_pt.train`,
+DDP over NCCL, NVLink multicast (NVLS) off. Across nodes (--nnodes, --rdzv-endpoint, or Slurm's /
+torchrun-style environment: tasks/multinode.py) every node joins one torchrun job through its c10d
+rendezvous and records the job's id, its node rank and the world size. This module never imports torch.
 """
 
 from __future__ import annotations
@@ -74,13 +74,11 @@ def gpu_count(run_dir: Path, python: Path) -> tuple[int | None, str]:
 
 
 def command(python: Path, nproc: int, args, run_dir: Path, job: multinode.Job | None = None) -> list[str]:
-    script = [str(layout.TRAIN_SCRIPT), "--config", str(args.train_config), "--out", str(run_dir),
-              "--device", args.train_device, *args.train_override]
-    if job is not None:  # one job across nodes: torchrun's c10d rendezvous, even for one process here
-        return [str(python), "-m", "torch.distributed.run", *multinode.torchrun_args(job, nproc), *script]
-    if nproc > 1:
-        return [str(python), "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), *script]
-    return [str(python), *script]
+    script = ["--config", str(args.train_config), "--out", str(run_dir), "--device", args.train_device,
+              *args.train_override]
+    # one job across nodes: torchrun's c10d rendezvous, even for one process here
+    torchrun = multinode.torchrun_args(job, nproc) if job is not None else None
+    return proc.gpu_command(python, layout.TRAIN_MODULE, script, nproc, torchrun)
 
 
 def failure_reason(run_dir: Path, rc: int, timeout: float, result: dict | None, job: multinode.Job | None = None) -> str:
@@ -153,13 +151,15 @@ def run(run_dir: Path, args) -> Outcome:
 
     for name in (layout.TRAIN_LOG, layout.TRAIN_RESULT, layout.TRAIN_METRICS, layout.TRAIN_LOSS_PLOT):
         (run_dir / name).unlink(missing_ok=True)  # a re-run must not report an earlier attempt's result
-    env = dict(layout.NO_MULTICAST_ENV)
+    extra = {}
     if nproc > 1 and "OMP_NUM_THREADS" not in os.environ:
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
+        extra["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
     cmd = command(python, nproc, args, run_dir, job)
+    env = proc.gpu_env(extra)
+    shown = {k: env[k] for k in (*layout.NO_MULTICAST_ENV, *extra, "PYTHONPATH", "PYTHONNOUSERSITE")}
     console = run_dir / layout.TRAIN_CONSOLE
-    console.write_text(f"$ {' '.join(f'{k}={v}' for k, v in env.items())} {' '.join(cmd)}\n")
-    rc = proc.tee(cmd, console, env=env, cwd=layout.ROOT, timeout=args.train_timeout, append=True)
+    console.write_text(f"$ {' '.join(f'{k}={v}' for k, v in shown.items())} {' '.join(cmd)}\n")
+    rc = proc.tee(cmd, console, env=env, inherit_env=False, cwd=layout.ROOT, timeout=args.train_timeout, append=True)
 
     log = run_dir / layout.TRAIN_LOG
     if not log.exists():  # train.py died before it opened its log: keep what the console says

@@ -1,6 +1,6 @@
 """What a venv (or another interpreter) holds, asked from its own Python; nothing here imports torch.
 
-- `verify(python)`: torch's facts (verify_torch.py, run isolated: -I), as JSON;
+- `verify(python)`: torch's facts (training_pt/verify_torch.py, run isolated by proc's launcher), as JSON;
 - `dists(python)`: its Python tags, purelib and distributions; `freeze(python)`: `pip freeze`;
 - `record_hashes(dists)`: the sha256 of the RECORD file of torch, triton and the nvidia-* dists (a
   different wheel with the same version string has a different RECORD);
@@ -19,10 +19,9 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from tasks import layout
+from tasks import layout, proc
 from tasks.installers import FAILED, NO_TORCH, CommandLog, StepFailed, last_error, normalize
 
-VERIFY_SCRIPT = layout.ROOT / "tasks" / "verify_torch.py"
 TOOLING = {"pip", "setuptools", "wheel"}  # never pinned in the constraints of the second step
 HASHED = re.compile(r"^(torch|triton|pytorch-triton|nvidia-.*)$")  # the dists whose RECORD the marker keeps
 
@@ -58,8 +57,8 @@ def _json_line(out: str) -> dict | None:
 
 
 def run_verifier(python: Path, log: CommandLog, *argv: str) -> tuple[int, str]:
-    """The one place that launches verify_torch.py with a venv's Python (isolated: -I)."""
-    return log.run([python, "-I", VERIFY_SCRIPT, *argv], echo=False)
+    """The one place that launches training_pt/verify_torch.py with a venv's Python (proc's launcher: isolated)."""
+    return log.run(proc.gpu_command(python, layout.VERIFY_MODULE, list(argv)), echo=False, env=proc.gpu_env())
 
 
 def verify(python: Path, log: CommandLog) -> dict:

@@ -7,9 +7,7 @@ import sys
 
 from tasks import bench as bench_task
 from tasks import layout
-
-sys.path.insert(0, str(layout.ROOT / "training_pt"))
-import bench  # noqa: E402  (training_pt/bench.py)
+from training_pt import bench
 
 TOY = ["--set", "model.config.n_layer=2", "--set", "model.config.n_head=2", "--set", "model.config.n_embd=64",
        "--set", "train.block_size=64", "--set", "train.batch_size=4", "--set", "train.compile=false"]

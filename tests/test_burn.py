@@ -69,7 +69,8 @@ def test_the_checker_at_the_long_level_without_a_gpu_skips_every_long_check_by_n
 
     from tasks import layout
     env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
-    proc = subprocess.run([sys.executable, str(layout.GPU_CHECKS_SCRIPT), "--out", str(tmp_path), "--seed", "7",
+    env["PYTHONPATH"] = str(layout.ROOT)
+    proc = subprocess.run([sys.executable, "-m", layout.GPU_CHECKS_MODULE, "--out", str(tmp_path), "--seed", "7",
                            "--level", "long", "--duration", "1"], capture_output=True, text=True, env=env,
                           cwd=tmp_path, timeout=300)
     result = json.loads((tmp_path / layout.CUDA_CHECK_JSON).read_text())

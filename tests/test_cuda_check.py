@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from tasks import cuda_check, layout, records, stage
+from tasks import cuda_check, layout, proc, records, stage
 from tasks.cuda_rules import ARCH_LIST_SEAM_ENV
 
 GPU_CHECKS = ("arch", "matmul.fp32", "matmul.tf32", "matmul.bf16", "matmul.fp16", "conv2d.fp32", "conv2d.bf16",
@@ -27,7 +27,8 @@ def cpu_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("cc")
     env = {**os.environ, ARCH_LIST_SEAM_ENV: "sm_80,sm_86"}
     env.pop("CUDA_VISIBLE_DEVICES", None)
-    proc = subprocess.run([sys.executable, str(layout.GPU_CHECKS_SCRIPT), "--out", str(out), "--seed", "7"],
+    env["PYTHONPATH"] = str(layout.ROOT)
+    proc = subprocess.run([sys.executable, "-m", layout.GPU_CHECKS_MODULE, "--out", str(out), "--seed", "7"],
                           capture_output=True, text=True, env=env, cwd=out, timeout=300)
     return proc, out
 
@@ -99,8 +100,8 @@ def test_options_reach_the_checker_and_bad_shares_are_refused():
     parser = argparse.ArgumentParser()
     cuda_check.add_arguments(parser)
     args = parser.parse_args(["--check-mem-share", "0.25", "--check-speed-share", "0.6", "--check-seed", "3"])
-    cmd = [str(c) for c in cuda_check.command(layout.ROOT / "run", args, layout.gpu_python())]
-    assert cmd[1] == str(layout.GPU_CHECKS_SCRIPT)
+    cmd = proc.gpu_command(layout.gpu_python(), layout.GPU_CHECKS_MODULE, cuda_check.checker_args(layout.ROOT / "run", args))
+    assert cmd[1:3] == ["-m", "training_pt.gpu_checks"]
     assert cmd[-6:] == ["--mem-share", "0.25", "--speed-share", "0.6", "--seed", "3"]
     for bad in (["--check-mem-share", "0.95"], ["--check-speed-share", "0"], ["--check-mem-share", "half"]):
         with pytest.raises(SystemExit) as e:
@@ -163,10 +164,7 @@ def test_memory_pattern_is_written_and_checked_in_chunks_without_false_errors():
     """The pattern test fills and compares chunk by chunk (one arange over >2**32 words computed wrong
     values on an H100); on the CPU, with a chunk size that leaves a ragged last chunk, it must find
     every word right in both passes."""
-    import importlib.util
-
     torch = pytest.importorskip("torch")
-    spec = importlib.util.spec_from_file_location("gpu_checks_under_test", layout.GPU_CHECKS_SCRIPT)
-    checks = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(checks)
+    from training_pt import gpu_checks as checks
+
     assert checks.Checker._pattern_test(torch.device("cpu"), 100_003, 17, chunk=4096) == 0

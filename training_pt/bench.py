@@ -1,8 +1,8 @@
 """Benchmark GPT-2 training speed on one GPU, in one process: HF's defaults vs our smoke config vs compiled.
 
-    python training_pt/bench.py [--config configs/submission_local_gpu_gpt2.yaml] [--compile] [--steps 20]
-                                [--warmup 5] [--batch-size 32] [--compile-mode default] [--out DIR]
-                                [--set key=value ...] [--device cpu]
+    python -m training_pt.bench [--config configs/submission_local_gpu_gpt2.yaml] [--compile] [--steps 20]
+                                  [--warmup 5] [--batch-size 32] [--compile-mode default] [--out DIR]
+                                  [--set key=value ...] [--device cpu]
 
 Rows (configs/bench.yaml says what each one is): hf-default (the baseline), smoke (the YAML as it is),
 smoke-eager (when the YAML compiles), and with --compile the `compiled` row (the YAML, compiled, at a
@@ -28,10 +28,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-import train as T  # training_pt/train.py: the config, tokenizer, data, model and FLOPs code we measure
 
-from tasks import layout  # train put the repository root on sys.path
+from tasks import layout
 from tasks.config import ConfigError, gpu_spec_for, load_yaml
+from training_pt import train as T  # the config, tokenizer, data, model and FLOPs code we measure
 
 
 def load_bench_settings(path: Path) -> dict:

@@ -1,7 +1,9 @@
 """Smoke-train a Hugging Face causal LM (GPT-2 124M by default) and prove the GPU trains, and trains well.
 
-    python training_pt/train.py --config configs/submission_local_gpu_gpt2.yaml [--out DIR] [--device cpu] [key=value ...]
-    python -m torch.distributed.run --standalone --nproc-per-node 2 training_pt/train.py --config ...   (DDP, one GPU each)
+    python -m training_pt.train --config configs/submission_local_gpu_gpt2.yaml [--out DIR] [--device cpu] [key=value ...]
+    python -m torch.distributed.run --standalone --nproc-per-node 2 -m training_pt.train --config ...   (DDP, one GPU each)
+
+(from the repository root; `nox -s train` starts it this way through tasks/proc.py's launcher)
 
 What it does, in order (one file, read it top to bottom):
   1. config: the YAML (every key documented there) plus `key=value` overrides, checked against DEFAULTS below:
@@ -62,11 +64,8 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))  # run as a script: make `tasks` (file names, GPU datasheet) importable
-from tasks import layout  # noqa: E402
-from tasks.config import ConfigError, gpu_spec_for, load_yaml  # noqa: E402
+from tasks import layout
+from tasks.config import ConfigError, gpu_spec_for, load_yaml
 
 EXIT_OK, EXIT_ERROR, EXIT_INPUT, EXIT_CHECK, EXIT_OOM, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 

@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """The cuda_check checker: does PyTorch compute correctly and at speed on every GPU of this machine?
 
-Runs inside `.venv-gpu` (it imports torch) as one fresh process, started by tasks/cuda_check.py, or
-standalone with any Python that has torch, pyyaml and (for the NVML checks) nvidia-ml-py:
+Runs inside `.venv-gpu` (it imports torch) as one fresh process, started by tasks/cuda_check.py through
+tasks/proc.py's launcher, or standalone from the repository root with any Python that has torch, pyyaml
+and (for the NVML checks) nvidia-ml-py:
 
-    python3 tasks/gpu_checks.py --out DIR [--seed N] [--mem-share F] [--speed-share F]
+    python3 -m training_pt.gpu_checks --out DIR [--seed N] [--mem-share F] [--speed-share F]
 
 It writes DIR/cuda_check.txt line by line as the checks finish (the same lines go to stdout) and
 DIR/cuda_check.json at the end. Every check is PASS, FAIL or SKIP with its measured value, reason
@@ -39,14 +40,6 @@ import warnings  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
 from datetime import timedelta  # noqa: E402
 from pathlib import Path  # noqa: E402
-
-# Run by path, Python puts tasks/ itself on sys.path, where module names like `config` or `train`
-# could shadow others: put the repository root there instead, so `tasks.*` imports work.
-ROOT = Path(__file__).resolve().parent.parent
-if sys.path and sys.path[0] and Path(sys.path[0]).resolve() == ROOT / "tasks":
-    sys.path[0] = str(ROOT)
-elif str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 # Never NVLink multicast (NCCL's NVLS, PyTorch's symmetric memory, NVSHMEM): on shared hosts it can
 # put the GPUs out of service. One Inductor compile thread (no worker pool to start for one small
@@ -806,7 +799,7 @@ def allreduce_worker(rank: int, world: int, tmp: str, seed: int, mib: int, timed
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     from tasks import config
-    p = argparse.ArgumentParser(prog="gpu_checks.py", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m training_pt.gpu_checks", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True, help="folder for cuda_check.txt and cuda_check.json")
     p.add_argument("--seed", type=int, default=None, help="seed of the random inputs (default: a fresh one)")
 

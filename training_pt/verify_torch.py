@@ -1,7 +1,7 @@
 """What the installed torch says about itself, as one JSON object on stdout.
 
-Run by the install stage with `.venv-gpu`'s own Python, as a file (`python -I verify_torch.py`):
-nox's side never imports torch. Standard library only; it judges nothing (tasks/install.py does).
+Run by the install stage with `.venv-gpu`'s own Python (`python -m training_pt.verify_torch`, isolated,
+by tasks/proc.py's launcher): nox's side never imports torch. Standard library only; it judges nothing (tasks/install.py does).
 A failure to import torch is reported in the JSON ("import_error"), not as a crash.
 `--env` prints the venv instead (no torch import): its Python tags, purelib, and the distributions
 it sees, the first of each name in sys.path order.
