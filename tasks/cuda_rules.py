@@ -1,6 +1,6 @@
 """The decisions of the cuda_check stage, as pure functions of measured values (no torch, no NVML).
 
-`tasks/gpu_checks.py` measures inside `.venv-gpu` and asks these functions for every verdict; the
+`training_pt/gpu_checks.py` measures inside `.venv-gpu` and asks these functions for every verdict; the
 tests feed them injected values on a machine without a GPU. Each judge returns a Verdict: PASS, WARN,
 FAIL or SKIP, the measured value as text, and a one-line reason (why it failed or was skipped, or a note).
 """
