@@ -46,7 +46,7 @@ from urllib.parse import quote
 
 import jinja2
 
-from tasks import layout, proof, records, runs, text, verdict
+from tasks import layout, proc, proof, records, runs, text, verdict
 from tasks.records import Outcome, StageRecord, StageStatus, now_iso
 
 DESCRIPTION = ("Render the run's README.md, summary.json and SHA256SUMS from its stage records and seal it "
@@ -332,14 +332,6 @@ def after_record(run_dir: Path, rec: StageRecord) -> None:
 COLLECT_ENV_TIMEOUT_S = 180  # collect_env imports torch and runs nvidia-smi and pip: seconds, not minutes
 
 
-def gpu_child_env() -> dict:
-    """The environment of a child in .venv-gpu: no PYTHON* variable of ours (PYTHONPATH could put another
-    torch first), no user site-packages. (To become helper A's one launcher, proc.gpu_env, once on main.)"""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    env.update(PYTHONNOUSERSITE="1", PYTHONUNBUFFERED="1")
-    return env
-
-
 def write_collect_env(run_dir: Path, recs: dict[str, StageRecord]) -> None:
     """collect_env.txt: `python -m torch.utils.collect_env` in .venv-gpu, what PyTorch's bug reports ask for.
     Once per run, after a passing install; its failure is written into the file, never fails evidence."""
@@ -347,9 +339,9 @@ def write_collect_env(run_dir: Path, recs: dict[str, StageRecord]) -> None:
     install = recs.get("install")
     if target.exists() or not python.exists() or install is None or not install.ok:
         return
-    cmd = [str(python), "-m", "torch.utils.collect_env"]
+    cmd = proc.gpu_command(python, "torch.utils.collect_env", [])  # the one launcher: isolated from our PYTHON*
     try:
-        out = subprocess.run(cmd, capture_output=True, text=True, errors="replace", env=gpu_child_env(),  # noqa: S603
+        out = subprocess.run(cmd, capture_output=True, text=True, errors="replace", env=proc.gpu_env(),  # noqa: S603
                              cwd=run_dir, timeout=COLLECT_ENV_TIMEOUT_S)
         body = out.stdout + (f"\n--- stderr (exit code {out.returncode}) ---\n{out.stderr}" if out.returncode else "")
     except (OSError, subprocess.TimeoutExpired) as e:
