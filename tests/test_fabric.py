@@ -78,10 +78,10 @@ def test_the_stage_passes_level_and_duration_to_the_checker_and_refuses_a_bad_du
     parser = stage.parser_for("nox -s cuda_check --", "x")
     cuda_check.add_arguments(parser)
     args = parser.parse_args(["--level", "long", "--duration", "120", "--dcgm-level", "2"])
-    cmd = [str(x) for x in cuda_check.command(cuda_check.layout.ROOT, args, cuda_check.layout.gpu_python())]
+    cmd = [str(x) for x in cuda_check.checker_args(cuda_check.layout.ROOT, args)]
     assert cmd[cmd.index("--level") + 1] == "long" and cmd[cmd.index("--duration") + 1] == "120.0"
     assert cmd[cmd.index("--dcgm-level") + 1] == "2"
-    quick = [str(x) for x in cuda_check.command(cuda_check.layout.ROOT, parser.parse_args([]), "python")]
+    quick = [str(x) for x in cuda_check.checker_args(cuda_check.layout.ROOT, parser.parse_args([]))]
     assert "--level" not in quick  # the quick level's command is what it was
     for bad in ("0", "-5", "soon"):
         with pytest.raises(SystemExit) as e:
