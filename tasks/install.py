@@ -493,8 +493,10 @@ def suggest(ctx: Context, attempts: list[Attempt]) -> str:
     if last is not None and last.category == DEPS_FAILED:
         where = (f"--wheelhouse {ctx.args.wheelhouse}" if ctx.args.wheelhouse is not None
                  else f"--deps-index-url {ctx.args.deps_index_url}" if ctx.args.deps_index_url else "PyPI")
+        fix = ("check that it is reachable" if last.detail.startswith(installers.UNREACHABLE)
+               else "add the named wheel there")
         return (f"torch from channel {last.channel.name} was fine; the gpu_packages source ({where}) is the problem: "
-                "add the named wheel there, or point --deps-index-url/--wheelhouse at a source that has it")
+                f"{fix}, or point --deps-index-url/--wheelhouse at a source that has it")
     tried = {a.channel.name for a in attempts}
     fits = [c.name for c in channel_fit.fitting(ctx.catalog, ctx.machine) if c.name not in tried]
     names = fits + [c.name for c in ctx.catalog.values() if c.kind == "provisioned" and c.name not in tried]

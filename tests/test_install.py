@@ -609,6 +609,7 @@ def test_an_unreachable_deps_index_is_blamed_not_the_torch_channel(world, tmp_pa
     assert rec.status == "fail" and rec.figures["attempts"] == 1  # cu124 would not fix the deps index
     assert f"cu128: gpu_packages step failed: index unreachable: {missing}: no such directory" in rec.reason
     assert "torch from channel cu128 was fine" in rec.reason and "use instead" not in rec.reason
+    assert "check that it is reachable" in rec.reason
 
 
 def test_a_wheelhouse_missing_a_dependency_names_that_requirement(world, tmp_path):
