@@ -303,8 +303,12 @@ class CommandLog:
         self.commands.append(redact_url(line))
         self.write(f"\n$ {line}\n{output}[exit {rc}] {now_iso()}\n")
 
-    def run(self, cmd: list, *, echo: bool | None = None, env: dict | None = None) -> tuple[int, str]:
-        """Run `cmd` through proc.tee (the one line-by-line tee); log it redacted; return (exit code, output)."""
+    def run(self, cmd: list, *, echo: bool | None = None, env: dict | None = None,
+            whole_env: dict | None = None) -> tuple[int, str]:
+        """Run `cmd` through proc.tee (the one line-by-line tee); log it redacted; return (exit code, output).
+
+        `env` adds to the installers' environment; `whole_env` replaces it (proc.gpu_env for .venv-gpu children).
+        """
         cmd = [str(c) for c in cmd]
         line = " ".join(cmd)
         self.commands.append(redact_url(line))
@@ -319,7 +323,8 @@ class CommandLog:
             self.write(out_line)
 
         try:
-            rc = proc.tee(cmd, env={**self.env, **(env or {})}, inherit_env=False, echo=show, on_line=keep)
+            full = whole_env if whole_env is not None else {**self.env, **(env or {})}
+            rc = proc.tee(cmd, env=full, inherit_env=False, echo=show, on_line=keep)
         except KeyboardInterrupt:
             self.write(f"[interrupted] {now_iso()}\n")
             raise

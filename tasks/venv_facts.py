@@ -58,7 +58,7 @@ def _json_line(out: str) -> dict | None:
 
 def run_verifier(python: Path, log: CommandLog, *argv: str) -> tuple[int, str]:
     """The one place that launches training_pt/verify_torch.py with a venv's Python (proc's launcher: isolated)."""
-    return log.run(proc.gpu_command(python, layout.VERIFY_MODULE, list(argv)), echo=False, env=proc.gpu_env())
+    return log.run(proc.gpu_command(python, layout.VERIFY_MODULE, list(argv)), echo=False, whole_env=proc.gpu_env())
 
 
 def verify(python: Path, log: CommandLog) -> dict:

@@ -711,3 +711,14 @@ def test_a_channel_torch_spec_that_is_not_a_specifier_is_a_config_error(tmp_path
     path.write_text('channels:\n  x: {kind: index, index_url: "https://h/simple", torch: "==banana"}\n')
     with pytest.raises(config.ConfigError, match=r"channels.x.torch: .* is not a version specifier"):
         config.load_channels(path)
+
+
+def test_the_verifier_runs_with_the_launchers_whole_environment_not_ours_merged_in(monkeypatch):
+    """A PYTHON* variable of ours (PYTHONOPTIMIZE here) must not reach a .venv-gpu child: proc.gpu_env drops it."""
+    from tasks import proc
+
+    monkeypatch.setenv("PYTHONOPTIMIZE", "2")
+    log = installers.CommandLog(None, env=installers.child_env(False)[0], echo=False)
+    rc, out = log.run([sys.executable, "-c", "import os; print(os.environ.get('PYTHONOPTIMIZE'))"],
+                      whole_env=proc.gpu_env())
+    assert (rc, out.strip()) == (0, "None")
