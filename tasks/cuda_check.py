@@ -162,6 +162,13 @@ def outcome_from(result: dict | None, code: int, log_tail: str, timeout_s: float
     return Outcome(StageStatus.FAIL, reason, figures, files)
 
 
+def thresholds(settings: dict) -> dict | None:
+    """The pass limits the checker applied: its speed and memory shares and its numeric tolerances."""
+    out = {k: settings[k] for k in ("speed_share", "memory_share") if k in settings}
+    out.update({f"tolerances.{k}": v for k, v in (settings.get("tolerances") or {}).items()})
+    return out or None
+
+
 def figures_from(result: dict) -> dict:
     """Flat key numbers for the evidence table and summary.json."""
     counts = result.get("counts", {})
@@ -172,8 +179,10 @@ def figures_from(result: dict) -> dict:
         "check_s": result.get("total_s"), "seed": result.get("seed"),
         "torch": versions.get("torch"), "cuda_build": versions.get("cuda"),
         # which torch the checker imported (tasks/verdict.py compares it with install's and train's)
-        "torch_identity": identity.of_torch(versions["torch_file"], versions.get("torch")) if versions.get("torch_file")
-        else None,
+        "torch_identity": result.get("torch_identity") or (identity.of_torch(versions["torch_file"], versions.get("torch"))
+                                                           if versions.get("torch_file") else None),
+        "device": "cuda" if result.get("gpus_checked") else "cpu", "nproc": result.get("gpus_checked", 0),
+        "thresholds": thresholds(result.get("settings") or {}),
     }
     failed = []
     for c in result.get("checks", []):

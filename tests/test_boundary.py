@@ -75,3 +75,21 @@ def test_the_launcher_isolates_the_child(monkeypatch):
     assert env["OMP_NUM_THREADS"] == "4" and env["NCCL_NVLS_ENABLE"] == "0" and env["PATH"] == os.environ["PATH"]
     assert proc.gpu_command(Path("/v/bin/python"), layout.BENCH_MODULE, ["--help"]) == [
         "/v/bin/python", "-m", "training_pt.bench", "--help"]
+
+
+def test_a_torch_on_pythonpath_is_not_the_one_the_child_imports(tmp_path, monkeypatch, capsys):
+    """The launcher's child (here install's verifier) imports the venv's torch, not a stand-in on PYTHONPATH."""
+    import json
+
+    import torch
+
+    standin = tmp_path / "standin"
+    (standin / "torch").mkdir(parents=True)
+    (standin / "torch" / "__init__.py").write_text(f"open({str(standin / 'imported')!r}, 'w').close()\n")
+    monkeypatch.setenv("PYTHONPATH", str(standin))
+    log = tmp_path / "verify.log"
+    assert proc.run_gpu(Path(sys.executable), layout.VERIFY_MODULE, [], log) == 0
+    facts = json.loads(log.read_text().splitlines()[-1])
+    assert facts["torch_file"] == torch.__file__ and not (standin / "imported").exists()
+    assert facts["torch_identity"]["version"] == torch.__version__ and facts["torch_identity"]["record_sha256"]
+    capsys.readouterr()

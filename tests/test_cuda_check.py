@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -60,6 +61,14 @@ def test_checker_report_has_a_line_per_check_and_the_seam(cpu_run):
     assert text.rstrip().splitlines()[-1].startswith("verdict: FAIL: 1 check(s) FAIL: build")
 
 
+def stand_in_torch(folder: Path) -> Path:
+    """A folder holding a fake `torch` that leaves a mark when imported (put on PYTHONPATH by a test)."""
+    (folder / "torch").mkdir(parents=True)
+    (folder / "torch" / "__init__.py").write_text(
+        f"open({str(folder / 'imported')!r}, 'w').close()\n__version__ = '0.0.0-standin'\n")
+    return folder
+
+
 def _venv_gpu(tmp_path, monkeypatch):
     """A stand-in .venv-gpu whose python is this test venv's (CPU torch)."""
     venv = tmp_path / ".venv-gpu"
@@ -73,6 +82,8 @@ def _venv_gpu(tmp_path, monkeypatch):
 
 def test_stage_fails_on_cpu_torch_with_one_line_and_keeps_the_files(tmp_path, monkeypatch, capsys):
     _venv_gpu(tmp_path, monkeypatch)
+    standin = stand_in_torch(tmp_path / "standin")
+    monkeypatch.setenv("PYTHONPATH", str(standin))  # the checker runs isolated: never this torch
     run_dir = tmp_path / "m40_v1"
     run_dir.mkdir()
     (run_dir / layout.CUDA_CHECK_JSON).write_text('{"exit_code": 0, "reason": "stale"}')  # never read as this run's
@@ -85,6 +96,13 @@ def test_stage_fails_on_cpu_torch_with_one_line_and_keeps_the_files(tmp_path, mo
     assert rec.figures["checks_fail"] == 1 and rec.figures["gpus_checked"] == 0 and rec.figures["seed"] == 11
     assert rec.figures["failed_checks"] == "build"
     assert records.read(run_dir, "cuda_check").reason == rec.reason
+    import torch
+
+    ident = rec.figures["torch_identity"]
+    assert ident["file"] == str(Path(torch.__file__).resolve()) and ident["version"] == torch.__version__
+    assert not (standin / "imported").exists()
+    assert rec.figures["device"] == "cpu" and rec.figures["nproc"] == 0
+    assert rec.figures["thresholds"]["speed_share"] == 0.5 and "tolerances.matmul_bf16" in rec.figures["thresholds"]
     assert "SKIP  -     memory" in (run_dir / layout.CUDA_CHECK_LOG).read_text()
     assert "cuda_check: FAIL" in capsys.readouterr().out
 
@@ -130,8 +148,11 @@ def test_outcome_from_a_passing_result_carries_the_key_figures():
         "checks_pass": 21, "checks_fail": 0, "checks_skip": 2, "checks_warn": 0, "gpus_checked": 1, "check_s": 11.9, "seed": 5,
         "torch": "2.11.0+cu130", "cuda_build": "13.0", "driver_cuda": "13.0", "gpu0_sdpa_backend": "flash",
         "gpu0_copy_tbs": 2.951, "gpu0_copy_pct_datasheet": 88.1, "gpu0_bf16_tflops": 702.3,
-        "gpu0_bf16_pct_datasheet": 71.0,
+        "gpu0_bf16_pct_datasheet": 71.0, "device": "cuda", "nproc": 1,
     }
+    with_settings = dict(GOOD_RESULT, settings={"speed_share": 0.5, "memory_share": 0.5, "tolerances": {"matmul_bf16": 0.01}})
+    assert cuda_check.outcome_from(with_settings, 0, "", 300, []).figures["thresholds"] == {
+        "speed_share": 0.5, "memory_share": 0.5, "tolerances.matmul_bf16": 0.01}
 
 
 def test_a_passing_result_with_a_warning_passes_and_keeps_the_warning_as_its_reason():

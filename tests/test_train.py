@@ -310,13 +310,21 @@ def venv_python(monkeypatch):
     monkeypatch.setattr(layout, "gpu_python", lambda venv=None: Path(sys.executable))
 
 
-def test_stage_runs_two_processes_under_torchrun(tmp_path, venv_python):
+def test_stage_runs_two_processes_under_torchrun(tmp_path, venv_python, monkeypatch):
     run_dir = tmp_path / "m40_v1"
     run_dir.mkdir()
+    standin = tmp_path / "standin"
+    (standin / "torch").mkdir(parents=True)
+    (standin / "torch" / "__init__.py").write_text(f"open({str(standin / 'imported')!r}, 'w').close()\n")
+    monkeypatch.setenv("PYTHONPATH", str(standin))  # the ranks run isolated: never this torch
     out = stage.run(run_dir, stage_args(nproc=2, train_device="cpu",
                                         train_override=[*TINY, "train.steps=6", "checks.min_loss_drop=0.2"]))
     assert out.status == "pass", out.reason
     assert out.figures["nproc"] == 2 and out.figures["tok_s"] > 0 and out.figures["steps"] == 6
+    assert out.figures["torch_identity"]["file"] == str(Path(torch.__file__).resolve())
+    assert out.figures["torch_identity"]["version"] == torch.__version__ and not (standin / "imported").exists()
+    assert out.figures["device"] == "cpu" and out.figures["thresholds"]["checks.min_loss_drop"] == 0.2
+    assert out.figures["overrides"][-1] == "checks.min_loss_drop=0.2"
     assert set(out.files) >= {layout.TRAIN_LOG, layout.TRAIN_METRICS, layout.TRAIN_LOSS_PLOT, layout.TRAIN_RESULT,
                               layout.TRAIN_CONSOLE}
     console = (run_dir / layout.TRAIN_CONSOLE).read_text()

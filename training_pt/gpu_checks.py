@@ -52,6 +52,7 @@ os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 import torch  # noqa: E402
 
 from tasks import cuda_rules as rules  # noqa: E402
+from tasks import identity  # noqa: E402
 from tasks.cuda_rules import FAIL, PASS, SKIP, WARN, Check, Verdict  # noqa: E402
 from tasks.records import now_iso  # noqa: E402
 from training_pt import burn  # noqa: E402
@@ -758,6 +759,7 @@ class Checker:
             "versions": self.versions(), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
             "arch_list_seam": os.environ.get(rules.ARCH_LIST_SEAM_ENV),
             "settings": {k: self.s[k] for k in ("memory_share", "speed_share", "tolerances", "sizes", "repeats")},
+            "torch_identity": identity.of_torch(torch.__file__, torch.__version__),
             "gpus": [{"index": g["index"], "name": g["name"], "capability": "{}.{}".format(*g["capability"]),
                       "total_gib": round(g["total_gib"], 2), "sms": g["sms"], "nvml_index": g["nvml"],
                       "datasheet": g["spec"].model if g["spec"] else None} for g in self.gpus],

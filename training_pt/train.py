@@ -64,7 +64,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from tasks import layout
+from tasks import identity, layout
 from tasks.config import ConfigError, gpu_spec_for, load_yaml
 
 EXIT_OK, EXIT_ERROR, EXIT_INPUT, EXIT_CHECK, EXIT_OOM, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
@@ -892,6 +892,8 @@ def train(cfg: dict, args, log: Log, result: dict) -> None:
         f"host {socket.gethostname()}")
     figures.update(gpus=world if device.type == "cuda" else 0, gpu_name=gpu_name, device=device.type,
                    torch=torch.__version__, torch_file=torch.__file__, torch_cuda=torch.version.cuda or "none",
+                   torch_identity=identity.of_torch(torch.__file__, torch.__version__),
+                   thresholds={f"checks.{k}": v for k, v in cfg["checks"].items()},
                    **job_figures(world))
 
     # tokenizer and data ------------------------------------------------------------------------------

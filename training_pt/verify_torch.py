@@ -1,7 +1,7 @@
 """What the installed torch says about itself, as one JSON object on stdout.
 
 Run by the install stage with `.venv-gpu`'s own Python (`python -m training_pt.verify_torch`, isolated,
-by tasks/proc.py's launcher): nox's side never imports torch. Standard library only; it judges nothing (tasks/install.py does).
+by tasks/proc.py's launcher): nox's side never imports torch. Standard library (and tasks/identity.py) only; it judges nothing (tasks/install.py does).
 A failure to import torch is reported in the JSON ("import_error"), not as a crash.
 `--env` prints the venv instead (no torch import): its Python tags, purelib, and the distributions
 it sees, the first of each name in sys.path order.
@@ -15,6 +15,8 @@ import platform
 import re
 import sys
 import sysconfig
+
+from tasks import identity  # torch-free, standard library only
 
 
 def _call(fn, *args):
@@ -47,6 +49,7 @@ def facts() -> dict:
     out.update(
         torch_version=str(torch.__version__),
         torch_file=getattr(torch, "__file__", None),
+        torch_identity=identity.of_torch(torch.__file__, torch.__version__) if getattr(torch, "__file__", None) else None,
         cuda=torch.version.cuda,
         git_version=getattr(torch.version, "git_version", None),
         cudnn=_call(torch.backends.cudnn.version),
