@@ -8,6 +8,7 @@ installed in that venv and nothing the caller's shell put on PYTHONPATH.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import subprocess
@@ -17,6 +18,21 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tasks import layout
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent() -> None:
+    """Ask the kernel to SIGKILL this process when the process that started it dies (Linux; elsewhere
+    nothing). Run in every child tee starts (before exec) and by every torchrun rank and worker of
+    training_pt for itself: killing nox (or its stage) must not leave a GPU child running, or one that
+    writes a result after its stage is gone."""
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def gpu_env(extra: dict | None = None) -> dict:
@@ -57,7 +73,8 @@ def tee(cmd: list[str], log_file: Path | None = None, *, env: dict | None = None
     Returns the exit code (124 on timeout, like coreutils' timeout). The child runs in a process
     group of its own, so a timeout kills its children too (torchrun's ranks, spawned NCCL workers),
     which would otherwise hold the GPU and the output pipe. Ctrl-C is passed on to that group and
-    re-raised here after the child ends.
+    re-raised here after the child ends. The child dies with us (die_with_parent), also when we are
+    killed with SIGKILL and cannot pass anything on.
     """
     full_env = {**(os.environ if inherit_env else {}), **(env or {}), "PYTHONUNBUFFERED": "1"}
     mode = "a" if append else "w"
@@ -65,7 +82,7 @@ def tee(cmd: list[str], log_file: Path | None = None, *, env: dict | None = None
     try:
         proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 env=full_env, cwd=cwd, text=True, errors="replace", bufsize=1,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=die_with_parent)
         timed_out = threading.Event()
 
         def _signal_group(sig: int) -> None:

@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from tasks import proc
+
 RESULT = "allreduce_nodes.json"
 
 
@@ -68,6 +70,7 @@ def sync(device: torch.device) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    proc.die_with_parent()  # a torchrun rank dies with its torchrun (which dies with the stage)
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     result = {"status": "fail", "reason": "", "world_size": world, "nnodes": int(os.environ.get("GROUP_WORLD_SIZE", "1")),

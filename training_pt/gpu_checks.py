@@ -52,7 +52,7 @@ os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 import torch  # noqa: E402
 
 from tasks import cuda_rules as rules  # noqa: E402
-from tasks import identity  # noqa: E402
+from tasks import identity, proc  # noqa: E402
 from tasks.cuda_rules import FAIL, PASS, SKIP, WARN, Check, Verdict  # noqa: E402
 from tasks.records import now_iso  # noqa: E402
 from training_pt import burn  # noqa: E402
@@ -774,6 +774,8 @@ def allreduce_worker(rank: int, world: int, tmp: str, seed: int, mib: int, timed
     """One process per GPU: an NCCL all-reduce of random integers (exact in float32) checked against
     the sum every rank can compute, then the timed all-reduce of `mib` MiB."""
     import torch.distributed as dist
+
+    proc.die_with_parent()  # never outlive the checker
     result: dict = {"rank": rank}
     try:
         torch.cuda.set_device(rank)

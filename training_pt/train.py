@@ -64,7 +64,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from tasks import identity, layout
+from tasks import identity, layout, proc
 from tasks.config import ConfigError, gpu_spec_for, load_yaml
 
 EXIT_OK, EXIT_ERROR, EXIT_INPUT, EXIT_CHECK, EXIT_OOM, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
@@ -1141,6 +1141,7 @@ def on_sigterm(signum, frame) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    proc.die_with_parent()  # a torchrun rank dies with its torchrun (which dies with the stage)
     rank = int(os.environ.get("RANK", "0"))
     args.out.mkdir(parents=True, exist_ok=True)
     log = Log(args.out, rank, leader=int(os.environ.get("LOCAL_RANK", "0")) == 0)
