@@ -133,6 +133,7 @@ def tests(session: nox.Session) -> None:
 
 @nox.session(venv_backend="virtualenv")
 def lint(session: nox.Session) -> None:
-    """Lint and check formatting-sensitive errors with ruff."""
+    """Lint (ruff check, line length 120) and check the formatting (ruff format --check)."""
     session.install("ruff")
     session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")

@@ -24,8 +24,9 @@ DESCRIPTION = "Benchmark GPT-2 training speed on one GPU: HF defaults vs the smo
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="nox -s bench --", description=DESCRIPTION, add_help=False)
-    parser.add_argument("--python", type=Path, default=None,
-                        help="the interpreter to benchmark with (default: .venv-gpu's)")
+    parser.add_argument(
+        "--python", type=Path, default=None, help="the interpreter to benchmark with (default: .venv-gpu's)"
+    )
     parser.add_argument("--out", type=Path, default=None, help="folder for bench.md, bench.json, bench_console.txt")
     parser.add_argument("-h", "--help", action="store_true")
     args, rest = parser.parse_known_args(argv)
@@ -33,16 +34,19 @@ def main(argv: list[str]) -> int:
     if not Path(python).exists():
         if args.help:
             parser.print_help()
-        print(f"bench: error: {python} is missing; run `nox -s install -p CHANNEL` first, or pass --python PATH",
-              file=sys.stderr)
+        print(
+            f"bench: error: {python} is missing; run `nox -s install -p CHANNEL` first, or pass --python PATH",
+            file=sys.stderr,
+        )
         return layout.EXIT_USAGE
     if args.help:
         parser.print_help()
         print("\nOptions of training_pt/bench.py (passed through):", flush=True)
         return proc.run_gpu(python, layout.BENCH_MODULE, ["--help"])
     try:
-        out = runs.make_output_dir(args.out or layout.RUNS_DIR / f"bench_{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}",
-                                   "--out")
+        out = runs.make_output_dir(
+            args.out or layout.RUNS_DIR / f"bench_{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}", "--out"
+        )
     except runs.RunError as e:
         print(f"bench: error: {e}", file=sys.stderr)
         return e.exit_code

@@ -45,20 +45,32 @@ def time_budget_s(level: str, duration_s: float, base_timeout_s: float, extra_ti
 
 # --------------------------------------------------------------------------- the burn
 
-def judge_burn_compare(iterations: int, bad_iterations: int, bad_elements: int, elements: int,
-                       nonfinite: int = 0) -> Verdict:
+
+def judge_burn_compare(
+    iterations: int, bad_iterations: int, bad_elements: int, elements: int, nonfinite: int = 0
+) -> Verdict:
     """gpu-burn's method: every product after iteration 0 must equal iteration 0's bit for bit."""
-    data = {"iterations": iterations, "bad_iterations": bad_iterations, "bad_elements": bad_elements,
-            "elements": elements, "nonfinite": nonfinite}
+    data = {
+        "iterations": iterations,
+        "bad_iterations": bad_iterations,
+        "bad_elements": bad_elements,
+        "elements": elements,
+        "nonfinite": nonfinite,
+    }
     value = f"{iterations} products compared bit for bit with the first"
     if iterations < 2:
         return Verdict(FAIL, value, "the burn ran fewer than 2 products: nothing was compared", data)
     if nonfinite:
         return Verdict(FAIL, value, f"the reference product holds {nonfinite} NaN/inf from finite inputs", data)
     if bad_iterations:
-        return Verdict(FAIL, value, f"{bad_iterations} of {iterations - 1} products differ from the first "
-                       f"({bad_elements} wrong elements in all, of {elements} per product): the same "
-                       "inputs gave different bits, a faulty GPU (or its memory) under load", data)
+        return Verdict(
+            FAIL,
+            value,
+            f"{bad_iterations} of {iterations - 1} products differ from the first "
+            f"({bad_elements} wrong elements in all, of {elements} per product): the same "
+            "inputs gave different bits, a faulty GPU (or its memory) under load",
+            data,
+        )
     return Verdict(PASS, value, "", data)
 
 
@@ -82,12 +94,18 @@ def judge_burn_peers(checksums: dict[int, str], models: dict[int, str]) -> Verdi
             odd += [g for g in gpus if len(majority) > 1 or checksums[g] != majority[0]]
     value = f"{sum(len(g) for g in peers.values())} GPUs in {len(peers)} model group(s)"
     if odd:
-        return Verdict(FAIL, value, f"gpu {', '.join(map(str, odd))} computed a different product from identical "
-                       "inputs than its peers of the same model: a faulty GPU", data | {"odd": odd})
+        return Verdict(
+            FAIL,
+            value,
+            f"gpu {', '.join(map(str, odd))} computed a different product from identical "
+            "inputs than its peers of the same model: a faulty GPU",
+            data | {"odd": odd},
+        )
     return Verdict(PASS, value + ", identical products", "", data)
 
 
 # --------------------------------------------------------------------------- NVML samples under load
+
 
 def judge_clocks(samples: list[dict], clock_share: float, low_clock_share: float) -> Verdict:
     """Samples taken under load (keys sm_mhz, sm_max_mhz, power_w, temp_c, reasons).
@@ -108,12 +126,22 @@ def judge_clocks(samples: list[dict], clock_share: float, low_clock_share: float
     data.update(faults=faults, low_clock_samples=low, clock_samples=len(clocks))
     if faults:
         seen = ", ".join(f"{n} in {k} of {len(samples)} samples" for n, k in faults.items())
-        return Verdict(FAIL, value, f"clocks held back under load by {seen}: check cooling, power delivery and "
-                       "the GPU's slot (nvidia-smi -q -d PERFORMANCE,TEMPERATURE,POWER)", data)
+        return Verdict(
+            FAIL,
+            value,
+            f"clocks held back under load by {seen}: check cooling, power delivery and "
+            "the GPU's slot (nvidia-smi -q -d PERFORMANCE,TEMPERATURE,POWER)",
+            data,
+        )
     if clocks and low > low_clock_share * len(clocks):
-        return flagged(WARN, value, f"SM clock below {clock_share:.0%} of its maximum in {low} of {len(clocks)} "
-                       "samples under load: the GPU runs slow without a hardware event (power cap, application "
-                       "clocks?)", data)
+        return flagged(
+            WARN,
+            value,
+            f"SM clock below {clock_share:.0%} of its maximum in {low} of {len(clocks)} "
+            "samples under load: the GPU runs slow without a hardware event (power cap, application "
+            "clocks?)",
+            data,
+        )
     return Verdict(PASS, value, "", data)
 
 
@@ -126,8 +154,11 @@ def _span(values: list[float], unit: str, fmt: str = ".0f") -> str:
 def describe_samples(samples: list[dict]) -> str:
     def col(key):
         return [s[key] for s in samples if s.get(key) is not None]
-    return (f"SM {_span(col('sm_mhz'), 'MHz')}, power {_span(col('power_w'), 'W')}, "
-            f"temperature {_span(col('temp_c'), '°C')}, {len(samples)} samples")
+
+    return (
+        f"SM {_span(col('sm_mhz'), 'MHz')}, power {_span(col('power_w'), 'W')}, "
+        f"temperature {_span(col('temp_c'), '°C')}, {len(samples)} samples"
+    )
 
 
 def timeline(samples: list[dict], slices: int = 6) -> list[dict]:
@@ -159,14 +190,18 @@ def timeline(samples: list[dict], slices: int = 6) -> list[dict]:
 def timeline_lines(gpu: int, rows: list[dict]) -> list[str]:
     def f(v, spec):
         return "-" if v is None else format(v, spec)
+
     out = [f"gpu{gpu} burn over time:  {'seconds':>11}  {'TFLOP/s':>8}  {'SM MHz':>6}  {'W':>5}  {'°C':>4}  events"]
     for r in rows:
-        out.append(f"{'':<22}{r['from_s']:5.0f}-{r['to_s']:<5.0f}  {f(r['tflops'], '8.1f')}  "
-                   f"{f(r['sm_mhz'], '6.0f')}  {f(r['power_w'], '5.0f')}  {f(r['temp_c'], '4.0f')}  {r['events']}")
+        out.append(
+            f"{'':<22}{r['from_s']:5.0f}-{r['to_s']:<5.0f}  {f(r['tflops'], '8.1f')}  "
+            f"{f(r['sm_mhz'], '6.0f')}  {f(r['power_w'], '5.0f')}  {f(r['temp_c'], '4.0f')}  {r['events']}"
+        )
     return out
 
 
 # --------------------------------------------------------------------------- one GPU among its peers
+
 
 def peer_outliers(values: dict[int, float], models: dict[int, str], share: float) -> list[tuple[int, float, float]]:
     """GPUs whose value is more than `share` below the median of the other GPUs of the same model:
@@ -182,8 +217,9 @@ def peer_outliers(values: dict[int, float], models: dict[int, str], share: float
     return out
 
 
-def judge_peers(metric: str, unit: str, values: dict[int, float], models: dict[int, str], share: float,
-                severity: str) -> Verdict:
+def judge_peers(
+    metric: str, unit: str, values: dict[int, float], models: dict[int, str], share: float, severity: str
+) -> Verdict:
     """Check peers.<metric>: one GPU slower than its peers of the same model."""
     data = {"values": {str(k): v for k, v in values.items()}, "share": share}
     groups = {m for g, m in models.items() if g in values and sum(1 for h in values if models.get(h) == m) > 1}
@@ -193,10 +229,15 @@ def judge_peers(metric: str, unit: str, values: dict[int, float], models: dict[i
     slow = peer_outliers(values, models, share)
     data["outliers"] = [g for g, _, _ in slow]
     if slow:
-        named = "; ".join(f"gpu{g} {v:.3g} {unit} is {1 - v / m:.0%} below its peers' median {m:.3g}"
-                          for g, v, m in slow)
-        return flagged(severity, value, f"{named} (more than {share:.0%}): a slow GPU among its peers (cooling, "
-                       "power, clocks, its PCIe or memory)", data)
+        named = "; ".join(
+            f"gpu{g} {v:.3g} {unit} is {1 - v / m:.0%} below its peers' median {m:.3g}" for g, v, m in slow
+        )
+        return flagged(
+            severity,
+            value,
+            f"{named} (more than {share:.0%}): a slow GPU among its peers (cooling, power, clocks, its PCIe or memory)",
+            data,
+        )
     return Verdict(PASS, value, f"every GPU within {share:.0%} of its peers' median", data)
 
 
@@ -213,15 +254,20 @@ def pcie_theoretical_gbs(gen: int | None, width: int | None) -> float | None:
     return PCIE_LANE_GBS[gen] * width
 
 
-def judge_pcie_link(under_load: list[tuple[int | None, int | None]], max_gen: int | None, max_width: int | None,
-                    gpu_max_gen: int | None, link_severity: str, slot_severity: str) -> Verdict:
+def judge_pcie_link(
+    under_load: list[tuple[int | None, int | None]],
+    max_gen: int | None,
+    max_width: int | None,
+    gpu_max_gen: int | None,
+    link_severity: str,
+    slot_severity: str,
+) -> Verdict:
     """Check pcie.link: the link generation and width read under load (the best seen: links downtrain
     at idle) against what the GPU and its slot allow together, and the slot against the GPU."""
     seen = [(g, w) for g, w in under_load if g and w]
     data = {"under_load": seen, "max_gen": max_gen, "max_width": max_width, "gpu_max_gen": gpu_max_gen}
     if not seen or not max_gen or not max_width:
-        return Verdict(SKIP, "", "NVML cannot read the PCIe link here (no NVML, or a GPU without PCIe link info)",
-                       data)
+        return Verdict(SKIP, "", "NVML cannot read the PCIe link here (no NVML, or a GPU without PCIe link info)", data)
     gen, width = max(g for g, _ in seen), max(w for _, w in seen)
     data.update(gen=gen, width=width)
     value = f"Gen{gen} x{width} under load (max Gen{max_gen} x{max_width})"
@@ -231,16 +277,33 @@ def judge_pcie_link(under_load: list[tuple[int | None, int | None]], max_gen: in
     if width < max_width:
         short.append(f"x{width} instead of x{max_width}")
     if short:
-        return flagged(link_severity, value, f"the PCIe link runs at {' and '.join(short)} under load: reseat the "
-                       "card, check the riser/slot and the BIOS link settings (host<->device copies slow down)", data)
+        return flagged(
+            link_severity,
+            value,
+            f"the PCIe link runs at {' and '.join(short)} under load: reseat the "
+            "card, check the riser/slot and the BIOS link settings (host<->device copies slow down)",
+            data,
+        )
     if gpu_max_gen and gpu_max_gen > max_gen:
-        return flagged(slot_severity, value, f"the GPU supports Gen{gpu_max_gen} but its slot allows Gen{max_gen}: "
-                       "a slot or riser of an older generation", data)
+        return flagged(
+            slot_severity,
+            value,
+            f"the GPU supports Gen{gpu_max_gen} but its slot allows Gen{max_gen}: "
+            "a slot or riser of an older generation",
+            data,
+        )
     return Verdict(PASS, value, "", data)
 
 
-def judge_pcie_bandwidth(h2d_gbs: float | None, d2h_gbs: float | None, gen: int | None, width: int | None,
-                         warn_share: float, fail_share: float, error: str = "") -> Verdict:
+def judge_pcie_bandwidth(
+    h2d_gbs: float | None,
+    d2h_gbs: float | None,
+    gen: int | None,
+    width: int | None,
+    warn_share: float,
+    fail_share: float,
+    error: str = "",
+) -> Verdict:
     """Check pcie.bandwidth: pinned host<->device copies both ways against the link's theoretical rate."""
     data = {"h2d_gbs": h2d_gbs, "d2h_gbs": d2h_gbs, "gen": gen, "width": width}
     if error:
@@ -254,8 +317,9 @@ def judge_pcie_bandwidth(h2d_gbs: float | None, d2h_gbs: float | None, gen: int 
     worst = min(h2d_gbs, d2h_gbs)
     data.update(peak_gbs=peak, share=worst / peak)
     value += f" = {h2d_gbs / peak:.0%} / {d2h_gbs / peak:.0%} of Gen{gen} x{width} ({peak:.1f} GB/s)"
-    why = ("(the link's width or generation, the CPU socket the GPU hangs off (NUMA), the IOMMU, or host "
-           "memory bandwidth)")
+    why = (
+        "(the link's width or generation, the CPU socket the GPU hangs off (NUMA), the IOMMU, or host memory bandwidth)"
+    )
     if worst < fail_share * peak:
         return Verdict(FAIL, value, f"below {fail_share:.0%} of the link's rate {why}", data)
     if worst < warn_share * peak:
@@ -265,26 +329,36 @@ def judge_pcie_bandwidth(h2d_gbs: float | None, d2h_gbs: float | None, gen: int 
 
 # --------------------------------------------------------------------------- memory patterns
 
-def judge_memory_patterns(results: dict[str, int], words: int, gib: float, seconds: float, free_gib: float,
-                          error: str = "") -> Verdict:
+
+def judge_memory_patterns(
+    results: dict[str, int], words: int, gib: float, seconds: float, free_gib: float, error: str = ""
+) -> Verdict:
     """Check memory.patterns: words read back wrong per pattern (each written, read, inverted, read)."""
     data = {"mismatches": results, "words": words, "gib": gib, "seconds": seconds, "free_gib": free_gib}
     traffic = 5 * gib * len(results)  # per pattern: write, read, invert (read + write), read
     speed = traffic / seconds if seconds > 0 else 0.0
-    value = (f"{gib:.1f} GiB of {free_gib:.1f} GiB free x {len(results)} patterns "
-             f"({', '.join(results) or '-'}), {seconds:.1f} s, {speed:.0f} GiB/s")
+    value = (
+        f"{gib:.1f} GiB of {free_gib:.1f} GiB free x {len(results)} patterns "
+        f"({', '.join(results) or '-'}), {seconds:.1f} s, {speed:.0f} GiB/s"
+    )
     data["gibs"] = speed
     if error:
         return Verdict(FAIL, value, f"the pattern test stopped: {error}", data)
     bad = {name: n for name, n in results.items() if n}
     if bad:
         named = ", ".join(f"{name} {n} wrong word(s)" for name, n in bad.items())
-        return Verdict(FAIL, value, f"{named} of {words} (each pattern and its inverse): faulty GPU memory (check "
-                       "nvidia-smi -q -d ECC,ROW_REMAPPER)", data)
+        return Verdict(
+            FAIL,
+            value,
+            f"{named} of {words} (each pattern and its inverse): faulty GPU memory (check "
+            "nvidia-smi -q -d ECC,ROW_REMAPPER)",
+            data,
+        )
     return Verdict(PASS, value, "every pattern and its inverse read back", data)
 
 
 # --------------------------------------------------------------------------- NVLink
+
 
 def judge_nvlink(links: list[dict] | None, error: str, down_severity: str, errors_severity: str) -> Verdict:
     """Check nvlink: links as {link, active, errors_before, errors_after} (errors: counter -> count);
@@ -304,15 +378,22 @@ def judge_nvlink(links: list[dict] | None, error: str, down_severity: str, error
             if n is not None and before.get(name) is not None and n > before[name]:
                 grown.append(f"link {x['link']} {name} +{n - before[name]}")
     if down:
-        return flagged(down_severity, value, f"link(s) {', '.join(map(str, down))} inactive while others are "
-                       "active: a failed or untrained NVLink (nvidia-smi nvlink -s)", data)
+        return flagged(
+            down_severity,
+            value,
+            f"link(s) {', '.join(map(str, down))} inactive while others are "
+            "active: a failed or untrained NVLink (nvidia-smi nvlink -s)",
+            data,
+        )
     if grown:
-        return flagged(errors_severity, value, f"NVLink error counters grew during the checks: {', '.join(grown)}",
-                       data)
+        return flagged(
+            errors_severity, value, f"NVLink error counters grew during the checks: {', '.join(grown)}", data
+        )
     return Verdict(PASS, value, "no error counter grew", data)
 
 
 # --------------------------------------------------------------------------- peer-to-peer and collectives
+
 
 def judge_p2p(matrix: list[list[float | None]], share: float, severity: str) -> Verdict:
     """Check p2p.bandwidth: GB/s from GPU i (row) to GPU j (column); a pair below `share` of the median pair."""
@@ -325,8 +406,12 @@ def judge_p2p(matrix: list[list[float | None]], share: float, severity: str) -> 
     value = f"{len(pairs)} pairs, {min(pairs.values()):.0f}-{max(pairs.values()):.0f} GB/s (median {median:.0f})"
     if slow:
         named = ", ".join(f"{i}->{j} {pairs[(i, j)]:.0f}" for i, j in slow)
-        return flagged(severity, value, f"pair(s) below {share:.0%} of the median: {named} GB/s (no peer access, "
-                       "a PCIe hop, or a degraded link)", data)
+        return flagged(
+            severity,
+            value,
+            f"pair(s) below {share:.0%} of the median: {named} GB/s (no peer access, a PCIe hop, or a degraded link)",
+            data,
+        )
     return Verdict(PASS, value, "", data)
 
 
@@ -334,8 +419,10 @@ def p2p_lines(matrix: list[list[float | None]]) -> list[str]:
     n = len(matrix)
     out = ["peer-to-peer GB/s (row: from, column: to):  " + "".join(f"{'gpu' + str(j):>8}" for j in range(n))]
     for i, row in enumerate(matrix):
-        out.append(f"{'':<44}gpu{i:<3}" + "".join(f"{'-' if i == j or v is None else format(v, '.0f'):>8}"
-                                                 for j, v in enumerate(row))[2:])
+        out.append(
+            f"{'':<44}gpu{i:<3}"
+            + "".join(f"{'-' if i == j or v is None else format(v, '.0f'):>8}" for j, v in enumerate(row))[2:]
+        )
     return out
 
 
@@ -370,18 +457,23 @@ def bus_bandwidth(op: str, nbytes: int, seconds: float, world: int) -> tuple[flo
 
 def collective_lines(rows: list[dict], world: int) -> list[str]:
     """The sweep's table for cuda_check.txt: rows as {op, bytes, seconds, wrong}."""
-    out = [f"NCCL collectives on {world} GPUs (nccl-tests bus bandwidth: all_reduce algbw*2(n-1)/n, "
-           "all_gather/reduce_scatter algbw*(n-1)/n)",
-           f"  {'op':<15}{'bytes':>12}{'time us':>12}{'algbw GB/s':>12}{'busbw GB/s':>12}{'wrong':>7}"]
+    out = [
+        f"NCCL collectives on {world} GPUs (nccl-tests bus bandwidth: all_reduce algbw*2(n-1)/n, "
+        "all_gather/reduce_scatter algbw*(n-1)/n)",
+        f"  {'op':<15}{'bytes':>12}{'time us':>12}{'algbw GB/s':>12}{'busbw GB/s':>12}{'wrong':>7}",
+    ]
     for r in rows:
         algbw, busbw = bus_bandwidth(r["op"], r["bytes"], r["seconds"], world)
-        out.append(f"  {r['op']:<15}{r['bytes']:>12}{r['seconds'] * 1e6:>12.1f}{algbw:>12.2f}{busbw:>12.2f}"
-                   f"{r.get('wrong', 0):>7}")
+        out.append(
+            f"  {r['op']:<15}{r['bytes']:>12}{r['seconds'] * 1e6:>12.1f}{algbw:>12.2f}{busbw:>12.2f}"
+            f"{r.get('wrong', 0):>7}"
+        )
     return out
 
 
-def judge_collectives(rows: list[dict], world: int, errors: list[str], interconnect: str, expect: dict,
-                      severity: str) -> Verdict:
+def judge_collectives(
+    rows: list[dict], world: int, errors: list[str], interconnect: str, expect: dict, severity: str
+) -> Verdict:
     """Check collectives: every op exact at every size, no rank failed; the largest all_reduce's bus
     bandwidth against the expectation for the interconnect (configs/burnin.yaml)."""
     data: dict = {"world": world, "rows": rows, "interconnect": interconnect}
@@ -397,15 +489,23 @@ def judge_collectives(rows: list[dict], world: int, errors: list[str], interconn
             top = max(mine, key=lambda r: r["bytes"])
             peak[op] = bus_bandwidth(op, top["bytes"], top["seconds"], world)[1]
     data["busbw_gbs"] = peak
-    value = ", ".join(f"{op} {bw:.0f}" for op, bw in peak.items()) + f" GB/s bus bandwidth at the largest size " \
+    value = (
+        ", ".join(f"{op} {bw:.0f}" for op, bw in peak.items()) + f" GB/s bus bandwidth at the largest size "
         f"({interconnect})"
+    )
     if wrong:
-        return Verdict(FAIL, value, f"wrong results for {', '.join(wrong[:6])}: GPU-to-GPU transfers corrupt data",
-                       data)
+        return Verdict(
+            FAIL, value, f"wrong results for {', '.join(wrong[:6])}: GPU-to-GPU transfers corrupt data", data
+        )
     floor = expect.get(interconnect)
     if floor and peak.get("all_reduce", 0) < floor:
-        return flagged(severity, value, f"all_reduce bus bandwidth {peak.get('all_reduce', 0):.0f} GB/s is below "
-                       f"the {floor:g} GB/s expected over {interconnect} (configs/burnin.yaml)", data)
+        return flagged(
+            severity,
+            value,
+            f"all_reduce bus bandwidth {peak.get('all_reduce', 0):.0f} GB/s is below "
+            f"the {floor:g} GB/s expected over {interconnect} (configs/burnin.yaml)",
+            data,
+        )
     return Verdict(PASS, value, "", data)
 
 
@@ -425,12 +525,26 @@ def dcgm_tests(doc: dict) -> list[dict]:
             statuses = [str(r.get("status", "")).lower() for r in results]
             summary = str((test.get("test_summary") or {}).get("status", "")).lower()
             status = summary or ("fail" if "fail" in statuses else "pass" if "pass" in statuses else "skip")
-            failed = [str(r.get("entity_id", r.get("gpu_ids", "?"))) for r in results
-                      if str(r.get("status", "")).lower() == "fail"]
-            warnings = [str(w.get("warning", "")).strip() for r in results for w in r.get("warnings") or []
-                        if isinstance(w, dict) and w.get("warning")]
-            out.append({"category": str(cat.get("category", "")), "test": str(test.get("name", "?")),
-                        "status": status.capitalize(), "gpus_failed": failed, "warnings": warnings})
+            failed = [
+                str(r.get("entity_id", r.get("gpu_ids", "?")))
+                for r in results
+                if str(r.get("status", "")).lower() == "fail"
+            ]
+            warnings = [
+                str(w.get("warning", "")).strip()
+                for r in results
+                for w in r.get("warnings") or []
+                if isinstance(w, dict) and w.get("warning")
+            ]
+            out.append(
+                {
+                    "category": str(cat.get("category", "")),
+                    "test": str(test.get("name", "?")),
+                    "status": status.capitalize(),
+                    "gpus_failed": failed,
+                    "warnings": warnings,
+                }
+            )
     return out
 
 
@@ -439,15 +553,22 @@ def judge_dcgm(found: bool, code: int | None, doc: dict | None, level: int, seve
     if not found:
         return Verdict(SKIP, "", "dcgmi is not on PATH: DCGM diagnostics not run (install DCGM to add them)")
     if error or doc is None:
-        return flagged(severity, f"dcgmi diag -r {level}", f"no JSON from dcgmi diag (exit code {code}): {error}",
-                       {"exit_code": code})
+        return flagged(
+            severity,
+            f"dcgmi diag -r {level}",
+            f"no JSON from dcgmi diag (exit code {code}): {error}",
+            {"exit_code": code},
+        )
     tests = dcgm_tests(doc)
     data = {"exit_code": code, "tests": tests}
     value = f"dcgmi diag -r {level}: " + (", ".join(f"{t['test']} {t['status']}" for t in tests) or "no tests")
     failed = [t for t in tests if t["status"] == "Fail"]
     if failed:
-        named = "; ".join(f"{t['category']}/{t['test']} on GPU {', '.join(t['gpus_failed']) or '?'}"
-                          + (f" ({t['warnings'][0][:120]})" if t["warnings"] else "") for t in failed)
+        named = "; ".join(
+            f"{t['category']}/{t['test']} on GPU {', '.join(t['gpus_failed']) or '?'}"
+            + (f" ({t['warnings'][0][:120]})" if t["warnings"] else "")
+            for t in failed
+        )
         return flagged(severity, value, f"DCGM failed {named}", data)
     if not tests:
         return flagged(severity, value, f"dcgmi diag gave no test results (exit code {code})", data)

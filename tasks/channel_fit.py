@@ -62,8 +62,10 @@ def from_gpus_json(path: Path) -> Machine:
         doc = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise ConfigError(f"{path} cannot be read ({e}); run `nox -s probe` again") from None
-    gpus = [Gpu(int(g.get("index", i)), str(g.get("name", "?")), _capability(g.get("compute_capability")))
-            for i, g in enumerate(doc.get("gpus") or [])]
+    gpus = [
+        Gpu(int(g.get("index", i)), str(g.get("name", "?")), _capability(g.get("compute_capability")))
+        for i, g in enumerate(doc.get("gpus") or [])
+    ]
     found = (doc.get("gate") or {}).get("line", "") if not gpus or not doc.get("driver_cuda") else ""
     return Machine(doc.get("driver_cuda"), gpus, origin=f"the run's probe record {path.name}", found=found)
 
@@ -84,6 +86,7 @@ def machine(run_dir: Path) -> Machine:
 
 # --------------------------------------------------------------------------- rules
 
+
 def driver_verdict(ch: Channel, m: Machine):
     """cuda_rules.judge_driver for this channel's CUDA: PASS (the driver supports it), WARN (a newer minor:
     CUDA's minor-version compatibility runs it), FAIL (a newer major); SKIP for a channel of any CUDA."""
@@ -100,8 +103,10 @@ def uncovered(ch: Channel, m: Machine) -> list[Gpu]:
 def unfit(ch: Channel, m: Machine) -> str | None:
     """Why channel `ch` cannot give a working torch on this machine, known before any download."""
     if driver_verdict(ch, m).status == cuda_rules.FAIL:
-        return (f"its CUDA {ch.cuda} is a newer major than the {m.driver_cuda} the driver supports "
-                f"(update the NVIDIA driver, or use a channel for CUDA <= {m.driver_cuda})")
+        return (
+            f"its CUDA {ch.cuda} is a newer major than the {m.driver_cuda} the driver supports "
+            f"(update the NVIDIA driver, or use a channel for CUDA <= {m.driver_cuda})"
+        )
     if missing := uncovered(ch, m):
         g = missing[0]
         return f"its builds carry {' '.join(ch.archs)}, nothing for GPU {g.index} {g.name} ({g.sm})"
@@ -130,8 +135,9 @@ def pick_auto(catalog: dict[str, Channel], m: Machine) -> tuple[str | None, list
             why = f"its CUDA {ch.cuda} is newer than the {m.driver_cuda} the driver supports"
         if why is None and chosen is None:
             chosen = ch.name
-            lines.append(f"  {ch.name}: CUDA {ch.cuda} <= {m.driver_cuda}, kernels for every GPU → chosen "
-                         "(the newest that fits)")
+            lines.append(
+                f"  {ch.name}: CUDA {ch.cuda} <= {m.driver_cuda}, kernels for every GPU → chosen (the newest that fits)"
+            )
         elif why is None:
             lines.append(f"  {ch.name}: fits too, but older")
         else:
@@ -147,5 +153,7 @@ def no_fit_advice(catalog: dict[str, Channel], m: Machine) -> str:
         sms = ", ".join(sorted({g.sm for g in m.gpus}))
         return f"no channel of the catalog has kernels for {sms}; use -p system with a torch built for it"
     need = min(covering, key=lambda c: major_minor(c.cuda) or (0, 0))
-    return (f"the GPUs need {need.name} or newer (CUDA >= {need.cuda}) but the driver supports CUDA "
-            f"{m.driver_cuda}: update the NVIDIA driver")
+    return (
+        f"the GPUs need {need.name} or newer (CUDA >= {need.cuda}) but the driver supports CUDA "
+        f"{m.driver_cuda}: update the NVIDIA driver"
+    )

@@ -86,6 +86,7 @@ def version_arg(text: str) -> str:
 
 # --------------------------------------------------------------------------- settings (m40.yaml)
 
+
 def load_settings(path: Path | None = None) -> dict:
     path = Path(path or layout.SETTINGS_FILE)
     data = load_yaml(path)
@@ -94,9 +95,15 @@ def load_settings(path: Path | None = None) -> dict:
     try:
         parse_version(data["min_driver_cuda"])
     except ValueError:
-        raise ConfigError(f"{path}: min_driver_cuda: {data['min_driver_cuda']!r} is not a version like \"12.8\"") from None
-    _require(isinstance(data["channel_order"], list) and data["channel_order"], path, "channel_order",
-             "must be a non-empty list of channel names")
+        raise ConfigError(
+            f'{path}: min_driver_cuda: {data["min_driver_cuda"]!r} is not a version like "12.8"'
+        ) from None
+    _require(
+        isinstance(data["channel_order"], list) and data["channel_order"],
+        path,
+        "channel_order",
+        "must be a non-empty list of channel names",
+    )
     _require(isinstance(data["gpu_packages"], list), path, "gpu_packages", "must be a list of requirement strings")
     for i, entry in enumerate(data["gpu_packages"]):
         requirement(entry, path, f"gpu_packages[{i}]")
@@ -110,9 +117,13 @@ def load_settings(path: Path | None = None) -> dict:
 def requirement(entry, path: Path, key: str) -> str:
     """One PEP 508 requirement (`name[extras] specifier`), never a pip option or two lines."""
     text = entry if isinstance(entry, str) else ""
-    fix = "write one requirement like \"transformers>=4.46\" (no pip options, one line)"
-    _require(bool(text.strip()) and not text.lstrip().startswith("-") and "\n" not in text and "\r" not in text,
-             path, key, f"{entry!r} is not a requirement; {fix}")
+    fix = 'write one requirement like "transformers>=4.46" (no pip options, one line)'
+    _require(
+        bool(text.strip()) and not text.lstrip().startswith("-") and "\n" not in text and "\r" not in text,
+        path,
+        key,
+        f"{entry!r} is not a requirement; {fix}",
+    )
     try:
         req = Requirement(text)
     except InvalidRequirement:
@@ -124,7 +135,7 @@ def requirement(entry, path: Path, key: str) -> str:
 def specifier(entry, path: Path, key: str) -> str:
     """A version specifier for torch (e.g. ">=2.7,<2.12"), validated as one."""
     text = "" if entry is None else entry if isinstance(entry, str) else None
-    fix = "write a specifier like \">=2.7,<2.12\""
+    fix = 'write a specifier like ">=2.7,<2.12"'
     _require(text is not None and "\n" not in text and "\r" not in text, path, key, f"{entry!r} is not one line; {fix}")
     try:
         SpecifierSet(text)
@@ -198,9 +209,15 @@ def load_channels(path: Path | str | None = None) -> dict[str, Channel]:
     out: dict[str, Channel] = {}
     for name, spec in raw.items():
         key = f"channels.{name}"
-        _require(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", str(name)) is not None, path, key,
-                 "a channel name may hold only letters, digits, '.', '_' and '-'")
-        _require(str(name) != AUTO_CHANNEL, path, key, f"'{AUTO_CHANNEL}' is reserved (install picks a channel); rename it")
+        _require(
+            re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", str(name)) is not None,
+            path,
+            key,
+            "a channel name may hold only letters, digits, '.', '_' and '-'",
+        )
+        _require(
+            str(name) != AUTO_CHANNEL, path, key, f"'{AUTO_CHANNEL}' is reserved (install picks a channel); rename it"
+        )
         _require(isinstance(spec, dict), path, key, "must be a mapping")
         out[str(name)] = _channel(str(name), spec, path, key)
     return out
@@ -217,27 +234,51 @@ def _channel(name: str, spec: dict, path: Path, key: str) -> Channel:
         try:
             parse_version(cuda)
         except ValueError:
-            raise ConfigError(f"{path}: {key}.cuda: {cuda!r} is not a version like \"12.8\"") from None
+            raise ConfigError(f'{path}: {key}.cuda: {cuda!r} is not a version like "12.8"') from None
     files_from = spec.get("files_from", [])
-    _require(isinstance(files_from, list) and all(isinstance(u, str) and "://" in u for u in files_from),
-             path, f"{key}.files_from", "must be a list of URL prefixes like https://files.pythonhosted.org/")
+    _require(
+        isinstance(files_from, list) and all(isinstance(u, str) and "://" in u for u in files_from),
+        path,
+        f"{key}.files_from",
+        "must be a list of URL prefixes like https://files.pythonhosted.org/",
+    )
     archs = spec.get("archs", [])
-    _require(isinstance(archs, list) and all(isinstance(a, str) and re.fullmatch(r"(sm|compute)_\d+[af]?", a)
-                                             for a in archs), path, f"{key}.archs", "must be a list like [sm_80, sm_90]")
-    return Channel(name=name, kind=kind, cuda=cuda, sources=_sources(kind, spec, path, key),
-                   note=str(spec.get("note") or ""), files_from=tuple(files_from), archs=tuple(archs))
+    _require(
+        isinstance(archs, list)
+        and all(isinstance(a, str) and re.fullmatch(r"(sm|compute)_\d+[af]?", a) for a in archs),
+        path,
+        f"{key}.archs",
+        "must be a list like [sm_80, sm_90]",
+    )
+    return Channel(
+        name=name,
+        kind=kind,
+        cuda=cuda,
+        sources=_sources(kind, spec, path, key),
+        note=str(spec.get("note") or ""),
+        files_from=tuple(files_from),
+        archs=tuple(archs),
+    )
 
 
 def _sources(kind: str, spec: dict, path: Path, key: str) -> tuple[ChannelSource, ...]:
     """`sources: [...]` in order, or the channel's own index_url/pre/torch/retired as its one source."""
     inline = {k: spec[k] for k in SOURCE_KEYS if k in spec}
     listed = spec.get("sources")
-    _require(not (listed is not None and inline), path, key,
-             f"give either sources: [...] or {', '.join(sorted(inline))} directly, not both")
+    _require(
+        not (listed is not None and inline),
+        path,
+        key,
+        f"give either sources: [...] or {', '.join(sorted(inline))} directly, not both",
+    )
     if listed is None:
         listed = [inline] if inline or kind == "pypi" else []
-    _require(isinstance(listed, list), path, f"{key}.sources", "must be a list of sources (index_url, pre, torch, retired)")
-    _require(kind in ("index", "pypi") or not listed, path, key, f"a '{kind}' channel has no index sources; remove them")
+    _require(
+        isinstance(listed, list), path, f"{key}.sources", "must be a list of sources (index_url, pre, torch, retired)"
+    )
+    _require(
+        kind in ("index", "pypi") or not listed, path, key, f"a '{kind}' channel has no index sources; remove them"
+    )
     _require(kind != "index" or listed, path, f"{key}.sources", "an 'index' channel needs an index_url")
     out = []
     for i, src in enumerate(listed):
@@ -248,12 +289,22 @@ def _sources(kind: str, spec: dict, path: Path, key: str) -> tuple[ChannelSource
         url = src.get("index_url")
         if kind == "pypi" and url is None:
             url = "https://pypi.org/simple"
-        _require(isinstance(url, str) and "://" in url and url.strip() == url, path, f"{where}.index_url",
-                 "must be an index URL like https://download.pytorch.org/whl/cu128")
+        _require(
+            isinstance(url, str) and "://" in url and url.strip() == url,
+            path,
+            f"{where}.index_url",
+            "must be an index URL like https://download.pytorch.org/whl/cu128",
+        )
         _require(isinstance(src.get("pre", False), bool), path, f"{where}.pre", "must be true or false")
-        out.append(ChannelSource(index_url=url, pre=src.get("pre", False),
-                                 torch=specifier(src.get("torch"), path, f"{where}.torch"),
-                                 retired=str(src.get("retired") or ""), label=str(src.get("label") or "")))
+        out.append(
+            ChannelSource(
+                index_url=url,
+                pre=src.get("pre", False),
+                torch=specifier(src.get("torch"), path, f"{where}.torch"),
+                retired=str(src.get("retired") or ""),
+                label=str(src.get("label") or ""),
+            )
+        )
     return tuple(out)
 
 
@@ -267,6 +318,7 @@ def channel_names(path: Path | str | None = None) -> list[str]:
 
 
 # --------------------------------------------------------------------------- GPU datasheet (gpus.yaml)
+
 
 @dataclass(frozen=True)
 class GpuSpec:
@@ -289,7 +341,7 @@ def name_words(name: str) -> tuple[str, ...]:
     A MIG slice's profile is not part of its GPU's name: 'NVIDIA A100-SXM4-80GB MIG 3g.40gb' has the
     words of its A100 80GB, never a '40gb' that would match the 40 GB model."""
     words = tuple(w for w in re.split(r"[^a-z0-9]+", str(name).lower()) if w)
-    return words[:words.index("mig")] if "mig" in words else words
+    return words[: words.index("mig")] if "mig" in words else words
 
 
 def _figure(value, path: Path, key: str) -> float | None:
@@ -313,19 +365,33 @@ def load_gpus(path: Path | None = None) -> list[GpuSpec]:
             _require(isinstance(g.get(k, []), list), path, f"{key}.{k}", "must be a list of words")
         match = tuple(w for s in g["match"] for w in name_words(s))
         _require(bool(match), path, f"{key}.match", "must name at least one word of the device name")
-        _require(frozenset(match) not in seen, path, f"{key}.match",
-                 f"same words as {seen.get(frozenset(match))!r}: make one of them more specific")
+        _require(
+            frozenset(match) not in seen,
+            path,
+            f"{key}.match",
+            f"same words as {seen.get(frozenset(match))!r}: make one of them more specific",
+        )
         seen[frozenset(match)] = g["model"]
         slices = g.get("mig_slices")
-        _require(slices is None or (isinstance(slices, int) and not isinstance(slices, bool) and slices > 0), path,
-                 f"{key}.mig_slices", f"{slices!r} must be a positive whole number (compute slices)")
+        _require(
+            slices is None or (isinstance(slices, int) and not isinstance(slices, bool) and slices > 0),
+            path,
+            f"{key}.mig_slices",
+            f"{slices!r} must be a positive whole number (compute slices)",
+        )
         memory = _figure(g["memory_gb"], path, f"{key}.memory_gb")
         _require(memory is not None, path, f"{key}.memory_gb", "must be the GPU's memory in GB")
-        out.append(GpuSpec(model=str(g["model"]), match=match,
-                           exclude=tuple(w for s in g.get("exclude", []) for w in name_words(s)),
-                           bf16_tflops=_figure(g["bf16_tflops"], path, f"{key}.bf16_tflops"),
-                           mem_bw_tbs=_figure(g["mem_bw_tbs"], path, f"{key}.mem_bw_tbs"), memory_gb=memory,
-                           mig_slices=slices))
+        out.append(
+            GpuSpec(
+                model=str(g["model"]),
+                match=match,
+                exclude=tuple(w for s in g.get("exclude", []) for w in name_words(s)),
+                bf16_tflops=_figure(g["bf16_tflops"], path, f"{key}.bf16_tflops"),
+                mem_bw_tbs=_figure(g["mem_bw_tbs"], path, f"{key}.mem_bw_tbs"),
+                memory_gb=memory,
+                mig_slices=slices,
+            )
+        )
     return out
 
 
@@ -336,15 +402,27 @@ def gpu_spec_for(device_name: str, specs: list[GpuSpec] | None = None) -> GpuSpe
     with the most `match` words wins (the most specific: 'H200 NVL' over 'H200').
     """
     words = set(name_words(device_name))
-    hits = [s for s in (specs if specs is not None else load_gpus())
-            if words.issuperset(s.match) and not words.intersection(s.exclude)]
+    hits = [
+        s
+        for s in (specs if specs is not None else load_gpus())
+        if words.issuperset(s.match) and not words.intersection(s.exclude)
+    ]
     return max(hits, key=lambda s: len(s.match), default=None)
 
 
 # --------------------------------------------------------------------------- cuda_check (cuda_check.yaml)
 
-CUDA_CHECK_TOLERANCES = ("matmul_fp32", "matmul_tf32", "matmul_bf16", "matmul_fp16", "conv2d_fp32",
-                         "conv2d_bf16", "sdpa_bf16", "reduction_fp32", "compile_fp32")
+CUDA_CHECK_TOLERANCES = (
+    "matmul_fp32",
+    "matmul_tf32",
+    "matmul_bf16",
+    "matmul_fp16",
+    "conv2d_fp32",
+    "conv2d_bf16",
+    "sdpa_bf16",
+    "reduction_fp32",
+    "compile_fp32",
+)
 CUDA_CHECK_SIZES = ("matmul", "speed_matmul", "copy_mib", "allreduce_mib")
 
 
@@ -357,11 +435,13 @@ def check_share(value, what: str, top: float = 1.0) -> float:
 
 def share_arg(top: float = 1.0):
     """An argparse `type=` for a share in (0, top], with check_share's message on a bad value."""
+
     def parse(text: str) -> float:
         try:
             return check_share(float(text), "the share", top)
         except ValueError as e:
             raise argparse.ArgumentTypeError(str(e)) from None
+
     return parse
 
 
@@ -370,8 +450,16 @@ def load_cuda_check(path: Path | None = None) -> dict:
     path = Path(path or layout.CUDA_CHECK_FILE)
     data = load_yaml(path)
     fix = "see configs/cuda_check.yaml in the repository"
-    for key in ("tolerances", "memory_share", "speed_share", "sizes", "repeats", "timeout_s",
-                "allreduce_timeout_s", "min_cuda_for_arch"):
+    for key in (
+        "tolerances",
+        "memory_share",
+        "speed_share",
+        "sizes",
+        "repeats",
+        "timeout_s",
+        "allreduce_timeout_s",
+        "min_cuda_for_arch",
+    ):
         _require(key in data, path, key, f"missing; add it ({fix})")
 
     def positive(value) -> bool:
@@ -381,8 +469,12 @@ def load_cuda_check(path: Path | None = None) -> dict:
     _require(isinstance(tol, dict), path, "tolerances", "must be a mapping of check -> relative error")
     for key in CUDA_CHECK_TOLERANCES:
         _require(key in tol, path, f"tolerances.{key}", f"missing; add it ({fix})")
-        _require(positive(tol[key]) and tol[key] < 1, path, f"tolerances.{key}",
-                 f"{tol[key]!r} must be a relative error in (0, 1)")
+        _require(
+            positive(tol[key]) and tol[key] < 1,
+            path,
+            f"tolerances.{key}",
+            f"{tol[key]!r} must be a relative error in (0, 1)",
+        )
     for key, top in (("memory_share", 0.9), ("speed_share", 1.0)):
         try:
             data[key] = check_share(data[key], key, top)
@@ -392,24 +484,30 @@ def load_cuda_check(path: Path | None = None) -> dict:
         _require(isinstance(data[group], dict), path, group, "must be a mapping")
         for key in keys:
             value = data[group].get(key)
-            _require(isinstance(value, int) and not isinstance(value, bool) and value > 0, path,
-                     f"{group}.{key}", f"{value!r} must be a positive whole number")
+            _require(
+                isinstance(value, int) and not isinstance(value, bool) and value > 0,
+                path,
+                f"{group}.{key}",
+                f"{value!r} must be a positive whole number",
+            )
     for key in ("timeout_s", "allreduce_timeout_s"):
         _require(positive(data[key]), path, key, f"{data[key]!r} must be a positive number of seconds")
     arch = data["min_cuda_for_arch"]
     _require(isinstance(arch, dict), path, "min_cuda_for_arch", "must be a mapping of sm_XY -> CUDA version")
     for key, value in arch.items():
-        _require(re.fullmatch(r"sm_\d+[af]?", str(key)) is not None, path, f"min_cuda_for_arch.{key}",
-                 "keys look like sm_90")
+        _require(
+            re.fullmatch(r"sm_\d+[af]?", str(key)) is not None, path, f"min_cuda_for_arch.{key}", "keys look like sm_90"
+        )
         try:
             parse_version(str(value))
         except ValueError:
-            raise ConfigError(f"{path}: min_cuda_for_arch.{key}: {value!r} is not a version like \"12.8\"") from None
+            raise ConfigError(f'{path}: min_cuda_for_arch.{key}: {value!r} is not a version like "12.8"') from None
     data["min_cuda_for_arch"] = {str(k): str(v) for k, v in arch.items()}
     return data
 
 
 # --------------------------------------------------------------------------- probe (probe.yaml)
+
 
 def positive_seconds(value) -> bool:
     return not isinstance(value, bool) and isinstance(value, (int, float)) and 0 < value < float("inf")
@@ -420,8 +518,12 @@ def load_probe(path: Path | None = None) -> dict:
     path = Path(path or layout.PROBE_FILE)
     data = load_yaml(path)
     _require("timeout_s" in data, path, "timeout_s", "missing; add it (see configs/probe.yaml in the repository)")
-    _require(positive_seconds(data["timeout_s"]), path, "timeout_s",
-             f"{data['timeout_s']!r} must be a positive number of seconds")
+    _require(
+        positive_seconds(data["timeout_s"]),
+        path,
+        "timeout_s",
+        f"{data['timeout_s']!r} must be a positive number of seconds",
+    )
     data["timeout_s"] = float(data["timeout_s"])
     return data
 
@@ -438,6 +540,7 @@ def seconds_arg(text: str) -> float:
 
 
 # --------------------------------------------------------------------------- NVML facts (nvml.yaml)
+
 
 @dataclass(frozen=True)
 class NvmlTables:
@@ -457,15 +560,23 @@ def load_nvml(path: Path | None = None) -> NvmlTables:
     for i, e in enumerate(events):
         key = f"clock_events[{i}]"
         _require(isinstance(e, dict) and set(e) == {"bit", "name", "fault"}, path, key, "must be {bit, name, fault}")
-        _require(isinstance(e["bit"], int) and e["bit"] > 0 and e["bit"] & (e["bit"] - 1) == 0, path,
-                 f"{key}.bit", f"{e['bit']!r} must be a single bit like 0x40")
+        _require(
+            isinstance(e["bit"], int) and e["bit"] > 0 and e["bit"] & (e["bit"] - 1) == 0,
+            path,
+            f"{key}.bit",
+            f"{e['bit']!r} must be a single bit like 0x40",
+        )
         _require(isinstance(e["fault"], bool), path, f"{key}.fault", "must be true or false")
         table[e["bit"]] = (str(e["name"]), e["fault"])
     xids = {}
     for group in ("xid_hardware", "xid_application"):
         raw = data.get(group)
-        _require(isinstance(raw, dict) and all(isinstance(k, int) and k > 0 for k in raw), path, group,
-                 "must be a mapping of Xid number -> description")
+        _require(
+            isinstance(raw, dict) and all(isinstance(k, int) and k > 0 for k in raw),
+            path,
+            group,
+            "must be a mapping of Xid number -> description",
+        )
         xids[group] = {k: str(v) for k, v in raw.items()}
     both = set(xids["xid_hardware"]) & set(xids["xid_application"])
     _require(not both, path, "xid_application", f"Xid {sorted(both)} also listed in xid_hardware; keep one")
@@ -488,12 +599,25 @@ BURNIN_KEYS = {
     "burn": {"matmul_n": "n", "window_s": "s", "clock_share": "share", "low_clock_share": "share"},
     "memory": {"share": "share", "chunk_words": "n"},
     "peers": {"below_median_share": "share", "severity": "sev"},
-    "pcie": {"link_severity": "sev", "slot_severity": "sev", "copy_mib": "n", "repeats": "n",
-             "warn_share": "share", "fail_share": "share"},
+    "pcie": {
+        "link_severity": "sev",
+        "slot_severity": "sev",
+        "copy_mib": "n",
+        "repeats": "n",
+        "warn_share": "share",
+        "fail_share": "share",
+    },
     "nvlink": {"down_severity": "sev", "errors_severity": "sev"},
     "p2p": {"copy_mib": "n", "repeats": "n", "below_median_share": "share", "severity": "sev"},
-    "collectives": {"min_bytes": "n", "max_bytes": "n", "warmup": "n", "iters": "n", "timeout_s": "s",
-                    "expect_busbw_gbs": "map", "severity": "sev"},
+    "collectives": {
+        "min_bytes": "n",
+        "max_bytes": "n",
+        "warmup": "n",
+        "iters": "n",
+        "timeout_s": "s",
+        "expect_busbw_gbs": "map",
+        "severity": "sev",
+    },
     "dcgm": {"level": "n", "timeout_s": "s", "severity": "sev"},
 }
 
@@ -503,15 +627,21 @@ def _burnin_value(path: Path, key: str, kind: str, value) -> None:
     if kind == "s":
         _require(number and value > 0, path, key, f"{value!r} must be a positive number")
     elif kind == "n":
-        _require(number and isinstance(value, int) and value > 0, path, key, f"{value!r} must be a positive whole number")
+        _require(
+            number and isinstance(value, int) and value > 0, path, key, f"{value!r} must be a positive whole number"
+        )
     elif kind == "share":
         _require(number and 0 < value <= 1, path, key, f"{value!r} must be a share in (0, 1]")
     elif kind == "sev":
         _require(value in BURNIN_SEVERITIES, path, key, f"{value!r} must be one of {list(BURNIN_SEVERITIES)}")
     elif kind == "map":
-        _require(isinstance(value, dict) and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
-                                                 for v in value.values()),
-                 path, key, "must be a mapping of name -> positive number")
+        _require(
+            isinstance(value, dict)
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in value.values()),
+            path,
+            key,
+            "must be a mapping of name -> positive number",
+        )
 
 
 def load_burnin(path: Path | None = None) -> dict:
@@ -525,9 +655,17 @@ def load_burnin(path: Path | None = None) -> dict:
             name = key if group is None else f"{group}.{key}"
             _require(key in section, path, name, "missing; add it (see configs/burnin.yaml in the repository)")
             _burnin_value(path, name, kind, section[key])
-    _require(data["pcie"]["fail_share"] <= data["pcie"]["warn_share"], path, "pcie.fail_share",
-             "must not exceed pcie.warn_share")
-    _require(data["collectives"]["min_bytes"] <= data["collectives"]["max_bytes"], path, "collectives.min_bytes",
-             "must not exceed collectives.max_bytes")
+    _require(
+        data["pcie"]["fail_share"] <= data["pcie"]["warn_share"],
+        path,
+        "pcie.fail_share",
+        "must not exceed pcie.warn_share",
+    )
+    _require(
+        data["collectives"]["min_bytes"] <= data["collectives"]["max_bytes"],
+        path,
+        "collectives.min_bytes",
+        "must not exceed collectives.max_bytes",
+    )
     _require(data["dcgm"]["level"] in (1, 2, 3, 4), path, "dcgm.level", "must be 1, 2, 3 or 4 (dcgmi diag -r)")
     return data

@@ -1,7 +1,8 @@
 """Stage cuda_check: will PyTorch really compute correctly and fast on every GPU of this machine?
 
 The checks run in `.venv-gpu`'s Python as one fresh, isolated process (`python -m training_pt.gpu_checks`,
-started by tasks/proc.py's launcher: it imports torch, nox's interpreter never does). It writes cuda_check.txt (one PASS/FAIL/SKIP line per check with its
+started by tasks/proc.py's launcher: it imports torch, nox's interpreter never does). It writes
+cuda_check.txt (one PASS/FAIL/SKIP line per check with its
 value, reason and time) and cuda_check.json; its console goes to cuda_check.log. This module turns
 the JSON into the stage's Outcome. The stage fails when any check FAILs, and also when no GPU check
 ran at all: on a machine where torch sees no GPU the checker SKIPs the GPU checks with the reason,
@@ -19,28 +20,60 @@ from pathlib import Path
 from tasks import burn_rules, config, identity, layout, multinode, proc
 from tasks.records import Outcome, StageStatus
 
-DESCRIPTION = ("Check that PyTorch computes correctly and at speed on every GPU (build, driver, devices, kernels "
-               "for the architecture, matmul/conv/attention against float64, memory, copy and matmul speed against "
-               "the datasheet, torch.compile, NCCL all-reduce, NVML health); runs in .venv-gpu")
+DESCRIPTION = (
+    "Check that PyTorch computes correctly and at speed on every GPU (build, driver, devices, kernels "
+    "for the architecture, matmul/conv/attention against float64, memory, copy and matmul speed against "
+    "the datasheet, torch.compile, NCCL all-reduce, NVML health); runs in .venv-gpu"
+)
 TXT = layout.STAGE_FILES["cuda_check"][0]
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--check-mem-share", type=config.share_arg(0.9), default=None, metavar="F",
-                        help="share of each GPU's free memory the memory check writes and reads back "
-                             "(default: memory_share in configs/cuda_check.yaml, 0.5)")
-    parser.add_argument("--check-speed-share", type=config.share_arg(1.0), default=None, metavar="F",
-                        help="FAIL a copy or matmul speed below this share of the GPU's datasheet figure "
-                             "(default: speed_share in configs/cuda_check.yaml, 0.5)")
-    parser.add_argument("--check-seed", type=int, default=None, metavar="N",
-                        help="seed of the checks' random inputs (default: a fresh one, recorded in cuda_check.txt)")
-    parser.add_argument("--level", choices=burn_rules.LEVELS, default=None,
-                        help="quick: the checks above (seconds per GPU; the default, also in m40); long: also a "
-                             "burn-in on every GPU at once and the fabric checks (docs/cuda_check.md)")
-    parser.add_argument("--duration", type=seconds_arg, default=None, metavar="SECONDS",
-                        help="seconds of the long level's burn (default: duration_s in configs/burnin.yaml, 300)")
-    parser.add_argument("--dcgm-level", type=int, choices=(1, 2, 3, 4), default=None, metavar="N",
-                        help="`dcgmi diag -r N` in the long level where dcgmi exists (default: configs/burnin.yaml, 1)")
+    parser.add_argument(
+        "--check-mem-share",
+        type=config.share_arg(0.9),
+        default=None,
+        metavar="F",
+        help="share of each GPU's free memory the memory check writes and reads back "
+        "(default: memory_share in configs/cuda_check.yaml, 0.5)",
+    )
+    parser.add_argument(
+        "--check-speed-share",
+        type=config.share_arg(1.0),
+        default=None,
+        metavar="F",
+        help="FAIL a copy or matmul speed below this share of the GPU's datasheet figure "
+        "(default: speed_share in configs/cuda_check.yaml, 0.5)",
+    )
+    parser.add_argument(
+        "--check-seed",
+        type=int,
+        default=None,
+        metavar="N",
+        help="seed of the checks' random inputs (default: a fresh one, recorded in cuda_check.txt)",
+    )
+    parser.add_argument(
+        "--level",
+        choices=burn_rules.LEVELS,
+        default=None,
+        help="quick: the checks above (seconds per GPU; the default, also in m40); long: also a "
+        "burn-in on every GPU at once and the fabric checks (docs/cuda_check.md)",
+    )
+    parser.add_argument(
+        "--duration",
+        type=seconds_arg,
+        default=None,
+        metavar="SECONDS",
+        help="seconds of the long level's burn (default: duration_s in configs/burnin.yaml, 300)",
+    )
+    parser.add_argument(
+        "--dcgm-level",
+        type=int,
+        choices=(1, 2, 3, 4),
+        default=None,
+        metavar="N",
+        help="`dcgmi diag -r N` in the long level where dcgmi exists (default: configs/burnin.yaml, 1)",
+    )
 
 
 def seconds_arg(text: str) -> float:
@@ -57,9 +90,14 @@ def seconds_arg(text: str) -> float:
 def checker_args(run_dir: Path, args) -> list:
     """The checker's options: the run folder, the settings files and the stage's --check-* options."""
     cmd = ["--out", run_dir, "--config", layout.CUDA_CHECK_FILE, "--gpus-file", layout.GPUS_FILE]
-    for option, name in (("--mem-share", "check_mem_share"), ("--speed-share", "check_speed_share"),
-                         ("--seed", "check_seed"), ("--level", "level"), ("--duration", "duration"),
-                         ("--dcgm-level", "dcgm_level")):
+    for option, name in (
+        ("--mem-share", "check_mem_share"),
+        ("--speed-share", "check_speed_share"),
+        ("--seed", "check_seed"),
+        ("--level", "level"),
+        ("--duration", "duration"),
+        ("--dcgm-level", "dcgm_level"),
+    ):
         value = getattr(args, name, None)
         if value is not None:
             cmd += [option, str(value)]
@@ -81,13 +119,18 @@ def check_inputs(args) -> None:
 def run(run_dir: Path, args) -> Outcome:
     python = layout.gpu_python()
     if not python.exists():
-        return Outcome(StageStatus.FAIL, f"no .venv-gpu ({python} does not exist): run `nox -s install -p <channel>` first")
+        return Outcome(
+            StageStatus.FAIL, f"no .venv-gpu ({python} does not exist): run `nox -s install -p <channel>` first"
+        )
     settings = config.load_cuda_check()  # a bad config is a one-line ConfigError before anything runs
     config.load_gpus()
     burnin = config.load_burnin()
-    limit = burn_rules.time_budget_s(getattr(args, "level", None) or "quick",
-                                     getattr(args, "duration", None) or burnin["duration_s"],
-                                     settings["timeout_s"], burnin["extra_timeout_s"])
+    limit = burn_rules.time_budget_s(
+        getattr(args, "level", None) or "quick",
+        getattr(args, "duration", None) or burnin["duration_s"],
+        settings["timeout_s"],
+        burnin["extra_timeout_s"],
+    )
     result_path = run_dir / layout.CUDA_CHECK_JSON
     result_path.unlink(missing_ok=True)  # never read a previous run's result as this one's
     log = run_dir / layout.CUDA_CHECK_LOG
@@ -103,7 +146,9 @@ def run(run_dir: Path, args) -> Outcome:
     lines = log_lines(log)
     hung = any(line.startswith("Timeout (") for line in lines)  # faulthandler's watchdog fired
     if getattr(args, "level", None) == "long":  # written by this run only: a quick re-run does not claim them
-        files += [name for name in (layout.BURN_SAMPLES, layout.BURN_PLOT, layout.DCGM_JSON) if (run_dir / name).exists()]
+        files += [
+            name for name in (layout.BURN_SAMPLES, layout.BURN_PLOT, layout.DCGM_JSON) if (run_dir / name).exists()
+        ]
     out = outcome_from(result, code, lines[-1][:300] if lines else "", limit, files, hung)
     out.figures["overrides"] = overrides(args)  # tasks/verdict.py: a changed check is not a full PASS
     return across_nodes(run_dir, args, python, out, settings)
@@ -120,9 +165,12 @@ def across_nodes(run_dir: Path, args, python: Path, out: Outcome, settings: dict
     if job is None or job.nnodes < 2 or not out.ok or nproc < 1:
         return out
     ok, reason, figures = multinode.allreduce_across_nodes(
-        run_dir, job, python, nproc, mib=settings["sizes"]["allreduce_mib"], timeout=settings["allreduce_timeout_s"])
+        run_dir, job, python, nproc, mib=settings["sizes"]["allreduce_mib"], timeout=settings["allreduce_timeout_s"]
+    )
     files = out.files + [n for n in (multinode.CHECK_RESULT, layout.ALLREDUCE_NODES_LOG) if (run_dir / n).exists()]
-    return Outcome(out.status if ok else StageStatus.FAIL, out.reason if ok else reason, {**out.figures, **figures}, files)
+    return Outcome(
+        out.status if ok else StageStatus.FAIL, out.reason if ok else reason, {**out.figures, **figures}, files
+    )
 
 
 # The options that change a setting of configs/cuda_check.yaml, recorded by that setting's key.
@@ -141,8 +189,9 @@ def log_lines(path: Path) -> list[str]:
         return []
 
 
-def outcome_from(result: dict | None, code: int, log_tail: str, timeout_s: float, files: list,
-                 hung: bool = False) -> Outcome:
+def outcome_from(
+    result: dict | None, code: int, log_tail: str, timeout_s: float, files: list, hung: bool = False
+) -> Outcome:
     """The stage's Outcome from the checker's JSON result (None if it wrote none) and exit code."""
     if result is None:
         if code == 124:
@@ -174,14 +223,20 @@ def figures_from(result: dict) -> dict:
     counts = result.get("counts", {})
     versions = result.get("versions", {})
     fig: dict = {
-        "checks_pass": counts.get("PASS", 0), "checks_fail": counts.get("FAIL", 0),
-        "checks_skip": counts.get("SKIP", 0), "checks_warn": counts.get("WARN", 0), "gpus_checked": result.get("gpus_checked", 0),
-        "check_s": result.get("total_s"), "seed": result.get("seed"),
-        "torch": versions.get("torch"), "cuda_build": versions.get("cuda"),
+        "checks_pass": counts.get("PASS", 0),
+        "checks_fail": counts.get("FAIL", 0),
+        "checks_skip": counts.get("SKIP", 0),
+        "checks_warn": counts.get("WARN", 0),
+        "gpus_checked": result.get("gpus_checked", 0),
+        "check_s": result.get("total_s"),
+        "seed": result.get("seed"),
+        "torch": versions.get("torch"),
+        "cuda_build": versions.get("cuda"),
         # which torch the checker imported (tasks/verdict.py compares it with install's and train's)
-        "torch_identity": result.get("torch_identity") or (identity.of_torch(versions["torch_file"], versions.get("torch"))
-                                                           if versions.get("torch_file") else None),
-        "device": "cuda" if result.get("gpus_checked") else "cpu", "nproc": result.get("gpus_checked", 0),
+        "torch_identity": result.get("torch_identity")
+        or (identity.of_torch(versions["torch_file"], versions.get("torch")) if versions.get("torch_file") else None),
+        "device": "cuda" if result.get("gpus_checked") else "cpu",
+        "nproc": result.get("gpus_checked", 0),
         "thresholds": thresholds(result.get("settings") or {}),
     }
     failed = []

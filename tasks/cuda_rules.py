@@ -59,6 +59,7 @@ class Check:
 
 # --------------------------------------------------------------------------- versions
 
+
 def cuda_version_from_int(value: int | None) -> str | None:
     """CUDA's integer version (cudaDriverGetVersion, NVML): 13000 -> '13.0', 12080 -> '12.8'; 0 -> None."""
     if not value or value <= 0:
@@ -75,23 +76,35 @@ def cudnn_version_text(value: int | None) -> str | None:
     return f"{value // 1000}.{(value % 1000) // 100}.{value % 100}"
 
 
-def judge_build(torch_version: str, cuda: str | None, hip: str | None = None,
-                cudnn: str | None = None, nccl: str | None = None) -> Verdict:
+def judge_build(
+    torch_version: str, cuda: str | None, hip: str | None = None, cudnn: str | None = None, nccl: str | None = None
+) -> Verdict:
     """Check a: the build must be a CUDA build."""
     value = f"torch {torch_version}, CUDA {cuda or '-'}, cuDNN {cudnn or '-'}, NCCL {nccl or '-'}"
     data = {"torch": torch_version, "cuda": cuda, "cudnn": cudnn, "nccl": nccl}
     if hip:
-        return Verdict(FAIL, value, f"torch {torch_version} is a ROCm (HIP {hip}) build, not a CUDA build; "
-                       "install a CUDA build (`nox -s install -p <channel>`)", data)
+        return Verdict(
+            FAIL,
+            value,
+            f"torch {torch_version} is a ROCm (HIP {hip}) build, not a CUDA build; "
+            "install a CUDA build (`nox -s install -p <channel>`)",
+            data,
+        )
     if not cuda:
-        return Verdict(FAIL, value, f"torch {torch_version} is a CPU build (torch.version.cuda is None): it cannot "
-                       "use any GPU; install a CUDA build (`nox -s install -p <channel>`)", data)
+        return Verdict(
+            FAIL,
+            value,
+            f"torch {torch_version} is a CPU build (torch.version.cuda is None): it cannot "
+            "use any GPU; install a CUDA build (`nox -s install -p <channel>`)",
+            data,
+        )
     notes = [f"no {n}" for n, v in (("cuDNN", cudnn), ("NCCL", nccl)) if not v]
     return Verdict(PASS, value, "; ".join(notes), data)
 
 
-def judge_driver(driver_cuda: str | None, build_cuda: str | None, source: str,
-                 nvml_cuda: str | None = None, error: str = "") -> Verdict:
+def judge_driver(
+    driver_cuda: str | None, build_cuda: str | None, source: str, nvml_cuda: str | None = None, error: str = ""
+) -> Verdict:
     """Check b: the CUDA version the driver supports (as torch reads it) against the build's.
 
     An older major FAILs. A newer minor of the same major WARNs: CUDA's minor-version compatibility
@@ -102,9 +115,13 @@ def judge_driver(driver_cuda: str | None, build_cuda: str | None, source: str,
     if build_cuda is None:
         return Verdict(SKIP, "", "not a CUDA build (see build)", data)
     if driver_cuda is None:
-        return Verdict(SKIP, f"build CUDA {build_cuda}",
-                       f"no NVIDIA driver found ({source}: {error or 'version 0'}); "
-                       "install the NVIDIA driver on a machine with a GPU", data)
+        return Verdict(
+            SKIP,
+            f"build CUDA {build_cuda}",
+            f"no NVIDIA driver found ({source}: {error or 'version 0'}); "
+            "install the NVIDIA driver on a machine with a GPU",
+            data,
+        )
     value = f"driver CUDA {driver_cuda} (from {source}), build CUDA {build_cuda}"
     if nvml_cuda and nvml_cuda != driver_cuda:
         value += f"; NVML says {nvml_cuda}"
@@ -112,22 +129,32 @@ def judge_driver(driver_cuda: str | None, build_cuda: str | None, source: str,
     if drv is None or build is None:
         return Verdict(FAIL, value, "cannot compare the versions", data)
     if drv[0] < build[0]:
-        return Verdict(FAIL, value,
-                       f"the driver supports CUDA {driver_cuda} but this torch is built for CUDA {build_cuda}, a newer "
-                       f"major: update the NVIDIA driver to one for CUDA >= {build_cuda}, or install a channel built "
-                       f"for CUDA {drv[0]}.x", data)
+        return Verdict(
+            FAIL,
+            value,
+            f"the driver supports CUDA {driver_cuda} but this torch is built for CUDA {build_cuda}, a newer "
+            f"major: update the NVIDIA driver to one for CUDA >= {build_cuda}, or install a channel built "
+            f"for CUDA {drv[0]}.x",
+            data,
+        )
     if drv < build:
-        return Verdict(WARN, value,
-                       f"the driver supports CUDA {driver_cuda} and this torch is built for CUDA {build_cuda}: "
-                       f"CUDA's minor-version compatibility runs it, except features that need a newer driver "
-                       f"(the kernel checks decide); a driver for CUDA >= {build_cuda} removes the doubt", data)
+        return Verdict(
+            WARN,
+            value,
+            f"the driver supports CUDA {driver_cuda} and this torch is built for CUDA {build_cuda}: "
+            f"CUDA's minor-version compatibility runs it, except features that need a newer driver "
+            f"(the kernel checks decide); a driver for CUDA >= {build_cuda} removes the doubt",
+            data,
+        )
     return Verdict(PASS, value, "", data)
 
 
 # --------------------------------------------------------------------------- device count (check c)
 
-def visible_devices(cvd: str | None, nvml_count: int, uuids: tuple[str, ...] = (),
-                    mig_enabled: bool = False) -> list[str] | None:
+
+def visible_devices(
+    cvd: str | None, nvml_count: int, uuids: tuple[str, ...] = (), mig_enabled: bool = False
+) -> list[str] | None:
     """The devices CUDA_VISIBLE_DEVICES lets CUDA see, as CUDA parses it; None when it is unset.
 
     Entries are indexes or (prefixes of) GPU-/MIG- UUIDs, comma-separated; CUDA stops at the first
@@ -164,8 +191,16 @@ def _cvd_text(cvd: str | None) -> str:
     return "CUDA_VISIBLE_DEVICES unset" if cvd is None else f"CUDA_VISIBLE_DEVICES={cvd!r}"
 
 
-def judge_count(nvml_count: int | None, torch_count: int, cvd: str | None, *, uuids: tuple[str, ...] = (),
-                mig_gpus: tuple[int, ...] = (), nvml_error: str = "", cuda_error: str = "") -> Verdict:
+def judge_count(
+    nvml_count: int | None,
+    torch_count: int,
+    cvd: str | None,
+    *,
+    uuids: tuple[str, ...] = (),
+    mig_gpus: tuple[int, ...] = (),
+    nvml_error: str = "",
+    cuda_error: str = "",
+) -> Verdict:
     """Check c: the GPUs NVML lists vs the CUDA devices torch sees, in the same environment.
 
     No GPU at all (no driver, NVML 0 and torch 0) is a SKIP: the per-GPU checks say the same and
@@ -179,60 +214,113 @@ def judge_count(nvml_count: int | None, torch_count: int, cvd: str | None, *, uu
         if torch_count > 0:
             return Verdict(PASS, value, f"NVML unavailable ({nvml_error}); torch sees {torch_count} GPU(s)", data)
         if cvd is not None and not cvd.strip():
-            return Verdict(FAIL, value, "torch sees no GPU and CUDA_VISIBLE_DEVICES is set but empty, which hides "
-                           "every GPU: unset it (or list the GPUs to use)" + extra, data)
-        return Verdict(SKIP, value, f"no NVIDIA GPU here: NVML unavailable ({nvml_error}) and torch sees no CUDA "
-                       "device" + extra, data)
+            return Verdict(
+                FAIL,
+                value,
+                "torch sees no GPU and CUDA_VISIBLE_DEVICES is set but empty, which hides "
+                "every GPU: unset it (or list the GPUs to use)" + extra,
+                data,
+            )
+        return Verdict(
+            SKIP,
+            value,
+            f"no NVIDIA GPU here: NVML unavailable ({nvml_error}) and torch sees no CUDA device" + extra,
+            data,
+        )
     mig = ""
     if mig_gpus:
-        mig = (f"MIG is enabled on GPU {', '.join(map(str, mig_gpus))}: CUDA sees MIG instances there, not "
-               "the whole GPU (one instance unless CUDA_VISIBLE_DEVICES names MIG UUIDs); ")
+        mig = (
+            f"MIG is enabled on GPU {', '.join(map(str, mig_gpus))}: CUDA sees MIG instances there, not "
+            "the whole GPU (one instance unless CUDA_VISIBLE_DEVICES names MIG UUIDs); "
+        )
     if nvml_count == 0 and torch_count == 0:
         return Verdict(SKIP, value, "no NVIDIA GPU here: NVML lists none and torch sees none" + extra, data)
     if cvd is not None and not cvd.strip():
         if torch_count == 0:
-            return Verdict(FAIL, value, f"torch sees 0 of {nvml_count} GPU(s): CUDA_VISIBLE_DEVICES is set but "
-                           "empty, which hides every GPU; unset it (or list the GPUs to use)" + extra, data)
+            return Verdict(
+                FAIL,
+                value,
+                f"torch sees 0 of {nvml_count} GPU(s): CUDA_VISIBLE_DEVICES is set but "
+                "empty, which hides every GPU; unset it (or list the GPUs to use)" + extra,
+                data,
+            )
     visible = visible_devices(cvd, nvml_count, uuids, bool(mig_gpus))
     if visible is not None:  # CUDA_VISIBLE_DEVICES set and not empty
         tokens = [t.strip() for t in cvd.split(",")]
         if len(visible) < len(tokens):
             bad = tokens[len(visible)]
-            why = (f"CUDA_VISIBLE_DEVICES={cvd!r} names {bad!r}, which is no device of the {nvml_count} NVML "
-                   f"lists (indexes 0..{nvml_count - 1}) or a repeat; CUDA ignores it and everything after it")
+            why = (
+                f"CUDA_VISIBLE_DEVICES={cvd!r} names {bad!r}, which is no device of the {nvml_count} NVML "
+                f"lists (indexes 0..{nvml_count - 1}) or a repeat; CUDA ignores it and everything after it"
+            )
             if torch_count == 0:
-                return Verdict(FAIL, value, f"torch sees no GPU: {why}; fix or unset CUDA_VISIBLE_DEVICES" + extra,
-                               data)
+                return Verdict(
+                    FAIL, value, f"torch sees no GPU: {why}; fix or unset CUDA_VISIBLE_DEVICES" + extra, data
+                )
             if torch_count == len(visible):
                 return Verdict(PASS, value, f"torch sees {torch_count} of {nvml_count} GPU(s): {why}", data)
         elif torch_count == len(visible):
-            note = "" if torch_count == nvml_count else \
-                f"torch sees {torch_count} of {nvml_count} GPU(s), as CUDA_VISIBLE_DEVICES selects"
+            note = (
+                ""
+                if torch_count == nvml_count
+                else f"torch sees {torch_count} of {nvml_count} GPU(s), as CUDA_VISIBLE_DEVICES selects"
+            )
             return Verdict(PASS, value, note, data)
         if torch_count == 0:
-            return Verdict(FAIL, value, f"torch sees no GPU although {env} selects {len(visible)}: {mig}"
-                           "the CUDA runtime could not use them" + extra, data)
-        return Verdict(FAIL, value, f"torch sees {torch_count} GPU(s) but {env} selects {len(visible)}: {mig}"
-                       "check the GPUs with nvidia-smi" + extra, data)
+            return Verdict(
+                FAIL,
+                value,
+                f"torch sees no GPU although {env} selects {len(visible)}: {mig}"
+                "the CUDA runtime could not use them" + extra,
+                data,
+            )
+        return Verdict(
+            FAIL,
+            value,
+            f"torch sees {torch_count} GPU(s) but {env} selects {len(visible)}: {mig}"
+            "check the GPUs with nvidia-smi" + extra,
+            data,
+        )
     if torch_count == nvml_count:
         return Verdict(PASS, value, mig.rstrip("; ") if mig else "", data)
     if mig:
         status = FAIL if torch_count == 0 else PASS
-        return Verdict(status, value, f"torch sees {torch_count}, NVML lists {nvml_count} GPU(s): {mig}"
-                       "name the MIG UUIDs in CUDA_VISIBLE_DEVICES to use several" + extra, data)
+        return Verdict(
+            status,
+            value,
+            f"torch sees {torch_count}, NVML lists {nvml_count} GPU(s): {mig}"
+            "name the MIG UUIDs in CUDA_VISIBLE_DEVICES to use several" + extra,
+            data,
+        )
     if torch_count == 0:
-        return Verdict(FAIL, value, f"torch sees 0 of the {nvml_count} GPU(s) NVML lists, with CUDA_VISIBLE_DEVICES "
-                       "unset and no MIG: the CUDA runtime cannot use them (driver/library mismatch, missing "
-                       "/dev/nvidia* in a container, or a GPU in a bad state: see dmesg for Xid)" + extra, data)
+        return Verdict(
+            FAIL,
+            value,
+            f"torch sees 0 of the {nvml_count} GPU(s) NVML lists, with CUDA_VISIBLE_DEVICES "
+            "unset and no MIG: the CUDA runtime cannot use them (driver/library mismatch, missing "
+            "/dev/nvidia* in a container, or a GPU in a bad state: see dmesg for Xid)" + extra,
+            data,
+        )
     if torch_count < nvml_count:
-        return Verdict(FAIL, value, f"torch sees {torch_count} of the {nvml_count} GPU(s) NVML lists, with "
-                       "CUDA_VISIBLE_DEVICES unset and no MIG: a GPU failed CUDA initialisation or is hidden "
-                       "from this process (container device list); see nvidia-smi and dmesg for Xid" + extra, data)
-    return Verdict(FAIL, value, f"torch sees {torch_count} GPU(s), more than the {nvml_count} NVML lists: the CUDA "
-                   "driver library and NVML disagree (two driver versions installed?)" + extra, data)
+        return Verdict(
+            FAIL,
+            value,
+            f"torch sees {torch_count} of the {nvml_count} GPU(s) NVML lists, with "
+            "CUDA_VISIBLE_DEVICES unset and no MIG: a GPU failed CUDA initialisation or is hidden "
+            "from this process (container device list); see nvidia-smi and dmesg for Xid" + extra,
+            data,
+        )
+    return Verdict(
+        FAIL,
+        value,
+        f"torch sees {torch_count} GPU(s), more than the {nvml_count} NVML lists: the CUDA "
+        "driver library and NVML disagree (two driver versions installed?)" + extra,
+        data,
+    )
 
 
 # --------------------------------------------------------------------------- architecture (check d)
+
 
 @dataclass(frozen=True)
 class Arch:
@@ -274,9 +362,14 @@ def arch_list_covers(arch_list: list[str], capability: tuple[int, int] | list[in
     return any(arch_runs_on(a, major, minor) for a in (parse_arch(str(e)) for e in arch_list or []) if a)
 
 
-def judge_arch(capability: tuple[int, int], arch_list: list[str], gpu_name: str,
-               min_cuda_for_arch: dict[str, str] | None = None, source: str = "torch.cuda.get_arch_list()",
-               torch_warnings: list[str] = ()) -> Verdict:
+def judge_arch(
+    capability: tuple[int, int],
+    arch_list: list[str],
+    gpu_name: str,
+    min_cuda_for_arch: dict[str, str] | None = None,
+    source: str = "torch.cuda.get_arch_list()",
+    torch_warnings: list[str] = (),
+) -> Verdict:
     """Check d: does this build carry kernels (or PTX) for the device's compute capability?"""
     major, minor = capability
     sm = f"sm_{major}{minor}"
@@ -294,15 +387,24 @@ def judge_arch(capability: tuple[int, int], arch_list: list[str], gpu_name: str,
         return Verdict(PASS, value, f"kernels {binary[-1]}{seam}{warned}", data)
     if ptx:
         data["runs_with"] = ptx[-1]
-        return Verdict(PASS, value, f"no {sm} kernels; PTX {ptx[-1]} is JIT-compiled by the driver on first use "
-                       f"(slow start){seam}{warned}", data)
+        return Verdict(
+            PASS,
+            value,
+            f"no {sm} kernels; PTX {ptx[-1]} is JIT-compiled by the driver on first use (slow start){seam}{warned}",
+            data,
+        )
     need = (min_cuda_for_arch or {}).get(sm)
     hint = f" (cu{need.replace('.', '')} or later for {sm})" if need else ""
-    return Verdict(FAIL, value, f"this PyTorch build has no kernels for {sm} ({gpu_name}); use a channel built "
-                   f"for it{hint}{seam}{warned}", data)
+    return Verdict(
+        FAIL,
+        value,
+        f"this PyTorch build has no kernels for {sm} ({gpu_name}); use a channel built for it{hint}{seam}{warned}",
+        data,
+    )
 
 
 # --------------------------------------------------------------------------- correctness (check e)
+
 
 def judge_error(rel_err: float | None, tol: float, *, nonfinite: int = 0, note: str = "") -> Verdict:
     """‖out − ref‖ / ‖ref‖ against a tolerance; NaN/inf in the output or the error never passes."""
@@ -312,18 +414,29 @@ def judge_error(rel_err: float | None, tol: float, *, nonfinite: int = 0, note: 
     value = f"rel err {rel_err:.2e} (tol {tol:.0e})"
     suffix = f"; {note}" if note else ""
     if nonfinite:
-        return Verdict(FAIL, value, f"{nonfinite} NaN/inf value(s) in the output (unwritten or overflowed)"
-                       + suffix, data)
+        return Verdict(
+            FAIL, value, f"{nonfinite} NaN/inf value(s) in the output (unwritten or overflowed)" + suffix, data
+        )
     if not math.isfinite(rel_err):
         return Verdict(FAIL, value, "the error is NaN/inf" + suffix, data)
     if rel_err > tol:
-        return Verdict(FAIL, value, f"relative error {rel_err:.2e} exceeds the tolerance {tol:.0e}: the GPU "
-                       "computes a wrong result" + suffix, data)
+        return Verdict(
+            FAIL,
+            value,
+            f"relative error {rel_err:.2e} exceeds the tolerance {tol:.0e}: the GPU computes a wrong result" + suffix,
+            data,
+        )
     return Verdict(PASS, value, note, data)
 
 
-SDPA_LABELS = {"FLASH_ATTENTION": "flash", "EFFICIENT_ATTENTION": "efficient", "CUDNN_ATTENTION": "cudnn",
-               "MATH": "math", "ERROR": "none", "OVERRIDEABLE": "overrideable"}
+SDPA_LABELS = {
+    "FLASH_ATTENTION": "flash",
+    "EFFICIENT_ATTENTION": "efficient",
+    "CUDNN_ATTENTION": "cudnn",
+    "MATH": "math",
+    "ERROR": "none",
+    "OVERRIDEABLE": "overrideable",
+}
 
 
 def sdpa_backend_label(name: str) -> str:
@@ -331,8 +444,9 @@ def sdpa_backend_label(name: str) -> str:
     return SDPA_LABELS.get(name, name.lower())
 
 
-def judge_sdpa(default_backend: str, default: tuple[float, int], forced: dict[str, tuple[float, int] | str],
-               tol: float) -> Verdict:
+def judge_sdpa(
+    default_backend: str, default: tuple[float, int], forced: dict[str, tuple[float, int] | str], tol: float
+) -> Verdict:
     """Causal attention: the backend torch picks by default must be right, and so must every backend
     that runs when forced (`forced[name]` is (rel_err, nonfinite), or a string: 'n/a…' when torch has no
     kernel for it here, 'error: …' when it raised). A wrong number from any backend is a FAIL; a forced
@@ -343,18 +457,32 @@ def judge_sdpa(default_backend: str, default: tuple[float, int], forced: dict[st
     for name, res in forced.items():
         parts.append(f"{name} {res[0]:.1e}" if isinstance(res, tuple) else f"{name} {res.split(':')[0]}")
     value = f"default {default_backend}: {base.value}; forced: {', '.join(parts)}"
-    data = {"backend": default_backend, "default": {"rel_err": err, "nonfinite": bad},
-            "forced": {k: ({"rel_err": v[0], "nonfinite": v[1]} if isinstance(v, tuple) else v)
-                       for k, v in forced.items()}, "tol": tol}
+    data = {
+        "backend": default_backend,
+        "default": {"rel_err": err, "nonfinite": bad},
+        "forced": {k: ({"rel_err": v[0], "nonfinite": v[1]} if isinstance(v, tuple) else v) for k, v in forced.items()},
+        "tol": tol,
+    }
     if base.status == FAIL:
         return Verdict(FAIL, value, f"the default backend ({default_backend}): {base.reason}", data)
-    wrong = [name for name, res in forced.items() if isinstance(res, tuple)
-             and judge_error(res[0], tol, nonfinite=res[1]).status == FAIL]
+    wrong = [
+        name
+        for name, res in forced.items()
+        if isinstance(res, tuple) and judge_error(res[0], tol, nonfinite=res[1]).status == FAIL
+    ]
     if wrong:
-        return Verdict(FAIL, value, f"backend {', '.join(wrong)} computes a wrong result (tolerance {tol:.0e}); "
-                       "torch may pick it for other shapes", data)
-    raised = [f"{name} raised {res[len('error: '):]}" for name, res in forced.items()
-              if isinstance(res, str) and res.startswith("error")]
+        return Verdict(
+            FAIL,
+            value,
+            f"backend {', '.join(wrong)} computes a wrong result (tolerance {tol:.0e}); "
+            "torch may pick it for other shapes",
+            data,
+        )
+    raised = [
+        f"{name} raised {res[len('error: ') :]}"
+        for name, res in forced.items()
+        if isinstance(res, str) and res.startswith("error")
+    ]
     return Verdict(PASS, value, "; ".join(raised), data)
 
 
@@ -362,12 +490,16 @@ def judge_allreduce(world: int, results: list[dict], hung: list[int], timeout_s:
     """NCCL all-reduce, one process per GPU: every rank's sum exact, nobody hung or failed."""
     data: dict = {"world": world, "results": results, "hung": hung}
     errors = [f"rank {r.get('rank')}: {r['error']}" for r in results if r.get("error") and r.get("rank") not in hung]
-    stuck = (f"rank(s) {', '.join(map(str, hung))} did not finish within {timeout_s:g} s" if hung else "")
+    stuck = f"rank(s) {', '.join(map(str, hung))} did not finish within {timeout_s:g} s" if hung else ""
     if errors:
         return Verdict(FAIL, f"{world} ranks", "; ".join(errors + ([stuck] if stuck else [])), data)
     if hung:
-        return Verdict(FAIL, f"{world} ranks", f"{stuck}: NCCL hangs (check peer access and NCCL_DEBUG=INFO "
-                       "output, and other jobs on the GPUs)", data)
+        return Verdict(
+            FAIL,
+            f"{world} ranks",
+            f"{stuck}: NCCL hangs (check peer access and NCCL_DEBUG=INFO output, and other jobs on the GPUs)",
+            data,
+        )
     wrong = [(r["rank"], r["wrong"]) for r in results if r.get("wrong")]
     checked = results[0].get("checked", 0) if results else 0
     times = [r["seconds"] for r in results if r.get("seconds")]
@@ -380,25 +512,31 @@ def judge_allreduce(world: int, results: list[dict], hung: list[int], timeout_s:
         value += f"; {nbytes / 2**20:.0f} MiB all-reduce {seconds * 1e3:.2f} ms, bus bandwidth {busbw:.0f} GB/s"
     if wrong:
         detail = ", ".join(f"rank {r}: {n} wrong" for r, n in wrong)
-        return Verdict(FAIL, value, f"the all-reduced sum is wrong ({detail}): GPU-to-GPU transfers corrupt data",
-                       data)
+        return Verdict(FAIL, value, f"the all-reduced sum is wrong ({detail}): GPU-to-GPU transfers corrupt data", data)
     return Verdict(PASS, value, "", data)
 
 
-def judge_memory(mismatches: int, words: int, alloc_gib: float, free_gib: float, total_gib: float,
-                 error: str = "") -> Verdict:
+def judge_memory(
+    mismatches: int, words: int, alloc_gib: float, free_gib: float, total_gib: float, error: str = ""
+) -> Verdict:
     """Check f: every word of the written pattern (and its inverse) reads back."""
     value = f"{alloc_gib:.1f} GiB of {free_gib:.1f} GiB free ({total_gib:.1f} GiB total)"
     data = {"alloc_gib": alloc_gib, "free_gib": free_gib, "total_gib": total_gib, "mismatches": mismatches}
     if error:
         return Verdict(FAIL, value, f"could not allocate or verify {alloc_gib:.1f} GiB: {error}", data)
     if mismatches:
-        return Verdict(FAIL, value, f"{mismatches} of {words} 8-byte words read back wrong: faulty memory "
-                       "(check ECC / remapped rows with nvidia-smi -q -d ECC,ROW_REMAPPER)", data)
+        return Verdict(
+            FAIL,
+            value,
+            f"{mismatches} of {words} 8-byte words read back wrong: faulty memory "
+            "(check ECC / remapped rows with nvidia-smi -q -d ECC,ROW_REMAPPER)",
+            data,
+        )
     return Verdict(PASS, value, "pattern and inverse read back", data)
 
 
 # --------------------------------------------------------------------------- speed (check g)
+
 
 @dataclass(frozen=True)
 class MigSlice:
@@ -427,16 +565,31 @@ def speed_expectation(spec: config.GpuSpec | None, unit: str, gpu_name: str) -> 
         return peak, spec.model, ""
     label = f"{spec.model} MIG {mig.compute}g.{mig.memory_gb:g}gb"
     if not spec.mig_slices:
-        return None, label, (f"speed not judged: {gpu_name!r} is a MIG slice and configs/gpus.yaml gives no "
-                             f"mig_slices for {spec.model} to scale its {key} by; add the count of compute slices")
+        return (
+            None,
+            label,
+            (
+                f"speed not judged: {gpu_name!r} is a MIG slice and configs/gpus.yaml gives no "
+                f"mig_slices for {spec.model} to scale its {key} by; add the count of compute slices"
+            ),
+        )
     if unit == "TFLOP/s":
         return peak * mig.compute / spec.mig_slices, f"{label} ({mig.compute}/{spec.mig_slices} of its compute)", ""
     share = min(1.0, mig.memory_gb / spec.memory_gb)
     return peak * share, f"{label} ({mig.memory_gb:g}/{spec.memory_gb:g} GB of its memory)", ""
 
 
-def judge_speed(kind: str, measured: float, unit: str, peak: float | None, share: float, model: str | None,
-                gpu_name: str, causes: list[str] = (), why_missing: str = "") -> Verdict:
+def judge_speed(
+    kind: str,
+    measured: float,
+    unit: str,
+    peak: float | None,
+    share: float,
+    model: str | None,
+    gpu_name: str,
+    causes: list[str] = (),
+    why_missing: str = "",
+) -> Verdict:
     """Check g: a measured rate against the datasheet of the device's model.
 
     No datasheet figure (a model not in configs/gpus.yaml, or listed without this figure): SKIP,
@@ -454,14 +607,26 @@ def judge_speed(kind: str, measured: float, unit: str, peak: float | None, share
     value += f" = {frac:.0%} of {model} datasheet {peak:g} {unit}"
     if frac < share:
         seen = "; ".join(causes) if causes else "none of them seen by NVML right now"
-        return Verdict(FAIL, value, f"{kind} below {share:.0%} of the datasheet: likely clock throttling "
-                       f"(thermal, power cap or brake), a lowered power limit, or another process on the GPU "
-                       f"(seen: {seen})", data)
+        return Verdict(
+            FAIL,
+            value,
+            f"{kind} below {share:.0%} of the datasheet: likely clock throttling "
+            f"(thermal, power cap or brake), a lowered power limit, or another process on the GPU "
+            f"(seen: {seen})",
+            data,
+        )
     return Verdict(PASS, value, "; ".join(causes), data)
 
 
-def judge_speed_for(kind: str, measured: float, unit: str, spec: config.GpuSpec | None, share: float,
-                    gpu_name: str, causes: list[str] = ()) -> Verdict:
+def judge_speed_for(
+    kind: str,
+    measured: float,
+    unit: str,
+    spec: config.GpuSpec | None,
+    share: float,
+    gpu_name: str,
+    causes: list[str] = (),
+) -> Verdict:
     """judge_speed against the device's datasheet entry (None: not listed), a MIG slice against its share."""
     peak, model, why = speed_expectation(spec, unit, gpu_name)
     return judge_speed(kind, measured, unit, peak, share, model, gpu_name, causes, why)
@@ -471,13 +636,18 @@ def missing_figure(gpu_name: str, model: str | None, unit: str) -> str:
     """Why a speed is not judged: which datasheet figure is missing and where to add it."""
     key = "bf16_tflops" if unit == "TFLOP/s" else "mem_bw_tbs"
     if model is None:
-        return (f"speed not judged: {gpu_name!r} is not in configs/gpus.yaml; add an entry with its datasheet's "
-                f"dense {key} (and the other figures) to judge it")
-    return (f"speed not judged: configs/gpus.yaml gives no {key} for {model} (no bf16 tensor cores or no "
-            "published figure); add the datasheet's dense figure there to judge it")
+        return (
+            f"speed not judged: {gpu_name!r} is not in configs/gpus.yaml; add an entry with its datasheet's "
+            f"dense {key} (and the other figures) to judge it"
+        )
+    return (
+        f"speed not judged: configs/gpus.yaml gives no {key} for {model} (no bf16 tensor cores or no "
+        "published figure); add the datasheet's dense figure there to judge it"
+    )
 
 
 # --------------------------------------------------------------------------- health (check j)
+
 
 def clock_event_names(mask: int | None) -> list[str]:
     """An NVML clocks-event (throttle) bitmask -> the reasons' names in bit order (configs/nvml.yaml);
@@ -515,8 +685,13 @@ def judge_throttle(samples: dict[str, int | None]) -> Verdict:
         parts.append(f"{when}: {', '.join(bad + info) or 'none'}")
     value = "; ".join(parts)
     if faults:
-        return Verdict(FAIL, value, f"clocks throttled by {', '.join(faults)}: check cooling and power "
-                       "(nvidia-smi -q -d PERFORMANCE,TEMPERATURE,POWER)", data)
+        return Verdict(
+            FAIL,
+            value,
+            f"clocks throttled by {', '.join(faults)}: check cooling and power "
+            "(nvidia-smi -q -d PERFORMANCE,TEMPERATURE,POWER)",
+            data,
+        )
     return Verdict(PASS, value, "", data)
 
 
@@ -527,8 +702,13 @@ def judge_ecc(before: int | None, after: int | None) -> Verdict:
         return Verdict(SKIP, "", "NVML reports no ECC counters here (ECC off or not supported)", data)
     value = f"volatile uncorrectable ECC {before} -> {after}"
     if after > before:
-        return Verdict(FAIL, value, f"{after - before} new uncorrectable ECC error(s) during the checks: "
-                       "faulty GPU memory; drain the GPU and contact the provider", data)
+        return Verdict(
+            FAIL,
+            value,
+            f"{after - before} new uncorrectable ECC error(s) during the checks: "
+            "faulty GPU memory; drain the GPU and contact the provider",
+            data,
+        )
     note = f"{before} uncorrectable error(s) since the last driver load" if before else ""
     return Verdict(PASS, value, note, data)
 
@@ -545,8 +725,10 @@ def judge_pages(retired_pending: bool | None, remap: tuple[int, int, bool, bool]
             faults.append("a page retirement is pending")
     if remap is not None:
         corr, unc, pending, failed = remap
-        parts.append(f"remapped rows {corr} corr / {unc} uncorr, pending {'yes' if pending else 'no'}, "
-                     f"failure {'yes' if failed else 'no'}")
+        parts.append(
+            f"remapped rows {corr} corr / {unc} uncorr, pending {'yes' if pending else 'no'}, "
+            f"failure {'yes' if failed else 'no'}"
+        )
         if pending:
             faults.append("a row remapping is pending")
         if failed:
@@ -580,13 +762,23 @@ def judge_xid(events: list[int] | None, error: str = "") -> Verdict:
     named = ", ".join(name(x) for x in dict.fromkeys(events))
     value = f"{len(events)} Xid event(s)"
     if any(x in tables.xid_hardware for x in events):
-        return Verdict(FAIL, value, f"{named} during the checks: a hardware or driver fault; see dmesg and "
-                       "drain or reset the GPU", data)
-    return Verdict(WARN, value, f"{named} during the checks: raised by a program (this one's kernels passed "
-                   "their checks, so maybe another process on the GPU); see dmesg", data)
+        return Verdict(
+            FAIL,
+            value,
+            f"{named} during the checks: a hardware or driver fault; see dmesg and drain or reset the GPU",
+            data,
+        )
+    return Verdict(
+        WARN,
+        value,
+        f"{named} during the checks: raised by a program (this one's kernels passed "
+        "their checks, so maybe another process on the GPU); see dmesg",
+        data,
+    )
 
 
 # --------------------------------------------------------------------------- summary
+
 
 def counts(checks: list[Check]) -> dict[str, int]:
     out = {s: 0 for s in STATUSES}

@@ -17,8 +17,13 @@ def run_diag(level: int, timeout_s: float, out_file: Path) -> tuple[bool, int | 
     if exe is None:
         return False, None, None, ""
     try:
-        proc = subprocess.run([exe, "diag", "-r", str(level), "--json"], capture_output=True, text=True,
-                              timeout=timeout_s, stdin=subprocess.DEVNULL)
+        proc = subprocess.run(
+            [exe, "diag", "-r", str(level), "--json"],
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            stdin=subprocess.DEVNULL,
+        )
     except subprocess.TimeoutExpired:
         return True, None, None, f"dcgmi diag did not finish within {timeout_s:g} s"
     except OSError as e:

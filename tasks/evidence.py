@@ -49,8 +49,10 @@ import jinja2
 from tasks import layout, proc, proof, records, runs, text, verdict
 from tasks.records import Outcome, StageRecord, StageStatus, now_iso
 
-DESCRIPTION = ("Render the run's README.md, summary.json and SHA256SUMS from its stage records and seal it "
-               "(no later stage writes into a sealed run).")
+DESCRIPTION = (
+    "Render the run's README.md, summary.json and SHA256SUMS from its stage records and seal it "
+    "(no later stage writes into a sealed run)."
+)
 
 SCHEMA = 1
 WORK_STAGES = verdict.WORK_STAGES
@@ -98,8 +100,11 @@ def check_inputs(args) -> None:
 # --------------------------------------------------------------------------- the verdict
 
 # An earlier stage in one of these states is why a later one did not run.
-BLOCKED_BY = {StageStatus.FAIL: "failed", StageStatus.INTERRUPTED: "was interrupted",
-              StageStatus.RUNNING: "did not finish"}
+BLOCKED_BY = {
+    StageStatus.FAIL: "failed",
+    StageStatus.INTERRUPTED: "was interrupted",
+    StageStatus.RUNNING: "did not finish",
+}
 
 
 def why_not_written(stage: str, recs: dict[str, StageRecord]) -> str:
@@ -112,7 +117,10 @@ def why_not_written(stage: str, recs: dict[str, StageRecord]) -> str:
             why = verdict.did_not_finish(blocker) if blocker.status == StageStatus.RUNNING else blocker.reason
             return f"{stage} did not run: {blocker.stage} {BLOCKED_BY[blocker.status]} — {why}"
         if rec is None:
-            return f"{stage} did not run: it left no record in {layout.STAGES_DIR}/ (it was never run into this run folder)"
+            return (
+                f"{stage} did not run: it left no record in {layout.STAGES_DIR}/"
+                " (it was never run into this run folder)"
+            )
         return f"{stage} did not run: {rec.reason or 'skipped'}"
     if rec.status == StageStatus.INTERRUPTED:
         return f"{stage} was interrupted before it wrote this file — {rec.reason}"
@@ -124,6 +132,7 @@ def why_not_written(stage: str, recs: dict[str, StageRecord]) -> str:
 
 
 # --------------------------------------------------------------------------- reading the run
+
 
 def run_files(run_dir: Path) -> list[str]:
     """Every file of the run (relative posix paths, sorted) except the lock file and SHA256SUMS."""
@@ -150,20 +159,42 @@ def stage_rows(recs: dict[str, StageRecord]) -> list[dict]:
     for name in WORK_STAGES:
         rec = recs.get(name)
         if rec is None:
-            rows.append({"name": name, "status": MISSING, "reason": "no record", "duration_s": None,
-                         "started": "", "ended": "", "figures": {}})
+            rows.append(
+                {
+                    "name": name,
+                    "status": MISSING,
+                    "reason": "no record",
+                    "duration_s": None,
+                    "started": "",
+                    "ended": "",
+                    "figures": {},
+                }
+            )
         else:
-            rows.append({"name": name, "status": rec.status, "reason": rec.reason, "duration_s": rec.duration_s,
-                         "started": rec.started, "ended": rec.ended, "figures": dict(rec.figures)})
+            rows.append(
+                {
+                    "name": name,
+                    "status": rec.status,
+                    "reason": rec.reason,
+                    "duration_s": rec.duration_s,
+                    "started": rec.started,
+                    "ended": rec.ended,
+                    "figures": dict(rec.figures),
+                }
+            )
     return rows
 
 
 # --------------------------------------------------------------------------- rendering
 
+
 def figures_text(figures: dict) -> str:
     """key=value, ...; a list as its items, a mapping (torch_identity: in the Versions table) left out."""
-    return ", ".join(f"{k}={'; '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in figures.items()
-                     if not isinstance(v, dict) and v != [])
+    return ", ".join(
+        f"{k}={'; '.join(map(str, v)) if isinstance(v, list) else v}"
+        for k, v in figures.items()
+        if not isinstance(v, dict) and v != []
+    )
 
 
 def link(path: str) -> str:
@@ -171,9 +202,14 @@ def link(path: str) -> str:
 
 
 def environment() -> jinja2.Environment:
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(layout.TEMPLATES)), autoescape=False,  # markdown: text is escaped by the md filter
-                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
-                             keep_trailing_newline=True)
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(layout.TEMPLATES)),
+        autoescape=False,  # markdown: text is escaped by the md filter
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
     env.filters.update(md=text.md_inert, figures=figures_text, link=link, na=lambda v: "N/A" if v is None else v)
     return env
 
@@ -195,15 +231,26 @@ def context(run_dir: Path, recs: dict[str, StageRecord], files: list[str], place
         "stages": stage_rows(recs),
         "gpus": gpus,
         "gpu_source": gpu_doc.get("source"),
-        "gpu_note": (f"probe found none (source: {gpu_doc.get('source')}); see env_info.txt" if gpu_doc
-                     else f"probe left no {layout.GPUS_JSON} (it did not run)"),
+        "gpu_note": (
+            f"probe found none (source: {gpu_doc.get('source')}); see env_info.txt"
+            if gpu_doc
+            else f"probe left no {layout.GPUS_JSON} (it did not run)"
+        ),
         "versions": dict(proof.versions(recs, run_dir, gpu_doc)),
         "proofs": proof.proof_rows(recs),
-        "what_to_do": proof.PARTIAL_TO_DO if judged.word == verdict.PARTIAL else proof.WHAT_TO_DO.get(
-            judged.stage or "", f"run `nox -s {judged.stage}` (or `nox -s m40`) again"),
+        "what_to_do": proof.PARTIAL_TO_DO
+        if judged.word == verdict.PARTIAL
+        else proof.WHAT_TO_DO.get(judged.stage or "", f"run `nox -s {judged.stage}` (or `nox -s m40`) again"),
         "gpu_count": len(gpus),
-        "files": [{"path": f, "size": None if f in written_last(run_dir) else _size(run_dir / f),
-                   "note": file_note(f, placeholders)} for f in files if f not in TABLE_LEAVES_OUT],
+        "files": [
+            {
+                "path": f,
+                "size": None if f in written_last(run_dir) else _size(run_dir / f),
+                "note": file_note(f, placeholders),
+            }
+            for f in files
+            if f not in TABLE_LEAVES_OUT
+        ],
         "images": [f for f in files if f.lower().endswith(IMAGE_SUFFIXES)],
         "sums_file": layout.SUMS_FILE,
     }
@@ -211,8 +258,12 @@ def context(run_dir: Path, recs: dict[str, StageRecord], files: list[str], place
 
 def written_last(run_dir: Path) -> set[str]:
     """The files evidence writes after it renders the README (so the README cannot give their size)."""
-    return {layout.README_FILE, layout.SUMMARY_FILE, layout.SUMS_FILE,
-            layout.stage_record_path(run_dir, "evidence").relative_to(run_dir).as_posix()}
+    return {
+        layout.README_FILE,
+        layout.SUMMARY_FILE,
+        layout.SUMS_FILE,
+        layout.stage_record_path(run_dir, "evidence").relative_to(run_dir).as_posix(),
+    }
 
 
 def file_note(rel: str, placeholders: dict[str, str]) -> str:
@@ -241,8 +292,10 @@ def summary_document(ctx: dict) -> dict:
         "deviations": ctx["deviations"],
         "harmless_overrides": ctx["harmless"],
         "exit_code": ctx["exit_code"],
-        "stages": {row["name"]: {k: row[k] for k in ("status", "reason", "duration_s", "started", "ended", "figures")}
-                   for row in ctx["stages"]},
+        "stages": {
+            row["name"]: {k: row[k] for k in ("status", "reason", "duration_s", "started", "ended", "figures")}
+            for row in ctx["stages"]
+        },
         "gpus": ctx["gpus"],
         "versions": ctx["versions"],
         "files": [f["path"] for f in ctx["files"]],
@@ -250,6 +303,7 @@ def summary_document(ctx: dict) -> dict:
 
 
 # --------------------------------------------------------------------------- writing
+
 
 def write_placeholders(run_dir: Path, recs: dict[str, StageRecord]) -> dict[str, str]:
     """For each missing stage file, write one saying why; never touch a file that exists."""
@@ -261,8 +315,10 @@ def write_placeholders(run_dir: Path, recs: dict[str, StageRecord]) -> dict[str,
             why = why_not_written(stage, recs)
             try:
                 with open(run_dir / name, "x", encoding="utf-8") as f:
-                    f.write(f"{why}\n\n(written by the evidence stage at {now_iso()} in place of the {name} "
-                            f"that {stage} writes, so that every finished run holds the same files)\n")
+                    f.write(
+                        f"{why}\n\n(written by the evidence stage at {now_iso()} in place of the {name} "
+                        f"that {stage} writes, so that every finished run holds the same files)\n"
+                    )
             except FileExistsError:
                 continue
             written[name] = why
@@ -316,12 +372,17 @@ def nothing_to_do(args) -> str | None:
         return None
     try:
         summary = json.loads((found[-1] / layout.SUMMARY_FILE).read_text(encoding="utf-8"))
-        said = f"{summary['verdict']} at {summary['failed_stage']}: {summary['reason']}" if summary.get("failed_stage") \
+        said = (
+            f"{summary['verdict']} at {summary['failed_stage']}: {summary['reason']}"
+            if summary.get("failed_stage")
             else f"{summary['verdict']}" + (f": {summary['reason']}" if summary.get("reason") else "")
+        )
     except (OSError, ValueError, KeyError, TypeError):
         said = f"its {layout.SUMMARY_FILE} is unreadable"
-    return (f"{found[-1]} is already sealed: {text.one_line(said)}; nothing changed. A new run: nox -s m40 "
-            f"(or a stage); this one's files: cd {found[-1]} && sha256sum -c {layout.SUMS_FILE}")
+    return (
+        f"{found[-1]} is already sealed: {text.one_line(said)}; nothing changed. A new run: nox -s m40 "
+        f"(or a stage); this one's files: cd {found[-1]} && sha256sum -c {layout.SUMS_FILE}"
+    )
 
 
 def after_record(run_dir: Path, rec: StageRecord) -> None:
@@ -341,8 +402,15 @@ def write_collect_env(run_dir: Path, recs: dict[str, StageRecord]) -> None:
         return
     cmd = proc.gpu_command(python, "torch.utils.collect_env", [])  # the one launcher: isolated from our PYTHON*
     try:
-        out = subprocess.run(cmd, capture_output=True, text=True, errors="replace", env=proc.gpu_env(),  # noqa: S603
-                             cwd=run_dir, timeout=COLLECT_ENV_TIMEOUT_S)
+        out = subprocess.run(
+            cmd,
+            capture_output=True,
+            text=True,
+            errors="replace",
+            env=proc.gpu_env(),  # noqa: S603
+            cwd=run_dir,
+            timeout=COLLECT_ENV_TIMEOUT_S,
+        )
         body = out.stdout + (f"\n--- stderr (exit code {out.returncode}) ---\n{out.stderr}" if out.returncode else "")
     except (OSError, subprocess.TimeoutExpired) as e:
         body = f"could not run it: {text.one_line(e)}\n"
@@ -369,7 +437,12 @@ def run(run_dir: Path, args, *, env=None) -> Outcome:
     if step_summary:
         print(f"evidence: appended the verdict to ${STEP_SUMMARY_ENV}", flush=True)
 
-    figures = {"verdict": ctx["verdict"], "exit_code": ctx["exit_code"], "verdict_line": ctx["verdict_line"],
-               "failed_stage": ctx["failed_stage"] or "", "files": len(files)}
+    figures = {
+        "verdict": ctx["verdict"],
+        "exit_code": ctx["exit_code"],
+        "verdict_line": ctx["verdict_line"],
+        "failed_stage": ctx["failed_stage"] or "",
+        "files": len(files),
+    }
     written = [*placeholders, layout.README_FILE, layout.SUMMARY_FILE, layout.SUMS_FILE]
     return Outcome(StageStatus.PASS, "", figures, written)

@@ -34,19 +34,46 @@ from tasks import config, evidence, layout, text
 from tasks.config import ConfigError
 from tasks.records import now_iso
 
-DESCRIPTION = ("One report (fleet.md, fleet.json, fleet.csv) over many nodes' run folders: verdicts, seals checked, "
-               "per-node figures, and outliers against the median of nodes with the same GPU model.")
+DESCRIPTION = (
+    "One report (fleet.md, fleet.json, fleet.csv) over many nodes' run folders: verdicts, seals checked, "
+    "per-node figures, and outliers against the median of nodes with the same GPU model."
+)
 SCHEMA = 1
 OUT_PREFIX = "fleet_v"
 TAMPERED, UNSEALED, UNREADABLE = "TAMPERED", "UNSEALED", "UNREADABLE"
 # Row order: the ones to look at first.
 VERDICT_ORDER = (TAMPERED, UNSEALED, UNREADABLE, "FAIL", "INTERRUPTED", "PARTIAL", "PASS")
-COLUMNS = ("host", "run", "gpu_model", "gpu_count", "driver", "torch", "verdict", "failed_stage", "reason",
-           "bf16_tflops", "copy_tbs", "allreduce_busbw_gbs", "nodes_allreduce_busbw_gbs", "tok_s", "tok_s_per_gpu", "mfu_pct",
-           "rdzv_id", "nnodes", "node_rank", "node_rank_given", "world_size", "outliers")
+COLUMNS = (
+    "host",
+    "run",
+    "gpu_model",
+    "gpu_count",
+    "driver",
+    "torch",
+    "verdict",
+    "failed_stage",
+    "reason",
+    "bf16_tflops",
+    "copy_tbs",
+    "allreduce_busbw_gbs",
+    "nodes_allreduce_busbw_gbs",
+    "tok_s",
+    "tok_s_per_gpu",
+    "mfu_pct",
+    "rdzv_id",
+    "nnodes",
+    "node_rank",
+    "node_rank_given",
+    "world_size",
+    "outliers",
+)
 REPORT_FILES = ("fleet.md", "fleet.json", "fleet.csv")
-FIGURE_NAMES = {"bf16_tflops": "bf16 TFLOP/s per GPU (min)", "copy_tbs": "copy TB/s per GPU (min)",
-                "allreduce_busbw_gbs": "all-reduce bus GB/s", "tok_s_per_gpu": "train tok/s per GPU"}
+FIGURE_NAMES = {
+    "bf16_tflops": "bf16 TFLOP/s per GPU (min)",
+    "copy_tbs": "copy TB/s per GPU (min)",
+    "allreduce_busbw_gbs": "all-reduce bus GB/s",
+    "tok_s_per_gpu": "train tok/s per GPU",
+}
 
 
 class FleetError(Exception):
@@ -56,6 +83,7 @@ class FleetError(Exception):
 
 
 # --------------------------------------------------------------------------- settings
+
 
 def load_settings(path: Path | None = None) -> dict:
     path = Path(path or layout.FLEET_FILE)
@@ -74,6 +102,7 @@ def load_settings(path: Path | None = None) -> dict:
 
 
 # --------------------------------------------------------------------------- finding runs
+
 
 def is_run(folder: Path) -> bool:
     return (folder / layout.STAGES_DIR).is_dir() or (folder / layout.SUMS_FILE).is_file()
@@ -108,12 +137,13 @@ def runs_under(top: Path) -> list[Path]:
 
 # --------------------------------------------------------------------------- the seal
 
+
 def parse_sums(text: str) -> dict[str, str]:
     """{path: digest} from `sha256sum` text (evidence.sums_line's format, escapes undone)."""
     listed = {}
     for line in text.splitlines():
         escaped = line.startswith("\\")
-        digest, sep, name = line[1 if escaped else 0:].partition("  ")
+        digest, sep, name = line[1 if escaped else 0 :].partition("  ")
         if not sep or len(digest) != 64:
             raise ValueError(f"not a sha256sum line: {line[:80]!r}")
         if escaped:
@@ -135,14 +165,18 @@ def check_seal(run_dir: Path) -> tuple[str | None, str]:
     missing = sorted(set(listed) - present)
     unlisted = sorted(present - set(listed))
     changed = sorted(p for p in set(listed) & present if evidence.sha256_of(run_dir / p) != listed[p])
-    problems = [f"{len(v)} {what} ({v[0]}{', …' if len(v) > 1 else ''})"
-                for what, v in (("changed", changed), ("missing", missing), ("not in the seal", unlisted)) if v]
+    problems = [
+        f"{len(v)} {what} ({v[0]}{', …' if len(v) > 1 else ''})"
+        for what, v in (("changed", changed), ("missing", missing), ("not in the seal", unlisted))
+        if v
+    ]
     if problems:
         return TAMPERED, f"{layout.SUMS_FILE} does not match: " + "; ".join(problems)
     return None, ""
 
 
 # --------------------------------------------------------------------------- one node
+
 
 def read_json(path: Path) -> dict | None:
     try:
@@ -169,9 +203,14 @@ def number(value) -> float | None:
 
 def per_gpu_min(figures: dict, suffix: str) -> float | None:
     """The lowest of gpu0_<suffix>, gpu1_<suffix>, ... (the slowest GPU sets the node's pace)."""
-    values = [v for k, raw in figures.items()
-              if k.startswith("gpu") and k.endswith(f"_{suffix}") and k[3:-len(suffix) - 1].isdigit()
-              and (v := number(raw)) is not None]
+    values = [
+        v
+        for k, raw in figures.items()
+        if k.startswith("gpu")
+        and k.endswith(f"_{suffix}")
+        and k[3 : -len(suffix) - 1].isdigit()
+        and (v := number(raw)) is not None
+    ]
     return min(values) if values else None
 
 
@@ -206,14 +245,22 @@ def read_node(run_dir: Path, label: str) -> dict:
     check, train = stage_figures(run_dir, summary, "cuda_check"), stage_figures(run_dir, summary, "train")
     versions = summary.get("versions") if isinstance(summary.get("versions"), dict) else {}
     model, count = gpu_model(summary, probe)
-    row.update(gpu_model=model, gpu_count=count, driver=versions.get("driver") or probe.get("driver"),
-               torch=versions.get("torch") or check.get("torch") or train.get("torch"),
-               verdict=summary["verdict"], failed_stage=summary.get("failed_stage"), reason=summary.get("reason"),
-               bf16_tflops=per_gpu_min(check, "bf16_tflops"), copy_tbs=per_gpu_min(check, "copy_tbs"),
-               allreduce_busbw_gbs=number(check.get("allreduce_busbw_gbs")),
-               nodes_allreduce_busbw_gbs=number(check.get("nodes_allreduce_busbw_gbs")),
-               tok_s=number(train.get("tok_s")), tok_s_per_gpu=number(train.get("tok_s_per_gpu")),
-               mfu_pct=number(train.get("mfu_pct")))
+    row.update(
+        gpu_model=model,
+        gpu_count=count,
+        driver=versions.get("driver") or probe.get("driver"),
+        torch=versions.get("torch") or check.get("torch") or train.get("torch"),
+        verdict=summary["verdict"],
+        failed_stage=summary.get("failed_stage"),
+        reason=summary.get("reason"),
+        bf16_tflops=per_gpu_min(check, "bf16_tflops"),
+        copy_tbs=per_gpu_min(check, "copy_tbs"),
+        allreduce_busbw_gbs=number(check.get("allreduce_busbw_gbs")),
+        nodes_allreduce_busbw_gbs=number(check.get("nodes_allreduce_busbw_gbs")),
+        tok_s=number(train.get("tok_s")),
+        tok_s_per_gpu=number(train.get("tok_s_per_gpu")),
+        mfu_pct=number(train.get("mfu_pct")),
+    )
     for key in ("rdzv_id", "nnodes", "node_rank", "node_rank_given", "world_size"):
         row[key] = train.get(key)
     return row
@@ -233,6 +280,7 @@ def label_of(run_dir: Path, all_dirs: list[Path]) -> str:
 
 
 # --------------------------------------------------------------------------- outliers
+
 
 def group_key(row: dict, figure: str) -> tuple:
     # An all-reduce's bus bandwidth depends on how many GPUs take part; the other figures are per GPU.
@@ -256,9 +304,18 @@ def find_outliers(rows: list[dict], settings: dict) -> list[dict]:
             for row in members:
                 if median > 0 and row[figure] < (1 - settings["outlier_share"]) * median:
                     below = 1 - row[figure] / median
-                    found.append({"host": row["host"], "run": row["run"], "gpu_model": key[0], "figure": figure,
-                                  "value": row[figure], "median": median, "nodes": len(passed),
-                                  "below_pct": round(100 * below, 1)})
+                    found.append(
+                        {
+                            "host": row["host"],
+                            "run": row["run"],
+                            "gpu_model": key[0],
+                            "figure": figure,
+                            "value": row[figure],
+                            "median": median,
+                            "nodes": len(passed),
+                            "below_pct": round(100 * below, 1),
+                        }
+                    )
                     row["outliers"].append(f"{figure} {100 * below:.0f}% below median")
     return sorted(found, key=lambda o: (-o["below_pct"], o["run"]))
 
@@ -267,7 +324,15 @@ def find_outliers(rows: list[dict], settings: dict) -> list[dict]:
 
 DASH = "–"
 REASON_CHARS = 200  # of a reason in fleet.md; fleet.json and fleet.csv keep it whole
-DECIMALS = {"bf16_tflops": 1, "copy_tbs": 2, "allreduce_busbw_gbs": 1, "nodes_allreduce_busbw_gbs": 2, "tok_s": 0, "tok_s_per_gpu": 0, "mfu_pct": 1}
+DECIMALS = {
+    "bf16_tflops": 1,
+    "copy_tbs": 2,
+    "allreduce_busbw_gbs": 1,
+    "nodes_allreduce_busbw_gbs": 2,
+    "tok_s": 0,
+    "tok_s_per_gpu": 0,
+    "mfu_pct": 1,
+}
 
 
 def plain(value) -> str:
@@ -348,10 +413,19 @@ def csv_cell(value) -> str:
 def context(rows: list[dict], outliers: list[dict], settings: dict, inputs: list[str]) -> dict:
     counts = counts_of(rows)
     code, meaning = exit_code_of(rows, outliers)
-    return {"schema": SCHEMA, "generated": now_iso(), "inputs": inputs, "settings": settings,
-            "headline": ", ".join(f"{n} {w}" for w, n in counts.items()), "counts": counts,
-            "outliers": outliers, "rows": rows, "exit_code": code, "exit_meaning": meaning,
-            "figure_names": FIGURE_NAMES}
+    return {
+        "schema": SCHEMA,
+        "generated": now_iso(),
+        "inputs": inputs,
+        "settings": settings,
+        "headline": ", ".join(f"{n} {w}" for w, n in counts.items()),
+        "counts": counts,
+        "outliers": outliers,
+        "rows": rows,
+        "exit_code": code,
+        "exit_meaning": meaning,
+        "figure_names": FIGURE_NAMES,
+    }
 
 
 def json_document(ctx: dict) -> dict:
@@ -361,10 +435,13 @@ def json_document(ctx: dict) -> dict:
 
 # --------------------------------------------------------------------------- writing
 
+
 def new_out_dir(runs_dir: Path) -> Path:
     """The next free <runs_dir>/fleet_vN, created here (mkdir is atomic: two reports never share one)."""
     runs_dir.mkdir(parents=True, exist_ok=True)
-    taken = [int(p.name[len(OUT_PREFIX):]) for p in runs_dir.glob(OUT_PREFIX + "*") if p.name[len(OUT_PREFIX):].isdigit()]
+    taken = [
+        int(p.name[len(OUT_PREFIX) :]) for p in runs_dir.glob(OUT_PREFIX + "*") if p.name[len(OUT_PREFIX) :].isdigit()
+    ]
     n = max(taken, default=0) + 1
     while True:
         try:
@@ -379,14 +456,19 @@ def out_dir_from(option: Path | None) -> Path:
         return new_out_dir(layout.RUNS_DIR)
     clash = [name for name in REPORT_FILES if (option / name).exists()]
     if clash:
-        raise FleetError(f"--out {option} already holds {', '.join(clash)}; pass a new folder (reports are never overwritten)")
+        raise FleetError(
+            f"--out {option} already holds {', '.join(clash)}; pass a new folder (reports are never overwritten)"
+        )
     option.mkdir(parents=True, exist_ok=True)
     return option
 
 
 def write_report(out: Path, ctx: dict) -> list[Path]:
-    texts = {"fleet.md": markdown(ctx), "fleet.json": json.dumps(json_document(ctx), indent=2, default=str) + "\n",
-             "fleet.csv": csv_text(ctx["rows"])}
+    texts = {
+        "fleet.md": markdown(ctx),
+        "fleet.json": json.dumps(json_document(ctx), indent=2, default=str) + "\n",
+        "fleet.csv": csv_text(ctx["rows"]),
+    }
     written = []
     for name in REPORT_FILES:
         with open(out / name, "x", encoding="utf-8") as f:  # "x": never overwrite, even in a race
@@ -397,10 +479,18 @@ def write_report(out: Path, ctx: dict) -> list[Path]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nox -s fleet --", description=DESCRIPTION)
-    p.add_argument("paths", nargs="+", metavar="PATH",
-                   help="run folders, folders holding them (searched), or globs ('results/*/m40_v*')")
-    p.add_argument("--out", type=Path, default=None,
-                   help="folder for fleet.md/.json/.csv (default: a new submission_runs/fleet_vN); never overwritten")
+    p.add_argument(
+        "paths",
+        nargs="+",
+        metavar="PATH",
+        help="run folders, folders holding them (searched), or globs ('results/*/m40_v*')",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="folder for fleet.md/.json/.csv (default: a new submission_runs/fleet_vN); never overwritten",
+    )
     p.add_argument("--config", type=Path, default=None, help="the outlier settings (default: configs/fleet.yaml)")
     return p
 
@@ -411,8 +501,10 @@ def main(argv: list[str]) -> int:
         settings = load_settings(args.config)
         run_dirs = find_runs(args.paths)
         if not run_dirs:
-            raise FleetError(f"no run folder (one holding {layout.STAGES_DIR}/ or {layout.SUMS_FILE}) under "
-                             f"{' '.join(args.paths)}; pass the folders the nodes' submission_runs were copied to")
+            raise FleetError(
+                f"no run folder (one holding {layout.STAGES_DIR}/ or {layout.SUMS_FILE}) under "
+                f"{' '.join(args.paths)}; pass the folders the nodes' submission_runs were copied to"
+            )
         rows = read_fleet(run_dirs)
         outliers = find_outliers(rows, settings)
         ctx = context(rows, outliers, settings, [str(p) for p in args.paths])
@@ -428,7 +520,11 @@ def main(argv: list[str]) -> int:
     for row in rows:
         if row["verdict"] != "PASS" or row["outliers"]:
             what = plain(row["reason"] or "") if row["verdict"] != "PASS" else "; ".join(row["outliers"])
-            print(f"fleet:   {row['verdict']:<11} {plain(row['host'] or '?')} ({plain(row['run'])}): {what}", flush=True)
-    print(f"fleet: wrote {out / 'fleet.md'}, fleet.json, fleet.csv (exit code {ctx['exit_code']}: {ctx['exit_meaning']})",
-          flush=True)
+            print(
+                f"fleet:   {row['verdict']:<11} {plain(row['host'] or '?')} ({plain(row['run'])}): {what}", flush=True
+            )
+    print(
+        f"fleet: wrote {out / 'fleet.md'}, fleet.json, fleet.csv (exit code {ctx['exit_code']}: {ctx['exit_meaning']})",
+        flush=True,
+    )
     return ctx["exit_code"]

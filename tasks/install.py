@@ -51,8 +51,10 @@ from tasks.config import AUTO_CHANNEL, Channel, ChannelSource, ConfigError
 from tasks.installers import CommandLog, StepFailed
 from tasks.records import Outcome, StageStatus
 
-DESCRIPTION = ("Install a CUDA build of PyTorch into .venv-gpu from a channel of configs/channels.yaml: "
-               "staging venv, one source per step, provenance check, verification, then swap")
+DESCRIPTION = (
+    "Install a CUDA build of PyTorch into .venv-gpu from a channel of configs/channels.yaml: "
+    "staging venv, one source per step, provenance check, verification, then swap"
+)
 SKIPPED = "skipped, nothing downloaded"  # a channel the machine cannot use (channel_fit.unfit)
 DEPS_FAILED = "gpu_packages step failed"  # the torch channel worked; the other packages' source did not
 
@@ -66,34 +68,74 @@ def _csv(text: str) -> list[str]:
 
 def add_arguments(parser) -> None:
     parser.add_argument("--session-channel", default=None, help=argparse.SUPPRESS)  # nox's `-p NAME`
-    parser.add_argument("--channel", default=None, metavar="NAME",
-                        help=f"install from this one channel, or {AUTO_CHANNEL} (under nox: `nox -s install -p NAME`)")
-    parser.add_argument("--channels", type=_csv, default=None, metavar="A,B,...",
-                        help="channels to try in order until one installs and verifies (default: channel_order "
-                             f"of configs/m40.yaml, i.e. cu128 then cu124; {AUTO_CHANNEL}: from the driver and GPUs)")
-    parser.add_argument("--channels-file", type=Path, default=None, metavar="PATH",
-                        help=f"channel catalog to use instead of configs/channels.yaml (also ${layout.CHANNELS_ENV})")
-    parser.add_argument("--from-python", default=None, metavar="PATH",
-                        help="interpreter whose CUDA torch a provisioned channel (system) reuses, default the "
-                             "first python3 on PATH; for other channels, the Python .venv-gpu is built from "
-                             "(default: the one running nox)")
-    parser.add_argument("--wheelhouse", type=Path, default=None, metavar="DIR",
-                        help="folder of wheels: the source of the wheelhouse channel, and of the gpu_packages "
-                             "step for any channel (offline: no index at all)")
-    parser.add_argument("--installer", choices=("auto", "pip", "uv"), default="auto",
-                        help="auto: uv when on PATH (faster for the GB of CUDA wheels), else pip")
-    parser.add_argument("--keep-pip-config", action="store_true",
-                        help="keep the machine's pip/uv config files and PIP_*/UV_* variables (e.g. a proxy "
-                             "set there); by default they are ignored; provenance is checked either way")
-    parser.add_argument("--deps-index-url", default=None, metavar="URL",
-                        help="index for the gpu_packages step (default: PyPI)")
-    parser.add_argument("--venv", type=Path, default=None, metavar="PATH",
-                        help="the GPU venv to manage (default .venv-gpu; other stages always use .venv-gpu)")
-    parser.add_argument("--reinstall", action="store_true",
-                        help="install again even when .venv-gpu already holds a verified install of the channel")
+    parser.add_argument(
+        "--channel",
+        default=None,
+        metavar="NAME",
+        help=f"install from this one channel, or {AUTO_CHANNEL} (under nox: `nox -s install -p NAME`)",
+    )
+    parser.add_argument(
+        "--channels",
+        type=_csv,
+        default=None,
+        metavar="A,B,...",
+        help="channels to try in order until one installs and verifies (default: channel_order "
+        f"of configs/m40.yaml, i.e. cu128 then cu124; {AUTO_CHANNEL}: from the driver and GPUs)",
+    )
+    parser.add_argument(
+        "--channels-file",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help=f"channel catalog to use instead of configs/channels.yaml (also ${layout.CHANNELS_ENV})",
+    )
+    parser.add_argument(
+        "--from-python",
+        default=None,
+        metavar="PATH",
+        help="interpreter whose CUDA torch a provisioned channel (system) reuses, default the "
+        "first python3 on PATH; for other channels, the Python .venv-gpu is built from "
+        "(default: the one running nox)",
+    )
+    parser.add_argument(
+        "--wheelhouse",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="folder of wheels: the source of the wheelhouse channel, and of the gpu_packages "
+        "step for any channel (offline: no index at all)",
+    )
+    parser.add_argument(
+        "--installer",
+        choices=("auto", "pip", "uv"),
+        default="auto",
+        help="auto: uv when on PATH (faster for the GB of CUDA wheels), else pip",
+    )
+    parser.add_argument(
+        "--keep-pip-config",
+        action="store_true",
+        help="keep the machine's pip/uv config files and PIP_*/UV_* variables (e.g. a proxy "
+        "set there); by default they are ignored; provenance is checked either way",
+    )
+    parser.add_argument(
+        "--deps-index-url", default=None, metavar="URL", help="index for the gpu_packages step (default: PyPI)"
+    )
+    parser.add_argument(
+        "--venv",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="the GPU venv to manage (default .venv-gpu; other stages always use .venv-gpu)",
+    )
+    parser.add_argument(
+        "--reinstall",
+        action="store_true",
+        help="install again even when .venv-gpu already holds a verified install of the channel",
+    )
 
 
 # --------------------------------------------------------------------------- data
+
 
 @dataclass
 class SourceTry:
@@ -141,10 +183,24 @@ class Attempt:
         return text
 
     def summary(self) -> dict:
-        return {"channel": self.channel.name, "status": self.status, "category": self.category,
-                "detail": self.detail, "seconds": self.seconds, "source": self.source,
-                "sources": [{"index_url": t.source.index_url, "status": t.status, "category": t.category,
-                             "detail": t.detail, "seconds": t.seconds} for t in self.tries]}
+        return {
+            "channel": self.channel.name,
+            "status": self.status,
+            "category": self.category,
+            "detail": self.detail,
+            "seconds": self.seconds,
+            "source": self.source,
+            "sources": [
+                {
+                    "index_url": t.source.index_url,
+                    "status": t.status,
+                    "category": t.category,
+                    "detail": t.detail,
+                    "seconds": t.seconds,
+                }
+                for t in self.tries
+            ],
+        }
 
 
 @dataclass
@@ -171,11 +227,16 @@ class Context:
 
 def entry_of(ch: Channel) -> dict:
     """The catalog entry that defines what a channel installs (the note is only words)."""
-    return {"kind": ch.kind, "cuda": ch.cuda, "files_from": list(ch.files_from),
-            "sources": [{"index_url": s.index_url, "pre": s.pre, "torch": s.torch} for s in ch.sources]}
+    return {
+        "kind": ch.kind,
+        "cuda": ch.cuda,
+        "files_from": list(ch.files_from),
+        "sources": [{"index_url": s.index_url, "pre": s.pre, "torch": s.torch} for s in ch.sources],
+    }
 
 
 # --------------------------------------------------------------------------- verification
+
 
 def judge(ch: Channel, facts: dict) -> StepFailed | None:
     """What is wrong with the torch these facts describe, for this channel (None: nothing)."""
@@ -186,18 +247,24 @@ def judge(ch: Channel, facts: dict) -> StepFailed | None:
     if cuda is None or local == "cpu" or facts.get("cuda_built") is not True:
         return StepFailed(installers.CPU_BUILD, f"installed torch {version} is a CPU build; refusing")
     if ch.tag and local.startswith("cu") and local != ch.tag:
-        return StepFailed(installers.CUDA_MISMATCH,
-                          f"wanted {ch.tag} (CUDA {ch.cuda}), got torch {version} (CUDA {cuda}); refusing")
+        return StepFailed(
+            installers.CUDA_MISMATCH, f"wanted {ch.tag} (CUDA {ch.cuda}), got torch {version} (CUDA {cuda}); refusing"
+        )
     if ch.cuda and config.major_minor(cuda) != config.major_minor(ch.cuda):
-        return StepFailed(installers.CUDA_MISMATCH, f"wanted CUDA {ch.cuda}, got torch {version} with CUDA {cuda}; refusing")
+        return StepFailed(
+            installers.CUDA_MISMATCH, f"wanted CUDA {ch.cuda}, got torch {version} with CUDA {cuda}; refusing"
+        )
     if facts.get("cuda_available") is not True and hidden_by_cuda_visible_devices():
-        return StepFailed(installers.NOT_USABLE,
-                          f"torch {version} is a CUDA {cuda} build but sees no GPU: {HIDDEN_GPUS}")
+        return StepFailed(
+            installers.NOT_USABLE, f"torch {version} is a CUDA {cuda} build but sees no GPU: {HIDDEN_GPUS}"
+        )
     if facts.get("cuda_available") is not True:
-        return StepFailed(installers.NOT_USABLE,
-                          f"torch {version} is a CUDA {cuda} build but torch.cuda.is_available() is "
-                          f"{facts.get('cuda_available')}: no GPU it can use (check nvidia-smi, CUDA_VISIBLE_DEVICES, "
-                          f"and that the driver supports CUDA {cuda})")
+        return StepFailed(
+            installers.NOT_USABLE,
+            f"torch {version} is a CUDA {cuda} build but torch.cuda.is_available() is "
+            f"{facts.get('cuda_available')}: no GPU it can use (check nvidia-smi, CUDA_VISIBLE_DEVICES, "
+            f"and that the driver supports CUDA {cuda})",
+        )
     devices = facts.get("devices") or []
     if not devices:
         return StepFailed(installers.NOT_USABLE, f"torch {version} sees no CUDA device")
@@ -206,14 +273,18 @@ def judge(ch: Channel, facts: dict) -> StepFailed | None:
         cap = d.get("capability")
         if not isinstance(cap, list) or not cuda_rules.arch_list_covers(arch_list, cap):
             sm = f"sm_{cap[0]}{cap[1]}" if isinstance(cap, list) else str(cap)
-            return StepFailed(installers.NOT_USABLE,
-                              f"torch {version} has kernels for {' '.join(arch_list) or 'no architecture'} but GPU "
-                              f"{d.get('index')} ({d.get('name')}) is {sm}: not usable on this GPU")
+            return StepFailed(
+                installers.NOT_USABLE,
+                f"torch {version} has kernels for {' '.join(arch_list) or 'no architecture'} but GPU "
+                f"{d.get('index')} ({d.get('name')}) is {sm}: not usable on this GPU",
+            )
     return None
 
 
-HIDDEN_GPUS = ("CUDA_VISIBLE_DEVICES is set but empty, which hides every GPU from CUDA; "
-               "unset it (or list the GPUs to use) and run again")
+HIDDEN_GPUS = (
+    "CUDA_VISIBLE_DEVICES is set but empty, which hides every GPU from CUDA; "
+    "unset it (or list the GPUs to use) and run again"
+)
 
 
 def hidden_by_cuda_visible_devices() -> bool:
@@ -224,24 +295,31 @@ def hidden_by_cuda_visible_devices() -> bool:
 
 # --------------------------------------------------------------------------- options, before anything runs
 
+
 def channel_list(args, catalog: dict) -> list[str]:
     """The channels asked for, validated (`auto` stays a name here: it needs the machine's facts)."""
     session, channel, channels = getattr(args, "session_channel", None), args.channel, args.channels
     if session and channel and channel != session:
-        raise ConfigError(f"-p {session} and --channel {channel} name two channels; name one: "
-                          f"nox -s install -p {channel}")
+        raise ConfigError(
+            f"-p {session} and --channel {channel} name two channels; name one: nox -s install -p {channel}"
+        )
     if session and channels:
-        raise ConfigError(f"nox -s install -p {session} installs channel {session}; --channels "
-                          f"{','.join(channels)} is for nox -s m40 -- --channels {','.join(channels)}: drop one")
+        raise ConfigError(
+            f"nox -s install -p {session} installs channel {session}; --channels "
+            f"{','.join(channels)} is for nox -s m40 -- --channels {','.join(channels)}: drop one"
+        )
     channel = session or channel
     if channel and channels:
-        raise ConfigError(f"give --channel or --channels, not both (got --channel {channel} "
-                          f"and --channels {','.join(channels)})")
+        raise ConfigError(
+            f"give --channel or --channels, not both (got --channel {channel} and --channels {','.join(channels)})"
+        )
     names = [channel] if channel else (channels or list(config.load_settings()["channel_order"]))
     unknown = [n for n in names if n not in catalog and n != AUTO_CHANNEL]
     if unknown:
-        raise ConfigError(f"unknown channel(s) {', '.join(unknown)}; the catalog {config.channels_file(args.channels_file)} "
-                          f"has {', '.join([*catalog, AUTO_CHANNEL])}")
+        raise ConfigError(
+            f"unknown channel(s) {', '.join(unknown)}; the catalog {config.channels_file(args.channels_file)} "
+            f"has {', '.join([*catalog, AUTO_CHANNEL])}"
+        )
     for n in names:
         if n in catalog and catalog[n].kind == "wheelhouse" and args.wheelhouse is None:
             raise ConfigError(f"channel {n} installs from a folder of wheels: pass --wheelhouse DIR")
@@ -281,6 +359,7 @@ def resolve_auto(names: list[str], ctx: Context) -> list[str]:
 
 # --------------------------------------------------------------------------- one attempt
 
+
 def torch_from_sources(ctx: Context, a: Attempt, inst, spy: Path, where: str) -> None:
     """Step 2: torch from the channel's sources in order; the first that installs one wins."""
     for src_entry in a.channel.sources:
@@ -290,13 +369,26 @@ def torch_from_sources(ctx: Context, a: Attempt, inst, spy: Path, where: str) ->
         src = installers.index_source(src_entry.index_url, a.channel.files_from)
         a.source = src.label
         if len(a.channel.sources) > 1:
-            print(f"install: {a.channel.name}: source {len(a.tries)}/{len(a.channel.sources)} {src.label}"
-                  + (" (retired upstream: tried once, quickly)" if src_entry.retired else ""), flush=True)
+            print(
+                f"install: {a.channel.name}: source {len(a.tries)}/{len(a.channel.sources)} {src.label}"
+                + (" (retired upstream: tried once, quickly)" if src_entry.retired else ""),
+                flush=True,
+            )
         try:
-            a.files = installers.install(inst, ctx.log, spy, [f"torch{src_entry.torch}"], src, pre=src_entry.pre,
-                                         constraints=None, workdir=ctx.workdir, step=f"torch{len(a.tries)}",
-                                         where=where, keep_config=ctx.args.keep_pip_config,
-                                         fast=bool(src_entry.retired))
+            a.files = installers.install(
+                inst,
+                ctx.log,
+                spy,
+                [f"torch{src_entry.torch}"],
+                src,
+                pre=src_entry.pre,
+                constraints=None,
+                workdir=ctx.workdir,
+                step=f"torch{len(a.tries)}",
+                where=where,
+                keep_config=ctx.args.keep_pip_config,
+                fast=bool(src_entry.retired),
+            )
             t.status = StageStatus.PASS
             return
         except StepFailed as e:
@@ -305,9 +397,13 @@ def torch_from_sources(ctx: Context, a: Attempt, inst, spy: Path, where: str) ->
         finally:
             t.seconds = round(time.perf_counter() - t0, 1)
     if len(a.tries) > 1:
-        raise StepFailed(last.category, "; ".join(f"{t.source.name}: {t.detail}"
-                                                  + (f" [retired: {t.source.retired}]" if t.source.retired else "")
-                                                  for t in a.tries))
+        raise StepFailed(
+            last.category,
+            "; ".join(
+                f"{t.source.name}: {t.detail}" + (f" [retired: {t.source.retired}]" if t.source.retired else "")
+                for t in a.tries
+            ),
+        )
     raise last
 
 
@@ -333,9 +429,20 @@ def gpu_packages(ctx: Context, a: Attempt, inst, spy: Path, where: str) -> None:
         have = {(installers.normalize(d["name"]), d["version"]) for d in before["dists"]}
         pins = venv_facts.constraints(before, ctx.workdir / f"constraints-{step}.txt")
         try:
-            got = installers.install(inst, ctx.log, spy, packages, src, pre=False, constraints=pins,
-                                     workdir=ctx.workdir, step=step, where=where,
-                                     keep_config=ctx.args.keep_pip_config, no_deps=no_deps)
+            got = installers.install(
+                inst,
+                ctx.log,
+                spy,
+                packages,
+                src,
+                pre=False,
+                constraints=pins,
+                workdir=ctx.workdir,
+                step=step,
+                where=where,
+                keep_config=ctx.args.keep_pip_config,
+                no_deps=no_deps,
+            )
         except StepFailed as e:
             if e.category in (installers.UNREACHABLE, installers.NO_WHEEL):  # the source's fault, not torch's
                 raise StepFailed(DEPS_FAILED, f"{e.category}: {e.detail}") from None
@@ -348,8 +455,9 @@ def staging_venv(ctx: Context, a: Attempt, staging: Path) -> tuple[Path, str, in
     ch, args = a.channel, ctx.args
     if ch.kind == "provisioned":
         wanted = args.from_python or "python3 on PATH (outside .nox/ and .venv-gpu)"
-        a.provisioned = venv_facts.inspect_source(venv_facts.resolve_python(args.from_python, ctx.venv), wanted,
-                                                  ctx.venv, ctx.log, ctx.workdir)
+        a.provisioned = venv_facts.inspect_source(
+            venv_facts.resolve_python(args.from_python, ctx.venv), wanted, ctx.venv, ctx.log, ctx.workdir
+        )
         base = a.provisioned["base_executable"]
         a.source = f"provisioned: {a.provisioned['executable']}"
     else:
@@ -360,15 +468,19 @@ def staging_venv(ctx: Context, a: Attempt, staging: Path) -> tuple[Path, str, in
     where = installers.platform_phrase(info["python_tag"], info["platform"])
     if a.provisioned is not None:
         if info["version"].rsplit(".", 1)[0] != a.provisioned["version"]:
-            raise StepFailed(installers.FAILED, f"{base} is Python {info['version']}, but "
-                                                f"{a.provisioned['executable']} is {a.provisioned['version']}")
+            raise StepFailed(
+                installers.FAILED,
+                f"{base} is Python {info['version']}, but {a.provisioned['executable']} is {a.provisioned['version']}",
+            )
         pth = Path(info["purelib"]) / layout.VENV_PROVISIONED_PTH
         pth.write_text("".join(f"{d}\n" for d in a.provisioned["site_dirs"]))
     inst = installers.choose(args.installer, provisioned=ch.kind == "provisioned")
     if inst.name == "pip":
         version = installers.pip_version(spy, ctx.log)
         if version is None:
-            a.venv_note = "; ".join(filter(None, [a.venv_note, venv_facts.bootstrap_pip(spy, ctx.log, args.wheelhouse)]))
+            a.venv_note = "; ".join(
+                filter(None, [a.venv_note, venv_facts.bootstrap_pip(spy, ctx.log, args.wheelhouse)])
+            )
             version = installers.pip_version(spy, ctx.log)
         inst.version = version or "?"
     a.installer = inst.describe()
@@ -378,13 +490,19 @@ def staging_venv(ctx: Context, a: Attempt, staging: Path) -> tuple[Path, str, in
 def marker_of(ctx: Context, a: Attempt, spy: Path) -> dict:
     ch, args = a.channel, ctx.args
     return {
-        "channel": ch.name, "entry": entry_of(ch), "gpu_packages": ctx.gpu_packages,
+        "channel": ch.name,
+        "entry": entry_of(ch),
+        "gpu_packages": ctx.gpu_packages,
         "gpu_packages_no_deps": ctx.no_deps_packages,
         "from_python": a.provisioned["executable"] if a.provisioned else None,
         "wheelhouse": str(args.wheelhouse.resolve()) if ch.kind == "wheelhouse" else None,
-        "torch_version": a.facts.get("torch_version"), "cuda": a.facts.get("cuda"),
-        "installed": records.now_iso(), "source": a.source, "installer": a.installer,
-        "files": [asdict(f) for f in a.files], "provisioned": a.provisioned,
+        "torch_version": a.facts.get("torch_version"),
+        "cuda": a.facts.get("cuda"),
+        "installed": records.now_iso(),
+        "source": a.source,
+        "installer": a.installer,
+        "files": [asdict(f) for f in a.files],
+        "provisioned": a.provisioned,
         "record_hashes": venv_facts.record_hashes(venv_facts.dists(spy, ctx.log)),
     }
 
@@ -404,9 +522,19 @@ def attempt(ctx: Context, ch: Channel) -> Attempt:
         if ch.kind in ("index", "pypi"):
             torch_from_sources(ctx, a, inst, spy, where)
         elif ch.kind == "wheelhouse":
-            a.files = installers.install(inst, ctx.log, spy, ["torch"], src, pre=False, constraints=None,
-                                         workdir=ctx.workdir, step="torch", where=where,
-                                         keep_config=ctx.args.keep_pip_config)
+            a.files = installers.install(
+                inst,
+                ctx.log,
+                spy,
+                ["torch"],
+                src,
+                pre=False,
+                constraints=None,
+                workdir=ctx.workdir,
+                step="torch",
+                where=where,
+                keep_config=ctx.args.keep_pip_config,
+            )
         a.facts = venv_facts.verify(spy, ctx.log)  # 3. before spending anything on the other packages
         if (problem := judge(ch, a.facts)) is not None:
             raise problem
@@ -419,8 +547,11 @@ def attempt(ctx: Context, ch: Channel) -> Attempt:
             if (problem := judge(ch, again)) is not None:
                 raise problem
             if again.get("torch_version") != a.facts.get("torch_version"):
-                raise StepFailed(installers.FAILED, f"torch changed from {a.facts.get('torch_version')} to "
-                                                    f"{again.get('torch_version')} while installing gpu_packages")
+                raise StepFailed(
+                    installers.FAILED,
+                    f"torch changed from {a.facts.get('torch_version')} to "
+                    f"{again.get('torch_version')} while installing gpu_packages",
+                )
             a.facts = again
 
         venvs.swap_in(staging, ctx.venv, check)
@@ -444,6 +575,7 @@ def skipped(ch: Channel, why: str) -> Attempt:
 
 # --------------------------------------------------------------------------- no-op re-run
 
+
 def satisfied(ctx: Context, names: list[str]) -> tuple[dict, dict] | None:
     """(marker, facts) when .venv-gpu holds a verified install of one of `names` that is unchanged
     (the same RECORD hashes of torch, triton and nvidia-*) and still verifies."""
@@ -458,32 +590,47 @@ def satisfied(ctx: Context, names: list[str]) -> tuple[dict, dict] | None:
     if name not in names:
         return None
     ch = ctx.catalog[name]
-    if marker.get("entry") != entry_of(ch) or marker.get("gpu_packages") != ctx.gpu_packages \
-            or marker.get("gpu_packages_no_deps", []) != ctx.no_deps_packages:
+    if (
+        marker.get("entry") != entry_of(ch)
+        or marker.get("gpu_packages") != ctx.gpu_packages
+        or marker.get("gpu_packages_no_deps", []) != ctx.no_deps_packages
+    ):
         return None
     if ch.kind == "provisioned":
         python = venv_facts.resolve_python(ctx.args.from_python, ctx.venv)
         if python is None or (marker.get("provisioned") or {}).get("executable") not in (
-                python, str(Path(python).absolute())):
+            python,
+            str(Path(python).absolute()),
+        ):
             return None
     if ch.kind == "wheelhouse" and marker.get("wheelhouse") != str(ctx.args.wheelhouse.resolve()):
         return None
     python = layout.gpu_python(ctx.venv)
     now = venv_facts.record_hashes(venv_facts.dists(python, ctx.log))
     if now != marker.get("record_hashes"):
-        changed = sorted(k for k in set(now) | set(marker.get("record_hashes") or {})
-                         if now.get(k) != (marker.get("record_hashes") or {}).get(k))
-        print(f"install: .venv-gpu changed since it was installed ({', '.join(changed[:3]) or 'no hashes kept'}): "
-              "installing again", flush=True)
+        changed = sorted(
+            k
+            for k in set(now) | set(marker.get("record_hashes") or {})
+            if now.get(k) != (marker.get("record_hashes") or {}).get(k)
+        )
+        print(
+            f"install: .venv-gpu changed since it was installed ({', '.join(changed[:3]) or 'no hashes kept'}): "
+            "installing again",
+            flush=True,
+        )
         return None
     facts = venv_facts.verify(python, ctx.log)
-    if judge(ch, facts) is not None or facts.get("torch_version") != marker.get("torch_version") \
-            or facts.get("cuda") != marker.get("cuda"):
+    if (
+        judge(ch, facts) is not None
+        or facts.get("torch_version") != marker.get("torch_version")
+        or facts.get("cuda") != marker.get("cuda")
+    ):
         return None
     return marker, facts
 
 
 # --------------------------------------------------------------------------- what to use instead
+
 
 def suggest(ctx: Context, attempts: list[Attempt]) -> str:
     """What to do: for a gpu_packages failure, fix its source; else the channels that fit this machine."""
@@ -491,27 +638,42 @@ def suggest(ctx: Context, attempts: list[Attempt]) -> str:
         return "another channel would not help: the GPUs are hidden, not unsupported"
     last = attempts[-1] if attempts else None
     if last is not None and last.category == DEPS_FAILED:
-        where = (f"--wheelhouse {ctx.args.wheelhouse}" if ctx.args.wheelhouse is not None
-                 else f"--deps-index-url {ctx.args.deps_index_url}" if ctx.args.deps_index_url else "PyPI")
-        fix = ("check that it is reachable" if last.detail.startswith(installers.UNREACHABLE)
-               else "add the named wheel there")
-        return (f"torch from channel {last.channel.name} was fine; the gpu_packages source ({where}) is the problem: "
-                f"{fix}, or point --deps-index-url/--wheelhouse at a source that has it")
+        where = (
+            f"--wheelhouse {ctx.args.wheelhouse}"
+            if ctx.args.wheelhouse is not None
+            else f"--deps-index-url {ctx.args.deps_index_url}"
+            if ctx.args.deps_index_url
+            else "PyPI"
+        )
+        fix = (
+            "check that it is reachable"
+            if last.detail.startswith(installers.UNREACHABLE)
+            else "add the named wheel there"
+        )
+        return (
+            f"torch from channel {last.channel.name} was fine; the gpu_packages source ({where}) is the problem: "
+            f"{fix}, or point --deps-index-url/--wheelhouse at a source that has it"
+        )
     tried = {a.channel.name for a in attempts}
     fits = [c.name for c in channel_fit.fitting(ctx.catalog, ctx.machine) if c.name not in tried]
     names = fits + [c.name for c in ctx.catalog.values() if c.kind == "provisioned" and c.name not in tried]
     head = f"the driver supports CUDA {ctx.machine.driver_cuda}"
     if not names:
         return f"{head}; add a channel to {config.channels_file(ctx.args.channels_file)}"
-    text = (f"{head}: use instead {', '.join(names)} (e.g. nox -s install -p {names[0]}, or nox -s m40 -- --channels "
-            f"{names[0]}; -p {AUTO_CHANNEL} picks the newest that fits)")
+    text = (
+        f"{head}: use instead {', '.join(names)} (e.g. nox -s install -p {names[0]}, or nox -s m40 -- --channels "
+        f"{names[0]}; -p {AUTO_CHANNEL} picks the newest that fits)"
+    )
     if attempts and all(a.category in (installers.UNREACHABLE, SKIPPED) for a in attempts):
-        text += ("; if this machine cannot reach the index: -p system reuses an installed CUDA torch, "
-                 "-p wheelhouse -- --wheelhouse DIR installs offline")
+        text += (
+            "; if this machine cannot reach the index: -p system reuses an installed CUDA torch, "
+            "-p wheelhouse -- --wheelhouse DIR installs offline"
+        )
     return text
 
 
 # --------------------------------------------------------------------------- the stage
+
 
 def run(run_dir: Path, args) -> Outcome:
     t0 = time.perf_counter()
@@ -526,7 +688,9 @@ def run(run_dir: Path, args) -> Outcome:
         ctx.machine = channel_fit.machine(run_dir)  # before any download: can a CUDA torch work here?
         report = _reporter(ctx, t0)
         if (why := ctx.machine.usable()) is not None:
-            reason = f"{why}: nothing downloaded; run install on the machine with the GPUs (nox -s probe says what it finds)"
+            reason = (
+                f"{why}: nothing downloaded; run install on the machine with the GPUs (nox -s probe says what it finds)"
+            )
             report(StageStatus.FAIL, reason, [])
             return Outcome(StageStatus.FAIL, reason, {"attempts": 0, "channel": "none"}, files)
         names = resolve_auto(names, ctx)
@@ -546,7 +710,10 @@ def run(run_dir: Path, args) -> Outcome:
                     return _noop(ctx, *done, files, report)
                 for name in names:
                     why = channel_fit.unfit(catalog[name], ctx.machine)
-                    if why is None and (v := channel_fit.driver_verdict(catalog[name], ctx.machine)).status == cuda_rules.WARN:
+                    if (
+                        why is None
+                        and (v := channel_fit.driver_verdict(catalog[name], ctx.machine)).status == cuda_rules.WARN
+                    ):
                         print(f"install: {name}: {v.reason}", flush=True)  # a newer minor: tried, with a warning
                     attempts.append(skipped(catalog[name], why) if why else attempt(ctx, catalog[name]))
                     if attempts[-1].ok or attempts[-1].category == DEPS_FAILED:
@@ -562,8 +729,18 @@ def run(run_dir: Path, args) -> Outcome:
 
 def _reporter(ctx: Context, t0: float):
     def report(status: str, reason: str, attempts: list, chosen=None, facts=None, freeze="", noop=False) -> None:
-        install_report.write_report(ctx, status=status, reason=reason, attempts=attempts, chosen=chosen, facts=facts,
-                                    freeze=freeze, noop=noop, seconds=time.perf_counter() - t0)
+        install_report.write_report(
+            ctx,
+            status=status,
+            reason=reason,
+            attempts=attempts,
+            chosen=chosen,
+            facts=facts,
+            freeze=freeze,
+            noop=noop,
+            seconds=time.perf_counter() - t0,
+        )
+
     return report
 
 
@@ -571,8 +748,11 @@ def _noop(ctx: Context, marker: dict, facts: dict, files: list, report) -> Outco
     freeze = venv_facts.freeze(layout.gpu_python(ctx.venv), ctx.log)
     report(StageStatus.PASS, "", [], marker, facts, freeze, noop=True)
     install_report.write_requirements(ctx, marker, freeze)
-    print(f"install: .venv-gpu already holds channel {marker['channel']} (torch "
-          f"{marker['torch_version']}), verified again: nothing to do", flush=True)
+    print(
+        f"install: .venv-gpu already holds channel {marker['channel']} (torch "
+        f"{marker['torch_version']}), verified again: nothing to do",
+        flush=True,
+    )
     return Outcome(StageStatus.PASS, "", _figures(marker, facts, 0, 0.0, noop=True), files + [layout.REQUIREMENTS_GPU])
 
 
@@ -586,20 +766,35 @@ def _finish(ctx: Context, names: list[str], attempts: list[Attempt], files: list
             which = f"channel {attempts[-1].channel.name}"
         reason = f"no CUDA torch installed: {which} failed — {summary}; {suggest(ctx, attempts)}"
         report(StageStatus.FAIL, reason, attempts)
-        return Outcome(StageStatus.FAIL, reason, {"attempts": len(attempts), "install_s": round(seconds, 1), "channel": "none"},
-                       files)
+        return Outcome(
+            StageStatus.FAIL,
+            reason,
+            {"attempts": len(attempts), "install_s": round(seconds, 1), "channel": "none"},
+            files,
+        )
     marker = json.loads((ctx.venv / layout.VENV_MARKER).read_text())
     freeze = venv_facts.freeze(layout.gpu_python(ctx.venv), ctx.log)
     report(StageStatus.PASS, "", attempts, marker, good.facts, freeze)
     install_report.write_requirements(ctx, marker, freeze)
-    return Outcome(StageStatus.PASS, "", _figures(marker, good.facts, len(attempts), seconds, noop=False),
-                   files + [layout.REQUIREMENTS_GPU])
+    return Outcome(
+        StageStatus.PASS,
+        "",
+        _figures(marker, good.facts, len(attempts), seconds, noop=False),
+        files + [layout.REQUIREMENTS_GPU],
+    )
 
 
 def _figures(marker: dict, facts: dict, attempts: int, seconds: float, *, noop: bool) -> dict:
-    figures = {"channel": marker["channel"], "kind": marker["entry"]["kind"], "torch": facts.get("torch_version"),
-               "cuda": facts.get("cuda"), "installer": marker.get("installer", "").split(" (")[0],
-               "attempts": attempts, "install_s": round(seconds, 1), "noop": noop}
+    figures = {
+        "channel": marker["channel"],
+        "kind": marker["entry"]["kind"],
+        "torch": facts.get("torch_version"),
+        "cuda": facts.get("cuda"),
+        "installer": marker.get("installer", "").split(" (")[0],
+        "attempts": attempts,
+        "install_s": round(seconds, 1),
+        "noop": noop,
+    }
     if marker.get("provisioned"):
         figures["from_python"] = marker["provisioned"]["executable"]
     if facts.get("torch_file"):  # what verdict compares with cuda_check's and train's (tasks/identity.py)

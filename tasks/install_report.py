@@ -16,8 +16,12 @@ REPORT = layout.STAGE_FILES["install"][0]  # torch_version.txt
 
 def _fmt_facts(facts: dict) -> list[str]:
     devices = facts.get("devices") or []
-    dev = "; ".join(f"{d.get('index')}: {d.get('name')} (sm_{''.join(map(str, d.get('capability') or []))})"
-                    for d in devices) or "none"
+    dev = (
+        "; ".join(
+            f"{d.get('index')}: {d.get('name')} (sm_{''.join(map(str, d.get('capability') or []))})" for d in devices
+        )
+        or "none"
+    )
     archs = facts.get("arch_list")
     return [
         f"  torch              {facts.get('torch_version')}",
@@ -44,22 +48,40 @@ def _fmt_files(files: list) -> list[str]:
     return out
 
 
-def write_report(ctx, *, status: str, reason: str, attempts: list, chosen: dict | None,
-                 facts: dict | None, freeze: str, noop: bool, seconds: float) -> None:
+def write_report(
+    ctx,
+    *,
+    status: str,
+    reason: str,
+    attempts: list,
+    chosen: dict | None,
+    facts: dict | None,
+    freeze: str,
+    noop: bool,
+    seconds: float,
+) -> None:
     """torch_version.txt; `ctx` is install's Context, `attempts` its Attempts (channel, tries, facts)."""
-    lines = [f"install: {status.upper()}" + (f" — {reason}" if reason else ""),
-             f"written {records.now_iso()}; venv {ctx.venv}", ""]
+    lines = [
+        f"install: {status.upper()}" + (f" — {reason}" if reason else ""),
+        f"written {records.now_iso()}; venv {ctx.venv}",
+        "",
+    ]
     if chosen:
         ch = ctx.catalog.get(chosen["channel"])
-        lines += [f"channel      {chosen['channel']} (kind {chosen['entry']['kind']})" + (f" — {ch.note}" if ch and ch.note else ""),
-                  f"source       {redact_url(chosen['source'])}",
-                  f"installer    {chosen['installer']}",
-                  f"pip config   {ctx.env_line}",
-                  f"installed    {chosen['installed']}" + ("  (this run: no-op, verified again)" if noop else "")]
+        lines += [
+            f"channel      {chosen['channel']} (kind {chosen['entry']['kind']})"
+            + (f" — {ch.note}" if ch and ch.note else ""),
+            f"source       {redact_url(chosen['source'])}",
+            f"installer    {chosen['installer']}",
+            f"pip config   {ctx.env_line}",
+            f"installed    {chosen['installed']}" + ("  (this run: no-op, verified again)" if noop else ""),
+        ]
         if chosen.get("provisioned"):
             p = chosen["provisioned"]
-            lines += [f"reuses torch of {p['executable']} (Python {p['version']}), unmodified; "
-                      f".venv-gpu is built from {p['base_executable']} and its {layout.VENV_PROVISIONED_PTH} lists:"]
+            lines += [
+                f"reuses torch of {p['executable']} (Python {p['version']}), unmodified; "
+                f".venv-gpu is built from {p['base_executable']} and its {layout.VENV_PROVISIONED_PTH} lists:"
+            ]
             lines += [f"    {d}" for d in p["site_dirs"]]
     else:
         lines.append(f"pip config   {ctx.env_line}")
@@ -69,15 +91,19 @@ def write_report(ctx, *, status: str, reason: str, attempts: list, chosen: dict 
         lines += ["", "channel choice (auto):", *(f"  {ln}" for ln in ctx.auto_lines)]
     lines += ["", f"attempts ({len(attempts)}, {seconds:.1f} s in all):"]
     for i, a in enumerate(attempts, 1):
-        lines.append(f"  {i}. {a.line()}  [{a.seconds:.1f} s; source {redact_url(a.source) or '-'}; "
-                     f"installer {a.installer or '-'}]")
+        lines.append(
+            f"  {i}. {a.line()}  [{a.seconds:.1f} s; source {redact_url(a.source) or '-'}; "
+            f"installer {a.installer or '-'}]"
+        )
         if a.channel.note:
             lines.append(f"     note: {a.channel.note}")
         for j, t in enumerate(a.tries, 1):
             lines.append(f"     source {j}/{len(a.channel.sources)}: {t.line()}")
         if not a.ok and a.facts and "torch_version" in a.facts:
-            lines.append(f"     it installed torch {a.facts['torch_version']} (torch.version.cuda {a.facts.get('cuda')}, "
-                         f"cuda available {a.facts.get('cuda_available')}); discarded with the staging venv")
+            lines.append(
+                f"     it installed torch {a.facts['torch_version']} (torch.version.cuda {a.facts.get('cuda')}, "
+                f"cuda available {a.facts.get('cuda_available')}); discarded with the staging venv"
+            )
         if not a.ok and a.files:
             lines.append(f"     files it installed into the staging venv (discarded), {len(a.files)}:")
             lines += [f"       {f.name} {f.version} {redact_url(f.url)} sha256={f.sha256 or '?'}" for f in a.files]
@@ -98,12 +124,16 @@ def write_requirements(ctx, marker: dict, freeze: str) -> None:
     by_name = {}
     for f in marker.get("files") or []:
         by_name.setdefault(normalize(f["name"]), f)
-    head = [f"# .venv-gpu: channel {marker['channel']}, torch {marker['torch_version']}, installed {marker['installed']}",
-            "# Reproduce: python -m venv .venv-gpu && .venv-gpu/bin/python -m pip install --no-deps "
-            "--only-binary=:all: -r requirements-gpu.txt"]
+    head = [
+        f"# .venv-gpu: channel {marker['channel']}, torch {marker['torch_version']}, installed {marker['installed']}",
+        "# Reproduce: python -m venv .venv-gpu && .venv-gpu/bin/python -m pip install --no-deps "
+        "--only-binary=:all: -r requirements-gpu.txt",
+    ]
     if marker.get("provisioned"):
-        head.append(f"# (torch and the packages commented out below are reused from {marker['provisioned']['executable']}:"
-                    " `nox -s install -p system -- --from-python` it rebuilds that part)")
+        head.append(
+            f"# (torch and the packages commented out below are reused from {marker['provisioned']['executable']}:"
+            " `nox -s install -p system -- --from-python` it rebuilds that part)"
+        )
     body, kept = [], []
     for line in freeze.splitlines():
         m = re.match(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+)$", line.strip())
@@ -116,6 +146,9 @@ def write_requirements(ctx, marker: dict, freeze: str) -> None:
         else:
             body.append(line)
     if kept:
-        body += [f"# provided by {marker['provisioned']['executable']} (not downloaded, reused through "
-                 f"{layout.VENV_PROVISIONED_PTH}):", *(f"# {ln}" for ln in kept)]
+        body += [
+            f"# provided by {marker['provisioned']['executable']} (not downloaded, reused through "
+            f"{layout.VENV_PROVISIONED_PTH}):",
+            *(f"# {ln}" for ln in kept),
+        ]
     (ctx.run_dir / layout.REQUIREMENTS_GPU).write_text(redact_url("\n".join(head + body) + "\n"))

@@ -64,25 +64,32 @@ def redact_url(text) -> str:
 
 # --------------------------------------------------------------------------- environment
 
+
 def child_env(keep_config: bool) -> tuple[dict, str]:
     """The environment for pip/uv and the python children, and one line saying what was done."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
     if keep_config:
         env["UV_PREVIEW_FEATURES"] = "pylock"
         return env, "kept (--keep-pip-config): the machine's pip/uv config files and PIP_*/UV_* variables apply"
-    dropped = sorted(k for k in env if (k.startswith("PIP_") and k not in PIP_ENV_KEEP)
-                     or (k.startswith("UV_") and k not in UV_ENV_KEEP))
+    dropped = sorted(
+        k
+        for k in env
+        if (k.startswith("PIP_") and k not in PIP_ENV_KEEP) or (k.startswith("UV_") and k not in UV_ENV_KEEP)
+    )
     for k in dropped:
         del env[k]
     kept = sorted(k for k in env if k.startswith(("PIP_", "UV_")))
     env["PIP_CONFIG_FILE"] = os.devnull
     env["UV_NO_CONFIG"] = "1"
     env["UV_PREVIEW_FEATURES"] = "pylock"  # uv warns that pylock.toml is a preview feature otherwise
-    return env, (f"isolated: PIP_CONFIG_FILE={os.devnull}, UV_NO_CONFIG=1; dropped {', '.join(dropped) or 'nothing'}; "
-                 f"kept {', '.join(kept) or 'nothing'}")
+    return env, (
+        f"isolated: PIP_CONFIG_FILE={os.devnull}, UV_NO_CONFIG=1; dropped {', '.join(dropped) or 'nothing'}; "
+        f"kept {', '.join(kept) or 'nothing'}"
+    )
 
 
 # --------------------------------------------------------------------------- sources
+
 
 def _slash(prefix: str) -> str:
     return prefix if prefix.endswith("/") else prefix + "/"
@@ -143,6 +150,7 @@ def default_source() -> Source:
 
 # --------------------------------------------------------------------------- what was installed
 
+
 @dataclass
 class Installed:
     name: str
@@ -162,8 +170,15 @@ def parse_pip_report(path: Path) -> list[Installed]:
         if not sha and str(archive.get("hash", "")).startswith("sha256="):
             sha = archive["hash"].split("=", 1)[1]
         meta = item.get("metadata") or {}
-        out.append(Installed(name=str(meta.get("name", "?")), version=str(meta.get("version", "?")),
-                             url=str(info.get("url", "")), sha256=sha, requested=bool(item.get("requested"))))
+        out.append(
+            Installed(
+                name=str(meta.get("name", "?")),
+                version=str(meta.get("version", "?")),
+                url=str(info.get("url", "")),
+                sha256=sha,
+                requested=bool(item.get("requested")),
+            )
+        )
     return out
 
 
@@ -183,8 +198,15 @@ def parse_pylock(path: Path, requested: list[str]) -> list[Installed]:
             files.append({"url": "(a direct archive, VCS or directory reference)"})
         for f in files:
             url = f.get("url") or (Path(f["path"]).resolve().as_uri() if f.get("path") else "")
-            out.append(Installed(name=name, version=version, url=url, sha256=(f.get("hashes") or {}).get("sha256"),
-                                 requested=normalize(name) in wanted))
+            out.append(
+                Installed(
+                    name=name,
+                    version=version,
+                    url=url,
+                    sha256=(f.get("hashes") or {}).get("sha256"),
+                    requested=normalize(name) in wanted,
+                )
+            )
     return out
 
 
@@ -196,18 +218,26 @@ def check_provenance(files: list[Installed], source: Source) -> None:
     """Raise StepFailed(PROVENANCE) naming the first file that did not come from `source`."""
     for f in files:
         if not source.allows(f.url):
-            raise StepFailed(PROVENANCE, f"{f.name} {f.version} came from {redact_url(f.url) or 'an unknown place'}, "
-                                         f"not from {redact_url(source.label)}; refusing it")
+            raise StepFailed(
+                PROVENANCE,
+                f"{f.name} {f.version} came from {redact_url(f.url) or 'an unknown place'}, "
+                f"not from {redact_url(source.label)}; refusing it",
+            )
         if f.url.endswith((".tar.gz", ".zip", ".tar.bz2")):
-            raise StepFailed(PROVENANCE, f"{f.name} {f.version} would be built from source ({redact_url(f.url)}); "
-                                         "refusing (binary wheels only)")
+            raise StepFailed(
+                PROVENANCE,
+                f"{f.name} {f.version} would be built from source ({redact_url(f.url)}); refusing (binary wheels only)",
+            )
 
 
 # --------------------------------------------------------------------------- failure classification
 
 _NET_SIGNS = [
-    (r"Name or service not known|failed to lookup address|Temporary failure in name resolution"
-     r"|nodename nor servname|getaddrinfo failed|dns error", "DNS lookup failed"),
+    (
+        r"Name or service not known|failed to lookup address|Temporary failure in name resolution"
+        r"|nodename nor servname|getaddrinfo failed|dns error",
+        "DNS lookup failed",
+    ),
     (r"Connection refused", "connection refused"),
     (r"Network is unreachable|No route to host", "network unreachable"),
     (r"ProxyError|Tunnel connection failed|proxy error", "proxy error"),
@@ -215,9 +245,11 @@ _NET_SIGNS = [
     (r"timed out|ConnectTimeout|ReadTimeout|operation timed out", "timed out"),
 ]
 _HTTP_STATUS = re.compile(r"HTTP error (\d{3})|\b(\d{3}) (?:Client|Server) Error|status(?: code)?:? (\d{3})")
-_NET_ANY = re.compile(r"NewConnectionError|Could not fetch URL|Failed to fetch|error sending request for url"
-                      r"|Max retries exceeded|Retrying \(Retry\(|client error \(Connect\)|HTTP error \d{3}"
-                      r"|\b\d{3} (?:Client|Server) Error")
+_NET_ANY = re.compile(
+    r"NewConnectionError|Could not fetch URL|Failed to fetch|error sending request for url"
+    r"|Max retries exceeded|Retrying \(Retry\(|client error \(Connect\)|HTTP error \d{3}"
+    r"|\b\d{3} (?:Client|Server) Error"
+)
 
 
 def platform_phrase(python_tag: str, platform: str) -> str:
@@ -237,8 +269,11 @@ def classify(output: str, rc: int, source: Source, where: str) -> StepFailed:
         if detail is None and (m := _HTTP_STATUS.search(output)):
             detail = f"HTTP {next(g for g in m.groups() if g)}"
         return StepFailed(UNREACHABLE, f"{label} ({detail or 'network error'})")
-    m = re.search(r"Could not find a version that satisfies the requirement (\S+) (?:\(from ([^)]*)\) )?"
-                  r"\(from versions: ([^)]*)\)", output)
+    m = re.search(
+        r"Could not find a version that satisfies the requirement (\S+) (?:\(from ([^)]*)\) )?"
+        r"\(from versions: ([^)]*)\)",
+        output,
+    )
     if m:
         req, needed_by, versions = m.group(1), m.group(2), m.group(3).strip()
         by = f" (required by {needed_by})" if needed_by else ""
@@ -251,8 +286,11 @@ def classify(output: str, rc: int, source: Source, where: str) -> StepFailed:
     if m:
         causes = [ln.strip() for ln in m.group(1).splitlines() if ln.strip()]
         return StepFailed(CONFLICT, "; ".join(causes[:4]))
-    m = re.search(r"Because (\S+?)(?:==\S+)? (?:was not found in the package registry|has no wheels with a matching"
-                  r"|only has wheels|has no usable wheels)[^\n]*?(?: and (\S+?)(?:==\S+)? depends? on \1)?", output)
+    m = re.search(
+        r"Because (\S+?)(?:==\S+)? (?:was not found in the package registry|has no wheels with a matching"
+        r"|only has wheels|has no usable wheels)[^\n]*?(?: and (\S+?)(?:==\S+)? depends? on \1)?",
+        output,
+    )
     if m:
         by = f" (required by {m.group(2)})" if m.group(2) else ""
         return StepFailed(NO_WHEEL, f"no {_req_name(m.group(1))} wheel{by} for {where} on {label}")
@@ -283,6 +321,7 @@ def last_error(output: str) -> str:
 
 # --------------------------------------------------------------------------- running commands
 
+
 @dataclass
 class CommandLog:
     """Runs commands, echoing their output and appending command + output to the install log."""
@@ -303,8 +342,9 @@ class CommandLog:
         self.commands.append(redact_url(line))
         self.write(f"\n$ {line}\n{output}[exit {rc}] {now_iso()}\n")
 
-    def run(self, cmd: list, *, echo: bool | None = None, env: dict | None = None,
-            whole_env: dict | None = None) -> tuple[int, str]:
+    def run(
+        self, cmd: list, *, echo: bool | None = None, env: dict | None = None, whole_env: dict | None = None
+    ) -> tuple[int, str]:
         """Run `cmd` through proc.tee (the one line-by-line tee); log it redacted; return (exit code, output).
 
         `env` adds to the installers' environment; `whole_env` replaces it (proc.gpu_env for .venv-gpu children).
@@ -333,6 +373,7 @@ class CommandLog:
 
 
 # --------------------------------------------------------------------------- installers
+
 
 @dataclass
 class Installer:
@@ -374,23 +415,43 @@ def choose(mode: str, *, provisioned: bool) -> Installer:
     if uv is None:
         why_not = "uv not found on PATH"
     elif provisioned:
-        why_not = ("uv does not see packages provided through the .pth file of a provisioned venv "
-                   "and would reinstall them")
+        why_not = (
+            "uv does not see packages provided through the .pth file of a provisioned venv and would reinstall them"
+        )
     elif sys.version_info < (3, 11):
         why_not = "reading uv's pylock.toml needs tomllib (Python 3.11+ on nox's side)"
     elif (v := uv_version(uv)) is None or v < UV_MIN:
-        why_not = f"uv {'.'.join(map(str, v)) if v else '?'} is older than {'.'.join(map(str, UV_MIN))} (no pylock.toml)"
+        why_not = (
+            f"uv {'.'.join(map(str, v)) if v else '?'} is older than {'.'.join(map(str, UV_MIN))} (no pylock.toml)"
+        )
     if why_not is None:
-        return Installer("uv", version=".".join(map(str, uv_version(uv) or ())), uv=uv,
-                         note=f"--installer {mode}; provenance from the pylock.toml it resolves")
+        return Installer(
+            "uv",
+            version=".".join(map(str, uv_version(uv) or ())),
+            uv=uv,
+            note=f"--installer {mode}; provenance from the pylock.toml it resolves",
+        )
     if mode == "uv":
         return Installer("pip", note=f"--installer uv asked, pip used: {why_not}")
     return Installer("pip", note=f"auto: {why_not}")
 
 
-def install(inst: Installer, log: CommandLog, python: Path, requirements: list[str], source: Source, *,
-            pre: bool, constraints: Path | None, workdir: Path, step: str, where: str,
-            keep_config: bool, fast: bool = False, no_deps: bool = False) -> list[Installed]:
+def install(
+    inst: Installer,
+    log: CommandLog,
+    python: Path,
+    requirements: list[str],
+    source: Source,
+    *,
+    pre: bool,
+    constraints: Path | None,
+    workdir: Path,
+    step: str,
+    where: str,
+    keep_config: bool,
+    fast: bool = False,
+    no_deps: bool = False,
+) -> list[Installed]:
     """Install `requirements` into the venv of `python` from `source` only; returns what was installed.
 
     Raises StepFailed (classified) on failure or when a file did not come from `source`.
@@ -398,12 +459,35 @@ def install(inst: Installer, log: CommandLog, python: Path, requirements: list[s
     if (why := source.missing()) is not None:
         raise StepFailed(UNREACHABLE, why)
     if inst.name == "uv":
-        return _install_uv(inst, log, python, requirements, source, pre=pre, constraints=constraints,
-                           workdir=workdir, step=step, where=where, keep_config=keep_config, fast=fast,
-                           no_deps=no_deps)
+        return _install_uv(
+            inst,
+            log,
+            python,
+            requirements,
+            source,
+            pre=pre,
+            constraints=constraints,
+            workdir=workdir,
+            step=step,
+            where=where,
+            keep_config=keep_config,
+            fast=fast,
+            no_deps=no_deps,
+        )
     report = workdir / f"pip-report-{step}.json"
-    cmd = [python, "-I", "-m", "pip", "install", "--disable-pip-version-check", "--no-input",
-           "--progress-bar", "off", "--only-binary=:all:", *source.args()]
+    cmd = [
+        python,
+        "-I",
+        "-m",
+        "pip",
+        "install",
+        "--disable-pip-version-check",
+        "--no-input",
+        "--progress-bar",
+        "off",
+        "--only-binary=:all:",
+        *source.args(),
+    ]
     if pre:
         cmd.append("--pre")
     if fast:
@@ -421,14 +505,31 @@ def install(inst: Installer, log: CommandLog, python: Path, requirements: list[s
     return files
 
 
-def _install_uv(inst, log, python, requirements, source, *, pre, constraints, workdir, step, where,
-                keep_config, fast, no_deps) -> list[Installed]:
+def _install_uv(
+    inst, log, python, requirements, source, *, pre, constraints, workdir, step, where, keep_config, fast, no_deps
+) -> list[Installed]:
     req_in = workdir / f"requirements-{step}.in"
     req_in.write_text("\n".join(requirements) + "\n")
     lock = workdir / f"pylock.{step}.toml"
     common = [] if keep_config else ["--no-config"]
-    cmd = [inst.uv, "pip", "compile", "--quiet", req_in, "--python", python, *common, "--only-binary", ":all:",
-           *source.args(), "--format", "pylock.toml", "-o", lock, "--no-header"]
+    cmd = [
+        inst.uv,
+        "pip",
+        "compile",
+        "--quiet",
+        req_in,
+        "--python",
+        python,
+        *common,
+        "--only-binary",
+        ":all:",
+        *source.args(),
+        "--format",
+        "pylock.toml",
+        "-o",
+        lock,
+        "--no-header",
+    ]
     if source.index_url is None and source.find_links is None:
         cmd += ["--index-url", PYPI_SIMPLE]
     if pre:
@@ -443,8 +544,9 @@ def _install_uv(inst, log, python, requirements, source, *, pre, constraints, wo
         raise classify(out, rc, source, where)
     files = parse_pylock(lock, requirements)
     check_provenance(files, source)  # before anything is downloaded and installed
-    rc, out = log.run([inst.uv, "pip", "install", "--python", python, *common, *(["--no-deps"] if no_deps else []),
-                       "-r", lock])
+    rc, out = log.run(
+        [inst.uv, "pip", "install", "--python", python, *common, *(["--no-deps"] if no_deps else []), "-r", lock]
+    )
     if rc != 0:
         raise classify(out, rc, source, where)
     return files

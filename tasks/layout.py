@@ -100,7 +100,9 @@ EXIT_LOCKED = 75  # another process holds the run folder (EX_TEMPFAIL: nox itsel
 EXIT_STAGE = {"probe": 10, "install": 20, "cuda_check": 30, "train": 40, "evidence": 50}
 EXIT_PARTIAL = 70  # every stage passed, but not under the default checks on every GPU (tasks/verdict.py)
 EXIT_INTERRUPTED = 130
-EXIT_FLEET_NOT_PASS = 60  # nox -s fleet: a node is not PASS (FAIL, INTERRUPTED, PARTIAL, TAMPERED, UNSEALED, UNREADABLE)
+EXIT_FLEET_NOT_PASS = (
+    60  # nox -s fleet: a node is not PASS (FAIL, INTERRUPTED, PARTIAL, TAMPERED, UNSEALED, UNREADABLE)
+)
 EXIT_FLEET_OUTLIER = 61  # nox -s fleet: every node PASS, some more than outlier_share below their model's median
 
 

@@ -37,8 +37,10 @@ class Busy(Exception):
 def describe(holder: dict) -> str:
     if not holder:
         return "processes that share it (they record no holder; a stage using it right now)"
-    return (f"pid {holder.get('pid')} on {holder.get('host')} since {holder.get('since')}"
-            f" ({holder.get('command') or 'unknown command'})")
+    return (
+        f"pid {holder.get('pid')} on {holder.get('host')} since {holder.get('since')}"
+        f" ({holder.get('command') or 'unknown command'})"
+    )
 
 
 def _read_holder(lock: Path) -> dict:

@@ -7,8 +7,10 @@ import sys
 from tasks import layout, records, runs, stage, validate
 from tasks.config import ConfigError
 
-DESCRIPTION = ("Run every stage into a new submission_runs/m40_vN: probe, install, cuda_check, train; "
-               "stop at the first failure; evidence always runs last and seals the run.")
+DESCRIPTION = (
+    "Run every stage into a new submission_runs/m40_vN: probe, install, cuda_check, train; "
+    "stop at the first failure; evidence always runs last and seals the run."
+)
 WORK_STAGES = ("probe", "install", "cuda_check", "train")
 
 

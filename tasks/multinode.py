@@ -30,8 +30,13 @@ from tasks import layout, proc
 
 DEFAULT_PORT = 29500  # torchrun's default rendezvous port
 DEFAULT_TIMEOUT_S = 300.0  # long enough for a scheduler to start every node's task; short enough not to hang a job
-RDZV_FAILURES = ("RendezvousTimeoutError", "RendezvousConnectionError", "RendezvousClosedError",
-                 "RendezvousStateError", "DistNetworkError")
+RDZV_FAILURES = (
+    "RendezvousTimeoutError",
+    "RendezvousConnectionError",
+    "RendezvousClosedError",
+    "RendezvousStateError",
+    "DistNetworkError",
+)
 
 
 @dataclass(frozen=True)
@@ -50,8 +55,13 @@ class Job:
 
     def figures(self) -> dict:
         """What the stage records before torchrun says more (train.py's own figures replace these)."""
-        return {"nnodes": self.nnodes, "node_rank": self.node_rank, "node_rank_given": self.node_rank,
-                "rdzv_id": self.rdzv_id, "rdzv_endpoint": self.endpoint}
+        return {
+            "nnodes": self.nnodes,
+            "node_rank": self.node_rank,
+            "node_rank_given": self.node_rank,
+            "rdzv_id": self.rdzv_id,
+            "rdzv_endpoint": self.endpoint,
+        }
 
 
 def positive_int(text: str) -> int:
@@ -61,19 +71,40 @@ def positive_int(text: str) -> int:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--nnodes", type=positive_int, default=None, metavar="N",
-                        help="nodes in the training job (default: $SLURM_NNODES, else $NNODES, else 1)")
-    parser.add_argument("--node-rank", type=int, default=None, metavar="R",
-                        help="this node's rank as the scheduler numbers it (default: $SLURM_NODEID, else $NODE_RANK, "
-                             "else 0); recorded; the c10d rendezvous assigns the rank the job uses")
-    parser.add_argument("--rdzv-endpoint", default=None, metavar="HOST:PORT",
-                        help="torchrun's c10d rendezvous, on one of the nodes "
-                             "(default with N > 1: $MASTER_ADDR:$MASTER_PORT)")
-    parser.add_argument("--rdzv-id", default=None, metavar="ID",
-                        help="the job's name, the same on every node (default: $SLURM_JOB_ID, else m40)")
-    parser.add_argument("--rdzv-timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
-                        help=f"give up when the rendezvous is not reached or not full after this long "
-                             f"(default {DEFAULT_TIMEOUT_S:g})")
+    parser.add_argument(
+        "--nnodes",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="nodes in the training job (default: $SLURM_NNODES, else $NNODES, else 1)",
+    )
+    parser.add_argument(
+        "--node-rank",
+        type=int,
+        default=None,
+        metavar="R",
+        help="this node's rank as the scheduler numbers it (default: $SLURM_NODEID, else $NODE_RANK, "
+        "else 0); recorded; the c10d rendezvous assigns the rank the job uses",
+    )
+    parser.add_argument(
+        "--rdzv-endpoint",
+        default=None,
+        metavar="HOST:PORT",
+        help="torchrun's c10d rendezvous, on one of the nodes (default with N > 1: $MASTER_ADDR:$MASTER_PORT)",
+    )
+    parser.add_argument(
+        "--rdzv-id",
+        default=None,
+        metavar="ID",
+        help="the job's name, the same on every node (default: $SLURM_JOB_ID, else m40)",
+    )
+    parser.add_argument(
+        "--rdzv-timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT_S,
+        metavar="SECONDS",
+        help=f"give up when the rendezvous is not reached or not full after this long (default {DEFAULT_TIMEOUT_S:g})",
+    )
 
 
 def first(*pairs: tuple[object, str]) -> tuple[object, str]:
@@ -83,8 +114,11 @@ def first(*pairs: tuple[object, str]) -> tuple[object, str]:
 
 def resolve(args, env: Mapping[str, str]) -> Job | None:
     """The job this node joins, or None for a run on this machine alone. ValueError: one line."""
-    nnodes, n_src = first((getattr(args, "nnodes", None), "--nnodes"), (env.get("SLURM_NNODES"), "SLURM_NNODES"),
-                          (env.get("NNODES"), "NNODES"))
+    nnodes, n_src = first(
+        (getattr(args, "nnodes", None), "--nnodes"),
+        (env.get("SLURM_NNODES"), "SLURM_NNODES"),
+        (env.get("NNODES"), "NNODES"),
+    )
     nnodes = 1 if nnodes is None else whole(nnodes, n_src)
     if nnodes < 1:
         raise ValueError(f"{n_src}={nnodes}: a job has 1 node or more; pass --nnodes N")
@@ -94,17 +128,23 @@ def resolve(args, env: Mapping[str, str]) -> Job | None:
         endpoint, e_src = f"{addr}:{env.get('MASTER_PORT') or DEFAULT_PORT}", "MASTER_ADDR/MASTER_PORT"
     if endpoint is None:
         if nnodes > 1:
-            raise ValueError(f"{nnodes} nodes ({n_src}) but no rendezvous: pass --rdzv-endpoint HOST:PORT "
-                             "(node 0's address) or set MASTER_ADDR; --nnodes 1 runs on this node alone")
+            raise ValueError(
+                f"{nnodes} nodes ({n_src}) but no rendezvous: pass --rdzv-endpoint HOST:PORT "
+                "(node 0's address) or set MASTER_ADDR; --nnodes 1 runs on this node alone"
+            )
         return None
     host, port = split_endpoint(str(endpoint), e_src)
-    rank, r_src = first((getattr(args, "node_rank", None), "--node-rank"), (env.get("SLURM_NODEID"), "SLURM_NODEID"),
-                        (env.get("NODE_RANK"), "NODE_RANK"))
+    rank, r_src = first(
+        (getattr(args, "node_rank", None), "--node-rank"),
+        (env.get("SLURM_NODEID"), "SLURM_NODEID"),
+        (env.get("NODE_RANK"), "NODE_RANK"),
+    )
     rank = 0 if rank is None else whole(rank, r_src)
     if rank >= nnodes:
         raise ValueError(f"{r_src}={rank}: a node rank is in 0..{nnodes - 1} for {nnodes} node(s)")
-    rdzv_id, i_src = first((getattr(args, "rdzv_id", None), "--rdzv-id"), (env.get("SLURM_JOB_ID"), "SLURM_JOB_ID"),
-                           ("m40", "default"))
+    rdzv_id, i_src = first(
+        (getattr(args, "rdzv_id", None), "--rdzv-id"), (env.get("SLURM_JOB_ID"), "SLURM_JOB_ID"), ("m40", "default")
+    )
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", str(rdzv_id)):
         raise ValueError(f"rendezvous id {rdzv_id!r} ({i_src}): use letters, digits, '_', '.', '-' (64 at most)")
     timeout = float(getattr(args, "rdzv_timeout", DEFAULT_TIMEOUT_S) or DEFAULT_TIMEOUT_S)
@@ -135,11 +175,26 @@ def torchrun_args(job: Job, nproc: int) -> list[str]:
     """torchrun's options for this node (no --node-rank: c10d assigns ranks and warns about it)."""
     seconds = max(1, math.ceil(job.timeout_s))  # torchrun reads whole seconds
     conf = f"join_timeout={seconds},read_timeout={seconds}"
-    return ["--nnodes", str(job.nnodes), "--nproc-per-node", str(nproc), "--rdzv-backend", "c10d",
-            "--rdzv-endpoint", job.endpoint, "--rdzv-id", job.rdzv_id, "--rdzv-conf", conf, "--max-restarts", "0"]
+    return [
+        "--nnodes",
+        str(job.nnodes),
+        "--nproc-per-node",
+        str(nproc),
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        job.endpoint,
+        "--rdzv-id",
+        job.rdzv_id,
+        "--rdzv-conf",
+        conf,
+        "--max-restarts",
+        "0",
+    ]
 
 
 # --------------------------------------------------------------------------- reaching the rendezvous
+
 
 def is_local(host: str) -> bool:
     """Whether `host` names this machine (loopback, or an address an interface here holds): this node
@@ -163,8 +218,10 @@ def reach(job: Job, *, clock=time.monotonic, sleep=time.sleep) -> str | None:
     try:
         socket.getaddrinfo(job.host, job.port, type=socket.SOCK_STREAM)
     except OSError as e:
-        return (f"rendezvous endpoint {job.endpoint}: the host name does not resolve ({e.strerror or e}); "
-                "pass --rdzv-endpoint with node 0's address")
+        return (
+            f"rendezvous endpoint {job.endpoint}: the host name does not resolve ({e.strerror or e}); "
+            "pass --rdzv-endpoint with node 0's address"
+        )
     if is_local(job.host):
         return None
     deadline = clock() + job.timeout_s
@@ -177,8 +234,10 @@ def reach(job: Job, *, clock=time.monotonic, sleep=time.sleep) -> str | None:
         except OSError as e:
             last = e.strerror or type(e).__name__
         if clock() >= deadline:
-            return (f"cannot reach the rendezvous at {job.endpoint} within {job.timeout_s:g} s (--rdzv-timeout; "
-                    f"last error: {last}); start node 0's run, check the address and that the port is open")
+            return (
+                f"cannot reach the rendezvous at {job.endpoint} within {job.timeout_s:g} s (--rdzv-timeout; "
+                f"last error: {last}); start node 0's run, check the address and that the port is open"
+            )
         sleep(min(1.0, max(0.0, deadline - clock())))
 
 
@@ -187,8 +246,10 @@ def rendezvous_failure(console: str, job: Job) -> str | None:
     hit = next((name for name in RDZV_FAILURES if name in console), None)
     if hit is None:
         return None
-    return (f"the rendezvous at {job.endpoint} (id {job.rdzv_id}) did not form a job of {job.nnodes} node(s) within "
-            f"{job.timeout_s:g} s ({hit}); start every node with the same --nnodes, --rdzv-endpoint and --rdzv-id")
+    return (
+        f"the rendezvous at {job.endpoint} (id {job.rdzv_id}) did not form a job of {job.nnodes} node(s) within "
+        f"{job.timeout_s:g} s ({hit}); start every node with the same --nnodes, --rdzv-endpoint and --rdzv-id"
+    )
 
 
 # --------------------------------------------------------------------------- cuda_check across nodes
@@ -202,28 +263,47 @@ def check_job(job: Job) -> Job:
     return replace(job, port=job.port + 1, rdzv_id=f"{job.rdzv_id}-check")
 
 
-def allreduce_across_nodes(run_dir: Path, job: Job, python: Path, nproc: int, *, device: str = "auto",
-                           mib: int = 256, timeout: float = 600.0) -> tuple[bool, str, dict]:
+def allreduce_across_nodes(
+    run_dir: Path, job: Job, python: Path, nproc: int, *, device: str = "auto", mib: int = 256, timeout: float = 600.0
+) -> tuple[bool, str, dict]:
     """Run `-m training_pt.allreduce_nodes` as one torchrun job over every node: (passed, one line, figures)."""
     check = check_job(job)
     result_path = run_dir / CHECK_RESULT
     result_path.unlink(missing_ok=True)
     if (unreachable := reach(check)) is not None:
         return False, unreachable, {}
-    cmd = proc.gpu_command(python, layout.ALLREDUCE_NODES_MODULE, ["--out", run_dir, "--mib", mib, "--timeout", timeout,
-                                                                    "--device", device], nproc, torchrun_args(check, nproc))
+    cmd = proc.gpu_command(
+        python,
+        layout.ALLREDUCE_NODES_MODULE,
+        ["--out", run_dir, "--mib", mib, "--timeout", timeout, "--device", device],
+        nproc,
+        torchrun_args(check, nproc),
+    )
     log = run_dir / layout.ALLREDUCE_NODES_LOG
     log.write_text(f"$ {' '.join(cmd)}\n")
-    rc = proc.tee(cmd, log, env=proc.gpu_env(), inherit_env=False, cwd=layout.ROOT, timeout=check.timeout_s + timeout + 60,
-                  append=True)
+    rc = proc.tee(
+        cmd,
+        log,
+        env=proc.gpu_env(),
+        inherit_env=False,
+        cwd=layout.ROOT,
+        timeout=check.timeout_s + timeout + 60,
+        append=True,
+    )
     try:
         result = json.loads(result_path.read_text())
     except (OSError, ValueError):
         why = rendezvous_failure(log.read_text(errors="replace"), check) or (
-            f"the all-reduce across nodes exited with code {rc} and wrote no {CHECK_RESULT}; see {log.name}")
+            f"the all-reduce across nodes exited with code {rc} and wrote no {CHECK_RESULT}; see {log.name}"
+        )
         return False, why, {}
-    figures = {"nodes_allreduce_busbw_gbs": result.get("busbw_gbs"), "world_size": result.get("world_size"),
-               "nnodes": result.get("nnodes"), "node_rank": result.get("node_rank"), "rdzv_id": job.rdzv_id}
+    figures = {
+        "nodes_allreduce_busbw_gbs": result.get("busbw_gbs"),
+        "world_size": result.get("world_size"),
+        "nnodes": result.get("nnodes"),
+        "node_rank": result.get("node_rank"),
+        "rdzv_id": job.rdzv_id,
+    }
     figures = {k: v for k, v in figures.items() if v is not None}
     if result.get("status") == "pass" and rc == 0:
         return True, "", figures

@@ -40,8 +40,10 @@ from tasks.cuda_rules import clock_event_is_fault, clock_event_names, cuda_versi
 from tasks.records import Outcome, StageStatus, now_iso
 from tasks.text import one_line
 
-DESCRIPTION = ("Probe the NVIDIA driver and GPUs (NVML, else nvidia-smi), record the machine in env_info.txt "
-               "and gate on the CUDA version the driver supports.")
+DESCRIPTION = (
+    "Probe the NVIDIA driver and GPUs (NVML, else nvidia-smi), record the machine in env_info.txt "
+    "and gate on the CUDA version the driver supports."
+)
 
 NA = "N/A"
 SOURCES = ("auto", "nvml", "nvidia-smi")
@@ -49,10 +51,20 @@ SOURCES = ("auto", "nvml", "nvidia-smi")
 # nvidia-smi --query-gpu fields, in the order parse_smi_csv expects them. Older drivers may not know
 # the later ones; then the core fields are asked again alone.
 SMI_FIELDS = (
-    "index", "name", "uuid", "pci.bus_id", "driver_version", "memory.total", "memory.free",
-    "compute_cap", "ecc.mode.current", "ecc.mode.pending",
-    "ecc.errors.uncorrected.volatile.total", "ecc.errors.uncorrected.aggregate.total",
-    "persistence_mode", "clocks_event_reasons.active",
+    "index",
+    "name",
+    "uuid",
+    "pci.bus_id",
+    "driver_version",
+    "memory.total",
+    "memory.free",
+    "compute_cap",
+    "ecc.mode.current",
+    "ecc.mode.pending",
+    "ecc.errors.uncorrected.volatile.total",
+    "ecc.errors.uncorrected.aggregate.total",
+    "persistence_mode",
+    "clocks_event_reasons.active",
 )
 SMI_CORE_FIELDS = SMI_FIELDS[:7]
 NO_GPU_TODO = "check that the GPU is attached and visible here (containers: --gpus all, NVIDIA_VISIBLE_DEVICES)"
@@ -60,20 +72,38 @@ _SMI_NA = {"", "n/a", "[n/a]", "not supported", "[not supported]", "unknown erro
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--min-driver-cuda", type=config.version_arg, default=None, metavar="X.Y",
-                        help="lowest CUDA version the driver must support (default: min_driver_cuda in "
-                             "configs/m40.yaml)")
-    parser.add_argument("--settings", type=Path, default=None, metavar="PATH",
-                        help="settings file to read min_driver_cuda from (default: configs/m40.yaml)")
-    parser.add_argument("--probe-source", choices=SOURCES, default="auto",
-                        help="where driver facts come from: auto (NVML, else nvidia-smi), nvml, nvidia-smi "
-                             "(default: auto)")
-    parser.add_argument("--probe-timeout", type=config.seconds_arg, default=None, metavar="S",
-                        help="one deadline for NVML and every nvidia-smi call together; what still runs then is "
-                             "killed and the probe fails (default: timeout_s in configs/probe.yaml)")
+    parser.add_argument(
+        "--min-driver-cuda",
+        type=config.version_arg,
+        default=None,
+        metavar="X.Y",
+        help="lowest CUDA version the driver must support (default: min_driver_cuda in configs/m40.yaml)",
+    )
+    parser.add_argument(
+        "--settings",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="settings file to read min_driver_cuda from (default: configs/m40.yaml)",
+    )
+    parser.add_argument(
+        "--probe-source",
+        choices=SOURCES,
+        default="auto",
+        help="where driver facts come from: auto (NVML, else nvidia-smi), nvml, nvidia-smi (default: auto)",
+    )
+    parser.add_argument(
+        "--probe-timeout",
+        type=config.seconds_arg,
+        default=None,
+        metavar="S",
+        help="one deadline for NVML and every nvidia-smi call together; what still runs then is "
+        "killed and the probe fails (default: timeout_s in configs/probe.yaml)",
+    )
 
 
 # --------------------------------------------------------------------------- facts
+
 
 @dataclass
 class Gpu:
@@ -115,6 +145,7 @@ class NvmlHung(NvmlUnavailable):
 
 
 # --------------------------------------------------------------------------- pure helpers
+
 
 def enable_state(value) -> str:
     """NVML enable state (0/1) or nvidia-smi text ("Enabled") -> "enabled" | "disabled" | "N/A"."""
@@ -208,21 +239,23 @@ def parse_smi_csv(text: str, fields: tuple[str, ...] = SMI_FIELDS) -> tuple[str 
             reason_names = clock_event_names(int(reasons, 16)) if reasons else None
         except ValueError:
             reason_names = None
-        gpus.append(Gpu(
-            index=index,
-            name=one_line(row["name"]),
-            uuid=row.get("uuid", ""),
-            pci_bus_id=row.get("pci.bus_id", ""),
-            compute_capability=_smi_value(row.get("compute_cap", "")) or "",
-            memory_total_mib=_smi_int(row.get("memory.total", "")),
-            memory_free_mib=_smi_int(row.get("memory.free", "")),
-            ecc_current=enable_state(_smi_value(row.get("ecc.mode.current", ""))),
-            ecc_pending=enable_state(_smi_value(row.get("ecc.mode.pending", ""))),
-            ecc_uncorrected_volatile=_smi_int(row.get("ecc.errors.uncorrected.volatile.total", "")),
-            ecc_uncorrected_aggregate=_smi_int(row.get("ecc.errors.uncorrected.aggregate.total", "")),
-            persistence_mode=enable_state(_smi_value(row.get("persistence_mode", ""))),
-            clock_event_reasons=reason_names,
-        ))
+        gpus.append(
+            Gpu(
+                index=index,
+                name=one_line(row["name"]),
+                uuid=row.get("uuid", ""),
+                pci_bus_id=row.get("pci.bus_id", ""),
+                compute_capability=_smi_value(row.get("compute_cap", "")) or "",
+                memory_total_mib=_smi_int(row.get("memory.total", "")),
+                memory_free_mib=_smi_int(row.get("memory.free", "")),
+                ecc_current=enable_state(_smi_value(row.get("ecc.mode.current", ""))),
+                ecc_pending=enable_state(_smi_value(row.get("ecc.mode.pending", ""))),
+                ecc_uncorrected_volatile=_smi_int(row.get("ecc.errors.uncorrected.volatile.total", "")),
+                ecc_uncorrected_aggregate=_smi_int(row.get("ecc.errors.uncorrected.aggregate.total", "")),
+                persistence_mode=enable_state(_smi_value(row.get("persistence_mode", ""))),
+                clock_event_reasons=reason_names,
+            )
+        )
     return driver, gpus
 
 
@@ -235,6 +268,7 @@ def first_line(text: str, limit: int = 160) -> str:
 
 
 # --------------------------------------------------------------------------- NVML (thin layer)
+
 
 def load_pynvml():
     try:
@@ -251,6 +285,7 @@ def nvml_facts(nv) -> DriverFacts:
     except nv.NVMLError as e:
         raise NvmlUnavailable(f"NVML cannot start: {e}") from None
     try:
+
         def optional(fn_name, *args, fallback=None):
             fn = getattr(nv, fn_name, None)
             try:
@@ -277,15 +312,20 @@ def nvml_facts(nv) -> DriverFacts:
                 "memory": optional("nvmlDeviceGetMemoryInfo", h),
                 "ecc_mode": ecc,
                 "ecc_uncorrected_volatile": optional(
-                    "nvmlDeviceGetTotalEccErrors", h, nv.NVML_MEMORY_ERROR_TYPE_UNCORRECTED, nv.NVML_VOLATILE_ECC)
-                if ecc_on else None,
+                    "nvmlDeviceGetTotalEccErrors", h, nv.NVML_MEMORY_ERROR_TYPE_UNCORRECTED, nv.NVML_VOLATILE_ECC
+                )
+                if ecc_on
+                else None,
                 "ecc_uncorrected_aggregate": optional(
-                    "nvmlDeviceGetTotalEccErrors", h, nv.NVML_MEMORY_ERROR_TYPE_UNCORRECTED, nv.NVML_AGGREGATE_ECC)
-                if ecc_on else None,
+                    "nvmlDeviceGetTotalEccErrors", h, nv.NVML_MEMORY_ERROR_TYPE_UNCORRECTED, nv.NVML_AGGREGATE_ECC
+                )
+                if ecc_on
+                else None,
                 "persistence_mode": optional("nvmlDeviceGetPersistenceMode", h),
                 "mig_mode": optional("nvmlDeviceGetMigMode", h),
-                "clock_event_reasons": optional("nvmlDeviceGetCurrentClocksEventReasons", h,
-                                                fallback="nvmlDeviceGetCurrentClocksThrottleReasons"),
+                "clock_event_reasons": optional(
+                    "nvmlDeviceGetCurrentClocksEventReasons", h, fallback="nvmlDeviceGetCurrentClocksThrottleReasons"
+                ),
             }
             gpus.append(gpu_from_nvml(raw))
     except nv.NVMLError as e:
@@ -295,8 +335,9 @@ def nvml_facts(nv) -> DriverFacts:
             nv.nvmlShutdown()
         except nv.NVMLError:
             pass
-    return DriverFacts("nvml", driver=driver,
-                       driver_cuda=cuda_version_from_int(cuda_int) if cuda_int is not None else None, gpus=gpus)
+    return DriverFacts(
+        "nvml", driver=driver, driver_cuda=cuda_version_from_int(cuda_int) if cuda_int is not None else None, gpus=gpus
+    )
 
 
 class Deadline:
@@ -375,6 +416,7 @@ def stop(pid: int) -> None:
 
 # --------------------------------------------------------------------------- nvidia-smi (thin layer)
 
+
 @dataclass
 class CmdResult:
     cmd: list[str]
@@ -402,8 +444,13 @@ class Commands:
         for key, cmd in cmds.items():
             res, proc, out = CmdResult(cmd), None, tempfile.TemporaryFile()
             try:
-                proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,  # noqa: S603
-                                        stdin=subprocess.DEVNULL, start_new_session=True)
+                proc = subprocess.Popen(
+                    cmd,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,  # noqa: S603
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
             except FileNotFoundError:
                 res.error = f"{cmd[0]} not found on PATH"
             except OSError as e:
@@ -454,8 +501,10 @@ def smi_facts(query: CmdResult, plain: CmdResult, full_q: CmdResult, fields=SMI_
             facts.todo = NO_GPU_TODO
             return facts
         facts.found = f"nvidia-smi failing ({query.describe()})"
-        facts.todo = ("check that the NVIDIA kernel module is loaded (`nvidia-smi`, `lsmod | grep nvidia`); "
-                      "reinstall the driver or reboot")
+        facts.todo = (
+            "check that the NVIDIA kernel module is loaded (`nvidia-smi`, `lsmod | grep nvidia`); "
+            "reinstall the driver or reboot"
+        )
         return facts
     try:
         facts.driver, facts.gpus = parse_smi_csv(query.out, fields)
@@ -486,6 +535,7 @@ def raw_smi_text(plain: CmdResult, full_q: CmdResult, query: CmdResult | None = 
 
 # --------------------------------------------------------------------------- collecting
 
+
 def collect(source: str = "auto", nvml_loader=load_pynvml, timeout_s: float = 30.0) -> tuple[DriverFacts, str]:
     """Driver facts plus the text of nvidia_smi.txt, all within one deadline of `timeout_s`.
 
@@ -511,8 +561,11 @@ def collect(source: str = "auto", nvml_loader=load_pynvml, timeout_s: float = 30
     plain, full_q, query = res["plain"], res["q"], res.get("query")
 
     if facts is None and source == "nvml":
-        facts = DriverFacts("none", found=f"NVML unavailable ({nvml_note})",
-                            todo="drop --probe-source nvml to fall back to nvidia-smi, or install the driver")
+        facts = DriverFacts(
+            "none",
+            found=f"NVML unavailable ({nvml_note})",
+            todo="drop --probe-source nvml to fall back to nvidia-smi, or install the driver",
+        )
     elif facts is None:
         fields = SMI_FIELDS
         if query.rc not in (0, None) and "field" in query.out.lower():  # an older driver: fewer fields
@@ -526,10 +579,15 @@ def collect(source: str = "auto", nvml_loader=load_pynvml, timeout_s: float = 30
         facts.notes.append(f"NVML not used: {nvml_note}")
     mig = [str(g.index) for g in facts.gpus if g.mig_mode == "enabled"]
     if mig:
-        facts.notes.append(f"MIG is enabled on GPU {', '.join(mig)}: cuda_check judges each slice against its "
-                           "share of the GPU's datasheet (configs/gpus.yaml mig_slices)")
-    stuck = (["NVML"] if nvml_hung else []) + [command_label(r.cmd) for r in (plain, full_q, query)
-                                               if r is not None and r.rc is None and r.error and "did not" in r.error]
+        facts.notes.append(
+            f"MIG is enabled on GPU {', '.join(mig)}: cuda_check judges each slice against its "
+            "share of the GPU's datasheet (configs/gpus.yaml mig_slices)"
+        )
+    stuck = (["NVML"] if nvml_hung else []) + [
+        command_label(r.cmd)
+        for r in (plain, full_q, query)
+        if r is not None and r.rc is None and r.error and "did not" in r.error
+    ]
     facts.hung = [f"{what} did not answer within {timeout_s:g} s" for what in stuck]
     name_models(facts)
     return facts, raw_smi_text(plain, full_q, query)
@@ -554,26 +612,32 @@ def name_models(facts: DriverFacts) -> None:
 
 # --------------------------------------------------------------------------- gate
 
+
 def gate(facts: DriverFacts, min_cuda: str, min_from: str) -> tuple[bool, str]:
     """(passed, one line): what was found, what is needed, what to do."""
     need = f"need a driver supporting CUDA >= {min_cuda} ({min_from}) and at least one GPU"
     if facts.hung:
-        return False, (f"found {' and '.join(facts.hung)} (a hung driver or GPU; what still ran was killed); "
-                       f"{need}; look for Xid errors in dmesg, then reset the GPU or reboot")
+        return False, (
+            f"found {' and '.join(facts.hung)} (a hung driver or GPU; what still ran was killed); "
+            f"{need}; look for Xid errors in dmesg, then reset the GPU or reboot"
+        )
     if facts.found:
         return False, f"found {facts.found}; {need}; {facts.todo or 'install or repair the NVIDIA driver'}"
     drv = f"driver {facts.driver or '?'}"
     if facts.driver_cuda is None:
-        return False, (f"found {drv} but no CUDA version from {facts.source}; {need}; "
-                       "run `nvidia-smi` by hand and repair or reinstall the driver")
+        return False, (
+            f"found {drv} but no CUDA version from {facts.source}; {need}; "
+            "run `nvidia-smi` by hand and repair or reinstall the driver"
+        )
     if not facts.gpus:
         return False, f"found {drv} (CUDA {facts.driver_cuda}) but no GPU; need at least one NVIDIA GPU; {NO_GPU_TODO}"
     if config.parse_version(facts.driver_cuda) < config.parse_version(min_cuda):
-        return False, (f"found {drv} supporting CUDA {facts.driver_cuda}; need CUDA >= {min_cuda} ({min_from}); "
-                       f"upgrade the NVIDIA driver to one supporting CUDA {min_cuda} or newer, "
-                       "or lower the minimum with --min-driver-cuda")
-    return True, (f"{drv} supports CUDA {facts.driver_cuda} >= {min_cuda} ({min_from}) "
-                  f"with {gpus_summary(facts.gpus)}")
+        return False, (
+            f"found {drv} supporting CUDA {facts.driver_cuda}; need CUDA >= {min_cuda} ({min_from}); "
+            f"upgrade the NVIDIA driver to one supporting CUDA {min_cuda} or newer, "
+            "or lower the minimum with --min-driver-cuda"
+        )
+    return True, (f"{drv} supports CUDA {facts.driver_cuda} >= {min_cuda} ({min_from}) with {gpus_summary(facts.gpus)}")
 
 
 def gpus_summary(gpus: list[Gpu]) -> str:
@@ -585,6 +649,7 @@ def gpus_summary(gpus: list[Gpu]) -> str:
 
 
 # --------------------------------------------------------------------------- env_info.txt
+
 
 def _read(path: str) -> str:
     try:
@@ -615,8 +680,11 @@ def system_facts(run_dir: Path) -> list[tuple[str, str]]:
     except (AttributeError, OSError):
         usable = os.cpu_count()
     meminfo = dict(re.findall(r"^(\w+):\s+(\d+) kB", _read("/proc/meminfo"), re.MULTILINE))
-    ram = (f"{_gib(int(meminfo['MemTotal']) * 1024)} total, {_gib(int(meminfo.get('MemAvailable', 0)) * 1024)} available"
-           if "MemTotal" in meminfo else "unknown")
+    ram = (
+        f"{_gib(int(meminfo['MemTotal']) * 1024)} total, {_gib(int(meminfo.get('MemAvailable', 0)) * 1024)} available"
+        if "MemTotal" in meminfo
+        else "unknown"
+    )
     disks = []
     for label, path in (("run folder", run_dir), ("project", layout.ROOT)):
         try:
@@ -636,20 +704,41 @@ def system_facts(run_dir: Path) -> list[tuple[str, str]]:
     ]
 
 
-GPU_COLUMNS = ("idx", "name", "memory MiB (free)", "cc", "ecc cur/pend", "uncorr. ecc vol/agg",
-               "persistence", "clock events", "pci bus", "uuid")
+GPU_COLUMNS = (
+    "idx",
+    "name",
+    "memory MiB (free)",
+    "cc",
+    "ecc cur/pend",
+    "uncorr. ecc vol/agg",
+    "persistence",
+    "clock events",
+    "pci bus",
+    "uuid",
+)
 
 
 def gpu_rows(gpus: list[Gpu]) -> list[tuple[str, ...]]:
     def n(v):
         return NA if v is None else str(v)
+
     rows = []
     for g in gpus:
         reasons = NA if g.clock_event_reasons is None else (",".join(g.clock_event_reasons) or "none")
-        rows.append((str(g.index), g.name, f"{n(g.memory_total_mib)} ({n(g.memory_free_mib)})",
-                     g.compute_capability or NA, f"{g.ecc_current}/{g.ecc_pending}",
-                     f"{n(g.ecc_uncorrected_volatile)}/{n(g.ecc_uncorrected_aggregate)}",
-                     g.persistence_mode, reasons, g.pci_bus_id or NA, g.uuid or NA))
+        rows.append(
+            (
+                str(g.index),
+                g.name,
+                f"{n(g.memory_total_mib)} ({n(g.memory_free_mib)})",
+                g.compute_capability or NA,
+                f"{g.ecc_current}/{g.ecc_pending}",
+                f"{n(g.ecc_uncorrected_volatile)}/{n(g.ecc_uncorrected_aggregate)}",
+                g.persistence_mode,
+                reasons,
+                g.pci_bus_id or NA,
+                g.uuid or NA,
+            )
+        )
     return rows
 
 
@@ -658,8 +747,9 @@ def text_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in (header, *rows))
 
 
-def env_info_text(system: list[tuple[str, str]], env: Mapping[str, str], facts: DriverFacts,
-                  passed: bool | None, gate_line: str) -> str:
+def env_info_text(
+    system: list[tuple[str, str]], env: Mapping[str, str], facts: DriverFacts, passed: bool | None, gate_line: str
+) -> str:
     """The file's text. Every line, and every cell of the GPU table, goes through one_line: a value
     from the machine (environment, GPU name, driver string, reason) cannot add a line or a section."""
     lines = [f"# env_info.txt, written by the probe stage at {now_iso()}", "", "## System"]
@@ -667,10 +757,13 @@ def env_info_text(system: list[tuple[str, str]], env: Mapping[str, str], facts: 
     lines += [f"{k.ljust(width)} : {v}" for k, v in system]
     lines += ["", "## Environment (names containing " + ", ".join(redact.SECRET_WORDS) + " are redacted)"]
     lines += redact.env_lines(env)
-    lines += ["", f"## Driver and GPUs (source: {facts.source})",
-              f"driver      : {facts.driver or 'none found'}",
-              f"driver CUDA : {facts.driver_cuda or 'unknown'}",
-              f"GPUs        : {len(facts.gpus)} ({gpus_summary(facts.gpus)})"]
+    lines += [
+        "",
+        f"## Driver and GPUs (source: {facts.source})",
+        f"driver      : {facts.driver or 'none found'}",
+        f"driver CUDA : {facts.driver_cuda or 'unknown'}",
+        f"GPUs        : {len(facts.gpus)} ({gpus_summary(facts.gpus)})",
+    ]
     lines += [f"note        : {note}" for note in facts.notes]
     lines += [f"hung        : {what} (killed at the probe's deadline)" for what in facts.hung]
     if facts.gpus:
@@ -689,12 +782,21 @@ def gpus_document(facts: DriverFacts, passed: bool | None, gate_line: str, min_c
     gpus [{index, name, model, uuid, pci_bus_id, compute_capability, memory_total_mib, memory_free_mib,
     ecc_current, ecc_pending, ecc_uncorrected_volatile, ecc_uncorrected_aggregate, persistence_mode,
     mig_mode, clock_event_reasons}], hung [what did not answer before the deadline]."""
-    return {"schema": 1, "source": facts.source, "driver": facts.driver, "driver_cuda": facts.driver_cuda,
-            "min_driver_cuda": min_cuda, "gate": {"passed": passed, "line": gate_line},
-            "notes": facts.notes, "hung": facts.hung, "gpus": [asdict(g) for g in facts.gpus]}
+    return {
+        "schema": 1,
+        "source": facts.source,
+        "driver": facts.driver,
+        "driver_cuda": facts.driver_cuda,
+        "min_driver_cuda": min_cuda,
+        "gate": {"passed": passed, "line": gate_line},
+        "notes": facts.notes,
+        "hung": facts.hung,
+        "gpus": [asdict(g) for g in facts.gpus],
+    }
 
 
 # --------------------------------------------------------------------------- the stage
+
 
 def check_inputs(args) -> None:
     """The settings files probe reads, refused before any stage runs (ConfigError, exit 2)."""
@@ -724,8 +826,11 @@ def run(run_dir: Path, args, *, env: Mapping[str, str] | None = None, nvml_loade
     else:
         passed, line = gate(facts, min_cuda, min_from)
 
-    print(f"probe: source {facts.source}; driver {facts.driver or 'none'} (CUDA {facts.driver_cuda or '?'}); "
-          f"{gpus_summary(facts.gpus)}", flush=True)
+    print(
+        f"probe: source {facts.source}; driver {facts.driver or 'none'} (CUDA {facts.driver_cuda or '?'}); "
+        f"{gpus_summary(facts.gpus)}",
+        flush=True,
+    )
     for note in facts.notes:
         print(f"probe: {note}", flush=True)
     if passed:  # on failure the harness prints the reason
@@ -737,9 +842,15 @@ def run(run_dir: Path, args, *, env: Mapping[str, str] | None = None, nvml_loade
     (run_dir / env_file).write_text(env_info_text(system_facts(run_dir), env, facts, passed, line))
     (run_dir / layout.GPUS_JSON).write_text(json.dumps(gpus_document(facts, passed, line, min_cuda), indent=2) + "\n")
 
-    figures = {"host": socket.gethostname(), "source": facts.source, "driver": facts.driver or "none",
-               "driver_cuda": facts.driver_cuda or "none", "min_driver_cuda": min_cuda or "unknown", "gpu_count": len(facts.gpus),
-               "gpus": gpus_summary(facts.gpus)}
+    figures = {
+        "host": socket.gethostname(),
+        "source": facts.source,
+        "driver": facts.driver or "none",
+        "driver_cuda": facts.driver_cuda or "none",
+        "min_driver_cuda": min_cuda or "unknown",
+        "gpu_count": len(facts.gpus),
+        "gpus": gpus_summary(facts.gpus),
+    }
     if passed:
         return Outcome(StageStatus.PASS, "", figures, files)
     return Outcome(StageStatus.FAIL, config_error or line, figures, files)

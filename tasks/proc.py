@@ -56,16 +56,41 @@ def gpu_command(python: Path, module: str, args: list, nproc: int = 1, torchrun:
     return [str(c) for c in (python, *launch, "-m", module, *args)]
 
 
-def run_gpu(python: Path, module: str, args: list, log_file: Path | None = None, *, nproc: int = 1,
-            extra_env: dict | None = None, timeout: float | None = None, append: bool = False) -> int:
+def run_gpu(
+    python: Path,
+    module: str,
+    args: list,
+    log_file: Path | None = None,
+    *,
+    nproc: int = 1,
+    extra_env: dict | None = None,
+    timeout: float | None = None,
+    append: bool = False,
+) -> int:
     """Run a `training_pt` module in .venv-gpu's `python`, isolated, from the repository root, teed."""
-    return tee(gpu_command(python, module, args, nproc), log_file, env=gpu_env(extra_env), inherit_env=False,
-               cwd=layout.ROOT, timeout=timeout, append=append)
+    return tee(
+        gpu_command(python, module, args, nproc),
+        log_file,
+        env=gpu_env(extra_env),
+        inherit_env=False,
+        cwd=layout.ROOT,
+        timeout=timeout,
+        append=append,
+    )
 
 
-def tee(cmd: list[str], log_file: Path | None = None, *, env: dict | None = None,
-        cwd: Path | None = None, timeout: float | None = None, append: bool = False,
-        echo: bool = True, on_line: Callable[[str], None] | None = None, inherit_env: bool = True) -> int:
+def tee(
+    cmd: list[str],
+    log_file: Path | None = None,
+    *,
+    env: dict | None = None,
+    cwd: Path | None = None,
+    timeout: float | None = None,
+    append: bool = False,
+    echo: bool = True,
+    on_line: Callable[[str], None] | None = None,
+    inherit_env: bool = True,
+) -> int:
     """Run `cmd`, echoing stdout+stderr line by line to our stdout (unless `echo` is False), to
     `log_file` and to `on_line`. `env` adds to our environment, or is the whole of it with
     `inherit_env=False` (install's pip/uv run with the machine's PIP_*/UV_* variables removed).
@@ -80,9 +105,18 @@ def tee(cmd: list[str], log_file: Path | None = None, *, env: dict | None = None
     mode = "a" if append else "w"
     log = open(log_file, mode, encoding="utf-8") if log_file else None
     try:
-        proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                env=full_env, cwd=cwd, text=True, errors="replace", bufsize=1,
-                                start_new_session=True, preexec_fn=die_with_parent)
+        proc = subprocess.Popen(
+            [str(c) for c in cmd],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=full_env,
+            cwd=cwd,
+            text=True,
+            errors="replace",
+            bufsize=1,
+            start_new_session=True,
+            preexec_fn=die_with_parent,
+        )
         timed_out = threading.Event()
 
         def _signal_group(sig: int) -> None:

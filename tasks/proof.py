@@ -16,16 +16,18 @@ from tasks.records import StageRecord
 # What to do after a FAIL at each stage: where to look, and how to go on (the reason says the cause).
 WHAT_TO_DO = {
     "probe": "fix the driver or GPU the line above names (env_info.txt and nvidia_smi.txt hold what probe saw), "
-             "then run `nox -s m40` again",
+    "then run `nox -s m40` again",
     "install": "follow the fix the line above names, or pick another channel: `nox -s m40 -- --channels NAME` "
-               "(torch_version.txt lists every attempt and its outcome)",
+    "(torch_version.txt lists every attempt and its outcome)",
     "cuda_check": "cuda_check.txt has one line per check with its value and tolerance; fix what the failing check "
-                  "names, then run `nox -s cuda_check` (or `nox -s m40`) again",
+    "names, then run `nox -s cuda_check` (or `nox -s m40`) again",
     "train": "training_log.txt and train_console.txt hold the run; fix what the line above names, then run "
-             "`nox -s train` (or `nox -s m40`) again",
+    "`nox -s train` (or `nox -s m40`) again",
 }
-PARTIAL_TO_DO = ("run `nox -s m40` again without these: a PASS needs the default checks, training on CUDA on every "
-                 "GPU that probe found, and one torch throughout")
+PARTIAL_TO_DO = (
+    "run `nox -s m40` again without these: a PASS needs the default checks, training on CUDA on every "
+    "GPU that probe found, and one torch throughout"
+)
 
 
 def figure(recs: dict[str, StageRecord], stage: str, key: str):
@@ -64,9 +66,13 @@ def proof_rows(recs: dict[str, StageRecord]) -> list[dict]:
     if passed is not None:
         gpus = figure(recs, "cuda_check", "gpus_checked")
         on = f" on {gpus} GPU(s)" if gpus is not None else ""
-        rows.append(("CUDA checks", f"{passed} passed, {failed or 0} failed, {skipped or 0} skipped{on} (cuda_check.txt)"))
-    for suffix, unit, what, label in (("bf16_tflops", "TFLOP/s", "dense bf16 matmul", "bf16 matmul"),
-                                      ("copy_tbs", "TB/s", "device memory copy", "memory copy")):
+        rows.append(
+            ("CUDA checks", f"{passed} passed, {failed or 0} failed, {skipped or 0} skipped{on} (cuda_check.txt)")
+        )
+    for suffix, unit, what, label in (
+        ("bf16_tflops", "TFLOP/s", "dense bf16 matmul", "bf16 matmul"),
+        ("copy_tbs", "TB/s", "device memory copy", "memory copy"),
+    ):
         if (text := slowest(per_gpu(recs, suffix), unit, what)) is not None:
             rows.append((label, text))
     if (busbw := figure(recs, "cuda_check", "allreduce_busbw_gbs")) is not None:
@@ -96,6 +102,7 @@ def training_rows(recs: dict[str, StageRecord]) -> list[tuple[str, str]]:
 
 # --------------------------------------------------------------------------- versions
 
+
 def checker_versions(run_dir: Path) -> dict:
     """The versions the checker read inside .venv-gpu (cuda_check.json "versions"), or {}."""
     try:
@@ -110,10 +117,18 @@ def tool_commit(root: Path | None = None) -> str:
     """This tool's git commit, "+ uncommitted changes" when the checkout differs from it."""
     root = root or layout.ROOT
     try:
-        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True,  # noqa: S607
-                              text=True, timeout=20)
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain"], capture_output=True,  # noqa: S607
-                               text=True, timeout=20)
+        head = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],
+            capture_output=True,  # noqa: S607
+            text=True,
+            timeout=20,
+        )
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain"],
+            capture_output=True,  # noqa: S607
+            text=True,
+            timeout=20,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return "unknown (git not available)"
     if head.returncode != 0:
@@ -141,8 +156,10 @@ def versions(recs: dict[str, StageRecord], run_dir: Path, gpu_doc: dict) -> list
         ("Python (.venv-gpu)", first(checker.get("python"), figure(recs, "train", "python"))),
         ("torch", first(figure(recs, "install", "torch"), checker.get("torch"), figure(recs, "train", "torch"))),
         ("torch as installed", identity_text(figure(recs, "install", "torch_identity"))),
-        ("CUDA (torch build)", first(checker.get("cuda"), figure(recs, "cuda_check", "cuda_build"),
-                                     figure(recs, "install", "cuda"))),
+        (
+            "CUDA (torch build)",
+            first(checker.get("cuda"), figure(recs, "cuda_check", "cuda_build"), figure(recs, "install", "cuda")),
+        ),
         ("cuDNN", first(checker.get("cudnn"), figure(recs, "cuda_check", "cudnn"))),
         ("NCCL", first(checker.get("nccl"), figure(recs, "cuda_check", "nccl"))),
         ("triton", first(checker.get("triton"), figure(recs, "install", "triton"))),

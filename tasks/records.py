@@ -116,8 +116,12 @@ def read(run_dir: Path, stage: str) -> StageRecord | None:
         return _parse(path.read_text(encoding="utf-8"), stage)
     except (OSError, ValueError, TypeError) as e:  # a damaged or hand-made record is a FAIL, never a crash
         why = e.strerror if isinstance(e, OSError) else e
-        return StageRecord(stage, StageStatus.FAIL, f"{layout.STAGES_DIR}/{path.name} is not a valid stage record ({why}); "
-                                                    f"run `nox -s {stage}` again, or start a new run")
+        return StageRecord(
+            stage,
+            StageStatus.FAIL,
+            f"{layout.STAGES_DIR}/{path.name} is not a valid stage record ({why}); "
+            f"run `nox -s {stage}` again, or start a new run",
+        )
 
 
 def _parse(text_: str, stage: str) -> StageRecord:
@@ -127,8 +131,12 @@ def _parse(text_: str, stage: str) -> StageRecord:
     rec = StageRecord(**{k: data[k] for k in StageRecord.__dataclass_fields__ if k in data})
     if rec.stage != stage:
         raise ValueError(f"it names stage {rec.stage!r}")
-    if not isinstance(rec.figures, dict) or not isinstance(rec.files, list) \
-            or not isinstance(rec.duration_s, (int, float)) or isinstance(rec.duration_s, bool):
+    if (
+        not isinstance(rec.figures, dict)
+        or not isinstance(rec.files, list)
+        or not isinstance(rec.duration_s, (int, float))
+        or isinstance(rec.duration_s, bool)
+    ):
         raise ValueError("figures, files or duration_s of the wrong type")
     return rec
 

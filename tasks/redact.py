@@ -25,12 +25,20 @@ UNSET = "<unset>"
 # The user part runs to the LAST "@" before the path: a raw "@" inside the password is part of it.
 _URL_USERINFO = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://)[^/\s]*@")
 # A query parameter whose name holds a secret word (`?token=…`, `&api_key=…`): its value goes.
-_URL_SECRET_PARAM = re.compile(r"([?&;][^=&#\s]*(?:" + "|".join(SECRET_PARAM_WORDS) + r")[^=&#\s]*=)[^&#\s]+",
-                               re.IGNORECASE)
+_URL_SECRET_PARAM = re.compile(
+    r"([?&;][^=&#\s]*(?:" + "|".join(SECRET_PARAM_WORDS) + r")[^=&#\s]*=)[^&#\s]+", re.IGNORECASE
+)
 
 # The variables that matter to a GPU bring-up, shown in env_info.txt: exact names, then prefixes.
-RELEVANT_NAMES = ("CUDA_VISIBLE_DEVICES", "LD_LIBRARY_PATH", "PATH", "VIRTUAL_ENV", "CONDA_PREFIX",
-                  "PYTHONPATH", "OMP_NUM_THREADS")
+RELEVANT_NAMES = (
+    "CUDA_VISIBLE_DEVICES",
+    "LD_LIBRARY_PATH",
+    "PATH",
+    "VIRTUAL_ENV",
+    "CONDA_PREFIX",
+    "PYTHONPATH",
+    "OMP_NUM_THREADS",
+)
 RELEVANT_PREFIXES = ("NVIDIA_", "CUDA_", "PYTORCH_", "TORCH_", "NCCL_", "HF_", "PIP_", "UV_")
 
 
@@ -55,11 +63,13 @@ def is_url_variable(name: str) -> bool:
 
 def url_hosts_only(text: str) -> str:
     """Every URL in `text` cut to `scheme://host/` (the user part, path, query and fragment dropped)."""
+
     def host(m: re.Match) -> str:
         rest = re.split(r"[?#]", m.group(2), maxsplit=1)[0]
         rest = rest.rsplit("@", 1)[-1]  # after the user part, wherever a raw "@" in it sits
         netloc = rest.split("/", 1)[0].rstrip(",;")
         return f"{m.group(1)}://{netloc or REDACTED}/"
+
     return _URL.sub(host, text)
 
 

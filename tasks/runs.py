@@ -68,8 +68,9 @@ def _oserror(what: Path, e: OSError, fix: str) -> RunError:
 def check_runs_dir(runs_dir: Path) -> None:
     """runs_dir is a folder we can create runs in (created when missing)."""
     if runs_dir.exists() and not runs_dir.is_dir() or runs_dir.is_symlink() and not runs_dir.exists():
-        raise RunError(f"{runs_dir} is not a folder; move it away so that runs can be written there, "
-                       "or pass --run-dir DIR")
+        raise RunError(
+            f"{runs_dir} is not a folder; move it away so that runs can be written there, or pass --run-dir DIR"
+        )
     try:
         runs_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -104,8 +105,10 @@ def check_outside_runs(folder: Path, option: str) -> None:
     """`folder` (given as `option`) is not a link, not a file, not under a file and not inside a run."""
     path = Path(os.path.abspath(folder))
     if path.is_symlink():
-        raise RunError(f"{option} {folder} is a symbolic link (to {os.readlink(path)}); "
-                       "pass a real folder: nothing is written through a link")
+        raise RunError(
+            f"{option} {folder} is a symbolic link (to {os.readlink(path)}); "
+            "pass a real folder: nothing is written through a link"
+        )
     for above in path.parents:
         if above.exists() and not above.is_dir():
             raise RunError(f"{option} {folder} lies under {above}, which is a file; pass a folder path")
@@ -119,8 +122,10 @@ def make_output_dir(folder: Path, option: str) -> Path:
     """A folder for a tool's own files (bench): never a run folder, nor inside one, nor through a link."""
     check_outside_runs(folder, option)
     if is_sealed(folder) or is_run(folder):
-        raise RunError(f"{option} {folder} is a run folder (it has {layout.STAGES_DIR}/ or {layout.SUMS_FILE}); "
-                       "pass another folder: a run's evidence holds only its stages' files")
+        raise RunError(
+            f"{option} {folder} is a run folder (it has {layout.STAGES_DIR}/ or {layout.SUMS_FILE}); "
+            "pass another folder: a run's evidence holds only its stages' files"
+        )
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -137,8 +142,10 @@ def check_run_dir(run_dir: Path) -> None:
     if is_sealed(path):
         raise RunError(f"run folder {run_dir} is sealed (it has {layout.SUMS_FILE}); drop --run-dir to start a new run")
     if not is_run(path) and any(path.iterdir()):
-        raise RunError(f"--run-dir {run_dir} holds files but no {layout.STAGES_DIR}/, so it is not a run folder; "
-                       "pass a new or empty folder, or a run folder (drop --run-dir for a new run)")
+        raise RunError(
+            f"--run-dir {run_dir} holds files but no {layout.STAGES_DIR}/, so it is not a run folder; "
+            "pass a new or empty folder, or a run folder (drop --run-dir for a new run)"
+        )
 
 
 def resolve(runs_dir: Path, run_dir: Path | None, *, new: bool) -> Path:
@@ -163,8 +170,10 @@ def check_no_links(run_dir: Path) -> None:
     for top, dirs, files in os.walk(run_dir):
         for name in dirs + files:
             if os.path.islink(link := os.path.join(top, name)):
-                raise RunError(f"run folder {run_dir} holds a symbolic link {link} (to {os.readlink(link)}); "
-                               "remove it, or drop --run-dir for a new run")
+                raise RunError(
+                    f"run folder {run_dir} holds a symbolic link {link} (to {os.readlink(link)}); "
+                    "remove it, or drop --run-dir for a new run"
+                )
 
 
 @contextlib.contextmanager
@@ -175,12 +184,13 @@ def locked(run_dir: Path):
             stack.enter_context(locks.exclusive(run_dir / layout.LOCK_FILE))
         except locks.Busy as busy:
             raise RunLocked(
-                f"run folder {run_dir} is locked by {busy}; "
-                f"wait for it to finish, or pass --run-dir to use another run"
+                f"run folder {run_dir} is locked by {busy}; wait for it to finish, or pass --run-dir to use another run"
             ) from None
         except OSError as e:
-            raise RunError(f"cannot lock run folder {run_dir} ({e.strerror or e}); "
-                           "make it writable, or drop --run-dir for a new run") from None
+            raise RunError(
+                f"cannot lock run folder {run_dir} ({e.strerror or e}); "
+                "make it writable, or drop --run-dir for a new run"
+            ) from None
         if is_sealed(run_dir):  # sealed between our choice of this run and our lock
             raise RunError(f"run folder {run_dir} was sealed by another process just now; run the command again")
         check_no_links(run_dir)

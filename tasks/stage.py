@@ -86,8 +86,12 @@ def exit_code(rec: records.StageRecord) -> int:
 
 def parser_for(prog: str, description: str) -> argparse.ArgumentParser:
     p = validate.Parser(prog=prog, description=description)
-    p.add_argument("--run-dir", type=Path, default=None,
-                   help="write into this run folder instead of the newest unfinished submission_runs/m40_vN")
+    p.add_argument(
+        "--run-dir",
+        type=Path,
+        default=None,
+        help="write into this run folder instead of the newest unfinished submission_runs/m40_vN",
+    )
     return p
 
 
@@ -118,4 +122,3 @@ def main(stage: str, argv: list[str]) -> int:
         print(f"{stage}: interrupted", file=sys.stderr)
         return layout.EXIT_INTERRUPTED
     return exit_code(rec)
-

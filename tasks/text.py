@@ -14,7 +14,8 @@ import unicodedata
 # and paragraph separators (Zl, Zp) that str.splitlines() and many viewers treat as line breaks.
 _CONTROL_CATEGORIES = ("Cc", "Cf", "Zl", "Zp")
 _NAMED_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
-# Markdown that could start a link or image ("[", which "!" needs too), a code span, bold or a table column, and the backslash itself
+# Markdown that could start a link or image ("[", which "!" needs too), a code span, bold or a table column,
+# and the backslash itself
 # (so an escape already in the value stays visible as written). "_", "#" and "~" stay readable
 # (`cuda_check`, `#3`): inside a line of words they start nothing that could mislead.
 _MD_PUNCTUATION = "\\`*[]|"

@@ -22,37 +22,97 @@ from pathlib import Path
 from tasks import identity, layout, multinode, proc, records, validate
 from tasks.records import Outcome, StageStatus
 
-DESCRIPTION = ("Train GPT-2 for a few steps on every GPU (training_pt/train.py in .venv-gpu): the loss falls on "
-               "real text, nothing goes non-finite; tok/s, MFU, memory and NVML samples in training_log.txt.")
+DESCRIPTION = (
+    "Train GPT-2 for a few steps on every GPU (training_pt/train.py in .venv-gpu): the loss falls on "
+    "real text, nothing goes non-finite; tok/s, MFU, memory and NVML samples in training_log.txt."
+)
 
 # Figures copied from train_result.json into the stage record (and so into summary.json / README).
-FIGURES = ("device", "model", "params_m", "gpus", "gpu_name", "gpu_model", "tok_s", "tok_s_per_gpu", "mfu_pct", "peak_tflops",
-           "first_loss", "final_loss", "steps", "batch_size", "block_size", "tokens_per_step", "compile",
-           "warmup_s", "first_step_s", "peak_mem_alloc_gib", "peak_mem_reserved_gib", "gpu_util_median",
-           "power_w_median", "sm_clock_mhz_median", "temp_c_max", "torch", "transformers", "torch_identity", "thresholds",
-           "nnodes", "node_rank", "world_size", "rdzv_id")
+FIGURES = (
+    "device",
+    "model",
+    "params_m",
+    "gpus",
+    "gpu_name",
+    "gpu_model",
+    "tok_s",
+    "tok_s_per_gpu",
+    "mfu_pct",
+    "peak_tflops",
+    "first_loss",
+    "final_loss",
+    "steps",
+    "batch_size",
+    "block_size",
+    "tokens_per_step",
+    "compile",
+    "warmup_s",
+    "first_step_s",
+    "peak_mem_alloc_gib",
+    "peak_mem_reserved_gib",
+    "gpu_util_median",
+    "power_w_median",
+    "sm_clock_mhz_median",
+    "temp_c_max",
+    "torch",
+    "transformers",
+    "torch_identity",
+    "thresholds",
+    "nnodes",
+    "node_rank",
+    "world_size",
+    "rdzv_id",
+)
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--train-config", type=Path, default=layout.TRAIN_CONFIG, metavar="PATH",
-                        help="training settings (default: configs/submission_local_gpu_gpt2.yaml; "
-                             "Gemma-2B: configs/submission_local_gpu_gemma2b.yaml)")
-    parser.add_argument("--train-override", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one training setting, e.g. train.steps=20 (repeatable)")
-    parser.add_argument("--nproc", type=int, default=None, metavar="N",
-                        help="training processes, one per GPU (default: every GPU visible; 1 runs without torchrun)")
-    parser.add_argument("--train-device", choices=("auto", "cuda", "cpu"), default="auto",
-                        help="cpu: train on the CPU (slow; machines without a GPU and tests)")
-    parser.add_argument("--train-timeout", type=float, default=1800.0, metavar="SECONDS",
-                        help="stop training after this long (default 1800)")
+    parser.add_argument(
+        "--train-config",
+        type=Path,
+        default=layout.TRAIN_CONFIG,
+        metavar="PATH",
+        help="training settings (default: configs/submission_local_gpu_gpt2.yaml; "
+        "Gemma-2B: configs/submission_local_gpu_gemma2b.yaml)",
+    )
+    parser.add_argument(
+        "--train-override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one training setting, e.g. train.steps=20 (repeatable)",
+    )
+    parser.add_argument(
+        "--nproc",
+        type=int,
+        default=None,
+        metavar="N",
+        help="training processes, one per GPU (default: every GPU visible; 1 runs without torchrun)",
+    )
+    parser.add_argument(
+        "--train-device",
+        choices=("auto", "cuda", "cpu"),
+        default="auto",
+        help="cpu: train on the CPU (slow; machines without a GPU and tests)",
+    )
+    parser.add_argument(
+        "--train-timeout",
+        type=float,
+        default=1800.0,
+        metavar="SECONDS",
+        help="stop training after this long (default 1800)",
+    )
     multinode.add_arguments(parser)
 
 
 def torch_gpu_count(python: Path) -> tuple[int | None, str]:
     """torch.cuda.device_count() as .venv-gpu's torch sees it (honours CUDA_VISIBLE_DEVICES)."""
     try:
-        out = subprocess.run([str(python), "-c", "import torch; print(torch.cuda.device_count())"],
-                             capture_output=True, text=True, timeout=300)
+        out = subprocess.run(
+            [str(python), "-c", "import torch; print(torch.cuda.device_count())"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
     except (OSError, subprocess.TimeoutExpired) as e:
         return None, f"could not ask .venv-gpu's torch for the GPU count ({e})"
     lines = out.stdout.strip().splitlines()
@@ -74,14 +134,23 @@ def gpu_count(run_dir: Path, python: Path) -> tuple[int | None, str]:
 
 
 def command(python: Path, nproc: int, args, run_dir: Path, job: multinode.Job | None = None) -> list[str]:
-    script = ["--config", str(args.train_config), "--out", str(run_dir), "--device", args.train_device,
-              *args.train_override]
+    script = [
+        "--config",
+        str(args.train_config),
+        "--out",
+        str(run_dir),
+        "--device",
+        args.train_device,
+        *args.train_override,
+    ]
     # one job across nodes: torchrun's c10d rendezvous, even for one process here
     torchrun = multinode.torchrun_args(job, nproc) if job is not None else None
     return proc.gpu_command(python, layout.TRAIN_MODULE, script, nproc, torchrun)
 
 
-def failure_reason(run_dir: Path, rc: int, timeout: float, result: dict | None, job: multinode.Job | None = None) -> str:
+def failure_reason(
+    run_dir: Path, rc: int, timeout: float, result: dict | None, job: multinode.Job | None = None
+) -> str:
     """One line: a timeout; the rendezvous that did not form; train.py's own reason; but when rank 0 was
     only stopped ("interrupted", as torchrun stops every rank once one fails) the failing rank's FAIL
     line; else the console's last line."""
@@ -104,7 +173,9 @@ def failure_reason(run_dir: Path, rc: int, timeout: float, result: dict | None, 
     fails = [line.strip() for line in lines if line.startswith("FAIL:")]
     if fails:
         return fails[-1]
-    tail = [line for line in console.read_text(errors="replace").splitlines() if line.strip()] if console.exists() else []
+    tail = (
+        [line for line in console.read_text(errors="replace").splitlines() if line.strip()] if console.exists() else []
+    )
     return f"train.py exited with code {rc}: {tail[-1].strip() if tail else 'no output'}"
 
 
@@ -119,10 +190,15 @@ def check_inputs(args) -> None:
 def run(run_dir: Path, args) -> Outcome:
     python = layout.gpu_python()
     if not python.exists():
-        return Outcome(StageStatus.FAIL, f"no GPU environment: {python} is missing; run `nox -s install -p CHANNEL` first "
-                                     "(`nox -l` lists the channels), or `nox -s m40`")
+        return Outcome(
+            StageStatus.FAIL,
+            f"no GPU environment: {python} is missing; run `nox -s install -p CHANNEL` first "
+            "(`nox -l` lists the channels), or `nox -s m40`",
+        )
     if not Path(args.train_config).is_file():
-        return Outcome(StageStatus.FAIL, f"--train-config {args.train_config} does not exist; pass an existing YAML file")
+        return Outcome(
+            StageStatus.FAIL, f"--train-config {args.train_config} does not exist; pass an existing YAML file"
+        )
 
     if args.nproc is not None:
         if args.nproc < 1:
@@ -135,16 +211,22 @@ def run(run_dir: Path, args) -> Outcome:
         if count is None:
             return Outcome(StageStatus.FAIL, f"{source}; check the install (nox -s cuda_check)")
         if count == 0:
-            return Outcome(StageStatus.FAIL, "no CUDA GPU visible to .venv-gpu's torch (torch.cuda.device_count() = 0); "
-                                 "check `nox -s cuda_check`, or pass --train-device cpu to train on the CPU (slow)")
+            return Outcome(
+                StageStatus.FAIL,
+                "no CUDA GPU visible to .venv-gpu's torch (torch.cuda.device_count() = 0); "
+                "check `nox -s cuda_check`, or pass --train-device cpu to train on the CPU (slow)",
+            )
         nproc = count
     try:
         job = multinode.resolve(args, os.environ)
     except ValueError as e:
         return Outcome(StageStatus.FAIL, str(e))
     if job is not None:
-        print(f"train: node {job.node_rank} of {job.nnodes} in job {job.rdzv_id}, rendezvous {job.endpoint} "
-              f"(from {job.source}; timeout {job.timeout_s:g} s)", flush=True)
+        print(
+            f"train: node {job.node_rank} of {job.nnodes} in job {job.rdzv_id}, rendezvous {job.endpoint} "
+            f"(from {job.source}; timeout {job.timeout_s:g} s)",
+            flush=True,
+        )
         if (unreachable := multinode.reach(job)) is not None:
             return Outcome(StageStatus.FAIL, unreachable, job.figures())
     print(f"train: {nproc} process(es) ({source}); config {args.train_config}", flush=True)
@@ -163,14 +245,25 @@ def run(run_dir: Path, args) -> Outcome:
 
     log = run_dir / layout.TRAIN_LOG
     if not log.exists():  # train.py died before it opened its log: keep what the console says
-        log.write_text(f"train.py wrote no log (exit code {rc}); its console output follows\n\n"
-                       + console.read_text(errors="replace"))
+        log.write_text(
+            f"train.py wrote no log (exit code {rc}); its console output follows\n\n"
+            + console.read_text(errors="replace")
+        )
     try:
         result = json.loads((run_dir / layout.TRAIN_RESULT).read_text())
     except (OSError, ValueError):
         result = None
-    files = [n for n in (layout.TRAIN_LOG, layout.TRAIN_METRICS, layout.TRAIN_LOSS_PLOT, layout.TRAIN_RESULT,
-                         layout.TRAIN_CONSOLE) if (run_dir / n).exists()]
+    files = [
+        n
+        for n in (
+            layout.TRAIN_LOG,
+            layout.TRAIN_METRICS,
+            layout.TRAIN_LOSS_PLOT,
+            layout.TRAIN_RESULT,
+            layout.TRAIN_CONSOLE,
+        )
+        if (run_dir / n).exists()
+    ]
     figures = job.figures() if job is not None else {}
     figures.update({k: v for k, v in ((result or {}).get("figures") or {}).items() if k in FIGURES})
     figures.update(nproc=nproc, config=Path(args.train_config).name, overrides=list(args.train_override))

@@ -76,8 +76,16 @@ def non_finite(data, where: str, key: str = "") -> None:
 
 # --------------------------------------------------------------------------- nox's own -p
 
-PYTHON_FLAGS = ("-p", "--python", "--pythons", "-P", "--force-python", "--force-pythons",
-                "--extra-python", "--extra-pythons")
+PYTHON_FLAGS = (
+    "-p",
+    "--python",
+    "--pythons",
+    "-P",
+    "--force-python",
+    "--force-pythons",
+    "--extra-python",
+    "--extra-pythons",
+)
 
 
 def python_args(argv: list[str]) -> list[str]:
@@ -109,5 +117,7 @@ def unknown_channels(argv: list[str], names: list[str]) -> str | None:
             config.load_channels()
         except ConfigError as e:
             return f"nox: cannot read the channel catalog: {e}"
-    return (f"nox: unknown channel {', '.join(unknown)} for -p; the channels of {config.channels_file()}: "
-            f"{', '.join(names)}")
+    return (
+        f"nox: unknown channel {', '.join(unknown)} for -p; the channels of {config.channels_file()}: "
+        f"{', '.join(names)}"
+    )

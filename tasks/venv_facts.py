@@ -65,7 +65,9 @@ def verify(python: Path, log: CommandLog) -> dict:
     """torch's facts from `python`, or {"import_error": ...} when the script fails."""
     rc, out = run_verifier(python, log)
     facts = _json_line(out)
-    return facts if facts is not None else {"import_error": f"verification script failed (exit {rc}): {last_error(out)}"}
+    return (
+        facts if facts is not None else {"import_error": f"verification script failed (exit {rc}): {last_error(out)}"}
+    )
 
 
 def dists(python: Path, log: CommandLog) -> dict:
@@ -104,14 +106,19 @@ def record_hashes(info: dict) -> dict[str, str]:
 
 def constraints(info: dict, path: Path) -> Path:
     """Pin every distribution the venv sees (but pip's own tooling) to its exact version."""
-    lines = [f"{d['name']}=={d['version']}" for d in info["dists"] if d["name"].lower() not in TOOLING
-             and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", d["name"])
-             and re.fullmatch(r"[0-9][0-9A-Za-z.+!_-]*", d["version"])]
+    lines = [
+        f"{d['name']}=={d['version']}"
+        for d in info["dists"]
+        if d["name"].lower() not in TOOLING
+        and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", d["name"])
+        and re.fullmatch(r"[0-9][0-9A-Za-z.+!_-]*", d["version"])
+    ]
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
 # --------------------------------------------------------------------------- interpreters
+
 
 def default_python3(venv: Path) -> str | None:
     """The first python3 on PATH, skipping nox's own environments (`.nox/…`: in script mode nox puts
@@ -147,11 +154,16 @@ def inspect_source(python: str | None, wanted: str, venv: Path, log: CommandLog,
         raise StepFailed(NO_TORCH, f"{python} does not run (exit {res.returncode})")
     prefix, venv = Path(info["prefix"]).resolve(), venv.resolve()
     if prefix == venv or prefix.name.startswith(f"{venv.name}.") and prefix.parent == venv.parent:
-        raise StepFailed(NO_TORCH, f"{python} is .venv-gpu's own Python; pass --from-python with the "
-                                   "interpreter that has the CUDA torch (e.g. /opt/torch/.venv/bin/python3)")
+        raise StepFailed(
+            NO_TORCH,
+            f"{python} is .venv-gpu's own Python; pass --from-python with the "
+            "interpreter that has the CUDA torch (e.g. /opt/torch/.venv/bin/python3)",
+        )
     if not info["torch"]:
-        raise StepFailed(NO_TORCH, f"{python} ({info['executable']}) has no torch module; pass "
-                                   "--from-python with an interpreter that can")
+        raise StepFailed(
+            NO_TORCH,
+            f"{python} ({info['executable']}) has no torch module; pass --from-python with an interpreter that can",
+        )
     return info
 
 
@@ -171,9 +183,13 @@ def pip_wheels(wheelhouse: Path | None) -> list[Path]:
 def bootstrap_pip(python: Path, log: CommandLog, wheelhouse: Path | None) -> str:
     """Make `python -m pip` work in a venv made --without-pip: install pip from a pip wheel at hand."""
     for whl in pip_wheels(wheelhouse):
-        rc, _ = log.run([python, "-I", f"{whl}/pip", "install", "--no-index", "--disable-pip-version-check",
-                         "--no-input", whl])
+        rc, _ = log.run(
+            [python, "-I", f"{whl}/pip", "install", "--no-index", "--disable-pip-version-check", "--no-input", whl]
+        )
         if rc == 0:
             return f"pip bootstrapped from {whl}"
-    raise StepFailed(FAILED, f"no pip for the new venv ({python}): its base Python has no ensurepip and "
-                             "no pip wheel was found; install python3-venv, or put a pip wheel in --wheelhouse")
+    raise StepFailed(
+        FAILED,
+        f"no pip for the new venv ({python}): its base Python has no ensurepip and "
+        "no pip wheel was found; install python3-venv, or put a pip wheel in --wheelhouse",
+    )

@@ -72,8 +72,9 @@ def in_use(final: Path):
         try:
             stack.enter_context(locks.shared(lock_path(final)))
         except locks.Busy as busy:
-            raise VenvError(f"{final} is being installed by {busy}; wait for it to finish, "
-                            "then run this stage again") from None
+            raise VenvError(
+                f"{final} is being installed by {busy}; wait for it to finish, then run this stage again"
+            ) from None
         yield final
 
 
@@ -132,8 +133,7 @@ def create(path: Path, python: str | Path, *, prompt: str, log=None) -> str:
 
 def _run(cmd: list[str], log) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
-    res = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                         errors="replace")
+    res = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, errors="replace")
     if log is not None:
         log(cmd, res.stdout, res.returncode)
     return res
@@ -163,13 +163,19 @@ def fix_paths(venv: Path, old: Path, new: Path) -> list[str]:
 def foreign(final: Path) -> str | None:
     """Why `final` is not a venv install may replace (None: absent, or made by install: it has the marker)."""
     if final.is_symlink():
-        return (f"{final} is a symlink (to {os.readlink(final)}); install replaces only a venv it made itself: "
-                "remove the link (its target is left alone) or pass --venv DIR")
+        return (
+            f"{final} is a symlink (to {os.readlink(final)}); install replaces only a venv it made itself: "
+            "remove the link (its target is left alone) or pass --venv DIR"
+        )
     if final.exists() and not is_venv(final):
-        return f"{final} exists but is not a virtual environment (no pyvenv.cfg); move it away, install never deletes it"
+        return (
+            f"{final} exists but is not a virtual environment (no pyvenv.cfg); move it away, install never deletes it"
+        )
     if final.exists() and not (final / layout.VENV_MARKER).is_file():
-        return (f"{final} is a venv install did not make (no {layout.VENV_MARKER}); move it away or pass "
-                "--venv DIR, install never deletes it")
+        return (
+            f"{final} is a venv install did not make (no {layout.VENV_MARKER}); move it away or pass "
+            "--venv DIR, install never deletes it"
+        )
     return None
 
 

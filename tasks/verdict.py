@@ -66,14 +66,18 @@ def load_rules(path: Path | None = None) -> Rules:
         raise config.ConfigError(f"{path}: harmless_overrides must map a stage to {{setting: any | [low, high]}}")
     for stage, settings in table.items():
         for key, rule in settings.items():
-            if not (rule == "any" or (isinstance(rule, list) and len(rule) == 2
-                                      and all(isinstance(v, (int, float)) for v in rule))):
-                raise config.ConfigError(f"{path}: harmless_overrides.{stage}.{key} must be any or [low, high], "
-                                         f"not {rule!r}")
+            if not (
+                rule == "any"
+                or (isinstance(rule, list) and len(rule) == 2 and all(isinstance(v, (int, float)) for v in rule))
+            ):
+                raise config.ConfigError(
+                    f"{path}: harmless_overrides.{stage}.{key} must be any or [low, high], not {rule!r}"
+                )
     return Rules(harmless=table)
 
 
 # --------------------------------------------------------------------------- the judgement
+
 
 def judge(recs: dict[str, StageRecord], rules: Rules) -> Verdict:
     """The verdict of a run from its stage records (evidence's own record is ignored)."""
@@ -113,8 +117,10 @@ def stage_failure(recs: dict[str, StageRecord]) -> tuple[str, str, str] | None:
 
 
 def did_not_finish(rec: StageRecord) -> str:
-    return (f"{rec.stage} did not finish: it started at {rec.started} and was stopped before it wrote its result "
-            f"(killed: SIGKILL, the OOM killer, a job time limit?); run it again: nox -s {rec.stage}")
+    return (
+        f"{rec.stage} did not finish: it started at {rec.started} and was stopped before it wrote its result "
+        f"(killed: SIGKILL, the OOM killer, a job time limit?); run it again: nox -s {rec.stage}"
+    )
 
 
 def judge_overrides(recs: dict[str, StageRecord], rules: Rules) -> tuple[list[str], list[str]]:
@@ -136,8 +142,9 @@ def override_weakens(stage: str, key: str, value: str, rules: Rules) -> str:
     """Why `key=value` in `stage` is not the default checks ("" when it keeps PASS)."""
     settings = rules.harmless.get(stage) or {}
     # A training setting may be named by its unique leaf (`steps` for train.steps).
-    rule = settings.get(key, next((r for k, r in settings.items() if "." not in key and k.rsplit(".", 1)[-1] == key),
-                                  None))
+    rule = settings.get(
+        key, next((r for k, r in settings.items() if "." not in key and k.rsplit(".", 1)[-1] == key), None)
+    )
     if rule is None:
         return "a changed check or setting (only those in configs/verdict.yaml keep PASS)"
     if rule == "any":
@@ -161,8 +168,10 @@ def coverage_deviations(recs: dict[str, StageRecord]) -> list[str]:
     elif device != "cuda":
         out.append(f"train ran on {device}, not on CUDA (--train-device {device})")
     if isinstance(found, int) and isinstance(seen, int) and seen < found:
-        out.append(f"torch saw {seen} of the {found} GPUs that {probe.get('source') or 'probe'} found "
-                   f"({found - seen} hidden from torch: CUDA_VISIBLE_DEVICES?)")
+        out.append(
+            f"torch saw {seen} of the {found} GPUs that {probe.get('source') or 'probe'} found "
+            f"({found - seen} hidden from torch: CUDA_VISIBLE_DEVICES?)"
+        )
     if not isinstance(nproc, int):
         out.append("train recorded no process count: training on every GPU is not shown")
     elif device == "cuda" and isinstance(seen, int) and nproc < seen:
@@ -186,13 +195,22 @@ def torch_disagreement(recs: dict[str, StageRecord]) -> tuple[str, str, str] | N
     known = [(s, ident) for s in TORCH_STAGES if (ident := identity_of(recs.get(s))) is not None]
     for (first, a), (name, b) in ((known[0], other) for other in known[1:]):
         if tuple(a.get(k) for k in keys) != tuple(b.get(k) for k in keys):
-            return FAIL, name, (f"{name} ran {describe_torch(b)}, but {first} recorded {describe_torch(a)}: "
-                                "not the torch that was installed and checked; look for PYTHONPATH or a second "
-                                "torch, then run nox -s m40 again")
+            return (
+                FAIL,
+                name,
+                (
+                    f"{name} ran {describe_torch(b)}, but {first} recorded {describe_torch(a)}: "
+                    "not the torch that was installed and checked; look for PYTHONPATH or a second "
+                    "torch, then run nox -s m40 again"
+                ),
+            )
     return None
 
 
 def identity_gaps(recs: dict[str, StageRecord]) -> list[str]:
     missing = [s for s in TORCH_STAGES if recs.get(s) is not None and identity_of(recs.get(s)) is None]
-    return [f"{', '.join(missing)} recorded no torch identity: one and the same torch throughout is not shown"] \
-        if missing else []
+    return (
+        [f"{', '.join(missing)} recorded no torch identity: one and the same torch throughout is not shown"]
+        if missing
+        else []
+    )

@@ -27,10 +27,17 @@ def header(driver: str, cuda: str) -> str:
     )
 
 
-def query_row(index: int = 0, name: str = H100, driver: str = "580.95.05", ecc: str = "Enabled",
-              reasons: str = "0x0000000000000001") -> str:
-    return (f"{index}, {name}, GPU-6c1f0f7e-1d3c-4a8e-9b5a-00000000000{index}, 00000000:{0x18 + index:02X}:00.0, "
-            f"{driver}, 81559, 81004, 9.0, {ecc}, {ecc}, 0, 0, Enabled, {reasons}")
+def query_row(
+    index: int = 0,
+    name: str = H100,
+    driver: str = "580.95.05",
+    ecc: str = "Enabled",
+    reasons: str = "0x0000000000000001",
+) -> str:
+    return (
+        f"{index}, {name}, GPU-6c1f0f7e-1d3c-4a8e-9b5a-00000000000{index}, 00000000:{0x18 + index:02X}:00.0, "
+        f"{driver}, 81559, 81004, 9.0, {ecc}, {ecc}, 0, 0, Enabled, {reasons}"
+    )
 
 
 def write_script(bin_dir: Path, body: str) -> Path:
@@ -51,19 +58,27 @@ def working_smi(bin_dir: Path, cuda: str = "13.0", driver: str = "580.95.05", gp
     """A fake nvidia-smi of a healthy driver supporting CUDA `cuda` with `gpus` H100s."""
     rows = "\n".join(query_row(i, driver=driver) for i in range(gpus))
     q = f"==============NVSMI LOG==============\n\nDriver Version : {driver}\nCUDA Version : {cuda}\n"
-    return write_script(bin_dir, f"""case "$1" in
+    return write_script(
+        bin_dir,
+        f"""case "$1" in
 --query-gpu=*) {_say(rows)};;
 -q) {_say(q)};;
 *) {_say(header(driver, cuda))};;
 esac
-""")
+""",
+    )
 
 
 def failing_smi(bin_dir: Path) -> Path:
     """A fake nvidia-smi of a machine whose driver is not loaded (what a GPU-less VM with the tools shows)."""
-    return write_script(bin_dir, _say("NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver. "
-                                      "Make sure that the latest NVIDIA driver is installed and running.")
-                        + "\nexit 9\n")
+    return write_script(
+        bin_dir,
+        _say(
+            "NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver. "
+            "Make sure that the latest NVIDIA driver is installed and running."
+        )
+        + "\nexit 9\n",
+    )
 
 
 def garbage_smi(bin_dir: Path) -> Path:
@@ -83,8 +98,10 @@ def only_on_path(monkeypatch, bin_dir: Path) -> None:
 
 def no_nvml(monkeypatch) -> None:
     """Make NVML fail to load, as on a machine without the driver's libnvidia-ml.so.1."""
+
     def fail():
         raise pynvml.NVMLError(pynvml.NVML_ERROR_LIBRARY_NOT_FOUND)
+
     monkeypatch.setattr(pynvml, "nvmlInit", fail)
 
 

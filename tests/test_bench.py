@@ -9,14 +9,27 @@ from tasks import bench as bench_task
 from tasks import layout
 from training_pt import bench
 
-TOY = ["--set", "model.config.n_layer=2", "--set", "model.config.n_head=2", "--set", "model.config.n_embd=64",
-       "--set", "train.block_size=64", "--set", "train.batch_size=4", "--set", "train.compile=false"]
+TOY = [
+    "--set",
+    "model.config.n_layer=2",
+    "--set",
+    "model.config.n_head=2",
+    "--set",
+    "model.config.n_embd=64",
+    "--set",
+    "train.block_size=64",
+    "--set",
+    "train.batch_size=4",
+    "--set",
+    "train.compile=false",
+]
 
 
 def test_bench_runs_every_row_and_writes_the_table(tmp_path, monkeypatch):
     out = tmp_path / "bench"
-    code = bench_task.main(["--python", sys.executable, "--out", str(out), "--device", "cpu", "--steps", "2",
-                            "--warmup", "1", *TOY])
+    code = bench_task.main(
+        ["--python", sys.executable, "--out", str(out), "--device", "cpu", "--steps", "2", "--warmup", "1", *TOY]
+    )
     assert code == 0, (out / "bench_console.txt").read_text()
     data = json.loads((out / "bench.json").read_text())
     assert [r["variant"] for r in data["rows"]] == ["hf-default", "smoke"]
@@ -50,12 +63,32 @@ def test_verdicts_against_the_h100_targets():
 
 
 def test_table_shows_failed_rows_and_ratios():
-    rows = [{"variant": "hf-default", "compile": "off", "batch_size": 16, "block_size": 1024, "tok_s": 160_000.0,
-             "mfu": 0.138, "attention": "flash_attention", "ms_per_step": 102.4, "warmup_s": 3.0, "peak_alloc_gib": 20.5, "first_loss": 10.99,
-             "last_loss": 8.1},
-            {"variant": "compiled", "compile": "default", "batch_size": 32, "block_size": 1024,
-             "error": "out of memory at batch_size=32"}]
+    rows = [
+        {
+            "variant": "hf-default",
+            "compile": "off",
+            "batch_size": 16,
+            "block_size": 1024,
+            "tok_s": 160_000.0,
+            "mfu": 0.138,
+            "attention": "flash_attention",
+            "ms_per_step": 102.4,
+            "warmup_s": 3.0,
+            "peak_alloc_gib": 20.5,
+            "first_loss": 10.99,
+            "last_loss": 8.1,
+        },
+        {
+            "variant": "compiled",
+            "compile": "default",
+            "batch_size": 32,
+            "block_size": 1024,
+            "error": "out of memory at batch_size=32",
+        },
+    ]
     text = bench.table(rows, 160_000.0)
-    assert ("| hf-default | off | flash_attention | 16 x 1024 | 160,000 | 13.8% | 102.4 | 3.0 | 20.5 | 1.00x | "
-            "10.99 -> 8.10 |") in text
+    assert (
+        "| hf-default | off | flash_attention | 16 x 1024 | 160,000 | 13.8% | 102.4 | 3.0 | 20.5 | 1.00x | "
+        "10.99 -> 8.10 |"
+    ) in text
     assert "| compiled | default | | 32 x 1024 | failed: out of memory at batch_size=32 |" in text

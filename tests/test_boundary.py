@@ -39,18 +39,21 @@ def test_the_scan_sees_torch_imports_in_functions_too(tmp_path):
 
 def test_every_tasks_module_imports_where_torch_cannot():
     modules = sorted(f"tasks.{p.stem}" for p in TASKS.glob("*.py") if p.stem != "__init__")
-    code = ("import importlib, sys\n"
-            "class NoTorch:\n"
-            "    def find_spec(self, name, path=None, target=None):\n"
-            "        if name.split('.')[0] == 'torch':\n"
-            "            raise ImportError('torch is not importable in nox\\'s interpreter (test)')\n"
-            "sys.meta_path.insert(0, NoTorch())\n"
-            "for m in sys.argv[1:]:\n"
-            "    importlib.import_module(m)\n"
-            "assert not [m for m in sys.modules if m.split('.')[0] == 'torch']\n"
-            "print('imported', len(sys.argv) - 1)\n")
-    done = subprocess.run([sys.executable, "-c", code, *modules], capture_output=True, text=True, timeout=120,
-                          cwd=layout.ROOT)
+    code = (
+        "import importlib, sys\n"
+        "class NoTorch:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'torch':\n"
+        "            raise ImportError('torch is not importable in nox\\'s interpreter (test)')\n"
+        "sys.meta_path.insert(0, NoTorch())\n"
+        "for m in sys.argv[1:]:\n"
+        "    importlib.import_module(m)\n"
+        "assert not [m for m in sys.modules if m.split('.')[0] == 'torch']\n"
+        "print('imported', len(sys.argv) - 1)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, *modules], capture_output=True, text=True, timeout=120, cwd=layout.ROOT
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == f"imported {len(modules)}"
 
@@ -65,16 +68,29 @@ def test_training_pt_is_a_package_that_says_where_it_runs():
 
 
 def test_the_launcher_isolates_the_child(monkeypatch):
-    for name, value in (("PYTHONPATH", "/elsewhere"), ("PYTHONHOME", "/h"), ("PYTHONSTARTUP", "/s.py"),
-                        ("PYTHONUSERBASE", "/u"), ("PYTHONINSPECT", "1")):
+    for name, value in (
+        ("PYTHONPATH", "/elsewhere"),
+        ("PYTHONHOME", "/h"),
+        ("PYTHONSTARTUP", "/s.py"),
+        ("PYTHONUSERBASE", "/u"),
+        ("PYTHONINSPECT", "1"),
+    ):
         monkeypatch.setenv(name, value)
     env = proc.gpu_env({"OMP_NUM_THREADS": "4", "PYTHONPATH": "/sneaked/in"})
     python_vars = {k: v for k, v in env.items() if k.startswith("PYTHON")}
-    assert python_vars == {"PYTHONPATH": str(layout.ROOT), "PYTHONNOUSERSITE": "1", "PYTHONSAFEPATH": "1",
-                           "PYTHONUNBUFFERED": "1"}
+    assert python_vars == {
+        "PYTHONPATH": str(layout.ROOT),
+        "PYTHONNOUSERSITE": "1",
+        "PYTHONSAFEPATH": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
     assert env["OMP_NUM_THREADS"] == "4" and env["NCCL_NVLS_ENABLE"] == "0" and env["PATH"] == os.environ["PATH"]
     assert proc.gpu_command(Path("/v/bin/python"), layout.BENCH_MODULE, ["--help"]) == [
-        "/v/bin/python", "-m", "training_pt.bench", "--help"]
+        "/v/bin/python",
+        "-m",
+        "training_pt.bench",
+        "--help",
+    ]
 
 
 def test_a_torch_on_pythonpath_is_not_the_one_the_child_imports(tmp_path, monkeypatch, capsys):

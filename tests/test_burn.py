@@ -68,11 +68,29 @@ def test_the_checker_at_the_long_level_without_a_gpu_skips_every_long_check_by_n
     import sys
 
     from tasks import layout
+
     env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
     env["PYTHONPATH"] = str(layout.ROOT)
-    proc = subprocess.run([sys.executable, "-m", layout.GPU_CHECKS_MODULE, "--out", str(tmp_path), "--seed", "7",
-                           "--level", "long", "--duration", "1"], capture_output=True, text=True, env=env,
-                          cwd=tmp_path, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            layout.GPU_CHECKS_MODULE,
+            "--out",
+            str(tmp_path),
+            "--seed",
+            "7",
+            "--level",
+            "long",
+            "--duration",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
     result = json.loads((tmp_path / layout.CUDA_CHECK_JSON).read_text())
     assert proc.returncode == 1 and result["level"] == "long" and result["duration_s"] == 1
     by_name = {c["name"]: c for c in result["checks"]}
@@ -86,6 +104,7 @@ class FakeChecker:
 
     def __init__(self, out_dir, gpus: int) -> None:
         from tasks import config
+
         self.burnin, self.out_dir, self.checks, self.lines = config.load_burnin(), out_dir, [], []
         self.gpus = [{"index": i, "name": "NVIDIA H200", "nvml": None} for i in range(gpus)]
         self.long_samples: list[dict] = []
@@ -95,10 +114,12 @@ class FakeChecker:
 
     def add(self, name, gpu, verdict, seconds: float = 0.0):
         from tasks.cuda_rules import Check
+
         self.checks.append(Check.of(name, gpu, verdict, seconds))
 
     def run(self, name, gpu, fn, *args):
         from tasks.cuda_rules import FAIL, Verdict
+
         try:
             verdict = fn(*args)
         except Exception as e:
@@ -110,18 +131,45 @@ class FakeChecker:
 
 
 def burn_result(checksum="aa", tflops=700.0, bad=0, memory_bad=0):
-    return {"burn_error": "", "memory_error": "", "free_gib": 130.0, "words": 1 << 30, "memory_s": 4.0,
-            "memory": {"walking_ones": 0, "random": memory_bad, "address": 0},
-            "burn": {"iterations": 900, "bad_iterations": bad, "bad_elements": bad, "elements": 8192 * 8192,
-                     "nonfinite": 0, "checksum": checksum, "windows": [(1.0, tflops)], "tflops": tflops}}
+    return {
+        "burn_error": "",
+        "memory_error": "",
+        "free_gib": 130.0,
+        "words": 1 << 30,
+        "memory_s": 4.0,
+        "memory": {"walking_ones": 0, "random": memory_bad, "address": 0},
+        "burn": {
+            "iterations": 900,
+            "bad_iterations": bad,
+            "bad_elements": bad,
+            "elements": 8192 * 8192,
+            "nonfinite": 0,
+            "checksum": checksum,
+            "windows": [(1.0, tflops)],
+            "tflops": tflops,
+        },
+    }
 
 
 def test_the_long_levels_report_names_a_throttle_a_flipped_bit_and_a_slow_gpu_among_peers(tmp_path):
     checker = FakeChecker(tmp_path, gpus=3)
     throttled = {"sm_mhz": 1100, "sm_max_mhz": 1980, "power_w": 700.0, "temp_c": 90.0, "reasons": 0x40}
-    checker.long_samples = [{"t_s": t, "gpu": g, "phase": "burn", "tflops": 700.0, "sm_mhz": 1980,
-                             "sm_max_mhz": 1980, "power_w": 690.0, "temp_c": 60.0, "reasons": 0}
-                            | (throttled if g == 1 and t > 50 else {}) for g in range(3) for t in range(60)]
+    checker.long_samples = [
+        {
+            "t_s": t,
+            "gpu": g,
+            "phase": "burn",
+            "tflops": 700.0,
+            "sm_mhz": 1980,
+            "sm_max_mhz": 1980,
+            "power_w": 690.0,
+            "temp_c": 60.0,
+            "reasons": 0,
+        }
+        | (throttled if g == 1 and t > 50 else {})
+        for g in range(3)
+        for t in range(60)
+    ]
     results = {0: burn_result(), 1: burn_result(bad=1), 2: burn_result(checksum="ab", tflops=550.0)}
     for g in checker.gpus:
         burn.per_gpu_long(checker, g, None, results[g["index"]], None, 60.0)

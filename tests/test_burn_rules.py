@@ -14,11 +14,19 @@ HW_SLOWDOWN, POWER_BRAKE, SW_POWER_CAP = 0x8, 0x80, 0x4
 
 
 def sample(t, sm=1980, reasons=0, power=690.0, temp=60.0, tflops=700.0):
-    return {"t_s": t, "sm_mhz": sm, "sm_max_mhz": 1980, "power_w": power, "temp_c": temp, "reasons": reasons,
-            "tflops": tflops}
+    return {
+        "t_s": t,
+        "sm_mhz": sm,
+        "sm_max_mhz": 1980,
+        "power_w": power,
+        "temp_c": temp,
+        "reasons": reasons,
+        "tflops": tflops,
+    }
 
 
 # ---- the burn's outputs
+
 
 def test_a_burn_whose_products_all_match_passes():
     v = br.judge_burn_compare(iterations=500, bad_iterations=0, bad_elements=0, elements=8192 * 8192)
@@ -48,6 +56,7 @@ def test_two_gpus_that_disagree_are_both_named_and_other_models_are_not_compared
 
 
 # ---- clocks under load
+
 
 def test_a_hardware_slowdown_under_load_fails():
     samples = [sample(t) for t in range(60)] + [sample(60, sm=1200, reasons=HW_SLOWDOWN)]
@@ -85,6 +94,7 @@ def test_timeline_cuts_the_burn_into_slices_with_their_events():
 
 # ---- one GPU among its peers
 
+
 def test_one_slow_gpu_of_eight_is_flagged_in_both_metrics():
     tflops = {g: 700.0 + g for g in range(8)} | {3: 600.0}
     v = br.judge_peers("matmul", "TFLOP/s", tflops, {g: H200 for g in range(8)}, 0.10, FAIL)
@@ -108,9 +118,11 @@ def test_a_slow_peer_can_be_configured_to_warn():
 
 # ---- PCIe
 
+
 def test_an_x8_link_under_load_fails():
-    v = br.judge_pcie_link([(5, 8), (5, 8)], max_gen=5, max_width=16, gpu_max_gen=5, link_severity=FAIL,
-                           slot_severity="WARN")
+    v = br.judge_pcie_link(
+        [(5, 8), (5, 8)], max_gen=5, max_width=16, gpu_max_gen=5, link_severity=FAIL, slot_severity="WARN"
+    )
     assert v.status == FAIL and "x8 instead of x16" in v.reason and v.value.startswith("Gen5 x8")
 
 
@@ -139,6 +151,7 @@ def test_pcie_bandwidth_against_the_link():
 
 # ---- memory, NVLink, peer-to-peer
 
+
 def test_memory_patterns_name_the_pattern_that_read_back_wrong():
     ok = br.judge_memory_patterns({"walking_ones": 0, "random": 0}, 1000, 100.0, 2.0, 120.0)
     assert ok.status == PASS and "500 GiB/s" in ok.value
@@ -149,8 +162,9 @@ def test_memory_patterns_name_the_pattern_that_read_back_wrong():
 def test_nvlink_not_supported_skips_a_down_link_fails_and_growing_errors_warn():
     v = br.judge_nvlink(None, "NVML answers Not Supported (no NVLink on this GPU)", FAIL, "WARN")
     assert v.status == SKIP and v.reason == "NVLink not checked: NVML answers Not Supported (no NVLink on this GPU)"
-    links = [{"link": k, "active": k != 2, "errors_before": {"replay": 0}, "errors_after": {"replay": 0}}
-             for k in range(4)]
+    links = [
+        {"link": k, "active": k != 2, "errors_before": {"replay": 0}, "errors_after": {"replay": 0}} for k in range(4)
+    ]
     assert br.judge_nvlink(links, "", FAIL, "WARN").status == FAIL
     links[2]["active"] = True
     links[1]["errors_after"] = {"replay": 5}
@@ -167,6 +181,7 @@ def test_p2p_matrix_flags_a_slow_pair():
 
 
 # ---- collectives
+
 
 def test_bus_bandwidth_follows_nccl_tests():
     assert br.bus_bandwidth("all_reduce", 8 * 10**9, 1.0, 8) == pytest.approx((8.0, 14.0))
@@ -197,21 +212,43 @@ def test_collectives_fail_on_a_wrong_result_and_warn_below_the_interconnect():
 
 # ---- DCGM
 
-DCGM_DOC = {"DCGM Diagnostic": {"test_categories": [
-    {"category": "Deployment", "tests": [
-        {"name": "software", "results": [{"entity_group": "GPU", "entity_id": 0, "status": "Pass"}],
-         "test_summary": {"status": "Pass"}},
-        {"name": "pcie", "results": [
-            {"entity_group": "GPU", "entity_id": 0, "status": "Pass"},
-            {"entity_group": "GPU", "entity_id": 1, "status": "Fail",
-             "warnings": [{"warning": "PCIe replay rate too high", "error_id": 39}]}]}]}]},
-    "metadata": {"version": "4.2.3"}}
+DCGM_DOC = {
+    "DCGM Diagnostic": {
+        "test_categories": [
+            {
+                "category": "Deployment",
+                "tests": [
+                    {
+                        "name": "software",
+                        "results": [{"entity_group": "GPU", "entity_id": 0, "status": "Pass"}],
+                        "test_summary": {"status": "Pass"},
+                    },
+                    {
+                        "name": "pcie",
+                        "results": [
+                            {"entity_group": "GPU", "entity_id": 0, "status": "Pass"},
+                            {
+                                "entity_group": "GPU",
+                                "entity_id": 1,
+                                "status": "Fail",
+                                "warnings": [{"warning": "PCIe replay rate too high", "error_id": 39}],
+                            },
+                        ],
+                    },
+                ],
+            }
+        ]
+    },
+    "metadata": {"version": "4.2.3"},
+}
 
 
 def test_dcgm_is_summarised_per_plugin():
     tests = br.dcgm_tests(DCGM_DOC)
-    assert [(t["test"], t["status"], t["gpus_failed"]) for t in tests] == [("software", "Pass", []),
-                                                                           ("pcie", "Fail", ["1"])]
+    assert [(t["test"], t["status"], t["gpus_failed"]) for t in tests] == [
+        ("software", "Pass", []),
+        ("pcie", "Fail", ["1"]),
+    ]
     v = br.judge_dcgm(True, 226, DCGM_DOC, 1, FAIL)
     assert v.status == FAIL and "Deployment/pcie on GPU 1 (PCIe replay rate too high)" in v.reason
 
@@ -222,6 +259,7 @@ def test_dcgm_absent_is_one_skip_line():
 
 
 # ---- settings
+
 
 def test_burnin_config_loads_and_time_budget_grows_only_for_long():
     s = config.load_burnin()
@@ -242,6 +280,7 @@ def test_the_burn_plot_and_samples_file_are_written_without_matplotlib():
     import xml.etree.ElementTree as ET
 
     from tasks import burn_plot
+
     samples = [sample(t / 2) | {"gpu": g, "phase": "burn"} for g in range(2) for t in range(20)]
     samples[3]["reasons"] = HW_SLOWDOWN
     svg = burn_plot.burn_svg(samples, "burn on 2 GPUs")
@@ -255,11 +294,13 @@ def test_the_burn_plot_and_samples_file_are_written_without_matplotlib():
 
 def test_the_long_levels_figures_reach_the_stage_record():
     from tasks import cuda_check
-    checks = [{"name": "burn.compare", "gpu": 0, "status": "PASS", "data": {"tflops": 712.34}},
-              {"name": "pcie.link", "gpu": 0, "status": "PASS", "data": {"gen": 5, "width": 16}},
-              {"name": "pcie.bandwidth", "gpu": 0, "status": "PASS",
-               "data": {"h2d_gbs": 55.04, "d2h_gbs": 55.51}},
-              {"name": "memory.patterns", "gpu": 0, "status": "PASS", "data": {"gib": 112.0, "gibs": 2100.0}}]
+
+    checks = [
+        {"name": "burn.compare", "gpu": 0, "status": "PASS", "data": {"tflops": 712.34}},
+        {"name": "pcie.link", "gpu": 0, "status": "PASS", "data": {"gen": 5, "width": 16}},
+        {"name": "pcie.bandwidth", "gpu": 0, "status": "PASS", "data": {"h2d_gbs": 55.04, "d2h_gbs": 55.51}},
+        {"name": "memory.patterns", "gpu": 0, "status": "PASS", "data": {"gib": 112.0, "gibs": 2100.0}},
+    ]
     fig = cuda_check.figures_from({"checks": checks, "counts": {"PASS": 3, "WARN": 1}})
     assert fig["gpu0_burn_tflops"] == 712.3 and fig["gpu0_pcie_link"] == "Gen5 x16"
     assert (fig["gpu0_h2d_gbs"], fig["gpu0_d2h_gbs"]) == (55.0, 55.5) and fig["gpu0_memtest_gibs"] == 2100.0

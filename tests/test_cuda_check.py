@@ -16,10 +16,30 @@ import pytest
 from tasks import cuda_check, layout, proc, records, stage
 from tasks.cuda_rules import ARCH_LIST_SEAM_ENV
 
-GPU_CHECKS = ("arch", "matmul.fp32", "matmul.tf32", "matmul.bf16", "matmul.fp16", "conv2d.fp32", "conv2d.bf16",
-              "sdpa.causal", "reduction", "memory", "speed.copy", "speed.matmul_bf16", "compile", "peer_access",
-              "allreduce", "health.ecc", "health.pages", "health.throttle", "health.xid", "pcie.link",
-              "peers.matmul_bf16", "peers.copy")
+GPU_CHECKS = (
+    "arch",
+    "matmul.fp32",
+    "matmul.tf32",
+    "matmul.bf16",
+    "matmul.fp16",
+    "conv2d.fp32",
+    "conv2d.bf16",
+    "sdpa.causal",
+    "reduction",
+    "memory",
+    "speed.copy",
+    "speed.matmul_bf16",
+    "compile",
+    "peer_access",
+    "allreduce",
+    "health.ecc",
+    "health.pages",
+    "health.throttle",
+    "health.xid",
+    "pcie.link",
+    "peers.matmul_bf16",
+    "peers.copy",
+)
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +49,14 @@ def cpu_run(tmp_path_factory):
     env = {**os.environ, ARCH_LIST_SEAM_ENV: "sm_80,sm_86"}
     env.pop("CUDA_VISIBLE_DEVICES", None)
     env["PYTHONPATH"] = str(layout.ROOT)
-    proc = subprocess.run([sys.executable, "-m", layout.GPU_CHECKS_MODULE, "--out", str(out), "--seed", "7"],
-                          capture_output=True, text=True, env=env, cwd=out, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", layout.GPU_CHECKS_MODULE, "--out", str(out), "--seed", "7"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=out,
+        timeout=300,
+    )
     return proc, out
 
 
@@ -65,7 +91,8 @@ def stand_in_torch(folder: Path) -> Path:
     """A folder holding a fake `torch` that leaves a mark when imported (put on PYTHONPATH by a test)."""
     (folder / "torch").mkdir(parents=True)
     (folder / "torch" / "__init__.py").write_text(
-        f"open({str(folder / 'imported')!r}, 'w').close()\n__version__ = '0.0.0-standin'\n")
+        f"open({str(folder / 'imported')!r}, 'w').close()\n__version__ = '0.0.0-standin'\n"
+    )
     return folder
 
 
@@ -118,7 +145,9 @@ def test_options_reach_the_checker_and_bad_shares_are_refused():
     parser = argparse.ArgumentParser()
     cuda_check.add_arguments(parser)
     args = parser.parse_args(["--check-mem-share", "0.25", "--check-speed-share", "0.6", "--check-seed", "3"])
-    cmd = proc.gpu_command(layout.gpu_python(), layout.GPU_CHECKS_MODULE, cuda_check.checker_args(layout.ROOT / "run", args))
+    cmd = proc.gpu_command(
+        layout.gpu_python(), layout.GPU_CHECKS_MODULE, cuda_check.checker_args(layout.ROOT / "run", args)
+    )
     assert cmd[1:3] == ["-m", "training_pt.gpu_checks"]
     assert cmd[-6:] == ["--mem-share", "0.25", "--speed-share", "0.6", "--seed", "3"]
     for bad in (["--check-mem-share", "0.95"], ["--check-speed-share", "0"], ["--check-mem-share", "half"]):
@@ -128,7 +157,11 @@ def test_options_reach_the_checker_and_bad_shares_are_refused():
 
 
 GOOD_RESULT = {
-    "exit_code": 0, "reason": "", "seed": 5, "total_s": 11.9, "gpus_checked": 1,
+    "exit_code": 0,
+    "reason": "",
+    "seed": 5,
+    "total_s": 11.9,
+    "gpus_checked": 1,
     "counts": {"PASS": 21, "FAIL": 0, "SKIP": 2},
     "versions": {"torch": "2.11.0+cu130", "cuda": "13.0"},
     "checks": [
@@ -145,14 +178,32 @@ def test_outcome_from_a_passing_result_carries_the_key_figures():
     out = cuda_check.outcome_from(GOOD_RESULT, 0, "", 300, ["cuda_check.txt"])
     assert out.status == records.StageStatus.PASS and out.reason == ""
     assert out.figures == {
-        "checks_pass": 21, "checks_fail": 0, "checks_skip": 2, "checks_warn": 0, "gpus_checked": 1, "check_s": 11.9, "seed": 5,
-        "torch": "2.11.0+cu130", "cuda_build": "13.0", "driver_cuda": "13.0", "gpu0_sdpa_backend": "flash",
-        "gpu0_copy_tbs": 2.951, "gpu0_copy_pct_datasheet": 88.1, "gpu0_bf16_tflops": 702.3,
-        "gpu0_bf16_pct_datasheet": 71.0, "device": "cuda", "nproc": 1,
+        "checks_pass": 21,
+        "checks_fail": 0,
+        "checks_skip": 2,
+        "checks_warn": 0,
+        "gpus_checked": 1,
+        "check_s": 11.9,
+        "seed": 5,
+        "torch": "2.11.0+cu130",
+        "cuda_build": "13.0",
+        "driver_cuda": "13.0",
+        "gpu0_sdpa_backend": "flash",
+        "gpu0_copy_tbs": 2.951,
+        "gpu0_copy_pct_datasheet": 88.1,
+        "gpu0_bf16_tflops": 702.3,
+        "gpu0_bf16_pct_datasheet": 71.0,
+        "device": "cuda",
+        "nproc": 1,
     }
-    with_settings = dict(GOOD_RESULT, settings={"speed_share": 0.5, "memory_share": 0.5, "tolerances": {"matmul_bf16": 0.01}})
+    with_settings = dict(
+        GOOD_RESULT, settings={"speed_share": 0.5, "memory_share": 0.5, "tolerances": {"matmul_bf16": 0.01}}
+    )
     assert cuda_check.outcome_from(with_settings, 0, "", 300, []).figures["thresholds"] == {
-        "speed_share": 0.5, "memory_share": 0.5, "tolerances.matmul_bf16": 0.01}
+        "speed_share": 0.5,
+        "memory_share": 0.5,
+        "tolerances.matmul_bf16": 0.01,
+    }
 
 
 def test_a_passing_result_with_a_warning_passes_and_keeps_the_warning_as_its_reason():
@@ -163,8 +214,12 @@ def test_a_passing_result_with_a_warning_passes_and_keeps_the_warning_as_its_rea
 
 
 def test_outcome_when_no_gpu_was_checked_is_a_failure():
-    result = dict(GOOD_RESULT, exit_code=3, gpus_checked=0,
-                  reason="no CUDA device visible to torch: torch sees 0 of 1 GPU(s): CUDA_VISIBLE_DEVICES is set but empty")
+    result = dict(
+        GOOD_RESULT,
+        exit_code=3,
+        gpus_checked=0,
+        reason="no CUDA device visible to torch: torch sees 0 of 1 GPU(s): CUDA_VISIBLE_DEVICES is set but empty",
+    )
     out = cuda_check.outcome_from(result, 3, "", 300, [])
     assert out.status == records.StageStatus.FAIL and out.reason.startswith("no CUDA device visible to torch: ")
 
@@ -172,8 +227,10 @@ def test_outcome_when_no_gpu_was_checked_is_a_failure():
 def test_outcome_without_a_result_names_the_exit_and_the_log():
     crashed = cuda_check.outcome_from(None, 1, "ModuleNotFoundError: No module named 'torch'", 300, [])
     assert crashed.status == records.StageStatus.FAIL
-    assert crashed.reason == ("the checker exited with code 1 and wrote no cuda_check.json (last output: "
-                              "ModuleNotFoundError: No module named 'torch'); see cuda_check.log")
+    assert crashed.reason == (
+        "the checker exited with code 1 and wrote no cuda_check.json (last output: "
+        "ModuleNotFoundError: No module named 'torch'); see cuda_check.log"
+    )
     hung = cuda_check.outcome_from(None, 1, 'File "x", line 3 in bench', 300, [], hung=True)
     assert "hung and stopped itself after 300 s" in hung.reason
     assert "did not finish within 300 s" in cuda_check.outcome_from(None, 124, "", 300, []).reason

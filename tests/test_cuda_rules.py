@@ -16,11 +16,14 @@ MIN_CUDA = config.load_cuda_check()["min_cuda_for_arch"]
 
 # --------------------------------------------------------------------------- arch (check d)
 
+
 def test_sm120_fails_against_cu124_with_the_fix_named():
     v = judge_arch((12, 0), CU124_ARCHES, "NVIDIA GeForce RTX 5090", MIN_CUDA)
     assert v.status == FAIL
-    assert v.reason.startswith("this PyTorch build has no kernels for sm_120 (NVIDIA GeForce RTX 5090); "
-                               "use a channel built for it (cu128 or later for sm_120)")
+    assert v.reason.startswith(
+        "this PyTorch build has no kernels for sm_120 (NVIDIA GeForce RTX 5090); "
+        "use a channel built for it (cu128 or later for sm_120)"
+    )
 
 
 def test_sm120_passes_against_cu128():
@@ -57,8 +60,14 @@ def test_binary_of_another_major_does_not_run():
 
 def test_empty_arch_list_and_seam_source_are_named():
     assert judge_arch((9, 0), [], "NVIDIA H100 80GB HBM3").status == FAIL
-    v = judge_arch((9, 0), ["sm_80", "sm_86"], "NVIDIA H100 80GB HBM3", MIN_CUDA,
-                   source="M40_TEST_ARCH_LIST (test seam)", torch_warnings=["H100 is not compatible"])
+    v = judge_arch(
+        (9, 0),
+        ["sm_80", "sm_86"],
+        "NVIDIA H100 80GB HBM3",
+        MIN_CUDA,
+        source="M40_TEST_ARCH_LIST (test seam)",
+        torch_warnings=["H100 is not compatible"],
+    )
     assert v.status == FAIL and "M40_TEST_ARCH_LIST" in v.reason and "torch warned: H100" in v.reason
 
 
@@ -78,6 +87,7 @@ def test_parse_arch():
 
 
 # --------------------------------------------------------------------------- tolerances (check e)
+
 
 def test_error_within_tolerance_passes():
     assert judge_error(3e-4, 1e-3).status == PASS
@@ -99,8 +109,12 @@ def test_nan_outputs_never_pass_even_with_small_error():
 
 
 def test_sdpa_names_the_backend_and_fails_on_any_wrong_backend():
-    ok = cuda_rules.judge_sdpa("flash", (2e-3, 0), {"flash": (2e-3, 0), "efficient": (2e-3, 0),
-                                                    "cudnn": "n/a: not supported", "math": (1e-3, 0)}, 1e-2)
+    ok = cuda_rules.judge_sdpa(
+        "flash",
+        (2e-3, 0),
+        {"flash": (2e-3, 0), "efficient": (2e-3, 0), "cudnn": "n/a: not supported", "math": (1e-3, 0)},
+        1e-2,
+    )
     assert ok.status == PASS and ok.value.startswith("default flash:") and "cudnn n/a" in ok.value
     wrong = cuda_rules.judge_sdpa("flash", (2e-3, 0), {"efficient": (5e-2, 0)}, 1e-2)
     assert wrong.status == FAIL and "backend efficient" in wrong.reason
@@ -118,6 +132,7 @@ def test_memory_mismatch_fails():
 
 
 # --------------------------------------------------------------------------- device count (check c)
+
 
 def test_count_equal_passes():
     assert judge_count(2, 2, None).status == PASS
@@ -172,6 +187,7 @@ def test_no_gpu_at_all_is_a_skip():
 
 # --------------------------------------------------------------------------- build and driver (a, b)
 
+
 def test_build_cpu_and_rocm_fail_cuda_passes():
     assert judge_build_status("2.13.0+cpu", None) == FAIL
     assert cuda_rules.judge_build("2.6.0+rocm6.2", None, hip="6.2").status == FAIL
@@ -215,47 +231,59 @@ def test_version_helpers():
 
 # --------------------------------------------------------------------------- datasheet and speed (g)
 
-@pytest.mark.parametrize("name, model", [
-    ("NVIDIA H100 80GB HBM3", "H100 SXM"),
-    ("NVIDIA H100 PCIe", "H100 PCIe"),
-    ("NVIDIA H100 NVL", "H100 NVL"),
-    ("NVIDIA H200", "H200 SXM"),
-    ("NVIDIA H200 NVL", "H200 NVL"),
-    ("NVIDIA GH200 480GB", "GH200"),
-    ("NVIDIA GH200 144G HBM3e", "GH200 144GB"),
-    ("NVIDIA H20", "H20"),
-    ("NVIDIA H800", "H800 SXM"),
-    ("NVIDIA H800 PCIe", "H800 PCIe"),
-    ("NVIDIA A100-SXM4-80GB", "A100 SXM 80GB"),
-    ("NVIDIA A100-SXM4-40GB", "A100 SXM 40GB"),
-    ("NVIDIA A100-PCIE-40GB", "A100 PCIe 40GB"),
-    ("NVIDIA A100 80GB PCIe", "A100 PCIe 80GB"),
-    ("NVIDIA A10", "A10"),
-    ("NVIDIA A10G", "A10G"),
-    ("NVIDIA A40", "A40"),
-    ("NVIDIA L40S", "L40S"),
-    ("NVIDIA L40", "L40"),
-    ("NVIDIA L4", "L4"),
-    ("Tesla T4", "T4"),
-    ("Tesla V100-SXM2-32GB", "V100"),
-    ("NVIDIA B200", "B200"),
-    ("NVIDIA B300 SXM6 AC", "B300"),
-    ("NVIDIA GB200", "GB200"),
-    ("NVIDIA RTX 6000 Ada Generation", "RTX 6000 Ada"),
-    ("NVIDIA RTX PRO 6000 Blackwell Workstation Edition", "RTX PRO 6000 Blackwell"),
-    ("NVIDIA RTX PRO 6000 Blackwell Server Edition", "RTX PRO 6000 Blackwell"),
-    ("NVIDIA GeForce RTX 3090", "RTX 3090"),
-    ("NVIDIA GeForce RTX 4090", "RTX 4090"),
-    ("NVIDIA GeForce RTX 5090", "RTX 5090"),
-])
+
+@pytest.mark.parametrize(
+    "name, model",
+    [
+        ("NVIDIA H100 80GB HBM3", "H100 SXM"),
+        ("NVIDIA H100 PCIe", "H100 PCIe"),
+        ("NVIDIA H100 NVL", "H100 NVL"),
+        ("NVIDIA H200", "H200 SXM"),
+        ("NVIDIA H200 NVL", "H200 NVL"),
+        ("NVIDIA GH200 480GB", "GH200"),
+        ("NVIDIA GH200 144G HBM3e", "GH200 144GB"),
+        ("NVIDIA H20", "H20"),
+        ("NVIDIA H800", "H800 SXM"),
+        ("NVIDIA H800 PCIe", "H800 PCIe"),
+        ("NVIDIA A100-SXM4-80GB", "A100 SXM 80GB"),
+        ("NVIDIA A100-SXM4-40GB", "A100 SXM 40GB"),
+        ("NVIDIA A100-PCIE-40GB", "A100 PCIe 40GB"),
+        ("NVIDIA A100 80GB PCIe", "A100 PCIe 80GB"),
+        ("NVIDIA A10", "A10"),
+        ("NVIDIA A10G", "A10G"),
+        ("NVIDIA A40", "A40"),
+        ("NVIDIA L40S", "L40S"),
+        ("NVIDIA L40", "L40"),
+        ("NVIDIA L4", "L4"),
+        ("Tesla T4", "T4"),
+        ("Tesla V100-SXM2-32GB", "V100"),
+        ("NVIDIA B200", "B200"),
+        ("NVIDIA B300 SXM6 AC", "B300"),
+        ("NVIDIA GB200", "GB200"),
+        ("NVIDIA RTX 6000 Ada Generation", "RTX 6000 Ada"),
+        ("NVIDIA RTX PRO 6000 Blackwell Workstation Edition", "RTX PRO 6000 Blackwell"),
+        ("NVIDIA RTX PRO 6000 Blackwell Server Edition", "RTX PRO 6000 Blackwell"),
+        ("NVIDIA GeForce RTX 3090", "RTX 3090"),
+        ("NVIDIA GeForce RTX 4090", "RTX 4090"),
+        ("NVIDIA GeForce RTX 5090", "RTX 5090"),
+    ],
+)
 def test_datasheet_lookup_picks_the_most_specific_entry_for_the_device_name(name, model):
     assert config.gpu_spec_for(name).model == model
 
 
-@pytest.mark.parametrize("name", ["Tesla M40 24GB", "NVIDIA GeForce RTX 4090 Laptop GPU",
-                                  "NVIDIA GeForce RTX 5090 Laptop GPU", "NVIDIA GeForce RTX 3090 Ti",
-                                  "NVIDIA GeForce RTX 4090 D", "Quadro RTX 6000",
-                                  "NVIDIA RTX PRO 6000 Blackwell Max-Q Workstation Edition"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "Tesla M40 24GB",
+        "NVIDIA GeForce RTX 4090 Laptop GPU",
+        "NVIDIA GeForce RTX 5090 Laptop GPU",
+        "NVIDIA GeForce RTX 3090 Ti",
+        "NVIDIA GeForce RTX 4090 D",
+        "Quadro RTX 6000",
+        "NVIDIA RTX PRO 6000 Blackwell Max-Q Workstation Edition",
+    ],
+)
 def test_a_gpu_whose_figures_differ_from_a_listed_name_has_no_datasheet(name):
     assert config.gpu_spec_for(name) is None
 
@@ -265,15 +293,25 @@ def test_every_datasheet_entry_holds_the_figures_and_no_two_entries_the_same_wor
     assert len(specs) >= 30 and all(s.memory_gb > 0 and s.mem_bw_tbs for s in specs)
     assert {s.model for s in specs if s.bf16_tflops is None} == {"T4", "V100", "A10G"}
     bad = tmp_path / "gpus.yaml"
-    bad.write_text("gpus:\n  - {model: a, match: [h100], bf16_tflops: 1, mem_bw_tbs: 1, memory_gb: 1}\n"
-                   "  - {model: b, match: [H100], bf16_tflops: 2, mem_bw_tbs: 1, memory_gb: 1}\n")
+    bad.write_text(
+        "gpus:\n  - {model: a, match: [h100], bf16_tflops: 1, mem_bw_tbs: 1, memory_gb: 1}\n"
+        "  - {model: b, match: [H100], bf16_tflops: 2, mem_bw_tbs: 1, memory_gb: 1}\n"
+    )
     with pytest.raises(config.ConfigError, match=r"gpus\[1\]\.match: same words as 'a'"):
         config.load_gpus(bad)
 
 
 def test_speed_below_share_fails_naming_causes():
-    v = cuda_rules.judge_speed("bf16 matmul", 300.0, "TFLOP/s", 989.0, 0.5, "H100 SXM", "NVIDIA H100 80GB HBM3",
-                               ["clocks under load limited by hw_power_brake_slowdown"])
+    v = cuda_rules.judge_speed(
+        "bf16 matmul",
+        300.0,
+        "TFLOP/s",
+        989.0,
+        0.5,
+        "H100 SXM",
+        "NVIDIA H100 80GB HBM3",
+        ["clocks under load limited by hw_power_brake_slowdown"],
+    )
     assert v.status == FAIL and "30% of H100 SXM" in v.value and "hw_power_brake_slowdown" in v.reason
     assert "throttling" in v.reason and "power" in v.reason
 
@@ -295,6 +333,7 @@ def test_a_gpu_missing_from_the_datasheet_skips_speed_naming_the_figure_and_wher
 
 
 # --------------------------------------------------------------------------- health (j) and multi-GPU (i)
+
 
 def test_clock_event_reasons_decode_to_names_and_keep_unknown_bits():
     assert cuda_rules.clock_event_names(0) == []
@@ -367,6 +406,7 @@ def test_allreduce_verdicts():
 
 # --------------------------------------------------------------------------- summary
 
+
 def _check(status, gpu=0, name="x", reason="r"):
     return Check(name, gpu, status, "", reason)
 
@@ -375,7 +415,9 @@ def test_exit_code_and_stage_reason():
     assert cuda_rules.exit_code([_check(PASS), _check(SKIP, None)]) == cuda_rules.EXIT_OK
     checks = [_check(PASS), _check(FAIL, 0, "arch", "no kernels"), _check(FAIL, 1, "memory")]
     assert cuda_rules.exit_code(checks) == cuda_rules.EXIT_FAIL
-    assert cuda_rules.stage_reason(checks) == "2 check(s) FAIL: gpu0 arch: no kernels (+1 more FAIL, see cuda_check.txt)"
+    assert (
+        cuda_rules.stage_reason(checks) == "2 check(s) FAIL: gpu0 arch: no kernels (+1 more FAIL, see cuda_check.txt)"
+    )
     no_gpu = [Check("device_count", None, SKIP, "", "no NVIDIA GPU here"), _check(SKIP, None, "arch")]
     assert cuda_rules.exit_code(no_gpu) == cuda_rules.EXIT_NO_GPU
     assert cuda_rules.stage_reason(no_gpu) == "no CUDA device visible to torch: no NVIDIA GPU here"
@@ -388,6 +430,7 @@ def test_report_line():
 
 
 # --------------------------------------------------------------------------- the settings file
+
 
 def test_a_config_file_that_is_not_utf8_is_one_line_naming_the_file(tmp_path):
     bad = tmp_path / "cuda_check.yaml"
@@ -429,6 +472,7 @@ def test_settings_load_and_bad_values_are_one_line_errors(tmp_path):
 
 
 # --------------------------------------------------------------------------- MIG slices
+
 
 def test_a_mig_slice_name_matches_its_parent_gpu_and_not_a_model_named_by_the_slice_memory():
     assert config.gpu_spec_for("NVIDIA A100-SXM4-80GB MIG 3g.40gb").model == "A100 SXM 80GB"

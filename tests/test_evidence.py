@@ -18,26 +18,74 @@ import pytest
 from tasks import evidence, layout, records, runs, stage, text
 from tasks.records import StageRecord, StageStatus
 
-GPU = {"index": 0, "name": "NVIDIA H100 80GB HBM3", "model": "H100 SXM", "uuid": "GPU-1234", "pci_bus_id": "00000000:18:00.0",
-       "compute_capability": "9.0", "memory_total_mib": 81559, "memory_free_mib": 81004, "ecc_current": "enabled",
-       "ecc_pending": "enabled", "ecc_uncorrected_volatile": 0, "ecc_uncorrected_aggregate": 0,
-       "persistence_mode": "enabled", "clock_event_reasons": ["gpu_idle"]}
-STAGE_TEXT = {"env_info.txt": "env of the machine\n", "nvidia_smi.txt": "raw smi\n",
-              "torch_version.txt": "torch 2.11.0+cu130\n", "cuda_check.txt": "all checks pass\n",
-              "training_log.txt": "step 1 loss 10.9\n"}
-TORCH_ID = {"version": "2.11.0+cu130", "file": "/m/.venv-gpu/lib/python3.12/site-packages/torch/__init__.py",
-            "record_sha256": "0" * 64}
-FIGURES = {"probe": {"source": "nvml", "driver": "580.95.05", "driver_cuda": "13.0", "gpu_count": 1},
-           "install": {"channel": "cu130", "torch": "2.11.0+cu130", "cuda": "13.0", "torch_identity": TORCH_ID},
-           "cuda_check": {"checks_pass": 21, "checks_fail": 0, "checks_skip": 2, "gpus_checked": 1,
-                          "gpu0_bf16_tflops": 793.3, "gpu0_bf16_pct_datasheet": 80.2, "gpu0_copy_tbs": 2.584,
-                          "gpu0_copy_pct_datasheet": 77.1, "cuda_build": "13.0", "torch_identity": TORCH_ID},
-           "train": {"model": "gpt2", "first_loss": 10.912, "final_loss": 5.2628, "steps": 30, "tok_s": 420319,
-                     "tok_s_per_gpu": 420319, "mfu_pct": 36.4, "peak_tflops": 989.0, "transformers": "5.0.0",
-                     "device": "cuda", "nproc": 1, "torch_identity": TORCH_ID}}
+GPU = {
+    "index": 0,
+    "name": "NVIDIA H100 80GB HBM3",
+    "model": "H100 SXM",
+    "uuid": "GPU-1234",
+    "pci_bus_id": "00000000:18:00.0",
+    "compute_capability": "9.0",
+    "memory_total_mib": 81559,
+    "memory_free_mib": 81004,
+    "ecc_current": "enabled",
+    "ecc_pending": "enabled",
+    "ecc_uncorrected_volatile": 0,
+    "ecc_uncorrected_aggregate": 0,
+    "persistence_mode": "enabled",
+    "clock_event_reasons": ["gpu_idle"],
+}
+STAGE_TEXT = {
+    "env_info.txt": "env of the machine\n",
+    "nvidia_smi.txt": "raw smi\n",
+    "torch_version.txt": "torch 2.11.0+cu130\n",
+    "cuda_check.txt": "all checks pass\n",
+    "training_log.txt": "step 1 loss 10.9\n",
+}
+TORCH_ID = {
+    "version": "2.11.0+cu130",
+    "file": "/m/.venv-gpu/lib/python3.12/site-packages/torch/__init__.py",
+    "record_sha256": "0" * 64,
+}
+FIGURES = {
+    "probe": {"source": "nvml", "driver": "580.95.05", "driver_cuda": "13.0", "gpu_count": 1},
+    "install": {"channel": "cu130", "torch": "2.11.0+cu130", "cuda": "13.0", "torch_identity": TORCH_ID},
+    "cuda_check": {
+        "checks_pass": 21,
+        "checks_fail": 0,
+        "checks_skip": 2,
+        "gpus_checked": 1,
+        "gpu0_bf16_tflops": 793.3,
+        "gpu0_bf16_pct_datasheet": 80.2,
+        "gpu0_copy_tbs": 2.584,
+        "gpu0_copy_pct_datasheet": 77.1,
+        "cuda_build": "13.0",
+        "torch_identity": TORCH_ID,
+    },
+    "train": {
+        "model": "gpt2",
+        "first_loss": 10.912,
+        "final_loss": 5.2628,
+        "steps": 30,
+        "tok_s": 420319,
+        "tok_s_per_gpu": 420319,
+        "mfu_pct": 36.4,
+        "peak_tflops": 989.0,
+        "transformers": "5.0.0",
+        "device": "cuda",
+        "nproc": 1,
+        "torch_identity": TORCH_ID,
+    },
+}
 # cuda_check.json's versions, as the checker reads them inside .venv-gpu
-CHECKER_VERSIONS = {"torch": "2.11.0+cu130", "cuda": "13.0", "cudnn": "9.19.0", "nccl": "2.28.9", "triton": "3.6.0",
-                    "python": "3.12.3", "driver": "580.95.05"}
+CHECKER_VERSIONS = {
+    "torch": "2.11.0+cu130",
+    "cuda": "13.0",
+    "cudnn": "9.19.0",
+    "nccl": "2.28.9",
+    "triton": "3.6.0",
+    "python": "3.12.3",
+    "driver": "580.95.05",
+}
 SHA256SUM = shutil.which("sha256sum")
 
 
@@ -61,8 +109,9 @@ def make_run(tmp_path, statuses: dict[str, str], reasons: dict[str, str] | None 
         if name == "cuda_check" and status in (StageStatus.PASS, StageStatus.FAIL):
             (run_dir / layout.CUDA_CHECK_JSON).write_text(json.dumps({"versions": CHECKER_VERSIONS}))
         if name == "probe":
-            (run_dir / layout.GPUS_JSON).write_text(json.dumps({"schema": 1, "source": "nvml", "driver": "580.95.05",
-                                                                "driver_cuda": "13.0", "gpus": [GPU]}))
+            (run_dir / layout.GPUS_JSON).write_text(
+                json.dumps({"schema": 1, "source": "nvml", "driver": "580.95.05", "driver_cuda": "13.0", "gpus": [GPU]})
+            )
     return run_dir
 
 
@@ -73,14 +122,24 @@ def render(run_dir):
 
 
 def sha256sum_check(run_dir):
-    return subprocess.run([SHA256SUM, "--strict", "-c", layout.SUMS_FILE], cwd=run_dir,  # noqa: S603
-                          capture_output=True, text=True)
+    return subprocess.run(
+        [SHA256SUM, "--strict", "-c", layout.SUMS_FILE],
+        cwd=run_dir,  # noqa: S603
+        capture_output=True,
+        text=True,
+    )
 
 
-ALL_PASS = {"probe": StageStatus.PASS, "install": StageStatus.PASS, "cuda_check": StageStatus.PASS, "train": StageStatus.PASS}
+ALL_PASS = {
+    "probe": StageStatus.PASS,
+    "install": StageStatus.PASS,
+    "cuda_check": StageStatus.PASS,
+    "train": StageStatus.PASS,
+}
 
 
 # --------------------------------------------------------------------------- rendering a fixture run
+
 
 @pytest.mark.skipif(SHA256SUM is None, reason="needs coreutils sha256sum")
 def test_passing_run_renders_readme_summary_and_verifiable_sums(tmp_path):
@@ -102,9 +161,17 @@ def test_passing_run_renders_readme_summary_and_verifiable_sums(tmp_path):
     assert "**PASS**" in readme.split("## Stages")[0]
     assert "| probe | PASS | 1.5 s |" in readme
     assert "| 0 | NVIDIA H100 80GB HBM3 | H100 SXM | 81559 (81004) | 9.0 | enabled/enabled | 0/0 |" in readme
-    for name, value in (("NVIDIA driver", "580.95.05 (supports CUDA 13.0)"), ("Python (.venv-gpu)", "3.12.3"),
-                        ("torch", "2.11.0+cu130"), ("CUDA (torch build)", "13.0"), ("cuDNN", "9.19.0"),
-                        ("NCCL", "2.28.9"), ("triton", "3.6.0"), ("transformers", "5.0.0"), ("install channel", "cu130")):
+    for name, value in (
+        ("NVIDIA driver", "580.95.05 (supports CUDA 13.0)"),
+        ("Python (.venv-gpu)", "3.12.3"),
+        ("torch", "2.11.0+cu130"),
+        ("CUDA (torch build)", "13.0"),
+        ("cuDNN", "9.19.0"),
+        ("NCCL", "2.28.9"),
+        ("triton", "3.6.0"),
+        ("transformers", "5.0.0"),
+        ("install channel", "cu130"),
+    ):
         assert f"| {name} | {value} |" in readme
     assert "| this tool (git commit) | " in readme
     assert "![loss.svg](loss.svg)" in readme
@@ -134,8 +201,16 @@ def test_passing_run_renders_readme_summary_and_verifiable_sums(tmp_path):
 
 def test_failed_run_names_the_stage_and_writes_why_files_are_missing(tmp_path):
     reason = "found driver 550.54.15 supporting CUDA 12.4; need CUDA >= 12.8; upgrade the driver"
-    run_dir = make_run(tmp_path, {"probe": StageStatus.PASS, "install": StageStatus.FAIL, "cuda_check": StageStatus.SKIP, "train": StageStatus.SKIP},
-                       {"install": reason, "cuda_check": "not run: install failed", "train": "not run: install failed"})
+    run_dir = make_run(
+        tmp_path,
+        {
+            "probe": StageStatus.PASS,
+            "install": StageStatus.FAIL,
+            "cuda_check": StageStatus.SKIP,
+            "train": StageStatus.SKIP,
+        },
+        {"install": reason, "cuda_check": "not run: install failed", "train": "not run: install failed"},
+    )
     (run_dir / "torch_version.txt").unlink()  # install failed before writing its file
     render(run_dir)
 
@@ -144,7 +219,9 @@ def test_failed_run_names_the_stage_and_writes_why_files_are_missing(tmp_path):
     assert f"**FAIL at install** (exit code 20).\n\n**What happened:** {text.md_inert(reason)}" in readme
     assert readme.count(text.md_inert(reason)) == 1  # said once
     assert "| cuda_check | SKIP |" in readme
-    assert (run_dir / "torch_version.txt").read_text().startswith(f"install failed before it wrote this file — {reason}")
+    assert (
+        (run_dir / "torch_version.txt").read_text().startswith(f"install failed before it wrote this file — {reason}")
+    )
     assert (run_dir / "cuda_check.txt").read_text().startswith(f"cuda_check did not run: install failed — {reason}")
     assert (run_dir / "training_log.txt").read_text().startswith("train did not run: install failed")
     summary = json.loads((run_dir / layout.SUMMARY_FILE).read_text())
@@ -152,8 +229,11 @@ def test_failed_run_names_the_stage_and_writes_why_files_are_missing(tmp_path):
 
 
 def test_interrupted_run_says_where(tmp_path):
-    run_dir = make_run(tmp_path, {"probe": StageStatus.PASS, "install": StageStatus.PASS, "cuda_check": StageStatus.INTERRUPTED},
-                       {"cuda_check": "interrupted by the user (Ctrl-C) during cuda_check"})
+    run_dir = make_run(
+        tmp_path,
+        {"probe": StageStatus.PASS, "install": StageStatus.PASS, "cuda_check": StageStatus.INTERRUPTED},
+        {"cuda_check": "interrupted by the user (Ctrl-C) during cuda_check"},
+    )
     render(run_dir)
     readme = (run_dir / layout.README_FILE).read_text()
     assert "**INTERRUPTED at cuda_check** (exit code 130)." in readme
@@ -216,6 +296,7 @@ def test_broken_template_fails_evidence_and_leaves_the_run_unsealed(tmp_path, mo
 
 # --------------------------------------------------------------------------- a stage that never finished
 
+
 def test_a_stage_killed_mid_way_reads_as_did_not_finish_not_its_earlier_pass(tmp_path):
     """Re-running probe in a folder whose records all say pass, killed with SIGKILL (as the OOM killer or
     a Slurm/Kubernetes stop would): the old pass record must not survive."""
@@ -224,9 +305,14 @@ def test_a_stage_killed_mid_way_reads_as_did_not_finish_not_its_earlier_pass(tmp
     fake_gpu.write_script(bin_dir, f": > '{started}'\nexec sleep 60\n")  # a driver tool that hangs
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(layout.ROOT)}
     code = "import sys; from tasks import stage; sys.exit(stage.main('probe', sys.argv[1:]))"
-    child = subprocess.Popen([sys.executable, "-c", code, "--run-dir", str(run_dir), "--probe-source", "nvidia-smi"],  # noqa: S603
-                             cwd=layout.ROOT, env=env, start_new_session=True,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    child = subprocess.Popen(
+        [sys.executable, "-c", code, "--run-dir", str(run_dir), "--probe-source", "nvidia-smi"],  # noqa: S603
+        cwd=layout.ROOT,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 60
         while not started.exists() and child.poll() is None and time.monotonic() < deadline:
@@ -246,24 +332,35 @@ def test_a_stage_killed_mid_way_reads_as_did_not_finish_not_its_earlier_pass(tmp
 
 # --------------------------------------------------------------------------- the README as its receiver reads it
 
+
 def test_the_first_lines_of_a_pass_are_the_verdict_and_the_figures_that_prove_it(tmp_path):
     run_dir = make_run(tmp_path, ALL_PASS)
     render(run_dir)
     head = (run_dir / layout.README_FILE).read_text().split("\nRendered ")[0]
     assert head.splitlines()[2].startswith("**PASS** (exit code 0): this machine trains with PyTorch on its 1 GPU(s).")
-    for row in ("| CUDA checks | 21 passed, 0 failed, 2 skipped on 1 GPU(s) (cuda_check.txt) |",
-                "| bf16 matmul | 793.3 TFLOP/s (80.2% of datasheet); dense bf16 matmul |",
-                "| memory copy | 2.584 TB/s (77.1% of datasheet); device memory copy |",
-                "| training loss | gpt2: 10.91 → 5.26 in 30 steps |",
-                "| training speed | 420,319 tok/s on cuda |",
-                "| MFU | 36.4% of 989 TFLOP/s bf16 dense per GPU |"):
+    for row in (
+        "| CUDA checks | 21 passed, 0 failed, 2 skipped on 1 GPU(s) (cuda_check.txt) |",
+        "| bf16 matmul | 793.3 TFLOP/s (80.2% of datasheet); dense bf16 matmul |",
+        "| memory copy | 2.584 TB/s (77.1% of datasheet); device memory copy |",
+        "| training loss | gpt2: 10.91 → 5.26 in 30 steps |",
+        "| training speed | 420,319 tok/s on cuda |",
+        "| MFU | 36.4% of 989 TFLOP/s bf16 dense per GPU |",
+    ):
         assert row in head, row
 
 
 def test_a_fail_says_what_happened_and_what_to_do_once(tmp_path):
     reason = "no channel gave a verified CUDA torch: cu128 unreachable; use cu130"
-    run_dir = make_run(tmp_path, {"probe": StageStatus.PASS, "install": StageStatus.FAIL,
-                                  "cuda_check": StageStatus.SKIP, "train": StageStatus.SKIP}, {"install": reason})
+    run_dir = make_run(
+        tmp_path,
+        {
+            "probe": StageStatus.PASS,
+            "install": StageStatus.FAIL,
+            "cuda_check": StageStatus.SKIP,
+            "train": StageStatus.SKIP,
+        },
+        {"install": reason},
+    )
     render(run_dir)
     readme = (run_dir / layout.README_FILE).read_text()
     assert readme.count("**What happened:**") == 1 and readme.count("**What to do:**") == 1
@@ -308,6 +405,7 @@ def test_a_cpu_training_run_has_no_mfu_row_and_still_renders(tmp_path):
 
 
 # --------------------------------------------------------------------------- collect_env.txt
+
 
 def test_collect_env_runs_in_the_gpu_environment_without_our_pythonpath(tmp_path, monkeypatch):
     """A real torch.utils.collect_env from the GPU environment's interpreter (here: the test env's CPU torch);

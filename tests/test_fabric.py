@@ -49,9 +49,13 @@ def fake_dcgmi(bin_dir, body: str):
 
 def test_dcgmi_diag_json_is_kept_and_summarised_per_plugin(tmp_path, monkeypatch):
     from tasks import dcgm
+
     (tmp_path / "sample.json").write_text(DCGM_SAMPLE + "\n")
-    bin_dir = fake_dcgmi(tmp_path / "bin", f'echo "$@" > {tmp_path}/argv\n'
-                         f'while IFS= read -r line; do echo "$line"; done < {tmp_path}/sample.json\nexit 226\n')
+    bin_dir = fake_dcgmi(
+        tmp_path / "bin",
+        f'echo "$@" > {tmp_path}/argv\n'
+        f'while IFS= read -r line; do echo "$line"; done < {tmp_path}/sample.json\nexit 226\n',
+    )
     monkeypatch.setenv("PATH", str(bin_dir))
     found, code, doc, error = dcgm.run_diag(2, 30, tmp_path / "dcgm_diag.json")
     assert (found, code, error) == (True, 226, "")
@@ -64,10 +68,12 @@ def test_dcgmi_diag_json_is_kept_and_summarised_per_plugin(tmp_path, monkeypatch
 
 def test_no_dcgmi_is_one_line_and_garbage_output_is_named(tmp_path, monkeypatch):
     from tasks import dcgm
+
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     assert dcgm.run_diag(1, 30, tmp_path / "x.json") == (False, None, None, "")
-    monkeypatch.setenv("PATH", str(fake_dcgmi(tmp_path / "bin", "echo 'Error: unable to connect to host engine'\n"
-                                              "exit 1\n")))
+    monkeypatch.setenv(
+        "PATH", str(fake_dcgmi(tmp_path / "bin", "echo 'Error: unable to connect to host engine'\nexit 1\n"))
+    )
     found, code, doc, error = dcgm.run_diag(1, 30, tmp_path / "x.json")
     assert found and code == 1 and doc is None and "unable to connect to host engine" in error
     assert br.judge_dcgm(found, code, doc, 1, "FAIL").status == "FAIL"
@@ -75,6 +81,7 @@ def test_no_dcgmi_is_one_line_and_garbage_output_is_named(tmp_path, monkeypatch)
 
 def test_the_stage_passes_level_and_duration_to_the_checker_and_refuses_a_bad_duration(capsys):
     from tasks import cuda_check, stage
+
     parser = stage.parser_for("nox -s cuda_check --", "x")
     cuda_check.add_arguments(parser)
     args = parser.parse_args(["--level", "long", "--duration", "120", "--dcgm-level", "2"])
@@ -94,17 +101,27 @@ def test_the_stage_passes_level_and_duration_to_the_checker_and_refuses_a_bad_du
 def fake_nvml(monkeypatch):
     """NVML answers as an H200 gives them (issue 13): Gen5 x16, NVLink Not Supported on one GPU."""
     import pynvml
-    answers = {"nvmlDeviceGetCurrPcieLinkGeneration": 5, "nvmlDeviceGetCurrPcieLinkWidth": 16,
-               "nvmlDeviceGetMaxPcieLinkGeneration": 5, "nvmlDeviceGetMaxPcieLinkWidth": 16,
-               "nvmlDeviceGetGpuMaxPcieLinkGeneration": 5, "nvmlDeviceGetPowerUsage": 690500,
-               "nvmlDeviceGetTemperature": 57, "nvmlDeviceGetCurrentClocksEventReasons": 0x4}
+
+    answers = {
+        "nvmlDeviceGetCurrPcieLinkGeneration": 5,
+        "nvmlDeviceGetCurrPcieLinkWidth": 16,
+        "nvmlDeviceGetMaxPcieLinkGeneration": 5,
+        "nvmlDeviceGetMaxPcieLinkWidth": 16,
+        "nvmlDeviceGetGpuMaxPcieLinkGeneration": 5,
+        "nvmlDeviceGetPowerUsage": 690500,
+        "nvmlDeviceGetTemperature": 57,
+        "nvmlDeviceGetCurrentClocksEventReasons": 0x4,
+    }
     for name, value in answers.items():
         monkeypatch.setattr(pynvml, name, lambda *a, v=value: v)
-    monkeypatch.setattr(pynvml, "nvmlDeviceGetClockInfo", lambda h, kind: 1980 if kind == pynvml.NVML_CLOCK_SM else 3201)
+    monkeypatch.setattr(
+        pynvml, "nvmlDeviceGetClockInfo", lambda h, kind: 1980 if kind == pynvml.NVML_CLOCK_SM else 3201
+    )
     monkeypatch.setattr(pynvml, "nvmlDeviceGetMaxClockInfo", lambda h, kind: 1980)
 
     def not_supported(*a):
         raise pynvml.NVMLError_NotSupported()
+
     monkeypatch.setattr(pynvml, "nvmlDeviceGetNvLinkState", not_supported)
     return pynvml
 

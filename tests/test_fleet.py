@@ -33,17 +33,36 @@ def check_figures(gpus: int, bf16: float, copy: float) -> dict:
     return fig
 
 
-def make_node(root, host: str, *, gpus: int = 8, model: str = MODEL, bf16: float = 700.0, copy: float = 2.9, tok_s_per_gpu: int = 90_000,
-              fail: tuple[str, str] | None = None, seal: bool = True, train_extra: dict | None = None):
+def make_node(
+    root,
+    host: str,
+    *,
+    gpus: int = 8,
+    model: str = MODEL,
+    bf16: float = 700.0,
+    copy: float = 2.9,
+    tok_s_per_gpu: int = 90_000,
+    fail: tuple[str, str] | None = None,
+    seal: bool = True,
+    train_extra: dict | None = None,
+):
     """A node's run folder (root/host/m40_v1) as the stages leave it, sealed by the real evidence stage."""
     run_dir = root / host / "m40_v1"
     run_dir.mkdir(parents=True)
-    figures = {"probe": {"host": host, "source": "nvml", "driver": "580.95.05", "driver_cuda": "13.0", "gpu_count": gpus},
-               "install": {"channel": "cu130", "torch": "2.11.0+cu130", "torch_identity": TORCH_ID},
-               "cuda_check": check_figures(gpus, bf16, copy),
-               "train": {"tok_s": tok_s_per_gpu * gpus, "tok_s_per_gpu": tok_s_per_gpu, "mfu_pct": 41.5,
-                         "device": "cuda", "nproc": gpus, "torch_identity": TORCH_ID,
-                         **(train_extra or {})}}
+    figures = {
+        "probe": {"host": host, "source": "nvml", "driver": "580.95.05", "driver_cuda": "13.0", "gpu_count": gpus},
+        "install": {"channel": "cu130", "torch": "2.11.0+cu130", "torch_identity": TORCH_ID},
+        "cuda_check": check_figures(gpus, bf16, copy),
+        "train": {
+            "tok_s": tok_s_per_gpu * gpus,
+            "tok_s_per_gpu": tok_s_per_gpu,
+            "mfu_pct": 41.5,
+            "device": "cuda",
+            "nproc": gpus,
+            "torch_identity": TORCH_ID,
+            **(train_extra or {}),
+        },
+    }
     failed_at = fail[0] if fail else None
     for name in ("probe", "install", "cuda_check", "train"):
         if failed_at and layout.STAGES.index(name) > layout.STAGES.index(failed_at):
@@ -53,12 +72,26 @@ def make_node(root, host: str, *, gpus: int = 8, model: str = MODEL, bf16: float
         records.write(run_dir, StageRecord(name, status, reason, duration_s=1.0, figures=figures[name]))
         for f in layout.STAGE_FILES[name]:
             (run_dir / f).write_text(f"{name} output\n")
-    gpu = {"name": NAME, "model": model, "uuid": "GPU-1234", "pci_bus_id": "00000000:18:00.0", "compute_capability": "9.0",
-           "memory_total_mib": 81559, "memory_free_mib": 81004, "ecc_current": "enabled", "ecc_pending": "enabled",
-           "ecc_uncorrected_volatile": 0, "ecc_uncorrected_aggregate": 0, "persistence_mode": "enabled",
-           "clock_event_reasons": []}
-    (run_dir / layout.GPUS_JSON).write_text(json.dumps({"schema": 1, "source": "nvml", "driver": "580.95.05",
-                                                        "gpus": [dict(gpu, index=i) for i in range(gpus)]}))
+    gpu = {
+        "name": NAME,
+        "model": model,
+        "uuid": "GPU-1234",
+        "pci_bus_id": "00000000:18:00.0",
+        "compute_capability": "9.0",
+        "memory_total_mib": 81559,
+        "memory_free_mib": 81004,
+        "ecc_current": "enabled",
+        "ecc_pending": "enabled",
+        "ecc_uncorrected_volatile": 0,
+        "ecc_uncorrected_aggregate": 0,
+        "persistence_mode": "enabled",
+        "clock_event_reasons": [],
+    }
+    (run_dir / layout.GPUS_JSON).write_text(
+        json.dumps(
+            {"schema": 1, "source": "nvml", "driver": "580.95.05", "gpus": [dict(gpu, index=i) for i in range(gpus)]}
+        )
+    )
     if seal:
         with runs.locked(run_dir):
             assert stage.execute("evidence", run_dir, argparse.Namespace()).ok
@@ -78,7 +111,9 @@ def fleet_dir(tmp_path):
     summary = json.loads((tampered / layout.SUMMARY_FILE).read_text())
     (tampered / layout.SUMMARY_FILE).write_text(json.dumps({**summary, "verdict": "PASS", "reason": ""}) + " ")
     make_node(root, "node09", seal=False)
-    make_node(root, "odd01", gpus=1, model="A100 SXM4 80GB", bf16=300.0)  # one node of its model: no median, never an outlier
+    make_node(
+        root, "odd01", gpus=1, model="A100 SXM4 80GB", bf16=300.0
+    )  # one node of its model: no median, never an outlier
     return root
 
 
@@ -96,6 +131,7 @@ def row_of(doc: dict, host: str) -> dict:
 
 
 # --------------------------------------------------------------------------- the report over fixtures
+
 
 def test_fleet_report_names_every_node_its_verdict_and_the_slow_one(tmp_path, fleet_dir, capsys):
     code, doc, md, csv_rows = report(tmp_path, fleet_dir)
@@ -129,7 +165,9 @@ def test_fleet_report_names_every_node_its_verdict_and_the_slow_one(tmp_path, fl
     assert "| TAMPERED | 1 |" in md and "| PASS | 7 |" in md
 
     assert [r["host"] for r in csv_rows] == [r["host"] for r in doc["rows"]]
-    assert csv_rows[0]["bf16_tflops"] == "" and row_of({"rows": csv_rows}, "node06")["outliers"].startswith("bf16_tflops")
+    assert csv_rows[0]["bf16_tflops"] == "" and row_of({"rows": csv_rows}, "node06")["outliers"].startswith(
+        "bf16_tflops"
+    )
     assert "fleet:   FAIL        node07 (node07/m40_v1): gpu3 speed.copy" in capsys.readouterr().out
 
 

@@ -19,9 +19,14 @@ def test_sbatch_script_is_valid_bash_with_one_task_per_node_and_a_fleet_report()
     assert check.returncode == 0, check.stderr
     text = script.read_text()
     assert text.startswith("#!/bin/bash\n") and "#SBATCH --ntasks-per-node=1" in text
-    assert "srun --ntasks-per-node=1" in text and "nox -s fleet -- \"$M40_RESULTS\"" in text
-    for option in ("--nnodes \"$SLURM_NNODES\"", "--node-rank \"$SLURM_NODEID\"", "--rdzv-endpoint",
-                   "--rdzv-id \"$SLURM_JOB_ID\"", "--rdzv-timeout"):
+    assert "srun --ntasks-per-node=1" in text and 'nox -s fleet -- "$M40_RESULTS"' in text
+    for option in (
+        '--nnodes "$SLURM_NNODES"',
+        '--node-rank "$SLURM_NODEID"',
+        "--rdzv-endpoint",
+        '--rdzv-id "$SLURM_JOB_ID"',
+        "--rdzv-timeout",
+    ):
         assert option in text
 
 
@@ -51,8 +56,12 @@ def test_k8s_example_is_an_indexed_job_on_the_device_plugin_with_a_rendezvous_se
     assert env["RDZV_ENDPOINT"] == f"{job['metadata']['name']}-0.{service['metadata']['name']}:29500"
     assert container["resources"]["limits"]["nvidia.com/gpu"] >= 1
     script = container["args"][0]
-    for option in ('--nnodes "$NNODES"', '--node-rank "$JOB_COMPLETION_INDEX"', '--rdzv-endpoint "$RDZV_ENDPOINT"',
-                   '--rdzv-id "$RDZV_ID"'):
+    for option in (
+        '--nnodes "$NNODES"',
+        '--node-rank "$JOB_COMPLETION_INDEX"',
+        '--rdzv-endpoint "$RDZV_ENDPOINT"',
+        '--rdzv-id "$RDZV_ID"',
+    ):
         assert option in script
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     volumes = {v["name"]: v for v in pod["volumes"]}

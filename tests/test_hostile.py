@@ -47,13 +47,22 @@ class Project:
 
     def __init__(self, root: Path, bin_dir: Path):
         self.root, self.runs = root, root / "submission_runs"
-        self.env = {k: v for k, v in os.environ.items()
-                    if k not in (evidence.STEP_SUMMARY_ENV, "VIRTUAL_ENV", layout.CHANNELS_ENV)}
+        self.env = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in (evidence.STEP_SUMMARY_ENV, "VIRTUAL_ENV", layout.CHANNELS_ENV)
+        }
         self.env.update(PATH=f"{bin_dir}{os.pathsep}{self.env.get('PATH', '')}", NOX_SCRIPT_MODE="none")
 
     def nox(self, *argv: str, env: dict | None = None) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "nox", *argv], cwd=self.root, env={**self.env, **(env or {})},  # noqa: S603
-                              capture_output=True, text=True, timeout=300)
+        return subprocess.run(
+            [sys.executable, "-m", "nox", *argv],
+            cwd=self.root,
+            env={**self.env, **(env or {})},  # noqa: S603
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
 
     def write(self, name: str, data: str | bytes) -> Path:
         path = self.root.parent / name
@@ -114,6 +123,7 @@ def refused(result: subprocess.CompletedProcess, code: int, *words: str) -> str:
 
 # --------------------------------------------------------------------------- 11.1 exit codes, checked up front
 
+
 def test_m40_refuses_an_unknown_channel_before_any_stage_and_names_the_valid_ones(project):
     line = refused(project.nox("-s", "m40", "--", "--channels", "bogus"), USAGE, "bogus", "cu128", "cu124")
     assert "unknown channel" in line
@@ -136,13 +146,16 @@ def test_install_with_an_unknown_channel_names_the_valid_ones_not_nox_s_no_sessi
     assert "no sessions" not in line
 
 
-@pytest.mark.parametrize("session,config_name,argv", [
-    ("probe", "m40.yaml", ["--settings", "{bad}"]),
-    ("install", "channels.yaml", ["--channels-file", "{bad}"]),
-    ("cuda_check", "cuda_check.yaml", []),
-    ("train", "submission_local_gpu_gpt2.yaml", ["--train-config", "{bad}"]),
-    ("m40", "gpus.yaml", []),
-])
+@pytest.mark.parametrize(
+    "session,config_name,argv",
+    [
+        ("probe", "m40.yaml", ["--settings", "{bad}"]),
+        ("install", "channels.yaml", ["--channels-file", "{bad}"]),
+        ("cuda_check", "cuda_check.yaml", []),
+        ("train", "submission_local_gpu_gpt2.yaml", ["--train-config", "{bad}"]),
+        ("m40", "gpus.yaml", []),
+    ],
+)
 def test_every_session_refuses_a_broken_config_file_with_exit_2(project, session, config_name, argv):
     bad = project.root / "configs" / config_name
     bad.write_text("key: [unclosed\n")
@@ -153,17 +166,25 @@ def test_every_session_refuses_a_broken_config_file_with_exit_2(project, session
 
 
 def test_a_bad_option_value_is_one_line_not_the_usage_block(project):
-    refused(project.nox("-s", "m40", "--", "--check-speed-share", "2"), USAGE,
-            "--check-speed-share", "(0, 1]", "--help")
+    refused(
+        project.nox("-s", "m40", "--", "--check-speed-share", "2"), USAGE, "--check-speed-share", "(0, 1]", "--help"
+    )
 
 
 def test_a_locked_run_exits_with_a_code_nox_does_not_use_and_names_the_holder(project):
     run_dir = project.runs / "m40_v2"
     (run_dir / layout.STAGES_DIR).mkdir(parents=True)
-    code = ("import sys, time; from pathlib import Path; from tasks import runs\n"
-            "with runs.locked(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(60)\n")
-    holder = subprocess.Popen([sys.executable, "-c", code, str(run_dir)], cwd=project.root,  # noqa: S603
-                              stdout=subprocess.PIPE, text=True, env={**project.env, "PYTHONPATH": str(project.root)})
+    code = (
+        "import sys, time; from pathlib import Path; from tasks import runs\n"
+        "with runs.locked(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(60)\n"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code, str(run_dir)],
+        cwd=project.root,  # noqa: S603
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**project.env, "PYTHONPATH": str(project.root)},
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         assert LOCKED not in (1, 2, 3)  # nox's own exit codes
@@ -175,6 +196,7 @@ def test_a_locked_run_exits_with_a_code_nox_does_not_use_and_names_the_holder(pr
 
 
 # --------------------------------------------------------------------------- 11.2 no traceback
+
 
 def test_a_config_file_with_bytes_that_are_not_utf8_is_one_line(project):
     bad = project.write("m40.yaml", b'min_driver_cuda: "12.8"\xff\n')
@@ -192,8 +214,14 @@ def test_submission_runs_that_is_a_file_is_one_line(project):
 @pytest.mark.skipif(CHATTR is None or os.geteuid() != 0, reason="needs chattr and root (chmod does not stop root)")
 def test_submission_runs_that_cannot_be_written_is_one_line(project):
     subprocess.run([CHATTR, "+i", str(project.runs)], check=True)  # noqa: S603
-    refused(project.nox("-s", "m40", "--", *NO_GPU), USAGE, "cannot create", str(project.runs / "m40_v2"),
-            "Operation not permitted", "chattr -i")
+    refused(
+        project.nox("-s", "m40", "--", *NO_GPU),
+        USAGE,
+        "cannot create",
+        str(project.runs / "m40_v2"),
+        "Operation not permitted",
+        "chattr -i",
+    )
 
 
 def test_a_run_dir_that_is_a_file_or_lies_under_one_is_one_line(project):
@@ -224,6 +252,7 @@ def test_a_stage_that_finds_a_bad_input_itself_leaves_a_sealed_fail_run_and_exit
 
     def broken_install(run_dir, args):
         raise config.ConfigError("channels.yaml: channels.x: broken; fix it")
+
     fake = SimpleNamespace(DESCRIPTION="install", add_arguments=lambda parser: None, run=broken_install)
     monkeypatch.setitem(stage.MODULES, "install", fake)
     assert m40.main(["--train-device", "cpu"]) == USAGE
@@ -237,6 +266,7 @@ def test_a_stage_that_finds_a_bad_input_itself_leaves_a_sealed_fail_run_and_exit
 
 # --------------------------------------------------------------------------- 11.3 paths
 
+
 def test_a_symlinked_run_folder_is_never_written_through(project, tmp_path):
     elsewhere = tmp_path / "elsewhere"
     (elsewhere / layout.STAGES_DIR).mkdir(parents=True)
@@ -248,8 +278,12 @@ def test_a_symlinked_run_folder_is_never_written_through(project, tmp_path):
     assert result.returncode == layout.EXIT_STAGE["probe"], result.stdout + result.stderr
     assert (project.runs / "m40_v3" / "env_info.txt").is_file()
     # Picked explicitly: refused.
-    refused(project.nox("-s", "probe", "--", "--run-dir", str(project.runs / "m40_v2")), USAGE,
-            "symbolic link", str(elsewhere))
+    refused(
+        project.nox("-s", "probe", "--", "--run-dir", str(project.runs / "m40_v2")),
+        USAGE,
+        "symbolic link",
+        str(elsewhere),
+    )
     refused(project.nox("-s", "evidence", "--", "--run-dir", str(project.runs / "m40_v2")), USAGE, "symbolic link")
     assert tree_hashes(elsewhere) == before
 
@@ -268,8 +302,12 @@ def test_a_symlinked_file_inside_a_run_folder_is_never_written_through(project, 
 
 def test_a_run_dir_inside_a_sealed_run_is_refused_and_the_run_still_checks(project):
     inside = project.runs / "m40_v1" / layout.STAGES_DIR
-    refused(project.nox("-s", "probe", "--", "--run-dir", str(inside)), USAGE, "inside the run folder",
-            str(project.runs / "m40_v1"))
+    refused(
+        project.nox("-s", "probe", "--", "--run-dir", str(inside)),
+        USAGE,
+        "inside the run folder",
+        str(project.runs / "m40_v1"),
+    )
     refused(project.nox("-s", "m40", "--", "--run-dir", str(inside / "deeper")), USAGE, "inside the run folder")
     if shutil.which("sha256sum"):
         check = subprocess.run(["sha256sum", "-c", "--quiet", layout.SUMS_FILE], cwd=project.runs / "m40_v1")  # noqa: S603,S607
@@ -277,8 +315,13 @@ def test_a_run_dir_inside_a_sealed_run_is_refused_and_the_run_still_checks(proje
 
 
 def test_run_dir_dot_never_overwrites_the_project(project):
-    refused(project.nox("-s", "probe", "--", "--run-dir", ".", *NO_GPU), USAGE, "--run-dir .", "no stages/",
-            "new or empty folder")
+    refused(
+        project.nox("-s", "probe", "--", "--run-dir", ".", *NO_GPU),
+        USAGE,
+        "--run-dir .",
+        "no stages/",
+        "new or empty folder",
+    )
     assert not (project.root / "env_info.txt").exists()
 
 
@@ -311,8 +354,10 @@ def test_nox_python_values_are_read_as_nox_reads_them():
     assert validate.unknown_channels(["-s", "install", "-p", "cu128"], ["cu128"]) is None
 
 
-@pytest.mark.parametrize("content", ["garbage", '{"stage": "probe", "status": "weird"}', "[1]",
-                                     '{"stage": "train", "status": "pass"}', b'\xff\xfe'])
+@pytest.mark.parametrize(
+    "content",
+    ["garbage", '{"stage": "probe", "status": "weird"}', "[1]", '{"stage": "train", "status": "pass"}', b"\xff\xfe"],
+)
 def test_a_damaged_stage_record_is_a_fail_not_a_traceback(project, content):
     run_dir = project.runs / "m40_v2"
     (run_dir / layout.STAGES_DIR).mkdir(parents=True)
@@ -328,8 +373,12 @@ def test_a_damaged_stage_record_is_a_fail_not_a_traceback(project, content):
 def test_bench_output_never_goes_into_a_run_or_through_a_link(project, tmp_path, where):
     target = tmp_path / "elsewhere"
     target.mkdir()
-    out = {"inside a sealed run": project.runs / "m40_v1" / "bench", "a run folder": project.runs / "m40_v1",
-           "a symbolic link": project.runs / "bench_link", "under a file": project.root / "README.md" / "b"}[where]
+    out = {
+        "inside a sealed run": project.runs / "m40_v1" / "bench",
+        "a run folder": project.runs / "m40_v1",
+        "a symbolic link": project.runs / "bench_link",
+        "under a file": project.root / "README.md" / "b",
+    }[where]
     if where == "a symbolic link":
         out.symlink_to(target)
     refused(project.nox("-s", "bench", "--", "--python", sys.executable, "--out", str(out)), USAGE, "--out", str(out))

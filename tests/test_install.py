@@ -36,74 +36,106 @@ def world(tmp_path_factory):
     cpu = wheels.standin_torch(w / "cpu", "2.9.0+cpu", None)
     cu126 = wheels.standin_torch(w / "cu126", "2.9.0+cu126", "12.6")
     otherpy = wheels.standin_torch(w / "otherpy", "2.9.0+cu124", "12.4", tag="cp399-cp399-manylinux_2_28_x86_64")
-    blackwell = wheels.standin_torch(w / "b", "2.9.0+cu128", "12.8", capabilities=((10, 0),), arch_list=("sm_80", "sm_90"))
+    blackwell = wheels.standin_torch(
+        w / "b", "2.9.0+cu128", "12.8", capabilities=((10, 0),), arch_list=("sm_80", "sm_90")
+    )
     dep = wheels.simple_wheel(w / "dep", "m40-dep", "1.0")
     needy = wheels.simple_wheel(w / "needy", "m40-needy", "1.0", requires=("m40-future",))
-    greedy = [wheels.simple_wheel(w / "greedy", "m40-greedy", "1.0", requires=("torch>=2.10",)),
-              wheels.standin_torch(w / "greedy", "2.10.0+cu128", "12.8")]
+    greedy = [
+        wheels.simple_wheel(w / "greedy", "m40-greedy", "1.0", requires=("torch>=2.10",)),
+        wheels.standin_torch(w / "greedy", "2.10.0+cu128", "12.8"),
+    ]
     newer = root / "findlinks"  # a newer torch that a machine's pip config could slip in
     wheels.standin_torch(newer, "2.10.0+cu128", "12.8")
     house = root / "wheelhouse"
     for f in (torch128, base, dep, needy):
         house.mkdir(exist_ok=True)
         shutil.copy(f, house)
-    idx = {name: wheels.write_index(root / "idx" / name, files) for name, files in {
-        "cu128": [torch128, base], "cu124": [torch124], "cpu": [cpu], "cu126": [cu126], "otherpy": [otherpy],
-        "blackwell": [blackwell], "deps": [dep], "greedy": greedy}.items()}
+    idx = {
+        name: wheels.write_index(root / "idx" / name, files)
+        for name, files in {
+            "cu128": [torch128, base],
+            "cu124": [torch124],
+            "cpu": [cpu],
+            "cu126": [cu126],
+            "otherpy": [otherpy],
+            "blackwell": [blackwell],
+            "deps": [dep],
+            "greedy": greedy,
+        }.items()
+    }
     catalog = root / "channels.yaml"
     catalog.write_text(f"""channels:
-  cu128: {{kind: index, index_url: "{idx['cu128']}", pre: true, cuda: "12.8", note: "stand-in nightly cu128",
+  cu128: {{kind: index, index_url: "{idx["cu128"]}", pre: true, cuda: "12.8", note: "stand-in nightly cu128",
           archs: [sm_80, sm_90]}}
-  cu124: {{kind: index, index_url: "{idx['cu124']}", pre: true, cuda: "12.4", archs: [sm_80, sm_90]}}
+  cu124: {{kind: index, index_url: "{idx["cu124"]}", pre: true, cuda: "12.4", archs: [sm_80, sm_90]}}
   twosrc:
     kind: index
     cuda: "12.8"
     sources:
-      - {{label: nightly, index_url: "{(root / 'nightly-gone').as_uri()}", pre: true, retired: "2026-04-07 (stand-in)"}}
-      - {{label: stable, index_url: "{idx['cu128']}", torch: ">=2.7,<2.12"}}
+      - {{label: nightly, index_url: "{(root / "nightly-gone").as_uri()}", pre: true, retired: "2026-04-07 (stand-in)"}}
+      - {{label: stable, index_url: "{idx["cu128"]}", torch: ">=2.7,<2.12"}}
   nosrc:
     kind: index
     cuda: "12.8"
     sources:
-      - {{label: nightly, index_url: "{(root / 'nightly-gone').as_uri()}", retired: "2026-04-07 (stand-in)"}}
-      - {{label: stable, index_url: "{idx['deps']}"}}
-  gone: {{kind: index, index_url: "{(root / 'nowhere').as_uri()}", cuda: "12.8", retired: "upstream stopped publishing it"}}
-  otherpy: {{kind: index, index_url: "{idx['otherpy']}", cuda: "12.4"}}
-  cpuonly: {{kind: index, index_url: "{idx['cpu']}", cuda: "12.8"}}
-  wrongtag: {{kind: index, index_url: "{idx['cu126']}", cuda: "12.8"}}
-  blackwell: {{kind: index, index_url: "{idx['blackwell']}", cuda: "12.8"}}
-  cu130: {{kind: index, index_url: "{(root / 'nowhere130').as_uri()}", cuda: "13.0"}}
+      - {{label: nightly, index_url: "{(root / "nightly-gone").as_uri()}", retired: "2026-04-07 (stand-in)"}}
+      - {{label: stable, index_url: "{idx["deps"]}"}}
+  gone:
+    {{kind: index, index_url: "{(root / "nowhere").as_uri()}", cuda: "12.8", retired: "upstream stopped publishing it"}}
+  otherpy: {{kind: index, index_url: "{idx["otherpy"]}", cuda: "12.4"}}
+  cpuonly: {{kind: index, index_url: "{idx["cpu"]}", cuda: "12.8"}}
+  wrongtag: {{kind: index, index_url: "{idx["cu126"]}", cuda: "12.8"}}
+  blackwell: {{kind: index, index_url: "{idx["blackwell"]}", cuda: "12.8"}}
+  cu130: {{kind: index, index_url: "{(root / "nowhere130").as_uri()}", cuda: "13.0"}}
   system: {{kind: provisioned}}
   wheelhouse: {{kind: wheelhouse}}
 """)
     settings = root / "m40.yaml"
     settings.write_text(f'min_driver_cuda: "12.8"\nchannel_order: [cu128, cu124]\ngpu_packages: ["{GPU_DEP}"]\n')
-    (root / "both.yaml").write_text(f'min_driver_cuda: "12.8"\nchannel_order: [system]\n'
-                                    f'gpu_packages: ["m40-base==1.0", "{GPU_DEP}"]\n')
+    (root / "both.yaml").write_text(
+        f'min_driver_cuda: "12.8"\nchannel_order: [system]\ngpu_packages: ["m40-base==1.0", "{GPU_DEP}"]\n'
+    )
     (root / "greedy.yaml").write_text('min_driver_cuda: "12.8"\nchannel_order: [cu128]\ngpu_packages: [m40-greedy]\n')
     (root / "needy.yaml").write_text('min_driver_cuda: "12.8"\nchannel_order: [cu128]\ngpu_packages: [m40-needy]\n')
-    (root / "nodeps.yaml").write_text('min_driver_cuda: "12.8"\nchannel_order: [cu128]\ngpu_packages: []\n'
-                                      'gpu_packages_no_deps: [m40-needy]\n')
+    (root / "nodeps.yaml").write_text(
+        'min_driver_cuda: "12.8"\nchannel_order: [cu128]\ngpu_packages: []\ngpu_packages_no_deps: [m40-needy]\n'
+    )
     bare = root / "bare.yaml"
     bare.write_text('min_driver_cuda: "12.8"\nchannel_order: [cu128, cu124]\ngpu_packages: []\n')
-    return {"root": root, "idx": idx, "catalog": catalog, "settings": settings, "bare": bare,
-            "greedy": root / "greedy.yaml", "both": root / "both.yaml", "needy": root / "needy.yaml",
-            "nodeps": root / "nodeps.yaml",
-            "newer": newer, "house": house, "dep": dep}
+    return {
+        "root": root,
+        "idx": idx,
+        "catalog": catalog,
+        "settings": settings,
+        "bare": bare,
+        "greedy": root / "greedy.yaml",
+        "both": root / "both.yaml",
+        "needy": root / "needy.yaml",
+        "nodeps": root / "nodeps.yaml",
+        "newer": newer,
+        "house": house,
+        "dep": dep,
+    }
 
 
 def install_args(world, venv: Path, *argv: str, settings: Path | None = None):
     parser = stage.parser_for("test", "test")
     install.add_arguments(parser)
-    return parser.parse_args(["--channels-file", str(world["catalog"]), "--venv", str(venv), "--installer", "pip", *argv])
+    return parser.parse_args(
+        ["--channels-file", str(world["catalog"]), "--venv", str(venv), "--installer", "pip", *argv]
+    )
 
 
 def probe_record(run_dir: Path, driver_cuda: str | None = "13.0", capabilities=("9.0",)) -> None:
     """The run's probe record (gpus.json) as probe writes it: the driver's CUDA and the GPUs' capabilities."""
     run_dir.mkdir(parents=True, exist_ok=True)
     gpus = [{"index": i, "name": f"Stand-in GPU {i}", "compute_capability": c} for i, c in enumerate(capabilities)]
-    (run_dir / layout.GPUS_JSON).write_text(json.dumps({"schema": 1, "driver_cuda": driver_cuda, "gpus": gpus,
-                                                        "gate": {"passed": True, "line": "stand-in"}}))
+    (run_dir / layout.GPUS_JSON).write_text(
+        json.dumps(
+            {"schema": 1, "driver_cuda": driver_cuda, "gpus": gpus, "gate": {"passed": True, "line": "stand-in"}}
+        )
+    )
 
 
 def run_install(world, tmp_path: Path, venv: Path, *argv: str, settings: Path | None = None, name="run"):
@@ -149,13 +181,15 @@ def good_venv(world, tmp_path_factory):
     """A .venv-gpu holding channel cu128 with the gpu_packages step, installed once for the module."""
     tmp = tmp_path_factory.mktemp("good")
     venv = tmp / ".venv-gpu"
-    rec, run_dir = run_install(world, tmp, venv, "--channel", "cu128", "--deps-index-url", world["idx"]["deps"],
-                               settings=world["settings"])
+    rec, run_dir = run_install(
+        world, tmp, venv, "--channel", "cu128", "--deps-index-url", world["idx"]["deps"], settings=world["settings"]
+    )
     assert rec.status == "pass", rec.reason
     return venv, run_dir, rec
 
 
 # --------------------------------------------------------------------------- installs that work
+
 
 def test_channel_installs_torch_and_gpu_packages_from_their_sources_only(world, good_venv):
     venv, run_dir, rec = good_venv
@@ -174,8 +208,17 @@ def test_channel_installs_torch_and_gpu_packages_from_their_sources_only(world, 
     assert "--pre" in torch_cmd and torch_cmd.endswith(" torch")
     assert "--constraint" in deps_cmd and deps_cmd.endswith(GPU_DEP)
     report = (run_dir / "torch_version.txt").read_text()
-    for needle in ("channel      cu128", "torch.version.cuda 12.8", "cuDNN              91002", "git_version",
-                   "sha256=", "pip freeze of .venv-gpu:", "torch==2.9.0+cu128", "m40-dep==1.0", "installer    pip"):
+    for needle in (
+        "channel      cu128",
+        "torch.version.cuda 12.8",
+        "cuDNN              91002",
+        "git_version",
+        "sha256=",
+        "pip freeze of .venv-gpu:",
+        "torch==2.9.0+cu128",
+        "m40-dep==1.0",
+        "installer    pip",
+    ):
         assert needle in report
     reqs = (run_dir / layout.REQUIREMENTS_GPU).read_text()
     assert f"torch @ {world['idx']['cu128']}/torch/" in reqs and "#sha256=" in reqs
@@ -191,8 +234,17 @@ def test_gpu_packages_cannot_replace_torch(world, good_venv, tmp_path):
     """A gpu package wanting a newer torch (offered by its index) fails on the constraints; old venv kept."""
     venv = good_venv[0]
     before = tree_hash(venv)
-    rec, run_dir = run_install(world, tmp_path, venv, "--channel", "cu128", "--reinstall",
-                               "--deps-index-url", world["idx"]["greedy"], settings=world["greedy"])
+    rec, run_dir = run_install(
+        world,
+        tmp_path,
+        venv,
+        "--channel",
+        "cu128",
+        "--reinstall",
+        "--deps-index-url",
+        world["idx"]["greedy"],
+        settings=world["greedy"],
+    )
     assert rec.status == "fail"
     assert "cu128: dependency conflict: m40-greedy 1.0 depends on torch>=2.10" in rec.reason
     assert "(constraint) torch==2.9.0+cu128" in rec.reason
@@ -203,8 +255,16 @@ def test_gpu_packages_cannot_replace_torch(world, good_venv, tmp_path):
 def test_satisfied_rerun_is_a_no_op(world, good_venv, tmp_path):
     venv, _, _ = good_venv
     before = tree_hash(venv)
-    rec, run_dir = run_install(world, tmp_path, venv, "--channel", "cu128", "--deps-index-url", world["idx"]["deps"],
-                               settings=world["settings"])
+    rec, run_dir = run_install(
+        world,
+        tmp_path,
+        venv,
+        "--channel",
+        "cu128",
+        "--deps-index-url",
+        world["idx"]["deps"],
+        settings=world["settings"],
+    )
     assert rec.status == "pass" and rec.figures["noop"] is True and rec.figures["attempts"] == 0
     assert pip_installs(run_dir) == []
     assert not any(" -m venv " in c for c in commands(run_dir))
@@ -230,8 +290,16 @@ def test_m40_order_falls_back_from_a_missing_cu128_to_cu124(world, tmp_path, mon
 
 def test_wheelhouse_channel_installs_offline(world, tmp_path):
     venv = tmp_path / ".venv-gpu"
-    rec, run_dir = run_install(world, tmp_path, venv, "--channel", "wheelhouse", "--wheelhouse", str(world["house"]),
-                               settings=world["settings"])
+    rec, run_dir = run_install(
+        world,
+        tmp_path,
+        venv,
+        "--channel",
+        "wheelhouse",
+        "--wheelhouse",
+        str(world["house"]),
+        settings=world["settings"],
+    )
     assert rec.status == "pass", rec.reason
     for cmd in pip_installs(run_dir):
         assert f"--no-index --find-links {world['house']}" in cmd and "--index-url" not in cmd
@@ -245,8 +313,9 @@ def test_system_channel_reuses_another_venvs_torch_without_touching_it(world, tm
     venvs.create(provider, sys.executable, prompt="provider")
     env, _ = installers.child_env(False)
     log = installers.CommandLog(None, env=env, echo=False)
-    rc, out = log.run([layout.gpu_python(provider), "-m", "pip", "install", "--no-index", "--find-links",
-                       world["house"], "torch"])
+    rc, out = log.run(
+        [layout.gpu_python(provider), "-m", "pip", "install", "--no-index", "--find-links", world["house"], "torch"]
+    )
     assert rc == 0, out
     before = tree_hash(provider)
     # the default is the first python3 on PATH, but not nox's own script-mode venv that nox puts first
@@ -255,8 +324,9 @@ def test_system_channel_reuses_another_venvs_torch_without_touching_it(world, tm
     (nox_bin / "python3").symlink_to(sys.executable)
     monkeypatch.setenv("PATH", os.pathsep.join([str(nox_bin), str(provider / "bin"), os.environ["PATH"]]))
     venv = tmp_path / ".venv-gpu"
-    rec, run_dir = run_install(world, tmp_path, venv, "--channel", "system", "--wheelhouse", str(world["house"]),
-                               settings=world["both"])
+    rec, run_dir = run_install(
+        world, tmp_path, venv, "--channel", "system", "--wheelhouse", str(world["house"]), settings=world["both"]
+    )
     assert rec.status == "pass", rec.reason
     assert rec.figures["from_python"] == str(provider / "bin" / "python3")
     assert rec.figures["torch"] == "2.9.0+cu128" and rec.figures["installer"].startswith("pip")
@@ -274,12 +344,22 @@ def test_system_channel_reuses_another_venvs_torch_without_touching_it(world, tm
     assert "# torch==2.9.0+cu128" in (run_dir / layout.REQUIREMENTS_GPU).read_text()
     assert tree_hash(provider) == before
     # and a second run is a no-op
-    rec2, run2 = run_install(world, tmp_path, venv, "--channel", "system", "--wheelhouse", str(world["house"]),
-                             settings=world["both"], name="run2")
+    rec2, run2 = run_install(
+        world,
+        tmp_path,
+        venv,
+        "--channel",
+        "system",
+        "--wheelhouse",
+        str(world["house"]),
+        settings=world["both"],
+        name="run2",
+    )
     assert rec2.figures["noop"] is True and pip_installs(run2) == []
 
 
 # --------------------------------------------------------------------------- installs that are refused
+
 
 def test_both_channels_missing_stops_with_both_reasons_and_what_to_use(world, tmp_path):
     venv = tmp_path / ".venv-gpu"
@@ -289,8 +369,10 @@ def test_both_channels_missing_stops_with_both_reasons_and_what_to_use(world, tm
     assert "\n" not in rec.reason
     assert f"gone: index unreachable: {(world['root'] / 'nowhere').as_uri()}: no such directory" in rec.reason
     assert "[upstream stopped publishing it]" in rec.reason
-    assert f"otherpy: no wheel for this Python and platform: no torch wheel for cp{sys.version_info.major}" \
-           f"{sys.version_info.minor} manylinux" in rec.reason
+    assert (
+        f"otherpy: no wheel for this Python and platform: no torch wheel for cp{sys.version_info.major}"
+        f"{sys.version_info.minor} manylinux" in rec.reason
+    )
     # channels the driver (CUDA 12.8 in the probe record) supports; not cu130, not the failed ones
     assert "the driver supports CUDA 12.8: use instead" in rec.reason
     hint = rec.reason.split("use instead ")[1]
@@ -333,8 +415,16 @@ def test_a_file_from_another_source_is_refused(world, tmp_path, monkeypatch):
 
 
 def test_no_command_ever_uses_extra_index_url(world, good_venv, tmp_path):
-    rec, run_dir = run_install(world, tmp_path, tmp_path / ".venv-gpu", "--channels", "gone,otherpy,cu124",
-                               "--deps-index-url", world["idx"]["deps"], settings=world["settings"])
+    rec, run_dir = run_install(
+        world,
+        tmp_path,
+        tmp_path / ".venv-gpu",
+        "--channels",
+        "gone,otherpy,cu124",
+        "--deps-index-url",
+        world["idx"]["deps"],
+        settings=world["settings"],
+    )
     assert rec.status == "pass"
     runs = [run_dir, good_venv[1]]
     cmds = [c for r in runs for c in commands(r)]
@@ -370,7 +460,9 @@ def test_ctrl_c_during_the_swap_puts_the_previous_venv_back(world, good_venv, tm
     assert "Ctrl-C" in (run_dir / "torch_version.txt").read_text()
 
 
-@pytest.mark.skipif(installers.find_uv() is None or sys.version_info < (3, 11), reason="needs uv on PATH and Python 3.11+")
+@pytest.mark.skipif(
+    installers.find_uv() is None or sys.version_info < (3, 11), reason="needs uv on PATH and Python 3.11+"
+)
 def test_uv_installs_what_its_checked_pylock_names(world, tmp_path):
     venv = tmp_path / ".venv-gpu"
     rec, run_dir = run_install(world, tmp_path, venv, "--channel", "cu128", "--installer", "uv")
@@ -383,14 +475,23 @@ def test_uv_installs_what_its_checked_pylock_names(world, tmp_path):
 
 # --------------------------------------------------------------------------- pieces
 
+
 def test_judge_and_arch_coverage():
     ch = load_channels(Path(__file__).resolve().parent.parent / "configs" / "channels.yaml")["cu128"]
-    good = {"torch_version": "2.9.0+cu128", "cuda": "12.8", "cuda_built": True, "cuda_available": True,
-            "arch_list": ["sm_80", "sm_90", "sm_100", "sm_120"], "devices": [{"index": 0, "name": "H100", "capability": [9, 0]}]}
+    good = {
+        "torch_version": "2.9.0+cu128",
+        "cuda": "12.8",
+        "cuda_built": True,
+        "cuda_available": True,
+        "arch_list": ["sm_80", "sm_90", "sm_100", "sm_120"],
+        "devices": [{"index": 0, "name": "H100", "capability": [9, 0]}],
+    }
     assert install.judge(ch, good) is None
     assert install.judge(ch, {**good, "cuda_available": False}).category == installers.NOT_USABLE
-    assert install.judge(ch, {**good, "torch_version": "2.9.0+cpu", "cuda": None}).detail == \
-        "installed torch 2.9.0+cpu is a CPU build; refusing"
+    assert (
+        install.judge(ch, {**good, "torch_version": "2.9.0+cpu", "cuda": None}).detail
+        == "installed torch 2.9.0+cpu is a CPU build; refusing"
+    )
     # the one arch-coverage rule (tasks/cuda_rules.py), as install's judge uses it
     covers = cuda_rules.arch_list_covers
     assert covers(["sm_80"], (8, 6)) and not covers(["sm_86"], (8, 0))
@@ -402,13 +503,21 @@ def test_judge_and_arch_coverage():
 
 def test_gpus_hidden_by_an_empty_cuda_visible_devices_are_named_not_blamed_on_the_channel(monkeypatch):
     ch = load_channels(Path(__file__).resolve().parent.parent / "configs" / "channels.yaml")["system"]
-    facts = {"torch_version": "2.11.0+cu130", "cuda": "13.0", "cuda_built": True, "cuda_available": False,
-             "arch_list": ["sm_90"], "devices": []}
+    facts = {
+        "torch_version": "2.11.0+cu130",
+        "cuda": "13.0",
+        "cuda_built": True,
+        "cuda_available": False,
+        "arch_list": ["sm_90"],
+        "devices": [],
+    }
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     failed = install.judge(ch, facts)
     assert failed.category == installers.NOT_USABLE
-    assert failed.detail == ("torch 2.11.0+cu130 is a CUDA 13.0 build but sees no GPU: CUDA_VISIBLE_DEVICES is set "
-                             "but empty, which hides every GPU from CUDA; unset it (or list the GPUs to use) and run again")
+    assert failed.detail == (
+        "torch 2.11.0+cu130 is a CUDA 13.0 build but sees no GPU: CUDA_VISIBLE_DEVICES is set "
+        "but empty, which hides every GPU from CUDA; unset it (or list the GPUs to use) and run again"
+    )
     assert install.suggest(None, []) == "another channel would not help: the GPUs are hidden, not unsupported"
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
     assert "sees no GPU: CUDA_VISIBLE_DEVICES" not in install.judge(ch, facts).detail
@@ -416,26 +525,36 @@ def test_gpus_hidden_by_an_empty_cuda_visible_devices_are_named_not_blamed_on_th
 
 def test_classify_pip_and_uv_failures():
     src = installers.index_source("https://download.pytorch.org/whl/nightly/cu128")
-    dns = ("WARNING: Retrying (Retry(total=0, connect=None, read=None, redirect=None, status=None)) after connection "
-           "broken by 'NewConnectionError('<pip._vendor.urllib3.connection.HTTPSConnection object at 0x7f>: Failed to "
-           "establish a new connection: [Errno -2] Name or service not known')': /whl/nightly/cu128/torch/\n"
-           "ERROR: Could not find a version that satisfies the requirement torch (from versions: none)\n")
+    dns = (
+        "WARNING: Retrying (Retry(total=0, connect=None, read=None, redirect=None, status=None)) after connection "
+        "broken by 'NewConnectionError('<pip._vendor.urllib3.connection.HTTPSConnection object at 0x7f>: Failed to "
+        "establish a new connection: [Errno -2] Name or service not known')': /whl/nightly/cu128/torch/\n"
+        "ERROR: Could not find a version that satisfies the requirement torch (from versions: none)\n"
+    )
     e = installers.classify(dns, 1, src, "cp312 manylinux x86_64")
     assert (e.category, e.detail) == (installers.UNREACHABLE, f"{src.label} (DNS lookup failed)")
-    uv_dns = ("error: Failed to fetch: `https://download.pytorch.org/whl/nightly/cu128/torch/`\n  Caused by: error "
-              "sending request for url (https://download.pytorch.org/whl/nightly/cu128/torch/)\n  cause: dns error\n")
+    uv_dns = (
+        "error: Failed to fetch: `https://download.pytorch.org/whl/nightly/cu128/torch/`\n  Caused by: error "
+        "sending request for url (https://download.pytorch.org/whl/nightly/cu128/torch/)\n  cause: dns error\n"
+    )
     assert installers.classify(uv_dns, 2, src, "cp312 manylinux x86_64").category == installers.UNREACHABLE
     none = "ERROR: Could not find a version that satisfies the requirement torch (from versions: none)\n"
     e = installers.classify(none, 1, src, "cp312 manylinux x86_64")
     assert e.detail == f"no torch wheel for cp312 manylinux x86_64 on {src.label}"
-    uv_tag = ("  × No solution found when resolving dependencies:\n  ╰─▶ Because torch==2.9.0+cu128 has no wheels with "
-              "a matching Python implementation tag (e.g., `cp311`)\n")
+    uv_tag = (
+        "  × No solution found when resolving dependencies:\n  ╰─▶ Because torch==2.9.0+cu128 has no wheels with "
+        "a matching Python implementation tag (e.g., `cp311`)\n"
+    )
     assert installers.classify(uv_tag, 1, src, "cp311 manylinux x86_64").category == installers.NO_WHEEL
-    uv_conflict = ("  cause: Because all versions of m40-greedy depend on torch>=2.10 and torch==2.9.0+cu128, we can "
-                   "conclude that all versions of m40-greedy cannot be used.\n")
+    uv_conflict = (
+        "  cause: Because all versions of m40-greedy depend on torch>=2.10 and torch==2.9.0+cu128, we can "
+        "conclude that all versions of m40-greedy cannot be used.\n"
+    )
     e = installers.classify(uv_conflict, 1, src, "cp311 manylinux x86_64")
-    assert (e.category, e.detail) == (installers.CONFLICT, "all versions of m40-greedy depend on torch>=2.10 and "
-                                                           "torch==2.9.0+cu128")
+    assert (e.category, e.detail) == (
+        installers.CONFLICT,
+        "all versions of m40-greedy depend on torch>=2.10 and torch==2.9.0+cu128",
+    )
 
 
 def test_pip_is_bootstrapped_into_a_venv_made_without_it(tmp_path):
@@ -496,8 +615,13 @@ def test_bare_nox_install_says_once_to_name_a_channel_and_exits_2():
     """Not once per install(<channel>) session: nox would run every one, each replacing .venv-gpu."""
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "NOX_SCRIPT_MODE": "none"}
-    done = subprocess.run([sys.executable, "-m", "nox", "-f", str(root / "noxfile.py"), "-s", "install"],
-                          capture_output=True, text=True, env=env, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "nox", "-f", str(root / "noxfile.py"), "-s", "install"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert done.returncode == layout.EXIT_USAGE
     assert done.stderr.count("name one channel: nox -s install -p CHANNEL") == 1
     assert "Running session" not in done.stderr and "staging venv" not in done.stdout + done.stderr
@@ -508,15 +632,39 @@ def test_inputs_that_would_fail_every_attempt_are_refused_before_any_download(tm
     not_a_venv.mkdir()
     (not_a_venv / "precious.txt").write_text("keep me")
     with pytest.raises(config.ConfigError, match="is not a virtual environment"):
-        install.run(tmp_path, SimpleNamespace(
-            channel="cu128", channels=None, channels_file=None, from_python=None, wheelhouse=None, installer="pip",
-            keep_pip_config=False, deps_index_url=None, venv=str(not_a_venv), reinstall=False))
+        install.run(
+            tmp_path,
+            SimpleNamespace(
+                channel="cu128",
+                channels=None,
+                channels_file=None,
+                from_python=None,
+                wheelhouse=None,
+                installer="pip",
+                keep_pip_config=False,
+                deps_index_url=None,
+                venv=str(not_a_venv),
+                reinstall=False,
+            ),
+        )
     assert (not_a_venv / "precious.txt").read_text() == "keep me"
     assert not (tmp_path / layout.INSTALL_LOG).exists()
     with pytest.raises(config.ConfigError, match="--from-python /no/such/python: no such interpreter"):
-        install.run(tmp_path, SimpleNamespace(
-            channel="system", channels=None, channels_file=None, from_python="/no/such/python", wheelhouse=None,
-            installer="pip", keep_pip_config=False, deps_index_url=None, venv=None, reinstall=False))
+        install.run(
+            tmp_path,
+            SimpleNamespace(
+                channel="system",
+                channels=None,
+                channels_file=None,
+                from_python="/no/such/python",
+                wheelhouse=None,
+                installer="pip",
+                keep_pip_config=False,
+                deps_index_url=None,
+                venv=None,
+                reinstall=False,
+            ),
+        )
 
 
 # --------------------------------------------------------------------------- channels with sources, auto, driver first
@@ -540,7 +688,8 @@ AUTO_TABLE = [  # (driver CUDA, GPU capabilities) -> the channel auto picks from
 
 @pytest.mark.parametrize(("driver", "caps", "expected"), AUTO_TABLE)
 def test_auto_picks_the_newest_channel_whose_cuda_the_driver_supports_and_whose_archs_cover_every_gpu(
-        tmp_path, driver, caps, expected):
+    tmp_path, driver, caps, expected
+):
     from tasks import channel_fit
 
     probe_record(tmp_path, driver_cuda=driver, capabilities=caps)
@@ -578,7 +727,9 @@ def test_auto_installs_the_channel_it_picked_and_writes_why(world, tmp_path):
     assert rec.figures["channel"] == "cu124"
     report = (run_dir / "torch_version.txt").read_text()
     assert "channel choice (auto):" in report
-    assert "cu128: skipped, its CUDA 12.8 is newer than the 12.6 the driver supports" in report  # auto: no minor-compat bet
+    assert (
+        "cu128: skipped, its CUDA 12.8 is newer than the 12.6 the driver supports" in report
+    )  # auto: no minor-compat bet
     assert "cu124: CUDA 12.4 <= 12.6, kernels for every GPU → chosen" in report
 
 
@@ -604,8 +755,16 @@ def test_a_channel_the_driver_cannot_run_is_skipped_without_a_download(world, tm
 
 def test_an_unreachable_deps_index_is_blamed_not_the_torch_channel(world, tmp_path):
     missing = (tmp_path / "no-deps-index").as_uri()
-    rec, _ = run_install(world, tmp_path, tmp_path / ".venv-gpu", "--channels", "cu128,cu124",
-                         "--deps-index-url", missing, settings=world["settings"])
+    rec, _ = run_install(
+        world,
+        tmp_path,
+        tmp_path / ".venv-gpu",
+        "--channels",
+        "cu128,cu124",
+        "--deps-index-url",
+        missing,
+        settings=world["settings"],
+    )
     assert rec.status == "fail" and rec.figures["attempts"] == 1  # cu124 would not fix the deps index
     assert f"cu128: gpu_packages step failed: index unreachable: {missing}: no such directory" in rec.reason
     assert "torch from channel cu128 was fine" in rec.reason and "use instead" not in rec.reason
@@ -613,18 +772,29 @@ def test_an_unreachable_deps_index_is_blamed_not_the_torch_channel(world, tmp_pa
 
 
 def test_a_wheelhouse_missing_a_dependency_names_that_requirement(world, tmp_path):
-    rec, _ = run_install(world, tmp_path, tmp_path / ".venv-gpu", "--channel", "cu128",
-                         "--wheelhouse", str(world["house"]), settings=world["needy"])
+    rec, _ = run_install(
+        world,
+        tmp_path,
+        tmp_path / ".venv-gpu",
+        "--channel",
+        "cu128",
+        "--wheelhouse",
+        str(world["house"]),
+        settings=world["needy"],
+    )
     assert rec.status == "fail"
-    assert "gpu_packages step failed: no wheel for this Python and platform: no m40-future wheel (required by " \
-           "m40-needy" in rec.reason
+    assert (
+        "gpu_packages step failed: no wheel for this Python and platform: no m40-future wheel (required by "
+        "m40-needy" in rec.reason
+    )
     assert "use instead" not in rec.reason and "add the named wheel there" in rec.reason
 
 
 def test_gpu_packages_no_deps_are_installed_without_their_dependencies(world, tmp_path):
     venv = tmp_path / ".venv-gpu"
-    rec, run_dir = run_install(world, tmp_path, venv, "--channel", "cu128", "--wheelhouse", str(world["house"]),
-                               settings=world["nodeps"])
+    rec, run_dir = run_install(
+        world, tmp_path, venv, "--channel", "cu128", "--wheelhouse", str(world["house"]), settings=world["nodeps"]
+    )
     assert rec.status == "pass", rec.reason
     (torch_cmd, nodeps_cmd) = pip_installs(run_dir)
     assert "--no-deps" in nodeps_cmd and nodeps_cmd.endswith("m40-needy")
@@ -642,8 +812,11 @@ def test_a_torch_swapped_in_place_with_the_same_version_is_not_a_no_op(world, tm
     rec, _ = run_install(world, tmp_path, venv, "--channel", "cu124")
     assert rec.status == "pass", rec.reason
     other = wheels.standin_torch(tmp_path / "other", "2.5.0+cu124", "12.4", cudnn=90100)  # same version, other files
-    done = subprocess.run([layout.gpu_python(venv), "-m", "pip", "install", "--no-deps", "--force-reinstall",
-                           "--no-index", other], capture_output=True, text=True)
+    done = subprocess.run(
+        [layout.gpu_python(venv), "-m", "pip", "install", "--no-deps", "--force-reinstall", "--no-index", other],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     rec2, run2 = run_install(world, tmp_path, venv, "--channel", "cu124", name="run2")
     assert rec2.status == "pass" and rec2.figures["noop"] is False and rec2.figures["attempts"] == 1
@@ -692,15 +865,24 @@ def test_channel_options_blame_what_the_user_typed(world, tmp_path):
         names("--channels", "bogus")
 
 
-@pytest.mark.parametrize(("entry", "key"), [("--index-url=https://evil/simple", "gpu_packages[0]"),
-                                            ("transformers\n--pre", "gpu_packages[0]"),
-                                            ("not a requirement!", "gpu_packages[0]")])
+@pytest.mark.parametrize(
+    ("entry", "key"),
+    [
+        ("--index-url=https://evil/simple", "gpu_packages[0]"),
+        ("transformers\n--pre", "gpu_packages[0]"),
+        ("not a requirement!", "gpu_packages[0]"),
+    ],
+)
 def test_a_gpu_package_that_is_not_one_requirement_is_a_config_error(tmp_path, entry, key):
     path = tmp_path / "m40.yaml"
     path.write_text(f'min_driver_cuda: "12.8"\nchannel_order: [cu128]\ngpu_packages: [{json.dumps(entry)}]\n')
     with pytest.raises(config.ConfigError) as e:
         config.load_settings(path)
-    assert str(e.value).startswith(f"{path}: {key}: ") and "\n" not in str(e.value) and "write one requirement" in str(e.value)
+    assert (
+        str(e.value).startswith(f"{path}: {key}: ")
+        and "\n" not in str(e.value)
+        and "write one requirement" in str(e.value)
+    )
 
 
 def test_a_channel_torch_spec_that_is_not_a_specifier_is_a_config_error(tmp_path):
@@ -719,6 +901,7 @@ def test_the_verifier_runs_with_the_launchers_whole_environment_not_ours_merged_
 
     monkeypatch.setenv("PYTHONOPTIMIZE", "2")
     log = installers.CommandLog(None, env=installers.child_env(False)[0], echo=False)
-    rc, out = log.run([sys.executable, "-c", "import os; print(os.environ.get('PYTHONOPTIMIZE'))"],
-                      whole_env=proc.gpu_env())
+    rc, out = log.run(
+        [sys.executable, "-c", "import os; print(os.environ.get('PYTHONOPTIMIZE'))"], whole_env=proc.gpu_env()
+    )
     assert (rc, out.strip()) == (0, "None")

@@ -73,9 +73,17 @@ except locks.Busy as busy:
 def race(lock, n=6):
     """n real processes that try to take `lock` at the same instant; their outputs."""
     start = time.time() + 1.5  # after every interpreter has started
-    procs = [subprocess.Popen([sys.executable, "-c", RACER, str(lock), str(start)], cwd=layout.ROOT,  # noqa: S603
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=CHILD_ENV)
-             for _ in range(n)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", RACER, str(lock), str(start)],
+            cwd=layout.ROOT,  # noqa: S603
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=CHILD_ENV,
+        )
+        for _ in range(n)
+    ]
     return [(p.pid, p.communicate(timeout=60)[0].strip()) for p in procs]
 
 
@@ -103,10 +111,17 @@ def test_a_lock_file_that_no_live_process_locks_is_free_whatever_pid_it_names(tm
 
 def test_a_lock_dies_with_a_holder_killed_by_sigkill(tmp_path):
     lock = tmp_path / "x.lock"
-    code = ("import sys, time; from pathlib import Path; from tasks import locks\n"
-            "with locks.exclusive(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(60)\n")
-    holder = subprocess.Popen([sys.executable, "-c", code, str(lock)], cwd=layout.ROOT,  # noqa: S603
-                              stdout=subprocess.PIPE, text=True, env=CHILD_ENV)
+    code = (
+        "import sys, time; from pathlib import Path; from tasks import locks\n"
+        "with locks.exclusive(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(60)\n"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code, str(lock)],
+        cwd=layout.ROOT,  # noqa: S603
+        stdout=subprocess.PIPE,
+        text=True,
+        env=CHILD_ENV,
+    )
     assert holder.stdout.readline().strip() == "held"
     with pytest.raises(locks.Busy, match=f"pid {holder.pid} on "):
         with locks.exclusive(lock):
@@ -144,11 +159,17 @@ def hold(tmp_path):
     procs = []
 
     def start(lock, mode):
-        proc = subprocess.Popen([sys.executable, "-c", HOLD, str(lock), mode], cwd=layout.ROOT,  # noqa: S603
-                                stdout=subprocess.PIPE, text=True, env=CHILD_ENV)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", HOLD, str(lock), mode],
+            cwd=layout.ROOT,  # noqa: S603
+            stdout=subprocess.PIPE,
+            text=True,
+            env=CHILD_ENV,
+        )
         procs.append(proc)
         assert proc.stdout.readline().strip() == "held"
         return proc
+
     yield start
     for proc in procs:
         proc.kill()

@@ -43,19 +43,23 @@ def no_driver(monkeypatch, tmp_path):
 
 TORCH_ID = {"version": "2.11.0+cu130", "file": "/m/.venv-gpu/torch/__init__.py", "record_sha256": "0" * 64}
 # What the real stages record on a healthy 1-GPU machine (the fake nvidia-smi shows one H100).
-FAKE_FIGURES = {"install": {"torch": "2.11.0+cu130", "torch_identity": TORCH_ID},
-                "cuda_check": {"gpus_checked": 1, "overrides": [], "torch_identity": TORCH_ID},
-                "train": {"device": "cuda", "nproc": 1, "overrides": [], "torch_identity": TORCH_ID}}
+FAKE_FIGURES = {
+    "install": {"torch": "2.11.0+cu130", "torch_identity": TORCH_ID},
+    "cuda_check": {"gpus_checked": 1, "overrides": [], "torch_identity": TORCH_ID},
+    "train": {"device": "cuda", "nproc": 1, "overrides": [], "torch_identity": TORCH_ID},
+}
 
 
 def fake_stage(name, status=StageStatus.PASS, raises=None, **figures):
     """A stand-in for install/cuda_check/train (their real versions need a GPU)."""
+
     def run(run_dir, args):
         if raises:
             raise raises
         for f in layout.STAGE_FILES[name]:
             (run_dir / f).write_text(f"{name} output\n")
         return Outcome(status, "" if status == StageStatus.PASS else f"{name} broke", {**FAKE_FIGURES[name], **figures})
+
     return SimpleNamespace(DESCRIPTION=f"fake {name}", add_arguments=lambda parser: None, run=run)
 
 
@@ -76,6 +80,7 @@ def statuses(run_dir):
 
 # --------------------------------------------------------------------------- exit codes
 
+
 def test_all_stages_pass_exit_0_and_the_run_is_sealed(monkeypatch, good_driver):
     use_fakes(monkeypatch)
     assert m40.main([]) == layout.EXIT_OK
@@ -92,10 +97,13 @@ def test_first_failed_stage_gives_its_exit_code_and_later_stages_are_skipped(mon
     run_dir = only_run()
     got = statuses(run_dir)
     assert got[failing] == StageStatus.FAIL and got["evidence"] == StageStatus.PASS
-    later = layout.STAGES[layout.STAGES.index(failing) + 1: -1]
+    later = layout.STAGES[layout.STAGES.index(failing) + 1 : -1]
     assert all(got[s] == records.StageStatus.SKIP for s in later)
     readme = (run_dir / layout.README_FILE).read_text()
-    assert f"**FAIL at {failing}** (exit code {layout.EXIT_STAGE[failing]}).\n\n**What happened:** {text.md_inert(failing)} broke" in readme
+    assert (
+        f"**FAIL at {failing}** (exit code {layout.EXIT_STAGE[failing]}).\n\n"
+        f"**What happened:** {text.md_inert(failing)} broke" in readme
+    )
 
 
 def test_probe_failure_exits_10_from_m40_and_from_the_stage_alone(monkeypatch, no_driver, capsys):
@@ -151,11 +159,16 @@ def test_each_m40_run_is_a_new_folder(monkeypatch, no_driver):
 
 # --------------------------------------------------------------------------- secrets
 
+
 def test_a_secret_in_the_environment_reaches_no_file_of_the_run(monkeypatch, good_driver):
-    secrets = {"HF_TOKEN": "hf_plantedsecret0001", "NVIDIA_API_KEY": "nvapi-plantedsecret0002",
-               "CUDA_SECRET": "plantedsecret0003", "NCCL_PASSWORD": "plantedsecret0004",
-               "PYTORCH_CREDENTIALS": "plantedsecret0005",
-               "PIP_INDEX_URL": "https://alice:plantedsecret0006@pypi.example.com/simple"}
+    secrets = {
+        "HF_TOKEN": "hf_plantedsecret0001",
+        "NVIDIA_API_KEY": "nvapi-plantedsecret0002",
+        "CUDA_SECRET": "plantedsecret0003",
+        "NCCL_PASSWORD": "plantedsecret0004",
+        "PYTORCH_CREDENTIALS": "plantedsecret0005",
+        "PIP_INDEX_URL": "https://alice:plantedsecret0006@pypi.example.com/simple",
+    }
     for name, value in secrets.items():
         monkeypatch.setenv(name, value)
     use_fakes(monkeypatch)
@@ -174,6 +187,7 @@ def test_a_secret_in_the_environment_reaches_no_file_of_the_run(monkeypatch, goo
 
 
 # --------------------------------------------------------------------------- end to end through nox
+
 
 def tree_hashes(root: Path) -> dict[str, str]:
     """Every file (content hash) and symlink (target) under root."""
@@ -213,8 +227,14 @@ def test_nox_m40_without_a_gpu_end_to_end(tmp_path):
     extra = ["--probe-source", "nvidia-smi"] if fake_gpu.nvml_works_here() else []
 
     def nox_m40():
-        return subprocess.run([sys.executable, "-m", "nox", "-s", "m40", "--", *extra], cwd=project, env=env,  # noqa: S603
-                              capture_output=True, text=True, timeout=300)
+        return subprocess.run(
+            [sys.executable, "-m", "nox", "-s", "m40", "--", *extra],
+            cwd=project,
+            env=env,  # noqa: S603
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
 
     first = nox_m40()
     output = first.stdout + first.stderr
@@ -245,12 +265,17 @@ def test_nox_m40_without_a_gpu_end_to_end(tmp_path):
 
 # --------------------------------------------------------------------------- PARTIAL and the last line
 
-@pytest.mark.parametrize(("train_figures", "named"), [
-    ({"device": "cpu"}, "train ran on cpu, not on CUDA"),
-    ({"overrides": ["checks.min_loss_drop=0.3"]}, "train ran with checks.min_loss_drop=0.3"),
-])
+
+@pytest.mark.parametrize(
+    ("train_figures", "named"),
+    [
+        ({"device": "cpu"}, "train ran on cpu, not on CUDA"),
+        ({"overrides": ["checks.min_loss_drop=0.3"]}, "train ran with checks.min_loss_drop=0.3"),
+    ],
+)
 def test_a_weakened_run_is_partial_with_its_own_exit_code_named_first_in_the_readme(
-        monkeypatch, good_driver, capsys, train_figures, named):
+    monkeypatch, good_driver, capsys, train_figures, named
+):
     use_fakes(monkeypatch, train=fake_stage("train", **train_figures))
     assert m40.main([]) == layout.EXIT_PARTIAL == 70
     run_dir = only_run()
@@ -280,6 +305,7 @@ def test_the_last_line_of_m40_is_the_verdict_its_exit_code_and_the_readme(monkey
 
 # --------------------------------------------------------------------------- one voice (issue 16.4)
 
+
 def test_evidence_alone_on_a_sealed_newest_run_says_so_and_changes_nothing(monkeypatch, no_driver, capsys):
     use_fakes(monkeypatch)
     assert m40.main([]) == 10
@@ -305,10 +331,15 @@ def test_train_without_the_gpu_environment_names_the_install_command(monkeypatch
 def test_the_readme_exit_code_table_is_every_code_in_layout():
     readme = (layout.ROOT / "README.md").read_text()
     table = readme.split("## Exit codes")[1].split("\n## ")[0]
-    documented = sorted(int(line.split("|")[1]) for line in table.splitlines() if line.startswith("| ") and
-                        line.split("|")[1].strip().isdigit())
-    codes = sorted({v for k, v in vars(layout).items() if k.startswith("EXIT_") and isinstance(v, int)}
-                   | set(layout.EXIT_STAGE.values()))
+    documented = sorted(
+        int(line.split("|")[1])
+        for line in table.splitlines()
+        if line.startswith("| ") and line.split("|")[1].strip().isdigit()
+    )
+    codes = sorted(
+        {v for k, v in vars(layout).items() if k.startswith("EXIT_") and isinstance(v, int)}
+        | set(layout.EXIT_STAGE.values())
+    )
     assert documented == codes
 
 

@@ -21,10 +21,22 @@ from tasks.records import StageRecord, StageStatus
 
 # tests/test_train.py's tiny GPT-2, smaller still: 4 processes share this CPU, and in float32 (bf16 autocast on a
 # CPU without bf16 instructions is ~15x slower per step, measured here: 40 s against 2.8 s).
-TINY = ["model.config.n_layer=2", "model.config.n_head=2", "model.config.n_embd=64", "model.config.n_positions=64",
-        "train.block_size=64", "train.batch_size=4", "train.steps=6", "train.lr=3e-3", "train.lr_warmup_steps=2",
-        "train.timing_warmup=1", "train.compile=false", "train.autocast=none", "checks.final_window=2",
-        "checks.min_loss_drop=0.3"]
+TINY = [
+    "model.config.n_layer=2",
+    "model.config.n_head=2",
+    "model.config.n_embd=64",
+    "model.config.n_positions=64",
+    "train.block_size=64",
+    "train.batch_size=4",
+    "train.steps=6",
+    "train.lr=3e-3",
+    "train.lr_warmup_steps=2",
+    "train.timing_warmup=1",
+    "train.compile=false",
+    "train.autocast=none",
+    "checks.final_window=2",
+    "checks.min_loss_drop=0.3",
+]
 
 
 def options(*argv: str) -> argparse.Namespace:
@@ -35,18 +47,25 @@ def options(*argv: str) -> argparse.Namespace:
 
 # --------------------------------------------------------------------------- options and environment
 
+
 def test_one_machine_without_options_or_environment_is_no_job():
     assert multinode.resolve(options(), {}) is None
     assert multinode.resolve(options(), {"MASTER_ADDR": "10.0.0.1", "SLURM_NNODES": "1"}) is None  # a stray address
 
 
 def test_slurm_environment_is_picked_up_and_explicit_options_win():
-    env = {"SLURM_NNODES": "4", "SLURM_NODEID": "2", "SLURM_JOB_ID": "81234", "MASTER_ADDR": "gpu001",
-           "MASTER_PORT": "29600"}
+    env = {
+        "SLURM_NNODES": "4",
+        "SLURM_NODEID": "2",
+        "SLURM_JOB_ID": "81234",
+        "MASTER_ADDR": "gpu001",
+        "MASTER_PORT": "29600",
+    }
     job = multinode.resolve(options(), env)
     assert (job.nnodes, job.node_rank, job.endpoint, job.rdzv_id) == (4, 2, "gpu001:29600", "81234")
-    job = multinode.resolve(options("--nnodes", "2", "--node-rank", "1", "--rdzv-endpoint", "head:1234",
-                                    "--rdzv-id", "mine"), env)
+    job = multinode.resolve(
+        options("--nnodes", "2", "--node-rank", "1", "--rdzv-endpoint", "head:1234", "--rdzv-id", "mine"), env
+    )
     assert (job.nnodes, job.node_rank, job.endpoint, job.rdzv_id) == (2, 1, "head:1234", "mine")
     assert job.source == "--nnodes, --rdzv-endpoint, --node-rank, --rdzv-id"
 
@@ -59,13 +78,16 @@ def test_torchrun_style_environment_and_defaults():
     assert (single.nnodes, single.node_rank, single.endpoint) == (1, 0, "localhost:29500")
 
 
-@pytest.mark.parametrize("argv, env, message", [
-    (("--nnodes", "2"), {}, "2 nodes (--nnodes) but no rendezvous: pass --rdzv-endpoint HOST:PORT"),
-    (("--nnodes", "2", "--node-rank", "2", "--rdzv-endpoint", "h:1"), {}, "--node-rank=2: a node rank is in 0..1"),
-    (("--rdzv-endpoint", "h:99999"), {}, "port 99999 is not in 1..65535"),
-    (("--rdzv-endpoint", "h:1", "--rdzv-id", "a b"), {}, "rendezvous id 'a b' (--rdzv-id)"),
-    ((), {"SLURM_NNODES": "two", "MASTER_ADDR": "h"}, "SLURM_NNODES='two' is not a whole number"),
-])
+@pytest.mark.parametrize(
+    "argv, env, message",
+    [
+        (("--nnodes", "2"), {}, "2 nodes (--nnodes) but no rendezvous: pass --rdzv-endpoint HOST:PORT"),
+        (("--nnodes", "2", "--node-rank", "2", "--rdzv-endpoint", "h:1"), {}, "--node-rank=2: a node rank is in 0..1"),
+        (("--rdzv-endpoint", "h:99999"), {}, "port 99999 is not in 1..65535"),
+        (("--rdzv-endpoint", "h:1", "--rdzv-id", "a b"), {}, "rendezvous id 'a b' (--rdzv-id)"),
+        ((), {"SLURM_NNODES": "two", "MASTER_ADDR": "h"}, "SLURM_NNODES='two' is not a whole number"),
+    ],
+)
 def test_bad_job_settings_are_one_line(argv, env, message):
     with pytest.raises(ValueError, match=re.escape(message)) as err:
         multinode.resolve(options(*argv), env)
@@ -73,14 +95,29 @@ def test_bad_job_settings_are_one_line(argv, env, message):
 
 
 def test_torchrun_options_for_a_node():
-    job = multinode.resolve(options("--nnodes", "2", "--rdzv-endpoint", "head:29400", "--rdzv-id", "j1",
-                                    "--rdzv-timeout", "2.5"), {})
+    job = multinode.resolve(
+        options("--nnodes", "2", "--rdzv-endpoint", "head:29400", "--rdzv-id", "j1", "--rdzv-timeout", "2.5"), {}
+    )
     assert multinode.torchrun_args(job, 8) == [
-        "--nnodes", "2", "--nproc-per-node", "8", "--rdzv-backend", "c10d", "--rdzv-endpoint", "head:29400",
-        "--rdzv-id", "j1", "--rdzv-conf", "join_timeout=3,read_timeout=3", "--max-restarts", "0"]
+        "--nnodes",
+        "2",
+        "--nproc-per-node",
+        "8",
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        "head:29400",
+        "--rdzv-id",
+        "j1",
+        "--rdzv-conf",
+        "join_timeout=3,read_timeout=3",
+        "--max-restarts",
+        "0",
+    ]
 
 
 # --------------------------------------------------------------------------- an unreachable rendezvous
+
 
 def test_unresolvable_endpoint_fails_at_once_naming_it():
     job = multinode.resolve(options("--nnodes", "2", "--rdzv-endpoint", "no-such-node.invalid:29500"), {})
@@ -113,7 +150,8 @@ def test_torchrun_rendezvous_errors_become_one_line():
     console = "Traceback ...\ntorch.distributed.elastic.rendezvous.api.RendezvousTimeoutError\n"
     assert multinode.rendezvous_failure(console, job) == (
         "the rendezvous at h:1 (id j) did not form a job of 2 node(s) within 300 s (RendezvousTimeoutError); "
-        "start every node with the same --nnodes, --rdzv-endpoint and --rdzv-id")
+        "start every node with the same --nnodes, --rdzv-endpoint and --rdzv-id"
+    )
     assert multinode.rendezvous_failure("ValueError: something else", job) is None
 
 
@@ -125,18 +163,36 @@ def venv_python(monkeypatch):
 
 def test_train_stage_alone_on_two_nodes_fails_at_the_join_timeout_in_one_line(tmp_path, venv_python, capsys):
     """Node 0 of 2 hosts the rendezvous; node 1 never comes: torchrun's join timeout, never a hang."""
-    code = stage.main("train", ["--run-dir", str(tmp_path / "m40_v1"), "--train-device", "cpu", "--nnodes", "2",
-                                "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--rdzv-id", "lonely",
-                                "--rdzv-timeout", "3", *sum((["--train-override", o] for o in TINY), [])])
+    code = stage.main(
+        "train",
+        [
+            "--run-dir",
+            str(tmp_path / "m40_v1"),
+            "--train-device",
+            "cpu",
+            "--nnodes",
+            "2",
+            "--rdzv-endpoint",
+            f"127.0.0.1:{free_port()}",
+            "--rdzv-id",
+            "lonely",
+            "--rdzv-timeout",
+            "3",
+            *sum((["--train-override", o] for o in TINY), []),
+        ],
+    )
     rec = records.read(tmp_path / "m40_v1", "train")
     assert code == layout.EXIT_STAGE["train"] and rec.status == "fail"
-    assert rec.reason.startswith("the rendezvous at 127.0.0.1:") and "(id lonely) did not form a job of 2 node(s) " \
-        "within 3 s (RendezvousTimeoutError)" in rec.reason
+    assert (
+        rec.reason.startswith("the rendezvous at 127.0.0.1:")
+        and "(id lonely) did not form a job of 2 node(s) within 3 s (RendezvousTimeoutError)" in rec.reason
+    )
     assert rec.figures["rdzv_id"] == "lonely" and rec.figures["nnodes"] == 2
     assert rec.duration_s < 120
 
 
 # --------------------------------------------------------------------------- two nodes on localhost
+
 
 def free_port() -> int:
     """A free port whose next one is free too (cuda_check's all-reduce across nodes rendezvous there)."""
@@ -191,13 +247,37 @@ def test_two_nodes_on_localhost_train_as_one_job_and_the_fleet_reads_both(tmp_pa
         run_dir = tmp_path / "collected" / f"node{rank}" / "m40_v1"
         run_dir.mkdir(parents=True)
         stand_in_gpu_stages(run_dir, f"node{rank}")
-        argv = ["--run-dir", str(run_dir), "--train-device", "cpu", "--nproc", "2", "--nnodes", "2",
-                "--node-rank", str(rank), "--rdzv-endpoint", endpoint, "--rdzv-id", "sim42", "--rdzv-timeout", "120",
-                *sum((["--train-override", o] for o in TINY), [])]
+        argv = [
+            "--run-dir",
+            str(run_dir),
+            "--train-device",
+            "cpu",
+            "--nproc",
+            "2",
+            "--nnodes",
+            "2",
+            "--node-rank",
+            str(rank),
+            "--rdzv-endpoint",
+            endpoint,
+            "--rdzv-id",
+            "sim42",
+            "--rdzv-timeout",
+            "120",
+            *sum((["--train-override", o] for o in TINY), []),
+        ]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         with open(tmp_path / f"node{rank}.out", "w") as out:  # a file, not a pipe: a full pipe would stall a node
-            nodes.append(subprocess.Popen([sys.executable, "-c", NODE, *argv], cwd=layout.ROOT, env=env,
-                                          stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
+            nodes.append(
+                subprocess.Popen(
+                    [sys.executable, "-c", NODE, *argv],
+                    cwd=layout.ROOT,
+                    env=env,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
     try:
         codes = [p.wait(timeout=600) for p in nodes]
     finally:
@@ -234,7 +314,9 @@ def test_two_nodes_on_localhost_train_as_one_job_and_the_fleet_reads_both(tmp_pa
     doc = json.loads((out / "fleet.json").read_text())
     assert doc["counts"] == {"PARTIAL": 2}
     assert sorted((r["host"], r["rdzv_id"], r["nnodes"], r["world_size"]) for r in doc["rows"]) == [
-        ("node0", "sim42", 2, 4), ("node1", "sim42", 2, 4)]
+        ("node0", "sim42", 2, 4),
+        ("node1", "sim42", 2, 4),
+    ]
     assert all(r["tok_s"] and r["tok_s"] > 0 and r["nodes_allreduce_busbw_gbs"] > 0 for r in doc["rows"])
     md = (out / "fleet.md").read_text()
     print(md)

@@ -29,6 +29,7 @@ def read(run_dir, name):
 
 # --------------------------------------------------------------------------- pure parsing
 
+
 def test_cuda_version_from_nvml_int():
     assert probe.cuda_version_from_int(13000) == "13.0"
     assert probe.cuda_version_from_int(12080) == "12.8"
@@ -36,7 +37,9 @@ def test_cuda_version_from_nvml_int():
 
 
 def test_smi_csv_parses_values_and_not_available_fields():
-    row = fake_gpu.query_row(0, ecc="[N/A]", reasons="0x0000000000000004").replace(", 0, 0, Enabled", ", [N/A], [N/A], Disabled")
+    row = fake_gpu.query_row(0, ecc="[N/A]", reasons="0x0000000000000004").replace(
+        ", 0, 0, Enabled", ", [N/A], [N/A], Disabled"
+    )
     driver, gpus = probe.parse_smi_csv(row + "\n")
     assert driver == "580.95.05"
     (g,) = gpus
@@ -60,6 +63,7 @@ def test_smi_header_gives_driver_and_cuda():
 
 
 # --------------------------------------------------------------------------- nvidia-smi fallback (NVML unavailable)
+
 
 def test_cuda_13_driver_passes_through_nvidia_smi(monkeypatch, run_dir, smi_machine):
     fake_gpu.working_smi(smi_machine, cuda="13.0")
@@ -159,12 +163,15 @@ def test_no_devices_found(monkeypatch, run_dir, smi_machine):
 
 def test_older_driver_without_new_fields_is_asked_again_with_core_fields(monkeypatch, run_dir, smi_machine):
     core = "0, NVIDIA A100-SXM4-80GB, GPU-1, 00000000:07:00.0, 535.104.05, 81920, 81000"
-    fake_gpu.write_script(smi_machine, f"""case "$1" in
+    fake_gpu.write_script(
+        smi_machine,
+        f"""case "$1" in
 *compute_cap*) echo 'Field "compute_cap" is not a valid field to query.'; exit 2;;
 --query-gpu=*) echo '{core}';;
 *) echo '| NVIDIA-SMI 535.104.05   Driver Version: 535.104.05   CUDA Version: 12.2 |';;
 esac
-""")
+""",
+    )
     out = probe.run(run_dir, args(min_driver_cuda="12.0"))
     assert out.status == records.StageStatus.PASS, out.reason
     assert out.figures["gpus"] == "1x NVIDIA A100-SXM4-80GB"
@@ -181,11 +188,19 @@ def test_probe_source_nvml_does_not_fall_back(monkeypatch, run_dir, smi_machine)
 
 # --------------------------------------------------------------------------- NVML (fake pynvml values)
 
+
 def test_nvml_is_the_first_source(monkeypatch, run_dir, nvml_machine):
     out = probe.run(run_dir, args())
     assert out.status == records.StageStatus.PASS, out.reason
-    assert out.figures == {"host": socket.gethostname(), "source": "nvml", "driver": "580.95.05", "driver_cuda": "13.0",
-                           "min_driver_cuda": "12.8", "gpu_count": 2, "gpus": f"2x {fake_gpu.H100}"}
+    assert out.figures == {
+        "host": socket.gethostname(),
+        "source": "nvml",
+        "driver": "580.95.05",
+        "driver_cuda": "13.0",
+        "min_driver_cuda": "12.8",
+        "gpu_count": 2,
+        "gpus": f"2x {fake_gpu.H100}",
+    }
     assert nvml_machine.calls == ["shutdown"]
     doc = json.loads(read(run_dir, layout.GPUS_JSON))
     g0, g1 = doc["gpus"]
@@ -223,6 +238,7 @@ def test_nvml_failing_midway_falls_back_to_nvidia_smi(monkeypatch, tmp_path, run
 
     def broken():
         raise pynvml.NVMLError(pynvml.NVML_ERROR_UNKNOWN)
+
     monkeypatch.setattr(pynvml, "nvmlDeviceGetCount", broken)
     fake_gpu.working_smi(tmp_path / "bin")
     fake_gpu.only_on_path(monkeypatch, tmp_path / "bin")
@@ -305,7 +321,8 @@ def gone(pid: int, wait_s: float = 5.0) -> bool:
 
 @pytest.mark.parametrize("hang", [True, False], ids=["hangs", "exits-leaving-a-child"])
 def test_a_hung_nvidia_smi_whose_child_holds_the_output_open_ends_within_the_one_deadline(
-        tmp_path, run_dir, smi_machine, hang):
+    tmp_path, run_dir, smi_machine, hang
+):
     pidfile = tmp_path / "children.txt"
     hanging_smi(smi_machine, pidfile, hang)
     out, seconds = run_with_a_watchdog(run_dir, args(probe_timeout=2.0))
@@ -352,8 +369,11 @@ def test_a_value_holding_newlines_cannot_forge_a_section_of_env_info(monkeypatch
     env_info = read(run_dir, "env_info.txt")
     lines = env_info.splitlines()
     assert [line for line in lines if line.startswith("## ")] == [
-        "## System", "## Environment (names containing TOKEN, KEY, SECRET, PASSWORD, CREDENTIAL are redacted)",
-        "## Driver and GPUs (source: nvml)", "## Gate"]
+        "## System",
+        "## Environment (names containing TOKEN, KEY, SECRET, PASSWORD, CREDENTIAL are redacted)",
+        "## Driver and GPUs (source: nvml)",
+        "## Gate",
+    ]
     assert not any(line.startswith("PASS: driver 999.99") or line.startswith("PASS: forged") for line in lines)
     assert "NCCL_DEBUG=x\\n\\n## Gate\\nPASS: driver 999.99 supports CUDA 99.9" in lines
     assert "\x1b" not in env_info and "\r" not in env_info
@@ -361,7 +381,8 @@ def test_a_value_holding_newlines_cannot_forge_a_section_of_env_info(monkeypatch
 
 
 def test_the_nvml_child_holds_no_file_of_the_probe_so_a_stuck_child_cannot_keep_a_run_locked(
-        monkeypatch, tmp_path, run_dir, nvml_machine):
+    monkeypatch, tmp_path, run_dir, nvml_machine
+):
     lock = tmp_path / "run.lock"
     held = open(lock, "w")  # stands for the run folder's lock, which the probe's process holds
     seen = tmp_path / "child-files.txt"
@@ -375,6 +396,7 @@ def test_the_nvml_child_holds_no_file_of_the_probe_so_a_stuck_child_cannot_keep_
             except OSError:
                 pass
         seen.write_text("\n".join(targets))
+
     monkeypatch.setattr(pynvml, "nvmlInit", init)
     try:
         probe.run(run_dir, args())
@@ -389,4 +411,5 @@ def test_mig_mode_from_nvml_is_recorded_and_named_in_env_info(monkeypatch, run_d
     g0, g1 = json.loads(read(run_dir, layout.GPUS_JSON))["gpus"]
     assert (g0["mig_mode"], g1["mig_mode"]) == ("enabled", "disabled")
     assert "note        : MIG is enabled on GPU 0: cuda_check judges each slice against its share" in read(
-        run_dir, "env_info.txt")
+        run_dir, "env_info.txt"
+    )

@@ -15,8 +15,7 @@ def test_tee_shows_and_logs_output_and_returns_the_exit_code(tmp_path, capsys):
 
 def test_tee_kills_a_hung_child_at_the_timeout(tmp_path):
     log = tmp_path / "out.log"
-    code = proc.tee([sys.executable, "-c", "print('started', flush=True); import time; time.sleep(60)"],
-                    log, timeout=1)
+    code = proc.tee([sys.executable, "-c", "print('started', flush=True); import time; time.sleep(60)"], log, timeout=1)
     assert code == 124
     assert log.read_text() == "started\n"
 
@@ -69,8 +68,13 @@ def test_children_die_with_a_parent_killed_by_sigkill():
 
     from tasks import layout
 
-    parent = subprocess.Popen([sys.executable, "-c", PARENT, str(layout.ROOT)], stdout=subprocess.PIPE, text=True,
-                              cwd=layout.ROOT, env={**os.environ, "PYTHONPATH": str(layout.ROOT)})
+    parent = subprocess.Popen(
+        [sys.executable, "-c", PARENT, str(layout.ROOT)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=layout.ROOT,
+        env={**os.environ, "PYTHONPATH": str(layout.ROOT)},
+    )
     child, grandchild = map(int, parent.stdout.readline().split())
     assert parent.stdout.readline().strip() == "ready"  # the grandchild has asked to die with its parent
     assert alive(child) and alive(grandchild)

@@ -10,7 +10,9 @@ from tasks import layout, records
 
 
 def test_record_round_trips_through_its_file(tmp_path):
-    rec = records.StageRecord("probe", records.StageStatus.FAIL, "no driver", figures={"gpu_count": 0}, files=["env_info.txt"])
+    rec = records.StageRecord(
+        "probe", records.StageStatus.FAIL, "no driver", figures={"gpu_count": 0}, files=["env_info.txt"]
+    )
     path = records.write(tmp_path, rec)
     assert path == tmp_path / layout.STAGES_DIR / "probe.json"
     assert json.loads(path.read_text())["schema"] == records.SCHEMA

@@ -86,10 +86,16 @@ def test_lock_is_released_after_use_and_after_an_error(tmp_path):
 def holder(tmp_path):
     """Another process holding the run's lock (killed hard at the end, as a crash would)."""
     (tmp_path / layout.STAGES_DIR).mkdir()  # a run folder
-    code = ("import sys, time; from pathlib import Path; from tasks import runs\n"
-            "with runs.locked(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(60)\n")
-    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=PROJECT,  # noqa: S603
-                            stdout=subprocess.PIPE, text=True)
+    code = (
+        "import sys, time; from pathlib import Path; from tasks import runs\n"
+        "with runs.locked(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(60)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(tmp_path)],
+        cwd=PROJECT,  # noqa: S603
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdout.readline().strip() == "held"
     yield proc
     if proc.poll() is None:
@@ -120,13 +126,17 @@ def test_lock_of_a_dead_process_is_taken_over(tmp_path, holder):
 
 
 def test_lock_from_another_host_is_not_taken_over(tmp_path):
-    (tmp_path / layout.LOCK_FILE).write_text(json.dumps({"pid": 1, "host": "other-host", "since": "x", "command": "nox"}))
+    (tmp_path / layout.LOCK_FILE).write_text(
+        json.dumps({"pid": 1, "host": "other-host", "since": "x", "command": "nox"})
+    )
     with pytest.raises(runs.RunLocked, match="other-host"), runs.locked(tmp_path):
         pass
 
 
-VENV_HOLDER = ("import sys, time; from pathlib import Path; from tasks import venvs\n"
-               "with getattr(venvs, sys.argv[2])(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(60)\n")
+VENV_HOLDER = (
+    "import sys, time; from pathlib import Path; from tasks import venvs\n"
+    "with getattr(venvs, sys.argv[2])(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(60)\n"
+)
 
 
 @pytest.fixture
@@ -136,11 +146,16 @@ def venv_holder(tmp_path, monkeypatch):
     procs = []
 
     def start(how):
-        proc = subprocess.Popen([sys.executable, "-c", VENV_HOLDER, str(layout.VENV_GPU), how],  # noqa: S603
-                                cwd=PROJECT, stdout=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", VENV_HOLDER, str(layout.VENV_GPU), how],  # noqa: S603
+            cwd=PROJECT,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         procs.append(proc)
         assert proc.stdout.readline().strip() == "held"
         return proc
+
     yield start
     for proc in procs:
         proc.kill()

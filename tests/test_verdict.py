@@ -8,8 +8,11 @@ import pytest
 from tasks import config, layout, verdict
 from tasks.records import StageRecord, StageStatus
 
-TORCH = {"version": "2.11.0+cu128", "file": "/m/.venv-gpu/lib/python3.12/site-packages/torch/__init__.py",
-         "record_sha256": "a" * 64}
+TORCH = {
+    "version": "2.11.0+cu128",
+    "file": "/m/.venv-gpu/lib/python3.12/site-packages/torch/__init__.py",
+    "record_sha256": "a" * 64,
+}
 OTHER_TORCH = {**TORCH, "version": "2.5.0", "file": "/home/u/stand-in/torch/__init__.py", "record_sha256": "b" * 64}
 
 
@@ -22,8 +25,16 @@ def run(probe=None, install=None, cuda_check=None, train=None, statuses=None):
         "train": {"device": "cuda", "nproc": 8, "overrides": [], "torch_identity": TORCH, **(train or {})},
     }
     statuses = statuses or {}
-    return {s: StageRecord(s, statuses.get(s, StageStatus.PASS), "" if s not in statuses else f"{s} says why",
-                           started="2026-12-01T00:00:00+00:00", figures=f) for s, f in figures.items()}
+    return {
+        s: StageRecord(
+            s,
+            statuses.get(s, StageStatus.PASS),
+            "" if s not in statuses else f"{s} says why",
+            started="2026-12-01T00:00:00+00:00",
+            figures=f,
+        )
+        for s, f in figures.items()
+    }
 
 
 RULES = verdict.load_rules()
@@ -31,32 +42,88 @@ RULES = verdict.load_rules()
 TABLE = [
     # (case, records, verdict word, the stage it names, what the deviations / reason must say)
     ("healthy", run(), "PASS", None, []),
-    ("batch size and steps inside 10-50 are harmless",
-     run(train={"overrides": ["train.batch_size=8", "steps=20"]}), "PASS", None, []),
+    (
+        "batch size and steps inside 10-50 are harmless",
+        run(train={"overrides": ["train.batch_size=8", "steps=20"]}),
+        "PASS",
+        None,
+        [],
+    ),
     ("cpu training", run(train={"device": "cpu", "nproc": 1}), "PARTIAL", None, ["train ran on cpu, not on CUDA"]),
-    ("one process on 8 checked GPUs", run(train={"nproc": 1}), "PARTIAL", None,
-     ["train ran 1 process(es) on 8 GPUs that cuda_check checked (--nproc 1)"]),
-    ("weakened loss check", run(train={"overrides": ["checks.min_loss_drop=0.3"]}), "PARTIAL", None,
-     ["train ran with checks.min_loss_drop=0.3: a changed check"]),
-    ("stricter loss check is not the default either", run(train={"overrides": ["min_loss_drop=3.0"]}), "PARTIAL",
-     None, ["train ran with min_loss_drop=3.0"]),
-    ("weakened speed share", run(cuda_check={"overrides": ["speed_share=0.01"]}), "PARTIAL", None,
-     ["cuda_check ran with speed_share=0.01"]),
-    ("steps outside 10-50", run(train={"overrides": ["train.steps=3"]}), "PARTIAL", None,
-     ["train ran with train.steps=3: outside the 10-50 a PASS allows"]),
-    ("GPUs hidden from torch (CUDA_VISIBLE_DEVICES=0,1 on 8)", run(cuda_check={"gpus_checked": 2}, train={"nproc": 2}),
-     "PARTIAL", None, ["torch saw 2 of the 8 GPUs that nvml found (6 hidden from torch"]),
-    ("train without a device figure", run(train={"device": None}), "PARTIAL", None,
-     ["train recorded no device"]),
-    ("a stage without a torch identity", run(train={"torch_identity": None}), "PARTIAL", None,
-     ["train recorded no torch identity"]),
-    ("another torch in cuda_check", run(cuda_check={"torch_identity": OTHER_TORCH}), "FAIL", "cuda_check",
-     ["cuda_check ran torch 2.5.0 from /home/u/stand-in/torch/__init__.py (RECORD sha256 bbbbbbbbbbbb), "
-      "but install recorded torch 2.11.0+cu128"]),
-    ("same version, another wheel in train", run(train={"torch_identity": {**TORCH, "record_sha256": "c" * 64}}),
-     "FAIL", "train", ["(RECORD sha256 cccccccccccc), but install recorded"]),
-    ("a failed stage beats every deviation", run(train={"device": "cpu"}, statuses={"cuda_check": StageStatus.FAIL}),
-     "FAIL", "cuda_check", ["cuda_check says why"]),
+    (
+        "one process on 8 checked GPUs",
+        run(train={"nproc": 1}),
+        "PARTIAL",
+        None,
+        ["train ran 1 process(es) on 8 GPUs that cuda_check checked (--nproc 1)"],
+    ),
+    (
+        "weakened loss check",
+        run(train={"overrides": ["checks.min_loss_drop=0.3"]}),
+        "PARTIAL",
+        None,
+        ["train ran with checks.min_loss_drop=0.3: a changed check"],
+    ),
+    (
+        "stricter loss check is not the default either",
+        run(train={"overrides": ["min_loss_drop=3.0"]}),
+        "PARTIAL",
+        None,
+        ["train ran with min_loss_drop=3.0"],
+    ),
+    (
+        "weakened speed share",
+        run(cuda_check={"overrides": ["speed_share=0.01"]}),
+        "PARTIAL",
+        None,
+        ["cuda_check ran with speed_share=0.01"],
+    ),
+    (
+        "steps outside 10-50",
+        run(train={"overrides": ["train.steps=3"]}),
+        "PARTIAL",
+        None,
+        ["train ran with train.steps=3: outside the 10-50 a PASS allows"],
+    ),
+    (
+        "GPUs hidden from torch (CUDA_VISIBLE_DEVICES=0,1 on 8)",
+        run(cuda_check={"gpus_checked": 2}, train={"nproc": 2}),
+        "PARTIAL",
+        None,
+        ["torch saw 2 of the 8 GPUs that nvml found (6 hidden from torch"],
+    ),
+    ("train without a device figure", run(train={"device": None}), "PARTIAL", None, ["train recorded no device"]),
+    (
+        "a stage without a torch identity",
+        run(train={"torch_identity": None}),
+        "PARTIAL",
+        None,
+        ["train recorded no torch identity"],
+    ),
+    (
+        "another torch in cuda_check",
+        run(cuda_check={"torch_identity": OTHER_TORCH}),
+        "FAIL",
+        "cuda_check",
+        [
+            "cuda_check ran torch 2.5.0 from /home/u/stand-in/torch/__init__.py (RECORD sha256 bbbbbbbbbbbb), "
+            "but install recorded torch 2.11.0+cu128"
+        ],
+    ),
+    (
+        "same version, another wheel in train",
+        run(train={"torch_identity": {**TORCH, "record_sha256": "c" * 64}}),
+        "FAIL",
+        "train",
+        ["(RECORD sha256 cccccccccccc), but install recorded"],
+    ),
+    (
+        "a failed stage beats every deviation",
+        run(train={"device": "cpu"}, statuses={"cuda_check": StageStatus.FAIL}),
+        "FAIL",
+        "cuda_check",
+        ["cuda_check says why"],
+    ),
     ("a killed stage", run(statuses={"train": StageStatus.RUNNING}), "FAIL", "train", ["train did not finish"]),
     ("interrupted", run(statuses={"install": StageStatus.INTERRUPTED}), "INTERRUPTED", "install", []),
 ]
@@ -86,8 +153,14 @@ def test_each_verdict_has_its_exit_code():
 
 
 def test_partial_has_a_code_apart_from_every_other_documented_code():
-    others = {layout.EXIT_OK, layout.EXIT_USAGE, layout.EXIT_LOCKED, layout.EXIT_INTERRUPTED,
-              *layout.EXIT_STAGE.values(), *(v for k, v in vars(layout).items() if k.startswith("EXIT_FLEET"))}
+    others = {
+        layout.EXIT_OK,
+        layout.EXIT_USAGE,
+        layout.EXIT_LOCKED,
+        layout.EXIT_INTERRUPTED,
+        *layout.EXIT_STAGE.values(),
+        *(v for k, v in vars(layout).items() if k.startswith("EXIT_FLEET")),
+    }
     assert layout.EXIT_PARTIAL not in others | {1, 3}  # 1 and 3: nox's own failures
 
 
@@ -98,7 +171,7 @@ def test_a_malformed_rule_is_a_config_error(tmp_path):
         verdict.load_rules(bad)
 
 
-# --------------------------------------------------------------------------- which stage a FAIL names (moved from test_evidence)
+# ------------------------------------------------------------ which stage a FAIL names (moved from test_evidence)
 
 ALL_PASS = {s: StageStatus.PASS for s in verdict.WORK_STAGES}
 
@@ -117,19 +190,29 @@ def test_verdict_names_the_first_failed_stage():
 
 
 def test_verdict_interrupted_names_where():
-    assert verdict.stage_failure(recs(probe=StageStatus.PASS, install=StageStatus.PASS, cuda_check=StageStatus.INTERRUPTED))[:2] == ("INTERRUPTED", "cuda_check")
+    assert verdict.stage_failure(
+        recs(probe=StageStatus.PASS, install=StageStatus.PASS, cuda_check=StageStatus.INTERRUPTED)
+    )[:2] == ("INTERRUPTED", "cuda_check")
 
 
 def test_verdict_missing_or_skipped_stage_is_not_a_pass():
-    assert verdict.stage_failure(recs(probe=StageStatus.PASS)) == ("FAIL", "install", "install did not run (no record in stages/)")
-    assert verdict.stage_failure(recs(probe=StageStatus.PASS, install=StageStatus.SKIP, cuda_check=StageStatus.PASS, train=StageStatus.PASS))[:2] == ("FAIL", "install")
+    assert verdict.stage_failure(recs(probe=StageStatus.PASS)) == (
+        "FAIL",
+        "install",
+        "install did not run (no record in stages/)",
+    )
+    assert verdict.stage_failure(
+        recs(probe=StageStatus.PASS, install=StageStatus.SKIP, cuda_check=StageStatus.PASS, train=StageStatus.PASS)
+    )[:2] == ("FAIL", "install")
     # a real failure is named before an earlier skip
-    assert verdict.stage_failure(recs(probe=StageStatus.PASS, install=StageStatus.SKIP, cuda_check=StageStatus.FAIL))[1] == "cuda_check"
+    assert (
+        verdict.stage_failure(recs(probe=StageStatus.PASS, install=StageStatus.SKIP, cuda_check=StageStatus.FAIL))[1]
+        == "cuda_check"
+    )
 
 
 def test_verdict_reads_a_running_record_as_did_not_finish():
-    r = recs(probe=StageStatus.PASS, install=StageStatus.PASS, cuda_check=StageStatus.RUNNING,
-             train=StageStatus.PASS)
+    r = recs(probe=StageStatus.PASS, install=StageStatus.PASS, cuda_check=StageStatus.RUNNING, train=StageStatus.PASS)
     word, stage_name, reason = verdict.stage_failure(r)
     assert (word, stage_name) == ("FAIL", "cuda_check") and reason.startswith("cuda_check did not finish")
 

@@ -24,8 +24,15 @@ def _record_hash(data: bytes) -> str:
     return f"sha256={digest}"
 
 
-def build_wheel(dest: Path, name: str, version: str, files: dict[str, str], *,
-                requires: list[str] | tuple = (), tag: str = "py3-none-any") -> Path:
+def build_wheel(
+    dest: Path,
+    name: str,
+    version: str,
+    files: dict[str, str],
+    *,
+    requires: list[str] | tuple = (),
+    tag: str = "py3-none-any",
+) -> Path:
     """Write `<name>-<version>-<tag>.whl` into dest and return its path."""
     dest.mkdir(parents=True, exist_ok=True)
     dist = f"{re.sub(r'[-.]+', '_', name)}-{version}"
@@ -34,8 +41,7 @@ def build_wheel(dest: Path, name: str, version: str, files: dict[str, str], *,
     metadata += [f"Requires-Dist: {r}" for r in requires]
     contents = dict(files)
     contents[f"{info}/METADATA"] = "\n".join(metadata) + "\n"
-    contents[f"{info}/WHEEL"] = ("Wheel-Version: 1.0\nGenerator: tests/wheels.py\n"
-                                 f"Root-Is-Purelib: true\nTag: {tag}\n")
+    contents[f"{info}/WHEEL"] = f"Wheel-Version: 1.0\nGenerator: tests/wheels.py\nRoot-Is-Purelib: true\nTag: {tag}\n"
     record = [f"{path},{_record_hash(text.encode())},{len(text.encode())}" for path, text in contents.items()]
     record.append(f"{info}/RECORD,,")
     contents[f"{info}/RECORD"] = "\n".join(record) + "\n"
@@ -46,9 +52,18 @@ def build_wheel(dest: Path, name: str, version: str, files: dict[str, str], *,
     return wheel
 
 
-def standin_torch(dest: Path, version: str, cuda: str | None, *, available: bool = True,
-                  capabilities: tuple = ((9, 0),), arch_list: tuple = ("sm_80", "sm_90"),
-                  cudnn: int | None = 91002, tag: str = "py3-none-any", requires: tuple = ()) -> Path:
+def standin_torch(
+    dest: Path,
+    version: str,
+    cuda: str | None,
+    *,
+    available: bool = True,
+    capabilities: tuple = ((9, 0),),
+    arch_list: tuple = ("sm_80", "sm_90"),
+    cudnn: int | None = 91002,
+    tag: str = "py3-none-any",
+    requires: tuple = (),
+) -> Path:
     """A `torch` wheel that reports `version`, `torch.version.cuda == cuda` and the given devices.
 
     cuda=None makes a CPU build: no CUDA, `backends.cuda.is_built()` False, no devices.
@@ -62,7 +77,8 @@ def standin_torch(dest: Path, version: str, cuda: str | None, *, available: bool
             "from torch import backends, cuda, version  # noqa: E402,F401\n"
         ),
         "torch/version.py": (
-            f"__version__ = {version!r}\ncuda = {cuda!r}\ngit_version = {hashlib.sha1(version.encode()).hexdigest()!r}\n"
+            f"__version__ = {version!r}\ncuda = {cuda!r}\n"
+            f"git_version = {hashlib.sha1(version.encode()).hexdigest()!r}\n"
         ),
         "torch/cuda.py": (
             f"_CAPS = {list(capabilities) if count else []!r}\n"
@@ -83,8 +99,9 @@ def standin_torch(dest: Path, version: str, cuda: str | None, *, available: bool
 def simple_wheel(dest: Path, name: str, version: str, requires: tuple = ()) -> Path:
     """A one-module pure-Python package `name` (importable as name with '-' -> '_')."""
     module = normalize(name).replace("-", "_")
-    return build_wheel(dest, name, version, {f"{module}/__init__.py": f"__version__ = {version!r}\n"},
-                       requires=list(requires))
+    return build_wheel(
+        dest, name, version, {f"{module}/__init__.py": f"__version__ = {version!r}\n"}, requires=list(requires)
+    )
 
 
 def write_index(root: Path, wheels: list[Path]) -> str:

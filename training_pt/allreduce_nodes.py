@@ -41,8 +41,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def check(args, device: torch.device, rank: int, world: int) -> dict:
     n = 1 << 16
-    parts = [torch.randint(-1000, 1000, (n,), generator=torch.Generator().manual_seed(args.seed + r)).float()
-             for r in range(world)]
+    parts = [
+        torch.randint(-1000, 1000, (n,), generator=torch.Generator().manual_seed(args.seed + r)).float()
+        for r in range(world)
+    ]
     expected = torch.stack(parts).sum(0)
     x = parts[rank].to(device, copy=True)  # a copy: on the CPU .to() would return the part itself
     dist.all_reduce(x)
@@ -73,8 +75,14 @@ def main(argv: list[str] | None = None) -> int:
     proc.die_with_parent()  # a torchrun rank dies with its torchrun (which dies with the stage)
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    result = {"status": "fail", "reason": "", "world_size": world, "nnodes": int(os.environ.get("GROUP_WORLD_SIZE", "1")),
-              "node_rank": int(os.environ.get("GROUP_RANK", "0")), "rdzv_id": os.environ.get("TORCHELASTIC_RUN_ID", "")}
+    result = {
+        "status": "fail",
+        "reason": "",
+        "world_size": world,
+        "nnodes": int(os.environ.get("GROUP_WORLD_SIZE", "1")),
+        "node_rank": int(os.environ.get("GROUP_RANK", "0")),
+        "rdzv_id": os.environ.get("TORCHELASTIC_RUN_ID", ""),
+    }
     code = 1
     try:
         cuda = args.device == "auto" and torch.cuda.is_available()
@@ -82,12 +90,15 @@ def main(argv: list[str] | None = None) -> int:
         if cuda:
             torch.cuda.set_device(device)
         result["backend"] = "nccl" if cuda else "gloo"
-        dist.init_process_group(result["backend"], timeout=timedelta(seconds=args.timeout),
-                                device_id=device if cuda else None)
+        dist.init_process_group(
+            result["backend"], timeout=timedelta(seconds=args.timeout), device_id=device if cuda else None
+        )
         result.update(check(args, device, rank, world))
         if result["wrong"]:
-            result["reason"] = (f"all-reduce across {result['nnodes']} node(s), {world} processes: {result['wrong']} of "
-                                f"{result['checked']} sums wrong")
+            result["reason"] = (
+                f"all-reduce across {result['nnodes']} node(s), {world} processes: {result['wrong']} of "
+                f"{result['checked']} sums wrong"
+            )
         else:
             result["status"], code = "pass", 0
         dist.destroy_process_group()

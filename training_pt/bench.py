@@ -79,6 +79,7 @@ def free_memory() -> None:
 
 def time_steps(step, batches, warmup: int, steps: int, device: torch.device) -> dict:
     """Run `warmup` then `steps` steps; the second group is timed. `step(x, y)` returns the loss tensor."""
+
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -102,16 +103,24 @@ def time_steps(step, batches, warmup: int, steps: int, device: torch.device) -> 
     if not all(math.isfinite(v) for v in losses):
         raise RuntimeError(f"non-finite loss in the timed steps: {losses}")
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return {"warmup_s": t1 - t0, "timed_s": t2 - t1, "first_loss": first, "last_loss": losses[-1],
-            "peak_alloc_gib": peak}
+    return {
+        "warmup_s": t1 - t0,
+        "timed_s": t2 - t1,
+        "first_loss": first,
+        "last_loss": losses[-1],
+        "peak_alloc_gib": peak,
+    }
 
 
 def hf_default_row(cfg: dict, device: torch.device, batches, warmup: int, steps: int) -> dict:
     """The baseline: GPT2Config() defaults (sizes as the YAML's), SDPA, bf16 autocast, HF's loss, torch AdamW."""
     from transformers import AutoModelForCausalLM, GPT2Config
 
-    sizes = {k: cfg["model"]["config"][k] for k in ("n_layer", "n_head", "n_embd", "n_positions")
-             if k in cfg["model"]["config"]}
+    sizes = {
+        k: cfg["model"]["config"][k]
+        for k in ("n_layer", "n_head", "n_embd", "n_positions")
+        if k in cfg["model"]["config"]
+    }
     conf = GPT2Config(**sizes)  # everything else: HF's defaults (dropout 0.1, gelu_new, vocab 50257, use_cache)
     torch.set_float32_matmul_precision("highest")  # PyTorch's default: no TF32
     torch.manual_seed(cfg["seed"])
@@ -144,12 +153,20 @@ def ours_row(cfg: dict, device: torch.device, batches, warmup: int, steps: int) 
     torch.manual_seed(cfg["seed"])
     model, _ = T.build_model(cfg, device, print)
     net = T.NextTokenLoss(model)
-    step_net = torch.compile(net, mode=None if t["compile_mode"] == "default" else t["compile_mode"]) \
-        if t["compile"] else net
-    opt = torch.optim.AdamW(T.param_groups(model, t["weight_decay"]), lr=t["lr"], betas=(t["beta1"], t["beta2"]),
-                            fused=t["fused_adamw"] and device.type == "cuda")
-    autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if t["autocast"] == "bfloat16"
-                else contextlib.nullcontext())
+    step_net = (
+        torch.compile(net, mode=None if t["compile_mode"] == "default" else t["compile_mode"]) if t["compile"] else net
+    )
+    opt = torch.optim.AdamW(
+        T.param_groups(model, t["weight_decay"]),
+        lr=t["lr"],
+        betas=(t["beta1"], t["beta2"]),
+        fused=t["fused_adamw"] and device.type == "cuda",
+    )
+    autocast = (
+        torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        if t["autocast"] == "bfloat16"
+        else contextlib.nullcontext()
+    )
 
     def step(x, y):
         with autocast, T.sdpa_backend(t["sdpa_backend"]):
@@ -165,16 +182,25 @@ def ours_row(cfg: dict, device: torch.device, batches, warmup: int, steps: int) 
     kernel = T.attention_kernel(device, model, t["block_size"], t["sdpa_backend"])
     with no_compile_caches() if t["compile"] and t["sdpa_backend"] != "auto" else contextlib.nullcontext():
         out = time_steps(step, batches, warmup, steps, device)
-    return {**out, "flops_per_token": fpt, "compile": t["compile_mode"] if t["compile"] else "off",
-            "attention": kernel}
+    return {**out, "flops_per_token": fpt, "compile": t["compile_mode"] if t["compile"] else "off", "attention": kernel}
 
 
-def run_row(name: str, fn, cfg: dict, device: torch.device, tokens: torch.Tensor, warmup: int, steps: int,
-            peak_tflops: float | None) -> dict:
+def run_row(
+    name: str,
+    fn,
+    cfg: dict,
+    device: torch.device,
+    tokens: torch.Tensor,
+    warmup: int,
+    steps: int,
+    peak_tflops: float | None,
+) -> dict:
     t = cfg["train"]
     row = {"variant": name, "batch_size": t["batch_size"], "block_size": t["block_size"], "compile": "?"}
-    print(f"bench: {name}: batch {t['batch_size']} x {t['block_size']}, {warmup} warm-up + {steps} timed steps",
-          flush=True)
+    print(
+        f"bench: {name}: batch {t['batch_size']} x {t['block_size']}, {warmup} warm-up + {steps} timed steps",
+        flush=True,
+    )
     batches = T.Batches(tokens, t["batch_size"], t["block_size"], cfg["seed"], device)
     try:
         out = fn(cfg, device, batches, warmup, steps)
@@ -185,11 +211,17 @@ def run_row(name: str, fn, cfg: dict, device: torch.device, tokens: torch.Tensor
         row["error"] = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
     else:
         tok_s = t["batch_size"] * t["block_size"] * steps / out["timed_s"]
-        row.update(out, tok_s=tok_s, ms_per_step=1000 * out["timed_s"] / steps,
-                   mfu=T.mfu(out["flops_per_token"], tok_s, peak_tflops) if peak_tflops else None)
+        row.update(
+            out,
+            tok_s=tok_s,
+            ms_per_step=1000 * out["timed_s"] / steps,
+            mfu=T.mfu(out["flops_per_token"], tok_s, peak_tflops) if peak_tflops else None,
+        )
     free_memory()
-    print(f"bench: {name}: " + (row.get("error") or f"{row['tok_s']:,.0f} tok/s, warm-up {row['warmup_s']:.1f} s"),
-          flush=True)
+    print(
+        f"bench: {name}: " + (row.get("error") or f"{row['tok_s']:,.0f} tok/s, warm-up {row['warmup_s']:.1f} s"),
+        flush=True,
+    )
     return row
 
 
@@ -211,8 +243,10 @@ def verdicts(rows: dict, target: dict | None) -> dict:
 
 
 def table(rows: list[dict], base_tok_s: float | None) -> str:
-    head = ("| variant | compile | attention | batch x T | tok/s | MFU | ms/step | warm-up s | peak alloc GiB | "
-            "vs hf-default | loss first -> last |\n|---|---|---|---|---:|---:|---:|---:|---:|---:|---|")
+    head = (
+        "| variant | compile | attention | batch x T | tok/s | MFU | ms/step | warm-up s | peak alloc GiB | "
+        "vs hf-default | loss first -> last |\n|---|---|---|---|---:|---:|---:|---:|---:|---:|---|"
+    )
     lines = [head]
     for r in rows:
         bt = f"{r['batch_size']} x {r['block_size']}"
@@ -222,8 +256,11 @@ def table(rows: list[dict], base_tok_s: float | None) -> str:
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "n/a"
         peak = f"{r['peak_alloc_gib']:.1f}" if r.get("peak_alloc_gib") is not None else "n/a"
         ratio = f"{r['tok_s'] / base_tok_s:.2f}x" if base_tok_s else "n/a"
-        lines.append(f"| {r['variant']} | {r['compile']} | {r.get('attention', '')} | {bt} | {r['tok_s']:,.0f} | {mfu} | {r['ms_per_step']:.1f} | "
-                     f"{r['warmup_s']:.1f} | {peak} | {ratio} | {r['first_loss']:.2f} -> {r['last_loss']:.2f} |")
+        lines.append(
+            f"| {r['variant']} | {r['compile']} | {r.get('attention', '')} | {bt} | {r['tok_s']:,.0f} | {mfu} | "
+            f"{r['ms_per_step']:.1f} | "
+            f"{r['warmup_s']:.1f} | {peak} | {ratio} | {r['first_loss']:.2f} -> {r['last_loss']:.2f} |"
+        )
     return "\n".join(lines)
 
 
@@ -237,8 +274,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=None, help="batch of the compiled row (default: bench.yaml)")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode of the compiled row (default: the YAML's)")
     p.add_argument("--only", default="", help="comma-separated rows to run (hf-default,smoke,smoke-eager,compiled)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="key=value",
-                   help="override a setting of the smoke config (all our rows; the baseline takes its sizes)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="key=value",
+        help="override a setting of the smoke config (all our rows; the baseline takes its sizes)",
+    )
     p.add_argument("--out", type=Path, default=None, help="folder for bench.json and bench.md")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
@@ -257,7 +300,9 @@ def main(argv: list[str] | None = None) -> int:
         print("bench: the benchmark compares GPT-2 settings; --config must have model.family gpt2", file=sys.stderr)
         return 2
     if args.device == "cuda" and not torch.cuda.is_available():
-        print("bench: no CUDA device; the benchmark needs one GPU (--device cpu only tests the script)", file=sys.stderr)
+        print(
+            "bench: no CUDA device; the benchmark needs one GPU (--device cpu only tests the script)", file=sys.stderr
+        )
         return 2
     device = torch.device(args.device, 0) if args.device == "cuda" else torch.device("cpu")
     if not cfg["hub"]:
@@ -268,8 +313,14 @@ def main(argv: list[str] | None = None) -> int:
     spec = gpu_spec_for(gpu) if device.type == "cuda" else None
     total_gib = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else 0.0
     target = settings["targets"].get(spec.model) if spec else None
-    print(f"bench: {gpu} ({spec.model + f', {spec.bf16_tflops:g} TFLOP/s bf16' if spec and spec.bf16_tflops else 'no datasheet peak: no MFU'}); "
-          f"torch {torch.__version__}, transformers {transformers.__version__}; out {out_dir}", flush=True)
+    peak_text = (
+        f"{spec.model}, {spec.bf16_tflops:g} TFLOP/s bf16" if spec and spec.bf16_tflops else "no datasheet peak: no MFU"
+    )
+    print(
+        f"bench: {gpu} ({peak_text}); "
+        f"torch {torch.__version__}, transformers {transformers.__version__}; out {out_dir}",
+        flush=True,
+    )
 
     tokens = T.tokenize(T.gpt2_tokenizer(cfg["tokenizer"]["files_dir"]), T.load_documents(cfg["data"])[0])
 
@@ -294,10 +345,19 @@ def main(argv: list[str] | None = None) -> int:
             plan.append(("compiled-cudnn", ours_row, cudnn))
     only = {s.strip() for s in args.only.split(",") if s.strip()}
     peak = spec.bf16_tflops if spec else None
-    context = {"gpu": gpu, "gpu_model": spec.model if spec else None, "peak_bf16_tflops": peak,
-               "torch": torch.__version__, "cuda": torch.version.cuda, "transformers": transformers.__version__,
-               "config": str(args.config), "overrides": args.overrides, "timed_steps": steps,
-               "warmup_steps": warmup, "targets": target}
+    context = {
+        "gpu": gpu,
+        "gpu_model": spec.model if spec else None,
+        "peak_bf16_tflops": peak,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "transformers": transformers.__version__,
+        "config": str(args.config),
+        "overrides": args.overrides,
+        "timed_steps": steps,
+        "warmup_steps": warmup,
+        "targets": target,
+    }
     rows: list[dict] = []
     lines: list[str] = []
     for name, fn, c in plan:
@@ -314,27 +374,39 @@ def write_report(out_dir: Path, rows: list[dict], context: dict, spec, settings_
     by_name = {r["variant"]: r for r in rows}
     base = by_name.get("hf-default", {}).get("tok_s")
     target = context["targets"]
-    result = {"generated": datetime.now(timezone.utc).isoformat(timespec="seconds"), **context, "rows": rows,
-              "verdicts": verdicts(by_name, target)}
+    result = {
+        "generated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **context,
+        "rows": rows,
+        "verdicts": verdicts(by_name, target),
+    }
     peak = context["peak_bf16_tflops"]
     where = f"{spec.model}, {peak:g} TFLOP/s dense bf16" if spec and peak else "no datasheet peak"
-    lines = [f"GPT-2 training speed on one {context['gpu']} ({where}), torch {context['torch']} "
-             f"(CUDA {context['cuda']}), transformers {context['transformers']}; {context['warmup_steps']} warm-up + "
-             f"{context['timed_steps']} timed steps per row, one process, one GPU.", "", table(rows, base), ""]
+    lines = [
+        f"GPT-2 training speed on one {context['gpu']} ({where}), torch {context['torch']} "
+        f"(CUDA {context['cuda']}), transformers {context['transformers']}; {context['warmup_steps']} warm-up + "
+        f"{context['timed_steps']} timed steps per row, one process, one GPU.",
+        "",
+        table(rows, base),
+        "",
+    ]
     if target:
         v = result["verdicts"]
 
         def word(key):
             return "n/a" if key not in v else ("PASS" if v[key] else "MISS")
 
-        lines.append(f"Targets ({spec.model}): smoke >= {target['smoke_tok_s']:,} tok/s: {word('smoke_tok_s')}; "
-                     f"smoke >= {target['smoke_vs_baseline']}x hf-default: {word('smoke_vs_baseline')}; "
-                     f"best compiled row >= {target['compiled_tok_s']:,} tok/s: {word('compiled_tok_s')}")
+        lines.append(
+            f"Targets ({spec.model}): smoke >= {target['smoke_tok_s']:,} tok/s: {word('smoke_tok_s')}; "
+            f"smoke >= {target['smoke_vs_baseline']}x hf-default: {word('smoke_vs_baseline')}; "
+            f"best compiled row >= {target['compiled_tok_s']:,} tok/s: {word('compiled_tok_s')}"
+        )
     else:
         lines.append(f"No speed targets for {context['gpu']} in {settings_name}: numbers only.")
     (out_dir / "bench.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     (out_dir / "bench.md").write_text("\n".join(lines) + "\n")
     return lines
+
 
 if __name__ == "__main__":
     sys.exit(main())

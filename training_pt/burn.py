@@ -34,21 +34,47 @@ MIX1, MIX2, MIX3 = -7046029254386353131, -4658895280553007687, -7723592293110705
 PATTERNS = ("walking_ones", "random", "address")
 # The checks this module adds, by level: SKIPped by name when there is no GPU to run them on.
 QUICK_CHECKS = ("pcie.link", "peers.matmul_bf16", "peers.copy")
-LONG_CHECKS = ("dcgm", "burn.compare", "burn.clocks", "memory.patterns", "pcie.bandwidth", "pcie.link_burn", "nvlink",
-               "burn.peers", "peers.burn_tflops", "p2p.bandwidth", "collectives")
+LONG_CHECKS = (
+    "dcgm",
+    "burn.compare",
+    "burn.clocks",
+    "memory.patterns",
+    "pcie.bandwidth",
+    "pcie.link_burn",
+    "nvlink",
+    "burn.peers",
+    "peers.burn_tflops",
+    "p2p.bandwidth",
+    "collectives",
+)
 
 
 # --------------------------------------------------------------------------- the checker's options
 
+
 def add_options(parser) -> None:
-    parser.add_argument("--level", choices=burn_rules.LEVELS, default="quick",
-                        help="quick: the correctness and speed checks; long: also the burn-in and fabric checks")
-    parser.add_argument("--duration", type=float, default=None,
-                        help="seconds of the long level's burn (default: duration_s in configs/burnin.yaml)")
-    parser.add_argument("--dcgm-level", type=int, choices=(1, 2, 3, 4), default=None,
-                        help="dcgmi diag -r N in the long level (default: dcgm.level in configs/burnin.yaml)")
-    parser.add_argument("--burnin-config", type=Path, default=None,
-                        help="long-level settings (default configs/burnin.yaml)")
+    parser.add_argument(
+        "--level",
+        choices=burn_rules.LEVELS,
+        default="quick",
+        help="quick: the correctness and speed checks; long: also the burn-in and fabric checks",
+    )
+    parser.add_argument(
+        "--duration",
+        type=float,
+        default=None,
+        help="seconds of the long level's burn (default: duration_s in configs/burnin.yaml)",
+    )
+    parser.add_argument(
+        "--dcgm-level",
+        type=int,
+        choices=(1, 2, 3, 4),
+        default=None,
+        help="dcgmi diag -r N in the long level (default: dcgm.level in configs/burnin.yaml)",
+    )
+    parser.add_argument(
+        "--burnin-config", type=Path, default=None, help="long-level settings (default configs/burnin.yaml)"
+    )
 
 
 def time_limit(args, burnin: dict, settings: dict) -> float:
@@ -70,6 +96,7 @@ def skipped_names(level: str) -> tuple[str, ...]:
 
 # --------------------------------------------------------------------------- the quick level's hooks
 
+
 def quick_pcie_link(checker, g: dict) -> Verdict:
     """pcie.link in the quick level: the link read while a few matmuls run (~0.1 s per GPU)."""
     handle = gpu_handle(checker, g)
@@ -81,19 +108,30 @@ def quick_pcie_link(checker, g: dict) -> Verdict:
 
 def judge_link(burnin: dict, handle, seen: list) -> Verdict:
     top = fabric.pcie_max(handle)
-    return burn_rules.judge_pcie_link(seen, top["max_gen"], top["max_width"], top["gpu_max_gen"],
-                                      burnin["pcie"]["link_severity"], burnin["pcie"]["slot_severity"])
+    return burn_rules.judge_pcie_link(
+        seen,
+        top["max_gen"],
+        top["max_width"],
+        top["gpu_max_gen"],
+        burnin["pcie"]["link_severity"],
+        burnin["pcie"]["slot_severity"],
+    )
 
 
 def peer_checks(checker) -> None:
     """peers.matmul_bf16 and peers.copy: one GPU slower than the others of its model (both levels)."""
     peers = checker.burnin["peers"]
     models = {g["index"]: g["name"] for g in checker.gpus}
-    for check, key, metric, unit in (("speed.matmul_bf16", "tflops", "matmul_bf16", "TFLOP/s"),
-                                     ("speed.copy", "tbs", "copy", "TB/s")):
+    for check, key, metric, unit in (
+        ("speed.matmul_bf16", "tflops", "matmul_bf16", "TFLOP/s"),
+        ("speed.copy", "tbs", "copy", "TB/s"),
+    ):
         values = {c.gpu: c.data[key] for c in checker.checks if c.name == check and c.data.get(key)}
-        checker.add(f"peers.{metric}", None, burn_rules.judge_peers(metric, unit, values, models,
-                                                                   peers["below_median_share"], peers["severity"]))
+        checker.add(
+            f"peers.{metric}",
+            None,
+            burn_rules.judge_peers(metric, unit, values, models, peers["below_median_share"], peers["severity"]),
+        )
 
 
 def gpu_handle(checker, g: dict):
@@ -102,6 +140,7 @@ def gpu_handle(checker, g: dict):
 
 
 # --------------------------------------------------------------------------- NVML sampler
+
 
 class Sampler(threading.Thread):
     """Samples every GPU's clocks, power, temperature, clock-event reasons and PCIe link every
@@ -119,17 +158,25 @@ class Sampler(threading.Thread):
     def read(self, gpu: int, h) -> dict:
         call = fabric.nvml_call
         power = call(pynvml.nvmlDeviceGetPowerUsage, h)
-        reasons_fn = getattr(pynvml, "nvmlDeviceGetCurrentClocksEventReasons", None) or \
-            pynvml.nvmlDeviceGetCurrentClocksThrottleReasons
+        reasons_fn = (
+            getattr(pynvml, "nvmlDeviceGetCurrentClocksEventReasons", None)
+            or pynvml.nvmlDeviceGetCurrentClocksThrottleReasons
+        )
         gen, width = fabric.pcie_now(h)
-        return {"t_s": round(time.perf_counter() - self.t0, 3), "gpu": gpu, "phase": self.phase.get(gpu),
-                "tflops": self.live.get(gpu) if self.phase.get(gpu) == "burn" else None,
-                "sm_mhz": call(pynvml.nvmlDeviceGetClockInfo, h, pynvml.NVML_CLOCK_SM),
-                "sm_max_mhz": call(pynvml.nvmlDeviceGetMaxClockInfo, h, pynvml.NVML_CLOCK_SM),
-                "mem_mhz": call(pynvml.nvmlDeviceGetClockInfo, h, pynvml.NVML_CLOCK_MEM),
-                "power_w": None if power is None else power / 1000,
-                "temp_c": call(pynvml.nvmlDeviceGetTemperature, h, pynvml.NVML_TEMPERATURE_GPU),
-                "reasons": call(reasons_fn, h), "pcie_gen": gen, "pcie_width": width}
+        return {
+            "t_s": round(time.perf_counter() - self.t0, 3),
+            "gpu": gpu,
+            "phase": self.phase.get(gpu),
+            "tflops": self.live.get(gpu) if self.phase.get(gpu) == "burn" else None,
+            "sm_mhz": call(pynvml.nvmlDeviceGetClockInfo, h, pynvml.NVML_CLOCK_SM),
+            "sm_max_mhz": call(pynvml.nvmlDeviceGetMaxClockInfo, h, pynvml.NVML_CLOCK_SM),
+            "mem_mhz": call(pynvml.nvmlDeviceGetClockInfo, h, pynvml.NVML_CLOCK_MEM),
+            "power_w": None if power is None else power / 1000,
+            "temp_c": call(pynvml.nvmlDeviceGetTemperature, h, pynvml.NVML_TEMPERATURE_GPU),
+            "reasons": call(reasons_fn, h),
+            "pcie_gen": gen,
+            "pcie_width": width,
+        }
 
     def run(self) -> None:
         while not self.stop.is_set():
@@ -142,6 +189,7 @@ class Sampler(threading.Thread):
 
 
 # --------------------------------------------------------------------------- the burn
+
 
 def burn_inputs(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Two n x n bf16 matrices from the seed, made on the CPU: the same bits for every GPU."""
@@ -156,8 +204,16 @@ def checksum(t: torch.Tensor) -> str:
     return f"{int((words * weights).sum()) & 0xFFFFFFFFFFFFFFFF:016x}"
 
 
-def burn(dev: torch.device, a: torch.Tensor, b: torch.Tensor, duration_s: float, window_s: float,
-         live: dict | None = None, key=None, matmul=torch.matmul) -> dict:
+def burn(
+    dev: torch.device,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    duration_s: float,
+    window_s: float,
+    live: dict | None = None,
+    key=None,
+    matmul=torch.matmul,
+) -> dict:
     """Multiply a @ b again and again for `duration_s`, comparing every product with the first bit for
     bit; TFLOP/s per window of about `window_s`. `matmul` is the seam the tests use to flip a bit."""
     cuda = dev.type == "cuda"
@@ -192,13 +248,20 @@ def burn(dev: torch.device, a: torch.Tensor, b: torch.Tensor, duration_s: float,
         if live is not None:
             live[key] = tflops
         per_window = max(1, min(4 * per_window, round(per_window * window_s / max(seconds, 1e-6))))
-    return {"iterations": iterations, "bad_iterations": int(bad_iters), "bad_elements": int(bad_elems),
-            "elements": ref.numel(), "nonfinite": int((~torch.isfinite(ref.float())).sum()),
-            "checksum": checksum(ref), "windows": windows,
-            "tflops": sorted(w for _, w in windows)[len(windows) // 2] if windows else None}
+    return {
+        "iterations": iterations,
+        "bad_iterations": int(bad_iters),
+        "bad_elements": int(bad_elems),
+        "elements": ref.numel(),
+        "nonfinite": int((~torch.isfinite(ref.float())).sum()),
+        "checksum": checksum(ref),
+        "windows": windows,
+        "tflops": sorted(w for _, w in windows)[len(windows) // 2] if windows else None,
+    }
 
 
 # --------------------------------------------------------------------------- memory patterns
+
 
 def expected(pattern: str, lo: int, hi: int, dev, seed: int, base: int) -> torch.Tensor:
     """The int64 words lo..hi of a pattern: a function of the word's index only."""
@@ -241,6 +304,7 @@ def memory_patterns(dev, words: int, seed: int, chunk: int, patterns=PATTERNS, a
 
 # --------------------------------------------------------------------------- one GPU's thread
 
+
 def gpu_work(g: dict, a, b, s: dict, duration_s: float, seed: int, sampler: Sampler | None, results: dict) -> None:
     """The burn, then the memory patterns, on one GPU (run in its own thread, on its own stream)."""
     i, r = g["index"], {"burn_error": "", "memory_error": ""}
@@ -272,18 +336,25 @@ def gpu_work(g: dict, a, b, s: dict, duration_s: float, seed: int, sampler: Samp
 
 # --------------------------------------------------------------------------- the long level
 
+
 def run_long(checker, duration_s: float, dcgm_level: int) -> None:
     """Every long check, in cuda_check.txt's order: DCGM (on idle GPUs), the burn and memory test on
     every GPU at once, then per GPU the samples, PCIe and NVLink, then the checks across GPUs."""
     s, gpus = checker.burnin, checker.gpus
     checker.emit("")
-    checker.emit(f"long level: {duration_s:g} s bf16 {s['burn']['matmul_n']}^3 burn then memory patterns "
-                 f"({', '.join(PATTERNS)}, each and its inverse) over {s['memory']['share']:.0%} of free memory, "
-                 f"on {len(gpus)} GPU(s) at once; NVML sampled every {s['sample_interval_s']:g} s")
+    checker.emit(
+        f"long level: {duration_s:g} s bf16 {s['burn']['matmul_n']}^3 burn then memory patterns "
+        f"({', '.join(PATTERNS)}, each and its inverse) over {s['memory']['share']:.0%} of free memory, "
+        f"on {len(gpus)} GPU(s) at once; NVML sampled every {s['sample_interval_s']:g} s"
+    )
     t0 = time.perf_counter()
     found, code, doc, error = dcgm.run_diag(dcgm_level, s["dcgm"]["timeout_s"], checker.out_dir / layout.DCGM_JSON)
-    checker.add("dcgm", None, burn_rules.judge_dcgm(found, code, doc, dcgm_level, s["dcgm"]["severity"], error),
-                time.perf_counter() - t0)
+    checker.add(
+        "dcgm",
+        None,
+        burn_rules.judge_dcgm(found, code, doc, dcgm_level, s["dcgm"]["severity"], error),
+        time.perf_counter() - t0,
+    )
     handles = {g["index"]: gpu_handle(checker, g) for g in gpus}
     nvlink_before = {i: fabric.nvlink_links(h)[0] for i, h in handles.items()}
     results, seconds = burn_all(checker, duration_s, {i: h for i, h in handles.items() if h is not None})
@@ -299,8 +370,12 @@ def burn_all(checker, duration_s: float, handles: dict) -> tuple[dict, float]:
     a, b = burn_inputs(s["burn"]["matmul_n"], seed)
     sampler = Sampler(handles, s["sample_interval_s"]) if pynvml is not None and handles else None
     results: dict = {}
-    threads = [threading.Thread(target=gpu_work, name=f"burn-gpu{g['index']}",
-                                args=(g, a, b, s, duration_s, seed, sampler, results)) for g in checker.gpus]
+    threads = [
+        threading.Thread(
+            target=gpu_work, name=f"burn-gpu{g['index']}", args=(g, a, b, s, duration_s, seed, sampler, results)
+        )
+        for g in checker.gpus
+    ]
     t0 = time.perf_counter()
     if sampler:
         sampler.start()
@@ -318,8 +393,10 @@ def burn_all(checker, duration_s: float, handles: dict) -> tuple[dict, float]:
     (checker.out_dir / layout.BURN_SAMPLES).write_text(burn_plot.samples_csv(samples))
     title = f"cuda_check --level long: {duration_s:g} s burn then memory patterns on {len(checker.gpus)} GPU(s)"
     (checker.out_dir / layout.BURN_PLOT).write_text(burn_plot.burn_svg(samples, title))
-    checker.emit(f"long level: burn and memory test took {seconds:.1f} s; {len(samples)} NVML samples in "
-                 f"{layout.BURN_SAMPLES}, drawn in {layout.BURN_PLOT}")
+    checker.emit(
+        f"long level: burn and memory test took {seconds:.1f} s; {len(samples)} NVML samples in "
+        f"{layout.BURN_SAMPLES}, drawn in {layout.BURN_PLOT}"
+    )
     return results, seconds
 
 
@@ -334,26 +411,34 @@ def per_gpu_long(checker, g: dict, handle, r: dict, nvlink_before, seconds: floa
         why = r.get("burn_error") or "no result (its thread ended early; see cuda_check.log)"
         checker.add("burn.compare", i, Verdict(FAIL, "", f"the burn stopped: {why}"), seconds)
     else:
-        v = burn_rules.judge_burn_compare(info["iterations"], info["bad_iterations"], info["bad_elements"],
-                                          info["elements"], info["nonfinite"])
+        v = burn_rules.judge_burn_compare(
+            info["iterations"], info["bad_iterations"], info["bad_elements"], info["elements"], info["nonfinite"]
+        )
         v.value += f", median {info['tflops'] or 0:.1f} TFLOP/s"
         v.data.update(tflops=info["tflops"], checksum=info["checksum"], windows=info["windows"])
         checker.add("burn.compare", i, v, seconds)
-    checker.add("burn.clocks", i, burn_rules.judge_clocks(under_load, s["burn"]["clock_share"],
-                                                          s["burn"]["low_clock_share"]))
+    checker.add(
+        "burn.clocks", i, burn_rules.judge_clocks(under_load, s["burn"]["clock_share"], s["burn"]["low_clock_share"])
+    )
     gib = r.get("words", 0) * 8 / 2**30
     memory_error = r.get("memory_error") or ("" if r.get("memory") else "the memory test did not run")
-    checker.add("memory.patterns", i, burn_rules.judge_memory_patterns(
-        r.get("memory") or {}, r.get("words", 0), gib, r.get("memory_s", 0.0), r.get("free_gib", 0.0),
-        memory_error), r.get("memory_s", 0.0))
+    checker.add(
+        "memory.patterns",
+        i,
+        burn_rules.judge_memory_patterns(
+            r.get("memory") or {}, r.get("words", 0), gib, r.get("memory_s", 0.0), r.get("free_gib", 0.0), memory_error
+        ),
+        r.get("memory_s", 0.0),
+    )
     checker.run("pcie.link_burn", i, long_pcie, checker, g, handle, under_load)
     checker.run("nvlink", i, nvlink_check, s["nvlink"], handle, nvlink_before)
 
 
 def nvlink_check(nv: dict, handle, before) -> Verdict:
     after, error = fabric.nvlink_links(handle)
-    return burn_rules.judge_nvlink(fabric.nvlink_compare(before, after), error, nv["down_severity"],
-                                   nv["errors_severity"])
+    return burn_rules.judge_nvlink(
+        fabric.nvlink_compare(before, after), error, nv["down_severity"], nv["errors_severity"]
+    )
 
 
 def long_pcie(checker, g: dict, handle, under_load: list) -> Verdict:
@@ -366,10 +451,14 @@ def long_pcie(checker, g: dict, handle, under_load: list) -> Verdict:
     except Exception as e:
         error = fabric.first_line(e)
     readings = [(x.get("pcie_gen"), x.get("pcie_width")) for x in under_load] + seen
-    link = judge_link(checker.burnin, handle, readings) if handle is not None else \
-        Verdict(SKIP, "", "NVML cannot read this GPU's PCIe link (no NVML match)")
-    bw = burn_rules.judge_pcie_bandwidth(h2d, d2h, link.data.get("gen"), link.data.get("width"),
-                                         p["warn_share"], p["fail_share"], error)
+    link = (
+        judge_link(checker.burnin, handle, readings)
+        if handle is not None
+        else Verdict(SKIP, "", "NVML cannot read this GPU's PCIe link (no NVML match)")
+    )
+    bw = burn_rules.judge_pcie_bandwidth(
+        h2d, d2h, link.data.get("gen"), link.data.get("width"), p["warn_share"], p["fail_share"], error
+    )
     checker.add("pcie.bandwidth", g["index"], bw, time.perf_counter() - t0)
     return link
 
@@ -379,9 +468,18 @@ def across_gpus(checker, results: dict) -> None:
     models = {g["index"]: g["name"] for g in gpus}
     burns = {i: r["burn"] for i, r in results.items() if r.get("burn")}
     checker.add("burn.peers", None, burn_rules.judge_burn_peers({i: b["checksum"] for i, b in burns.items()}, models))
-    checker.add("peers.burn_tflops", None, burn_rules.judge_peers(
-        "burn", "TFLOP/s", {i: b["tflops"] for i, b in burns.items() if b["tflops"]}, models,
-        s["peers"]["below_median_share"], s["peers"]["severity"]))
+    checker.add(
+        "peers.burn_tflops",
+        None,
+        burn_rules.judge_peers(
+            "burn",
+            "TFLOP/s",
+            {i: b["tflops"] for i, b in burns.items() if b["tflops"]},
+            models,
+            s["peers"]["below_median_share"],
+            s["peers"]["severity"],
+        ),
+    )
     n = len(gpus)
     if n < 2:
         for name in ("p2p.bandwidth", "collectives"):

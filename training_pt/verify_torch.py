@@ -1,7 +1,8 @@
 """What the installed torch says about itself, as one JSON object on stdout.
 
 Run by the install stage with `.venv-gpu`'s own Python (`python -m training_pt.verify_torch`, isolated,
-by tasks/proc.py's launcher): nox's side never imports torch. Standard library (and tasks/identity.py) only; it judges nothing (tasks/install.py does).
+by tasks/proc.py's launcher): nox's side never imports torch.
+Standard library (and tasks/identity.py) only; it judges nothing (tasks/install.py does).
 A failure to import torch is reported in the JSON ("import_error"), not as a crash.
 `--env` prints the venv instead (no torch import): its Python tags, purelib, and the distributions
 it sees, the first of each name in sys.path order.
@@ -49,7 +50,9 @@ def facts() -> dict:
     out.update(
         torch_version=str(torch.__version__),
         torch_file=getattr(torch, "__file__", None),
-        torch_identity=identity.of_torch(torch.__file__, torch.__version__) if getattr(torch, "__file__", None) else None,
+        torch_identity=identity.of_torch(torch.__file__, torch.__version__)
+        if getattr(torch, "__file__", None)
+        else None,
         cuda=torch.version.cuda,
         git_version=getattr(torch.version, "git_version", None),
         cudnn=_call(torch.backends.cudnn.version),
@@ -63,8 +66,13 @@ def facts() -> dict:
     if out["cuda_available"] is True:
         for i in range(torch.cuda.device_count()):
             cap = _call(torch.cuda.get_device_capability, i)
-            out["devices"].append({"index": i, "name": _call(torch.cuda.get_device_name, i),
-                                   "capability": list(cap) if isinstance(cap, tuple) else cap})
+            out["devices"].append(
+                {
+                    "index": i,
+                    "name": _call(torch.cuda.get_device_name, i),
+                    "capability": list(cap) if isinstance(cap, tuple) else cap,
+                }
+            )
     return out
 
 
@@ -77,9 +85,14 @@ def env() -> dict:
             continue
         seen.add(key)
         dists.append({"name": name, "version": d.version, "location": str(d.locate_file(""))})
-    return {"dists": dists, "purelib": sysconfig.get_paths()["purelib"], "prefix": sys.prefix,
-            "python_tag": f"cp{sys.version_info.major}{sys.version_info.minor}",
-            "platform": sysconfig.get_platform(), "version": platform.python_version()}
+    return {
+        "dists": dists,
+        "purelib": sysconfig.get_paths()["purelib"],
+        "prefix": sys.prefix,
+        "python_tag": f"cp{sys.version_info.major}{sys.version_info.minor}",
+        "platform": sysconfig.get_platform(),
+        "version": platform.python_version(),
+    }
 
 
 if __name__ == "__main__":
