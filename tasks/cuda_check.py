@@ -157,12 +157,14 @@ def run(run_dir: Path, args) -> Outcome:
 def across_nodes(run_dir: Path, args, python: Path, out: Outcome, settings: dict) -> Outcome:
     """In a job of several nodes (the train stage's options under m40, or the scheduler's environment),
     one all-reduce over every node's GPUs once this node's own checks pass (tasks/multinode.py)."""
+    if out.status != StageStatus.PASS:
+        return out  # the checker's own failure reason, not a rendezvous problem
     try:
         job = multinode.resolve(args, os.environ)
     except ValueError as e:
         return Outcome(StageStatus.FAIL, str(e), out.figures, out.files)
     nproc = out.figures.get("gpus_checked") or 0
-    if job is None or job.nnodes < 2 or not out.ok or nproc < 1:
+    if job is None or job.nnodes < 2 or nproc < 1:
         return out
     ok, reason, figures = multinode.allreduce_across_nodes(
         run_dir, job, python, nproc, mib=settings["sizes"]["allreduce_mib"], timeout=settings["allreduce_timeout_s"]

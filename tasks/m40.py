@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
 
-from tasks import layout, records, runs, stage, validate
+from tasks import layout, multinode, records, runs, stage, validate
 from tasks.config import ConfigError
 
 DESCRIPTION = (
@@ -25,6 +27,7 @@ def build_parser():
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     try:
+        chain_inputs(args)
         validate.inputs(args, layout.STAGES, stage.MODULES)  # every option and config file, before the first stage
         run_dir = runs.resolve(layout.RUNS_DIR, args.run_dir, new=True)
         with runs.locked(run_dir):
@@ -36,6 +39,18 @@ def main(argv: list[str]) -> int:
     except OSError as e:
         print(f"m40: error: {stage.file_error(e)}", file=sys.stderr)
         return layout.EXIT_USAGE
+
+
+def chain_inputs(args) -> None:
+    """What only the chain refuses (ConfigError, exit 2): a --venv other than .venv-gpu (cuda_check and train
+    always use .venv-gpu) and a multinode combination train or cuda_check would refuse only mid-run."""
+    venv = getattr(args, "venv", None)
+    if venv is not None and Path(venv).absolute() != layout.VENV_GPU.absolute():
+        raise ConfigError("--venv is for `nox -s install` alone; m40 always uses .venv-gpu")
+    try:
+        multinode.resolve(args, os.environ)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _chain(run_dir, args) -> int:

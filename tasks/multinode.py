@@ -122,6 +122,9 @@ def resolve(args, env: Mapping[str, str]) -> Job | None:
     nnodes = 1 if nnodes is None else whole(nnodes, n_src)
     if nnodes < 1:
         raise ValueError(f"{n_src}={nnodes}: a job has 1 node or more; pass --nnodes N")
+    timeout = float(getattr(args, "rdzv_timeout", DEFAULT_TIMEOUT_S) or DEFAULT_TIMEOUT_S)
+    if not (math.isfinite(timeout) and timeout > 0):  # refused on one node too: the option is wrong either way
+        raise ValueError(f"--rdzv-timeout {timeout:g}: must be more than 0 seconds")
     endpoint, e_src = first((getattr(args, "rdzv_endpoint", None), "--rdzv-endpoint"))
     if endpoint is None and nnodes > 1 and env.get("MASTER_ADDR"):
         addr = env["MASTER_ADDR"] if ":" not in env["MASTER_ADDR"] else f"[{env['MASTER_ADDR']}]"  # IPv6
@@ -147,9 +150,6 @@ def resolve(args, env: Mapping[str, str]) -> Job | None:
     )
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", str(rdzv_id)):
         raise ValueError(f"rendezvous id {rdzv_id!r} ({i_src}): use letters, digits, '_', '.', '-' (64 at most)")
-    timeout = float(getattr(args, "rdzv_timeout", DEFAULT_TIMEOUT_S) or DEFAULT_TIMEOUT_S)
-    if timeout <= 0:
-        raise ValueError(f"--rdzv-timeout {timeout:g}: must be more than 0 seconds")
     source = ", ".join(dict.fromkeys(s for s in (n_src or "default", e_src, r_src or "default", i_src)))
     return Job(nnodes, rank, host, port, str(rdzv_id), timeout, source)
 

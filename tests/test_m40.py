@@ -150,6 +150,29 @@ def test_bad_option_is_a_usage_error(monkeypatch):
     assert not layout.RUNS_DIR.exists()  # nothing started
 
 
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--venv", "/tmp/xv"], "m40: error: --venv is for `nox -s install` alone; m40 always uses .venv-gpu"),
+        (["--nnodes", "2"], "m40: error: 2 nodes (--nnodes) but no rendezvous: pass --rdzv-endpoint HOST:PORT"),
+        (["--node-rank", "5", "--nnodes", "2", "--rdzv-endpoint", "h:1"], "m40: error: --node-rank=5: a node rank"),
+        (["--rdzv-timeout", "-1"], "m40: error: --rdzv-timeout -1: must be more than 0 seconds"),
+    ],
+)
+def test_options_the_chain_cannot_honour_are_refused_before_the_first_stage(monkeypatch, capsys, argv, message):
+    for name in ("SLURM_NNODES", "NNODES", "SLURM_NODEID", "NODE_RANK", "MASTER_ADDR", "SLURM_JOB_ID"):
+        monkeypatch.delenv(name, raising=False)
+    assert m40.main(argv) == layout.EXIT_USAGE
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(message) and "\n" not in err
+    assert not layout.RUNS_DIR.exists()  # nothing started
+
+
+def test_the_default_venv_is_accepted_by_the_chain():
+    args = m40.build_parser().parse_args(["--venv", str(layout.VENV_GPU)])
+    m40.chain_inputs(args)  # raises ConfigError if refused
+
+
 def test_each_m40_run_is_a_new_folder(monkeypatch, no_driver):
     use_fakes(monkeypatch)
     m40.main([])

@@ -329,3 +329,14 @@ def test_stage_command_across_nodes_uses_c10d():
     cmd = train_stage.command(Path("/venv/bin/python"), 1, args, Path("/runs/m40_v1"), job)
     assert cmd[:4] == ["/venv/bin/python", "-m", "torch.distributed.run", "--nnodes"]
     assert "--standalone" not in cmd and cmd[cmd.index("--rdzv-backend") + 1] == "c10d"
+
+
+def test_cuda_check_keeps_its_own_failure_reason_in_a_job_of_two_nodes(tmp_path, monkeypatch):
+    from tasks import cuda_check
+    from tasks.records import Outcome, StageStatus
+
+    monkeypatch.setenv("SLURM_NNODES", "2")  # no rendezvous: resolve would raise
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    out = Outcome(StageStatus.FAIL, "1 check(s) FAIL: build: broken .venv-gpu", {"gpus_checked": 0}, ["x"])
+    got = cuda_check.across_nodes(tmp_path, options(), tmp_path / "python", out, {})
+    assert got is out and got.reason == "1 check(s) FAIL: build: broken .venv-gpu"
