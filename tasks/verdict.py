@@ -57,6 +57,7 @@ class Rules:
     """configs/verdict.yaml: per stage, the overrides that keep PASS ("any", or a closed [low, high])."""
 
     harmless: dict = field(default_factory=dict)  # {stage: {setting: "any" | [low, high]}}
+    checks: dict = field(default_factory=dict)  # {"checks.min_loss_drop": 2.0, ...}: the default training checks
 
 
 def load_rules(path: Path | None = None) -> Rules:
@@ -73,7 +74,8 @@ def load_rules(path: Path | None = None) -> Rules:
                 raise config.ConfigError(
                     f"{path}: harmless_overrides.{stage}.{key} must be any or [low, high], not {rule!r}"
                 )
-    return Rules(harmless=table)
+    checks = config.load_yaml(layout.TRAIN_CONFIG).get("checks") or {}
+    return Rules(harmless=table, checks={f"checks.{k}": v for k, v in checks.items()})
 
 
 # --------------------------------------------------------------------------- the judgement
@@ -83,7 +85,7 @@ def judge(recs: dict[str, StageRecord], rules: Rules) -> Verdict:
     """The verdict of a run from its stage records (evidence's own record is ignored)."""
     failed = stage_failure(recs)
     harmless, deviations = judge_overrides(recs, rules)
-    deviations += coverage_deviations(recs) + identity_gaps(recs)
+    deviations += coverage_deviations(recs) + identity_gaps(recs) + training_check_deviations(recs, rules)
     if failed is None:
         failed = torch_disagreement(recs)
     if failed is not None:
@@ -214,3 +216,25 @@ def identity_gaps(recs: dict[str, StageRecord]) -> list[str]:
         if missing
         else []
     )
+
+
+def training_check_deviations(recs: dict[str, StageRecord], rules: Rules) -> list[str]:
+    """The checks train.py enforced (`thresholds`, from whatever config file) against the default
+    training config's, and its step count against the range a PASS allows."""
+    train = recs.get("train")
+    if train is None:
+        return []
+    out = []
+    used = train.figures.get("thresholds")
+    if not isinstance(used, dict):
+        out.append("train: the checks in force are not recorded (no thresholds figure)")
+    else:
+        for key, default in rules.checks.items():
+            if used.get(key) != default:
+                out.append(f"train ran with {key}={used.get(key)}, not the default {default} (--train-config)")
+    steps, span = train.figures.get("steps"), (rules.harmless.get("train") or {}).get("train.steps")
+    if not isinstance(steps, int):
+        out.append("train recorded no step count: a smoke run of the default length is not shown")
+    elif isinstance(span, list) and not span[0] <= steps <= span[1]:
+        out.append(f"train ran {steps} steps: outside the {span[0]}-{span[1]} a PASS allows")
+    return out

@@ -74,6 +74,7 @@ FIGURES = {
         "device": "cuda",
         "nproc": 1,
         "torch_identity": TORCH_ID,
+        "thresholds": {"checks.first_loss_tol": 0.5, "checks.final_window": 5, "checks.min_loss_drop": 2.0},
     },
 }
 # cuda_check.json's versions, as the checker reads them inside .venv-gpu

@@ -60,6 +60,8 @@ def make_node(
             "device": "cuda",
             "nproc": gpus,
             "torch_identity": TORCH_ID,
+            "steps": 30,
+            "thresholds": {"checks.first_loss_tol": 0.5, "checks.final_window": 5, "checks.min_loss_drop": 2.0},
             **(train_extra or {}),
         },
     }

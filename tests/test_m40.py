@@ -46,7 +46,14 @@ TORCH_ID = {"version": "2.11.0+cu130", "file": "/m/.venv-gpu/torch/__init__.py",
 FAKE_FIGURES = {
     "install": {"torch": "2.11.0+cu130", "torch_identity": TORCH_ID},
     "cuda_check": {"gpus_checked": 1, "overrides": [], "torch_identity": TORCH_ID},
-    "train": {"device": "cuda", "nproc": 1, "overrides": [], "torch_identity": TORCH_ID},
+    "train": {
+        "device": "cuda",
+        "nproc": 1,
+        "overrides": [],
+        "torch_identity": TORCH_ID,
+        "steps": 30,
+        "thresholds": {"checks.first_loss_tol": 0.5, "checks.final_window": 5, "checks.min_loss_drop": 2.0},
+    },
 }
 
 

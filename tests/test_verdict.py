@@ -16,13 +16,25 @@ TORCH = {
 OTHER_TORCH = {**TORCH, "version": "2.5.0", "file": "/home/u/stand-in/torch/__init__.py", "record_sha256": "b" * 64}
 
 
+# the checks of configs/submission_local_gpu_gpt2.yaml, as train.py records them (`thresholds`)
+CHECKS = {f"checks.{k}": v for k, v in config.load_yaml(layout.TRAIN_CONFIG)["checks"].items()}
+
+
 def run(probe=None, install=None, cuda_check=None, train=None, statuses=None):
     """Records of a healthy 8-GPU run, with the figures of each stage updated by the arguments."""
     figures = {
         "probe": {"source": "nvml", "gpu_count": 8, **(probe or {})},
         "install": {"torch_identity": TORCH, **(install or {})},
         "cuda_check": {"gpus_checked": 8, "overrides": [], "torch_identity": TORCH, **(cuda_check or {})},
-        "train": {"device": "cuda", "nproc": 8, "overrides": [], "torch_identity": TORCH, **(train or {})},
+        "train": {
+            "device": "cuda",
+            "nproc": 8,
+            "overrides": [],
+            "torch_identity": TORCH,
+            "thresholds": dict(CHECKS),
+            "steps": 30,
+            **(train or {}),
+        },
     }
     statuses = statuses or {}
     return {
@@ -126,6 +138,27 @@ TABLE = [
     ),
     ("a killed stage", run(statuses={"train": StageStatus.RUNNING}), "FAIL", "train", ["train did not finish"]),
     ("interrupted", run(statuses={"install": StageStatus.INTERRUPTED}), "INTERRUPTED", "install", []),
+    (
+        "a training config file that weakens the loss check (--train-config weak.yaml)",
+        run(train={"thresholds": {**CHECKS, "checks.min_loss_drop": -100}, "overrides": []}),
+        "PARTIAL",
+        None,
+        ["train ran with checks.min_loss_drop=-100, not the default 2.0"],
+    ),
+    (
+        "a training config file with 2 steps",
+        run(train={"steps": 2}),
+        "PARTIAL",
+        None,
+        ["train ran 2 steps: outside the 10-50 a PASS allows"],
+    ),
+    (
+        "train without its checks in force",
+        run(train={"thresholds": None}),
+        "PARTIAL",
+        None,
+        ["the checks in force are not recorded"],
+    ),
 ]
 
 
