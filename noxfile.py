@@ -28,24 +28,7 @@ if (_refused := validate.unknown_channels(sys.argv[1:], CHANNELS)) is not None:
     raise SystemExit(2)
 
 
-def _bare_install(argv: list[str]) -> bool:
-    """`nox -s install` without `-p NAME`: nox would run every install(<channel>) session in turn,
-    each replacing .venv-gpu, so it is refused here, once, before nox selects anything."""
-    selected, taking = [], False
-    for a in argv:
-        if a in ("-s", "--session", "--sessions", "-e"):
-            taking = True
-        elif a.startswith(("--session=", "--sessions=")):
-            selected += a.split("=", 1)[1].split(",")
-        elif a.startswith("-"):
-            taking = False
-        elif taking:
-            selected += a.split(",")
-    named = any(a in ("-p", "--python") or a.startswith(("--python=", "-p")) and not a.startswith("--") for a in argv)
-    return "install" in selected and not named
-
-
-if _bare_install(sys.argv[1:]):
+if validate.bare_install(sys.argv[1:]):
     print(f"nox: name one channel: nox -s install -p CHANNEL (one of {', '.join(CHANNELS)})", file=sys.stderr)
     raise SystemExit(2)
 

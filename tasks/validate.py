@@ -107,6 +107,24 @@ def python_args(argv: list[str]) -> list[str]:
     return [v for value in out for v in value.split(",") if v]
 
 
+def bare_install(argv: list[str]) -> bool:
+    """`nox -s install` without a channel (-p NAME, or any other spelling of nox's -p: python_args):
+    nox would run every install(<channel>) session in turn, each replacing .venv-gpu."""
+    selected, taking = [], False
+    for a in argv:
+        if a == "--":
+            break
+        if a in ("-s", "--session", "--sessions", "-e"):
+            taking = True
+        elif a.startswith(("--session=", "--sessions=")):
+            selected += a.split("=", 1)[1].split(",")
+        elif a.startswith("-"):
+            taking = False
+        elif taking:
+            selected += a.split(",")
+    return "install" in selected and not python_args(argv)
+
+
 def unknown_channels(argv: list[str], names: list[str]) -> str | None:
     """One line refusing the channel names given with -p that the catalog lacks; None when all are known."""
     unknown = [v for v in python_args(argv) if v not in names]

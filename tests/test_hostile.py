@@ -355,6 +355,46 @@ def test_nox_python_values_are_read_as_nox_reads_them():
 
 
 @pytest.mark.parametrize(
+    "argv, bare",
+    [
+        (["-s", "install"], True),
+        (["-s", "install", "--", "-p", "cu128"], True),  # after `--`: install's own option, not nox's
+        (["-s", "install", "--python=system", "--", "--help"], False),
+        (["-s", "install", "-P", "cu128"], False),
+        (["-s", "install", "--pythons", "cu128"], False),
+        (["-s", "install", "-pcu128"], False),
+        (["-s", "probe"], False),
+    ],
+)
+def test_a_bare_install_is_told_apart_by_nox_own_reading_of_p(argv, bare):
+    assert validate.bare_install(argv) is bare
+
+
+def test_nox_install_help_with_python_equals_a_channel_is_the_help_not_a_refusal():
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run(  # noqa: S603
+        [
+            sys.executable,
+            "-m",
+            "nox",
+            "-f",
+            str(root / "noxfile.py"),
+            "-s",
+            "install",
+            "--python=system",
+            "--",
+            "--help",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "NOX_SCRIPT_MODE": "none"},
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "name one channel" not in done.stderr and done.stdout.startswith("usage: nox -s install --")
+
+
+@pytest.mark.parametrize(
     "content",
     ["garbage", '{"stage": "probe", "status": "weird"}', "[1]", '{"stage": "train", "status": "pass"}', b"\xff\xfe"],
 )
