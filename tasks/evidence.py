@@ -215,7 +215,7 @@ def environment() -> jinja2.Environment:
 
 
 def context(run_dir: Path, recs: dict[str, StageRecord], files: list[str], placeholders: dict[str, str]) -> dict:
-    judged = verdict.judge(recs, verdict.load_rules())
+    judged = verdict.judge(recs, verdict.load_rules(), files)
     gpu_doc = read_gpus(run_dir)
     gpus = gpu_doc.get("gpus") or []
     return {

@@ -72,6 +72,8 @@ REQUIRED_FILES = tuple(f for files in STAGE_FILES.values() for f in files)
 CUDA_CHECK_FILE = CONFIGS / "cuda_check.yaml"
 GPU_CHECKS_MODULE = "training_pt.gpu_checks"
 CUDA_CHECK_JSON = "cuda_check.json"
+# The machine-readable file each stage writes when it passes: a PASS needs them (tasks/verdict.py).
+STAGE_EVIDENCE = {"probe": GPUS_JSON, "cuda_check": CUDA_CHECK_JSON, "train": TRAIN_RESULT}
 CUDA_CHECK_LOG = "cuda_check.log"
 # evidence: `python -m torch.utils.collect_env` run in .venv-gpu (what PyTorch's bug reports ask for).
 COLLECT_ENV = "collect_env.txt"

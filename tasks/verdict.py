@@ -18,6 +18,7 @@ of "key=value") and `torch_identity` ({version, file, record_sha256}) of install
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,9 +82,10 @@ def load_rules(path: Path | None = None) -> Rules:
 # --------------------------------------------------------------------------- the judgement
 
 
-def judge(recs: dict[str, StageRecord], rules: Rules) -> Verdict:
-    """The verdict of a run from its stage records (evidence's own record is ignored)."""
-    failed = stage_failure(recs)
+def judge(recs: dict[str, StageRecord], rules: Rules, files: Collection[str]) -> Verdict:
+    """The verdict of a run from its stage records (evidence's own record is ignored) and the names of
+    the files in its folder (relative to it)."""
+    failed = stage_failure(recs) or missing_evidence(recs, files)
     harmless, deviations = judge_overrides(recs, rules)
     deviations += coverage_deviations(recs) + identity_gaps(recs) + training_check_deviations(recs, rules)
     if failed is None:
@@ -115,6 +117,15 @@ def stage_failure(recs: dict[str, StageRecord]) -> tuple[str, str, str] | None:
             return FAIL, name, f"{name} did not run (no record in {layout.STAGES_DIR}/)"
         if rec.status == StageStatus.SKIP:
             return FAIL, name, f"{name} was skipped: {rec.reason}" if rec.reason else f"{name} was skipped"
+    return None
+
+
+def missing_evidence(recs: dict[str, StageRecord], files: Collection[str]) -> tuple[str, str, str] | None:
+    """FAIL at the first passing stage whose own machine-readable file is not in the run folder."""
+    for name, file in layout.STAGE_EVIDENCE.items():
+        rec = recs.get(name)
+        if rec is not None and rec.status == StageStatus.PASS and file not in files:
+            return FAIL, name, f"{layout.STAGES_DIR}/{name}.json says pass but {name}'s file {file} is missing"
     return None
 
 
@@ -169,6 +180,10 @@ def coverage_deviations(recs: dict[str, StageRecord]) -> list[str]:
         out.append("train recorded no device: training on CUDA is not shown")
     elif device != "cuda":
         out.append(f"train ran on {device}, not on CUDA (--train-device {device})")
+    if not isinstance(found, int):
+        out.append("probe recorded no gpu_count: training on every GPU it found is not shown")
+    if not isinstance(seen, int):
+        out.append("cuda_check recorded no gpus_checked: the GPUs torch saw are not shown")
     if isinstance(found, int) and isinstance(seen, int) and seen < found:
         out.append(
             f"torch saw {seen} of the {found} GPUs that {probe.get('source') or 'probe'} found "

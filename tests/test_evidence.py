@@ -109,6 +109,8 @@ def make_run(tmp_path, statuses: dict[str, str], reasons: dict[str, str] | None 
                 (run_dir / f).write_text(STAGE_TEXT[f])
         if name == "cuda_check" and status in (StageStatus.PASS, StageStatus.FAIL):
             (run_dir / layout.CUDA_CHECK_JSON).write_text(json.dumps({"versions": CHECKER_VERSIONS}))
+        if name == "train" and status in (StageStatus.PASS, StageStatus.FAIL):
+            (run_dir / layout.TRAIN_RESULT).write_text(json.dumps({"status": status, "figures": FIGURES["train"]}))
         if name == "probe":
             (run_dir / layout.GPUS_JSON).write_text(
                 json.dumps({"schema": 1, "source": "nvml", "driver": "580.95.05", "driver_cuda": "13.0", "gpus": [GPU]})

@@ -74,6 +74,8 @@ def make_node(
         records.write(run_dir, StageRecord(name, status, reason, duration_s=1.0, figures=figures[name]))
         for f in layout.STAGE_FILES[name]:
             (run_dir / f).write_text(f"{name} output\n")
+        if name in ("cuda_check", "train"):  # probe's gpus.json is written below
+            (run_dir / layout.STAGE_EVIDENCE[name]).write_text("{}\n")
     gpu = {
         "name": NAME,
         "model": model,

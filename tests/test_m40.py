@@ -65,6 +65,8 @@ def fake_stage(name, status=StageStatus.PASS, raises=None, **figures):
             raise raises
         for f in layout.STAGE_FILES[name]:
             (run_dir / f).write_text(f"{name} output\n")
+        if name in layout.STAGE_EVIDENCE:
+            (run_dir / layout.STAGE_EVIDENCE[name]).write_text("{}\n")
         return Outcome(status, "" if status == StageStatus.PASS else f"{name} broke", {**FAKE_FIGURES[name], **figures})
 
     return SimpleNamespace(DESCRIPTION=f"fake {name}", add_arguments=lambda parser: None, run=run)

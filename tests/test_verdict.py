@@ -50,6 +50,7 @@ def run(probe=None, install=None, cuda_check=None, train=None, statuses=None):
 
 
 RULES = verdict.load_rules()
+FILES = frozenset(layout.STAGE_EVIDENCE.values()) | set(layout.REQUIRED_FILES)  # a run folder with every file
 
 TABLE = [
     # (case, records, verdict word, the stage it names, what the deviations / reason must say)
@@ -138,6 +139,15 @@ TABLE = [
     ),
     ("a killed stage", run(statuses={"train": StageStatus.RUNNING}), "FAIL", "train", ["train did not finish"]),
     ("interrupted", run(statuses={"install": StageStatus.INTERRUPTED}), "INTERRUPTED", "install", []),
+    ("probe without gpu_count", run(probe={"gpu_count": None}), "PARTIAL", None, ["probe recorded no gpu_count"]),
+    (
+        "cuda_check without gpus_checked",
+        run(cuda_check={"gpus_checked": None}),
+        "PARTIAL",
+        None,
+        ["cuda_check recorded no gpus_checked"],
+    ),
+    ("train without nproc", run(train={"nproc": None}), "PARTIAL", None, ["train recorded no process count"]),
     (
         "a training config file that weakens the loss check (--train-config weak.yaml)",
         run(train={"thresholds": {**CHECKS, "checks.min_loss_drop": -100}, "overrides": []}),
@@ -164,7 +174,7 @@ TABLE = [
 
 @pytest.mark.parametrize(("case", "recs", "word", "stage", "says"), TABLE, ids=[row[0] for row in TABLE])
 def test_the_verdict_of_each_kind_of_run(case, recs, word, stage, says):
-    got = verdict.judge(recs, RULES)
+    got = verdict.judge(recs, RULES, FILES)
     assert (got.word, got.stage) == (word, stage)
     text = got.reason + " | " + " | ".join(got.deviations)
     for phrase in says:
@@ -173,16 +183,24 @@ def test_the_verdict_of_each_kind_of_run(case, recs, word, stage, says):
         assert got.deviations == () and got.reason == ""
 
 
+@pytest.mark.parametrize("stage", sorted(layout.STAGE_EVIDENCE))
+def test_a_passing_stage_without_its_own_file_fails_there(stage):
+    file = layout.STAGE_EVIDENCE[stage]
+    got = verdict.judge(run(), RULES, FILES - {file})
+    assert (got.word, got.stage) == ("FAIL", stage)
+    assert got.reason == f"stages/{stage}.json says pass but {stage}'s file {file} is missing"
+
+
 def test_harmless_overrides_are_listed_not_hidden():
-    got = verdict.judge(run(train={"overrides": ["train.batch_size=8", "steps=20"]}), RULES)
+    got = verdict.judge(run(train={"overrides": ["train.batch_size=8", "steps=20"]}), RULES, FILES)
     assert got.harmless == ("train: train.batch_size=8", "train: steps=20")
 
 
 def test_each_verdict_has_its_exit_code():
-    assert verdict.judge(run(), RULES).exit_code == layout.EXIT_OK == 0
-    assert verdict.judge(run(train={"nproc": 1}), RULES).exit_code == layout.EXIT_PARTIAL == 70
-    assert verdict.judge(run(statuses={"train": StageStatus.FAIL}), RULES).exit_code == 40
-    assert verdict.judge(run(statuses={"install": StageStatus.INTERRUPTED}), RULES).exit_code == 130
+    assert verdict.judge(run(), RULES, FILES).exit_code == layout.EXIT_OK == 0
+    assert verdict.judge(run(train={"nproc": 1}), RULES, FILES).exit_code == layout.EXIT_PARTIAL == 70
+    assert verdict.judge(run(statuses={"train": StageStatus.FAIL}), RULES, FILES).exit_code == 40
+    assert verdict.judge(run(statuses={"install": StageStatus.INTERRUPTED}), RULES, FILES).exit_code == 130
 
 
 def test_partial_has_a_code_apart_from_every_other_documented_code():
@@ -269,6 +287,6 @@ def test_cuda_check_records_a_changed_setting_and_a_weaker_speed_share_is_partia
 
     args = argparse.Namespace(check_mem_share=None, check_speed_share=0.01, check_seed=7)
     assert cuda_check.overrides(args) == ["speed_share=0.01", "seed=7"]
-    got = verdict.judge(run(cuda_check={"overrides": cuda_check.overrides(args)}), RULES)
+    got = verdict.judge(run(cuda_check={"overrides": cuda_check.overrides(args)}), RULES, FILES)
     assert got.word == "PARTIAL" and got.harmless == ("cuda_check: seed=7",)
     assert got.deviations[0].startswith("cuda_check ran with speed_share=0.01")
