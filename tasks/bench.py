@@ -12,18 +12,17 @@ submission_runs/bench_<time>/; never a run folder's evidence). This module never
 
 from __future__ import annotations
 
-import argparse
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from tasks import layout, proc, runs
+from tasks import layout, proc, runs, validate
 
 DESCRIPTION = "Benchmark GPT-2 training speed on one GPU: HF defaults vs the smoke config vs compiled."
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="nox -s bench --", description=DESCRIPTION, add_help=False)
+    parser = validate.Parser(prog="nox -s bench --", description=DESCRIPTION, add_help=False)
     parser.add_argument(
         "--python", type=Path, default=None, help="the interpreter to benchmark with (default: .venv-gpu's)"
     )

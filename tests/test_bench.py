@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import sys
 
+import pytest
+
 from tasks import bench as bench_task
 from tasks import layout
 from training_pt import bench
@@ -92,3 +94,11 @@ def test_table_shows_failed_rows_and_ratios():
         "10.99 -> 8.10 |"
     ) in text
     assert "| compiled | default | | 32 x 1024 | failed: out of memory at batch_size=32 |" in text
+
+
+def test_an_option_without_its_value_is_one_line_and_exit_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        bench_task.main(["--python"])
+    assert e.value.code == layout.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("nox -s bench -- error: ") and "usage:" not in err

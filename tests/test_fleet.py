@@ -278,3 +278,12 @@ def test_a_long_reason_is_cut_in_the_table_and_whole_in_the_json(tmp_path):
     assert doc["rows"][0]["reason"] == long.strip() and csv_rows[0]["reason"] == long.strip()
     row = next(x for x in md.splitlines() if x.startswith("| n0 |"))
     assert "deviation deviation … (whole in fleet.json) |" in row and row.count("deviation") == 200 // len("deviation ")
+
+
+@pytest.mark.parametrize("argv", [[], ["--no-such-option", "x"], ["runs", "--out"]])
+def test_a_bad_or_missing_option_is_one_line_and_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        fleet.main(argv)
+    assert e.value.code == layout.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("nox -s fleet -- error: ") and "usage:" not in err
