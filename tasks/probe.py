@@ -809,18 +809,7 @@ def run(run_dir: Path, args, *, env: Mapping[str, str] | None = None, nvml_loade
     timeout_s = getattr(args, "probe_timeout", None) or config.load_probe()["timeout_s"]
     facts, smi_text = collect(getattr(args, "probe_source", "auto"), nvml_loader, timeout_s)
 
-    min_cuda = getattr(args, "min_driver_cuda", None)
-    config_error = None
-    if min_cuda:
-        min_from = "--min-driver-cuda"
-    else:
-        settings_path = getattr(args, "settings", None) or layout.SETTINGS_FILE
-        min_from = f"min_driver_cuda in {_short(settings_path)}"
-        try:
-            min_cuda = str(config.load_settings(settings_path)["min_driver_cuda"])
-        except config.ConfigError as e:
-            config_error = str(e)
-
+    min_cuda, min_from, config_error = min_driver_cuda(args)
     if config_error:
         passed, line = None, f"cannot decide: {config_error}"
     else:
@@ -850,10 +839,38 @@ def run(run_dir: Path, args, *, env: Mapping[str, str] | None = None, nvml_loade
         "min_driver_cuda": min_cuda or "unknown",
         "gpu_count": len(facts.gpus),
         "gpus": gpus_summary(facts.gpus),
+        "overrides": overrides(min_cuda),  # tasks/verdict.py: a changed gate is not a full PASS
     }
     if passed:
         return Outcome(StageStatus.PASS, "", figures, files)
     return Outcome(StageStatus.FAIL, config_error or line, figures, files)
+
+
+def min_driver_cuda(args) -> tuple[str | None, str, str | None]:
+    """(the minimum in force, where it came from, a config error or None): --min-driver-cuda, else the
+    settings file's min_driver_cuda."""
+    settings_path = getattr(args, "settings", None) or layout.SETTINGS_FILE
+    if getattr(args, "min_driver_cuda", None):
+        return args.min_driver_cuda, "--min-driver-cuda", None
+    try:
+        return (
+            str(config.load_settings(settings_path)["min_driver_cuda"]),
+            f"min_driver_cuda in {_short(settings_path)}",
+            None,
+        )
+    except config.ConfigError as e:
+        return None, f"min_driver_cuda in {_short(settings_path)}", str(e)
+
+
+def overrides(min_cuda: str | None) -> list[str]:
+    """["min_driver_cuda=X"] when the minimum in force is not configs/m40.yaml's (from the option or
+    another --settings file), else []."""
+    try:
+        default = str(config.load_settings(layout.SETTINGS_FILE)["min_driver_cuda"])
+        same = min_cuda is not None and config.parse_version(min_cuda) == config.parse_version(default)
+    except (config.ConfigError, ValueError):
+        same = False
+    return [] if same or min_cuda is None else [f"min_driver_cuda={min_cuda}"]
 
 
 def _short(path: Path) -> str:

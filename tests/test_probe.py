@@ -15,7 +15,7 @@ import fake_gpu
 import pynvml
 import pytest
 
-from tasks import config, cuda_rules, layout, probe, records
+from tasks import config, cuda_rules, layout, probe, records, verdict
 
 
 def args(**kw):
@@ -101,6 +101,24 @@ def test_min_driver_cuda_option_overrides_the_config(monkeypatch, run_dir, smi_m
     out = probe.run(run_dir, args(min_driver_cuda="12.4"))
     assert out.status == records.StageStatus.PASS
     assert out.figures["min_driver_cuda"] == "12.4"
+
+
+def test_a_lowered_min_driver_cuda_is_an_override_and_the_default_is_not(run_dir, smi_machine):
+    fake_gpu.working_smi(smi_machine, cuda="13.0")
+    default = str(config.load_settings(layout.SETTINGS_FILE)["min_driver_cuda"])
+    assert probe.run(run_dir, args(min_driver_cuda="11.0")).figures["overrides"] == ["min_driver_cuda=11.0"]
+    assert probe.run(run_dir, args(min_driver_cuda=default)).figures["overrides"] == []
+    assert probe.run(run_dir, args()).figures["overrides"] == []
+    got = verdict.judge(
+        {
+            "probe": records.StageRecord(
+                "probe", records.StageStatus.PASS, figures={"overrides": ["min_driver_cuda=11.0"]}
+            )
+        },
+        verdict.load_rules(),
+        [],
+    )
+    assert any(d.startswith("probe ran with min_driver_cuda=11.0: a changed check") for d in got.deviations)
 
 
 def test_settings_file_gives_the_minimum(monkeypatch, tmp_path, run_dir, smi_machine):
@@ -200,6 +218,7 @@ def test_nvml_is_the_first_source(monkeypatch, run_dir, nvml_machine):
         "min_driver_cuda": "12.8",
         "gpu_count": 2,
         "gpus": f"2x {fake_gpu.H100}",
+        "overrides": [],
     }
     assert nvml_machine.calls == ["shutdown"]
     doc = json.loads(read(run_dir, layout.GPUS_JSON))
