@@ -179,9 +179,15 @@ def across_nodes(run_dir: Path, args, python: Path, out: Outcome, settings: dict
 OVERRIDE_KEYS = (("check_mem_share", "memory_share"), ("check_speed_share", "speed_share"), ("check_seed", "seed"))
 
 
-def overrides(args) -> list[str]:
-    """The settings this run changed from configs/cuda_check.yaml, as "key=value"."""
-    return [f"{key}={value}" for name, key in OVERRIDE_KEYS if (value := getattr(args, name, None)) is not None]
+def overrides(args, defaults: dict | None = None) -> list[str]:
+    """The settings this run changed from configs/cuda_check.yaml, as "key=value" (an option given with
+    the config's own value changes nothing and is not listed)."""
+    defaults = config.load_cuda_check() if defaults is None else defaults
+    return [
+        f"{key}={value}"
+        for name, key in OVERRIDE_KEYS
+        if (value := getattr(args, name, None)) is not None and value != defaults.get(key)
+    ]
 
 
 def log_lines(path: Path) -> list[str]:

@@ -19,7 +19,9 @@ import os
 import subprocess
 from pathlib import Path
 
-from tasks import identity, layout, multinode, proc, records, validate
+import yaml
+
+from tasks import config, identity, layout, multinode, proc, records, validate
 from tasks.records import Outcome, StageStatus
 
 DESCRIPTION = (
@@ -266,10 +268,41 @@ def run(run_dir: Path, args) -> Outcome:
     ]
     figures = job.figures() if job is not None else {}
     figures.update({k: v for k, v in ((result or {}).get("figures") or {}).items() if k in FIGURES})
-    figures.update(nproc=nproc, config=Path(args.train_config).name, overrides=list(args.train_override))
+    overrides = changed_overrides(args.train_override, args.train_config)
+    figures.update(nproc=nproc, config=Path(args.train_config).name, overrides=overrides)
     torch_file = ((result or {}).get("figures") or {}).get("torch_file")
     if torch_file and not isinstance(figures.get("torch_identity"), dict):  # tasks/verdict.py compares it
         figures["torch_identity"] = identity.of_torch(torch_file, figures.get("torch", ""))
     if result is not None and result.get("status") == "pass" and rc == 0:
         return Outcome(StageStatus.PASS, "", figures, files)
     return Outcome(StageStatus.FAIL, failure_reason(run_dir, rc, args.train_timeout, result, job), figures, files)
+
+
+def changed_overrides(items: list[str], config_path: Path) -> list[str]:
+    """The --train-override items whose value differs from the training config's (tasks/verdict.py judges
+    them); `checks.min_loss_drop=2.0` where the config says 2.0 changes nothing and is not listed."""
+    try:
+        cfg = config.load_yaml(Path(config_path))
+    except config.ConfigError:
+        return list(items)
+    return [item for item in items if not same_as_config(item, cfg)]
+
+
+def same_as_config(item: str, cfg: dict) -> bool:
+    key, _, text = str(item).partition("=")
+    parts = key.strip().split(".")
+    if len(parts) == 1 and parts[0] not in cfg:  # a unique leaf: `steps` for train.steps
+        owners = [s for s, v in cfg.items() if isinstance(v, dict) and parts[0] in v]
+        parts = [owners[0], parts[0]] if len(owners) == 1 else parts
+    node = cfg
+    for part in parts:
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return False
+    if isinstance(node, (int, float)) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(node) == float(value)
+    return value == node

@@ -3,6 +3,8 @@ not pass or a torch that changed between stages. A table of stage records → ve
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 
 from tasks import config, layout, verdict
@@ -290,3 +292,21 @@ def test_cuda_check_records_a_changed_setting_and_a_weaker_speed_share_is_partia
     got = verdict.judge(run(cuda_check={"overrides": cuda_check.overrides(args)}), RULES, FILES)
     assert got.word == "PARTIAL" and got.harmless == ("cuda_check: seed=7",)
     assert got.deviations[0].startswith("cuda_check ran with speed_share=0.01")
+
+
+def test_a_cuda_check_option_given_its_default_value_is_no_override():
+    from tasks import cuda_check
+
+    share = config.load_cuda_check()["memory_share"]  # 0.5
+    args = argparse.Namespace(check_mem_share=share, check_speed_share=None, check_seed=None)
+    assert cuda_check.overrides(args) == []
+    assert verdict.judge(run(cuda_check={"overrides": cuda_check.overrides(args)}), RULES, FILES).word == "PASS"
+
+
+def test_a_train_override_equal_to_the_config_is_no_override():
+    from tasks import train
+
+    items = ["checks.min_loss_drop=2.0", "min_loss_drop=2", "train.steps=30", "steps=20", "checks.min_loss_drop=0.3"]
+    assert train.changed_overrides(items, layout.TRAIN_CONFIG) == ["steps=20", "checks.min_loss_drop=0.3"]
+    same = train.changed_overrides(["checks.min_loss_drop=2.0"], layout.TRAIN_CONFIG)
+    assert verdict.judge(run(train={"overrides": same}), RULES, FILES).word == "PASS"
