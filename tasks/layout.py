@@ -13,6 +13,8 @@ RUNS_DIR = ROOT / "submission_runs"
 # `python -m training_pt.<module>` by tasks/proc.py's launcher, never by file path.
 GPU_PACKAGE = "training_pt"
 TRAIN_MODULE = "training_pt.train"
+# train asks .venv-gpu's torch how many GPUs it sees (when no cuda_check record of the run says).
+DEVICE_COUNT_MODULE = "training_pt.device_count"
 
 # The GPU environment every session shares; nox never creates or deletes it.
 VENV_GPU = ROOT / ".venv-gpu"

@@ -109,11 +109,13 @@ def add_arguments(parser) -> None:
 def torch_gpu_count(python: Path) -> tuple[int | None, str]:
     """torch.cuda.device_count() as .venv-gpu's torch sees it (honours CUDA_VISIBLE_DEVICES)."""
     try:
-        out = subprocess.run(
-            [str(python), "-c", "import torch; print(torch.cuda.device_count())"],
+        out = subprocess.run(  # the one launcher's command and isolated environment (tasks/proc.py)
+            proc.gpu_command(python, layout.DEVICE_COUNT_MODULE, []),
             capture_output=True,
             text=True,
             timeout=300,
+            env=proc.gpu_env(),
+            cwd=layout.ROOT,
         )
     except (OSError, subprocess.TimeoutExpired) as e:
         return None, f"could not ask .venv-gpu's torch for the GPU count ({e})"

@@ -491,6 +491,15 @@ def test_stage_gpu_count_comes_from_the_gpus_cuda_check_ran_on(tmp_path, monkeyp
     assert stage.gpu_count(tmp_path, Path("/nonexistent/python"))[0] is None
 
 
+def test_the_gpu_count_is_asked_of_venv_gpu_torch_isolated_not_a_torch_on_pythonpath(tmp_path, monkeypatch):
+    standin = tmp_path / "standin"
+    (standin / "torch").mkdir(parents=True)
+    (standin / "torch" / "__init__.py").write_text(f"open({str(standin / 'imported')!r}, 'w').close()\n")
+    monkeypatch.setenv("PYTHONPATH", str(standin))
+    assert stage.torch_gpu_count(Path(sys.executable)) == (torch.cuda.device_count(), "torch.cuda.device_count()")
+    assert not (standin / "imported").exists()
+
+
 def test_stage_without_venv_says_to_install(tmp_path, monkeypatch):
     monkeypatch.setattr(layout, "gpu_python", lambda venv=None: tmp_path / "no-venv" / "bin" / "python")
     out = stage.run(tmp_path, stage_args())
