@@ -39,7 +39,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 from urllib.parse import quote
@@ -401,20 +400,29 @@ def write_collect_env(run_dir: Path, recs: dict[str, StageRecord]) -> None:
     if target.exists() or not python.exists() or install is None or not install.ok:
         return
     cmd = proc.gpu_command(python, "torch.utils.collect_env", [])  # the one launcher: isolated from our PYTHON*
-    try:
-        out = subprocess.run(
+    target.write_text(f"$ {' '.join(cmd)}\n\n", encoding="utf-8")
+    try:  # proc.tee: on timeout its whole process group is killed (collect_env runs nvidia-smi and pip)
+        code = proc.tee(
             cmd,
-            capture_output=True,
-            text=True,
-            errors="replace",
-            env=proc.gpu_env(),  # noqa: S603
+            target,
+            env=proc.gpu_env(),
+            inherit_env=False,
             cwd=run_dir,
             timeout=COLLECT_ENV_TIMEOUT_S,
+            append=True,
+            echo=False,
         )
-        body = out.stdout + (f"\n--- stderr (exit code {out.returncode}) ---\n{out.stderr}" if out.returncode else "")
-    except (OSError, subprocess.TimeoutExpired) as e:
-        body = f"could not run it: {text.one_line(e)}\n"
-    target.write_text(f"$ {' '.join(cmd)}\n\n{body}", encoding="utf-8")
+        tail = (
+            f"\n--- timed out after {COLLECT_ENV_TIMEOUT_S} s; its process group was killed ---\n"
+            if code == 124
+            else f"\n--- exit code {code} ---\n"
+            if code
+            else ""
+        )
+    except OSError as e:
+        tail = f"could not run it: {text.one_line(e)}\n"
+    with target.open("a", encoding="utf-8") as f:
+        f.write(tail)
 
 
 def run(run_dir: Path, args, *, env=None) -> Outcome:

@@ -427,6 +427,23 @@ def test_collect_env_runs_in_the_gpu_environment_without_our_pythonpath(tmp_path
     assert layout.COLLECT_ENV in (run_dir / layout.SUMS_FILE).read_text()
 
 
+def test_a_hung_collect_env_is_killed_with_its_children_at_the_timeout(tmp_path, monkeypatch):
+    fake = tmp_path / "python"
+    pid_file = tmp_path / "grandchild.pid"
+    fake.write_text(f"#!/bin/sh\necho started\nsleep 30 &\necho $! > {pid_file}\nsleep 30\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(layout, "gpu_python", lambda venv=None: fake)
+    monkeypatch.setattr(evidence, "COLLECT_ENV_TIMEOUT_S", 1)
+    run_dir = make_run(tmp_path, ALL_PASS)
+    started = time.monotonic()
+    evidence.write_collect_env(run_dir, records.read_all(run_dir))
+    assert time.monotonic() - started < 15  # not held by the grandchild's copy of the output pipe
+    collected = (run_dir / layout.COLLECT_ENV).read_text()
+    assert "started" in collected and "timed out after 1 s; its process group was killed" in collected
+    status = Path(f"/proc/{pid_file.read_text().strip()}/status")
+    assert not status.exists() or "zombie" in status.read_text()
+
+
 def test_no_collect_env_without_a_passing_install(tmp_path, monkeypatch):
     monkeypatch.setattr(layout, "gpu_python", lambda venv=None: Path(sys.executable))
     run_dir = make_run(tmp_path, {"probe": StageStatus.PASS, "install": StageStatus.FAIL})
