@@ -57,6 +57,8 @@ README_FILE = "README.md"
 GPUS_JSON = "gpus.json"  # written by probe: the GPU list, machine-readable, read by evidence
 
 STAGES = ("probe", "install", "cuda_check", "train", "evidence")
+# The stages that do the work, in order; evidence (last) seals the run. The one list m40, verdict, evidence use.
+WORK_STAGES = STAGES[:-1]
 
 # The human-readable file each stage leaves (the six files every finished run holds,
 # plus the evidence README).

@@ -13,7 +13,7 @@ DESCRIPTION = (
     "Run every stage into a new submission_runs/m40_vN: probe, install, cuda_check, train; "
     "stop at the first failure; evidence always runs last and seals the run."
 )
-WORK_STAGES = ("probe", "install", "cuda_check", "train")
+WORK_STAGES = layout.WORK_STAGES
 
 
 def build_parser():

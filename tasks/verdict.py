@@ -25,7 +25,7 @@ from pathlib import Path
 from tasks import config, layout
 from tasks.records import StageRecord, StageStatus
 
-WORK_STAGES = tuple(s for s in layout.STAGES if s != "evidence")
+WORK_STAGES = layout.WORK_STAGES
 TORCH_STAGES = ("install", "cuda_check", "train")  # each records the torch it ran
 PASS, PARTIAL, FAIL, INTERRUPTED = "PASS", "PARTIAL", "FAIL", "INTERRUPTED"
 

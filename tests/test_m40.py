@@ -182,6 +182,13 @@ def test_the_default_venv_is_accepted_by_the_chain():
     m40.chain_inputs(args)  # raises ConfigError if refused
 
 
+def test_the_stage_list_is_kept_once_in_layout():
+    from tasks import verdict
+
+    assert layout.STAGES[-1] == "evidence" and layout.WORK_STAGES == layout.STAGES[:-1]
+    assert m40.WORK_STAGES is verdict.WORK_STAGES is evidence.WORK_STAGES is layout.WORK_STAGES
+
+
 def test_each_m40_run_is_a_new_folder(monkeypatch, no_driver):
     use_fakes(monkeypatch)
     m40.main([])
