@@ -14,7 +14,6 @@ Writes bench.json and bench.md into --out and prints the table last.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import gc
@@ -31,6 +30,7 @@ import torch
 
 from tasks import layout
 from tasks.config import ConfigError, gpu_spec_for, load_yaml
+from training_pt import bench_options
 from training_pt import train as T  # the config, tokenizer, data, model and FLOPs code we measure
 
 
@@ -265,25 +265,7 @@ def table(rows: list[dict], base_tok_s: float | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", type=Path, default=layout.TRAIN_CONFIG, help="the smoke config (YAML)")
-    p.add_argument("--bench-config", type=Path, default=layout.BENCH_FILE, help="steps, batch and targets (YAML)")
-    p.add_argument("--compile", action="store_true", help="add the compiled benchmark row")
-    p.add_argument("--steps", type=int, default=None, help="timed steps per row (default: bench.yaml)")
-    p.add_argument("--warmup", type=int, default=None, help="warm-up steps per row (default: bench.yaml)")
-    p.add_argument("--batch-size", type=int, default=None, help="batch of the compiled row (default: bench.yaml)")
-    p.add_argument("--compile-mode", default=None, help="torch.compile mode of the compiled row (default: the YAML's)")
-    p.add_argument("--only", default="", help="comma-separated rows to run (hf-default,smoke,smoke-eager,compiled)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="key=value",
-        help="override a setting of the smoke config (all our rows; the baseline takes its sizes)",
-    )
-    p.add_argument("--out", type=Path, default=None, help="folder for bench.json and bench.md")
-    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    p = bench_options.parser(__doc__.split("\n\n")[0])
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
 
     settings = load_bench_settings(args.bench_config)
