@@ -517,7 +517,7 @@ DCGM_ROOTS = ("DCGM Diagnostic", "DCGM GPU Diagnostic")  # DCGM 4.x, 3.x
 def dcgm_tests(doc: dict) -> list[dict]:
     """`dcgmi diag --json` -> [{category, test, status, gpus_failed, warnings}]. A test's status is
     its test_summary's, else Fail if any entity failed, Pass if any passed, else Skip."""
-    root = next((doc[k] for k in DCGM_ROOTS if isinstance(doc, dict) and isinstance(doc.get(k), dict)), {})
+    root: dict = next((doc[k] for k in DCGM_ROOTS if isinstance(doc, dict) and isinstance(doc.get(k), dict)), {})
     out = []
     for cat in root.get("test_categories") or []:
         for test in (cat.get("tests") or []) if isinstance(cat, dict) else []:

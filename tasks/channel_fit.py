@@ -76,7 +76,7 @@ def quick_probe() -> Machine:
 
     facts, _ = probe.collect()
     gpus = [Gpu(g.index, g.name, _capability(g.compute_capability)) for g in facts.gpus]
-    return Machine(facts.driver_cuda, gpus, origin=f"a quick probe ({facts.source})", found=facts.found)
+    return Machine(facts.driver_cuda, gpus, origin=f"a quick probe ({facts.source})", found=facts.found or "")
 
 
 def machine(run_dir: Path) -> Machine:

@@ -11,6 +11,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 import yaml
 from packaging.requirements import InvalidRequirement, Requirement
@@ -51,9 +52,13 @@ def load_yaml(path: Path, *, empty_ok: bool = False) -> dict:
     return data
 
 
-def _require(cond: bool, path: Path, key: str, msg: str) -> None:
+def _require(cond: object, path: Path, key: str, msg: str) -> None:
     if not cond:
-        raise ConfigError(f"{path}: {key}: {msg}")
+        _fail(path, key, msg)
+
+
+def _fail(path: Path, key: str, msg: str) -> NoReturn:
+    raise ConfigError(f"{path}: {key}: {msg}")
 
 
 def parse_version(text: str) -> tuple[int, ...]:
@@ -136,7 +141,8 @@ def specifier(entry, path: Path, key: str) -> str:
     """A version specifier for torch (e.g. ">=2.7,<2.12"), validated as one."""
     text = "" if entry is None else entry if isinstance(entry, str) else None
     fix = 'write a specifier like ">=2.7,<2.12"'
-    _require(text is not None and "\n" not in text and "\r" not in text, path, key, f"{entry!r} is not one line; {fix}")
+    if text is None or "\n" in text or "\r" in text:
+        _fail(path, key, f"{entry!r} is not one line; {fix}")
     try:
         SpecifierSet(text)
     except InvalidSpecifier:
@@ -205,7 +211,8 @@ def load_channels(path: Path | str | None = None) -> dict[str, Channel]:
     path = channels_file(path)
     data = load_yaml(path)
     raw = data.get("channels")
-    _require(isinstance(raw, dict) and raw, path, "channels", "must be a mapping of channel name -> settings")
+    if not isinstance(raw, dict) or not raw:
+        _fail(path, "channels", "must be a mapping of channel name -> settings")
     out: dict[str, Channel] = {}
     for name, spec in raw.items():
         key = f"channels.{name}"
@@ -252,9 +259,9 @@ def _channel(name: str, spec: dict, path: Path, key: str) -> Channel:
     )
     return Channel(
         name=name,
-        kind=kind,
+        kind=str(kind),
         cuda=cuda,
-        sources=_sources(kind, spec, path, key),
+        sources=_sources(str(kind), spec, path, key),
         note=str(spec.get("note") or ""),
         files_from=tuple(files_from),
         archs=tuple(archs),
@@ -354,8 +361,10 @@ def load_gpus(path: Path | None = None) -> list[GpuSpec]:
     path = Path(path or layout.GPUS_FILE)
     data = load_yaml(path)
     raw = data.get("gpus")
-    _require(isinstance(raw, list) and raw, path, "gpus", "must be a list of GPU models")
-    out, seen = [], {}
+    if not isinstance(raw, list) or not raw:
+        _fail(path, "gpus", "must be a list of GPU models")
+    out: list[GpuSpec] = []
+    seen: dict[frozenset[str], str] = {}
     for i, g in enumerate(raw):
         key = f"gpus[{i}]"
         _require(isinstance(g, dict), path, key, "must be a mapping")
@@ -380,7 +389,8 @@ def load_gpus(path: Path | None = None) -> list[GpuSpec]:
             f"{slices!r} must be a positive whole number (compute slices)",
         )
         memory = _figure(g["memory_gb"], path, f"{key}.memory_gb")
-        _require(memory is not None, path, f"{key}.memory_gb", "must be the GPU's memory in GB")
+        if memory is None:
+            _fail(path, f"{key}.memory_gb", "must be the GPU's memory in GB")
         out.append(
             GpuSpec(
                 model=str(g["model"]),
@@ -555,7 +565,8 @@ def load_nvml(path: Path | None = None) -> NvmlTables:
     path = Path(path or layout.NVML_FILE)
     data = load_yaml(path)
     events = data.get("clock_events")
-    _require(isinstance(events, list) and events, path, "clock_events", "must be a list of {bit, name, fault}")
+    if not isinstance(events, list) or not events:
+        _fail(path, "clock_events", "must be a list of {bit, name, fault}")
     table: dict[int, tuple[str, bool]] = {}
     for i, e in enumerate(events):
         key = f"clock_events[{i}]"
@@ -571,12 +582,8 @@ def load_nvml(path: Path | None = None) -> NvmlTables:
     xids = {}
     for group in ("xid_hardware", "xid_application"):
         raw = data.get(group)
-        _require(
-            isinstance(raw, dict) and all(isinstance(k, int) and k > 0 for k in raw),
-            path,
-            group,
-            "must be a mapping of Xid number -> description",
-        )
+        if not isinstance(raw, dict) or not all(isinstance(k, int) and k > 0 for k in raw):
+            _fail(path, group, "must be a mapping of Xid number -> description")
         xids[group] = {k: str(v) for k, v in raw.items()}
     both = set(xids["xid_hardware"]) & set(xids["xid_application"])
     _require(not both, path, "xid_application", f"Xid {sorted(both)} also listed in xid_hardware; keep one")
@@ -650,7 +657,8 @@ def load_burnin(path: Path | None = None) -> dict:
     data = load_yaml(path)
     for group, keys in BURNIN_KEYS.items():
         section = data if group is None else data.get(group)
-        _require(isinstance(section, dict), path, str(group), "missing or not a mapping; see configs/burnin.yaml")
+        if not isinstance(section, dict):
+            _fail(path, str(group), "missing or not a mapping; see configs/burnin.yaml")
         for key, kind in keys.items():
             name = key if group is None else f"{group}.{key}"
             _require(key in section, path, name, "missing; add it (see configs/burnin.yaml in the repository)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from tasks import config
@@ -245,7 +246,7 @@ def judge_count(
                 data,
             )
     visible = visible_devices(cvd, nvml_count, uuids, bool(mig_gpus))
-    if visible is not None:  # CUDA_VISIBLE_DEVICES set and not empty
+    if visible is not None and cvd is not None:  # CUDA_VISIBLE_DEVICES set and not empty
         tokens = [t.strip() for t in cvd.split(",")]
         if len(visible) < len(tokens):
             bad = tokens[len(visible)]
@@ -368,7 +369,7 @@ def judge_arch(
     gpu_name: str,
     min_cuda_for_arch: dict[str, str] | None = None,
     source: str = "torch.cuda.get_arch_list()",
-    torch_warnings: list[str] = (),
+    torch_warnings: Sequence[str] = (),
 ) -> Verdict:
     """Check d: does this build carry kernels (or PTX) for the device's compute capability?"""
     major, minor = capability
@@ -587,7 +588,7 @@ def judge_speed(
     share: float,
     model: str | None,
     gpu_name: str,
-    causes: list[str] = (),
+    causes: Sequence[str] = (),
     why_missing: str = "",
 ) -> Verdict:
     """Check g: a measured rate against the datasheet of the device's model.
@@ -625,7 +626,7 @@ def judge_speed_for(
     spec: config.GpuSpec | None,
     share: float,
     gpu_name: str,
-    causes: list[str] = (),
+    causes: Sequence[str] = (),
 ) -> Verdict:
     """judge_speed against the device's datasheet entry (None: not listed), a MIG slice against its share."""
     peak, model, why = speed_expectation(spec, unit, gpu_name)

@@ -121,7 +121,7 @@ def write_report(
 
 def write_requirements(ctx, marker: dict, freeze: str) -> None:
     """requirements-gpu.txt: the freeze, each line pinned to the exact file installed where known."""
-    by_name = {}
+    by_name: dict[str, dict] = {}
     for f in marker.get("files") or []:
         by_name.setdefault(normalize(f["name"]), f)
     head = [
@@ -138,7 +138,7 @@ def write_requirements(ctx, marker: dict, freeze: str) -> None:
     for line in freeze.splitlines():
         m = re.match(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+)$", line.strip())
         f = by_name.get(normalize(m.group(1))) if m else None
-        if f and f["url"] and f["version"] == m.group(2):
+        if m and f and f["url"] and f["version"] == m.group(2):
             url = f["url"] + (f"#sha256={f['sha256']}" if f.get("sha256") else "")
             body.append(f"{f['name']} @ {url}")
         elif marker.get("provisioned"):

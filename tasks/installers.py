@@ -184,7 +184,7 @@ def parse_pip_report(path: Path) -> list[Installed]:
 
 def parse_pylock(path: Path, requested: list[str]) -> list[Installed]:
     """Every file a pylock.toml (PEP 751, as uv writes it) may install; needs tomllib (Python 3.11+)."""
-    import tomllib
+    import tomllib  # type: ignore[import-not-found,unused-ignore]  # 3.11+; mypy checks as 3.10, the caller gates it
 
     data = tomllib.loads(Path(path).read_text())
     wanted = {normalize(re.split(r"[<>=!~\[; @]", r, maxsplit=1)[0]) for r in requested}

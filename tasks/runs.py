@@ -36,6 +36,13 @@ def run_number(path: Path) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def _number(path: Path) -> int:
+    """run_number of a name that _entries kept (so it matched)."""
+    n = run_number(path)
+    assert n is not None
+    return n
+
+
 def _entries(runs_dir: Path) -> list[Path]:
     """Every m40_vN name under runs_dir, whatever it is (a folder, a file, a link)."""
     try:
@@ -49,7 +56,7 @@ def _entries(runs_dir: Path) -> list[Path]:
 def list_runs(runs_dir: Path) -> list[Path]:
     """Real folders named m40_vN (never links), oldest (lowest N) first."""
     runs = [p for p in _entries(runs_dir) if p.is_dir() and not p.is_symlink()]
-    return sorted(runs, key=run_number)
+    return sorted(runs, key=_number)
 
 
 def is_run(path: Path) -> bool:
@@ -80,7 +87,7 @@ def check_runs_dir(runs_dir: Path) -> None:
 def create_next(runs_dir: Path) -> Path:
     """Create and return the next free m40_vN (never reuses a number, even of a deleted gap)."""
     check_runs_dir(runs_dir)
-    n = max((run_number(p) for p in _entries(runs_dir)), default=0) + 1
+    n = max((_number(p) for p in _entries(runs_dir)), default=0) + 1
     while True:
         path = runs_dir / f"{layout.RUN_PREFIX}{n}"
         try:

@@ -86,7 +86,7 @@ def recover(final: Path) -> list[str]:
     passed its check, is discarded. Any other `.staging-*` / `.old-*` sibling is a leftover and is
     removed. Returns what was done.
     """
-    done = []
+    done: list[str] = []
     pattern = re.compile(rf"^{re.escape(final.name)}\.(staging|old)-(\d+)$")
     if not final.parent.is_dir():
         return done
