@@ -162,7 +162,7 @@ CHANNEL_KEYS = ("kind", "cuda", "archs", "sources", "note", "files_from", *SOURC
 class ChannelSource:
     """One index a channel may install torch from; a channel tries its sources in order."""
 
-    index_url: str | None
+    index_url: str
     pre: bool = False  # allow pre-releases (nightlies)
     torch: str = ""  # version specifier, e.g. ">=2.7,<2.12"
     retired: str = ""  # upstream stopped publishing it (date, where that was said): tried fast, reported
@@ -296,12 +296,8 @@ def _sources(kind: str, spec: dict, path: Path, key: str) -> tuple[ChannelSource
         url = src.get("index_url")
         if kind == "pypi" and url is None:
             url = "https://pypi.org/simple"
-        _require(
-            isinstance(url, str) and "://" in url and url.strip() == url,
-            path,
-            f"{where}.index_url",
-            "must be an index URL like https://download.pytorch.org/whl/cu128",
-        )
+        if not isinstance(url, str) or "://" not in url or url.strip() != url:
+            _fail(path, f"{where}.index_url", "must be an index URL like https://download.pytorch.org/whl/cu128")
         _require(isinstance(src.get("pre", False), bool), path, f"{where}.pre", "must be true or false")
         out.append(
             ChannelSource(

@@ -154,7 +154,7 @@ def read_gpus(run_dir: Path) -> dict:
 
 
 def stage_rows(recs: dict[str, StageRecord]) -> list[dict]:
-    rows = []
+    rows: list[dict] = []
     for name in WORK_STAGES:
         rec = recs.get(name)
         if rec is None:

@@ -241,8 +241,11 @@ def read_node(run_dir: Path, label: str) -> dict:
     if bad is not None:
         row.update(verdict=bad, reason=why)
         return row
+    assert summary is not None  # a missing summary returned above (UNREADABLE)
     check, train = stage_figures(run_dir, summary, "cuda_check"), stage_figures(run_dir, summary, "train")
-    versions = summary.get("versions") if isinstance(summary.get("versions"), dict) else {}
+    versions = summary.get("versions")
+    if not isinstance(versions, dict):
+        versions = {}
     model, count = gpu_model(summary, probe)
     row.update(
         gpu_model=model,

@@ -268,7 +268,9 @@ def judge(ch: Channel, facts: dict) -> StepFailed | None:
     devices = facts.get("devices") or []
     if not devices:
         return StepFailed(installers.NOT_USABLE, f"torch {version} sees no CUDA device")
-    arch_list = facts.get("arch_list") if isinstance(facts.get("arch_list"), list) else []
+    arch_list = facts.get("arch_list")
+    if not isinstance(arch_list, list):
+        arch_list = []
     for d in devices:
         cap = d.get("capability")
         if not isinstance(cap, list) or not cuda_rules.arch_list_covers(arch_list, cap):
@@ -350,6 +352,7 @@ def resolve_auto(names: list[str], ctx: Context) -> list[str]:
     """`auto` replaced by the channel channel_fit picks for this machine (its reasoning kept for the report)."""
     if AUTO_CHANNEL not in names:
         return names
+    assert ctx.machine is not None  # run() asks channel_fit for the machine before anything else
     chosen, ctx.auto_lines = channel_fit.pick_auto(ctx.catalog, ctx.machine)
     for line in ctx.auto_lines:
         print(f"install: {line}", flush=True)
@@ -597,10 +600,10 @@ def satisfied(ctx: Context, names: list[str]) -> tuple[dict, dict] | None:
     ):
         return None
     if ch.kind == "provisioned":
-        python = venv_facts.resolve_python(ctx.args.from_python, ctx.venv)
-        if python is None or (marker.get("provisioned") or {}).get("executable") not in (
-            python,
-            str(Path(python).absolute()),
+        provided = venv_facts.resolve_python(ctx.args.from_python, ctx.venv)
+        if provided is None or (marker.get("provisioned") or {}).get("executable") not in (
+            provided,
+            str(Path(provided).absolute()),
         ):
             return None
     if ch.kind == "wheelhouse" and marker.get("wheelhouse") != str(ctx.args.wheelhouse.resolve()):
@@ -655,6 +658,7 @@ def suggest(ctx: Context, attempts: list[Attempt]) -> str:
             f"{fix}, or point --deps-index-url/--wheelhouse at a source that has it"
         )
     tried = {a.channel.name for a in attempts}
+    assert ctx.machine is not None  # run() asks channel_fit for the machine before anything else
     fits = [c.name for c in channel_fit.fitting(ctx.catalog, ctx.machine) if c.name not in tried]
     names = fits + [c.name for c in ctx.catalog.values() if c.kind == "provisioned" and c.name not in tried]
     head = f"the driver supports CUDA {ctx.machine.driver_cuda}"

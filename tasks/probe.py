@@ -34,6 +34,7 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import IO
 
 from tasks import config, layout, redact
 from tasks.cuda_rules import clock_event_is_fault, clock_event_names, cuda_version_from_int
@@ -361,6 +362,7 @@ def nvml_in_child(nvml_loader, deadline: Deadline) -> DriverFacts:
             # the run folder's lock (or any other file) open after the probe has moved on.
             os.closerange(3, write_end)
             os.closerange(write_end + 1, os.sysconf("SC_OPEN_MAX"))
+            answer: tuple[str, object]
             try:
                 answer = ("facts", nvml_facts(nvml_loader()))
             except NvmlUnavailable as e:
@@ -390,7 +392,7 @@ def nvml_in_child(nvml_loader, deadline: Deadline) -> DriverFacts:
 
 def read_until(fd: int, deadline: Deadline) -> bytes | None:
     """Everything written to `fd` until its writer closes it; None when the deadline comes first."""
-    chunks = []
+    chunks: list[bytes] = []
     while True:
         ready, _, _ = select.select([fd], [], [], deadline.left())
         if not ready:
@@ -440,7 +442,7 @@ class Commands:
     `finish` waits for them until the deadline and kills the whole group of each one still running."""
 
     def __init__(self, cmds: dict[str, list[str]]):
-        self.started: dict[str, tuple[CmdResult, subprocess.Popen | None, object]] = {}
+        self.started: dict[str, tuple[CmdResult, subprocess.Popen | None, IO[bytes]]] = {}
         for key, cmd in cmds.items():
             res, proc, out = CmdResult(cmd), None, tempfile.TemporaryFile()
             try:
@@ -567,7 +569,8 @@ def collect(source: str = "auto", nvml_loader=load_pynvml, timeout_s: float = 30
             todo="drop --probe-source nvml to fall back to nvidia-smi, or install the driver",
         )
     elif facts is None:
-        fields = SMI_FIELDS
+        assert query is not None  # asked above whenever NVML gave no facts (auto) or was not asked (nvidia-smi)
+        fields: tuple[str, ...] = SMI_FIELDS
         if query.rc not in (0, None) and "field" in query.out.lower():  # an older driver: fewer fields
             fields = SMI_CORE_FIELDS
             query = run_commands({"query": smi_query_cmd(fields)}, deadline)["query"]
@@ -675,6 +678,7 @@ def system_facts(run_dir: Path) -> list[tuple[str, str]]:
     cpuinfo = _read("/proc/cpuinfo")
     m = re.search(r"^(model name|Model|cpu model)\s*:\s*(.+)$", cpuinfo, re.MULTILINE)
     cpu = m.group(2).strip() if m else (platform.processor() or platform.machine())
+    usable: int | None
     try:
         usable = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
@@ -722,7 +726,7 @@ def gpu_rows(gpus: list[Gpu]) -> list[tuple[str, ...]]:
     def n(v):
         return NA if v is None else str(v)
 
-    rows = []
+    rows: list[tuple[str, ...]] = []
     for g in gpus:
         reasons = NA if g.clock_event_reasons is None else (",".join(g.clock_event_reasons) or "none")
         rows.append(
@@ -813,7 +817,7 @@ def run(run_dir: Path, args, *, env: Mapping[str, str] | None = None, nvml_loade
     if config_error:
         passed, line = None, f"cannot decide: {config_error}"
     else:
-        passed, line = gate(facts, min_cuda, min_from)
+        passed, line = gate(facts, str(min_cuda), min_from)
 
     print(
         f"probe: source {facts.source}; driver {facts.driver or 'none'} (CUDA {facts.driver_cuda or '?'}); "

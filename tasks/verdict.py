@@ -173,7 +173,7 @@ def override_weakens(stage: str, key: str, value: str, rules: Rules) -> str:
 def coverage_deviations(recs: dict[str, StageRecord]) -> list[str]:
     """Training on CUDA on every GPU: probe's GPUs (NVML) vs torch's (cuda_check) vs train's processes."""
     out = []
-    probe, check, train = (recs.get(s).figures if recs.get(s) else {} for s in ("probe", "cuda_check", "train"))
+    probe, check, train = (r.figures if (r := recs.get(s)) else {} for s in ("probe", "cuda_check", "train"))
     found, seen = probe.get("gpu_count"), check.get("gpus_checked")
     device, nproc = train.get("device"), train.get("nproc")
     if device is None:
