@@ -116,7 +116,8 @@ def tests(session: nox.Session) -> None:
 
 @nox.session(venv_backend="virtualenv")
 def lint(session: nox.Session) -> None:
-    """Lint (ruff check, line length 120) and check the formatting (ruff format --check)."""
-    session.install("ruff")
+    """Lint (ruff check, line length 120), check the formatting (ruff format --check), type-check tasks/ (mypy)."""
+    session.install("ruff", "mypy", "types-PyYAML", "jinja2", "packaging")  # mypy resolves tasks/ imports
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
+    session.run("mypy")
