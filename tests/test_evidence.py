@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -305,7 +306,9 @@ def test_a_stage_killed_mid_way_reads_as_did_not_finish_not_its_earlier_pass(tmp
     a Slurm/Kubernetes stop would): the old pass record must not survive."""
     run_dir = make_run(tmp_path, ALL_PASS)
     bin_dir, started = tmp_path / "bin", tmp_path / "smi-started"
-    fake_gpu.write_script(bin_dir, f": > '{started}'\nexec sleep 60\n")  # a driver tool that hangs
+    pids = tmp_path / "smi-pids"
+    # a driver tool that hangs (each call notes its pid: probe starts several, each in its own session)
+    fake_gpu.write_script(bin_dir, f"echo $$ >> '{pids}'\n: > '{started}'\nexec sleep 60\n")
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(layout.ROOT)}
     code = "import sys; from tasks import stage; sys.exit(stage.main('probe', sys.argv[1:]))"
     child = subprocess.Popen(
@@ -324,13 +327,34 @@ def test_a_stage_killed_mid_way_reads_as_did_not_finish_not_its_earlier_pass(tmp
     finally:
         os.killpg(child.pid, signal.SIGKILL)
         child.wait()
+        kill_noted(pids)
 
     assert records.read(run_dir, "probe").status == StageStatus.RUNNING
+    wait_until_unlocked(run_dir)  # a child that probe was forking as it died holds the lock until its exec
     render(run_dir)
     summary = json.loads((run_dir / layout.SUMMARY_FILE).read_text())
     assert (summary["verdict"], summary["failed_stage"]) == ("FAIL", "probe")
     assert summary["reason"].startswith("probe did not finish")
     assert "**What happened:** probe did not finish" in (run_dir / layout.README_FILE).read_text()
+
+
+def kill_noted(pids: Path) -> None:
+    """SIGKILL each process whose pid the fake tool noted (its sleeps live in sessions of their own)."""
+    for pid in (int(p) for p in (pids.read_text().split() if pids.exists() else [])):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def wait_until_unlocked(run_dir: Path, seconds: float = 30) -> None:
+    """Return once the run's lock can be taken (bounded): a dead stage's forked children let go of it."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            with runs.locked(run_dir):
+                return
+        except runs.RunLocked:
+            assert time.monotonic() < deadline, f"the run's lock was still held {seconds:g} s after the kill"
+            time.sleep(0.05)
 
 
 # --------------------------------------------------------------------------- the README as its receiver reads it
