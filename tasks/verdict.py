@@ -6,14 +6,16 @@ Pure functions (no files but the rules' YAML, no torch), so that the judgement h
                         "running"), was skipped or left no record; or install, cuda_check and train
                         ran different torches (torch_identity differs)
     PARTIAL             every stage passed, but not the whole claim: a check changed from its
-                        default (configs/verdict.yaml), training on the CPU, fewer training
-                        processes than GPUs, or GPUs that NVML sees hidden from torch
+                        default (configs/verdict.yaml; train's thresholds vs the default training
+                        config; steps outside 10-50), training on the CPU, fewer training processes
+                        than GPUs, GPUs that NVML sees hidden from torch, or a figure not recorded
+    (a passing stage whose own file, layout.STAGE_EVIDENCE, is missing FAILs there)
     PASS                every stage passed under the default checks, training ran on CUDA on every
                         GPU that probe found, one and the same torch throughout
 
 What the rule reads from the records' figures: probe `gpu_count` (NVML, or nvidia-smi); cuda_check
-`gpus_checked` (torch's device count); train `device` and `nproc`; each stage's `overrides` (a list
-of "key=value") and `torch_identity` ({version, file, record_sha256}) of install, cuda_check, train.
+`gpus_checked` (torch's device count); train `device`, `nproc`, `thresholds` and `steps`; each stage's
+`overrides` (a list of "key=value") and `torch_identity` ({version, file, record_sha256}) of install, cuda_check, train.
 """
 
 from __future__ import annotations
