@@ -18,6 +18,7 @@ import yaml
 
 from tasks import config, layout
 from tasks.config import ConfigError
+from training_pt import configurator
 
 
 class Parser(argparse.ArgumentParser):
@@ -37,7 +38,8 @@ def inputs(args, stages, modules) -> None:
 
 
 def train_options(args) -> None:
-    """The train stage's inputs: its config file (readable YAML, every number finite) and options."""
+    """The train stage's inputs: its config file (readable YAML, every number finite), its overrides, both
+    checked by training_pt/configurator.py as train.py checks them, and its options."""
     path = Path(args.train_config)
     if not path.is_file():
         raise ConfigError(f"--train-config {path} is not a file; pass an existing YAML file")
@@ -48,6 +50,10 @@ def train_options(args) -> None:
             raise ConfigError(f"--train-override {item!r} is not KEY=VALUE; write e.g. train.steps=20")
         if not is_finite_text(text):
             raise ConfigError(f"--train-override {item!r}: {text.strip()} is not a finite number; give a real value")
+    try:  # the training script's own loader (torch-free): unknown keys, types, choices, ranges
+        configurator.load_config(path, args.train_override)
+    except configurator.TrainError as e:
+        raise ConfigError(f"{e}; fix --train-config or --train-override") from None
     if args.nproc is not None and args.nproc < 1:
         raise ConfigError(f"--nproc {args.nproc}: must be 1 or more (or drop it: one process per GPU)")
     if not (math.isfinite(args.train_timeout) and args.train_timeout > 0):

@@ -12,6 +12,7 @@ from pathlib import Path
 from tasks import layout, proc
 
 TASKS = layout.ROOT / "tasks"
+CONFIGURATOR = layout.ROOT / "training_pt" / "configurator.py"  # torch-free: tasks/validate.py imports it
 
 
 def torch_imports(path: Path) -> list[str]:
@@ -29,6 +30,7 @@ def test_no_module_in_tasks_imports_torch():
     files = sorted(TASKS.rglob("*.py"))
     assert len(files) > 10 and TASKS / "train.py" in files
     assert [hit for f in files for hit in torch_imports(f)] == []
+    assert torch_imports(CONFIGURATOR) == []
 
 
 def test_the_scan_sees_torch_imports_in_functions_too(tmp_path):
@@ -39,6 +41,7 @@ def test_the_scan_sees_torch_imports_in_functions_too(tmp_path):
 
 def test_every_tasks_module_imports_where_torch_cannot():
     modules = sorted(f"tasks.{p.stem}" for p in TASKS.glob("*.py") if p.stem != "__init__")
+    modules.append("training_pt.configurator")
     code = (
         "import importlib, sys\n"
         "class NoTorch:\n"

@@ -241,6 +241,19 @@ def test_a_learning_rate_that_is_nan_is_refused_before_training(project, where):
     assert "not a finite number" in line
 
 
+@pytest.mark.parametrize("where", ["config file", "override"])
+def test_an_unknown_training_config_key_or_a_wrong_override_type_is_exit_2_before_the_first_stage(project, where):
+    """training_pt/configurator.py's loader (torch-free) runs in train's check_inputs: not exit 40 at train."""
+    if where == "config file":
+        cfg = project.write("typo.yaml", "train:\n  stpes: 3\n")
+        result = project.nox("-s", "m40", "--", "--train-config", str(cfg), *NO_GPU)
+        refused(result, USAGE, str(cfg), "unknown key 'train.stpes'", "--train-config")
+    else:
+        result = project.nox("-s", "m40", "--", "--train-override", "train.steps=ten", *NO_GPU)
+        refused(result, USAGE, "train.steps=ten", "train.steps must be an integer", "--train-override")
+    assert project.run_names() == ["m40_v1"]
+
+
 def test_a_stage_that_finds_a_bad_input_itself_leaves_a_sealed_fail_run_and_exits_2(monkeypatch, tmp_path, capsys):
     """The checks up front catch what they can; a stage that still meets a bad input (here a stand-in
     install raising ConfigError) fails its record, evidence seals the run, and m40 exits 2."""

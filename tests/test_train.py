@@ -200,49 +200,6 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, extra, expect):
 # --------------------------------------------------------------------------- config validation
 
 
-def write_yaml(tmp_path, text: str) -> Path:
-    path = tmp_path / "c.yaml"
-    path.write_text(text)
-    return path
-
-
-def test_config_unknown_key_and_wrong_types(tmp_path):
-    with pytest.raises(T.TrainError, match=r"unknown key 'train\.stpes'; known keys here: .*steps"):
-        T.load_config(write_yaml(tmp_path, "train:\n  stpes: 3\n"), [])
-    with pytest.raises(T.TrainError, match=r"train\.steps must be an integer, got 'ten'"):
-        T.load_config(write_yaml(tmp_path, "train:\n  steps: ten\n"), [])
-    with pytest.raises(T.TrainError, match=r"train\.compile must be true/false, got 1"):
-        T.load_config(write_yaml(tmp_path, "train:\n  compile: 1\n"), [])
-    with pytest.raises(T.TrainError, match=r"model\.family must be one of gpt2, gemma"):
-        T.load_config(write_yaml(tmp_path, "model:\n  family: llama\n"), [])
-    with pytest.raises(T.TrainError, match=r"train\.timing_warmup must be >= 0 and below train\.steps"):
-        T.load_config(write_yaml(tmp_path, "train:\n  steps: 3\n  timing_warmup: 3\n"), [])
-
-
-def test_a_training_config_that_is_broken_as_a_file_is_one_line_from_the_one_yaml_loader(tmp_path):
-    bad = tmp_path / "latin1.yaml"
-    bad.write_bytes(b"train:\n  steps: 10 # caf\xe9\n")
-    with pytest.raises(T.TrainError, match=r"latin1.yaml is not UTF-8 text .*save it as UTF-8") as e:
-        T.load_config(bad, [])
-    assert e.value.code == T.EXIT_INPUT and "\n" not in str(e.value)
-    with pytest.raises(T.TrainError, match=r"missing.yaml not found"):
-        T.load_config(tmp_path / "missing.yaml", [])
-    with pytest.raises(T.TrainError, match=r"c.yaml is not valid YAML at line \d+; fix the syntax"):
-        T.load_config(write_yaml(tmp_path, "train:\n  steps: [10\n"), [])
-    assert T.load_config(write_yaml(tmp_path, "# every setting from the defaults\n"), [])["train"]["steps"] > 0
-
-
-def test_overrides_parse_by_the_settings_type_and_accept_unique_leaf_names(tmp_path):
-    cfg = T.load_config(
-        write_yaml(tmp_path, "train:\n  steps: 10\n"),
-        ["batch_size=4", "train.lr=1e-3", "compile=off", "model.config.n_layer=2"],
-    )
-    assert cfg["train"]["batch_size"] == 4 and cfg["train"]["lr"] == 1e-3 and cfg["train"]["compile"] is False
-    assert cfg["model"]["config"]["n_layer"] == 2 and cfg["checks"]["final_window"] == 5  # default kept
-    with pytest.raises(T.TrainError, match="must be true or false|must be true/false"):
-        T.load_config(write_yaml(tmp_path, "{}\n"), ["train.compile=maybe"])
-
-
 def test_shipped_configs_load():
     gpt2 = T.load_config(layout.TRAIN_CONFIG, [])
     gemma = T.load_config(GEMMA_YAML, [])
