@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -37,13 +38,13 @@ TINY = [
 ]
 
 
-def train_py(out: Path, *extra: str, device: str | None = "cpu", config: Path | None = None):
+def train_py(out: Path, *extra: str, device: str | None = "cpu", config: Path | None = None, env=None):
     cmd = [sys.executable, *MODULE, "--out", str(out)]
     if config:
         cmd += ["--config", str(config)]
     if device:
         cmd += ["--device", device]
-    return subprocess.run([*cmd, *extra], capture_output=True, text=True, timeout=300, cwd=layout.ROOT)
+    return subprocess.run([*cmd, *extra], capture_output=True, text=True, timeout=300, cwd=layout.ROOT, env=env)
 
 
 def fail_line(proc) -> str:
@@ -308,6 +309,39 @@ def test_oom_message_names_the_batch_and_a_smaller_one():
     msg = T.oom_message("at step 3", {"batch_size": 16, "block_size": 1024}, torch.device("cpu"), False)
     assert "at step 3 with batch_size=16 x block_size=1024" in msg
     assert "try batch_size=8 or model.gradient_checkpointing=true" in msg
+
+
+# TINY for 3 steps: enough to see the step after the retries; no learning is judged in 3 steps
+SHORT = [*TINY, "train.steps=3", "train.timing_warmup=1", "checks.final_window=2", "checks.min_loss_drop=0"]
+
+
+def test_oom_at_the_first_step_halves_the_micro_batch_and_keeps_tokens_per_step(tmp_path):
+    """An 8-12 GB GPU: micro-batch 16 runs out of memory; 4 x 4 with accumulation trains the same tokens/step."""
+    out = tmp_path / "run"
+    env = {**os.environ, T.OOM_TEST_ENV: "4"}  # a micro-batch above 4 raises torch.cuda.OutOfMemoryError
+    short = [*SHORT, "train.batch_size=16"]
+    proc = train_py(out, *short, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    log = (out / layout.TRAIN_LOG).read_text()
+    assert "micro-batch 16 ran out of memory on the host (CPU): 2 x 8 with gradient accumulation" in log
+    assert "micro-batch 8 ran out of memory on the host (CPU): 4 x 4 with gradient accumulation" in log
+    assert "(1,024 tokens/step unchanged)" in log and log.count("| loss ") == 3
+    res = result(out)
+    fig = res["figures"]
+    assert (fig["micro_batch"], fig["grad_accum"], fig["oom_retries"]) == (4, 4, 2)
+    assert fig["batch_size"] == 16 and fig["tokens_per_step"] == 16 * 64 == 4 * 4 * 64
+    assert res["overrides"] == short  # the retry is not an override: the verdict sees only what the user set
+
+
+def test_oom_even_at_micro_batch_1_is_one_line_naming_the_memory(tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, T.OOM_TEST_ENV: "0"}  # every micro-batch runs out of memory
+    proc = train_py(out, *SHORT, "train.batch_size=4", env=env)
+    assert proc.returncode == T.EXIT_OOM, proc.stdout + proc.stderr
+    line = fail_line(proc)
+    assert "even at micro-batch 1 (2 retries)" in line and "host memory" in line, line
+    assert "Traceback" not in proc.stderr
+    assert result(out)["figures"]["oom_retries"] == 2
 
 
 def test_loss_svg_is_valid_and_skips_non_finite_points():

@@ -47,6 +47,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import gc
 import hashlib
 import importlib.util
 import json
@@ -772,6 +773,39 @@ def oom_message(step_text: str, t: dict, device: torch.device, checkpointing: bo
     )
 
 
+OOM_TEST_ENV = "M40_TEST_OOM_ABOVE_BATCH"  # test seam: a micro-batch above this raises torch.cuda.OutOfMemoryError
+
+
+def memory_name(device: torch.device) -> str:
+    """The memory an OOM ran out of, for the log: "a 10 GiB GPU" or "the host (CPU)"."""
+    if device.type != "cuda":
+        return "the host (CPU)"
+    return f"a {torch.cuda.get_device_properties(device).total_memory / 2**30:.0f} GiB GPU"
+
+
+def smaller_micro_batch(micro: int, batch_size: int) -> int:
+    """The largest divisor of batch_size at most half of micro: micro x accum keeps batch_size sequences."""
+    return max(d for d in range(1, micro // 2 + 1) if batch_size % d == 0)
+
+
+def free_after_oom(optimizer, device: torch.device) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def oom_failure(step: int, micro: int, retries: int, t: dict, world: int, device: torch.device, m: dict) -> str:
+    """The one line of a run out of memory that no smaller micro-batch can save (or not under DDP)."""
+    if step == 0 and micro == 1:
+        where = f"at step 0 even at micro-batch 1 ({retries} retries)"
+    elif step == 0 and world > 1:
+        where = f"at step 0 under DDP ({world} ranks do not retry with a smaller micro-batch; set it)"
+    else:
+        where = f"at step {step}"
+    return oom_message(where, {**t, "batch_size": micro}, device, m["gradient_checkpointing"])
+
+
 def train(cfg: dict, args, log: Log, result: dict) -> None:
     """The whole run; raises TrainError on any failure; fills `result` as it goes."""
     import torch.distributed as dist
@@ -878,6 +912,8 @@ def train(cfg: dict, args, log: Log, result: dict) -> None:
         batch_size=t["batch_size"],
         block_size=t["block_size"],
         grad_accum=t["grad_accum"],
+        micro_batch=t["batch_size"],
+        oom_retries=0,
         tokens_per_step=tokens_per_step * world,
         flops_per_token=fpt,
         dtype=m["dtype"],
@@ -905,16 +941,21 @@ def train(cfg: dict, args, log: Log, result: dict) -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
+    grad_accum = t["grad_accum"]  # doubled, with batches.batch_size halved, when the first step runs out of memory
+    oom_above = os.environ.get(OOM_TEST_ENV, "")
+
     def one_step(lr: float) -> tuple[torch.Tensor, torch.Tensor]:
         for group in optimizer.param_groups:
             group["lr"] = lr
         total = torch.zeros((), device=device)
-        for micro in range(t["grad_accum"]):
+        for micro in range(grad_accum):
             x, y = batches.next()
-            last = micro == t["grad_accum"] - 1
+            if oom_above and batches.batch_size > int(oom_above):
+                raise torch.cuda.OutOfMemoryError(f"{OOM_TEST_ENV}={oom_above}: micro-batch {batches.batch_size}")
+            last = micro == grad_accum - 1
             no_sync = net.no_sync() if world > 1 and not last else contextlib.nullcontext()
             with no_sync, autocast, sdpa_backend(t["sdpa_backend"]):
-                loss = step_net(x, y) / t["grad_accum"]
+                loss = step_net(x, y) / grad_accum
             loss.backward()
             total += loss.detach()
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t["grad_clip"])
@@ -941,25 +982,43 @@ def train(cfg: dict, args, log: Log, result: dict) -> None:
         sampler.start()
     step_start = run_start
     first_step_s = 0.0
+    oom_retries = 0
     for step in range(t["steps"]):
         lr = lr_at(step, t)
-        try:
+        while True:  # the first step retries with half the micro-batch while it runs out of memory
             try:
-                loss_t, norm_t = one_step(lr)
-            except torch.OutOfMemoryError:
-                raise
-            except Exception as e:
-                if step != 0 or compile_state != "on":
+                try:
+                    loss_t, norm_t = one_step(lr)
+                except torch.OutOfMemoryError:
                     raise
-                first = (str(e).strip().splitlines() or [""])[0][:300]
-                log(f"torch.compile failed at the first step ({type(e).__name__}: {first}); continuing without compile")
-                compile_state = f"failed ({type(e).__name__}), ran eager"
-                step_net = net
-                optimizer.zero_grad(set_to_none=True)
-                loss_t, norm_t = one_step(lr)
-            loss, norm = torch.stack([loss_t.float(), norm_t.float()]).tolist()  # one sync per step
-        except torch.OutOfMemoryError:
-            raise TrainError(EXIT_OOM, oom_message(f"at step {step}", t, device, m["gradient_checkpointing"])) from None
+                except Exception as e:
+                    if step != 0 or compile_state != "on":
+                        raise
+                    first = (str(e).strip().splitlines() or [""])[0][:300]
+                    log(
+                        f"torch.compile failed at the first step ({type(e).__name__}: {first}); "
+                        "continuing without compile"
+                    )
+                    compile_state = f"failed ({type(e).__name__}), ran eager"
+                    step_net = net
+                    optimizer.zero_grad(set_to_none=True)
+                    loss_t, norm_t = one_step(lr)
+                loss, norm = torch.stack([loss_t.float(), norm_t.float()]).tolist()  # one sync per step
+                break
+            except torch.OutOfMemoryError:
+                micro = batches.batch_size
+                if step != 0 or micro == 1 or world > 1:
+                    figures["oom_retries"] = oom_retries
+                    raise TrainError(EXIT_OOM, oom_failure(step, micro, oom_retries, t, world, device, m)) from None
+            free_after_oom(optimizer, device)  # outside the except: its traceback held the step's activations
+            batches.batch_size = smaller_micro_batch(micro, t["batch_size"])
+            grad_accum = t["grad_accum"] * t["batch_size"] // batches.batch_size
+            oom_retries += 1
+            figures.update(micro_batch=batches.batch_size, grad_accum=grad_accum, oom_retries=oom_retries)
+            log(
+                f"micro-batch {micro} ran out of memory on {memory_name(device)}: {grad_accum} x {batches.batch_size} "
+                f"with gradient accumulation ({tokens_per_step * world:,} tokens/step unchanged); retrying step 0"
+            )
         now = time.perf_counter()
         dt = now - step_start
         step_start = now
