@@ -45,6 +45,9 @@ FIGURES = (
     "final_loss",
     "steps",
     "batch_size",
+    "micro_batch",  # batch_size / micro_batch = the retries after an out-of-memory first step
+    "grad_accum",
+    "oom_retries",
     "block_size",
     "tokens_per_step",
     "compile",
