@@ -141,7 +141,7 @@ def test_a_failing_compile_falls_back_to_eager_and_says_so(tmp_path):
         "        raise RuntimeError('InductorError: no C compiler found')\n"
         "    return call\n"
         "torch.compile = broken\n"
-        "sys.exit(train.main(sys.argv[2:]))\n"
+        "sys.exit(train.main(sys.argv[1:]))\n"
     )
     tiny = [o for o in TINY if o != "train.compile=false"]
     proc = subprocess.run(
