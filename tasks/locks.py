@@ -52,12 +52,28 @@ def _read_holder(lock: Path) -> dict:
 
 
 def _holder_of_busy(lock: Path) -> dict:
-    """The holder of a lock we could not take; it may be writing its JSON right now, so read twice."""
+    """The holder of a lock we could not take. It may be writing its JSON right now, and until it has, the
+    file still names the holder before it (a dead one): read again, for up to a second, until the file
+    names a live process (one on another host cannot be asked, so it is taken as it reads)."""
+    holder: dict = {}
     for _ in range(20):
-        if holder := _read_holder(lock):
+        holder = _read_holder(lock)
+        if holder and _alive_or_elsewhere(holder):
             return holder
         time.sleep(0.05)
-    return {}
+    return holder
+
+
+def _alive_or_elsewhere(holder: dict) -> bool:
+    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+        return True
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _open(lock: Path) -> int:
