@@ -405,7 +405,7 @@ def write_collect_env(run_dir: Path, recs: dict[str, StageRecord]) -> None:
         code = proc.tee(
             cmd,
             target,
-            env=proc.gpu_env(),
+            env=proc.gpu_env(python=python),
             inherit_env=False,
             cwd=run_dir,
             timeout=COLLECT_ENV_TIMEOUT_S,

@@ -18,6 +18,11 @@ DEVICE_COUNT_MODULE = "training_pt.device_count"
 
 # The GPU environment every session shares; nox never creates or deletes it.
 VENV_GPU = ROOT / ".venv-gpu"
+# Beside a venv (`.venv-gpu.compile-cache`, ignored by git like every `.venv-gpu.*`): the compile cache of
+# Inductor, Triton and AOTAutograd that every child in that venv shares (cuda_check's compile check, train,
+# bench), kept across runs. Their entries are keyed by torch version, GPU and source, so a stale one is never
+# used; a cached kernel still runs and is still compared. Never inside a run folder (not evidence).
+COMPILE_CACHE_SUFFIX = ".compile-cache"
 # Written into .venv-gpu after a verified install: what channel it holds.
 VENV_MARKER = "m40-install.json"
 # In a `provisioned` .venv-gpu: the site-packages of the interpreter whose torch it reuses.
@@ -116,6 +121,18 @@ def gpu_python(venv: Path | None = None) -> Path:
     """The interpreter of .venv-gpu (or of another venv dir)."""
     venv = venv or VENV_GPU
     return venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+
+
+def venv_of(python: Path) -> Path | None:
+    """The venv an interpreter path belongs to (`<venv>/bin/python`), or None for a Python outside any venv."""
+    venv = Path(python).absolute().parent.parent
+    return venv if (venv / "pyvenv.cfg").is_file() else None
+
+
+def compile_cache(venv: Path | None = None) -> Path:
+    """The compile cache beside a venv (default .venv-gpu): `<venv>.compile-cache`."""
+    venv = Path(venv or VENV_GPU).absolute()
+    return venv.with_name(venv.name + COMPILE_CACHE_SUFFIX)
 
 
 def stage_record_path(run_dir: Path, stage: str) -> Path:

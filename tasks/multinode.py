@@ -284,7 +284,7 @@ def allreduce_across_nodes(
     rc = proc.tee(
         cmd,
         log,
-        env=proc.gpu_env(),
+        env=proc.gpu_env(python=python),
         inherit_env=False,
         cwd=layout.ROOT,
         timeout=check.timeout_s + timeout + 60,

@@ -35,16 +35,32 @@ def die_with_parent() -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def gpu_env(extra: dict | None = None) -> dict:
+def gpu_env(extra: dict | None = None, python: Path | None = None) -> dict:
     """The whole environment of a child in .venv-gpu: ours with every PYTHON* variable removed
     (PYTHONHOME, PYTHONSTARTUP, ...), PYTHONPATH = the repository root only (so `training_pt` and the
     torch-free helpers of `tasks` import), no user site-packages, the current folder not on sys.path
-    (PYTHONSAFEPATH, Python >= 3.11), NVLink multicast off, then `extra` (which may not undo the isolation)."""
+    (PYTHONSAFEPATH, Python >= 3.11), NVLink multicast off, the compile cache beside the venv of `python`
+    (compile_cache_env; a variable the user set wins), then `extra` (which may not undo the isolation)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
     env.update(layout.NO_MULTICAST_ENV)
+    for key, value in compile_cache_env(python).items():
+        env.setdefault(key, value)
     env.update({k: v for k, v in (extra or {}).items() if not k.startswith("PYTHON")})
     env.update(PYTHONPATH=str(layout.ROOT), PYTHONNOUSERSITE="1", PYTHONSAFEPATH="1", PYTHONUNBUFFERED="1")
     return env
+
+
+def compile_cache_env(python: Path | None = None) -> dict[str, str]:
+    """Inductor's, Triton's and AOTAutograd's persistent caches in the folder beside the venv of `python`
+    (.venv-gpu when it is None or not in a venv: layout.compile_cache), the FX graph and AOTAutograd caches on.
+    A hit skips code generation only: the cached kernel still runs and its results are still compared."""
+    cache = layout.compile_cache(layout.venv_of(python) if python is not None else None)
+    return {
+        "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"),
+        "TRITON_CACHE_DIR": str(cache / "triton"),
+        "TORCHINDUCTOR_FX_GRAPH_CACHE": "1",
+        "TORCHINDUCTOR_AUTOGRAD_CACHE": "1",
+    }
 
 
 def gpu_command(python: Path, module: str, args: list, nproc: int = 1, torchrun: list | None = None) -> list[str]:
@@ -71,7 +87,7 @@ def run_gpu(
     return tee(
         gpu_command(python, module, args, nproc),
         log_file,
-        env=gpu_env(extra_env),
+        env=gpu_env(extra_env, python),
         inherit_env=False,
         cwd=layout.ROOT,
         timeout=timeout,

@@ -117,7 +117,7 @@ def torch_gpu_count(python: Path) -> tuple[int | None, str]:
             capture_output=True,
             text=True,
             timeout=300,
-            env=proc.gpu_env(),
+            env=proc.gpu_env(python=python),
             cwd=layout.ROOT,
         )
     except (OSError, subprocess.TimeoutExpired) as e:
@@ -244,7 +244,7 @@ def run(run_dir: Path, args) -> Outcome:
     if nproc > 1 and "OMP_NUM_THREADS" not in os.environ:
         extra["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
     cmd = command(python, nproc, args, run_dir, job)
-    env = proc.gpu_env(extra)
+    env = proc.gpu_env(extra, python)
     shown = {k: env[k] for k in (*layout.NO_MULTICAST_ENV, *extra, "PYTHONPATH", "PYTHONNOUSERSITE")}
     console = run_dir / layout.TRAIN_CONSOLE
     console.write_text(f"$ {' '.join(f'{k}={v}' for k, v in shown.items())} {' '.join(cmd)}\n")

@@ -84,3 +84,73 @@ def test_children_die_with_a_parent_killed_by_sigkill():
     while (alive(child) or alive(grandchild)) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not alive(child) and not alive(grandchild)
+
+
+CACHE_VARS = (
+    "TORCHINDUCTOR_CACHE_DIR",
+    "TRITON_CACHE_DIR",
+    "TORCHINDUCTOR_FX_GRAPH_CACHE",
+    "TORCHINDUCTOR_AUTOGRAD_CACHE",
+)
+
+
+def fake_venv(root):
+    (root / "bin").mkdir(parents=True)
+    (root / "pyvenv.cfg").write_text("home = /usr/bin\n")
+    (root / "bin" / "python").write_text("")
+    return root / "bin" / "python"
+
+
+def test_every_gpu_child_shares_the_compile_cache_beside_gpu_venv(monkeypatch):
+    from tasks import layout
+
+    for name in CACHE_VARS:
+        monkeypatch.delenv(name, raising=False)
+    cache = layout.ROOT / ".venv-gpu.compile-cache"
+    for env in (proc.gpu_env(), proc.gpu_env(python=layout.gpu_python()), proc.gpu_env({"OMP_NUM_THREADS": "2"})):
+        assert env["TORCHINDUCTOR_CACHE_DIR"] == str(cache / "inductor")
+        assert env["TRITON_CACHE_DIR"] == str(cache / "triton")
+        assert env["TORCHINDUCTOR_FX_GRAPH_CACHE"] == "1" and env["TORCHINDUCTOR_AUTOGRAD_CACHE"] == "1"
+    assert layout.compile_cache() == cache
+    # never part of a run's evidence: outside submission_runs/
+    assert not cache.is_relative_to(layout.RUNS_DIR)
+
+
+def test_a_venv_elsewhere_gets_its_own_compile_cache_and_a_bare_python_gets_gpu_venvs(tmp_path, monkeypatch):
+    from tasks import layout
+
+    for name in CACHE_VARS:
+        monkeypatch.delenv(name, raising=False)
+    python = fake_venv(tmp_path / "elsewhere" / "myvenv")
+    env = proc.gpu_env(python=python)
+    assert env["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "elsewhere" / "myvenv.compile-cache" / "inductor")
+    assert env["TRITON_CACHE_DIR"] == str(tmp_path / "elsewhere" / "myvenv.compile-cache" / "triton")
+    bare = tmp_path / "usr" / "bin" / "python3"  # not inside a venv (no pyvenv.cfg above it)
+    assert proc.gpu_env(python=bare)["TORCHINDUCTOR_CACHE_DIR"] == str(layout.compile_cache() / "inductor")
+    # run_gpu passes its python on: bench --python uses the cache beside that venv
+    seen = {}
+    monkeypatch.setattr(proc, "tee", lambda cmd, log, **kw: seen.update(kw["env"]) or 0)
+    proc.run_gpu(python, "training_pt.bench", [])
+    assert seen["TORCHINDUCTOR_CACHE_DIR"] == env["TORCHINDUCTOR_CACHE_DIR"]
+
+
+def test_the_users_own_compile_cache_settings_win(monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/scratch/inductor")
+    monkeypatch.setenv("TRITON_CACHE_DIR", "/scratch/triton")
+    monkeypatch.setenv("TORCHINDUCTOR_FX_GRAPH_CACHE", "0")
+    monkeypatch.delenv("TORCHINDUCTOR_AUTOGRAD_CACHE", raising=False)
+    env = proc.gpu_env()
+    assert env["TORCHINDUCTOR_CACHE_DIR"] == "/scratch/inductor" and env["TRITON_CACHE_DIR"] == "/scratch/triton"
+    assert env["TORCHINDUCTOR_FX_GRAPH_CACHE"] == "0" and env["TORCHINDUCTOR_AUTOGRAD_CACHE"] == "1"
+
+
+def test_git_ignores_the_compile_cache():
+    import subprocess
+
+    from tasks import layout
+
+    cache = layout.compile_cache()
+    for path in (cache / "inductor" / "fxgraph" / "entry", cache / "triton" / "kernel.cubin"):
+        rel = str(path.relative_to(layout.ROOT))
+        res = subprocess.run(["git", "check-ignore", "--no-index", "-q", rel], cwd=layout.ROOT)
+        assert res.returncode == 0, f"{rel} is not ignored by .gitignore"
