@@ -17,7 +17,7 @@ import json
 import os
 from pathlib import Path
 
-from tasks import burn_rules, config, identity, layout, multinode, proc
+from tasks import burn_rules, config, identity, layout, multinode, phases, proc
 from tasks.records import Outcome, StageStatus
 
 DESCRIPTION = (
@@ -267,6 +267,7 @@ def figures_from(result: dict) -> dict:
         elif name == "allreduce" and data.get("busbw_gbs"):
             fig["allreduce_busbw_gbs"] = round(data["busbw_gbs"], 1)
         fig.update(burn_rules.figures(name, gpu, data))
+    fig.update(phases.figures(result.get("phases")))  # where the checker's seconds went (its log's `phases:` line)
     if failed:
         fig["failed_checks"] = ", ".join(failed)
     return {k: v for k, v in fig.items() if v is not None}

@@ -87,6 +87,22 @@ def test_checker_report_has_a_line_per_check_and_the_seam(cpu_run):
     assert text.rstrip().splitlines()[-1].startswith("verdict: FAIL: 1 check(s) FAIL: build")
 
 
+def test_checker_reports_where_its_seconds_went(cpu_run):
+    proc, out = cpu_run
+    result = json.loads((out / layout.CUDA_CHECK_JSON).read_text())
+    phases = result["phases"]
+    assert {"startup", "import", "nvml", "checks", "other", "total"} <= set(phases)
+    assert phases["import"] > 0.1 and phases["import"] == round(result["import_s"], 3)
+    within = sum(v for k, v in phases.items() if k not in ("startup", "total"))
+    assert abs(within - result["total_s"]) < 0.01  # the phases add up to the checker's total
+    assert abs(phases["total"] - result["total_s"] - phases["startup"]) < 0.01
+    text = (out / layout.STAGE_FILES["cuda_check"][0]).read_text()
+    (line,) = [ln for ln in text.splitlines() if ln.startswith("phases: ")]
+    assert "interpreter start " in line and "imports (torch) " in line and "NVML " in line
+    figures = cuda_check.figures_from(result)  # the stage's figures carry them (stages/cuda_check.json)
+    assert figures["phase_import_s"] == round(phases["import"], 2) and "phase_total_s" in figures
+
+
 def stand_in_torch(folder: Path) -> Path:
     """A folder holding a fake `torch` that leaves a mark when imported (put on PYTHONPATH by a test)."""
     (folder / "torch").mkdir(parents=True)

@@ -8,5 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from training_pt import quick_exit
+
 if __name__ == "__main__":
     print(torch.cuda.device_count())
+    quick_exit.exit_quickly(0)

@@ -23,6 +23,10 @@ import time
 
 _T0 = time.perf_counter()
 
+from tasks import phases as timing  # noqa: E402  (torch-free; first, so the start-up below is the interpreter's)
+
+_STARTUP_S = timing.process_age_s()
+
 import argparse  # noqa: E402
 import faulthandler  # noqa: E402
 import importlib.metadata  # noqa: E402
@@ -55,7 +59,7 @@ from tasks import cuda_rules as rules  # noqa: E402
 from tasks import identity, proc  # noqa: E402
 from tasks.cuda_rules import FAIL, PASS, SKIP, WARN, Check, Verdict  # noqa: E402
 from tasks.records import now_iso  # noqa: E402
-from training_pt import burn  # noqa: E402
+from training_pt import burn, quick_exit  # noqa: E402
 
 try:
     import pynvml
@@ -81,6 +85,8 @@ PER_GPU = (
 )
 MULTI_GPU = ("peer_access", "allreduce")
 HEALTH = ("health.ecc", "health.pages", "health.throttle", "health.xid")
+# The checks timed as phases of their own (tasks/phases.py); every other check counts in "checks" (or "long").
+PHASE_OF = {"init": "cuda_init", "compile": "compile", "peer_access": "multi_gpu", "allreduce": "multi_gpu"}
 MATMUL_DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 GOLDEN = -7046029254386353131  # 0x9E3779B97F4A7C15 as int64: the memory pattern's multiplier
 TXT_FILE = layout.STAGE_FILES["cuda_check"][0]
@@ -309,6 +315,21 @@ def _compiled_probe(x, y):
     return torch.nn.functional.gelu(x) * torch.sin(y) + x.sum(dim=-1, keepdim=True)
 
 
+def fx_graph_cache_counts() -> dict[str, int]:
+    """Inductor's FX graph cache counters so far ({} where this torch keeps none)."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:
+        return {}
+    return {k: v for k, v in counters["inductor"].items() if k.startswith("fxgraph_cache_")}
+
+
+def fx_graph_cache_state(before: dict[str, int], after: dict[str, int]) -> str:
+    """What the persistent compile cache (tasks/proc.py) did for one compile: hit, miss or bypass."""
+    grew = [k.removeprefix("fxgraph_cache_") for k in after if after[k] > before.get(k, 0)]
+    return ", ".join(sorted(grew))
+
+
 # --------------------------------------------------------------------------- the checker
 
 
@@ -318,7 +339,11 @@ class Checker:
         self.out_dir = out_dir
         self.checks: list[Check] = []
         self.txt = open(out_dir / TXT_FILE, "w", encoding="utf-8")
-        self.nvml = Nvml()
+        self.phases = timing.Phases()
+        self.phases.add("startup", _STARTUP_S)
+        self.phases.add("import", _IMPORT_S)
+        with self.phases.timed("nvml"):
+            self.nvml = Nvml()
         self.gpus: list[dict] = []
         self.torch_warnings: list[str] = []
         self._seed_step = 0
@@ -334,6 +359,7 @@ class Checker:
     def add(self, name: str, gpu: int | None, verdict: Verdict, seconds: float = 0.0) -> Check:
         check = Check.of(name, gpu, verdict, seconds)
         self.checks.append(check)
+        self.phases.add(self.phase_of(name), seconds)
         self.emit(rules.format_line(check))
         return check
 
@@ -347,6 +373,16 @@ class Checker:
         except Exception as e:  # a CUDA error, an OOM, a compiler failure: what the check is for
             verdict = Verdict(FAIL, "", first_line(e))
         return self.add(name, gpu, verdict, time.perf_counter() - t0)
+
+    @staticmethod
+    def phase_of(name: str) -> str:
+        """The phase a check's seconds count in (the compile check and CUDA init apart from the others)."""
+        if name in PHASE_OF:
+            return PHASE_OF[name]
+        if name.startswith("health."):
+            return "nvml"
+        quick = name in PER_GPU or name in ("build", "driver", "device_count") or name.startswith("peers.")
+        return "checks" if quick else "long"
 
     def next_seed(self) -> int:
         self._seed_step += 1
@@ -371,8 +407,10 @@ class Checker:
             for name in PER_GPU + MULTI_GPU + HEALTH + burn.skipped_names(self.level):
                 self.add(name, None, Verdict(SKIP, "", why))
             return
-        self.nvml.watch_xid()
-        self.describe_gpus(n)
+        with self.phases.timed("nvml"):
+            self.nvml.watch_xid()
+        with self.phases.timed("describe"):
+            self.describe_gpus(n)
         for g in self.gpus:
             self.per_gpu(g)
         burn.peer_checks(self)
@@ -759,10 +797,15 @@ class Checker:
         x = torch.randn(1024, 1024, device=dev, generator=gen)
         y = torch.randn(1024, 1024, device=dev, generator=gen)
         eager = _compiled_probe(x, y)
+        hits_before = fx_graph_cache_counts()
         compiled = self._compiled(x, y)
         torch.cuda.synchronize(dev)
         err, bad = compare(compiled, eager.double().cpu())
-        return rules.judge_error(err, tol, nonfinite=bad, note="gelu*sin+row sum, inductor/Triton vs eager")
+        cache = fx_graph_cache_state(hits_before, fx_graph_cache_counts())
+        note = "gelu*sin+row sum, inductor/Triton vs eager" + (f"; FX graph cache {cache}" if cache else "")
+        verdict = rules.judge_error(err, tol, nonfinite=bad, note=note)
+        verdict.data["fx_graph_cache"] = cache or None  # a hit skips code generation; the kernel still ran above
+        return verdict
 
     # ---- i: more than one GPU
     def multi_gpu(self) -> None:
@@ -878,6 +921,8 @@ class Checker:
         )
         slow = sorted(self.checks, key=lambda x: -x.seconds)[:5]
         self.emit("slowest: " + ", ".join(f"{x.where} {x.name} {x.seconds:.2f} s" for x in slow))
+        phases = self.phases.record(total)
+        self.emit(self.phases.line(phases))
         reason = rules.stage_reason(self.checks)
         self.emit(f"verdict: {'PASS' if code == rules.EXIT_OK else 'FAIL'}" + (f": {reason}" if reason else ""))
         self.txt.close()
@@ -889,6 +934,7 @@ class Checker:
             "total_s": round(total, 3),
             "import_s": round(_IMPORT_S, 3),
             "checks_s": round(checks_s, 3),
+            "phases": phases,  # seconds per phase, adding up to total_s plus the interpreter's start-up
             "versions": self.versions(),
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
             "arch_list_seam": os.environ.get(rules.ARCH_LIST_SEAM_ENV),
@@ -1014,4 +1060,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    quick_exit.exit_quickly(main())

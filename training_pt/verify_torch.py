@@ -2,7 +2,7 @@
 
 Run by the install stage with `.venv-gpu`'s own Python (`python -m training_pt.verify_torch`, isolated,
 by tasks/proc.py's launcher): nox's side never imports torch.
-Standard library (and tasks/identity.py) only; it judges nothing (tasks/install.py does).
+Standard library (and tasks/identity.py, training_pt/quick_exit.py) only; it judges nothing (tasks/install.py does).
 A failure to import torch is reported in the JSON ("import_error"), not as a crash.
 `--env` prints the venv instead (no torch import): its Python tags, purelib, and the distributions
 it sees, the first of each name in sys.path order.
@@ -18,6 +18,7 @@ import sys
 import sysconfig
 
 from tasks import identity  # torch-free, standard library only
+from training_pt import quick_exit
 
 
 def _call(fn, *args):
@@ -97,3 +98,4 @@ def env() -> dict:
 
 if __name__ == "__main__":
     print(json.dumps(env() if sys.argv[1:] == ["--env"] else facts()))
+    quick_exit.exit_quickly(0)
