@@ -80,7 +80,11 @@ def test_table_shows_failed_rows_and_ratios():
             "tok_s": 160_000.0,
             "mfu": 0.138,
             "attention": "flash_attention",
-            "ms_per_step": 102.4,
+            "step_ms_median": 102.4,
+            "step_ms_min": 101.0,
+            "step_ms_max": 110.25,
+            "timed_steps": 20,
+            "timed_s": 2.05,
             "warmup_s": 3.0,
             "peak_alloc_gib": 20.5,
             "first_loss": 10.99,
@@ -96,7 +100,8 @@ def test_table_shows_failed_rows_and_ratios():
     ]
     text = bench.table(rows, 160_000.0)
     assert (
-        "| hf-default | off | flash_attention | 16 x 1024 | 160,000 | 13.8% | 102.4 | 3.0 | 20.5 | 1.00x | "
+        "| hf-default | off | flash_attention | 16 x 1024 | 160,000 | 13.8% | 102.4 (101.0-110.2) | 20 steps, 2.0 s | "
+        "3.0 | 20.5 | 1.00x | "
         "10.99 -> 8.10 |"
     ) in text
     assert "| compiled | default | | 32 x 1024 | failed: out of memory at batch_size=32 |" in text

@@ -31,7 +31,10 @@ import torch
 from tasks import layout
 from tasks.config import ConfigError, gpu_spec_for, load_yaml
 from training_pt import bench_options
-from training_pt import train as T  # the config, tokenizer, data, model and FLOPs code we measure
+from training_pt import data as D
+from training_pt import model as M  # the model, compile and FLOPs code train.py runs
+from training_pt import steps as steps_mod  # ... and its step loop
+from training_pt.configurator import TrainError, apply_override, check_values, load_config
 
 
 def load_bench_settings(path: Path) -> dict:
@@ -42,6 +45,13 @@ def load_bench_settings(path: Path) -> dict:
     for key in ("timed_steps", "warmup_steps", "compile_batch_size"):
         if not isinstance(data.get(key), int) or data[key] < 1:
             raise SystemExit(f"bench: {path}: {key} must be a positive integer")
+    if not isinstance(data.get("min_timed_s"), (int, float)) or data["min_timed_s"] < 0:
+        raise SystemExit(f"bench: {path}: min_timed_s must be a number of seconds >= 0")
+    levers = data.get("levers") or {}
+    for name, lever in levers.items():
+        if not isinstance(lever, dict) or set(lever) - {"set", "sync_each_step"}:
+            raise SystemExit(f"bench: {path}: levers.{name} takes `set: [key=value, ...]` and `sync_each_step`")
+    data["levers"] = levers
     targets = data.get("targets") or {}
     for model, t in targets.items():
         for key in ("smoke_tok_s", "smoke_vs_baseline", "compiled_tok_s"):
@@ -77,42 +87,44 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def time_steps(step, batches, warmup: int, steps: int, device: torch.device) -> dict:
-    """Run `warmup` then `steps` steps; the second group is timed. `step(x, y)` returns the loss tensor."""
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
+def time_steps(stepper, lr: float, warmup: int, steps: int, min_s: float, device, sync_each_step: bool = False) -> dict:
+    """`warmup` steps (compiling happens there), then at least `steps` timed steps and at least `min_s` seconds
+    of them, as train.py runs them: no sync between steps (unless `sync_each_step`, the old way, a lever row),
+    each step's end a CUDA event; tok/s from the GPU time between the events."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    sync()
+        torch.cuda.synchronize(device)
+    clock, hosts = steps_mod.StepClock(device), []
+    clock.mark()
     t0 = time.perf_counter()
-    first = None
-    for _ in range(warmup):
-        loss = step(*batches.next()).item()
-        first = first if first is not None else loss
-    sync()
-    t1 = time.perf_counter()
-    losses = []
-    for _ in range(steps):
-        losses.append(step(*batches.next()).item())  # one sync per step, as train.py
-    sync()
-    t2 = time.perf_counter()
-    first = first if first is not None else losses[0]
+    for n in range(warmup + steps * 20):  # the cap: 20 x steps timed steps, whatever min_s says
+        hosts.append(steps_mod.to_host(stepper(lr)))
+        clock.mark()
+        if sync_each_step or n + 1 == warmup:
+            clock.wait(n + 1)
+        if n + 1 == warmup:
+            t1 = time.perf_counter()
+        if n + 1 >= warmup + steps and time.perf_counter() - t1 >= min_s:
+            break
+    clock.wait(len(clock.marks) - 1)
+    losses = [h[0].item() for h in hosts]
     if not all(math.isfinite(v) for v in losses):
-        raise RuntimeError(f"non-finite loss in the timed steps: {losses}")
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+        raise RuntimeError(f"non-finite loss in the steps: {losses}")
+    timed = clock.spread(warmup, len(hosts))
     return {
-        "warmup_s": t1 - t0,
-        "timed_s": t2 - t1,
-        "first_loss": first,
+        "warmup_s": clock.seconds(0, warmup) if warmup else t1 - t0,
+        "timed_s": timed["seconds"],
+        "timed_steps": timed["steps"],
+        "step_ms_median": timed["median_ms"],
+        "step_ms_min": timed["min_ms"],
+        "step_ms_max": timed["max_ms"],
+        "first_loss": losses[0],
         "last_loss": losses[-1],
-        "peak_alloc_gib": peak,
+        "peak_alloc_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
     }
 
 
-def hf_default_row(cfg: dict, device: torch.device, batches, warmup: int, steps: int) -> dict:
+def hf_default_row(cfg: dict, device: torch.device, batches, timing: dict) -> dict:
     """The baseline: GPT2Config() defaults (sizes as the YAML's), SDPA, bf16 autocast, HF's loss, torch AdamW."""
     from transformers import AutoModelForCausalLM, GPT2Config
 
@@ -127,96 +139,58 @@ def hf_default_row(cfg: dict, device: torch.device, batches, warmup: int, steps:
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(conf, attn_implementation="sdpa")
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg["train"]["lr"])
-    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    t = {**cfg["train"], "grad_accum": 1, "autocast": "bfloat16", "sdpa_backend": "auto", "compile": False}
 
-    def step(x, y):
-        with autocast:
-            loss = model(input_ids=x, labels=x).loss  # HF shifts the labels itself
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["train"]["grad_clip"])
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.detach()
+    def forward(x, y):
+        return model(input_ids=x, labels=x).loss  # HF shifts the labels itself
 
-    layers, heads, head_dim = T.attention_shape(model)
-    fpt = T.flops_per_token(T.matmul_params(model, "gpt2"), layers, heads, head_dim, cfg["train"]["block_size"])
-    kernel = T.attention_kernel(device, model, cfg["train"]["block_size"], "auto")
-    out = time_steps(step, batches, warmup, steps, device)  # the model is freed when this returns
+    opt = torch.optim.AdamW(model.parameters(), lr=t["lr"])
+    stepper = steps_mod.Stepper(forward, model, opt, batches, t, device)
+    layers, heads, head_dim = M.attention_shape(model)
+    fpt = M.flops_per_token(M.matmul_params(model, "gpt2"), layers, heads, head_dim, t["block_size"])
+    kernel = M.attention_kernel(device, model, t["block_size"], "auto")
+    out = time_steps(stepper, t["lr"], device=device, **timing)  # the model is freed when this returns
     return {**out, "flops_per_token": fpt, "compile": "off", "attention": kernel}
 
 
-def ours_row(cfg: dict, device: torch.device, batches, warmup: int, steps: int) -> dict:
-    """Our settings from the YAML, built and stepped by train.py's own code."""
+def ours_row(cfg: dict, device: torch.device, batches, timing: dict) -> dict:
+    """Our settings from the YAML, built, compiled and stepped by train.py's own code."""
     t = cfg["train"]
     torch.set_float32_matmul_precision("high" if t["tf32"] else "highest")
     torch.manual_seed(cfg["seed"])
-    model, _ = T.build_model(cfg, device, print)
-    net = T.NextTokenLoss(model)
-    step_net = (
-        torch.compile(net, mode=None if t["compile_mode"] == "default" else t["compile_mode"]) if t["compile"] else net
-    )
-    opt = torch.optim.AdamW(
-        T.param_groups(model, t["weight_decay"]),
-        lr=t["lr"],
-        betas=(t["beta1"], t["beta2"]),
-        fused=t["fused_adamw"] and device.type == "cuda",
-    )
-    autocast = (
-        torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-        if t["autocast"] == "bfloat16"
-        else contextlib.nullcontext()
-    )
-
-    def step(x, y):
-        with autocast, T.sdpa_backend(t["sdpa_backend"]):
-            loss = step_net(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), t["grad_clip"])
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.detach()
-
-    layers, heads, head_dim = T.attention_shape(model)
-    fpt = T.flops_per_token(T.matmul_params(model, cfg["model"]["family"]), layers, heads, head_dim, t["block_size"])
-    kernel = T.attention_kernel(device, model, t["block_size"], t["sdpa_backend"])
+    model, _ = M.build_model(cfg, device, print)
+    net = M.NextTokenLoss(model)
+    forward, _ = M.compile_net(net, model, t)
+    stepper = steps_mod.Stepper(forward, model, steps_mod.make_optimizer(model, t, device), batches, t, device)
+    layers, heads, head_dim = M.attention_shape(model)
+    fpt = M.flops_per_token(M.matmul_params(model, cfg["model"]["family"]), layers, heads, head_dim, t["block_size"])
+    kernel = M.attention_kernel(device, model, t["block_size"], t["sdpa_backend"])
     with no_compile_caches() if t["compile"] and t["sdpa_backend"] != "auto" else contextlib.nullcontext():
-        out = time_steps(step, batches, warmup, steps, device)
-    return {**out, "flops_per_token": fpt, "compile": t["compile_mode"] if t["compile"] else "off", "attention": kernel}
+        out = time_steps(stepper, t["lr"], device=device, **timing)
+    mode = f"{t['compile_mode']}, {t['compile_scope']}" if t["compile"] else "off"
+    return {**out, "flops_per_token": fpt, "compile": mode, "attention": kernel}
 
 
-def run_row(
-    name: str,
-    fn,
-    cfg: dict,
-    device: torch.device,
-    tokens: torch.Tensor,
-    warmup: int,
-    steps: int,
-    peak_tflops: float | None,
-) -> dict:
+def run_row(name: str, fn, cfg: dict, device: torch.device, tokens: torch.Tensor, timing: dict, peak) -> dict:
+    """One row: `fn` builds and times it; a failure (out of memory, a compile error) is the row's result."""
     t = cfg["train"]
     row = {"variant": name, "batch_size": t["batch_size"], "block_size": t["block_size"], "compile": "?"}
     print(
-        f"bench: {name}: batch {t['batch_size']} x {t['block_size']}, {warmup} warm-up + {steps} timed steps",
+        f"bench: {name}: batch {t['batch_size']} x {t['block_size']}, {timing['warmup']} warm-up + "
+        f">= {timing['steps']} timed steps (>= {timing['min_s']:g} s)",
         flush=True,
     )
-    batches = T.Batches(tokens, t["batch_size"], t["block_size"], cfg["seed"], device)
+    batches = D.Batches(tokens, t["batch_size"], t["block_size"], cfg["seed"], device)
     try:
-        out = fn(cfg, device, batches, warmup, steps)
+        out = fn(cfg, device, batches, timing)
     except torch.OutOfMemoryError:
         row["error"] = f"out of memory at batch_size={t['batch_size']}"
     except Exception as e:
         traceback.print_exc()
         row["error"] = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
     else:
-        tok_s = t["batch_size"] * t["block_size"] * steps / out["timed_s"]
-        row.update(
-            out,
-            tok_s=tok_s,
-            ms_per_step=1000 * out["timed_s"] / steps,
-            mfu=T.mfu(out["flops_per_token"], tok_s, peak_tflops) if peak_tflops else None,
-        )
+        tok_s = t["batch_size"] * t["block_size"] * out["timed_steps"] / out["timed_s"]
+        row.update(out, tok_s=tok_s, mfu=M.mfu(out["flops_per_token"], tok_s, peak) if peak else None)
     free_memory()
     print(
         f"bench: {name}: " + (row.get("error") or f"{row['tok_s']:,.0f} tok/s, warm-up {row['warmup_s']:.1f} s"),
@@ -244,22 +218,24 @@ def verdicts(rows: dict, target: dict | None) -> dict:
 
 def table(rows: list[dict], base_tok_s: float | None) -> str:
     head = (
-        "| variant | compile | attention | batch x T | tok/s | MFU | ms/step | warm-up s | peak alloc GiB | "
-        "vs hf-default | loss first -> last |\n|---|---|---|---|---:|---:|---:|---:|---:|---:|---|"
+        "| variant | compile | attention | batch x T | tok/s | MFU | step ms median (min-max) | timed | warm-up s | "
+        "peak alloc GiB | vs hf-default | loss first -> last |\n"
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"
     )
     lines = [head]
     for r in rows:
         bt = f"{r['batch_size']} x {r['block_size']}"
         if "error" in r:
-            lines.append(f"| {r['variant']} | {r['compile']} | | {bt} | failed: {r['error']} | | | | | | |")
+            lines.append(f"| {r['variant']} | {r['compile']} | | {bt} | failed: {r['error']} | | | | | | | |")
             continue
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "n/a"
         peak = f"{r['peak_alloc_gib']:.1f}" if r.get("peak_alloc_gib") is not None else "n/a"
         ratio = f"{r['tok_s'] / base_tok_s:.2f}x" if base_tok_s else "n/a"
         lines.append(
             f"| {r['variant']} | {r['compile']} | {r.get('attention', '')} | {bt} | {r['tok_s']:,.0f} | {mfu} | "
-            f"{r['ms_per_step']:.1f} | "
-            f"{r['warmup_s']:.1f} | {peak} | {ratio} | {r['first_loss']:.2f} -> {r['last_loss']:.2f} |"
+            f"{r['step_ms_median']:.1f} ({r['step_ms_min']:.1f}-{r['step_ms_max']:.1f}) | "
+            f"{r['timed_steps']} steps, {r['timed_s']:.1f} s | {r['warmup_s']:.1f} | {peak} | {ratio} | "
+            f"{r['first_loss']:.2f} -> {r['last_loss']:.2f} |"
         )
     return "\n".join(lines)
 
@@ -274,8 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = args.out or layout.RUNS_DIR / f"bench_{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}"
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
-        cfg = T.load_config(args.config, args.overrides)
-    except T.TrainError as e:
+        cfg = load_config(args.config, args.overrides)
+    except TrainError as e:
         print(f"bench: {e}", file=sys.stderr)
         return 2
     if cfg["model"]["family"] != "gpt2":
@@ -304,27 +280,13 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
 
-    tokens = T.tokenize(T.gpt2_tokenizer(cfg["tokenizer"]["files_dir"]), T.load_documents(cfg["data"])[0])
+    tokens = D.tokenize(D.gpt2_tokenizer(cfg["tokenizer"]["files_dir"]), D.load_documents(cfg["data"])[0])
 
-    plan = [("hf-default", hf_default_row, cfg), ("smoke", ours_row, cfg)]
-    if cfg["train"]["compile"]:
-        eager = copy.deepcopy(cfg)
-        eager["train"]["compile"] = False
-        plan.append(("smoke-eager", ours_row, eager))
-    if args.compile:
-        comp = copy.deepcopy(cfg)
-        comp["train"]["compile"] = True
-        if args.compile_mode:
-            comp["train"]["compile_mode"] = args.compile_mode
-        if args.batch_size:
-            comp["train"]["batch_size"] = args.batch_size
-        elif total_gib >= 40:
-            comp["train"]["batch_size"] = settings["compile_batch_size"]
-        plan.append(("compiled", ours_row, comp))
-        if comp["train"]["sdpa_backend"] != "cudnn" and device.type == "cuda":
-            cudnn = copy.deepcopy(comp)
-            cudnn["train"]["sdpa_backend"] = "cudnn"
-            plan.append(("compiled-cudnn", ours_row, cudnn))
+    try:
+        plan = plan_rows(cfg, args, settings, total_gib, device)
+    except TrainError as e:
+        print(f"bench: {args.bench_config}: a lever: {e}", file=sys.stderr)
+        return 2
     only = {s.strip() for s in args.only.split(",") if s.strip()}
     peak = spec.bf16_tflops if spec else None
     context = {
@@ -338,17 +300,52 @@ def main(argv: list[str] | None = None) -> int:
         "overrides": args.overrides,
         "timed_steps": steps,
         "warmup_steps": warmup,
+        "min_timed_s": settings["min_timed_s"],
         "targets": target,
     }
     rows: list[dict] = []
     lines: list[str] = []
-    for name, fn, c in plan:
+    for name, fn, c, sync in plan:
         if only and name not in only:
             continue
-        rows.append(run_row(name, fn, c, device, tokens, warmup, steps, peak))
+        timing = {"warmup": warmup, "steps": steps, "min_s": settings["min_timed_s"], "sync_each_step": sync}
+        rows.append(run_row(name, fn, c, device, tokens, timing, peak))
         lines = write_report(out_dir, rows, context, spec, args.bench_config.name)  # kept if a later row hangs
     print("\n" + "\n".join(lines), flush=True)
     return 0 if all("error" not in r for r in rows) else 1
+
+
+def plan_rows(cfg: dict, args, settings: dict, total_gib: float, device: torch.device) -> list[tuple]:
+    """(name, row function, config, sync each step) per row, in order: the baseline, the smoke config
+    (and eager), with --compile the benchmark rows, with --levers one row per lever of bench.yaml."""
+    plan = [("hf-default", hf_default_row, cfg, False), ("smoke", ours_row, cfg, False)]
+    if cfg["train"]["compile"]:
+        plan.append(("smoke-eager", ours_row, changed(cfg, ["train.compile=false"]), False))
+    if args.compile:
+        comp = changed(cfg, ["train.compile=true"])
+        if args.compile_mode:
+            comp["train"]["compile_mode"] = args.compile_mode
+        if args.batch_size:
+            comp["train"]["batch_size"] = args.batch_size
+        elif total_gib >= 40:
+            comp["train"]["batch_size"] = settings["compile_batch_size"]
+        plan.append(("compiled", ours_row, comp, False))
+        if comp["train"]["sdpa_backend"] != "cudnn" and device.type == "cuda":
+            plan.append(("compiled-cudnn", ours_row, changed(comp, ["train.sdpa_backend=cudnn"]), False))
+    if args.levers:
+        for name, lever in settings["levers"].items():
+            sync = lever.get("sync_each_step", False)
+            plan.append((f"lever {name}", ours_row, changed(cfg, lever.get("set", [])), sync))
+    return plan
+
+
+def changed(cfg: dict, overrides: list[str]) -> dict:
+    """A copy of `cfg` with `key=value` overrides applied and checked as the command line's are."""
+    out = copy.deepcopy(cfg)
+    for item in overrides:
+        apply_override(out, item)
+    check_values(out)
+    return out
 
 
 def write_report(out_dir: Path, rows: list[dict], context: dict, spec, settings_name: str) -> list[str]:

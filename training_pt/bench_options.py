@@ -15,6 +15,7 @@ def parser(description: str = "GPT-2 training speed on one GPU.") -> argparse.Ar
     p.add_argument("--config", type=Path, default=layout.TRAIN_CONFIG, help="the smoke config (YAML)")
     p.add_argument("--bench-config", type=Path, default=layout.BENCH_FILE, help="steps, batch and targets (YAML)")
     p.add_argument("--compile", action="store_true", help="add the compiled benchmark row")
+    p.add_argument("--levers", action="store_true", help="add one row per lever of bench.yaml (what each one buys)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per row (default: bench.yaml)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps per row (default: bench.yaml)")
     p.add_argument("--batch-size", type=int, default=None, help="batch of the compiled row (default: bench.yaml)")

@@ -52,6 +52,7 @@ DEFAULTS: dict = {
         "fused_adamw": True,
         "compile": True,
         "compile_mode": "default",
+        "compile_scope": "model",
         "sdpa_backend": "auto",
         "timing_warmup": 5,
     },
@@ -64,6 +65,7 @@ CHOICES = {
     ("model", "dtype"): ("float32", "bfloat16"),
     ("train", "autocast"): ("bfloat16", "none"),
     ("train", "compile_mode"): ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+    ("train", "compile_scope"): ("model", "blocks"),
     ("train", "sdpa_backend"): ("auto", "cudnn", "flash", "efficient", "math"),
 }
 
