@@ -533,14 +533,13 @@ def measure(run: Run, clock: StepClock, fpt: int) -> None:
     run.phases.update({"warm-up steps": warmup_s - run.phases["first step"], "timed steps": timed["seconds"]})
     run.log(
         f"throughput: {fmt_int(total_tok_s)} tok/s total over steps {warm}-{t['steps'] - 1} "
-        f"(after {warm} warm-up steps, {timed['seconds']:.2f} s of GPU time); per GPU: "
+        f"(after {warm} warm-up steps, {timed['seconds']:.2f} s); per GPU: "
         + ", ".join(fmt_int(v) for v in per_gpu)
     )
+    clock_name = "CUDA events" if cuda else "wall clock"
     run.log(
         f"step time: median {timed['median_ms']:.1f} ms, min {timed['min_ms']:.1f}, max {timed['max_ms']:.1f} "
-        f"over {timed['steps']} timed steps (CUDA events)"
-        if cuda
-        else f"over {timed['steps']} timed steps"
+        f"over {timed['steps']} timed steps ({clock_name})"
     )
     run.log(
         f"warm-up: first step {run.phases['first step']:.1f} s, warm-up steps {warmup_s:.1f} s in all "
