@@ -465,7 +465,10 @@ def staging_venv(ctx: Context, a: Attempt, staging: Path) -> tuple[Path, str, in
         a.source = f"provisioned: {a.provisioned['executable']}"
     else:
         base = venv_facts.resolve_python(args.from_python, ctx.venv) if args.from_python else sys.executable
-    a.venv_note = venvs.create(staging, base, prompt=ctx.venv.name, log=ctx.log.record)
+    # A provisioned venv sees the site-packages of the interpreter it reuses (the .pth below), pip usually among
+    # them: no ensurepip (seconds) then; pip is bootstrapped into the venv only where that interpreter has none.
+    provisioned = ch.kind == "provisioned"
+    a.venv_note = venvs.create(staging, base, prompt=ctx.venv.name, log=ctx.log.record, pip=not provisioned)
     spy = layout.gpu_python(staging)
     info = venv_facts.dists(spy, ctx.log)
     where = installers.platform_phrase(info["python_tag"], info["platform"])
@@ -477,9 +480,11 @@ def staging_venv(ctx: Context, a: Attempt, staging: Path) -> tuple[Path, str, in
             )
         pth = Path(info["purelib"]) / layout.VENV_PROVISIONED_PTH
         pth.write_text("".join(f"{d}\n" for d in a.provisioned["site_dirs"]))
-    inst = installers.choose(args.installer, provisioned=ch.kind == "provisioned")
+    inst = installers.choose(args.installer, provisioned=provisioned)
     if inst.name == "pip":
         version = installers.pip_version(spy, ctx.log)
+        if version is not None and provisioned:
+            inst.note = "; ".join(filter(None, [inst.note, "pip of the reused interpreter (venv made --without-pip)"]))
         if version is None:
             a.venv_note = "; ".join(
                 filter(None, [a.venv_note, venv_facts.bootstrap_pip(spy, ctx.log, args.wheelhouse)])

@@ -388,7 +388,9 @@ class Installer:
 
 
 def pip_version(python: Path, log: CommandLog) -> str | None:
-    rc, out = log.run([python, "-I", "-m", "pip", "--version"], echo=False)
+    """The version of the pip `python -m pip` runs, None where it has none. Asked of pip's package, not of
+    `pip --version`, which imports most of pip (about a second; the install steps run it in full anyway)."""
+    rc, out = log.run([python, "-I", "-c", "import pip; print('pip', pip.__version__)"], echo=False)
     m = re.match(r"pip (\S+)", out.strip())
     return m.group(1) if rc == 0 and m else None
 

@@ -112,12 +112,13 @@ def recover(final: Path) -> list[str]:
     return done
 
 
-def create(path: Path, python: str | Path, *, prompt: str, log=None) -> str:
+def create(path: Path, python: str | Path, *, prompt: str, log=None, pip: bool = True) -> str:
     """`python -m venv --prompt PROMPT path`; falls back to --without-pip where ensurepip is missing.
+    `pip=False`: --without-pip from the start (ensurepip costs seconds; the caller finds a pip itself).
 
     Returns a note ('' normally). Raises VenvError naming the interpreter and its error.
     """
-    cmd = [str(python), "-m", "venv", "--prompt", prompt, str(path)]
+    cmd = [str(python), "-m", "venv", "--prompt", prompt, *([] if pip else ["--without-pip"]), str(path)]
     res = _run(cmd, log)
     if res.returncode == 0:
         return ""

@@ -334,6 +334,10 @@ def test_system_channel_reuses_another_venvs_torch_without_touching_it(world, tm
     pth = next(venv.glob(f"lib/python*/site-packages/{layout.VENV_PROVISIONED_PTH}"))
     assert str(provider) in pth.read_text()
     assert not list(venv.glob("lib/python*/site-packages/torch"))
+    # no ensurepip (seconds): the venv uses the pip the reused interpreter has, also seen through the .pth file
+    assert not list(venv.glob("lib/python*/site-packages/pip"))
+    installer = json.loads((venv / layout.VENV_MARKER).read_text())["installer"]
+    assert "pip of the reused interpreter (venv made --without-pip)" in installer
     # only the missing gpu package was installed (m40-base is the provider's), from the wheelhouse, offline
     (deps_cmd,) = pip_installs(run_dir)
     assert f"--no-index --find-links {world['house']}" in deps_cmd
@@ -356,6 +360,28 @@ def test_system_channel_reuses_another_venvs_torch_without_touching_it(world, tm
         name="run2",
     )
     assert rec2.figures["noop"] is True and pip_installs(run2) == []
+
+
+def test_system_channel_bootstraps_pip_where_the_reused_interpreter_has_none(world, tmp_path, monkeypatch):
+    provider = tmp_path / "provider"
+    venvs.create(provider, sys.executable, prompt="provider")
+    env, _ = installers.child_env(False)
+    log = installers.CommandLog(None, env=env, echo=False)
+    rc, out = log.run(
+        [layout.gpu_python(provider), "-m", "pip", "install", "--no-index", "--find-links", world["house"], "torch"]
+    )
+    assert rc == 0, out
+    rc, out = log.run([layout.gpu_python(provider), "-m", "pip", "uninstall", "-y", "pip"])
+    assert rc == 0, out
+    monkeypatch.setenv("PATH", os.pathsep.join([str(provider / "bin"), os.environ["PATH"]]))
+    venv = tmp_path / ".venv-gpu"
+    rec, run_dir = run_install(
+        world, tmp_path, venv, "--channel", "system", "--wheelhouse", str(world["house"]), settings=world["both"]
+    )
+    assert rec.status == "pass", rec.reason
+    assert list(venv.glob("lib/python*/site-packages/pip"))  # its own pip, from a pip wheel at hand
+    assert any(" -m venv " in c and "--without-pip" in c for c in commands(run_dir))
+    assert [f["name"] for f in json.loads((venv / layout.VENV_MARKER).read_text())["files"]] == ["m40-dep"]
 
 
 # --------------------------------------------------------------------------- installs that are refused
@@ -564,7 +590,9 @@ def test_pip_is_bootstrapped_into_a_venv_made_without_it(tmp_path):
     log = installers.CommandLog(None, env=installers.child_env(False)[0], echo=False)
     assert installers.pip_version(layout.gpu_python(venv), log) is None
     assert venv_facts.bootstrap_pip(layout.gpu_python(venv), log, None).startswith("pip bootstrapped from ")
-    assert installers.pip_version(layout.gpu_python(venv), log)
+    version = installers.pip_version(layout.gpu_python(venv), log)
+    said = subprocess.run([layout.gpu_python(venv), "-m", "pip", "--version"], capture_output=True, text=True).stdout
+    assert version and said.startswith(f"pip {version} from ")  # the version `pip --version` states
 
 
 def test_pip_is_isolated_from_the_machines_config(monkeypatch):
