@@ -39,7 +39,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 from urllib.parse import quote
 
@@ -390,38 +392,46 @@ def after_record(run_dir: Path, rec: StageRecord) -> None:
 
 
 COLLECT_ENV_TIMEOUT_S = 180  # collect_env imports torch and runs nvidia-smi and pip: seconds, not minutes
+# collect_env started ahead (start_collect_env: m40 starts it as train begins), by run folder: (child, started at).
+STARTED: dict[Path, tuple[subprocess.Popen, float]] = {}
+
+
+def start_collect_env(run_dir: Path, recs: dict[str, StageRecord] | None = None) -> bool:
+    """Start `python -m torch.utils.collect_env` in .venv-gpu in the background into collect_env.txt, once per
+    run, after a passing install (what PyTorch's bug reports ask for); write_collect_env awaits it. m40 starts it
+    as train begins, so its seconds (torch's import, nvidia-smi, pip) overlap train's start-up. False: not due."""
+    target, python = run_dir / layout.COLLECT_ENV, layout.gpu_python()
+    recs = records.read_all(run_dir) if recs is None else recs
+    install = recs.get("install")
+    if run_dir.resolve() in STARTED or target.exists() or not python.exists() or install is None or not install.ok:
+        return False
+    cmd = proc.gpu_command(python, "torch.utils.collect_env", [])  # the one launcher: isolated from our PYTHON*
+    target.write_text(f"$ {' '.join(cmd)}\n\n", encoding="utf-8")
+    try:  # on timeout finish() kills its whole process group (collect_env runs nvidia-smi and pip)
+        child = proc.start(cmd, target, env=proc.gpu_env(python=python), cwd=run_dir)
+    except OSError as e:
+        with target.open("a", encoding="utf-8") as f:
+            f.write(f"could not run it: {text.one_line(e)}\n")
+        return False
+    STARTED[run_dir.resolve()] = (child, time.monotonic())
+    return True
 
 
 def write_collect_env(run_dir: Path, recs: dict[str, StageRecord]) -> None:
-    """collect_env.txt: `python -m torch.utils.collect_env` in .venv-gpu, what PyTorch's bug reports ask for.
-    Once per run, after a passing install; its failure is written into the file, never fails evidence."""
-    target, python = run_dir / layout.COLLECT_ENV, layout.gpu_python()
-    install = recs.get("install")
-    if target.exists() or not python.exists() or install is None or not install.ok:
+    """collect_env.txt, complete: the run started ahead is awaited, else it is started now and awaited.
+    Its failure is written into the file, never fails evidence."""
+    if run_dir.resolve() not in STARTED and not start_collect_env(run_dir, recs):
         return
-    cmd = proc.gpu_command(python, "torch.utils.collect_env", [])  # the one launcher: isolated from our PYTHON*
-    target.write_text(f"$ {' '.join(cmd)}\n\n", encoding="utf-8")
-    try:  # proc.tee: on timeout its whole process group is killed (collect_env runs nvidia-smi and pip)
-        code = proc.tee(
-            cmd,
-            target,
-            env=proc.gpu_env(python=python),
-            inherit_env=False,
-            cwd=run_dir,
-            timeout=COLLECT_ENV_TIMEOUT_S,
-            append=True,
-            echo=False,
-        )
-        tail = (
-            f"\n--- timed out after {COLLECT_ENV_TIMEOUT_S} s; its process group was killed ---\n"
-            if code == 124
-            else f"\n--- exit code {code} ---\n"
-            if code
-            else ""
-        )
-    except OSError as e:
-        tail = f"could not run it: {text.one_line(e)}\n"
-    with target.open("a", encoding="utf-8") as f:
+    child, started = STARTED.pop(run_dir.resolve())
+    code = proc.finish(child, COLLECT_ENV_TIMEOUT_S - (time.monotonic() - started))
+    tail = (
+        f"\n--- timed out after {COLLECT_ENV_TIMEOUT_S} s; its process group was killed ---\n"
+        if code == 124
+        else f"\n--- exit code {code} ---\n"
+        if code
+        else ""
+    )
+    with (run_dir / layout.COLLECT_ENV).open("a", encoding="utf-8") as f:
         f.write(tail)
 
 

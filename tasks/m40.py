@@ -6,7 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-from tasks import layout, multinode, records, runs, stage, validate
+from tasks import evidence, layout, multinode, records, runs, stage, validate
 from tasks.config import ConfigError
 
 DESCRIPTION = (
@@ -62,6 +62,8 @@ def _chain(run_dir, args) -> int:
                 skipped = records.Timer.start().record(name, records.StageStatus.SKIP, f"not run: {blocker}")
                 records.write(run_dir, skipped)
                 continue
+            if name == "train":  # torch's collect_env in the background meanwhile; evidence awaits it
+                evidence.start_collect_env(run_dir)
             rec = stage.execute(name, run_dir, args)
             if not rec.ok:
                 code = stage.exit_code(rec)

@@ -95,6 +95,36 @@ def run_gpu(
     )
 
 
+def start(cmd: list, log_file: Path, *, env: dict, cwd: Path) -> subprocess.Popen:
+    """Start `cmd` in the background with exactly `env`, its stdout and stderr appended to `log_file`, in a
+    process group of its own (so `finish` can kill its children too), dying with us (die_with_parent).
+    Start it from the main thread: the kernel's parent-death signal follows the thread that started it."""
+    with open(log_file, "a", encoding="utf-8") as log:
+        return subprocess.Popen(
+            [str(c) for c in cmd],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=cwd,
+            start_new_session=True,
+            preexec_fn=die_with_parent,
+        )
+
+
+def finish(child: subprocess.Popen, timeout: float) -> int:
+    """Wait for a child `start` started: its exit code, or 124 (like tee) once `timeout` seconds passed,
+    its whole process group killed."""
+    try:
+        return child.wait(max(0.0, timeout))
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(child.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        child.wait()
+        return 124
+
+
 def tee(
     cmd: list[str],
     log_file: Path | None = None,

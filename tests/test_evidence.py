@@ -472,6 +472,21 @@ def test_a_hung_collect_env_is_killed_with_its_children_at_the_timeout(tmp_path,
     assert not status.exists() or "zombie" in status.read_text()
 
 
+def test_a_collect_env_started_ahead_is_awaited_not_run_twice(tmp_path, monkeypatch):
+    fake = tmp_path / "python"
+    fake.write_text(f"#!/bin/sh\necho run >> {tmp_path / 'runs.txt'}\nsleep 2\necho done\nexit 3\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(layout, "gpu_python", lambda venv=None: fake)
+    run_dir = make_run(tmp_path, ALL_PASS)
+    assert evidence.start_collect_env(run_dir) is True
+    assert evidence.start_collect_env(run_dir) is False  # once per run
+    assert "done" not in (run_dir / layout.COLLECT_ENV).read_text()  # started, not awaited: still running
+    evidence.write_collect_env(run_dir, records.read_all(run_dir))
+    collected = (run_dir / layout.COLLECT_ENV).read_text()
+    assert collected.endswith("done\n\n--- exit code 3 ---\n")
+    assert (tmp_path / "runs.txt").read_text() == "run\n" and evidence.STARTED == {}
+
+
 def test_no_collect_env_without_a_passing_install(tmp_path, monkeypatch):
     monkeypatch.setattr(layout, "gpu_python", lambda venv=None: Path(sys.executable))
     run_dir = make_run(tmp_path, {"probe": StageStatus.PASS, "install": StageStatus.FAIL})

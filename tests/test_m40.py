@@ -99,6 +99,30 @@ def test_all_stages_pass_exit_0_and_the_run_is_sealed(monkeypatch, good_driver):
     assert (run_dir / layout.README_FILE).read_text().startswith("# M40 run `m40_v1`: PASS")
 
 
+def test_collect_env_runs_in_the_background_during_train_and_evidence_seals_it_complete(
+    monkeypatch, good_driver, tmp_path
+):
+    fake = tmp_path / "venv-python"
+    fake.write_text("#!/bin/sh\necho collect_env begins\nsleep 1\necho 'PyTorch version: fake'\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(layout, "gpu_python", lambda venv=None: fake)
+    seen = {}
+    train = fake_stage("train")
+
+    def train_run(run_dir, args):
+        seen["started"] = run_dir.resolve() in evidence.STARTED  # started before train began
+        return train.run(run_dir, args)
+
+    use_fakes(monkeypatch, train=SimpleNamespace(DESCRIPTION="fake train", add_arguments=lambda p: None, run=train_run))
+    assert m40.main([]) == layout.EXIT_OK
+    run_dir = only_run()
+    assert seen["started"] and evidence.STARTED == {}
+    collected = (run_dir / layout.COLLECT_ENV).read_text()
+    assert collected.startswith(f"$ {fake} -m torch.utils.collect_env")
+    assert collected.endswith("PyTorch version: fake\n")
+    assert layout.COLLECT_ENV in (run_dir / layout.SUMS_FILE).read_text()
+
+
 @pytest.mark.parametrize("failing", ["install", "cuda_check", "train"])
 def test_first_failed_stage_gives_its_exit_code_and_later_stages_are_skipped(monkeypatch, good_driver, failing):
     use_fakes(monkeypatch, **{failing: fake_stage(failing, StageStatus.FAIL)})
