@@ -30,7 +30,7 @@ import torch
 
 from tasks import layout
 from tasks.config import ConfigError, gpu_spec_for, load_yaml
-from training_pt import bench_options
+from training_pt import bench_options, quick_exit
 from training_pt import data as D
 from training_pt import model as M  # the model, compile and FLOPs code train.py runs
 from training_pt import steps as steps_mod  # ... and its step loop
@@ -388,4 +388,4 @@ def write_report(out_dir: Path, rows: list[dict], context: dict, spec, settings_
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    quick_exit.exit_quickly(main())

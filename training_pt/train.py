@@ -64,6 +64,7 @@ import torch
 
 from tasks import identity, layout, proc
 from tasks.config import ConfigError, gpu_spec_for
+from training_pt import quick_exit
 from training_pt.configurator import (
     EXIT_CHECK,
     EXIT_ERROR,
@@ -533,8 +534,7 @@ def measure(run: Run, clock: StepClock, fpt: int) -> None:
     run.phases.update({"warm-up steps": warmup_s - run.phases["first step"], "timed steps": timed["seconds"]})
     run.log(
         f"throughput: {fmt_int(total_tok_s)} tok/s total over steps {warm}-{t['steps'] - 1} "
-        f"(after {warm} warm-up steps, {timed['seconds']:.2f} s); per GPU: "
-        + ", ".join(fmt_int(v) for v in per_gpu)
+        f"(after {warm} warm-up steps, {timed['seconds']:.2f} s); per GPU: " + ", ".join(fmt_int(v) for v in per_gpu)
     )
     clock_name = "CUDA events" if cuda else "wall clock"
     run.log(
@@ -756,4 +756,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    quick_exit.exit_quickly(main())
