@@ -584,8 +584,8 @@ def skipped(ch: Channel, why: str) -> Attempt:
 # --------------------------------------------------------------------------- no-op re-run
 
 
-def satisfied(ctx: Context, names: list[str]) -> tuple[dict, dict] | None:
-    """(marker, facts) when .venv-gpu holds a verified install of one of `names` that is unchanged
+def satisfied(ctx: Context, names: list[str]) -> tuple[dict, dict, str] | None:
+    """(marker, facts, pip freeze) when .venv-gpu holds a verified install of one of `names` that is unchanged
     (the same RECORD hashes of torch, triton and nvidia-*) and still verifies."""
     marker_path = ctx.venv / layout.VENV_MARKER
     if ctx.args.reinstall or not marker_path.is_file():
@@ -627,14 +627,15 @@ def satisfied(ctx: Context, names: list[str]) -> tuple[dict, dict] | None:
             flush=True,
         )
         return None
-    facts = venv_facts.verify(python, ctx.log)
-    if (
-        judge(ch, facts) is not None
-        or facts.get("torch_version") != marker.get("torch_version")
-        or facts.get("cuda") != marker.get("cuda")
-    ):
-        return None
-    return marker, facts
+    with venv_facts.freezing(python, ctx.log) as frozen:  # pip freeze meanwhile: its seconds overlap the verifier's
+        facts = venv_facts.verify(python, ctx.log)
+        if (
+            judge(ch, facts) is not None
+            or facts.get("torch_version") != marker.get("torch_version")
+            or facts.get("cuda") != marker.get("cuda")
+        ):
+            return None
+        return marker, facts, frozen()
 
 
 # --------------------------------------------------------------------------- what to use instead
@@ -753,8 +754,7 @@ def _reporter(ctx: Context, t0: float):
     return report
 
 
-def _noop(ctx: Context, marker: dict, facts: dict, files: list, report) -> Outcome:
-    freeze = venv_facts.freeze(layout.gpu_python(ctx.venv), ctx.log)
+def _noop(ctx: Context, marker: dict, facts: dict, freeze: str, files: list, report) -> Outcome:
     report(StageStatus.PASS, "", [], marker, facts, freeze, noop=True)
     install_report.write_requirements(ctx, marker, freeze)
     print(

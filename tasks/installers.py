@@ -21,6 +21,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -370,6 +371,29 @@ class CommandLog:
             raise
         self.write(f"[exit {rc}] {now_iso()}\n")
         return rc, "".join(chunks)
+
+    def start(self, cmd: list) -> tuple[list[str], subprocess.Popen, Path]:
+        """Start `cmd` in the background (the installers' environment, output kept aside); `finish` awaits it
+        and logs it like `run` does, as one block."""
+        cmd = [str(c) for c in cmd]
+        fd, name = tempfile.mkstemp(prefix="m40-command-", suffix=".txt")
+        os.close(fd)
+        try:
+            return cmd, proc.start(cmd, Path(name), env=self.env, cwd=Path.cwd()), Path(name)
+        except OSError:
+            Path(name).unlink(missing_ok=True)
+            raise
+
+    def finish(self, started: tuple[list[str], subprocess.Popen, Path], timeout: float = 600) -> tuple[int, str]:
+        """(exit code, output) of a command `start` started (124 after `timeout` s, its group killed)."""
+        cmd, child, out_path = started
+        try:
+            rc = proc.finish(child, timeout)
+            out = out_path.read_text(encoding="utf-8", errors="replace")
+        finally:
+            out_path.unlink(missing_ok=True)
+        self.record(cmd, out, rc)
+        return rc, out
 
 
 # --------------------------------------------------------------------------- installers

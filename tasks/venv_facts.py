@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -79,11 +80,37 @@ def dists(python: Path, log: CommandLog) -> dict:
 
 
 def freeze(python: Path, log: CommandLog) -> str:
-    rc, out = log.run([python, "-I", "-m", "pip", "freeze"], echo=False)
-    if rc == 0:
-        return out
+    rc, out = log.run(freeze_command(python), echo=False)
+    return out if rc == 0 else freeze_without_pip(python, log)
+
+
+def freeze_command(python: Path) -> list:
+    return [python, "-I", "-m", "pip", "freeze"]
+
+
+def freeze_without_pip(python: Path, log: CommandLog) -> str:
     listed = dists(python, log)["dists"]  # no pip in the venv: the same list, from importlib.metadata
     return "".join(f"{d['name']}=={d['version']}\n" for d in sorted(listed, key=lambda d: d["name"].lower()))
+
+
+@contextlib.contextmanager
+def freezing(python: Path, log: CommandLog):
+    """`freeze(python)` running in the background while the block runs (pip's second overlaps it); yields a
+    function that awaits it and returns its text. Awaited (and logged) when the block ends in any case."""
+    started = log.start(freeze_command(python))
+    result: list[str] = []
+
+    def text() -> str:
+        if not result:
+            rc, out = log.finish(started)
+            result.append(out if rc == 0 else freeze_without_pip(python, log))
+        return result[0]
+
+    try:
+        yield text
+    finally:
+        if not result:
+            log.finish(started)
 
 
 def record_hashes(info: dict) -> dict[str, str]:

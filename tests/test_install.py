@@ -271,6 +271,9 @@ def test_satisfied_rerun_is_a_no_op(world, good_venv, tmp_path):
     assert "no-op" in (run_dir / "torch_version.txt").read_text()
     assert (run_dir / layout.REQUIREMENTS_GPU).is_file()
     assert tree_hash(venv) == before
+    # pip freeze ran beside the verifier, and its list (not the fallback's) is the requirements file's
+    assert commands(run_dir)[-1] == f"{layout.gpu_python(venv)} -I -m pip freeze"
+    assert "m40-dep @ " in (run_dir / layout.REQUIREMENTS_GPU).read_text()
 
 
 def test_m40_order_falls_back_from_a_missing_cu128_to_cu124(world, tmp_path, monkeypatch):
@@ -593,6 +596,18 @@ def test_pip_is_bootstrapped_into_a_venv_made_without_it(tmp_path):
     version = installers.pip_version(layout.gpu_python(venv), log)
     said = subprocess.run([layout.gpu_python(venv), "-m", "pip", "--version"], capture_output=True, text=True).stdout
     assert version and said.startswith(f"pip {version} from ")  # the version `pip --version` states
+
+
+def test_a_freeze_in_the_background_gives_what_freeze_gives_and_is_logged_however_the_block_ends():
+    env, _ = installers.child_env(False)
+    log = installers.CommandLog(None, env=env, echo=False)
+    python = Path(sys.executable)
+    with venv_facts.freezing(python, log) as frozen:
+        assert frozen() == venv_facts.freeze(python, log) and "pytest==" in frozen()
+    with pytest.raises(KeyError):
+        with venv_facts.freezing(python, log):
+            raise KeyError("the verifier failed")
+    assert log.commands == [f"{python} -I -m pip freeze"] * 3  # the abandoned one was awaited and logged too
 
 
 def test_pip_is_isolated_from_the_machines_config(monkeypatch):
