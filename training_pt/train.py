@@ -385,7 +385,7 @@ class OomSeam:
     (a test seam: no test can fill a GPU's memory on purpose); a plain pass-through when it is unset."""
 
     def __init__(self, batches: Batches, above: str):
-        self.batches, self.above = batches, int(above) if above else 0
+        self.batches, self.above = batches, int(above) if above else None
 
     @property
     def batch_size(self) -> int:
@@ -396,7 +396,7 @@ class OomSeam:
         self.batches.batch_size = value
 
     def next(self):
-        if self.above and self.batch_size > self.above:
+        if self.above is not None and self.batch_size > self.above:
             raise torch.cuda.OutOfMemoryError(f"{OOM_TEST_ENV}={self.above}: micro-batch {self.batch_size}")
         return self.batches.next()
 
