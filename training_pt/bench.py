@@ -322,7 +322,7 @@ def plan_rows(cfg: dict, args, settings: dict, total_gib: float, device: torch.d
     if cfg["train"]["compile"]:
         plan.append(("smoke-eager", ours_row, changed(cfg, ["train.compile=false"]), False))
     if args.compile:
-        comp = changed(cfg, ["train.compile=true"])
+        comp = changed(cfg, ["train.compile=true", "train.compile_scope=model"])  # the most fusion
         if args.compile_mode:
             comp["train"]["compile_mode"] = args.compile_mode
         if args.batch_size:
