@@ -53,6 +53,11 @@ FIGURES = (
     "compile",
     "warmup_s",
     "first_step_s",
+    "timed_s",  # the GPU time of the timed steps (CUDA events), and their step time:
+    "step_ms_median",
+    "step_ms_min",
+    "step_ms_max",
+    "phases_s",  # where train.py's seconds went: start, setup, data, model, first step, warm-up, timed
     "peak_mem_alloc_gib",
     "peak_mem_reserved_gib",
     "gpu_util_median",
