@@ -113,3 +113,16 @@ def test_an_option_without_its_value_is_one_line_and_exit_2(capsys):
     assert e.value.code == layout.EXIT_USAGE
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("nox -s bench -- error: ") and "usage:" not in err
+
+
+def test_a_bad_lever_or_missing_tokenizer_files_is_one_line_and_exit_2(tmp_path, capsys):
+    settings = tmp_path / "bench.yaml"
+    text = layout.BENCH_FILE.read_text().replace("train.batch_size=16]", "train.batch_sise=16]")
+    settings.write_text(text)
+    code = bench.main(["--device", "cpu", "--levers", "--bench-config", str(settings), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith(f"bench: {settings}: levers.batch-16: ") and "batch_sise" in err
+    code = bench.main(["--device", "cpu", "--set", f"tokenizer.files_dir={tmp_path}", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "tokenizer.files_dir: cannot read" in err

@@ -34,7 +34,7 @@ from training_pt import bench_options, quick_exit
 from training_pt import data as D
 from training_pt import model as M  # the model, compile and FLOPs code train.py runs
 from training_pt import steps as steps_mod  # ... and its step loop
-from training_pt.configurator import TrainError, apply_override, check_values, load_config
+from training_pt.configurator import EXIT_INPUT, TrainError, apply_override, check_values, load_config
 
 
 def load_bench_settings(path: Path) -> dict:
@@ -241,54 +241,62 @@ def table(rows: list[dict], base_tok_s: float | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = bench_options.parser(__doc__.split("\n\n")[0])
-    args = p.parse_args(sys.argv[1:] if argv is None else argv)
-
+    args = bench_options.parser(__doc__.split("\n\n")[0]).parse_args(sys.argv[1:] if argv is None else argv)
     settings = load_bench_settings(args.bench_config)
-    steps = args.steps or settings["timed_steps"]
-    warmup = args.warmup if args.warmup is not None else settings["warmup_steps"]
-    out_dir = args.out or layout.RUNS_DIR / f"bench_{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}"
-    out_dir.mkdir(parents=True, exist_ok=True)
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg, device = checked_inputs(args)
+        tokens = D.tokenize(D.gpt2_tokenizer(cfg["tokenizer"]["files_dir"]), D.load_documents(cfg["data"])[0])
+        total_gib = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else 0.0
+        plan = plan_rows(cfg, args, settings, total_gib, device)
     except TrainError as e:
         print(f"bench: {e}", file=sys.stderr)
         return 2
+    out_dir = args.out or layout.RUNS_DIR / f"bench_{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    context, spec = describe(args, settings, device, out_dir)
+    only = {s.strip() for s in args.only.split(",") if s.strip()}
+    rows: list[dict] = []
+    lines: list[str] = []
+    for name, fn, c, sync in plan:
+        if only and name not in only:
+            continue
+        timing = {
+            "warmup": context["warmup_steps"],
+            "steps": context["timed_steps"],
+            "min_s": settings["min_timed_s"],
+            "sync_each_step": sync,
+        }
+        rows.append(run_row(name, fn, c, device, tokens, timing, context["peak_bf16_tflops"]))
+        lines = write_report(out_dir, rows, context, spec, args.bench_config.name)  # kept if a later row hangs
+    print("\n" + "\n".join(lines), flush=True)
+    return 0 if all("error" not in r for r in rows) else 1
+
+
+def checked_inputs(args) -> tuple[dict, torch.device]:
+    """The smoke config (with --set) and the device; TrainError (one line, exit 2) when either is unusable."""
+    cfg = load_config(args.config, args.overrides)
     if cfg["model"]["family"] != "gpt2":
-        print("bench: the benchmark compares GPT-2 settings; --config must have model.family gpt2", file=sys.stderr)
-        return 2
+        raise TrainError(EXIT_INPUT, "the benchmark compares GPT-2 settings; --config must have model.family gpt2")
     if args.device == "cuda" and not torch.cuda.is_available():
-        print(
-            "bench: no CUDA device; the benchmark needs one GPU (--device cpu only tests the script)", file=sys.stderr
-        )
-        return 2
-    device = torch.device(args.device, 0) if args.device == "cuda" else torch.device("cpu")
+        raise TrainError(EXIT_INPUT, "no CUDA device; the benchmark needs one GPU (--device cpu only tests the script)")
     if not cfg["hub"]:
         os.environ["HF_HUB_OFFLINE"] = "1"
+    return cfg, torch.device(args.device, 0) if args.device == "cuda" else torch.device("cpu")
+
+
+def describe(args, settings: dict, device: torch.device, out_dir: Path) -> tuple[dict, object]:
+    """What the report says about this run (GPU, versions, steps, targets), printed first; and the GPU's spec."""
     import transformers
 
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     spec = gpu_spec_for(gpu) if device.type == "cuda" else None
-    total_gib = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else 0.0
-    target = settings["targets"].get(spec.model) if spec else None
-    peak_text = (
-        f"{spec.model}, {spec.bf16_tflops:g} TFLOP/s bf16" if spec and spec.bf16_tflops else "no datasheet peak: no MFU"
-    )
+    peak = spec.bf16_tflops if spec else None
+    peak_text = f"{spec.model}, {peak:g} TFLOP/s bf16" if spec and peak else "no datasheet peak: no MFU"
     print(
-        f"bench: {gpu} ({peak_text}); "
-        f"torch {torch.__version__}, transformers {transformers.__version__}; out {out_dir}",
+        f"bench: {gpu} ({peak_text}); torch {torch.__version__}, "
+        f"transformers {transformers.__version__}; out {out_dir}",
         flush=True,
     )
-
-    tokens = D.tokenize(D.gpt2_tokenizer(cfg["tokenizer"]["files_dir"]), D.load_documents(cfg["data"])[0])
-
-    try:
-        plan = plan_rows(cfg, args, settings, total_gib, device)
-    except TrainError as e:
-        print(f"bench: {args.bench_config}: a lever: {e}", file=sys.stderr)
-        return 2
-    only = {s.strip() for s in args.only.split(",") if s.strip()}
-    peak = spec.bf16_tflops if spec else None
     context = {
         "gpu": gpu,
         "gpu_model": spec.model if spec else None,
@@ -298,21 +306,12 @@ def main(argv: list[str] | None = None) -> int:
         "transformers": transformers.__version__,
         "config": str(args.config),
         "overrides": args.overrides,
-        "timed_steps": steps,
-        "warmup_steps": warmup,
+        "timed_steps": args.steps or settings["timed_steps"],
+        "warmup_steps": args.warmup if args.warmup is not None else settings["warmup_steps"],
         "min_timed_s": settings["min_timed_s"],
-        "targets": target,
+        "targets": settings["targets"].get(spec.model) if spec else None,
     }
-    rows: list[dict] = []
-    lines: list[str] = []
-    for name, fn, c, sync in plan:
-        if only and name not in only:
-            continue
-        timing = {"warmup": warmup, "steps": steps, "min_s": settings["min_timed_s"], "sync_each_step": sync}
-        rows.append(run_row(name, fn, c, device, tokens, timing, peak))
-        lines = write_report(out_dir, rows, context, spec, args.bench_config.name)  # kept if a later row hangs
-    print("\n" + "\n".join(lines), flush=True)
-    return 0 if all("error" not in r for r in rows) else 1
+    return context, spec
 
 
 def plan_rows(cfg: dict, args, settings: dict, total_gib: float, device: torch.device) -> list[tuple]:
@@ -334,8 +333,11 @@ def plan_rows(cfg: dict, args, settings: dict, total_gib: float, device: torch.d
             plan.append(("compiled-cudnn", ours_row, changed(comp, ["train.sdpa_backend=cudnn"]), False))
     if args.levers:
         for name, lever in settings["levers"].items():
-            sync = lever.get("sync_each_step", False)
-            plan.append((f"lever {name}", ours_row, changed(cfg, lever.get("set", [])), sync))
+            try:
+                lever_cfg = changed(cfg, lever.get("set", []))
+            except TrainError as e:
+                raise TrainError(EXIT_INPUT, f"{args.bench_config}: levers.{name}: {e}") from None
+            plan.append((f"lever {name}", ours_row, lever_cfg, lever.get("sync_each_step", False)))
     return plan
 
 

@@ -98,36 +98,9 @@ def gpt2_tokenizer(files_dir: str = ""):
 
 
 def load_documents(data: dict) -> tuple[list[str], str]:
-    """(documents, description) of the corpus named by the data section."""
+    """(documents, description) of the corpus named by the data section, cut at data.max_chars."""
     if data["hf_dataset"]:
-        try:
-            import datasets
-        except ImportError:
-            raise TrainError(
-                EXIT_INPUT, "data.hf_dataset needs the `datasets` package in this Python; install it or use data.path"
-            ) from None
-        try:
-            ds = datasets.load_dataset(data["hf_dataset"], split=data["hf_split"])
-        except Exception as e:  # the hub, the cache, a bad name: one line either way
-            raise TrainError(
-                EXIT_INPUT,
-                f"data.hf_dataset {data['hf_dataset']!r} could not be loaded "
-                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                "with hub: false only a cached copy works",
-            ) from None
-        if data["text_field"] not in ds.column_names:
-            raise TrainError(
-                EXIT_INPUT,
-                f"data.hf_dataset has no column {data['text_field']!r} "
-                f"(it has {', '.join(ds.column_names)}); set data.text_field",
-            )
-        docs, size = [], 0
-        for row in ds:
-            docs.append(str(row[data["text_field"]]))
-            size += len(docs[-1])
-            if data["max_chars"] and size >= data["max_chars"]:
-                break
-        return docs, f"hub dataset {data['hf_dataset']} ({data['hf_split']})"
+        return hub_documents(data), f"hub dataset {data['hf_dataset']} ({data['hf_split']})"
     if not data["path"]:
         from pydoc_data.topics import topics  # ships with CPython: the help() topics, ~465K characters
 
@@ -139,41 +112,80 @@ def load_documents(data: dict) -> tuple[list[str], str]:
             f"data.path {path} does not exist; point it at a .txt or .jsonl file, "
             "or leave it empty for the built-in corpus",
         )
+    if path.suffix not in (".txt", ".jsonl"):
+        raise TrainError(EXIT_INPUT, f"data.path {path} must end in .txt or .jsonl")
     try:
         if path.suffix == ".txt":
             docs = [path.read_text(encoding="utf-8", errors="replace")]
-        elif path.suffix == ".jsonl":
-            docs = []
-            with path.open(encoding="utf-8", errors="replace") as f:
-                for n, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        row = json.loads(line)
-                    except ValueError:
-                        raise TrainError(
-                            EXIT_INPUT,
-                            f"data.path {path} line {n} is not JSON; a .jsonl file holds one JSON object per line",
-                        ) from None
-                    if not isinstance(row, dict) or data["text_field"] not in row:
-                        raise TrainError(
-                            EXIT_INPUT,
-                            f"data.path {path} line {n} has no {data['text_field']!r} field; set data.text_field",
-                        )
-                    docs.append(str(row[data["text_field"]]))
         else:
-            raise TrainError(EXIT_INPUT, f"data.path {path} must end in .txt or .jsonl")
+            docs = jsonl_documents(path, data["text_field"])
     except OSError as e:
         raise TrainError(EXIT_INPUT, f"data.path {path} cannot be read ({e.strerror})") from None
-    if data["max_chars"]:
-        kept, size = [], 0
-        for d in docs:
-            kept.append(d[: data["max_chars"] - size])
-            size += len(kept[-1])
-            if size >= data["max_chars"]:
-                break
-        docs = kept
-    return docs, str(path)
+    return cut_at(docs, data["max_chars"]), str(path)
+
+
+def hub_documents(data: dict) -> list[str]:
+    """data.hf_dataset's text_field, row by row up to max_chars (the `datasets` package; cached unless hub)."""
+    try:
+        import datasets
+    except ImportError:
+        raise TrainError(
+            EXIT_INPUT, "data.hf_dataset needs the `datasets` package in this Python; install it or use data.path"
+        ) from None
+    try:
+        ds = datasets.load_dataset(data["hf_dataset"], split=data["hf_split"])
+    except Exception as e:  # the hub, the cache, a bad name: one line either way
+        raise TrainError(
+            EXIT_INPUT,
+            f"data.hf_dataset {data['hf_dataset']!r} could not be loaded "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            "with hub: false only a cached copy works",
+        ) from None
+    if data["text_field"] not in ds.column_names:
+        raise TrainError(
+            EXIT_INPUT,
+            f"data.hf_dataset has no column {data['text_field']!r} "
+            f"(it has {', '.join(ds.column_names)}); set data.text_field",
+        )
+    docs, size = [], 0
+    for row in ds:
+        docs.append(str(row[data["text_field"]]))
+        size += len(docs[-1])
+        if data["max_chars"] and size >= data["max_chars"]:
+            break
+    return docs
+
+
+def jsonl_documents(path: Path, field: str) -> list[str]:
+    """One document per line of a .jsonl file: each line's `field`."""
+    docs = []
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError:
+                raise TrainError(
+                    EXIT_INPUT, f"data.path {path} line {n} is not JSON; a .jsonl file holds one JSON object per line"
+                ) from None
+            if not isinstance(row, dict) or field not in row:
+                raise TrainError(EXIT_INPUT, f"data.path {path} line {n} has no {field!r} field; set data.text_field")
+            docs.append(str(row[field]))
+    return docs
+
+
+def cut_at(docs: list[str], max_chars: int) -> list[str]:
+    """The documents up to max_chars characters in all (0: all of them)."""
+    if not max_chars:
+        return docs
+    kept, size = [], 0
+    for d in docs:
+        kept.append(d[: max_chars - size])
+        size += len(kept[-1])
+        if size >= max_chars:
+            break
+    return kept
 
 
 def tokenize(tok, docs: list[str], chunk_chars: int = 200_000) -> torch.Tensor:

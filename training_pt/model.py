@@ -128,82 +128,95 @@ def padded(n: int, multiple: int) -> int:
 
 
 def build_model(cfg: dict, device: torch.device, log):
-    """The HF model on `device` in model.dtype, plus (vocab_real, notes)."""
+    """The HF model on `device` in model.dtype, in training mode, plus the real vocab size (before padding)."""
     import transformers
-    from transformers import AutoConfig, AutoModelForCausalLM
 
     m = cfg["model"]
     register_causal_sdpa()
     dtype = DTYPES[m["dtype"]]
     dtype_kw = {"dtype": dtype} if int(transformers.__version__.split(".")[0]) >= 5 else {"torch_dtype": dtype}
-    settings = dict(m["config"])
-    check_model_config(m["family"], settings)
-    if m["pretrained"]:
-        source = Path(m["pretrained"]).expanduser()
-        local = source.is_dir()
-        if not local and not cfg["hub"]:
-            log(
-                f"model.pretrained {m['pretrained']!r} is not a local folder;"
-                " looking in the Hugging Face cache only (hub: false)"
-            )
-        try:
-            conf = AutoConfig.from_pretrained(
-                str(source) if local else m["pretrained"], local_files_only=not cfg["hub"]
-            )
-        except OSError as e:
-            raise TrainError(
-                EXIT_INPUT,
-                f"model.pretrained {m['pretrained']!r}: no weights found "
-                f"({str(e).splitlines()[0]}); give a local folder, or set hub: true to download",
-            ) from None
-        if conf.model_type != m["family"]:
-            raise TrainError(
-                EXIT_INPUT,
-                f"model.pretrained {m['pretrained']!r} is a {conf.model_type} model, but model.family is {m['family']}",
-            )
-        vocab_real = conf.vocab_size
-        for key, value in settings.items():
-            if key != "vocab_size":
-                setattr(conf, key, value)
-        with torch.device(device):
-            model = AutoModelForCausalLM.from_pretrained(
-                str(source) if local else m["pretrained"],
-                config=conf,
-                attn_implementation=m["attn_implementation"],
-                local_files_only=not cfg["hub"],
-                **dtype_kw,
-            )
-        model.to(device)
-        want = padded(vocab_real, m["pad_vocab_multiple"])
-        if want != model.get_input_embeddings().weight.shape[0]:
-            model.resize_token_embeddings(want)
-    else:
-        conf = config_class(m["family"])(**settings)
-        vocab_real = conf.vocab_size
-        conf.vocab_size = padded(vocab_real, m["pad_vocab_multiple"])
-        pad = getattr(conf, "pad_token_id", None)
-        if pad is not None and not 0 <= pad < conf.vocab_size:
-            raise TrainError(
-                EXIT_INPUT,
-                f"model.config.pad_token_id {pad} is outside the vocabulary "
-                f"(0..{conf.vocab_size - 1}); set it below model.config.vocab_size",
-            )
-        attn = m["attn_implementation"]
-        with torch.device(device):  # initialise on the GPU directly: fast, and no CPU copy of a big model
-            try:
-                model = AutoModelForCausalLM.from_config(copy.deepcopy(conf), attn_implementation=attn, **dtype_kw)
-            except (ValueError, KeyError) as e:
-                if attn != "sdpa_causal":
-                    raise
-                log(
-                    f"transformers {transformers.__version__} refused attn_implementation sdpa_causal "
-                    f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); using its own sdpa"
-                )
-                model = AutoModelForCausalLM.from_config(copy.deepcopy(conf), attn_implementation="sdpa", **dtype_kw)
+    check_model_config(m["family"], dict(m["config"]))
+    build = load_pretrained if m["pretrained"] else init_from_config
+    model, vocab_real = build(cfg, device, log, dtype_kw)
     model.config.use_cache = False  # no KV cache in training: it only costs memory and copies
     if m["gradient_checkpointing"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
+    return model, vocab_real
+
+
+def load_pretrained(cfg: dict, device: torch.device, log, dtype_kw: dict):
+    """model.pretrained: a local folder, or a hub id (from the cache only unless hub: true)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    m = cfg["model"]
+    source = Path(m["pretrained"]).expanduser()
+    where = str(source) if source.is_dir() else m["pretrained"]
+    if not source.is_dir() and not cfg["hub"]:
+        log(
+            f"model.pretrained {m['pretrained']!r} is not a local folder; "
+            "looking in the Hugging Face cache only (hub: false)"
+        )
+    try:
+        conf = AutoConfig.from_pretrained(where, local_files_only=not cfg["hub"])
+    except OSError as e:
+        raise TrainError(
+            EXIT_INPUT,
+            f"model.pretrained {m['pretrained']!r}: no weights found "
+            f"({str(e).splitlines()[0]}); give a local folder, or set hub: true to download",
+        ) from None
+    if conf.model_type != m["family"]:
+        raise TrainError(
+            EXIT_INPUT,
+            f"model.pretrained {m['pretrained']!r} is a {conf.model_type} model, but model.family is {m['family']}",
+        )
+    vocab_real = conf.vocab_size
+    for key, value in m["config"].items():
+        if key != "vocab_size":
+            setattr(conf, key, value)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_pretrained(
+            where,
+            config=conf,
+            attn_implementation=m["attn_implementation"],
+            local_files_only=not cfg["hub"],
+            **dtype_kw,
+        )
+    model.to(device)
+    want = padded(vocab_real, m["pad_vocab_multiple"])
+    if want != model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(want)
+    return model, vocab_real
+
+
+def init_from_config(cfg: dict, device: torch.device, log, dtype_kw: dict):
+    """A random init from model.config, built on the device directly (fast, no CPU copy of a big model)."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    m = cfg["model"]
+    conf = config_class(m["family"])(**m["config"])
+    vocab_real = conf.vocab_size
+    conf.vocab_size = padded(vocab_real, m["pad_vocab_multiple"])
+    pad = getattr(conf, "pad_token_id", None)
+    if pad is not None and not 0 <= pad < conf.vocab_size:
+        raise TrainError(
+            EXIT_INPUT,
+            f"model.config.pad_token_id {pad} is outside the vocabulary "
+            f"(0..{conf.vocab_size - 1}); set it below model.config.vocab_size",
+        )
+    attn = m["attn_implementation"]
+    with torch.device(device):
+        try:
+            model = AutoModelForCausalLM.from_config(copy.deepcopy(conf), attn_implementation=attn, **dtype_kw)
+        except (ValueError, KeyError) as e:
+            if attn != "sdpa_causal":
+                raise
+            log(
+                f"transformers {transformers.__version__} refused attn_implementation sdpa_causal "
+                f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); using its own sdpa"
+            )
+            model = AutoModelForCausalLM.from_config(copy.deepcopy(conf), attn_implementation="sdpa", **dtype_kw)
     return model, vocab_real
 
 
