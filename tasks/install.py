@@ -429,7 +429,7 @@ def gpu_packages(ctx: Context, a: Attempt, inst, spy: Path, where: str) -> None:
         if not packages:
             continue
         before = venv_facts.dists(spy, ctx.log)
-        have = {(installers.normalize(d["name"]), d["version"]) for d in before["dists"]}
+        have = {(identity.normalize(d["name"]), d["version"]) for d in before["dists"]}
         pins = venv_facts.constraints(before, ctx.workdir / f"constraints-{step}.txt")
         try:
             got = installers.install(
@@ -450,7 +450,7 @@ def gpu_packages(ctx: Context, a: Attempt, inst, spy: Path, where: str) -> None:
             if e.category in (installers.UNREACHABLE, installers.NO_WHEEL):  # the source's fault, not torch's
                 raise StepFailed(DEPS_FAILED, f"{e.category}: {e.detail}") from None
             raise
-        a.files += [f for f in got if (installers.normalize(f.name), f.version) not in have]
+        a.files += [f for f in got if (identity.normalize(f.name), f.version) not in have]
 
 
 def staging_venv(ctx: Context, a: Attempt, staging: Path) -> tuple[Path, str, installers.Installer]:

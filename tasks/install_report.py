@@ -9,7 +9,8 @@ from __future__ import annotations
 import re
 
 from tasks import layout, records
-from tasks.installers import Installed, normalize, redact_url
+from tasks.identity import normalize
+from tasks.installers import Installed, redact_url
 
 REPORT = layout.STAGE_FILES["install"][0]  # torch_version.txt
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from tasks import proc, redact
+from tasks.identity import normalize
 from tasks.records import now_iso
 
 # Failure categories, worded for the report.
@@ -209,10 +210,6 @@ def parse_pylock(path: Path, requested: list[str]) -> list[Installed]:
                 )
             )
     return out
-
-
-def normalize(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def check_provenance(files: list[Installed], source: Source) -> None:

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.util
 import json
 import os
@@ -20,8 +19,9 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from tasks import layout, proc
-from tasks.installers import FAILED, NO_TORCH, CommandLog, StepFailed, last_error, normalize
+from tasks import identity, layout, proc
+from tasks.identity import normalize
+from tasks.installers import FAILED, NO_TORCH, CommandLog, StepFailed, last_error
 
 TOOLING = {"pip", "setuptools", "wheel"}  # never pinned in the constraints of the second step
 HASHED = re.compile(r"^(torch|triton|pytorch-triton|nvidia-.*)$")  # the dists whose RECORD the marker keeps
@@ -117,17 +117,9 @@ def record_hashes(info: dict) -> dict[str, str]:
     """{"torch==2.9.0+cu128": sha256 of its RECORD, ...} for torch, triton and the nvidia-* dists."""
     out = {}
     for d in info.get("dists", []):
-        name = normalize(d["name"])
-        if not HASHED.match(name):
-            continue
-        for info_dir in Path(d["location"]).glob("*.dist-info"):
-            stem = info_dir.name[: -len(".dist-info")]
-            dist_name, _, version = stem.rpartition("-")
-            if normalize(dist_name) == name and version == d["version"] and (info_dir / "RECORD").is_file():
-                out[f"{d['name']}=={d['version']}"] = hashlib.sha256((info_dir / "RECORD").read_bytes()).hexdigest()
-                break
-        else:
-            out[f"{d['name']}=={d['version']}"] = "no RECORD"
+        if HASHED.match(normalize(d["name"])):
+            record = identity.record_in(d["location"], d["name"], d["version"])
+            out[f"{d['name']}=={d['version']}"] = identity.sha256_of(record) if record else "no RECORD"
     return out
 
 

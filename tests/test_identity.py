@@ -40,3 +40,20 @@ def test_cuda_check_records_the_identity_of_the_torch_its_checker_imported(tmp_p
     figures = cuda_check.figures_from({"versions": {"torch": "2.11.0+cu128", "torch_file": str(torch_file)}})
     assert figures["torch_identity"] == identity.of_torch(torch_file, "2.11.0+cu128")
     assert "torch_identity" not in cuda_check.figures_from({"versions": {"torch": "2.11.0"}})
+
+
+def test_the_record_reader_finds_a_dist_under_any_spelling_of_its_name_at_its_version(tmp_path):
+    info = tmp_path / "nvidia_cublas_cu12-12.8.4.1.dist-info"
+    info.mkdir()
+    (info / "RECORD").write_text("nvidia/cublas/__init__.py,,\n")
+    assert identity.record_in(tmp_path, "nvidia-cublas-cu12", "12.8.4.1") == info / "RECORD"
+    assert identity.record_in(tmp_path, "Nvidia.Cublas_cu12") == info / "RECORD"
+    assert identity.record_in(tmp_path, "nvidia-cublas-cu12", "12.6.0") is None
+
+
+def test_two_records_of_one_dist_are_no_answer(tmp_path):
+    for version in ("2.10.0", "2.11.0"):
+        (tmp_path / f"torch-{version}.dist-info").mkdir()
+        (tmp_path / f"torch-{version}.dist-info" / "RECORD").write_text(version)
+    assert identity.record_in(tmp_path, "torch") is None
+    assert identity.record_in(tmp_path, "torch", "2.11.0") == tmp_path / "torch-2.11.0.dist-info" / "RECORD"

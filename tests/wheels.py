@@ -14,9 +14,7 @@ import re
 import zipfile
 from pathlib import Path
 
-
-def normalize(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
+from tasks.identity import normalize
 
 
 def _record_hash(data: bytes) -> str:

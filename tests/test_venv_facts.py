@@ -1,0 +1,22 @@
+"""tasks/venv_facts.py: what a venv holds (the RECORD hashes its marker keeps)."""
+
+from __future__ import annotations
+
+import hashlib
+
+from tasks import venv_facts
+
+
+def test_record_hashes_keeps_torch_and_the_nvidia_dists_and_says_when_a_record_is_missing(tmp_path):
+    info = tmp_path / "torch-2.11.0+cu128.dist-info"
+    info.mkdir()
+    (info / "RECORD").write_text("torch/__init__.py,sha256=abc,10\n")
+    dists = [
+        {"name": "torch", "version": "2.11.0+cu128", "location": str(tmp_path)},
+        {"name": "nvidia-cublas-cu12", "version": "12.8.4.1", "location": str(tmp_path)},
+        {"name": "numpy", "version": "2.1.0", "location": str(tmp_path)},
+    ]
+    assert venv_facts.record_hashes({"dists": dists}) == {
+        "torch==2.11.0+cu128": hashlib.sha256((info / "RECORD").read_bytes()).hexdigest(),
+        "nvidia-cublas-cu12==12.8.4.1": "no RECORD",
+    }
