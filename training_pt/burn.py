@@ -24,7 +24,7 @@ import torch
 
 from tasks import burn_plot, burn_rules, dcgm, layout
 from tasks.cuda_rules import FAIL, SKIP, Verdict
-from training_pt import fabric
+from training_pt import fabric, memtest
 
 pynvml = fabric.pynvml
 
@@ -278,26 +278,15 @@ def expected(pattern: str, lo: int, hi: int, dev, seed: int, base: int) -> torch
 
 def memory_patterns(dev, words: int, seed: int, chunk: int, patterns=PATTERNS, after_write=None) -> dict[str, int]:
     """Each pattern written over `words` int64 words, read back, inverted in place and read back again,
-    chunk by chunk (one arange over > 2**32 elements miscomputed on an H100: the quick memory check's
-    reason for chunks). Returns the words read back wrong per pattern. `after_write(buf)`: the tests'
-    seam to flip a bit, as faulty memory would."""
+    chunk by chunk (training_pt/memtest.py). Returns the words read back wrong per pattern. `after_write(buf)`:
+    the tests' seam to flip a bit, as faulty memory would."""
     buf = torch.empty(words, dtype=torch.int64, device=dev)
     base = buf.data_ptr()
-    spans = [(lo, min(lo + chunk, words)) for lo in range(0, words, chunk)]
     out = {}
     for pattern in patterns:
-        for lo, hi in spans:
-            buf[lo:hi] = expected(pattern, lo, hi, dev, seed, base)
-        if after_write is not None:
-            after_write(buf)
-        wrong = torch.zeros((), dtype=torch.int64, device=dev)
-        for invert in (False, True):
-            if invert:
-                buf.bitwise_not_()
-            for lo, hi in spans:
-                want = expected(pattern, lo, hi, dev, seed, base)
-                wrong += (buf[lo:hi] != (want.bitwise_not_() if invert else want)).sum()
-        out[pattern] = int(wrong)
+        out[pattern] = memtest.read_back_wrong(
+            buf, chunk, lambda lo, hi, p=pattern: expected(p, lo, hi, dev, seed, base), after_write
+        )
     del buf
     return out
 
@@ -320,9 +309,8 @@ def gpu_work(g: dict, a, b, s: dict, duration_s: float, seed: int, sampler: Samp
             r["burn_error"] = fabric.first_line(e)
         phase[i] = "memory"
         torch.cuda.synchronize(dev)
-        torch.cuda.empty_cache()
-        free, _ = torch.cuda.mem_get_info(dev)
-        r["free_gib"], r["words"] = free / 2**30, int(free * s["memory"]["share"]) // 8
+        r["words"], free, _ = memtest.free_words(dev, s["memory"]["share"])
+        r["free_gib"] = free / 2**30
         t0 = time.perf_counter()
         try:
             r["memory"] = memory_patterns(dev, r["words"], seed, s["memory"]["chunk_words"])

@@ -59,7 +59,7 @@ from tasks import cuda_rules as rules  # noqa: E402
 from tasks import identity, proc  # noqa: E402
 from tasks.cuda_rules import FAIL, PASS, SKIP, WARN, Check, Verdict  # noqa: E402
 from tasks.records import now_iso  # noqa: E402
-from training_pt import burn, quick_exit  # noqa: E402
+from training_pt import burn, memtest, quick_exit  # noqa: E402
 
 try:
     import pynvml
@@ -698,9 +698,7 @@ class Checker:
     def check_memory(self, dev) -> Verdict:
         """Fill a share of the free memory with an address-dependent pattern, then its inverse, and
         read each back in chunks."""
-        torch.cuda.empty_cache()  # what earlier checks left cached counts as free
-        free, total = torch.cuda.mem_get_info(dev)
-        words = int(free * self.s["memory_share"]) // 8
+        words, free, total = memtest.free_words(dev, self.s["memory_share"])
         mismatches, error = 0, ""
         try:
             mismatches = self._pattern_test(dev, words, self.next_seed())
@@ -711,28 +709,12 @@ class Checker:
 
     @staticmethod
     def _pattern_test(dev, words: int, start: int, chunk: int = 1 << 26) -> int:
-        """Word i holds (start + i) * GOLDEN (int64, wrapping), then its bitwise inverse; returns the
-        number of words that read back wrong over both passes."""
-
-        # Written and compared in chunks: one torch.arange over more than 2**32 elements computed wrong
-        # values past 2**32 on an H100 (torch 2.11+cu130, seen 2026-11-25), which read as bad memory.
-        def expected(lo: int, hi: int, invert: bool):
-            values = torch.arange(start + lo, start + hi, dtype=torch.int64, device=dev).mul_(GOLDEN)
-            return values.bitwise_not_() if invert else values
-
+        """Word i holds (start + i) * GOLDEN (int64, wrapping), then its bitwise inverse, chunk by chunk
+        (training_pt/memtest.py); returns the number of words that read back wrong over both passes."""
         buf = torch.empty(words, dtype=torch.int64, device=dev)
-        spans = [(lo, min(lo + chunk, words)) for lo in range(0, words, chunk)]
-        for lo, hi in spans:
-            buf[lo:hi] = expected(lo, hi, False)
-        mismatches = 0
-        for invert in (False, True):
-            if invert:
-                buf.bitwise_not_()
-            wrong = torch.zeros((), dtype=torch.int64, device=dev)
-            for lo, hi in spans:
-                wrong += (buf[lo:hi] != expected(lo, hi, invert)).sum()
-            mismatches += int(wrong)
-        return mismatches
+        return memtest.read_back_wrong(
+            buf, chunk, lambda lo, hi: torch.arange(start + lo, start + hi, dtype=torch.int64, device=dev).mul_(GOLDEN)
+        )
 
     def check_copy(self, dev, g: dict) -> Verdict:
         r = self.s["repeats"]
