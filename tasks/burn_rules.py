@@ -203,16 +203,23 @@ def timeline_lines(gpu: int, rows: list[dict]) -> list[str]:
 # --------------------------------------------------------------------------- one GPU among its peers
 
 
+def below_median(value: float, median: float, share: float) -> float | None:
+    """The outlier rule, one for every comparison with peers: how far `value` falls below `median` (a
+    fraction) when it is more than `share` below it, else None. Used for a GPU among the GPUs of its model
+    (peer_outliers) and for a node among the nodes of a fleet (tasks/fleet.py)."""
+    if median > 0 and value < (1 - share) * median:
+        return 1 - value / median
+    return None
+
+
 def peer_outliers(values: dict[int, float], models: dict[int, str], share: float) -> list[tuple[int, float, float]]:
     """GPUs whose value is more than `share` below the median of the other GPUs of the same model:
     [(gpu, value, peers' median)]. A GPU without a peer of its model is never flagged."""
     out = []
     for gpu, value in sorted(values.items()):
         peers = [v for g, v in values.items() if g != gpu and models.get(g) == models.get(gpu)]
-        if not peers:
-            continue
-        median = statistics.median(peers)
-        if value < (1 - share) * median:
+        median = statistics.median(peers) if peers else 0.0  # no peer of its model: never flagged
+        if below_median(value, median, share) is not None:
             out.append((gpu, value, median))
     return out
 

@@ -29,7 +29,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from tasks import config, evidence, layout, text, validate
+from tasks import burn_rules, config, evidence, layout, text, validate
 from tasks.config import ConfigError
 from tasks.records import now_iso
 
@@ -304,8 +304,8 @@ def find_outliers(rows: list[dict], settings: dict) -> list[dict]:
                 continue
             median = statistics.median(passed)
             for row in members:
-                if median > 0 and row[figure] < (1 - settings["outlier_share"]) * median:
-                    below = 1 - row[figure] / median
+                below = burn_rules.below_median(row[figure], median, settings["outlier_share"])
+                if below is not None:
                     found.append(
                         {
                             "host": row["host"],

@@ -103,6 +103,12 @@ def test_one_slow_gpu_of_eight_is_flagged_in_both_metrics():
     assert br.judge_peers("copy", "TB/s", copy, {g: H200 for g in range(8)}, 0.10, FAIL).status == PASS
 
 
+def test_the_outlier_rule_says_how_far_below_the_median_only_past_the_share():
+    assert br.below_median(600.0, 700.0, 0.10) == pytest.approx(1 / 7)
+    assert br.below_median(640.0, 700.0, 0.10) is None  # 8.6% below: within the share
+    assert br.below_median(0.0, 0.0, 0.10) is None  # no median to fall below
+
+
 def test_peers_are_gpus_of_the_same_model_only():
     values = {0: 700.0, 1: 120.0}
     models = {0: H200, 1: "NVIDIA L4"}
