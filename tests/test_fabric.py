@@ -3,7 +3,9 @@ across real processes, judged by tasks/burn_rules.py; DCGM through a fake `dcgmi
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
 import pytest
 
@@ -26,6 +28,22 @@ def test_the_collective_sweep_runs_every_op_and_size_exactly_across_gloo_process
     v = br.judge_collectives(rows, 3, errors, "pcie", {"pcie": 1e-9}, "WARN")
     assert v.status == PASS and not v.reason, v
     assert len(br.collective_lines(rows, 3)) == 2 + len(rows)
+
+
+def one_hangs_one_stays_silent(rank: int, world: int, tmp: str, word: str) -> None:
+    """A spawned rank for run_ranks: rank 0 writes its result, rank 1 hangs, rank 2 ends without one."""
+    if rank == 0:
+        Path(tmp, "rank0.json").write_text(json.dumps({"rank": 0, "word": word}))
+    elif rank == 1:
+        time.sleep(600)
+
+
+def test_run_ranks_stops_a_hung_rank_and_names_a_rank_that_wrote_no_result():
+    results, hung = fabric.run_ranks(one_hangs_one_stays_silent, 3, ("hello",), timeout=30, prefix="m40-test-")
+    assert hung == [1]
+    assert results[0] == {"rank": 0, "word": "hello"}
+    assert results[2] == {"rank": 2, "error": "process ended with code 0 and no result"}
+    assert results[1]["rank"] == 1 and "no result" in results[1]["error"]
 
 
 DCGM_SAMPLE = """{"DCGM Diagnostic": {"test_categories": [

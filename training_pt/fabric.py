@@ -254,36 +254,41 @@ def sweep_worker(
     Path(tmp, f"rank{rank}.json").write_text(json.dumps(result))
 
 
-def run_sweep(
-    world: int, backend: str, sizes: list[int], warmup: int, iters: int, timeout: float
-) -> tuple[list[dict], list[str]]:
-    """The sweep over `world` spawned processes: (rank 0's rows, errors of ranks that failed or hung)."""
+def run_ranks(target, world: int, args: tuple, timeout: float, prefix: str) -> tuple[list[dict], list[int]]:
+    """`world` spawned processes `target(rank, world, tmp, *args)`, each writing tmp/rank<N>.json, waited for
+    until one deadline `timeout` s away; one still running then is stopped (terminate, then kill). Returns
+    (each rank's result, or {"rank", "error"} where it wrote none; the ranks that hung)."""
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")
-    with tempfile.TemporaryDirectory(prefix="m40-sweep-") as tmp:
-        procs = [
-            ctx.Process(target=sweep_worker, daemon=True, args=(r, world, tmp, backend, sizes, warmup, iters, timeout))
-            for r in range(world)
-        ]
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        procs = [ctx.Process(target=target, daemon=True, args=(r, world, tmp, *args)) for r in range(world)]
         for p in procs:
             p.start()
         deadline = time.monotonic() + timeout
         for p in procs:
             p.join(max(0.0, deadline - time.monotonic()))
-        errors = []
-        for r, p in enumerate(procs):
+        hung = [r for r, p in enumerate(procs) if p.is_alive()]
+        for p in procs:
             if p.is_alive():
-                p.kill()
+                p.terminate()
                 p.join(5)
-                errors.append(f"rank {r} did not finish within {timeout:g} s")
+                if p.is_alive():
+                    p.kill()
+                    p.join(5)
         results = []
-        for r in range(world):
+        for r, p in enumerate(procs):
             f = Path(tmp, f"rank{r}.json")
-            results.append(json.loads(f.read_text()) if f.exists() else {"rank": r, "error": "no result"})
-    errors += [
-        f"rank {x['rank']}: {x['error']}"
-        for x in results
-        if x.get("error") and not any(e.startswith(f"rank {x['rank']} ") for e in errors)
-    ]
+            no_result = {"rank": r, "error": f"process ended with code {p.exitcode} and no result"}
+            results.append(json.loads(f.read_text()) if f.exists() else no_result)
+    return results, hung
+
+
+def run_sweep(
+    world: int, backend: str, sizes: list[int], warmup: int, iters: int, timeout: float
+) -> tuple[list[dict], list[str]]:
+    """The sweep over `world` spawned processes: (rank 0's rows, errors of ranks that failed or hung)."""
+    results, hung = run_ranks(sweep_worker, world, (backend, sizes, warmup, iters, timeout), timeout, "m40-sweep-")
+    errors = [f"rank {r} did not finish within {timeout:g} s" for r in hung]
+    errors += [f"rank {x['rank']}: {x['error']}" for x in results if x.get("error") and x["rank"] not in hung]
     return (results[0].get("rows") or []), errors

@@ -33,13 +33,11 @@ import importlib.metadata  # noqa: E402
 import importlib.util  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
-import multiprocessing  # noqa: E402
 import os  # noqa: E402
 import platform  # noqa: E402
 import socket  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
-import tempfile  # noqa: E402
 import warnings  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
 from datetime import timedelta  # noqa: E402
@@ -59,7 +57,8 @@ from tasks import cuda_rules as rules  # noqa: E402
 from tasks import identity, proc  # noqa: E402
 from tasks.cuda_rules import FAIL, PASS, SKIP, WARN, Check, Verdict  # noqa: E402
 from tasks.records import now_iso  # noqa: E402
-from training_pt import burn, memtest, quick_exit  # noqa: E402
+from training_pt import burn, fabric, memtest, quick_exit  # noqa: E402
+from training_pt.fabric import first_line  # noqa: E402
 
 try:
     import pynvml
@@ -90,11 +89,6 @@ PHASE_OF = {"init": "cuda_init", "compile": "compile", "peer_access": "multi_gpu
 MATMUL_DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 GOLDEN = -7046029254386353131  # 0x9E3779B97F4A7C15 as int64: the memory pattern's multiplier
 TXT_FILE = layout.STAGE_FILES["cuda_check"][0]
-
-
-def first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}".strip().rstrip(":")
 
 
 # --------------------------------------------------------------------------- NVML
@@ -821,38 +815,8 @@ class Checker:
 
     def check_allreduce(self, n: int) -> Verdict:
         mib, timeout = self.s["sizes"]["allreduce_mib"], self.s["allreduce_timeout_s"]
-        ctx = multiprocessing.get_context("spawn")
-        seed = self.next_seed()
-        with tempfile.TemporaryDirectory(prefix="m40-allreduce-") as tmp:
-            procs = [
-                ctx.Process(
-                    target=allreduce_worker,
-                    daemon=True,
-                    args=(r, n, tmp, seed, mib, self.s["repeats"]["timed"], timeout),
-                )
-                for r in range(n)
-            ]
-            for p in procs:
-                p.start()
-            deadline = time.monotonic() + timeout
-            for p in procs:
-                p.join(max(0.0, deadline - time.monotonic()))
-            hung = [r for r, p in enumerate(procs) if p.is_alive()]
-            for p in procs:
-                if p.is_alive():
-                    p.terminate()
-                    p.join(5)
-                    if p.is_alive():
-                        p.kill()
-                        p.join(5)
-            results = []
-            for r, p in enumerate(procs):
-                f = Path(tmp) / f"rank{r}.json"
-                results.append(
-                    json.loads(f.read_text())
-                    if f.exists()
-                    else {"rank": r, "error": f"process ended with code {p.exitcode} and no result"}
-                )
+        args = (self.next_seed(), mib, self.s["repeats"]["timed"], timeout)
+        results, hung = fabric.run_ranks(allreduce_worker, n, args, timeout, "m40-allreduce-")
         return rules.judge_allreduce(n, results, hung, timeout)
 
     # ---- j: health after everything
