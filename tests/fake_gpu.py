@@ -14,6 +14,27 @@ import pynvml
 H100 = "NVIDIA H100 80GB HBM3"
 
 
+def probe_gpu(**changes) -> dict:
+    """One H100 as probe records it in gpus.json (index 0, idle, healthy), with `changes` applied."""
+    gpu = {
+        "index": 0,
+        "name": H100,
+        "model": "H100 SXM",
+        "uuid": "GPU-1234",
+        "pci_bus_id": "00000000:18:00.0",
+        "compute_capability": "9.0",
+        "memory_total_mib": 81559,
+        "memory_free_mib": 81004,
+        "ecc_current": "enabled",
+        "ecc_pending": "enabled",
+        "ecc_uncorrected_volatile": 0,
+        "ecc_uncorrected_aggregate": 0,
+        "persistence_mode": "enabled",
+        "clock_event_reasons": [],
+    }
+    return gpu | changes
+
+
 def header(driver: str, cuda: str) -> str:
     """The top of plain `nvidia-smi` as driver 580 prints it."""
     return (

@@ -19,22 +19,7 @@ import pytest
 from tasks import evidence, layout, records, runs, stage, text
 from tasks.records import StageRecord, StageStatus
 
-GPU = {
-    "index": 0,
-    "name": "NVIDIA H100 80GB HBM3",
-    "model": "H100 SXM",
-    "uuid": "GPU-1234",
-    "pci_bus_id": "00000000:18:00.0",
-    "compute_capability": "9.0",
-    "memory_total_mib": 81559,
-    "memory_free_mib": 81004,
-    "ecc_current": "enabled",
-    "ecc_pending": "enabled",
-    "ecc_uncorrected_volatile": 0,
-    "ecc_uncorrected_aggregate": 0,
-    "persistence_mode": "enabled",
-    "clock_event_reasons": ["gpu_idle"],
-}
+GPU = fake_gpu.probe_gpu(clock_event_reasons=["gpu_idle"])
 STAGE_TEXT = {
     "env_info.txt": "env of the machine\n",
     "nvidia_smi.txt": "raw smi\n",

@@ -6,6 +6,7 @@ import argparse
 import csv
 import json
 
+import fake_gpu
 import pytest
 
 from tasks import evidence, fleet, layout, records, runs, stage
@@ -76,21 +77,7 @@ def make_node(
             (run_dir / f).write_text(f"{name} output\n")
         if name in ("cuda_check", "train"):  # probe's gpus.json is written below
             (run_dir / layout.STAGE_EVIDENCE[name]).write_text("{}\n")
-    gpu = {
-        "name": NAME,
-        "model": model,
-        "uuid": "GPU-1234",
-        "pci_bus_id": "00000000:18:00.0",
-        "compute_capability": "9.0",
-        "memory_total_mib": 81559,
-        "memory_free_mib": 81004,
-        "ecc_current": "enabled",
-        "ecc_pending": "enabled",
-        "ecc_uncorrected_volatile": 0,
-        "ecc_uncorrected_aggregate": 0,
-        "persistence_mode": "enabled",
-        "clock_event_reasons": [],
-    }
+    gpu = fake_gpu.probe_gpu(name=NAME, model=model)
     (run_dir / layout.GPUS_JSON).write_text(
         json.dumps(
             {"schema": 1, "source": "nvml", "driver": "580.95.05", "gpus": [dict(gpu, index=i) for i in range(gpus)]}

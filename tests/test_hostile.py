@@ -8,7 +8,6 @@ sealed run, the project's README and any linked folder are byte-identical afterw
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -18,28 +17,13 @@ from types import SimpleNamespace
 
 import fake_gpu
 import pytest
+from trees import tree_hashes
 
 from tasks import config, evidence, layout, m40, records, runs, stage, validate
 
 pytestmark = pytest.mark.slow
 CHATTR = shutil.which("chattr")
 USAGE, LOCKED = layout.EXIT_USAGE, layout.EXIT_LOCKED
-
-
-def tree_hashes(root: Path) -> dict[str, str]:
-    """Every file (content hash), folder and symlink (target) under root."""
-    out = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            path = Path(dirpath) / name
-            rel = path.relative_to(root).as_posix()
-            if path.is_symlink():
-                out[rel] = "-> " + os.readlink(path)
-            elif path.is_file():
-                out[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
-            else:
-                out[rel] = "dir"
-    return out
 
 
 class Project:

@@ -3,17 +3,16 @@ through nox in a copy of the project (the user's .venv stays byte-identical)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import fake_gpu
 import pytest
+from trees import tree_hashes
 
 from tasks import evidence, layout, m40, records, runs, stage, text
 from tasks.records import Outcome, StageStatus
@@ -250,22 +249,6 @@ def test_a_secret_in_the_environment_reaches_no_file_of_the_run(monkeypatch, goo
 
 
 # --------------------------------------------------------------------------- end to end through nox
-
-
-def tree_hashes(root: Path) -> dict[str, str]:
-    """Every file (content hash) and symlink (target) under root."""
-    out = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            path = Path(dirpath) / name
-            rel = path.relative_to(root).as_posix()
-            if path.is_symlink():
-                out[rel] = "-> " + os.readlink(path)
-            elif path.is_file():
-                out[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
-            else:
-                out[rel] = "dir"
-    return out
 
 
 @pytest.mark.slow
