@@ -192,6 +192,22 @@ def _cvd_text(cvd: str | None) -> str:
     return "CUDA_VISIBLE_DEVICES unset" if cvd is None else f"CUDA_VISIBLE_DEVICES={cvd!r}"
 
 
+@dataclass(frozen=True)
+class _CountSeen:
+    """What judge_count's cases share: the torch count, CUDA_VISIBLE_DEVICES, and the verdict's wording."""
+
+    torch: int
+    cvd: str | None
+    env: str  # CUDA_VISIBLE_DEVICES as the reasons name it
+    mig: str  # the MIG sentence ("" without MIG)
+    extra: str  # " (CUDA said: ...)" or ""
+    value: str
+    data: dict
+
+    def verdict(self, status: str, reason: str) -> Verdict:
+        return Verdict(status, self.value, reason, self.data)
+
+
 def judge_count(
     nvml_count: int | None,
     torch_count: int,
@@ -207,116 +223,118 @@ def judge_count(
     No GPU at all (no driver, NVML 0 and torch 0) is a SKIP: the per-GPU checks say the same and
     the stage fails on "no GPU checked". A GPU that NVML lists and torch cannot see is a FAIL.
     """
-    data = {"nvml": nvml_count, "torch": torch_count, "cuda_visible_devices": cvd, "mig_gpus": list(mig_gpus)}
     env = _cvd_text(cvd)
-    value = f"NVML {nvml_count if nvml_count is not None else 'n/a'}, torch {torch_count} ({env})"
-    extra = f" (CUDA said: {cuda_error})" if cuda_error else ""
+    seen = _CountSeen(
+        torch=torch_count,
+        cvd=cvd,
+        env=env,
+        mig=_mig_sentence(mig_gpus),
+        extra=f" (CUDA said: {cuda_error})" if cuda_error else "",
+        value=f"NVML {nvml_count if nvml_count is not None else 'n/a'}, torch {torch_count} ({env})",
+        data={"nvml": nvml_count, "torch": torch_count, "cuda_visible_devices": cvd, "mig_gpus": list(mig_gpus)},
+    )
     if nvml_count is None:
-        if torch_count > 0:
-            return Verdict(PASS, value, f"NVML unavailable ({nvml_error}); torch sees {torch_count} GPU(s)", data)
-        if cvd is not None and not cvd.strip():
-            return Verdict(
-                FAIL,
-                value,
-                "torch sees no GPU and CUDA_VISIBLE_DEVICES is set but empty, which hides "
-                "every GPU: unset it (or list the GPUs to use)" + extra,
-                data,
-            )
-        return Verdict(
-            SKIP,
-            value,
-            f"no NVIDIA GPU here: NVML unavailable ({nvml_error}) and torch sees no CUDA device" + extra,
-            data,
-        )
-    mig = ""
-    if mig_gpus:
-        mig = (
-            f"MIG is enabled on GPU {', '.join(map(str, mig_gpus))}: CUDA sees MIG instances there, not "
-            "the whole GPU (one instance unless CUDA_VISIBLE_DEVICES names MIG UUIDs); "
-        )
+        return _count_without_nvml(seen, nvml_error)
     if nvml_count == 0 and torch_count == 0:
-        return Verdict(SKIP, value, "no NVIDIA GPU here: NVML lists none and torch sees none" + extra, data)
-    if cvd is not None and not cvd.strip():
-        if torch_count == 0:
-            return Verdict(
-                FAIL,
-                value,
-                f"torch sees 0 of {nvml_count} GPU(s): CUDA_VISIBLE_DEVICES is set but "
-                "empty, which hides every GPU; unset it (or list the GPUs to use)" + extra,
-                data,
-            )
+        return seen.verdict(SKIP, "no NVIDIA GPU here: NVML lists none and torch sees none" + seen.extra)
+    if cvd is not None and not cvd.strip() and torch_count == 0:
+        return seen.verdict(
+            FAIL,
+            f"torch sees 0 of {nvml_count} GPU(s): CUDA_VISIBLE_DEVICES is set but "
+            "empty, which hides every GPU; unset it (or list the GPUs to use)" + seen.extra,
+        )
     visible = visible_devices(cvd, nvml_count, uuids, bool(mig_gpus))
     if visible is not None and cvd is not None:  # CUDA_VISIBLE_DEVICES set and not empty
-        tokens = [t.strip() for t in cvd.split(",")]
-        if len(visible) < len(tokens):
-            bad = tokens[len(visible)]
-            why = (
-                f"CUDA_VISIBLE_DEVICES={cvd!r} names {bad!r}, which is no device of the {nvml_count} NVML "
-                f"lists (indexes 0..{nvml_count - 1}) or a repeat; CUDA ignores it and everything after it"
-            )
-            if torch_count == 0:
-                return Verdict(
-                    FAIL, value, f"torch sees no GPU: {why}; fix or unset CUDA_VISIBLE_DEVICES" + extra, data
-                )
-            if torch_count == len(visible):
-                return Verdict(PASS, value, f"torch sees {torch_count} of {nvml_count} GPU(s): {why}", data)
-        elif torch_count == len(visible):
-            note = (
-                ""
-                if torch_count == nvml_count
-                else f"torch sees {torch_count} of {nvml_count} GPU(s), as CUDA_VISIBLE_DEVICES selects"
-            )
-            return Verdict(PASS, value, note, data)
-        if torch_count == 0:
-            return Verdict(
-                FAIL,
-                value,
-                f"torch sees no GPU although {env} selects {len(visible)}: {mig}"
-                "the CUDA runtime could not use them" + extra,
-                data,
-            )
-        return Verdict(
+        return _count_selected(seen, nvml_count, cvd, visible)
+    return _count_all(seen, nvml_count)
+
+
+def _mig_sentence(mig_gpus: tuple[int, ...]) -> str:
+    if not mig_gpus:
+        return ""
+    return (
+        f"MIG is enabled on GPU {', '.join(map(str, mig_gpus))}: CUDA sees MIG instances there, not "
+        "the whole GPU (one instance unless CUDA_VISIBLE_DEVICES names MIG UUIDs); "
+    )
+
+
+def _count_without_nvml(seen: _CountSeen, nvml_error: str) -> Verdict:
+    """NVML gave no count: torch's count stands alone."""
+    if seen.torch > 0:
+        return seen.verdict(PASS, f"NVML unavailable ({nvml_error}); torch sees {seen.torch} GPU(s)")
+    if seen.cvd is not None and not seen.cvd.strip():
+        return seen.verdict(
             FAIL,
-            value,
-            f"torch sees {torch_count} GPU(s) but {env} selects {len(visible)}: {mig}"
-            "check the GPUs with nvidia-smi" + extra,
-            data,
+            "torch sees no GPU and CUDA_VISIBLE_DEVICES is set but empty, which hides "
+            "every GPU: unset it (or list the GPUs to use)" + seen.extra,
         )
+    return seen.verdict(
+        SKIP, f"no NVIDIA GPU here: NVML unavailable ({nvml_error}) and torch sees no CUDA device" + seen.extra
+    )
+
+
+def _count_selected(seen: _CountSeen, nvml_count: int, cvd: str, visible: list[str]) -> Verdict:
+    """CUDA_VISIBLE_DEVICES is set and not empty: torch should see the devices it selects."""
+    tokens = [t.strip() for t in cvd.split(",")]
+    if len(visible) < len(tokens):
+        bad = tokens[len(visible)]
+        why = (
+            f"CUDA_VISIBLE_DEVICES={cvd!r} names {bad!r}, which is no device of the {nvml_count} NVML "
+            f"lists (indexes 0..{nvml_count - 1}) or a repeat; CUDA ignores it and everything after it"
+        )
+        if seen.torch == 0:
+            return seen.verdict(FAIL, f"torch sees no GPU: {why}; fix or unset CUDA_VISIBLE_DEVICES" + seen.extra)
+        if seen.torch == len(visible):
+            return seen.verdict(PASS, f"torch sees {seen.torch} of {nvml_count} GPU(s): {why}")
+    elif seen.torch == len(visible):
+        note = (
+            ""
+            if seen.torch == nvml_count
+            else f"torch sees {seen.torch} of {nvml_count} GPU(s), as CUDA_VISIBLE_DEVICES selects"
+        )
+        return seen.verdict(PASS, note)
+    if seen.torch == 0:
+        return seen.verdict(
+            FAIL,
+            f"torch sees no GPU although {seen.env} selects {len(visible)}: {seen.mig}"
+            "the CUDA runtime could not use them" + seen.extra,
+        )
+    return seen.verdict(
+        FAIL,
+        f"torch sees {seen.torch} GPU(s) but {seen.env} selects {len(visible)}: {seen.mig}"
+        "check the GPUs with nvidia-smi" + seen.extra,
+    )
+
+
+def _count_all(seen: _CountSeen, nvml_count: int) -> Verdict:
+    """No selection by CUDA_VISIBLE_DEVICES: torch should see every GPU NVML lists (one per MIG GPU)."""
+    torch_count, extra = seen.torch, seen.extra
     if torch_count == nvml_count:
-        return Verdict(PASS, value, mig.rstrip("; ") if mig else "", data)
-    if mig:
-        status = FAIL if torch_count == 0 else PASS
-        return Verdict(
-            status,
-            value,
-            f"torch sees {torch_count}, NVML lists {nvml_count} GPU(s): {mig}"
+        return seen.verdict(PASS, seen.mig.rstrip("; ") if seen.mig else "")
+    if seen.mig:
+        return seen.verdict(
+            FAIL if torch_count == 0 else PASS,
+            f"torch sees {torch_count}, NVML lists {nvml_count} GPU(s): {seen.mig}"
             "name the MIG UUIDs in CUDA_VISIBLE_DEVICES to use several" + extra,
-            data,
         )
     if torch_count == 0:
-        return Verdict(
+        return seen.verdict(
             FAIL,
-            value,
             f"torch sees 0 of the {nvml_count} GPU(s) NVML lists, with CUDA_VISIBLE_DEVICES "
             "unset and no MIG: the CUDA runtime cannot use them (driver/library mismatch, missing "
             "/dev/nvidia* in a container, or a GPU in a bad state: see dmesg for Xid)" + extra,
-            data,
         )
     if torch_count < nvml_count:
-        return Verdict(
+        return seen.verdict(
             FAIL,
-            value,
             f"torch sees {torch_count} of the {nvml_count} GPU(s) NVML lists, with "
             "CUDA_VISIBLE_DEVICES unset and no MIG: a GPU failed CUDA initialisation or is hidden "
             "from this process (container device list); see nvidia-smi and dmesg for Xid" + extra,
-            data,
         )
-    return Verdict(
+    return seen.verdict(
         FAIL,
-        value,
         f"torch sees {torch_count} GPU(s), more than the {nvml_count} NVML lists: the CUDA "
         "driver library and NVML disagree (two driver versions installed?)" + extra,
-        data,
     )
 
 
