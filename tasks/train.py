@@ -201,6 +201,25 @@ def check_inputs(args) -> None:
 
 def run(run_dir: Path, args) -> Outcome:
     python = layout.gpu_python()
+    if (refused := missing_inputs(python, args)) is not None:
+        return refused
+    counted = process_count(run_dir, python, args)
+    if isinstance(counted, Outcome):
+        return counted
+    nproc, source = counted
+    try:
+        job = multinode.resolve(args, os.environ)
+    except ValueError as e:
+        return Outcome(StageStatus.FAIL, str(e))
+    if job is not None and (unreachable := join_job(job)) is not None:
+        return Outcome(StageStatus.FAIL, unreachable, job.figures())
+    print(f"train: {nproc} process(es) ({source}); config {args.train_config}", flush=True)
+    rc = launch(run_dir, python, nproc, args, job)
+    return outcome(run_dir, rc, nproc, args, job)
+
+
+def missing_inputs(python: Path, args) -> Outcome | None:
+    """A FAIL when .venv-gpu or the training config is missing."""
     if not python.exists():
         return Outcome(
             StageStatus.FAIL,
@@ -211,38 +230,41 @@ def run(run_dir: Path, args) -> Outcome:
         return Outcome(
             StageStatus.FAIL, f"--train-config {args.train_config} does not exist; pass an existing YAML file"
         )
+    return None
 
+
+def process_count(run_dir: Path, python: Path, args) -> tuple[int, str] | Outcome:
+    """(training processes on this node, where that number came from), or a FAIL."""
     if args.nproc is not None:
         if args.nproc < 1:
             return Outcome(StageStatus.FAIL, f"--nproc {args.nproc}: must be 1 or more")
-        nproc, source = args.nproc, "--nproc"
-    elif args.train_device == "cpu":
-        nproc, source = 1, "--train-device cpu"
-    else:
-        count, source = gpu_count(run_dir, python)
-        if count is None:
-            return Outcome(StageStatus.FAIL, f"{source}; check the install (nox -s cuda_check)")
-        if count == 0:
-            return Outcome(
-                StageStatus.FAIL,
-                "no CUDA GPU visible to .venv-gpu's torch (torch.cuda.device_count() = 0); "
-                "check `nox -s cuda_check`, or pass --train-device cpu to train on the CPU (slow)",
-            )
-        nproc = count
-    try:
-        job = multinode.resolve(args, os.environ)
-    except ValueError as e:
-        return Outcome(StageStatus.FAIL, str(e))
-    if job is not None:
-        print(
-            f"train: node {job.node_rank} of {job.nnodes} in job {job.rdzv_id}, rendezvous {job.endpoint} "
-            f"(from {job.source}; timeout {job.timeout_s:g} s)",
-            flush=True,
+        return args.nproc, "--nproc"
+    if args.train_device == "cpu":
+        return 1, "--train-device cpu"
+    count, source = gpu_count(run_dir, python)
+    if count is None:
+        return Outcome(StageStatus.FAIL, f"{source}; check the install (nox -s cuda_check)")
+    if count == 0:
+        return Outcome(
+            StageStatus.FAIL,
+            "no CUDA GPU visible to .venv-gpu's torch (torch.cuda.device_count() = 0); "
+            "check `nox -s cuda_check`, or pass --train-device cpu to train on the CPU (slow)",
         )
-        if (unreachable := multinode.reach(job)) is not None:
-            return Outcome(StageStatus.FAIL, unreachable, job.figures())
-    print(f"train: {nproc} process(es) ({source}); config {args.train_config}", flush=True)
+    return count, source
 
+
+def join_job(job: multinode.Job) -> str | None:
+    """Say which multi-node job this node joins; why its rendezvous cannot be reached, or None."""
+    print(
+        f"train: node {job.node_rank} of {job.nnodes} in job {job.rdzv_id}, rendezvous {job.endpoint} "
+        f"(from {job.source}; timeout {job.timeout_s:g} s)",
+        flush=True,
+    )
+    return multinode.reach(job)
+
+
+def launch(run_dir: Path, python: Path, nproc: int, args, job: multinode.Job | None) -> int:
+    """Run train.py (under torchrun for several processes), its console into train_console.txt; its exit code."""
     for name in (layout.TRAIN_LOG, layout.TRAIN_RESULT, layout.TRAIN_METRICS, layout.TRAIN_LOSS_PLOT):
         (run_dir / name).unlink(missing_ok=True)  # a re-run must not report an earlier attempt's result
     extra = {}
@@ -254,28 +276,23 @@ def run(run_dir: Path, args) -> Outcome:
     console = run_dir / layout.TRAIN_CONSOLE
     console.write_text(f"$ {' '.join(f'{k}={v}' for k, v in shown.items())} {' '.join(cmd)}\n")
     rc = proc.tee(cmd, console, env=env, inherit_env=False, cwd=layout.ROOT, timeout=args.train_timeout, append=True)
-
     log = run_dir / layout.TRAIN_LOG
     if not log.exists():  # train.py died before it opened its log: keep what the console says
         log.write_text(
             f"train.py wrote no log (exit code {rc}); its console output follows\n\n"
             + console.read_text(errors="replace")
         )
+    return rc
+
+
+def outcome(run_dir: Path, rc: int, nproc: int, args, job: multinode.Job | None) -> Outcome:
+    """The stage's record from train_result.json, the exit code and the files train.py left."""
     try:
         result = json.loads((run_dir / layout.TRAIN_RESULT).read_text())
     except (OSError, ValueError):
         result = None
-    files = [
-        n
-        for n in (
-            layout.TRAIN_LOG,
-            layout.TRAIN_METRICS,
-            layout.TRAIN_LOSS_PLOT,
-            layout.TRAIN_RESULT,
-            layout.TRAIN_CONSOLE,
-        )
-        if (run_dir / n).exists()
-    ]
+    kept = (layout.TRAIN_LOG, layout.TRAIN_METRICS, layout.TRAIN_LOSS_PLOT, layout.TRAIN_RESULT, layout.TRAIN_CONSOLE)
+    files = [n for n in kept if (run_dir / n).exists()]
     figures = job.figures() if job is not None else {}
     figures.update({k: v for k, v in ((result or {}).get("figures") or {}).items() if k in FIGURES})
     overrides = changed_overrides(args.train_override, args.train_config)
