@@ -16,6 +16,7 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import TextIO
 
 from tasks import layout
 
@@ -148,53 +149,26 @@ def tee(
     killed with SIGKILL and cannot pass anything on.
     """
     full_env = {**(os.environ if inherit_env else {}), **(env or {}), "PYTHONUNBUFFERED": "1"}
-    mode = "a" if append else "w"
-    log = open(log_file, mode, encoding="utf-8") if log_file else None
+    log = open(log_file, "a" if append else "w", encoding="utf-8") if log_file else None
     try:
-        proc = subprocess.Popen(
-            [str(c) for c in cmd],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            env=full_env,
-            cwd=cwd,
-            text=True,
-            errors="replace",
-            bufsize=1,
-            start_new_session=True,
-            preexec_fn=die_with_parent,
-        )
+        child = start_in_group(cmd, full_env, cwd)
         timed_out = threading.Event()
 
-        def _signal_group(sig: int) -> None:
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                pass
-
-        def _kill() -> None:
+        def kill_at_timeout() -> None:
             timed_out.set()
-            _signal_group(signal.SIGKILL)
+            signal_group(child, signal.SIGKILL)
 
-        timer = threading.Timer(timeout, _kill) if timeout else None
+        timer = threading.Timer(timeout, kill_at_timeout) if timeout else None
         if timer:
             timer.daemon = True
             timer.start()
         try:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                if echo:
-                    sys.stdout.write(line)
-                    sys.stdout.flush()
-                if on_line is not None:
-                    on_line(line)
-                if log:
-                    log.write(line)
-                    log.flush()
-            code = proc.wait()
+            copy_lines(child, echo, on_line, log)
+            code = child.wait()
             return 124 if timed_out.is_set() else code
         except KeyboardInterrupt:
-            _signal_group(signal.SIGINT)
-            proc.wait()
+            signal_group(child, signal.SIGINT)
+            child.wait()
             raise
         finally:
             if timer:
@@ -202,3 +176,41 @@ def tee(
     finally:
         if log:
             log.close()
+
+
+def start_in_group(cmd: list, env: dict, cwd: Path | None) -> subprocess.Popen:
+    """`cmd` in a process group of its own, dying with us, its stdout+stderr one text pipe read line by line."""
+    return subprocess.Popen(
+        [str(c) for c in cmd],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=cwd,
+        text=True,
+        errors="replace",
+        bufsize=1,
+        start_new_session=True,
+        preexec_fn=die_with_parent,
+    )
+
+
+def signal_group(child: subprocess.Popen, sig: int) -> None:
+    """`sig` to the child's whole process group (its own children too); nothing if it is gone."""
+    try:
+        os.killpg(child.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def copy_lines(child: subprocess.Popen, echo: bool, on_line: Callable[[str], None] | None, log: TextIO | None) -> None:
+    """Each line of the child's output to our stdout (when `echo`), to `on_line` and to `log`, as it comes."""
+    assert child.stdout is not None
+    for line in child.stdout:
+        if echo:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+        if on_line is not None:
+            on_line(line)
+        if log:
+            log.write(line)
+            log.flush()
