@@ -66,48 +66,15 @@ def write_report(
         f"install: {status.upper()}" + (f" — {reason}" if reason else ""),
         f"written {records.now_iso()}; venv {ctx.venv}",
         "",
+        *_chosen_lines(ctx, chosen, noop),
     ]
-    if chosen:
-        ch = ctx.catalog.get(chosen["channel"])
-        lines += [
-            f"channel      {chosen['channel']} (kind {chosen['entry']['kind']})"
-            + (f" — {ch.note}" if ch and ch.note else ""),
-            f"source       {redact_url(chosen['source'])}",
-            f"installer    {chosen['installer']}",
-            f"pip config   {ctx.env_line}",
-            f"installed    {chosen['installed']}" + ("  (this run: no-op, verified again)" if noop else ""),
-        ]
-        if chosen.get("provisioned"):
-            p = chosen["provisioned"]
-            lines += [
-                f"reuses torch of {p['executable']} (Python {p['version']}), unmodified; "
-                f".venv-gpu is built from {p['base_executable']} and its {layout.VENV_PROVISIONED_PTH} lists:"
-            ]
-            lines += [f"    {d}" for d in p["site_dirs"]]
-    else:
-        lines.append(f"pip config   {ctx.env_line}")
     if ctx.machine is not None:
         lines.append(f"machine      {ctx.machine.describe()}")
     if ctx.auto_lines:
         lines += ["", "channel choice (auto):", *(f"  {ln}" for ln in ctx.auto_lines)]
     lines += ["", f"attempts ({len(attempts)}, {seconds:.1f} s in all):"]
     for i, a in enumerate(attempts, 1):
-        lines.append(
-            f"  {i}. {a.line()}  [{a.seconds:.1f} s; source {redact_url(a.source) or '-'}; "
-            f"installer {a.installer or '-'}]"
-        )
-        if a.channel.note:
-            lines.append(f"     note: {a.channel.note}")
-        for j, t in enumerate(a.tries, 1):
-            lines.append(f"     source {j}/{len(a.channel.sources)}: {t.line()}")
-        if not a.ok and a.facts and "torch_version" in a.facts:
-            lines.append(
-                f"     it installed torch {a.facts['torch_version']} (torch.version.cuda {a.facts.get('cuda')}, "
-                f"cuda available {a.facts.get('cuda_available')}); discarded with the staging venv"
-            )
-        if not a.ok and a.files:
-            lines.append(f"     files it installed into the staging venv (discarded), {len(a.files)}:")
-            lines += [f"       {f.name} {f.version} {redact_url(f.url)} sha256={f.sha256 or '?'}" for f in a.files]
+        lines += _attempt_lines(i, a)
     if noop:
         lines.append("  (no-op: .venv-gpu already held this install and it verified again; nothing was run)")
     if facts:
@@ -118,6 +85,49 @@ def write_report(
     if freeze:
         lines += ["", "pip freeze of .venv-gpu:", *(f"  {ln}" for ln in freeze.splitlines())]
     (ctx.run_dir / REPORT).write_text(redact_url("\n".join(lines) + "\n"))
+
+
+def _chosen_lines(ctx, chosen: dict | None, noop: bool) -> list[str]:
+    """The channel, source and installer that .venv-gpu holds (with the interpreter a provisioned one reuses)."""
+    if not chosen:
+        return [f"pip config   {ctx.env_line}"]
+    ch = ctx.catalog.get(chosen["channel"])
+    lines = [
+        f"channel      {chosen['channel']} (kind {chosen['entry']['kind']})"
+        + (f" — {ch.note}" if ch and ch.note else ""),
+        f"source       {redact_url(chosen['source'])}",
+        f"installer    {chosen['installer']}",
+        f"pip config   {ctx.env_line}",
+        f"installed    {chosen['installed']}" + ("  (this run: no-op, verified again)" if noop else ""),
+    ]
+    if chosen.get("provisioned"):
+        p = chosen["provisioned"]
+        lines += [
+            f"reuses torch of {p['executable']} (Python {p['version']}), unmodified; "
+            f".venv-gpu is built from {p['base_executable']} and its {layout.VENV_PROVISIONED_PTH} lists:"
+        ]
+        lines += [f"    {d}" for d in p["site_dirs"]]
+    return lines
+
+
+def _attempt_lines(i: int, a) -> list[str]:
+    """Attempt number `i`: its line, its channel's note, each source tried, and what a failed one installed."""
+    lines = [
+        f"  {i}. {a.line()}  [{a.seconds:.1f} s; source {redact_url(a.source) or '-'}; installer {a.installer or '-'}]"
+    ]
+    if a.channel.note:
+        lines.append(f"     note: {a.channel.note}")
+    for j, t in enumerate(a.tries, 1):
+        lines.append(f"     source {j}/{len(a.channel.sources)}: {t.line()}")
+    if not a.ok and a.facts and "torch_version" in a.facts:
+        lines.append(
+            f"     it installed torch {a.facts['torch_version']} (torch.version.cuda {a.facts.get('cuda')}, "
+            f"cuda available {a.facts.get('cuda_available')}); discarded with the staging venv"
+        )
+    if not a.ok and a.files:
+        lines.append(f"     files it installed into the staging venv (discarded), {len(a.files)}:")
+        lines += [f"       {f.name} {f.version} {redact_url(f.url)} sha256={f.sha256 or '?'}" for f in a.files]
+    return lines
 
 
 def write_requirements(ctx, marker: dict, freeze: str) -> None:
