@@ -498,19 +498,23 @@ def install(
             no_deps=no_deps,
         )
     report = workdir / f"pip-report-{step}.json"
-    cmd = [
-        python,
-        "-I",
-        "-m",
-        "pip",
-        "install",
-        "--disable-pip-version-check",
-        "--no-input",
-        "--progress-bar",
-        "off",
-        "--only-binary=:all:",
-        *source.args(),
-    ]
+    cmd = _pip_command(
+        python, requirements, source, report, pre=pre, fast=fast, no_deps=no_deps, constraints=constraints
+    )
+    rc, out = log.run(cmd)
+    if rc != 0:
+        raise classify(out, rc, source, where)
+    files = parse_pip_report(report)
+    check_provenance(files, source)
+    return files
+
+
+def _pip_command(
+    python: Path, requirements: list[str], source: Source, report: Path, *, pre, fast, no_deps, constraints
+) -> list:
+    """`pip install` of `requirements` from `source` only, binary only, writing its --report JSON to `report`."""
+    cmd: list = [python, "-I", "-m", "pip", "install", "--disable-pip-version-check", "--no-input"]
+    cmd += ["--progress-bar", "off", "--only-binary=:all:", *source.args()]
     if pre:
         cmd.append("--pre")
     if fast:
@@ -519,13 +523,7 @@ def install(
         cmd.append("--no-deps")
     if constraints is not None:
         cmd += ["--constraint", constraints]
-    cmd += ["--report", report, *requirements]
-    rc, out = log.run(cmd)
-    if rc != 0:
-        raise classify(out, rc, source, where)
-    files = parse_pip_report(report)
-    check_provenance(files, source)
-    return files
+    return cmd + ["--report", report, *requirements]
 
 
 def _install_uv(
