@@ -68,6 +68,12 @@ def _csv(text: str) -> list[str]:
 
 def add_arguments(parser) -> None:
     parser.add_argument("--session-channel", default=None, help=argparse.SUPPRESS)  # nox's `-p NAME`
+    add_channel_arguments(parser)
+    add_venv_arguments(parser)
+
+
+def add_channel_arguments(parser) -> None:
+    """Which channels to try, and where their torch comes from."""
     parser.add_argument(
         "--channel",
         default=None,
@@ -105,6 +111,10 @@ def add_arguments(parser) -> None:
         help="folder of wheels: the source of the wheelhouse channel, and of the gpu_packages "
         "step for any channel (offline: no index at all)",
     )
+
+
+def add_venv_arguments(parser) -> None:
+    """How the installer runs, and which venv it manages."""
     parser.add_argument(
         "--installer",
         choices=("auto", "pip", "uv"),

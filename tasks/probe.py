@@ -286,49 +286,9 @@ def nvml_facts(nv) -> DriverFacts:
     except nv.NVMLError as e:
         raise NvmlUnavailable(f"NVML cannot start: {e}") from None
     try:
-
-        def optional(fn_name, *args, fallback=None):
-            fn = getattr(nv, fn_name, None)
-            try:
-                if fn is None:
-                    raise AttributeError(fn_name)
-                return fn(*args)
-            except (nv.NVMLError, AttributeError):
-                return optional(fallback, *args) if fallback else None
-
         driver = _text(nv.nvmlSystemGetDriverVersion())
-        cuda_int = optional("nvmlSystemGetCudaDriverVersion_v2", fallback="nvmlSystemGetCudaDriverVersion")
-        gpus = []
-        for i in range(nv.nvmlDeviceGetCount()):
-            h = nv.nvmlDeviceGetHandleByIndex(i)
-            pci = optional("nvmlDeviceGetPciInfo", h)
-            ecc = optional("nvmlDeviceGetEccMode", h)
-            ecc_on = bool(ecc) and enable_state(ecc[0]) == "enabled"
-            raw = {
-                "index": i,
-                "name": nv.nvmlDeviceGetName(h),
-                "uuid": optional("nvmlDeviceGetUUID", h),
-                "pci_bus_id": getattr(pci, "busId", None) if pci is not None else None,
-                "compute_capability": optional("nvmlDeviceGetCudaComputeCapability", h),
-                "memory": optional("nvmlDeviceGetMemoryInfo", h),
-                "ecc_mode": ecc,
-                "ecc_uncorrected_volatile": optional(
-                    "nvmlDeviceGetTotalEccErrors", h, nv.NVML_MEMORY_ERROR_TYPE_UNCORRECTED, nv.NVML_VOLATILE_ECC
-                )
-                if ecc_on
-                else None,
-                "ecc_uncorrected_aggregate": optional(
-                    "nvmlDeviceGetTotalEccErrors", h, nv.NVML_MEMORY_ERROR_TYPE_UNCORRECTED, nv.NVML_AGGREGATE_ECC
-                )
-                if ecc_on
-                else None,
-                "persistence_mode": optional("nvmlDeviceGetPersistenceMode", h),
-                "mig_mode": optional("nvmlDeviceGetMigMode", h),
-                "clock_event_reasons": optional(
-                    "nvmlDeviceGetCurrentClocksEventReasons", h, fallback="nvmlDeviceGetCurrentClocksThrottleReasons"
-                ),
-            }
-            gpus.append(gpu_from_nvml(raw))
+        cuda_int = nvml_optional(nv, "nvmlSystemGetCudaDriverVersion_v2", fallback="nvmlSystemGetCudaDriverVersion")
+        gpus = [gpu_from_nvml(nvml_gpu(nv, i)) for i in range(nv.nvmlDeviceGetCount())]
     except nv.NVMLError as e:
         raise NvmlUnavailable(f"NVML failed while reading the GPUs: {e}") from None
     finally:
@@ -339,6 +299,48 @@ def nvml_facts(nv) -> DriverFacts:
     return DriverFacts(
         "nvml", driver=driver, driver_cuda=cuda_version_from_int(cuda_int) if cuda_int is not None else None, gpus=gpus
     )
+
+
+def nvml_optional(nv, fn_name: str, *args, fallback: str | None = None):
+    """nv.<fn_name>(*args), else the `fallback` function's answer, else None (an old driver, Not Supported)."""
+    fn = getattr(nv, fn_name, None)
+    try:
+        if fn is None:
+            raise AttributeError(fn_name)
+        return fn(*args)
+    except (nv.NVMLError, AttributeError):
+        return nvml_optional(nv, fallback, *args) if fallback else None
+
+
+def nvml_gpu(nv, i: int) -> dict:
+    """GPU `i` as NVML answers, raw (gpu_from_nvml makes the record of it)."""
+    h = nv.nvmlDeviceGetHandleByIndex(i)
+    pci = nvml_optional(nv, "nvmlDeviceGetPciInfo", h)
+    ecc = nvml_optional(nv, "nvmlDeviceGetEccMode", h)
+    ecc_on = bool(ecc) and enable_state(ecc[0]) == "enabled"
+
+    def uncorrected(counter: str) -> int | None:
+        if not ecc_on:
+            return None
+        errors = nv.NVML_MEMORY_ERROR_TYPE_UNCORRECTED
+        return nvml_optional(nv, "nvmlDeviceGetTotalEccErrors", h, errors, getattr(nv, counter))
+
+    return {
+        "index": i,
+        "name": nv.nvmlDeviceGetName(h),
+        "uuid": nvml_optional(nv, "nvmlDeviceGetUUID", h),
+        "pci_bus_id": getattr(pci, "busId", None) if pci is not None else None,
+        "compute_capability": nvml_optional(nv, "nvmlDeviceGetCudaComputeCapability", h),
+        "memory": nvml_optional(nv, "nvmlDeviceGetMemoryInfo", h),
+        "ecc_mode": ecc,
+        "ecc_uncorrected_volatile": uncorrected("NVML_VOLATILE_ECC"),
+        "ecc_uncorrected_aggregate": uncorrected("NVML_AGGREGATE_ECC"),
+        "persistence_mode": nvml_optional(nv, "nvmlDeviceGetPersistenceMode", h),
+        "mig_mode": nvml_optional(nv, "nvmlDeviceGetMigMode", h),
+        "clock_event_reasons": nvml_optional(
+            nv, "nvmlDeviceGetCurrentClocksEventReasons", h, fallback="nvmlDeviceGetCurrentClocksThrottleReasons"
+        ),
+    }
 
 
 class Deadline:
