@@ -16,6 +16,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import fake_gpu
+import holders
 import pytest
 from trees import tree_hashes
 
@@ -158,24 +159,13 @@ def test_a_bad_option_value_is_one_line_not_the_usage_block(project):
 def test_a_locked_run_exits_with_a_code_nox_does_not_use_and_names_the_holder(project):
     run_dir = project.runs / "m40_v2"
     (run_dir / layout.STAGES_DIR).mkdir(parents=True)
-    code = (
-        "import sys, time; from pathlib import Path; from tasks import runs\n"
-        "with runs.locked(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(60)\n"
-    )
-    holder = subprocess.Popen(
-        [sys.executable, "-c", code, str(run_dir)],
-        cwd=project.root,  # noqa: S603
-        stdout=subprocess.PIPE,
-        text=True,
-        env={**project.env, "PYTHONPATH": str(project.root)},
-    )
+    env = {**project.env, "PYTHONPATH": str(project.root)}
+    holder = holders.hold("tasks.runs", "locked", run_dir, cwd=project.root, env=env)
     try:
-        assert holder.stdout.readline().strip() == "held"
         assert LOCKED not in (1, 2, 3)  # nox's own exit codes
         refused(project.nox("-s", "probe", "--", *NO_GPU), LOCKED, f"locked by pid {holder.pid}", "wait for it")
     finally:
-        holder.kill()
-        holder.wait()
+        holders.release(holder)
     assert not any((run_dir / layout.STAGES_DIR).iterdir())
 
 

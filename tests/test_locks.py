@@ -5,6 +5,7 @@ import subprocess
 import sys
 import time
 
+import holders
 import pytest
 
 from tasks import layout, locks
@@ -111,23 +112,11 @@ def test_a_lock_file_that_no_live_process_locks_is_free_whatever_pid_it_names(tm
 
 def test_a_lock_dies_with_a_holder_killed_by_sigkill(tmp_path):
     lock = tmp_path / "x.lock"
-    code = (
-        "import sys, time; from pathlib import Path; from tasks import locks\n"
-        "with locks.exclusive(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(60)\n"
-    )
-    holder = subprocess.Popen(
-        [sys.executable, "-c", code, str(lock)],
-        cwd=layout.ROOT,  # noqa: S603
-        stdout=subprocess.PIPE,
-        text=True,
-        env=CHILD_ENV,
-    )
-    assert holder.stdout.readline().strip() == "held"
+    holder = holders.hold("tasks.locks", "exclusive", lock, cwd=layout.ROOT, env=CHILD_ENV)
     with pytest.raises(locks.Busy, match=f"pid {holder.pid} on "):
         with locks.exclusive(lock):
             pass
-    holder.kill()
-    holder.wait()
+    holders.release(holder)
     assert lock.exists()  # the file stays behind; its kernel lock does not
     with locks.exclusive(lock):
         assert json.loads(lock.read_text())["pid"] == os.getpid()
@@ -143,37 +132,18 @@ def test_a_symlinked_lock_file_is_never_followed(tmp_path):
     assert target.read_text() == "keep me"
 
 
-HOLD = """
-import sys, time
-from pathlib import Path
-from tasks import locks
-with getattr(locks, sys.argv[2])(Path(sys.argv[1])):
-    print("held", flush=True)
-    time.sleep(60)
-"""
-
-
 @pytest.fixture
 def hold(tmp_path):
     """hold(lock, "shared"|"exclusive"): another process holding the lock until the test ends."""
     procs = []
 
     def start(lock, mode):
-        proc = subprocess.Popen(
-            [sys.executable, "-c", HOLD, str(lock), mode],
-            cwd=layout.ROOT,  # noqa: S603
-            stdout=subprocess.PIPE,
-            text=True,
-            env=CHILD_ENV,
-        )
-        procs.append(proc)
-        assert proc.stdout.readline().strip() == "held"
-        return proc
+        procs.append(holders.hold("tasks.locks", mode, lock, cwd=layout.ROOT, env=CHILD_ENV))
+        return procs[-1]
 
     yield start
     for proc in procs:
-        proc.kill()
-        proc.wait()
+        holders.release(proc)
 
 
 def test_shared_holders_share_and_keep_an_exclusive_holder_out(tmp_path, hold):

@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import socket
-import subprocess
-import sys
 
+import holders
 import pytest
 
 from tasks import layout, runs, stage, venvs
@@ -86,21 +85,10 @@ def test_lock_is_released_after_use_and_after_an_error(tmp_path):
 def holder(tmp_path):
     """Another process holding the run's lock (killed hard at the end, as a crash would)."""
     (tmp_path / layout.STAGES_DIR).mkdir()  # a run folder
-    code = (
-        "import sys, time; from pathlib import Path; from tasks import runs\n"
-        "with runs.locked(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(60)\n"
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code, str(tmp_path)],
-        cwd=PROJECT,  # noqa: S603
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout.readline().strip() == "held"
+    proc = holders.hold("tasks.runs", "locked", tmp_path, cwd=PROJECT)
     yield proc
     if proc.poll() is None:
-        proc.kill()
-        proc.wait()
+        holders.release(proc)
 
 
 def test_second_process_is_told_who_holds_the_lock(tmp_path, holder, capsys):
@@ -133,12 +121,6 @@ def test_lock_from_another_host_is_not_taken_over(tmp_path):
         pass
 
 
-VENV_HOLDER = (
-    "import sys, time; from pathlib import Path; from tasks import venvs\n"
-    "with getattr(venvs, sys.argv[2])(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(60)\n"
-)
-
-
 @pytest.fixture
 def venv_holder(tmp_path, monkeypatch):
     """venv_holder(how): another process holding tmp_path/.venv-gpu (`locked`: an install, `in_use`: a stage)."""
@@ -146,20 +128,12 @@ def venv_holder(tmp_path, monkeypatch):
     procs = []
 
     def start(how):
-        proc = subprocess.Popen(
-            [sys.executable, "-c", VENV_HOLDER, str(layout.VENV_GPU), how],  # noqa: S603
-            cwd=PROJECT,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        procs.append(proc)
-        assert proc.stdout.readline().strip() == "held"
-        return proc
+        procs.append(holders.hold("tasks.venvs", how, layout.VENV_GPU, cwd=PROJECT))
+        return procs[-1]
 
     yield start
     for proc in procs:
-        proc.kill()
-        proc.wait()
+        holders.release(proc)
 
 
 @pytest.mark.parametrize("name", ["cuda_check", "train"])
