@@ -886,35 +886,39 @@ class Checker:
             "arch_list_seam": os.environ.get(rules.ARCH_LIST_SEAM_ENV),
             "settings": {k: self.s[k] for k in ("memory_share", "speed_share", "tolerances", "sizes", "repeats")},
             "torch_identity": identity.of_torch(torch.__file__, torch.__version__),
-            "gpus": [
-                {
-                    "index": g["index"],
-                    "name": g["name"],
-                    "capability": "{}.{}".format(*g["capability"]),
-                    "total_gib": round(g["total_gib"], 2),
-                    "sms": g["sms"],
-                    "nvml_index": g["nvml"],
-                    "datasheet": g["spec"].model if g["spec"] else None,
-                }
-                for g in self.gpus
-            ],
-            "checks": [
-                {
-                    "name": x.name,
-                    "gpu": x.gpu,
-                    "status": x.status,
-                    "value": x.value,
-                    "reason": x.reason,
-                    "seconds": x.seconds,
-                    "data": x.data,
-                }
-                for x in self.checks
-            ],
+            "gpus": [gpu_record(g) for g in self.gpus],
+            "checks": [check_record(x) for x in self.checks],
             "counts": rules.counts(self.checks),
             "gpus_checked": rules.gpus_checked(self.checks),
             "exit_code": code,
             "reason": reason,
         }
+
+
+def gpu_record(g: dict) -> dict:
+    """One GPU as cuda_check.json names it."""
+    return {
+        "index": g["index"],
+        "name": g["name"],
+        "capability": "{}.{}".format(*g["capability"]),
+        "total_gib": round(g["total_gib"], 2),
+        "sms": g["sms"],
+        "nvml_index": g["nvml"],
+        "datasheet": g["spec"].model if g["spec"] else None,
+    }
+
+
+def check_record(x: Check) -> dict:
+    """One check's verdict as cuda_check.json keeps it."""
+    return {
+        "name": x.name,
+        "gpu": x.gpu,
+        "status": x.status,
+        "value": x.value,
+        "reason": x.reason,
+        "seconds": x.seconds,
+        "data": x.data,
+    }
 
 
 def allreduce_worker(rank: int, world: int, tmp: str, seed: int, mib: int, timed: int, timeout: float) -> None:
