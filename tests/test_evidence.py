@@ -81,6 +81,15 @@ def no_step_summary(monkeypatch):
     monkeypatch.delenv(evidence.STEP_SUMMARY_ENV, raising=False)
 
 
+# install failed: the stages after it were skipped
+INSTALL_FAILED = {
+    "probe": StageStatus.PASS,
+    "install": StageStatus.FAIL,
+    "cuda_check": StageStatus.SKIP,
+    "train": StageStatus.SKIP,
+}
+
+
 def make_run(tmp_path, statuses: dict[str, str], reasons: dict[str, str] | None = None):
     """A run folder as the stages would leave it: a record per stage in `statuses`, and the files
     of each stage that ran (pass or fail)."""
@@ -192,12 +201,7 @@ def test_failed_run_names_the_stage_and_writes_why_files_are_missing(tmp_path):
     reason = "found driver 550.54.15 supporting CUDA 12.4; need CUDA >= 12.8; upgrade the driver"
     run_dir = make_run(
         tmp_path,
-        {
-            "probe": StageStatus.PASS,
-            "install": StageStatus.FAIL,
-            "cuda_check": StageStatus.SKIP,
-            "train": StageStatus.SKIP,
-        },
+        INSTALL_FAILED,
         {"install": reason, "cuda_check": "not run: install failed", "train": "not run: install failed"},
     )
     (run_dir / "torch_version.txt").unlink()  # install failed before writing its file
@@ -365,12 +369,7 @@ def test_a_fail_says_what_happened_and_what_to_do_once(tmp_path):
     reason = "no channel gave a verified CUDA torch: cu128 unreachable; use cu130"
     run_dir = make_run(
         tmp_path,
-        {
-            "probe": StageStatus.PASS,
-            "install": StageStatus.FAIL,
-            "cuda_check": StageStatus.SKIP,
-            "train": StageStatus.SKIP,
-        },
+        INSTALL_FAILED,
         {"install": reason},
     )
     render(run_dir)

@@ -311,7 +311,8 @@ def test_wheelhouse_channel_installs_offline(world, tmp_path):
     assert all(f["url"].startswith(world["house"].as_uri()) for f in marker["files"])
 
 
-def test_system_channel_reuses_another_venvs_torch_without_touching_it(world, tmp_path, monkeypatch):
+def provider_with_torch(world, tmp_path) -> tuple[Path, installers.CommandLog]:
+    """Another venv holding the wheelhouse's torch (what a system channel reuses), and a log to run commands."""
     provider = tmp_path / "provider"
     venvs.create(provider, sys.executable, prompt="provider")
     env, _ = installers.child_env(False)
@@ -320,6 +321,11 @@ def test_system_channel_reuses_another_venvs_torch_without_touching_it(world, tm
         [layout.gpu_python(provider), "-m", "pip", "install", "--no-index", "--find-links", world["house"], "torch"]
     )
     assert rc == 0, out
+    return provider, log
+
+
+def test_system_channel_reuses_another_venvs_torch_without_touching_it(world, tmp_path, monkeypatch):
+    provider, log = provider_with_torch(world, tmp_path)
     before = tree_hash(provider)
     # the default is the first python3 on PATH, but not nox's own script-mode venv that nox puts first
     nox_bin = tmp_path / ".nox" / "_nox_script_mode" / "bin"
@@ -366,14 +372,7 @@ def test_system_channel_reuses_another_venvs_torch_without_touching_it(world, tm
 
 
 def test_system_channel_bootstraps_pip_where_the_reused_interpreter_has_none(world, tmp_path, monkeypatch):
-    provider = tmp_path / "provider"
-    venvs.create(provider, sys.executable, prompt="provider")
-    env, _ = installers.child_env(False)
-    log = installers.CommandLog(None, env=env, echo=False)
-    rc, out = log.run(
-        [layout.gpu_python(provider), "-m", "pip", "install", "--no-index", "--find-links", world["house"], "torch"]
-    )
-    assert rc == 0, out
+    provider, log = provider_with_torch(world, tmp_path)
     rc, out = log.run([layout.gpu_python(provider), "-m", "pip", "uninstall", "-y", "pip"])
     assert rc == 0, out
     monkeypatch.setenv("PATH", os.pathsep.join([str(provider / "bin"), os.environ["PATH"]]))
