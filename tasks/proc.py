@@ -118,10 +118,7 @@ def finish(child: subprocess.Popen, timeout: float) -> int:
     try:
         return child.wait(max(0.0, timeout))
     except subprocess.TimeoutExpired:
-        try:
-            os.killpg(child.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        signal_group(child, signal.SIGKILL)
         child.wait()
         return 124
 
