@@ -54,8 +54,11 @@ def gpu_env(extra: dict | None = None, python: Path | None = None) -> dict:
 def compile_cache_env(python: Path | None = None) -> dict[str, str]:
     """Inductor's, Triton's and AOTAutograd's persistent caches in the folder beside the venv of `python`
     (.venv-gpu when it is None or not in a venv: layout.compile_cache), the FX graph and AOTAutograd caches on.
-    A hit skips code generation only: the cached kernel still runs and its results are still compared."""
+    A hit skips code generation only: the cached kernel still runs and its results are still compared.
+    Nothing ({}: torch's own defaults) where that folder cannot be made (a venv in a read-only place)."""
     cache = layout.compile_cache(layout.venv_of(python) if python is not None else None)
+    if not os.access(cache if cache.exists() else cache.parent, os.W_OK):
+        return {}
     return {
         "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"),
         "TRITON_CACHE_DIR": str(cache / "triton"),

@@ -154,3 +154,14 @@ def test_git_ignores_the_compile_cache():
         rel = str(path.relative_to(layout.ROOT))
         res = subprocess.run(["git", "check-ignore", "--no-index", "-q", rel], cwd=layout.ROOT)
         assert res.returncode == 0, f"{rel} is not ignored by .gitignore"
+
+
+def test_a_venv_in_a_read_only_place_leaves_torchs_default_caches(tmp_path, monkeypatch):
+    for name in CACHE_VARS:
+        monkeypatch.delenv(name, raising=False)
+    python = fake_venv(tmp_path / "opt" / "venv")
+    read_only = {str(tmp_path / "opt")}
+    monkeypatch.setattr(proc.os, "access", lambda path, mode: str(path) not in read_only)
+    env = proc.gpu_env(python=python)
+    assert not any(name in env for name in CACHE_VARS)
+    assert env["PYTHONNOUSERSITE"] == "1"  # the rest of the isolation stays
