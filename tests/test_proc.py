@@ -110,7 +110,8 @@ def test_every_gpu_child_shares_the_compile_cache_beside_gpu_venv(monkeypatch):
     for env in (proc.gpu_env(), proc.gpu_env(python=layout.gpu_python()), proc.gpu_env({"OMP_NUM_THREADS": "2"})):
         assert env["TORCHINDUCTOR_CACHE_DIR"] == str(cache / "inductor")
         assert env["TRITON_CACHE_DIR"] == str(cache / "triton")
-        assert env["TORCHINDUCTOR_FX_GRAPH_CACHE"] == "1" and env["TORCHINDUCTOR_AUTOGRAD_CACHE"] == "1"
+        # on by torch's default; never forced (that would turn on an older torch's experimental caches)
+        assert "TORCHINDUCTOR_FX_GRAPH_CACHE" not in env and "TORCHINDUCTOR_AUTOGRAD_CACHE" not in env
     assert layout.compile_cache() == cache
     # never part of a run's evidence: outside submission_runs/
     assert not cache.is_relative_to(layout.RUNS_DIR)
@@ -141,7 +142,7 @@ def test_the_users_own_compile_cache_settings_win(monkeypatch):
     monkeypatch.delenv("TORCHINDUCTOR_AUTOGRAD_CACHE", raising=False)
     env = proc.gpu_env()
     assert env["TORCHINDUCTOR_CACHE_DIR"] == "/scratch/inductor" and env["TRITON_CACHE_DIR"] == "/scratch/triton"
-    assert env["TORCHINDUCTOR_FX_GRAPH_CACHE"] == "0" and env["TORCHINDUCTOR_AUTOGRAD_CACHE"] == "1"
+    assert env["TORCHINDUCTOR_FX_GRAPH_CACHE"] == "0" and "TORCHINDUCTOR_AUTOGRAD_CACHE" not in env
 
 
 def test_git_ignores_the_compile_cache():
@@ -165,3 +166,29 @@ def test_a_venv_in_a_read_only_place_leaves_torchs_default_caches(tmp_path, monk
     env = proc.gpu_env(python=python)
     assert not any(name in env for name in CACHE_VARS)
     assert env["PYTHONNOUSERSITE"] == "1"  # the rest of the isolation stays
+
+
+COMPILE_TWICE = """
+import torch
+from training_pt import gpu_checks as g
+before = g.compile_cache_counts()
+torch.compile(g._compiled_probe, fullgraph=True)(torch.randn(8, 8), torch.randn(8, 8))
+print(g.compile_cache_state(before, g.compile_cache_counts()))
+"""
+
+
+def test_a_second_child_reuses_the_first_ones_compiled_graph_from_the_cache_beside_its_venv(tmp_path, monkeypatch):
+    """Real Inductor on the CPU: two processes with the launcher's environment; the second hits the cache."""
+    import subprocess
+
+    for name in (*CACHE_VARS, "TORCHINDUCTOR_FORCE_DISABLE_CACHES"):
+        monkeypatch.delenv(name, raising=False)
+    env = proc.gpu_env(python=fake_venv(tmp_path / "v"))
+    said = [
+        subprocess.run([sys.executable, "-c", COMPILE_TWICE], env=env, capture_output=True, text=True, timeout=600)
+        for _ in range(2)
+    ]
+    assert [s.returncode for s in said] == [0, 0], said[0].stderr[-2000:] + said[1].stderr[-2000:]
+    assert "FX graph cache miss" in said[0].stdout
+    assert said[1].stdout.strip() == "FX graph cache hit, AOTAutograd cache hit"
+    assert (tmp_path / "v.compile-cache" / "inductor").is_dir()

@@ -309,19 +309,33 @@ def _compiled_probe(x, y):
     return torch.nn.functional.gelu(x) * torch.sin(y) + x.sum(dim=-1, keepdim=True)
 
 
-def fx_graph_cache_counts() -> dict[str, int]:
-    """Inductor's FX graph cache counters so far ({} where this torch keeps none)."""
+# The persistent caches a compile may use, by torch's counter group and key prefix, as the compile line names them.
+COMPILE_CACHES = (
+    ("inductor", "fxgraph_cache_", "FX graph cache"),
+    ("aot_autograd", "autograd_cache_", "AOTAutograd cache"),
+)
+
+
+def compile_cache_counts() -> dict[tuple[str, str], int]:
+    """torch's counters of its FX graph and AOTAutograd caches so far ({} where this torch keeps none)."""
     try:
         from torch._dynamo.utils import counters
     except ImportError:
         return {}
-    return {k: v for k, v in counters["inductor"].items() if k.startswith("fxgraph_cache_")}
+    return {
+        (label, key.removeprefix(prefix)): n
+        for group, prefix, label in COMPILE_CACHES
+        for key, n in counters[group].items()
+        if key.startswith(prefix)
+    }
 
 
-def fx_graph_cache_state(before: dict[str, int], after: dict[str, int]) -> str:
-    """What the persistent compile cache (tasks/proc.py) did for one compile: hit, miss or bypass."""
-    grew = [k.removeprefix("fxgraph_cache_") for k in after if after[k] > before.get(k, 0)]
-    return ", ".join(sorted(grew))
+def compile_cache_state(before: dict, after: dict) -> str:
+    """What the persistent caches (tasks/proc.py) did for one compile, e.g. "FX graph cache hit, AOTAutograd
+    cache hit" ('' where torch counted nothing)."""
+    grew = {key for key, n in after.items() if n > before.get(key, 0)}
+    said = [(label, sorted(what for lab, what in grew if lab == label)) for _, _, label in COMPILE_CACHES]
+    return ", ".join(f"{label} {'/'.join(whats)}" for label, whats in said if whats)
 
 
 # --------------------------------------------------------------------------- the checker
@@ -774,14 +788,14 @@ class Checker:
         x = torch.randn(1024, 1024, device=dev, generator=gen)
         y = torch.randn(1024, 1024, device=dev, generator=gen)
         eager = _compiled_probe(x, y)
-        hits_before = fx_graph_cache_counts()
+        counts_before = compile_cache_counts()
         compiled = self._compiled(x, y)
         torch.cuda.synchronize(dev)
         err, bad = compare(compiled, eager.double().cpu())
-        cache = fx_graph_cache_state(hits_before, fx_graph_cache_counts())
-        note = "gelu*sin+row sum, inductor/Triton vs eager" + (f"; FX graph cache {cache}" if cache else "")
+        cache = compile_cache_state(counts_before, compile_cache_counts())
+        note = "gelu*sin+row sum, inductor/Triton vs eager" + (f"; {cache}" if cache else "")
         verdict = rules.judge_error(err, tol, nonfinite=bad, note=note)
-        verdict.data["fx_graph_cache"] = cache or None  # a hit skips code generation; the kernel still ran above
+        verdict.data["compile_cache"] = cache or None  # a hit skips code generation; the kernel still ran above
         return verdict
 
     # ---- i: more than one GPU
