@@ -136,10 +136,13 @@ def test_a_failing_compile_falls_back_to_eager_and_says_so(tmp_path):
     out = tmp_path / "run"
     code = (
         "import sys, torch; from training_pt import train\n"
+        "class Broken(torch.nn.Module):\n"  # torch.compile gives a module for a module, a function otherwise
+        "    def forward(self, *a, **k):\n"
+        "        raise RuntimeError('InductorError: no C compiler found')\n"
         "def broken(model, **kw):\n"
         "    def call(*a, **k):\n"
         "        raise RuntimeError('InductorError: no C compiler found')\n"
-        "    return call\n"
+        "    return Broken() if isinstance(model, torch.nn.Module) else call\n"
         "torch.compile = broken\n"
         "sys.exit(train.main(sys.argv[1:]))\n"
     )
@@ -416,3 +419,33 @@ def test_train_py_refuses_to_write_into_a_sealed_run(tmp_path):
     )
     assert done.returncode == 2
     assert "is a sealed run folder" in done.stderr and not (sealed / layout.TRAIN_LOG).exists()
+
+
+def test_a_torch_compile_that_refuses_outright_leaves_an_eager_run_that_says_so(monkeypatch):
+    """torch.compile can raise when called (an unsupported Python, say), before any step: the run goes eager."""
+    from tasks.config import load_yaml
+    from training_pt import configurator
+    from training_pt.report import Log
+
+    def refuse(*a, **k):
+        raise RuntimeError("Dynamo is not supported on this Python")
+
+    monkeypatch.setattr(torch, "compile", refuse)
+    cfg = configurator.load_config(layout.TRAIN_CONFIG, TINY[:5])
+    cfg["train"]["compile"] = True
+    lines = []
+    log = Log.__new__(Log)  # no file: the lines are kept here
+    log.leader, log.rank = True, 0
+    monkeypatch.setattr(Log, "__call__", lambda self, text="", **k: lines.append(text))
+    run = T.Run(cfg, None, log, {"figures": {}, "losses": []}, torch.device("cpu"), 0, 0, 1)
+    lm, _ = model.build_model(cfg, run.device, log)
+    tokens = torch.randint(0, 50257, (4096,))
+    run.batches = T.Batches(tokens, 2, cfg["train"]["block_size"], 0, run.device)
+    stepper, eager = T.wrap_model(run, lm)
+    assert (
+        "torch.compile failed (RuntimeError: Dynamo is not supported on this Python); continuing without compile"
+        in lines
+    )
+    assert run.figures["compile"] == "failed (RuntimeError), ran eager"
+    assert stepper.forward is eager() and torch.isfinite(stepper(1e-3)).all()
+    assert load_yaml(layout.TRAIN_CONFIG)["train"]["compile_scope"] == "blocks"  # the scope this guards

@@ -306,7 +306,8 @@ def test_a_cuda_check_option_given_its_default_value_is_no_override():
 def test_a_train_override_equal_to_the_config_is_no_override():
     from tasks import train
 
-    items = ["checks.min_loss_drop=2.0", "min_loss_drop=2", "train.steps=30", "steps=20", "checks.min_loss_drop=0.3"]
+    steps = f"train.steps={config.load_yaml(layout.TRAIN_CONFIG)['train']['steps']}"  # the YAML's own value
+    items = ["checks.min_loss_drop=2.0", "min_loss_drop=2", steps, "steps=20", "checks.min_loss_drop=0.3"]
     assert train.changed_overrides(items, layout.TRAIN_CONFIG) == ["steps=20", "checks.min_loss_drop=0.3"]
     same = train.changed_overrides(["checks.min_loss_drop=2.0"], layout.TRAIN_CONFIG)
     assert verdict.judge(run(train={"overrides": same}), RULES, FILES).word == "PASS"

@@ -356,7 +356,14 @@ def wrap_model(run: Run, model):
         def reduce(total: torch.Tensor) -> None:
             dist.all_reduce(total, op=dist.ReduceOp.AVG)  # log the loss of every rank's data
 
-    forward, eager = compile_net(net, model, t)
+    compile_state = "on" if t["compile"] else "off"
+    try:
+        forward, eager = compile_net(net, model, t)
+    except Exception as e:  # torch.compile refused outright (an unsupported Python or platform, say)
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        run.log(f"torch.compile failed ({type(e).__name__}: {first}); continuing without compile")
+        compile_state = f"failed ({type(e).__name__}), ran eager"
+        forward, eager = net, (lambda: net)
     optimizer = make_optimizer(model, t, device)
     batches = OomSeam(run.batches, os.environ.get(OOM_TEST_ENV, ""))
     stepper = Stepper(forward, model, optimizer, batches, t, device, no_sync=no_sync, reduce=reduce)
@@ -375,7 +382,7 @@ def wrap_model(run: Run, model):
         micro_batch=t["batch_size"],
         oom_retries=0,
         tokens_per_step=tokens_per_step,
-        compile="on" if t["compile"] else "off",
+        compile=compile_state,
     )
     return stepper, eager
 
