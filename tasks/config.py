@@ -379,7 +379,7 @@ def load_gpus(path: Path | None = None) -> list[GpuSpec]:
         seen[frozenset(match)] = g["model"]
         slices = g.get("mig_slices")
         _require(
-            slices is None or (isinstance(slices, int) and not isinstance(slices, bool) and slices > 0),
+            slices is None or positive_whole(slices),
             path,
             f"{key}.mig_slices",
             f"{slices!r} must be a positive whole number (compute slices)",
@@ -455,7 +455,6 @@ def load_cuda_check(path: Path | None = None) -> dict:
     """The cuda_check stage's tolerances, shares, sizes and timeouts, validated."""
     path = Path(path or layout.CUDA_CHECK_FILE)
     data = load_yaml(path)
-    fix = "see configs/cuda_check.yaml in the repository"
     for key in (
         "tolerances",
         "memory_share",
@@ -466,21 +465,8 @@ def load_cuda_check(path: Path | None = None) -> dict:
         "allreduce_timeout_s",
         "min_cuda_for_arch",
     ):
-        _require(key in data, path, key, f"missing; add it ({fix})")
-
-    def positive(value) -> bool:
-        return not isinstance(value, bool) and isinstance(value, (int, float)) and value > 0
-
-    tol = data["tolerances"]
-    _require(isinstance(tol, dict), path, "tolerances", "must be a mapping of check -> relative error")
-    for key in CUDA_CHECK_TOLERANCES:
-        _require(key in tol, path, f"tolerances.{key}", f"missing; add it ({fix})")
-        _require(
-            positive(tol[key]) and tol[key] < 1,
-            path,
-            f"tolerances.{key}",
-            f"{tol[key]!r} must be a relative error in (0, 1)",
-        )
+        _require(key in data, path, key, f"missing; add it ({CUDA_CHECK_FIX})")
+    _cuda_check_tolerances(data["tolerances"], path)
     for key, top in (("memory_share", 0.9), ("speed_share", 1.0)):
         try:
             data[key] = check_share(data[key], key, top)
@@ -491,14 +477,42 @@ def load_cuda_check(path: Path | None = None) -> dict:
         for key in keys:
             value = data[group].get(key)
             _require(
-                isinstance(value, int) and not isinstance(value, bool) and value > 0,
+                positive_whole(value),
                 path,
                 f"{group}.{key}",
                 f"{value!r} must be a positive whole number",
             )
     for key in ("timeout_s", "allreduce_timeout_s"):
-        _require(positive(data[key]), path, key, f"{data[key]!r} must be a positive number of seconds")
-    arch = data["min_cuda_for_arch"]
+        _require(positive_number(data[key]), path, key, f"{data[key]!r} must be a positive number of seconds")
+    data["min_cuda_for_arch"] = _min_cuda_for_arch(data["min_cuda_for_arch"], path)
+    return data
+
+
+CUDA_CHECK_FIX = "see configs/cuda_check.yaml in the repository"
+
+
+def positive_number(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and value > 0
+
+
+def positive_whole(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int) and value > 0
+
+
+def _cuda_check_tolerances(tol, path: Path) -> None:
+    _require(isinstance(tol, dict), path, "tolerances", "must be a mapping of check -> relative error")
+    for key in CUDA_CHECK_TOLERANCES:
+        _require(key in tol, path, f"tolerances.{key}", f"missing; add it ({CUDA_CHECK_FIX})")
+        _require(
+            positive_number(tol[key]) and tol[key] < 1,
+            path,
+            f"tolerances.{key}",
+            f"{tol[key]!r} must be a relative error in (0, 1)",
+        )
+
+
+def _min_cuda_for_arch(arch, path: Path) -> dict[str, str]:
+    """{"sm_90": "12.0", ...}: every key an arch, every value a CUDA version."""
     _require(isinstance(arch, dict), path, "min_cuda_for_arch", "must be a mapping of sm_XY -> CUDA version")
     for key, value in arch.items():
         _require(
@@ -508,15 +522,14 @@ def load_cuda_check(path: Path | None = None) -> dict:
             parse_version(str(value))
         except ValueError:
             raise ConfigError(f'{path}: min_cuda_for_arch.{key}: {value!r} is not a version like "12.8"') from None
-    data["min_cuda_for_arch"] = {str(k): str(v) for k, v in arch.items()}
-    return data
+    return {str(k): str(v) for k, v in arch.items()}
 
 
 # --------------------------------------------------------------------------- probe (probe.yaml)
 
 
 def positive_seconds(value) -> bool:
-    return not isinstance(value, bool) and isinstance(value, (int, float)) and 0 < value < float("inf")
+    return positive_number(value) and value < float("inf")
 
 
 def load_probe(path: Path | None = None) -> dict:
@@ -628,11 +641,9 @@ BURNIN_KEYS = {
 def _burnin_value(path: Path, key: str, kind: str, value) -> None:
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if kind == "s":
-        _require(number and value > 0, path, key, f"{value!r} must be a positive number")
+        _require(positive_number(value), path, key, f"{value!r} must be a positive number")
     elif kind == "n":
-        _require(
-            number and isinstance(value, int) and value > 0, path, key, f"{value!r} must be a positive whole number"
-        )
+        _require(positive_whole(value), path, key, f"{value!r} must be a positive whole number")
     elif kind == "share":
         _require(number and 0 < value <= 1, path, key, f"{value!r} must be a share in (0, 1]")
     elif kind == "sev":
