@@ -540,39 +540,14 @@ def attempt(ctx: Context, ch: Channel) -> Attempt:
         if ch.kind in ("index", "pypi"):
             torch_from_sources(ctx, a, inst, spy, where)
         elif ch.kind == "wheelhouse":
-            a.files = installers.install(
-                inst,
-                ctx.log,
-                spy,
-                ["torch"],
-                src,
-                pre=False,
-                constraints=None,
-                workdir=ctx.workdir,
-                step="torch",
-                where=where,
-                keep_config=ctx.args.keep_pip_config,
-            )
+            a.files = torch_from_wheelhouse(ctx, inst, spy, where, src)
         a.facts = venv_facts.verify(spy, ctx.log)  # 3. before spending anything on the other packages
         if (problem := judge(ch, a.facts)) is not None:
             raise problem
         gpu_packages(ctx, a, inst, spy, where)
         marker = marker_of(ctx, a, spy)
         (staging / layout.VENV_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-
-        def check(final: Path) -> None:
-            again = venv_facts.verify(layout.gpu_python(final), ctx.log)
-            if (problem := judge(ch, again)) is not None:
-                raise problem
-            if again.get("torch_version") != a.facts.get("torch_version"):
-                raise StepFailed(
-                    installers.FAILED,
-                    f"torch changed from {a.facts.get('torch_version')} to "
-                    f"{again.get('torch_version')} while installing gpu_packages",
-                )
-            a.facts = again
-
-        venvs.swap_in(staging, ctx.venv, check)
+        venvs.swap_in(staging, ctx.venv, lambda final: verify_again(ctx, ch, a, final))
         a.status = StageStatus.PASS
     except StepFailed as e:
         a.category, a.detail = e.category, e.detail
@@ -583,6 +558,39 @@ def attempt(ctx: Context, ch: Channel) -> Attempt:
         a.seconds = round(time.perf_counter() - t0, 1)
     print(f"install: {a.line()}", flush=True)
     return a
+
+
+def torch_from_wheelhouse(
+    ctx: Context, inst: installers.Installer, spy: Path, where: str, src: installers.Source
+) -> list[installers.Installed]:
+    """torch from --wheelhouse (no index at all) into the staging venv; the files installed."""
+    return installers.install(
+        inst,
+        ctx.log,
+        spy,
+        ["torch"],
+        src,
+        pre=False,
+        constraints=None,
+        workdir=ctx.workdir,
+        step="torch",
+        where=where,
+        keep_config=ctx.args.keep_pip_config,
+    )
+
+
+def verify_again(ctx: Context, ch: Channel, a: Attempt, final: Path) -> None:
+    """The venv swapped in at `final` verifies again, with the torch the first verification saw."""
+    again = venv_facts.verify(layout.gpu_python(final), ctx.log)
+    if (problem := judge(ch, again)) is not None:
+        raise problem
+    if again.get("torch_version") != a.facts.get("torch_version"):
+        raise StepFailed(
+            installers.FAILED,
+            f"torch changed from {a.facts.get('torch_version')} to "
+            f"{again.get('torch_version')} while installing gpu_packages",
+        )
+    a.facts = again
 
 
 def skipped(ch: Channel, why: str) -> Attempt:
