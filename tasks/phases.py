@@ -1,6 +1,6 @@
 """Where a process's seconds go: named phases, timed, shown on one line and recorded (torch-free).
 
-GPU-side modules (cuda_check's checker) time their phases with `Phases` and write `record()` into their
+GPU-side modules (cuda_check's checker, train.py) time their phases with `Phases` and write `record()` into their
 JSON result; the stage copies it into its figures with `figures()` (`phase_<name>_s`), so stages/<stage>.json
 and the evidence show them. The phases add up to the total: what no phase claimed is `other`.
 """
@@ -22,6 +22,13 @@ LABELS = {
     "compile": "compile check",
     "multi_gpu": "multi-GPU",
     "long": "long level",
+    "start": "start (interpreter, imports)",  # train.py's phases from here
+    "setup": "setup",
+    "data": "data",
+    "model": "model (transformers, build)",
+    "first_step": "first step (compile)",
+    "warmup_steps": "warm-up steps",
+    "timed_steps": "timed steps",
     "other": "other",
 }
 

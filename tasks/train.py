@@ -57,7 +57,6 @@ FIGURES = (
     "step_ms_median",
     "step_ms_min",
     "step_ms_max",
-    "phases_s",  # where train.py's seconds went: start, setup, data, model, first step, warm-up, timed
     "peak_mem_alloc_gib",
     "peak_mem_reserved_gib",
     "gpu_util_median",
@@ -294,7 +293,8 @@ def outcome(run_dir: Path, rc: int, nproc: int, args, job: multinode.Job | None)
     kept = (layout.TRAIN_LOG, layout.TRAIN_METRICS, layout.TRAIN_LOSS_PLOT, layout.TRAIN_RESULT, layout.TRAIN_CONSOLE)
     files = [n for n in kept if (run_dir / n).exists()]
     figures = job.figures() if job is not None else {}
-    figures.update({k: v for k, v in ((result or {}).get("figures") or {}).items() if k in FIGURES})
+    got = (result or {}).get("figures") or {}
+    figures.update({k: v for k, v in got.items() if k in FIGURES or k.startswith("phase_")})  # phases: their line
     overrides = changed_overrides(args.train_override, args.train_config)
     figures.update(nproc=nproc, config=Path(args.train_config).name, overrides=overrides)
     torch_file = ((result or {}).get("figures") or {}).get("torch_file")

@@ -78,6 +78,18 @@ def test_tiny_gpt2_trains_on_cpu_and_writes_every_file(tmp_path):
     assert abs(fig["first_loss"] - math.log(50257)) < 0.5
     assert fig["final_loss"] < fig["first_loss"] - 0.3
     assert fig["tok_s"] > 0 and fig["steps"] == 10 and fig["compile"] == "off"
+    # the timed window: steps 2..9 (8 steps), its step-time spread, and tok/s over exactly that window
+    assert fig["step_ms_min"] <= fig["step_ms_median"] <= fig["step_ms_max"]
+    assert sum(m["ms"] for m in metrics[2:]) / 1000 == pytest.approx(fig["timed_s"], rel=1e-3, abs=2e-3)
+    assert fig["tok_s"] == pytest.approx(8 * 8 * 64 / fig["timed_s"], rel=1e-2)
+    assert "step time: median" in log and "over 8 timed steps (wall clock)" in log
+    # where the seconds went: every phase on one line and in the figures, in order
+    phases_line = next(line for line in log.splitlines() if line.startswith("phases: "))
+    for label in ("start (interpreter, imports)", "setup", "data", "model (transformers, build)", "first step"):
+        assert label in phases_line
+    keys = [k for k in fig if k.startswith("phase_")]
+    assert keys[:4] == ["phase_start_s", "phase_setup_s", "phase_data_s", "phase_model_s"]
+    assert fig["phase_timed_steps_s"] == pytest.approx(fig["timed_s"], abs=0.01)
 
     svg = ET.fromstring((out / layout.TRAIN_LOSS_PLOT).read_text())
     polyline = next(e for e in svg.iter() if e.tag.endswith("polyline"))

@@ -7,7 +7,9 @@
 
 (from the repository root; `nox -s train` starts it this way through tasks/proc.py's launcher)
 
-What it does, in order (one file, read it top to bottom):
+What it does, in order (read `train()` top to bottom: one function per section; the parts it calls live in
+data.py (tokenizer, corpus, batches), model.py (the model, compile, FLOPs), steps.py (the step and its
+clock, shared with bench.py), nvml_sampler.py and report.py (log, loss.svg)):
   1. config: the YAML (every key documented there) plus `key=value` overrides, checked against DEFAULTS in
      training_pt/configurator.py:
      an unknown key or a value of the wrong type is one line and exit 2. `batch_size=8` works for
@@ -20,8 +22,10 @@ What it does, in order (one file, read it top to bottom):
      random offsets (seeded; each DDP rank with its own seed, so its own data).
   4. model: `AutoModelForCausalLM.from_config` (or `from_pretrained` from a local folder, or from the hub
      only when `hub: true`), built directly on the device; optional DDP (NCCL) and torch.compile.
-  5. train: AdamW, warm-up + cosine LR, gradient clipping; one log line per step; the checks below.
-  6. report: tok/s after the warm-up steps, MFU, peak memory, NVML samples, loss.svg, result JSON.
+  5. train: AdamW, warm-up + cosine LR, gradient clipping; each step's loss read one step late (the GPU's
+     queue never drains); one log line per step; the checks below.
+  6. report: tok/s over the timed steps (CUDA events) with the median/min/max step time, MFU, peak memory,
+     NVML samples, where the seconds went (the `phases:` line), loss.svg, result JSON.
 
 Checks, each a one-line FAIL with the step and the values (exit 3): the first loss is within
 checks.first_loss_tol of ln(vocab) (a random init predicts ~uniformly); loss and grad-norm are finite at
@@ -62,8 +66,9 @@ from pathlib import Path
 
 import torch
 
-from tasks import identity, layout, proc
+from tasks import identity, layout, phases, proc
 from tasks.config import ConfigError, gpu_spec_for
+from tasks.phases import Phases, process_age_s
 from training_pt import quick_exit
 from training_pt.configurator import (
     EXIT_CHECK,
@@ -192,7 +197,8 @@ class Run:
     rank: int
     local_rank: int
     world: int
-    phases: dict = field(default_factory=dict)  # seconds per phase, in order (the "phases:" line)
+    phases: Phases = field(default_factory=Phases)  # seconds per phase, in order (the "phases:" line)
+    started: float = field(default_factory=time.perf_counter)
     batches: Batches | None = None
     sampler: NvmlSampler | None = None
 
@@ -208,12 +214,10 @@ class Run:
 def train(cfg: dict, args, log: Log, result: dict) -> None:
     """The whole run, top to bottom; raises TrainError on any failure; fills `result` as it goes."""
     run = setup(cfg, args, log, result)
-    t0 = time.perf_counter()
-    tokens = load_data(run)
-    run.phases["data"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    model, vocab_real, fpt = load_model(run, tokens)
-    run.phases["model"] = time.perf_counter() - t0
+    with run.phases.timed("data"):
+        tokens = load_data(run)
+    with run.phases.timed("model"):
+        model, vocab_real, fpt = load_model(run, tokens)
     stepper, eager = wrap_model(run, model)
     losses, clock = train_steps(run, stepper, eager, model, vocab_real)
     measure(run, clock, fpt)
@@ -221,27 +225,16 @@ def train(cfg: dict, args, log: Log, result: dict) -> None:
     log_phases(run)
 
 
-def process_age() -> float:
-    """Seconds since this process started (Linux's /proc; 0 elsewhere): the interpreter and imports."""
-    try:
-        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
-        uptime = float(Path("/proc/uptime").read_text().split()[0])
-        return max(0.0, uptime - ticks / os.sysconf("SC_CLK_TCK"))
-    except (OSError, ValueError, IndexError):
-        return 0.0
-
-
 def setup(cfg: dict, args, log: Log, result: dict) -> Run:
     """The device, the process group, seeds and numerics; the first log line and figures."""
     import torch.distributed as dist
 
-    started = process_age()
-    t0 = time.perf_counter()
+    started, t0 = process_age_s(), time.perf_counter()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     device = setup_device(args.device, rank, local_rank, world)
-    run = Run(cfg, args, log, result, device, rank, local_rank, world)
-    run.phases["start"] = started
+    run = Run(cfg, args, log, result, device, rank, local_rank, world, started=t0)
+    run.phases.add("start", started)  # the interpreter and the imports (torch, ...), before main()
     if world > 1:
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
@@ -268,7 +261,7 @@ def setup(cfg: dict, args, log: Log, result: dict) -> Run:
         thresholds={f"checks.{k}": v for k, v in cfg["checks"].items()},
         **job_figures(world),
     )
-    run.phases["setup"] = time.perf_counter() - t0
+    run.phases.add("setup", time.perf_counter() - t0)
     return run
 
 
@@ -475,7 +468,7 @@ def train_steps(run: Run, stepper: Stepper, eager, model, vocab_real: int) -> tu
         pending = (step, host)
         if step == 0:
             clock.wait(1)  # step 0 holds the compile: timed apart, before the next step queues
-            run.phases["first step"] = clock.seconds(0, 1)
+            run.phases.add("first_step", clock.seconds(0, 1))
     read_step(run, clock, *pending, vocab_real, metrics_path)
     run.sync()
     if run.sampler:
@@ -538,7 +531,9 @@ def measure(run: Run, clock: StepClock, fpt: int) -> None:
     total_tok_s = sum(r["tokens"] for r in per_rank) / max(r["seconds"] for r in per_rank)
     per_gpu = [r["tokens"] / r["seconds"] for r in per_rank]
     warmup_s = clock.seconds(0, warm) if warm else 0.0
-    run.phases.update({"warm-up steps": warmup_s - run.phases["first step"], "timed steps": timed["seconds"]})
+    first_s = clock.seconds(0, 1)
+    run.phases.add("warmup_steps", warmup_s - first_s if warm else None)
+    run.phases.add("timed_steps", timed["seconds"])
     run.log(
         f"throughput: {fmt_int(total_tok_s)} tok/s total over steps {warm}-{t['steps'] - 1} "
         f"(after {warm} warm-up steps, {timed['seconds']:.2f} s); per GPU: " + ", ".join(fmt_int(v) for v in per_gpu)
@@ -549,8 +544,7 @@ def measure(run: Run, clock: StepClock, fpt: int) -> None:
         f"over {timed['steps']} timed steps ({clock_name})"
     )
     run.log(
-        f"warm-up: first step {run.phases['first step']:.1f} s, warm-up steps {warmup_s:.1f} s in all "
-        f"(compile {figures['compile']})"
+        f"warm-up: first step {first_s:.1f} s, warm-up steps {warmup_s:.1f} s in all (compile {figures['compile']})"
     )
     mfu_value = log_mfu(run, fpt, total_tok_s / world)
     if cuda:
@@ -563,7 +557,7 @@ def measure(run: Run, clock: StepClock, fpt: int) -> None:
         step_ms_min=round(timed["min_ms"], 2),
         step_ms_max=round(timed["max_ms"], 2),
         warmup_s=round(warmup_s, 1),
-        first_step_s=round(run.phases["first step"], 1),
+        first_step_s=round(first_s, 1),
         mfu_pct=round(100 * mfu_value, 1) if mfu_value is not None else "n/a",
     )
     run.result["per_gpu"] = [
@@ -660,9 +654,10 @@ def check_learning(run: Run, losses: list[float], vocab_real: int) -> None:
 
 
 def log_phases(run: Run) -> None:
-    """Where the stage's seconds went, in order: the line to read first when the run feels slow."""
-    run.figures["phases_s"] = {k: round(v, 2) for k, v in run.phases.items()}
-    run.log("phases: " + ", ".join(f"{k} {v:.1f} s" for k, v in run.phases.items()))
+    """Where the run's seconds went, in order (the line to read first when it feels slow); in the figures too."""
+    record = run.phases.record(time.perf_counter() - run.started, before=("start",))
+    run.figures.update(phases.figures(record))
+    run.log(run.phases.line(record))
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
