@@ -126,3 +126,11 @@ def test_a_bad_lever_or_missing_tokenizer_files_is_one_line_and_exit_2(tmp_path,
     code = bench.main(["--device", "cpu", "--set", f"tokenizer.files_dir={tmp_path}", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "tokenizer.files_dir: cannot read" in err
+    code = bench.main(["--device", "cpu", "--warmup", "0", "--out", str(tmp_path / "o")])
+    assert code == 2 and capsys.readouterr().err == "bench: --warmup must be at least 1, got 0\n"
+    code = bench.main(["--device", "cpu", "--only", "smoke,nosuch", *TOY, "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("bench: --only names no row nosuch; the rows here: hf-default, smoke")
+    settings.write_text(layout.BENCH_FILE.read_text().replace("{set: [train.batch_size=16]}", "{set: null}"))
+    with pytest.raises(SystemExit, match=r"levers\.batch-16 takes `set: \[key=value, \.\.\.\]`"):
+        bench.main(["--device", "cpu", "--bench-config", str(settings)])

@@ -298,6 +298,8 @@ def test_stage_runs_two_processes_under_torchrun(tmp_path, venv_python, monkeypa
     (standin / "torch").mkdir(parents=True)
     (standin / "torch" / "__init__.py").write_text(f"open({str(standin / 'imported')!r}, 'w').close()\n")
     monkeypatch.setenv("PYTHONPATH", str(standin))  # the ranks run isolated: never this torch
+    # every rank's memory holds 4 of TINY's 8 sequences: the ranks settle on 4 before DDP (no rank retries mid-step)
+    monkeypatch.setenv(T.OOM_TEST_ENV, "4")
     out = stage.run(
         run_dir,
         stage_args(nproc=2, train_device="cpu", train_override=[*TINY, "train.steps=6", "checks.min_loss_drop=0.2"]),
@@ -323,6 +325,8 @@ def test_stage_runs_two_processes_under_torchrun(tmp_path, venv_python, monkeypa
     assert f"PYTHONPATH={layout.ROOT} PYTHONNOUSERSITE=1 " in console and f"-m {layout.TRAIN_MODULE} " in console
     log = (run_dir / layout.TRAIN_LOG).read_text()
     assert "x 2 process(es)" in log and log.count("per GPU: ") == 1 and "PASS: gpt2" in log
+    assert "the ranks agreed on the micro-batch that fits every GPU: 2 x 4 with gradient accumulation" in log
+    assert (out.figures["micro_batch"], out.figures["grad_accum"], out.figures["batch_size"]) == (4, 2, 8)
 
 
 def test_stage_without_gpu_names_the_cpu_option(tmp_path, venv_python):
@@ -461,3 +465,23 @@ def test_a_torch_compile_that_refuses_outright_leaves_an_eager_run_that_says_so(
     assert run.figures["compile"] == "failed (RuntimeError), ran eager"
     assert stepper.forward is eager() and torch.isfinite(stepper(1e-3)).all()
     assert load_yaml(layout.TRAIN_CONFIG)["train"]["compile_scope"] == "blocks"  # the scope this guards
+
+
+def test_out_of_memory_after_the_first_step_is_one_line_and_exit_4():
+    """Memory that grows (or a fragmented allocator) can run out at step 3: one line naming the step, exit 4."""
+
+    class Full:
+        batches = T.Batches(torch.arange(200), 4, 8, 0, torch.device("cpu"))
+
+        def __call__(self, lr):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    cfg = {
+        "train": {"batch_size": 4, "block_size": 8, "lr": 1e-3, "min_lr": 1e-4, "lr_warmup_steps": 1, "steps": 5},
+        "model": {"gradient_checkpointing": False},
+    }
+    run = T.Run(cfg, None, None, {"figures": {"oom_retries": 0}}, torch.device("cpu"), 0, 0, 1)
+    with pytest.raises(T.TrainError) as e:
+        T.later_step(run, Full(), 3)
+    assert e.value.code == T.EXIT_OOM
+    assert str(e.value).startswith("CUDA out of memory at step 3 with batch_size=4 x block_size=8 (host memory)")

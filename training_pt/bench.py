@@ -7,7 +7,8 @@
 Rows (configs/bench.yaml says what each one is): hf-default (the baseline), smoke (the YAML as it is),
 smoke-eager (when the YAML compiles), and with --compile the `compiled` row (the YAML, compiled, at a
 larger batch). Every row trains the same way on the same text: forward, backward, gradient clipping,
-AdamW, one sync per step to read the loss. Warm-up steps (torch.compile happens there) are timed apart.
+AdamW, each step's loss read one step late (train.py's step loop, training_pt/steps.py). Warm-up steps
+(torch.compile happens there) are timed apart; then at least --steps timed steps and bench.yaml's min_timed_s.
 A row that fails (out of memory, a compile error) is reported in the table and the others still run.
 Writes bench.json and bench.md into --out and prints the table last.
 """
@@ -47,17 +48,23 @@ def load_bench_settings(path: Path) -> dict:
             raise SystemExit(f"bench: {path}: {key} must be a positive integer")
     if not isinstance(data.get("min_timed_s"), (int, float)) or data["min_timed_s"] < 0:
         raise SystemExit(f"bench: {path}: min_timed_s must be a number of seconds >= 0")
-    levers = data.get("levers") or {}
+    levers, targets = data.get("levers") or {}, data.get("targets") or {}
+    if not isinstance(levers, dict) or not isinstance(targets, dict):
+        raise SystemExit(f"bench: {path}: levers and targets must be mappings (name: ...)")
     for name, lever in levers.items():
-        if not isinstance(lever, dict) or set(lever) - {"set", "sync_each_step"}:
-            raise SystemExit(f"bench: {path}: levers.{name} takes `set: [key=value, ...]` and `sync_each_step`")
-    data["levers"] = levers
-    targets = data.get("targets") or {}
+        sets = lever.get("set", []) if isinstance(lever, dict) else None
+        if (
+            not isinstance(lever, dict)
+            or set(lever) - {"set", "sync_each_step"}
+            or not isinstance(sets, list)
+            or not all(isinstance(item, str) for item in sets)
+        ):
+            raise SystemExit(f"bench: {path}: levers.{name} takes `set: [key=value, ...]` and `sync_each_step: true`")
     for model, t in targets.items():
         for key in ("smoke_tok_s", "smoke_vs_baseline", "compiled_tok_s"):
-            if not isinstance(t.get(key), (int, float)):
+            if not isinstance(t, dict) or not isinstance(t.get(key), (int, float)):
                 raise SystemExit(f"bench: {path}: targets.{model}.{key} must be a number")
-    data["targets"] = targets
+    data["levers"], data["targets"] = levers, targets
     return data
 
 
@@ -96,7 +103,6 @@ def time_steps(stepper, lr: float, warmup: int, steps: int, min_s: float, device
         torch.cuda.synchronize(device)
     clock, hosts = steps_mod.StepClock(device), []
     clock.mark()
-    t0 = time.perf_counter()
     for n in range(warmup + steps * 20):  # the cap: 20 x steps timed steps, whatever min_s says
         hosts.append(steps_mod.to_host(stepper(lr)))
         clock.mark()
@@ -112,7 +118,7 @@ def time_steps(stepper, lr: float, warmup: int, steps: int, min_s: float, device
         raise RuntimeError(f"non-finite loss in the steps: {losses}")
     timed = clock.spread(warmup, len(hosts))
     return {
-        "warmup_s": clock.seconds(0, warmup) if warmup else t1 - t0,
+        "warmup_s": clock.seconds(0, warmup),
         "timed_s": timed["seconds"],
         "timed_steps": timed["steps"],
         "step_ms_median": timed["median_ms"],
@@ -189,7 +195,7 @@ def run_row(name: str, fn, cfg: dict, device: torch.device, tokens: torch.Tensor
         traceback.print_exc()
         row["error"] = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
     else:
-        tok_s = t["batch_size"] * t["block_size"] * out["timed_steps"] / out["timed_s"]
+        tok_s = t["batch_size"] * t["block_size"] * t["grad_accum"] * out["timed_steps"] / out["timed_s"]
         row.update(out, tok_s=tok_s, mfu=M.mfu(out["flops_per_token"], tok_s, peak) if peak else None)
     free_memory()
     print(
@@ -244,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     args = bench_options.parser(__doc__.split("\n\n")[0]).parse_args(sys.argv[1:] if argv is None else argv)
     settings = load_bench_settings(args.bench_config)
     try:
+        check_options(args)
         cfg, device = checked_inputs(args)
         tokens = D.tokenize(D.gpt2_tokenizer(cfg["tokenizer"]["files_dir"]), D.load_documents(cfg["data"])[0])
         total_gib = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else 0.0
@@ -251,10 +258,15 @@ def main(argv: list[str] | None = None) -> int:
     except TrainError as e:
         print(f"bench: {e}", file=sys.stderr)
         return 2
+    only = {s.strip() for s in args.only.split(",") if s.strip()}
+    unknown = only - {name for name, *_ in plan}
+    if unknown:
+        names = ", ".join(name for name, *_ in plan)
+        print(f"bench: --only names no row {', '.join(sorted(unknown))}; the rows here: {names}", file=sys.stderr)
+        return 2
     out_dir = args.out or layout.RUNS_DIR / f"bench_{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}"
     out_dir.mkdir(parents=True, exist_ok=True)
     context, spec = describe(args, settings, device, out_dir)
-    only = {s.strip() for s in args.only.split(",") if s.strip()}
     rows: list[dict] = []
     lines: list[str] = []
     for name, fn, c, sync in plan:
@@ -270,6 +282,14 @@ def main(argv: list[str] | None = None) -> int:
         lines = write_report(out_dir, rows, context, spec, args.bench_config.name)  # kept if a later row hangs
     print("\n" + "\n".join(lines), flush=True)
     return 0 if all("error" not in r for r in rows) else 1
+
+
+def check_options(args) -> None:
+    """Counts that must be positive (--steps, --warmup, --batch-size): TrainError (one line, exit 2) if not."""
+    for name in ("steps", "warmup", "batch_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise TrainError(EXIT_INPUT, f"--{name.replace('_', '-')} must be at least 1, got {value}")
 
 
 def checked_inputs(args) -> tuple[dict, torch.device]:
@@ -306,7 +326,7 @@ def describe(args, settings: dict, device: torch.device, out_dir: Path) -> tuple
         "transformers": transformers.__version__,
         "config": str(args.config),
         "overrides": args.overrides,
-        "timed_steps": args.steps or settings["timed_steps"],
+        "timed_steps": args.steps if args.steps is not None else settings["timed_steps"],
         "warmup_steps": args.warmup if args.warmup is not None else settings["warmup_steps"],
         "min_timed_s": settings["min_timed_s"],
         "targets": settings["targets"].get(spec.model) if spec else None,
@@ -321,13 +341,14 @@ def plan_rows(cfg: dict, args, settings: dict, total_gib: float, device: torch.d
     if cfg["train"]["compile"]:
         plan.append(("smoke-eager", ours_row, changed(cfg, ["train.compile=false"]), False))
     if args.compile:
-        comp = changed(cfg, ["train.compile=true", "train.compile_scope=model"])  # the most fusion
+        sets = ["train.compile=true", "train.compile_scope=model"]  # the most fusion
         if args.compile_mode:
-            comp["train"]["compile_mode"] = args.compile_mode
-        if args.batch_size:
-            comp["train"]["batch_size"] = args.batch_size
+            sets.append(f"train.compile_mode={args.compile_mode}")
+        if args.batch_size is not None:
+            sets.append(f"train.batch_size={args.batch_size}")
         elif total_gib >= 40:
-            comp["train"]["batch_size"] = settings["compile_batch_size"]
+            sets.append(f"train.batch_size={settings['compile_batch_size']}")
+        comp = changed(cfg, sets)
         plan.append(("compiled", ours_row, comp, False))
         if comp["train"]["sdpa_backend"] != "cudnn" and device.type == "cuda":
             plan.append(("compiled-cudnn", ours_row, changed(comp, ["train.sdpa_backend=cudnn"]), False))

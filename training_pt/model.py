@@ -265,17 +265,21 @@ def compile_net(net, model, t: dict):
         return torch.compile(net, mode=mode), lambda: net
     blocks = decoder_blocks(model)
     eager_blocks = list(blocks)
-    for i, block in enumerate(eager_blocks):
-        blocks[i] = torch.compile(block, mode=mode)
     loss_module = net.module if hasattr(net, "no_sync") else net  # DDP wraps the loss module
-    loss_module.head_loss = torch.compile(loss_module.head_loss, mode=mode)
 
     def eager():
         for i, block in enumerate(eager_blocks):
             blocks[i] = block
-        del loss_module.head_loss  # back to the method
+        vars(loss_module).pop("head_loss", None)  # back to the method
         return net
 
+    try:
+        for i, block in enumerate(eager_blocks):
+            blocks[i] = torch.compile(block, mode=mode)
+        loss_module.head_loss = torch.compile(loss_module.head_loss, mode=mode)
+    except Exception:
+        eager()  # nothing half-compiled stays behind
+        raise
     return net, eager
 
 

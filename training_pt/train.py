@@ -90,10 +90,11 @@ from training_pt.model import (
     flops_per_token,
     matmul_params,
     mfu,
+    sdpa_backend,
 )
 from training_pt.nvml_sampler import NvmlSampler, nvml_text
 from training_pt.report import Log, fmt_int, loss_svg
-from training_pt.steps import StepClock, Stepper, lr_at, make_optimizer, to_host
+from training_pt.steps import StepClock, Stepper, autocast_for, lr_at, make_optimizer, to_host
 
 # --------------------------------------------------------------------------- training helpers
 
@@ -164,8 +165,12 @@ def smaller_micro_batch(micro: int, batch_size: int) -> int:
     return max(d for d in range(1, micro // 2 + 1) if batch_size % d == 0)
 
 
-def free_after_oom(optimizer, device: torch.device) -> None:
-    optimizer.zero_grad(set_to_none=True)
+def free_after_oom(optimizer, device: torch.device, module=None) -> None:
+    """The gradients (the optimizer's parameters, or a module's) and the cached blocks of a failed attempt."""
+    if optimizer is not None:
+        optimizer.zero_grad(set_to_none=True)
+    if module is not None:
+        module.zero_grad(set_to_none=True)
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -337,18 +342,10 @@ def wrap_model(run: Run, model):
     """DDP, then torch.compile around it (the documented order: DDPOptimizer splits graphs at buckets), the
     optimizer and the step; returns (the stepper, eager() -> the uncompiled forward, if compiling fails)."""
     t, m, world, device = run.cfg["train"], run.cfg["model"], run.world, run.device
+    batches = OomSeam(run.batches, os.environ.get(OOM_TEST_ENV, ""))
     net = NextTokenLoss(model)
-    no_sync = reduce = None
-    if world > 1:
-        import torch.distributed as dist
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        net = DDP(net, device_ids=[run.local_rank] if device.type == "cuda" else None, gradient_as_bucket_view=True)
-        no_sync = net.no_sync
-
-        def reduce(total: torch.Tensor) -> None:
-            dist.all_reduce(total, op=dist.ReduceOp.AVG)  # log the loss of every rank's data
-
+    micro = agree_micro_batch(run, net, batches) if world > 1 else t["batch_size"]
+    net, no_sync, reduce = ddp_wrap(run, net)
     compile_state = "on" if t["compile"] else "off"
     try:
         forward, eager = compile_net(net, model, t)
@@ -358,7 +355,6 @@ def wrap_model(run: Run, model):
         compile_state = f"failed ({type(e).__name__}), ran eager"
         forward, eager = net, (lambda: net)
     optimizer = make_optimizer(model, t, device)
-    batches = OomSeam(run.batches, os.environ.get(OOM_TEST_ENV, ""))
     stepper = Stepper(forward, model, optimizer, batches, t, device, no_sync=no_sync, reduce=reduce)
     tokens_per_step = t["batch_size"] * t["block_size"] * t["grad_accum"] * world
     run.log(
@@ -371,13 +367,68 @@ def wrap_model(run: Run, model):
     run.figures.update(
         batch_size=t["batch_size"],
         block_size=t["block_size"],
-        grad_accum=t["grad_accum"],
-        micro_batch=t["batch_size"],
-        oom_retries=0,
         tokens_per_step=tokens_per_step,
         compile=compile_state,
+        oom_retries=0,
     )
+    use_micro_batch(run, stepper, micro, "the ranks agreed on the micro-batch that fits every GPU")
     return stepper, eager
+
+
+def ddp_wrap(run: Run, net):
+    """(net, no_sync, reduce): the loss module under DDP on several processes, as it is on one."""
+    if run.world == 1:
+        return net, None, None
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    device_ids = [run.local_rank] if run.device.type == "cuda" else None
+    net = DDP(net, device_ids=device_ids, gradient_as_bucket_view=True)
+
+    def reduce(total: torch.Tensor) -> None:
+        dist.all_reduce(total, op=dist.ReduceOp.AVG)  # log the loss of every rank's data
+
+    return net, net.no_sync, reduce
+
+
+def agree_micro_batch(run: Run, net, batches) -> int:
+    """Under DDP a rank out of memory mid-step leaves the others waiting in an all-reduce, so the ranks settle
+    the micro-batch before DDP wraps the model: each runs one eager forward and backward (eager needs more
+    memory than compiled), halving on out-of-memory, and the smallest fit over the ranks wins."""
+    import torch.distributed as dist
+
+    t, device = run.cfg["train"], run.device
+    micro = t["batch_size"]
+    while True:
+        batches.batch_size = micro
+        try:
+            x, y = batches.next()
+            with autocast_for(t, device), sdpa_backend(t["sdpa_backend"]):
+                loss = net(x, y)
+            loss.backward()
+            break
+        except torch.OutOfMemoryError:
+            if micro == 1:
+                break  # step 0 fails with the one line that names the memory
+        free_after_oom(None, device, net)
+        micro = smaller_micro_batch(micro, t["batch_size"])
+    free_after_oom(None, device, net)
+    agreed = torch.tensor([micro], device=device)
+    dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+    return int(agreed.item())
+
+
+def use_micro_batch(run: Run, stepper: Stepper, micro: int, why: str = "", then: str = "") -> None:
+    """Run `micro` sequences per forward and as many accumulations as keep batch_size per step; say so."""
+    t = run.cfg["train"]
+    stepper.batches.batch_size = micro
+    stepper.grad_accum = t["grad_accum"] * t["batch_size"] // micro
+    run.figures.update(micro_batch=micro, grad_accum=stepper.grad_accum)
+    if micro != t["batch_size"]:
+        run.log(
+            f"{why}: {stepper.grad_accum} x {micro} with gradient accumulation "
+            f"({run.figures['tokens_per_step']:,} tokens/step unchanged){then}"
+        )
 
 
 class OomSeam:
@@ -413,7 +464,7 @@ def first_step(run: Run, stepper: Stepper, eager) -> torch.Tensor:
         try:
             try:
                 return stepper(lr)
-            except torch.OutOfMemoryError:
+            except (torch.OutOfMemoryError, TrainError):
                 raise
             except Exception as e:
                 if figures["compile"] != "on":
@@ -432,15 +483,23 @@ def first_step(run: Run, stepper: Stepper, eager) -> torch.Tensor:
                 figures["oom_retries"] = retries
                 raise TrainError(EXIT_OOM, oom_failure(0, micro, retries, t, run.world, run.device, m)) from None
         free_after_oom(stepper.optimizer, run.device)  # outside the except: its traceback held the activations
-        stepper.batches.batch_size = smaller_micro_batch(micro, t["batch_size"])
-        stepper.grad_accum = t["grad_accum"] * t["batch_size"] // stepper.batches.batch_size
         retries += 1
-        figures.update(micro_batch=stepper.batches.batch_size, grad_accum=stepper.grad_accum, oom_retries=retries)
-        run.log(
-            f"micro-batch {micro} ran out of memory on {memory_name(run.device)}: {stepper.grad_accum} x "
-            f"{stepper.batches.batch_size} with gradient accumulation ({figures['tokens_per_step']:,} tokens/step "
-            "unchanged); retrying step 0"
-        )
+        figures["oom_retries"] = retries
+        why = f"micro-batch {micro} ran out of memory on {memory_name(run.device)}"
+        use_micro_batch(run, stepper, smaller_micro_batch(micro, t["batch_size"]), why, "; retrying step 0")
+        if run.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(run.device)  # the peak of the run that trains, not of the failure
+
+
+def later_step(run: Run, stepper: Stepper, step: int) -> torch.Tensor:
+    """Steps 1 and on: out of memory here (memory that grows, a fragmented allocator) is one line, exit 4."""
+    try:
+        return stepper(lr_at(step, run.cfg["train"]))
+    except torch.OutOfMemoryError:
+        micro, m = stepper.batches.batch_size, run.cfg["model"]
+        raise TrainError(
+            EXIT_OOM, oom_failure(step, micro, run.figures["oom_retries"], run.cfg["train"], run.world, run.device, m)
+        ) from None
 
 
 def train_steps(run: Run, stepper: Stepper, eager, model, vocab_real: int) -> tuple[list[float], StepClock]:
@@ -460,7 +519,7 @@ def train_steps(run: Run, stepper: Stepper, eager, model, vocab_real: int) -> tu
         run.sampler.start()
     pending = None
     for step in range(t["steps"]):
-        values = first_step(run, stepper, eager) if step == 0 else stepper(lr_at(step, t))
+        values = first_step(run, stepper, eager) if step == 0 else later_step(run, stepper, step)
         host = to_host(values)
         clock.mark()
         if pending:
@@ -468,7 +527,7 @@ def train_steps(run: Run, stepper: Stepper, eager, model, vocab_real: int) -> tu
         pending = (step, host)
         if step == 0:
             clock.wait(1)  # step 0 holds the compile: timed apart, before the next step queues
-            run.phases.add("first_step", clock.seconds(0, 1))
+            run.phases.add("first_step", clock.seconds(0, 1) if t["timing_warmup"] else None)  # else: timed
     read_step(run, clock, *pending, vocab_real, metrics_path)
     run.sync()
     if run.sampler:
