@@ -1,10 +1,11 @@
 """`nox -s bench`: GPT-2 training speed on one GPU, in one process (`python -m training_pt.bench` in .venv-gpu).
 
-    nox -s bench -- [--compile] [--steps N] [--warmup N] [--batch-size N] [--compile-mode MODE]
+    nox -s bench -- [--compile] [--levers] [--steps N] [--warmup N] [--batch-size N] [--compile-mode MODE]
                     [--only ROWS] [--set key=value ...] [--out DIR] [--python PATH]
 
 Rows: hf-default (HF GPT-2 defaults, the baseline), smoke (configs/submission_local_gpu_gpt2.yaml),
-smoke-eager (the same uncompiled), and with --compile the compiled benchmark row; tok/s, MFU,
+smoke-eager (the same uncompiled), with --compile the compiled benchmark rows, with --levers one row per
+lever of configs/bench.yaml; tok/s over >= 2 s of timed steps (CUDA events), MFU, the step-time spread,
 warm-up time, peak memory and the ratio to the baseline, checked against configs/bench.yaml's targets.
 bench.md (the table), bench.json and bench_console.txt go to --out (default: a new
 submission_runs/bench_<time>/; never a run folder's evidence). This module never imports torch.
