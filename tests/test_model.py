@@ -28,6 +28,7 @@ def test_flops_and_mfu_match_a_hand_computation():
     assert T.attention_shape(model) == (12, 12, 64)
     fpt = T.flops_per_token(n, 12, 12, 64, 1024)
     assert fpt == 6 * 123_689_472 + 12 * 12 * 12 * 64 * 1024 == 855_383_040
+    assert T.model_flops(model, "gpt2", 1024) == (fpt, "6N + 12LHQT with N=123.7M, L=12, H=12, Q=64, T=1024")
     # 400K tok/s on an H100 SXM (989 TFLOP/s): 855.38e6 * 4e5 / 989e12 = 34.6%
     assert T.mfu(fpt, 400_000, 989) == pytest.approx(0.345959, abs=1e-6)
 

@@ -152,8 +152,7 @@ def hf_default_row(cfg: dict, device: torch.device, batches, timing: dict) -> di
 
     opt = torch.optim.AdamW(model.parameters(), lr=t["lr"])
     stepper = steps_mod.Stepper(forward, model, opt, batches, t, device)
-    layers, heads, head_dim = M.attention_shape(model)
-    fpt = M.flops_per_token(M.matmul_params(model, "gpt2"), layers, heads, head_dim, t["block_size"])
+    fpt, _ = M.model_flops(model, "gpt2", t["block_size"])
     kernel = M.attention_kernel(device, model, t["block_size"], "auto")
     out = time_steps(stepper, t["lr"], device=device, **timing)  # the model is freed when this returns
     return {**out, "flops_per_token": fpt, "compile": "off", "attention": kernel}
@@ -168,8 +167,7 @@ def ours_row(cfg: dict, device: torch.device, batches, timing: dict) -> dict:
     net = M.NextTokenLoss(model)
     forward, _ = M.compile_net(net, model, t)
     stepper = steps_mod.Stepper(forward, model, steps_mod.make_optimizer(model, t, device), batches, t, device)
-    layers, heads, head_dim = M.attention_shape(model)
-    fpt = M.flops_per_token(M.matmul_params(model, cfg["model"]["family"]), layers, heads, head_dim, t["block_size"])
+    fpt, _ = M.model_flops(model, cfg["model"]["family"], t["block_size"])
     kernel = M.attention_kernel(device, model, t["block_size"], t["sdpa_backend"])
     with no_compile_caches() if t["compile"] and t["sdpa_backend"] != "auto" else contextlib.nullcontext():
         out = time_steps(stepper, t["lr"], device=device, **timing)

@@ -304,6 +304,14 @@ def flops_per_token(n_params: int, n_layer: int, n_head: int, head_dim: int, seq
     return 6 * n_params + 12 * n_layer * n_head * head_dim * seq_len
 
 
+def model_flops(model, family: str, seq_len: int) -> tuple[int, str]:
+    """(training FLOPs per token, the formula with this model's numbers) for MFU: the one place that counts."""
+    n = matmul_params(model, family)
+    layers, heads, head_dim = attention_shape(model)
+    formula = f"6N + 12LHQT with N={n / 1e6:.1f}M, L={layers}, H={heads}, Q={head_dim}, T={seq_len}"
+    return flops_per_token(n, layers, heads, head_dim, seq_len), formula
+
+
 def mfu(flops_token: float, tokens_per_s_per_gpu: float, peak_tflops: float) -> float:
     return flops_token * tokens_per_s_per_gpu / (peak_tflops * 1e12)
 

@@ -66,9 +66,10 @@ from pathlib import Path
 
 import torch
 
-from tasks import identity, layout, phases, proc
+from tasks import identity, layout, proc
 from tasks.config import ConfigError, gpu_spec_for
 from tasks.phases import Phases, process_age_s
+from tasks.phases import figures as phase_figures
 from training_pt import quick_exit
 from training_pt.configurator import (
     EXIT_CHECK,
@@ -87,9 +88,8 @@ from training_pt.model import (
     attention_shape,
     build_model,
     compile_net,
-    flops_per_token,
-    matmul_params,
     mfu,
+    model_flops,
     sdpa_backend,
 )
 from training_pt.nvml_sampler import NvmlSampler, nvml_text
@@ -313,9 +313,8 @@ def load_model(run: Run, tokens: torch.Tensor):
             "the GPT-2 tokenizer needs vocab_size >= 50257",
         )
     n_params = sum(p.numel() for p in model.parameters())
-    n_flops = matmul_params(model, m["family"])
     layers, heads, head_dim = attention_shape(model)
-    fpt = flops_per_token(n_flops, layers, heads, head_dim, t["block_size"])
+    fpt, formula = model_flops(model, m["family"], t["block_size"])
     vocab_model = model.get_output_embeddings().weight.shape[0]
     run.log(
         f"model: {m['family']} {'from ' + m['pretrained'] if m['pretrained'] else 'random init'}, "
@@ -331,8 +330,7 @@ def load_model(run: Run, tokens: torch.Tensor):
         flops_per_token=fpt,
         dtype=m["dtype"],
         autocast=t["autocast"],
-        mfu_formula=f"6N + 12LHQT with N={n_flops / 1e6:.1f}M, L={layers}, H={heads}, Q={head_dim}, "
-        f"T={t['block_size']}",
+        mfu_formula=formula,
     )
     run.batches = Batches(tokens, t["batch_size"], t["block_size"], cfg["seed"] + 1000 * run.rank, run.device)
     return model, vocab_real, fpt
@@ -715,7 +713,7 @@ def check_learning(run: Run, losses: list[float], vocab_real: int) -> None:
 def log_phases(run: Run) -> None:
     """Where the run's seconds went, in order (the line to read first when it feels slow); in the figures too."""
     record = run.phases.record(time.perf_counter() - run.started, before=("start",))
-    run.figures.update(phases.figures(record))
+    run.figures.update(phase_figures(record))
     run.log(run.phases.line(record))
 
 
