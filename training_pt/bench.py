@@ -164,7 +164,7 @@ def ours_row(cfg: dict, device: torch.device, batches, timing: dict) -> dict:
     torch.set_float32_matmul_precision("high" if t["tf32"] else "highest")
     torch.manual_seed(cfg["seed"])
     model, _ = M.build_model(cfg, device, print)
-    net = M.NextTokenLoss(model)
+    net = M.NextTokenLoss(model, t["loss_chunk_tokens"])
     forward, _ = M.compile_net(net, model, t)
     stepper = steps_mod.Stepper(forward, model, steps_mod.make_optimizer(model, t, device), batches, t, device)
     fpt, _ = M.model_flops(model, cfg["model"]["family"], t["block_size"])

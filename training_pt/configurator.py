@@ -54,6 +54,7 @@ DEFAULTS: dict = {
         "compile_mode": "default",
         "compile_scope": "model",
         "sdpa_backend": "auto",
+        "loss_chunk_tokens": 0,
         "timing_warmup": 5,
     },
     "checks": {"first_loss_tol": 0.5, "final_window": 5, "min_loss_drop": 2.0},
@@ -227,6 +228,10 @@ def check_values(cfg: dict) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise TrainError(EXIT_INPUT, f"{key} must be > 0, got {value}")
+    if t["loss_chunk_tokens"] < 0:
+        raise TrainError(
+            EXIT_INPUT, f"train.loss_chunk_tokens must be >= 0 (0 = no chunks), got {t['loss_chunk_tokens']}"
+        )
     if not 0 <= t["timing_warmup"] < t["steps"]:
         raise TrainError(
             EXIT_INPUT,

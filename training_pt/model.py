@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from training_pt.chunked_loss import linear_cross_entropy
 from training_pt.configurator import EXIT_INPUT, TrainError, check_type
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -223,20 +224,28 @@ def init_from_config(cfg: dict, device: torch.device, log, dtype_kw: dict):
 class NextTokenLoss(torch.nn.Module):
     """The model's decoder and LM head, and the mean next-token cross-entropy (what DDP and compile wrap).
 
-    The loss takes the bf16 logits as they are (log-softmax accumulates in fp32 inside the kernel) and
-    averages the per-token losses in fp32: HF's own loss first copies the B x T x V logits to fp32 and
-    keeps a second fp32 B x T x V tensor for the backward (2 x 3.3 GB at B=16, T=1024, V=50304).
+    chunk = 0: the loss takes the bf16 logits as they are (log-softmax accumulates in fp32 inside the
+    kernel) and averages the per-token losses in fp32: HF's own loss first copies the B x T x V logits to
+    fp32 and keeps a second fp32 B x T x V tensor for the backward (2 x 3.3 GB at B=16, T=1024, V=50304).
+    chunk > 0: the LM head and the loss fused, `chunk` tokens at a time (training_pt/chunked_loss.py);
+    compile_net sets `compiled` when its elementwise kernel is to go through torch.compile.
     """
 
-    def __init__(self, lm):
+    def __init__(self, lm, chunk: int = 0):
         super().__init__()
-        self.lm = lm
+        self.lm, self.chunk, self.compiled = lm, chunk, False
+        head = lm.get_output_embeddings()
+        if chunk and getattr(head, "bias", None) is not None:
+            raise TrainError(EXIT_INPUT, "train.loss_chunk_tokens needs an LM head without a bias; set it to 0")
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.head_loss(self.lm.base_model(input_ids=x).last_hidden_state, y)
 
     def head_loss(self, hidden: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        logits = self.lm.get_output_embeddings()(hidden)
+        head = self.lm.get_output_embeddings()
+        if self.chunk:
+            return linear_cross_entropy(hidden.flatten(0, 1), head.weight, y.flatten(), self.chunk, self.compiled)
+        logits = head(hidden)
         with torch.autocast(device_type=hidden.device.type, enabled=False):
             per_token = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none")
         return per_token.float().mean()
@@ -257,26 +266,30 @@ def compile_net(net, model, t: dict):
     blocks: each transformer block and the LM head + loss apart. The blocks share one code object, so
     one compile serves all of them (parameters are graph inputs): a fraction of the first compile, at
     the cost of the fusions across block boundaries.
+    Either way a chunked loss (train.loss_chunk_tokens) is a graph break with its own compiled kernel.
     """
     mode = None if t["compile_mode"] == "default" else t["compile_mode"]
+    loss_module = net.module if hasattr(net, "no_sync") else net  # DDP wraps the loss module
     if not t["compile"]:
         return net, lambda: net
-    if t["compile_scope"] == "model":
-        return torch.compile(net, mode=mode), lambda: net
-    blocks = decoder_blocks(model)
+    blocks = decoder_blocks(model) if t["compile_scope"] == "blocks" else []
     eager_blocks = list(blocks)
-    loss_module = net.module if hasattr(net, "no_sync") else net  # DDP wraps the loss module
 
     def eager():
         for i, block in enumerate(eager_blocks):
             blocks[i] = block
         vars(loss_module).pop("head_loss", None)  # back to the method
+        loss_module.compiled = False
         return net
 
+    loss_module.compiled = True
+    if t["compile_scope"] == "model":
+        return torch.compile(net, mode=mode), eager
     try:
         for i, block in enumerate(eager_blocks):
             blocks[i] = torch.compile(block, mode=mode)
-        loss_module.head_loss = torch.compile(loss_module.head_loss, mode=mode)
+        if not loss_module.chunk:
+            loss_module.head_loss = torch.compile(loss_module.head_loss, mode=mode)
     except Exception:
         eager()  # nothing half-compiled stays behind
         raise

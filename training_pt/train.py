@@ -341,7 +341,7 @@ def wrap_model(run: Run, model):
     optimizer and the step; returns (the stepper, eager() -> the uncompiled forward, if compiling fails)."""
     t, m, world, device = run.cfg["train"], run.cfg["model"], run.world, run.device
     batches = OomSeam(run.batches, os.environ.get(OOM_TEST_ENV, ""))
-    net = NextTokenLoss(model)
+    net = NextTokenLoss(model, t["loss_chunk_tokens"])
     micro = agree_micro_batch(run, net, batches) if world > 1 else t["batch_size"]
     net, no_sync, reduce = ddp_wrap(run, net)
     compile_state = "on" if t["compile"] else "off"

@@ -1,0 +1,86 @@
+"""The LM head and the mean next-token cross-entropy, fused and chunked: the batch's logits never exist whole.
+
+Plain (train.loss_chunk_tokens: 0): logits = hidden @ W.T for all B x T tokens (3.3 GB in bf16 at batch 32
+with GPT-2's padded vocab of 50304), a log-softmax that reads them, and a backward that reads them again.
+Chunked: for each chunk of tokens the forward computes the chunk's logits, its losses and at once
+d loss / d logits = (softmax - one_hot) / N, and from those its share of the gradients of the hidden states
+(g @ W) and of W (g.T @ h); then the chunk's logits are dropped. The backward only scales the two stored
+gradients by the incoming one. Same arithmetic as autocast's plain path: bf16 GEMMs accumulating in fp32,
+the log-softmax in fp32. The idea of Liger Kernel's fused linear cross-entropy, here with torch.compile
+generating the one elementwise kernel per chunk. Runs in .venv-gpu (imports torch).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+def loss_and_grad(logits: torch.Tensor, targets: torch.Tensor, scale: float):
+    """Per-token losses (fp32) and d(scale * sum of losses)/d logits (in the logits' dtype), one chunk.
+
+    Under torch.compile this is one kernel that reads each row of logits from memory once (its
+    reductions re-read the row from L2) and writes the gradient once.
+    """
+    x = logits.float()
+    lse = torch.logsumexp(x, dim=-1)
+    loss = lse - x.gather(1, targets[:, None]).squeeze(1)
+    hit = torch.arange(x.shape[1], device=x.device)[None, :] == targets[:, None]
+    grad = (torch.exp(x - lse[:, None]) - hit.to(x.dtype)) * scale
+    return loss, grad.to(logits.dtype)
+
+
+@functools.cache
+def compiled_loss_and_grad():
+    """loss_and_grad through torch.compile, built once per process (the compile caches serve later runs)."""
+    return torch.compile(loss_and_grad, dynamic=False)
+
+
+def accumulate_mm(acc: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """acc + a @ b in acc's fp32, with a and b in bf16: on CUDA one GEMM whose epilogue adds acc
+    (aten::addmm's out_dtype); elsewhere the product is rounded to bf16 first, as autocast's own
+    backward rounds the weight gradient."""
+    if a.is_cuda and a.dtype != torch.float32:
+        if acc is None:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        return torch.addmm(acc, a, b, out_dtype=torch.float32)
+    product = torch.mm(a, b).float()
+    return product if acc is None else acc.add_(product)
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """mean_i CE(hidden_i @ weight.T, targets_i), computed chunk by chunk; see the module docstring."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk, dtype, kernel):
+        n = hidden.shape[0]
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            h, w = hidden.to(dtype), weight.to(dtype)
+            grad_h = torch.empty_like(h)
+            grad_w = None
+            losses = torch.empty(n, dtype=torch.float32, device=hidden.device)
+            for start in range(0, n, chunk):
+                rows = slice(start, min(start + chunk, n))
+                losses[rows], g = kernel(torch.mm(h[rows], w.t()), targets[rows], 1.0 / n)
+                torch.mm(g, w, out=grad_h[rows])
+                grad_w = accumulate_mm(grad_w, g.t(), h[rows])
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.dtypes = hidden.dtype, weight.dtype
+        return losses.sum() / n
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors
+        hidden_dtype, weight_dtype = ctx.dtypes
+        return (grad_h * grad_loss).to(hidden_dtype), (grad_w * grad_loss).to(weight_dtype), None, None, None, None
+
+
+@torch.compiler.disable  # a graph break: the chunk loop runs as written, its elementwise kernel compiled apart
+def linear_cross_entropy(hidden, weight, targets, chunk: int, compiled: bool) -> torch.Tensor:
+    """The mean cross-entropy of hidden (N x D) @ weight.T (V x D) against targets (N), chunk tokens at a
+    time; the matmuls in the autocast dtype when autocast is on (as F.linear would run them)."""
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    kernel = compiled_loss_and_grad() if compiled else loss_and_grad
+    return LinearCrossEntropy.apply(hidden, weight, targets, chunk, dtype, kernel)
