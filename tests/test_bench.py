@@ -134,3 +134,22 @@ def test_a_bad_lever_or_missing_tokenizer_files_is_one_line_and_exit_2(tmp_path,
     settings.write_text(layout.BENCH_FILE.read_text().replace("{set: [train.batch_size=16]}", "{set: null}"))
     with pytest.raises(SystemExit, match=r"levers\.batch-16 takes `set: \[key=value, \.\.\.\]`"):
         bench.main(["--device", "cpu", "--bench-config", str(settings)])
+
+
+def test_a_row_that_loses_the_cuda_context_ends_the_bench_with_the_table(tmp_path, monkeypatch):
+    # Seen on the H200: max-autotune's Triton candidates for the 65536 x 50304 LM head hit an illegal memory
+    # access; the error is sticky, so cleaning up after the row raised again and the bench died with no table.
+    def lost(*args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(bench, "hf_default_row", lost)
+    monkeypatch.setattr(bench, "free_memory", lost)
+    out = tmp_path / "o"
+    code = bench.main(["--device", "cpu", "--steps", "1", "--warmup", "1", *TOY, "--out", str(out)])
+    assert code == 1
+    rows = json.loads((out / "bench.json").read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["hf-default", "smoke"]
+    assert rows[0]["error"].startswith("RuntimeError: CUDA error: an illegal memory access was encountered")
+    assert "the CUDA context is lost" in rows[0]["error"]
+    assert rows[1]["error"] == "not run: an earlier row lost the CUDA context (run it alone with --only)"
+    assert "| smoke | ? | | 4 x 64 | failed: not run: an earlier row lost" in (out / "bench.md").read_text()

@@ -177,8 +177,7 @@ def ours_row(cfg: dict, device: torch.device, batches, timing: dict) -> dict:
 
 def run_row(name: str, fn, cfg: dict, device: torch.device, tokens: torch.Tensor, timing: dict, peak) -> dict:
     """One row: `fn` builds and times it; a failure (out of memory, a compile error) is the row's result."""
-    t = cfg["train"]
-    row = {"variant": name, "batch_size": t["batch_size"], "block_size": t["block_size"], "compile": "?"}
+    t, row = cfg["train"], row_head(name, cfg)
     print(
         f"bench: {name}: batch {t['batch_size']} x {t['block_size']}, {timing['warmup']} warm-up + "
         f">= {timing['steps']} timed steps (>= {timing['min_s']:g} s)",
@@ -195,12 +194,23 @@ def run_row(name: str, fn, cfg: dict, device: torch.device, tokens: torch.Tensor
     else:
         tok_s = t["batch_size"] * t["block_size"] * t["grad_accum"] * out["timed_steps"] / out["timed_s"]
         row.update(out, tok_s=tok_s, mfu=M.mfu(out["flops_per_token"], tok_s, peak) if peak else None)
-    free_memory()
+    try:
+        free_memory()
+    except Exception as e:  # a sticky CUDA error (an illegal memory access): this process can run no more rows
+        lost = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+        row["error"] = f"{row.get('error') or lost}; the CUDA context is lost"
+        row["context_lost"] = True
     print(
         f"bench: {name}: " + (row.get("error") or f"{row['tok_s']:,.0f} tok/s, warm-up {row['warmup_s']:.1f} s"),
         flush=True,
     )
     return row
+
+
+def row_head(name: str, cfg: dict) -> dict:
+    """What a row is before it runs: its name, batch and context length."""
+    t = cfg["train"]
+    return {"variant": name, "batch_size": t["batch_size"], "block_size": t["block_size"], "compile": "?"}
 
 
 def verdicts(rows: dict, target: dict | None) -> dict:
@@ -276,7 +286,11 @@ def main(argv: list[str] | None = None) -> int:
             "min_s": settings["min_timed_s"],
             "sync_each_step": sync,
         }
-        rows.append(run_row(name, fn, c, device, tokens, timing, context["peak_bf16_tflops"]))
+        if any(r.get("context_lost") for r in rows):
+            why = "not run: an earlier row lost the CUDA context (run it alone with --only)"
+            rows.append({**row_head(name, c), "error": why})
+        else:
+            rows.append(run_row(name, fn, c, device, tokens, timing, context["peak_bf16_tflops"]))
         lines = write_report(out_dir, rows, context, spec, args.bench_config.name)  # kept if a later row hangs
     print("\n" + "\n".join(lines), flush=True)
     return 0 if all("error" not in r for r in rows) else 1
