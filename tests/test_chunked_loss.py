@@ -22,7 +22,7 @@ def plain_and_chunked(n=37, d=16, v=101, chunk=8, autocast=False):
         hidden, weight = hidden0.clone().requires_grad_(), weight0.clone().requires_grad_()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             if chunked:
-                loss = C.linear_cross_entropy(hidden, weight, targets, chunk, compiled=False)
+                loss = C.linear_cross_entropy(hidden, weight, targets, chunk)
             else:
                 logits = F.linear(hidden, weight)
                 loss = F.cross_entropy(logits.float(), targets)
@@ -95,8 +95,9 @@ def test_a_chunked_loss_is_not_compiled_with_the_blocks_and_eager_turns_its_kern
     lm = tiny_gpt2()
     net = M.NextTokenLoss(lm, 8)
     forward, eager = M.compile_net(net, lm, {"compile": True, "compile_mode": "default", "compile_scope": "blocks"})
-    assert net.compiled and "head_loss" not in vars(net)  # a graph break anyway: its kernel is compiled apart
-    assert eager() is net and not net.compiled
+    assert net.loss_fn is not C.linear_cross_entropy  # its kernel compiled apart, the loop a graph break
+    assert "head_loss" not in vars(net)  # so the blocks scope does not compile the head + loss as a region
+    assert eager() is net and net.loss_fn is C.linear_cross_entropy
 
 
 def test_a_head_with_a_bias_is_refused_with_the_fix():

@@ -75,3 +75,14 @@ def test_decoder_blocks_are_the_base_models_list():
 
     with pytest.raises(TrainError, match="Flat has no list of blocks; use train.compile_scope=model"):
         T.decoder_blocks(Flat())
+
+
+def test_importing_the_training_code_leaves_torch_dynamo_unimported():
+    # torch._dynamo costs ~2 s to import (1.8 s more per train start on the H200 when a decorator pulled it
+    # in at import time); torch.compile imports it when a run compiles, and only then.
+    import subprocess
+    import sys
+
+    code = "import sys, training_pt.train, training_pt.bench; print('torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

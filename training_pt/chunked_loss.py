@@ -76,11 +76,15 @@ class LinearCrossEntropy(torch.autograd.Function):
         return (grad_h * grad_loss).to(hidden_dtype), (grad_w * grad_loss).to(weight_dtype), None, None, None, None
 
 
-@torch.compiler.disable  # a graph break: the chunk loop runs as written, its elementwise kernel compiled apart
-def linear_cross_entropy(hidden, weight, targets, chunk: int, compiled: bool) -> torch.Tensor:
+def linear_cross_entropy(hidden, weight, targets, chunk: int, kernel=loss_and_grad) -> torch.Tensor:
     """The mean cross-entropy of hidden (N x D) @ weight.T (V x D) against targets (N), chunk tokens at a
     time; the matmuls in the autocast dtype when autocast is on (as F.linear would run them)."""
     device = hidden.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
-    kernel = compiled_loss_and_grad() if compiled else loss_and_grad
     return LinearCrossEntropy.apply(hidden, weight, targets, chunk, dtype, kernel)
+
+
+def compiled_linear_cross_entropy():
+    """linear_cross_entropy with its per-chunk kernel compiled, and kept out of any graph around it (a graph
+    break: the chunk loop runs as written). Built on demand: torch.compiler imports torch._dynamo (~2 s)."""
+    return torch.compiler.disable(functools.partial(linear_cross_entropy, kernel=compiled_loss_and_grad()))

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from training_pt.chunked_loss import linear_cross_entropy
+from training_pt import chunked_loss
 from training_pt.configurator import EXIT_INPUT, TrainError, check_type
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -228,12 +228,12 @@ class NextTokenLoss(torch.nn.Module):
     kernel) and averages the per-token losses in fp32: HF's own loss first copies the B x T x V logits to
     fp32 and keeps a second fp32 B x T x V tensor for the backward (2 x 3.3 GB at B=16, T=1024, V=50304).
     chunk > 0: the LM head and the loss fused, `chunk` tokens at a time (training_pt/chunked_loss.py);
-    compile_net sets `compiled` when its elementwise kernel is to go through torch.compile.
+    compile_net swaps `loss_fn` for the version whose per-chunk kernel is compiled.
     """
 
     def __init__(self, lm, chunk: int = 0):
         super().__init__()
-        self.lm, self.chunk, self.compiled = lm, chunk, False
+        self.lm, self.chunk, self.loss_fn = lm, chunk, chunked_loss.linear_cross_entropy
         head = lm.get_output_embeddings()
         if chunk and getattr(head, "bias", None) is not None:
             raise TrainError(EXIT_INPUT, "train.loss_chunk_tokens needs an LM head without a bias; set it to 0")
@@ -244,7 +244,7 @@ class NextTokenLoss(torch.nn.Module):
     def head_loss(self, hidden: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         head = self.lm.get_output_embeddings()
         if self.chunk:
-            return linear_cross_entropy(hidden.flatten(0, 1), head.weight, y.flatten(), self.chunk, self.compiled)
+            return self.loss_fn(hidden.flatten(0, 1), head.weight, y.flatten(), self.chunk)
         logits = head(hidden)
         with torch.autocast(device_type=hidden.device.type, enabled=False):
             per_token = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none")
@@ -279,10 +279,11 @@ def compile_net(net, model, t: dict):
         for i, block in enumerate(eager_blocks):
             blocks[i] = block
         vars(loss_module).pop("head_loss", None)  # back to the method
-        loss_module.compiled = False
+        loss_module.loss_fn = chunked_loss.linear_cross_entropy
         return net
 
-    loss_module.compiled = True
+    if loss_module.chunk:
+        loss_module.loss_fn = chunked_loss.compiled_linear_cross_entropy()
     if t["compile_scope"] == "model":
         return torch.compile(net, mode=mode), eager
     try:
