@@ -13,6 +13,8 @@ RUNS_DIR = ROOT / "submission_runs"
 # `python -m training_pt.<module>` by tasks/proc.py's launcher, never by file path.
 GPU_PACKAGE = "training_pt"
 TRAIN_MODULE = "training_pt.train"
+# Set by the m40 chain on a train.py it starts ahead (tasks/train.py prestart): import, then wait on stdin for "go".
+TRAIN_WAIT_ENV = "M40_TRAIN_WAIT_FOR_GO"
 # train asks .venv-gpu's torch how many GPUs it sees (when no cuda_check record of the run says).
 DEVICE_COUNT_MODULE = "training_pt.device_count"
 

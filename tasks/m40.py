@@ -53,6 +53,12 @@ def chain_inputs(args) -> None:
         raise ConfigError(str(e)) from None
 
 
+def prestart(train_module, run_dir, args):
+    """The train stage's process started ahead, if that stage offers it (tasks/train.py prestart), else None."""
+    start = getattr(train_module, "prestart", None)
+    return start(run_dir, args) if start is not None else None
+
+
 def _chain(run_dir, args) -> int:
     code = layout.EXIT_OK
     blocker = None
@@ -62,6 +68,8 @@ def _chain(run_dir, args) -> int:
                 skipped = records.Timer.start().record(name, records.StageStatus.SKIP, f"not run: {blocker}")
                 records.write(run_dir, skipped)
                 continue
+            if name == "cuda_check":  # train.py's imports meanwhile; the train stage releases it (tasks/train.py)
+                args.train_prestarted = prestart(stage.MODULES["train"], run_dir, args)
             if name == "train":  # torch's collect_env in the background meanwhile; evidence awaits it
                 evidence.start_collect_env(run_dir)
             rec = stage.execute(name, run_dir, args)
@@ -72,6 +80,9 @@ def _chain(run_dir, args) -> int:
         code = layout.EXIT_INTERRUPTED
         print("m40: interrupted; sealing the run with what it has", file=sys.stderr, flush=True)
     finally:
+        if getattr(args, "train_prestarted", None) is not None:  # cuda_check failed, or Ctrl-C: train never ran
+            stage.MODULES["train"].cancel(args.train_prestarted)
+            args.train_prestarted = None
         # Evidence runs on success, failure and Ctrl-C alike; a second Ctrl-C here is not caught.
         ev = stage.execute("evidence", run_dir, args)
     if not ev.ok:

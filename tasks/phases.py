@@ -23,6 +23,8 @@ LABELS = {
     "multi_gpu": "multi-GPU",
     "long": "long level",
     "start": "start (interpreter, imports)",  # train.py's phases from here
+    "ahead": "model code imported ahead (during cuda_check)",
+    "wait": "waiting for cuda_check",
     "setup": "setup",
     "data": "data",
     "model": "model (transformers, build)",

@@ -137,10 +137,12 @@ def tee(
     echo: bool = True,
     on_line: Callable[[str], None] | None = None,
     inherit_env: bool = True,
+    started: subprocess.Popen | None = None,
 ) -> int:
-    """Run `cmd`, echoing stdout+stderr line by line to our stdout (unless `echo` is False), to
-    `log_file` and to `on_line`. `env` adds to our environment, or is the whole of it with
-    `inherit_env=False` (install's pip/uv run with the machine's PIP_*/UV_* variables removed).
+    """Run `cmd` (or take `started`, a child start_in_group already started), echoing stdout+stderr line by
+    line to our stdout (unless `echo` is False), to `log_file` and to `on_line`. `env` adds to our
+    environment, or is the whole of it with `inherit_env=False` (install's pip/uv run with the machine's
+    PIP_*/UV_* variables removed).
 
     Returns the exit code (124 on timeout, like coreutils' timeout). The child runs in a process
     group of its own, so a timeout kills its children too (torchrun's ranks, spawned NCCL workers),
@@ -151,7 +153,7 @@ def tee(
     full_env = {**(os.environ if inherit_env else {}), **(env or {}), "PYTHONUNBUFFERED": "1"}
     log = open(log_file, "a" if append else "w", encoding="utf-8") if log_file else None
     try:
-        child = start_in_group(cmd, full_env, cwd)
+        child = started if started is not None else start_in_group(cmd, full_env, cwd)
         timed_out = threading.Event()
 
         def kill_at_timeout() -> None:
@@ -178,10 +180,12 @@ def tee(
             log.close()
 
 
-def start_in_group(cmd: list, env: dict, cwd: Path | None) -> subprocess.Popen:
-    """`cmd` in a process group of its own, dying with us, its stdout+stderr one text pipe read line by line."""
+def start_in_group(cmd: list, env: dict, cwd: Path | None, stdin: bool = False) -> subprocess.Popen:
+    """`cmd` in a process group of its own, dying with us, its stdout+stderr one text pipe read line by line;
+    with `stdin`, a pipe to its stdin too (see `release`)."""
     return subprocess.Popen(
         [str(c) for c in cmd],
+        stdin=subprocess.PIPE if stdin else None,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         env=env,
@@ -192,6 +196,19 @@ def start_in_group(cmd: list, env: dict, cwd: Path | None) -> subprocess.Popen:
         start_new_session=True,
         preexec_fn=die_with_parent,
     )
+
+
+def release(child: subprocess.Popen, go: bool = True) -> None:
+    """Tell a child started with a stdin pipe and waiting on it (a train.py started ahead) to go on, or
+    with go=False to end; nothing if it has ended already (its output and exit code then say why)."""
+    if child.stdin is None:
+        return
+    try:
+        if go:
+            child.stdin.write("go\n")
+        child.stdin.close()
+    except (OSError, ValueError):  # BrokenPipeError: it is gone; ValueError: the pipe was closed already
+        pass
 
 
 def signal_group(child: subprocess.Popen, sig: int) -> None:

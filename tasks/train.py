@@ -199,6 +199,15 @@ def check_inputs(args) -> None:
 
 
 def run(run_dir: Path, args) -> Outcome:
+    early, args.train_prestarted = getattr(args, "train_prestarted", None), None  # from prestart, if m40 did
+    try:
+        return run_with(run_dir, args, early)
+    finally:
+        if early is not None and early.returncode is None:
+            cancel(early)  # never released (a FAIL before the launch): it must not linger
+
+
+def run_with(run_dir: Path, args, early: subprocess.Popen | None) -> Outcome:
     python = layout.gpu_python()
     if (refused := missing_inputs(python, args)) is not None:
         return refused
@@ -213,8 +222,52 @@ def run(run_dir: Path, args) -> Outcome:
     if job is not None and (unreachable := join_job(job)) is not None:
         return Outcome(StageStatus.FAIL, unreachable, job.figures())
     print(f"train: {nproc} process(es) ({source}); config {args.train_config}", flush=True)
-    rc = launch(run_dir, python, nproc, args, job)
+    if early is not None and (nproc != 1 or job is not None):
+        cancel(early)  # started ahead for one process; this run needs torchrun
+        early = None
+    rc = launch(run_dir, python, nproc, args, job, early)
     return outcome(run_dir, rc, nproc, args, job)
+
+
+def prestart(run_dir: Path, args) -> subprocess.Popen | None:
+    """The m40 chain calls this before cuda_check: train.py for one GPU, started now so that its interpreter
+    and imports (torch, transformers, the model's code: 5-9 s on an H200 host) overlap cuda_check. It waits on
+    its stdin, creating no CUDA context and writing no file, until `run` releases it (after cuda_check
+    passed, when the run is still one process) or `cancel` ends it. None where this run will likely not be
+    one process on one GPU (the probe saw another count, --nproc, --train-device cpu, a multi-node job)."""
+    python = layout.gpu_python()
+    if missing_inputs(python, args) is not None or args.train_device == "cpu" or args.nproc not in (None, 1):
+        return None
+    try:
+        if multinode.resolve(args, os.environ) is not None:
+            return None
+    except ValueError:
+        return None
+    probe = records.read(run_dir, "probe")
+    if args.nproc is None and (probe is None or probe.figures.get("gpu_count") != 1):
+        return None
+    return start_waiting(run_dir, python, args)
+
+
+def start_waiting(run_dir: Path, python: Path, args) -> subprocess.Popen:
+    """train.py for one process, started now, waiting for `proc.release` (tasks/proc.py) on its stdin."""
+    clear_results(run_dir)
+    env = {**proc.gpu_env({layout.TRAIN_WAIT_ENV: "1"}, python), "PYTHONUNBUFFERED": "1"}
+    return proc.start_in_group(command(python, 1, args, run_dir), env, layout.ROOT, stdin=True)
+
+
+def cancel(early: subprocess.Popen) -> None:
+    """End a train.py started ahead that will not train: it leaves on its closed stdin, writing nothing;
+    its process group is killed if it has not within 10 s."""
+    proc.release(early, go=False)
+    proc.finish(early, 10.0)
+    if early.stdout is not None:
+        early.stdout.close()
+
+
+def clear_results(run_dir: Path) -> None:
+    for name in (layout.TRAIN_LOG, layout.TRAIN_RESULT, layout.TRAIN_METRICS, layout.TRAIN_LOSS_PLOT):
+        (run_dir / name).unlink(missing_ok=True)  # a re-run must not report an earlier attempt's result
 
 
 def missing_inputs(python: Path, args) -> Outcome | None:
@@ -262,10 +315,13 @@ def join_job(job: multinode.Job) -> str | None:
     return multinode.reach(job)
 
 
-def launch(run_dir: Path, python: Path, nproc: int, args, job: multinode.Job | None) -> int:
-    """Run train.py (under torchrun for several processes), its console into train_console.txt; its exit code."""
-    for name in (layout.TRAIN_LOG, layout.TRAIN_RESULT, layout.TRAIN_METRICS, layout.TRAIN_LOSS_PLOT):
-        (run_dir / name).unlink(missing_ok=True)  # a re-run must not report an earlier attempt's result
+def launch(
+    run_dir: Path, python: Path, nproc: int, args, job: multinode.Job | None, early: subprocess.Popen | None = None
+) -> int:
+    """Run train.py (under torchrun for several processes), its console into train_console.txt; its exit code.
+    `early`: the same command started ahead by `prestart`, released here instead of starting another."""
+    if early is None:
+        clear_results(run_dir)
     extra = {}
     if nproc > 1 and "OMP_NUM_THREADS" not in os.environ:
         extra["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
@@ -274,7 +330,18 @@ def launch(run_dir: Path, python: Path, nproc: int, args, job: multinode.Job | N
     shown = {k: env[k] for k in (*layout.NO_MULTICAST_ENV, *extra, "PYTHONPATH", "PYTHONNOUSERSITE")}
     console = run_dir / layout.TRAIN_CONSOLE
     console.write_text(f"$ {' '.join(f'{k}={v}' for k, v in shown.items())} {' '.join(cmd)}\n")
-    rc = proc.tee(cmd, console, env=env, inherit_env=False, cwd=layout.ROOT, timeout=args.train_timeout, append=True)
+    if early is not None:
+        proc.release(early)
+    rc = proc.tee(
+        cmd,
+        console,
+        env=env,
+        inherit_env=False,
+        cwd=layout.ROOT,
+        timeout=args.train_timeout,
+        append=True,
+        started=early,
+    )
     log = run_dir / layout.TRAIN_LOG
     if not log.exists():  # train.py died before it opened its log: keep what the console says
         log.write_text(

@@ -138,6 +138,45 @@ def test_first_failed_stage_gives_its_exit_code_and_later_stages_are_skipped(mon
     )
 
 
+def logged(calls, stage_module, name):
+    """`stage_module` with its run logged in `calls`."""
+
+    def run(run_dir, args):
+        calls.append(name)
+        return stage_module.run(run_dir, args)
+
+    return SimpleNamespace(**{**vars(stage_module), "run": run})
+
+
+def train_started_ahead(calls):
+    """A train stage offering prestart/cancel, as tasks/train.py does; its run takes the prestarted process."""
+
+    def run(run_dir, args):
+        calls.append(("train runs with", args.train_prestarted))
+        args.train_prestarted = None
+        return fake_stage("train").run(run_dir, args)
+
+    return SimpleNamespace(
+        DESCRIPTION="fake train",
+        add_arguments=lambda parser: None,
+        run=run,
+        prestart=lambda run_dir, args: calls.append("prestart") or "early",
+        cancel=lambda early: calls.append(("cancel", early)),
+    )
+
+
+@pytest.mark.parametrize("cuda_check_status", [StageStatus.PASS, StageStatus.FAIL])
+def test_train_is_started_ahead_of_cuda_check_and_released_or_cancelled(monkeypatch, good_driver, cuda_check_status):
+    calls = []
+    check = logged(calls, fake_stage("cuda_check", cuda_check_status), "cuda_check")
+    use_fakes(monkeypatch, train=train_started_ahead(calls), cuda_check=check)
+    code = m40.main([])
+    if cuda_check_status == StageStatus.PASS:
+        assert code == layout.EXIT_OK and calls == ["prestart", "cuda_check", ("train runs with", "early")]
+    else:  # train is skipped: the process started ahead is ended before evidence seals the run
+        assert code == layout.EXIT_STAGE["cuda_check"] and calls == ["prestart", "cuda_check", ("cancel", "early")]
+
+
 def test_probe_failure_exits_10_from_m40_and_from_the_stage_alone(monkeypatch, no_driver, capsys):
     use_fakes(monkeypatch)
     assert m40.main([]) == layout.EXIT_STAGE["probe"] == 10

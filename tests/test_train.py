@@ -486,3 +486,61 @@ def test_out_of_memory_after_the_first_step_is_one_line_and_exit_4():
         T.later_step(run, Full(), 3)
     assert e.value.code == T.EXIT_OOM
     assert str(e.value).startswith("CUDA out of memory at step 3 with batch_size=4 x block_size=8 (host memory)")
+
+
+# --------------------------------------------------------------------------- started ahead by m40
+
+
+def test_a_train_started_ahead_imports_waits_then_trains_when_released(tmp_path, venv_python):
+    run_dir = tmp_path / "m40_v1"
+    run_dir.mkdir()
+    args = stage_args(train_device="cpu", train_override=[*TINY, "train.steps=6", "checks.min_loss_drop=0.2"])
+    args.train_prestarted = stage.start_waiting(run_dir, Path(sys.executable), args)
+    with pytest.raises(subprocess.TimeoutExpired):
+        args.train_prestarted.wait(3)  # it waits for "go": no file written meanwhile
+    assert not (run_dir / layout.TRAIN_LOG).exists() and not (run_dir / layout.TRAIN_RESULT).exists()
+    out = stage.run(run_dir, args)
+    assert out.status == "pass", out.reason
+    assert args.train_prestarted is None  # taken by the stage
+    assert out.figures["phase_ahead_s"] > 0 and out.figures["phase_wait_s"] >= 0
+    assert out.figures["phase_ahead_s"] + out.figures["phase_wait_s"] >= 2.9  # released after >= 3 s
+    assert out.figures["phase_model_s"] < out.figures["phase_ahead_s"]  # transformers was imported already
+    log = (run_dir / layout.TRAIN_LOG).read_text()
+    assert "model code imported ahead (during cuda_check)" in log and "waiting for cuda_check" in log
+    assert "PASS: gpt2" in log and (run_dir / layout.TRAIN_CONSOLE).read_text().startswith("$ NCCL_NVLS_ENABLE=0")
+
+
+def test_a_train_started_ahead_and_cancelled_ends_writing_nothing(tmp_path, venv_python):
+    run_dir = tmp_path / "m40_v1"
+    run_dir.mkdir()
+    args = stage_args(train_device="cpu", train_override=TINY)
+    early = stage.start_waiting(run_dir, Path(sys.executable), args)
+    stage.cancel(early)
+    assert early.returncode == 0 and sorted(p.name for p in run_dir.iterdir()) == []
+
+
+def test_a_train_started_ahead_for_one_process_is_cancelled_when_the_run_needs_two(tmp_path, venv_python, monkeypatch):
+    run_dir = tmp_path / "m40_v1"
+    run_dir.mkdir()
+    args = stage_args(nproc=2, train_device="cpu", train_override=TINY)
+    early = args.train_prestarted = stage.start_waiting(run_dir, Path(sys.executable), args)
+    monkeypatch.setattr(stage, "launch", lambda *a: 3)  # the torchrun launch itself is tested above
+    stage.run(run_dir, args)
+    assert early.returncode == 0 and not (run_dir / layout.TRAIN_LOG).exists()  # it ended without training
+
+
+def test_prestart_only_where_the_run_will_be_one_process_on_one_gpu(tmp_path, venv_python):
+    from tasks import records
+    from tasks.records import StageRecord, StageStatus
+
+    run_dir = tmp_path / "m40_v1"
+    run_dir.mkdir()
+    assert stage.prestart(run_dir, stage_args()) is None  # no probe record: the GPU count is unknown
+    records.write(run_dir, StageRecord("probe", StageStatus.PASS, figures={"gpu_count": 2}))
+    assert stage.prestart(run_dir, stage_args()) is None
+    records.write(run_dir, StageRecord("probe", StageStatus.PASS, figures={"gpu_count": 1}))
+    assert stage.prestart(run_dir, stage_args(train_device="cpu")) is None
+    assert stage.prestart(run_dir, stage_args(nproc=2)) is None
+    early = stage.prestart(run_dir, stage_args())
+    assert early is not None and early.returncode is None
+    stage.cancel(early)

@@ -107,6 +107,13 @@ def config_class(family: str):
     return {"gpt2": GPT2Config, "gemma": GemmaConfig}[family]
 
 
+def preload(family: str) -> None:
+    """Import transformers and the family's model code now, what build_model imports first (~3-5 s)."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    MODEL_FOR_CAUSAL_LM_MAPPING[config_class(family)]  # the mapping imports the model's module on lookup
+
+
 def check_model_config(family: str, settings: dict) -> None:
     """model.config keys must be settings of the family's config class, of the default's type."""
     defaults = config_class(family)()

@@ -90,6 +90,7 @@ from training_pt.model import (
     compile_net,
     mfu,
     model_flops,
+    preload,
     sdpa_backend,
 )
 from training_pt.nvml_sampler import NvmlSampler, nvml_text
@@ -239,7 +240,10 @@ def setup(cfg: dict, args, log: Log, result: dict) -> Run:
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     device = setup_device(args.device, rank, local_rank, world)
     run = Run(cfg, args, log, result, device, rank, local_rank, world, started=t0)
-    run.phases.add("start", started)  # the interpreter and the imports (torch, ...), before main()
+    ahead = getattr(args, "ahead_s", {})  # started ahead by m40 (wait_for_go): those seconds are not start-up
+    run.phases.add("start", started - sum(ahead.values()) if started is not None else None)
+    for name, seconds in ahead.items():
+        run.phases.add(name, seconds)
     if world > 1:
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
@@ -712,7 +716,7 @@ def check_learning(run: Run, losses: list[float], vocab_real: int) -> None:
 
 def log_phases(run: Run) -> None:
     """Where the run's seconds went, in order (the line to read first when it feels slow); in the figures too."""
-    record = run.phases.record(time.perf_counter() - run.started, before=("start",))
+    record = run.phases.record(time.perf_counter() - run.started, before=("start", "ahead", "wait"))
     run.figures.update(phase_figures(record))
     run.log(run.phases.line(record))
 
@@ -745,6 +749,23 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def wait_for_go(args) -> dict[str, float] | None:
+    """Started ahead by the m40 chain (layout.TRAIN_WAIT_ENV, tasks/train.py prestart): import the model code
+    while cuda_check runs, then wait for the stage's "go" on stdin, touching no GPU and writing no file.
+    Returns the seconds of both ({} when not started ahead), or None when told to end instead."""
+    if os.environ.pop(layout.TRAIN_WAIT_ENV, "") != "1":
+        return {}
+    t0 = time.perf_counter()
+    try:
+        preload(load_config(args.config, args.overrides)["model"]["family"])
+    except (TrainError, ConfigError, ImportError):
+        pass  # the run itself meets the same problem in order, and reports it
+    t1 = time.perf_counter()
+    if sys.stdin.readline().strip() != "go":  # "" when the stage closed the pipe or went away
+        return None
+    return {"ahead": t1 - t0, "wait": time.perf_counter() - t1}
+
+
 def on_sigterm(signum, frame) -> None:
     raise KeyboardInterrupt
 
@@ -752,6 +773,10 @@ def on_sigterm(signum, frame) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     proc.die_with_parent()  # a torchrun rank dies with its torchrun (which dies with the stage)
+    ahead = wait_for_go(args)
+    if ahead is None:
+        return EXIT_OK  # the stage ended it (cuda_check failed, or the run needs torchrun): nothing written
+    args.ahead_s = ahead
     rank = int(os.environ.get("RANK", "0"))
     args.out.mkdir(parents=True, exist_ok=True)
     log = Log(args.out, rank, leader=int(os.environ.get("LOCAL_RANK", "0")) == 0)
