@@ -107,11 +107,15 @@ def config_class(family: str):
     return {"gpt2": GPT2Config, "gemma": GemmaConfig}[family]
 
 
-def preload(family: str) -> None:
-    """Import transformers and the family's model code now, what build_model imports first (~3-5 s)."""
+def preload(family: str, compiles: bool) -> None:
+    """Import now what build_model imports first, transformers and the family's model code (~3-5 s), and for
+    a compiled run what torch.compile imports at its first call (Dynamo and Inductor, ~2-5 s)."""
     from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
 
     MODEL_FOR_CAUSAL_LM_MAPPING[config_class(family)]  # the mapping imports the model's module on lookup
+    if compiles:
+        import torch._dynamo  # noqa: F401
+        import torch._inductor.compile_fx  # noqa: F401
 
 
 def check_model_config(family: str, settings: dict) -> None:

@@ -757,9 +757,10 @@ def wait_for_go(args) -> dict[str, float] | None:
         return {}
     t0 = time.perf_counter()
     try:
-        preload(load_config(args.config, args.overrides)["model"]["family"])
-    except (TrainError, ConfigError, ImportError):
-        pass  # the run itself meets the same problem in order, and reports it
+        cfg = load_config(args.config, args.overrides)
+        preload(cfg["model"]["family"], cfg["train"]["compile"])
+    except Exception:  # the run meets the same problem in its place, and reports it there
+        pass
     t1 = time.perf_counter()
     if sys.stdin.readline().strip() != "go":  # "" when the stage closed the pipe or went away
         return None
