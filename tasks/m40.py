@@ -54,9 +54,14 @@ def chain_inputs(args) -> None:
 
 
 def prestart(train_module, run_dir, args):
-    """The train stage's process started ahead, if that stage offers it (tasks/train.py prestart), else None."""
+    """The train stage's process started ahead, if that stage offers it (tasks/train.py prestart), else None.
+    Only a speed-up: if it cannot start, the chain goes on as without it and the train stage launches."""
     start = getattr(train_module, "prestart", None)
-    return start(run_dir, args) if start is not None else None
+    try:
+        return start(run_dir, args) if start is not None else None
+    except Exception as e:
+        print(f"m40: train.py not started ahead ({type(e).__name__}: {e}); it starts in its stage", flush=True)
+        return None
 
 
 def _chain(run_dir, args) -> int:

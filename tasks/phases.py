@@ -24,7 +24,7 @@ LABELS = {
     "long": "long level",
     "start": "start (interpreter, imports)",  # train.py's phases from here
     "ahead": "model code imported ahead (during cuda_check)",
-    "wait": "waiting for cuda_check",
+    "wait": "waiting to start (cuda_check, then the stage's own checks)",
     "setup": "setup",
     "data": "data",
     "model": "model (transformers, build)",

@@ -8,6 +8,7 @@ installed in that venv and nothing the caller's shell put on PYTHONPATH.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -42,7 +43,8 @@ def gpu_env(extra: dict | None = None, python: Path | None = None) -> dict:
     torch-free helpers of `tasks` import), no user site-packages, the current folder not on sys.path
     (PYTHONSAFEPATH, Python >= 3.11), NVLink multicast off, the compile cache beside the venv of `python`
     (compile_cache_env; a variable the user set wins), then `extra` (which may not undo the isolation)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    # never inherited: only tasks/train.py's start_waiting sets it (else train.py would wait on its stdin)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON") and k != layout.TRAIN_WAIT_ENV}
     env.update(layout.NO_MULTICAST_ENV)
     for key, value in compile_cache_env(python).items():
         env.setdefault(key, value)
@@ -206,9 +208,12 @@ def release(child: subprocess.Popen, go: bool = True) -> None:
     try:
         if go:
             child.stdin.write("go\n")
-        child.stdin.close()
+            child.stdin.flush()
     except (OSError, ValueError):  # BrokenPipeError: it is gone; ValueError: the pipe was closed already
         pass
+    finally:
+        with contextlib.suppress(OSError):
+            child.stdin.close()
 
 
 def signal_group(child: subprocess.Popen, sig: int) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 from pathlib import Path
 
@@ -257,10 +258,12 @@ def start_waiting(run_dir: Path, python: Path, args) -> subprocess.Popen:
 
 
 def cancel(early: subprocess.Popen) -> None:
-    """End a train.py started ahead that will not train: it leaves on its closed stdin, writing nothing;
-    its process group is killed if it has not within 10 s."""
+    """End a train.py started ahead that will not train, at once: its process group is killed (before "go"
+    it has written nothing, so nothing is lost; waiting for it to read its closed stdin could take the rest
+    of its imports, seconds in which a second Ctrl-C would stop evidence from sealing the run)."""
     proc.release(early, go=False)
-    proc.finish(early, 10.0)
+    proc.signal_group(early, signal.SIGKILL)
+    early.wait()
     if early.stdout is not None:
         early.stdout.close()
 

@@ -177,6 +177,19 @@ def test_train_is_started_ahead_of_cuda_check_and_released_or_cancelled(monkeypa
         assert code == layout.EXIT_STAGE["cuda_check"] and calls == ["prestart", "cuda_check", ("cancel", "early")]
 
 
+def test_a_train_that_cannot_start_ahead_changes_nothing_but_a_line(monkeypatch, good_driver, capsys):
+    calls = []
+    train = train_started_ahead(calls)
+
+    def cannot(run_dir, args):
+        raise PermissionError(13, "Permission denied", "/x/.venv-gpu/bin/python")
+
+    use_fakes(monkeypatch, train=SimpleNamespace(**{**vars(train), "prestart": cannot}))
+    assert m40.main([]) == layout.EXIT_OK
+    assert calls == [("train runs with", None)]  # the stage launched it itself
+    assert "m40: train.py not started ahead (PermissionError: [Errno 13] Permission denied" in capsys.readouterr().out
+
+
 def test_probe_failure_exits_10_from_m40_and_from_the_stage_alone(monkeypatch, no_driver, capsys):
     use_fakes(monkeypatch)
     assert m40.main([]) == layout.EXIT_STAGE["probe"] == 10

@@ -192,3 +192,24 @@ def test_a_second_child_reuses_the_first_ones_compiled_graph_from_the_cache_besi
     assert "FX graph cache miss" in said[0].stdout
     assert said[1].stdout.strip() == "FX graph cache hit, AOTAutograd cache hit"
     assert (tmp_path / "v.compile-cache" / "inductor").is_dir()
+
+
+def test_the_wait_for_go_variable_is_never_inherited_by_a_gpu_child(monkeypatch):
+    # Set in the user's shell it would make every train.py wait on its stdin; only start_waiting sets it.
+    from tasks import layout
+
+    monkeypatch.setenv(layout.TRAIN_WAIT_ENV, "1")
+    assert layout.TRAIN_WAIT_ENV not in proc.gpu_env()
+    assert proc.gpu_env({layout.TRAIN_WAIT_ENV: "1"})[layout.TRAIN_WAIT_ENV] == "1"
+
+
+def test_release_says_go_once_and_closes_the_pipe_even_to_a_child_that_has_gone():
+    child = proc.start_in_group([sys.executable, "-c", "print(input())"], {}, None, stdin=True)
+    proc.release(child)
+    assert child.stdout.read() == "go\n" and child.wait() == 0 and child.stdin.closed
+    gone = proc.start_in_group([sys.executable, "-c", "pass"], {}, None, stdin=True)
+    gone.wait()
+    proc.release(gone)  # a broken pipe is not an error here
+    assert gone.stdin.closed
+    gone.stdout.close()
+    child.stdout.close()
