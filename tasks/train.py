@@ -232,7 +232,7 @@ def run_with(run_dir: Path, args, early: subprocess.Popen | None) -> Outcome:
 
 def prestart(run_dir: Path, args) -> subprocess.Popen | None:
     """The m40 chain calls this before cuda_check: train.py for one GPU, started now so that its interpreter
-    and imports (torch, transformers, the model's code: 5-9 s on an H200 host) overlap cuda_check. It waits on
+    and imports (torch, transformers, the model's code, Dynamo: 5-14 s on the H200 host) overlap cuda_check. It waits on
     its stdin, creating no CUDA context and writing no file, until `run` releases it (after cuda_check
     passed, when the run is still one process) or `cancel` ends it. None where this run will likely not be
     one process on one GPU (the probe saw another count, --nproc, --train-device cpu, a multi-node job)."""
