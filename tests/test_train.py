@@ -221,7 +221,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, extra, expect):
 def test_shipped_configs_load():
     gpt2 = T.load_config(layout.TRAIN_CONFIG, [])
     gemma = T.load_config(GEMMA_YAML, [])
-    assert gpt2["model"]["config"]["n_layer"] == 12 and gpt2["train"]["batch_size"] == 32
+    assert gpt2["model"]["config"]["n_layer"] == 12 and gpt2["train"]["batch_size"] == 64
     assert gemma["model"]["family"] == "gemma" and gemma["model"]["config"]["num_key_value_heads"] == 1
     model.check_model_config("gpt2", gpt2["model"]["config"])
     model.check_model_config("gemma", gemma["model"]["config"])
