@@ -153,3 +153,26 @@ def test_a_row_that_loses_the_cuda_context_ends_the_bench_with_the_table(tmp_pat
     assert "the CUDA context is lost" in rows[0]["error"]
     assert rows[1]["error"] == "not run: an earlier row lost the CUDA context (run it alone with --only)"
     assert "| smoke | ? | | 4 x 64 | failed: not run: an earlier row lost" in (out / "bench.md").read_text()
+
+
+def test_a_row_out_of_memory_halves_its_batch_until_it_fits_and_says_so(tmp_path, monkeypatch):
+    # HF's defaults at batch 64 took 89.5 GiB on the H200: an 80 GB card must still get its baseline row.
+    import torch
+
+    real = bench.hf_default_row
+
+    def fits_at_2(cfg, device, batches, timing):
+        if cfg["train"]["batch_size"] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (a stand-in)")
+        return real(cfg, device, batches, timing)
+
+    monkeypatch.setattr(bench, "hf_default_row", fits_at_2)
+    out = tmp_path / "o"
+    code = bench.main(
+        ["--device", "cpu", "--steps", "1", "--warmup", "1", *TOY, "--out", str(out), "--only", "hf-default"]
+    )
+    assert code == 0
+    (row,) = json.loads((out / "bench.json").read_text())["rows"]
+    assert row["batch_size"] == 2 and row["batch_halved_from"] == 4 and row["tok_s"] > 0 and "error" not in row
+    assert "| hf-default | off | " in (md := (out / "bench.md").read_text())
+    assert "| 2 x 64 (halved from 4: out of memory) | " in md

@@ -176,7 +176,24 @@ def ours_row(cfg: dict, device: torch.device, batches, timing: dict) -> dict:
 
 
 def run_row(name: str, fn, cfg: dict, device: torch.device, tokens: torch.Tensor, timing: dict, peak) -> dict:
-    """One row: `fn` builds and times it; a failure (out of memory, a compile error) is the row's result."""
+    """One row: `fn` builds and times it. Out of memory halves the batch until it fits, as train.py's first
+    step does (HF's defaults at batch 64 need 89.5 GiB: more than an 80 GB card), and the row says so; any
+    other failure (a compile error, out of memory even at batch 1) is the row's result."""
+    first = cfg["train"]["batch_size"]
+    while True:
+        row = attempt_row(name, fn, cfg, device, tokens, timing, peak)
+        batch = cfg["train"]["batch_size"]
+        if not row.pop("oom", False) or batch == 1 or row.get("context_lost"):
+            break
+        print(f"bench: {name}: out of memory at batch {batch}; trying {batch // 2}", flush=True)
+        cfg = {**cfg, "train": {**cfg["train"], "batch_size": batch // 2}}
+    if cfg["train"]["batch_size"] != first:
+        row["batch_halved_from"] = first
+    return row
+
+
+def attempt_row(name: str, fn, cfg: dict, device: torch.device, tokens: torch.Tensor, timing: dict, peak) -> dict:
+    """One attempt at a row at cfg's batch; "oom": True when it ran out of memory."""
     t, row = cfg["train"], row_head(name, cfg)
     print(
         f"bench: {name}: batch {t['batch_size']} x {t['block_size']}, {timing['warmup']} warm-up + "
@@ -187,7 +204,7 @@ def run_row(name: str, fn, cfg: dict, device: torch.device, tokens: torch.Tensor
     try:
         out = fn(cfg, device, batches, timing)
     except torch.OutOfMemoryError:
-        row["error"] = f"out of memory at batch_size={t['batch_size']}"
+        row.update(error=f"out of memory at batch_size={t['batch_size']}", oom=True)
     except Exception as e:
         traceback.print_exc()
         row["error"] = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
@@ -239,6 +256,8 @@ def table(rows: list[dict], base_tok_s: float | None) -> str:
     lines = [head]
     for r in rows:
         bt = f"{r['batch_size']} x {r['block_size']}"
+        if r.get("batch_halved_from"):
+            bt += f" (halved from {r['batch_halved_from']}: out of memory)"
         if "error" in r:
             lines.append(f"| {r['variant']} | {r['compile']} | | {bt} | failed: {r['error']} | | | | | | | |")
             continue
