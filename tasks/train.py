@@ -232,10 +232,11 @@ def run_with(run_dir: Path, args, early: subprocess.Popen | None) -> Outcome:
 
 def prestart(run_dir: Path, args) -> subprocess.Popen | None:
     """The m40 chain calls this before cuda_check: train.py for one GPU, started now so that its interpreter
-    and imports (torch, transformers, the model's code, Dynamo: 5-14 s on the H200 host) overlap cuda_check. It waits on
-    its stdin, creating no CUDA context and writing no file, until `run` releases it (after cuda_check
-    passed, when the run is still one process) or `cancel` ends it. None where this run will likely not be
-    one process on one GPU (the probe saw another count, --nproc, --train-device cpu, a multi-node job)."""
+    and imports (torch, transformers, the model's code, Dynamo: 5-14 s on the H200 host) overlap
+    cuda_check. It waits on its stdin, creating no CUDA context and writing no file, until `run` releases it
+    (after cuda_check passed, when the run is still one process) or `cancel` ends it. None where this run
+    will likely not be one process on one GPU (the probe saw another count, --nproc, --train-device cpu, a
+    multi-node job)."""
     python = layout.gpu_python()
     if missing_inputs(python, args) is not None or args.train_device == "cpu" or args.nproc not in (None, 1):
         return None
@@ -253,7 +254,7 @@ def prestart(run_dir: Path, args) -> subprocess.Popen | None:
 def start_waiting(run_dir: Path, python: Path, args) -> subprocess.Popen:
     """train.py for one process, started now, waiting for `proc.release` (tasks/proc.py) on its stdin."""
     clear_results(run_dir)
-    env = {**proc.gpu_env({layout.TRAIN_WAIT_ENV: "1"}, python), "PYTHONUNBUFFERED": "1"}
+    env = proc.gpu_env({layout.TRAIN_WAIT_ENV: "1"}, python)  # unbuffered, as tee's children are
     return proc.start_in_group(command(python, 1, args, run_dir), env, layout.ROOT, stdin=True)
 
 

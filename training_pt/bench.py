@@ -31,7 +31,7 @@ import torch
 
 from tasks import layout
 from tasks.config import ConfigError, gpu_spec_for, load_yaml
-from training_pt import bench_options, quick_exit
+from training_pt import bench_options, fabric, quick_exit
 from training_pt import data as D
 from training_pt import model as M  # the model, compile and FLOPs code train.py runs
 from training_pt import steps as steps_mod  # ... and its step loop
@@ -207,15 +207,14 @@ def attempt_row(name: str, fn, cfg: dict, device: torch.device, tokens: torch.Te
         row.update(error=f"out of memory at batch_size={t['batch_size']}", oom=True)
     except Exception as e:
         traceback.print_exc()
-        row["error"] = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+        row["error"] = fabric.first_line(e)[:240]
     else:
         tok_s = t["batch_size"] * t["block_size"] * t["grad_accum"] * out["timed_steps"] / out["timed_s"]
         row.update(out, tok_s=tok_s, mfu=M.mfu(out["flops_per_token"], tok_s, peak) if peak else None)
     try:
         free_memory()
     except Exception as e:  # a sticky CUDA error (an illegal memory access): this process can run no more rows
-        lost = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
-        row["error"] = f"{row.get('error') or lost}; the CUDA context is lost"
+        row["error"] = f"{row.get('error') or fabric.first_line(e)[:240]}; the CUDA context is lost"
         row["context_lost"] = True
     print(
         f"bench: {name}: " + (row.get("error") or f"{row['tok_s']:,.0f} tok/s, warm-up {row['warmup_s']:.1f} s"),
