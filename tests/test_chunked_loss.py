@@ -79,9 +79,9 @@ def test_next_token_loss_chunked_gives_the_models_gradients():
     x = torch.randint(0, 64, (3, 16))
     y = torch.roll(x, -1, dims=1)
     grads = []
-    for chunk in (0, 10):  # 48 tokens in chunks of 10: a ragged last chunk
+    for fused, chunk in ((False, 0), (True, 10)):  # 48 tokens in chunks of 10: a ragged last chunk
         lm.zero_grad(set_to_none=True)
-        loss = M.NextTokenLoss(lm, chunk)(x, y)
+        loss = M.NextTokenLoss(lm, fused, chunk)(x, y)
         loss.backward()
         grads.append((loss.detach(), {n: p.grad.clone() for n, p in lm.named_parameters()}))
     (loss, plain), (loss_c, chunked) = grads
@@ -93,7 +93,7 @@ def test_next_token_loss_chunked_gives_the_models_gradients():
 
 def test_a_chunked_loss_is_not_compiled_with_the_blocks_and_eager_turns_its_kernel_back():
     lm = tiny_gpt2()
-    net = M.NextTokenLoss(lm, 8)
+    net = M.NextTokenLoss(lm, True, 8)
     forward, eager = M.compile_net(net, lm, {"compile": True, "compile_mode": "default", "compile_scope": "blocks"})
     assert net.loss_fn is not C.linear_cross_entropy  # its kernel compiled apart, the loop a graph break
     assert "head_loss" not in vars(net)  # so the blocks scope does not compile the head + loss as a region
@@ -103,5 +103,24 @@ def test_a_chunked_loss_is_not_compiled_with_the_blocks_and_eager_turns_its_kern
 def test_a_head_with_a_bias_is_refused_with_the_fix():
     lm = tiny_gpt2()
     lm.lm_head = torch.nn.Linear(32, 64)
-    with pytest.raises(TrainError, match="needs an LM head without a bias; set it to 0"):
-        M.NextTokenLoss(lm, 8)
+    with pytest.raises(TrainError, match="fused needs an LM head without a bias; set train.loss: plain"):
+        M.NextTokenLoss(lm, True)
+    assert M.NextTokenLoss(lm, False).describe() == "plain"  # the plain loss takes any head
+
+
+def test_off_a_gpu_the_fused_loss_says_it_uses_the_torch_kernel_in_chunks_of_8192():
+    net = M.NextTokenLoss(tiny_gpt2(), True)
+    assert not net.triton
+    assert net.describe() == (
+        "fused, torch kernel (the Triton loss kernel needs a CUDA GPU, not cpu), chunks of 8192 tokens"
+    )
+    assert M.NextTokenLoss(tiny_gpt2(), True, 512).describe().endswith("chunks of 512 tokens")
+
+
+def test_the_torch_kernel_takes_the_whole_batch_up_to_8192_tokens_per_chunk(monkeypatch):
+    sizes = []
+    monkeypatch.setattr(C.LinearCrossEntropy, "apply", lambda h, w, t, chunk, *rest: sizes.append(chunk))
+    for n in (12, 20000):
+        C.linear_cross_entropy(torch.randn(n, 4), torch.randn(9, 4), torch.zeros(n, dtype=torch.long))
+    C.linear_cross_entropy(torch.randn(20000, 4), torch.randn(9, 4), torch.zeros(20000, dtype=torch.long), 0, True)
+    assert sizes == [12, C.TORCH_CHUNK, 20000]  # the Triton kernel: one chunk, the whole micro-batch

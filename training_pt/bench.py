@@ -155,7 +155,7 @@ def hf_default_row(cfg: dict, device: torch.device, batches, timing: dict) -> di
     fpt, _ = M.model_flops(model, "gpt2", t["block_size"])
     kernel = M.attention_kernel(device, model, t["block_size"], "auto")
     out = time_steps(stepper, t["lr"], device=device, **timing)  # the model is freed when this returns
-    return {**out, "flops_per_token": fpt, "compile": "off", "attention": kernel}
+    return {**out, "flops_per_token": fpt, "compile": "off", "attention": kernel, "loss": "HF's (fp32 logits)"}
 
 
 def ours_row(cfg: dict, device: torch.device, batches, timing: dict) -> dict:
@@ -164,7 +164,7 @@ def ours_row(cfg: dict, device: torch.device, batches, timing: dict) -> dict:
     torch.set_float32_matmul_precision("high" if t["tf32"] else "highest")
     torch.manual_seed(cfg["seed"])
     model, _ = M.build_model(cfg, device, print)
-    net = M.NextTokenLoss(model, t["loss_chunk_tokens"])
+    net = M.NextTokenLoss(model, t["loss"] == "fused", t["loss_chunk_tokens"])
     forward, _ = M.compile_net(net, model, t)
     stepper = steps_mod.Stepper(forward, model, steps_mod.make_optimizer(model, t, device), batches, t, device)
     fpt, _ = M.model_flops(model, cfg["model"]["family"], t["block_size"])
@@ -172,7 +172,7 @@ def ours_row(cfg: dict, device: torch.device, batches, timing: dict) -> dict:
     with no_compile_caches() if t["compile"] and t["sdpa_backend"] != "auto" else contextlib.nullcontext():
         out = time_steps(stepper, t["lr"], device=device, **timing)
     mode = f"{t['compile_mode']}, {t['compile_scope']}" if t["compile"] else "off"
-    return {**out, "flops_per_token": fpt, "compile": mode, "attention": kernel}
+    return {**out, "flops_per_token": fpt, "compile": mode, "attention": kernel, "loss": net.describe()}
 
 
 def run_row(name: str, fn, cfg: dict, device: torch.device, tokens: torch.Tensor, timing: dict, peak) -> dict:
@@ -248,9 +248,9 @@ def verdicts(rows: dict, target: dict | None) -> dict:
 
 def table(rows: list[dict], base_tok_s: float | None) -> str:
     head = (
-        "| variant | compile | attention | batch x T | tok/s | MFU | step ms median (min-max) | timed | warm-up s | "
-        "peak alloc GiB | vs hf-default | loss first -> last |\n"
-        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"
+        "| variant | compile | attention | loss | batch x T | tok/s | MFU | step ms median (min-max) | timed | "
+        "warm-up s | peak alloc GiB | vs hf-default | loss first -> last |\n"
+        "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"
     )
     lines = [head]
     for r in rows:
@@ -258,13 +258,14 @@ def table(rows: list[dict], base_tok_s: float | None) -> str:
         if r.get("batch_halved_from"):
             bt += f" (halved from {r['batch_halved_from']}: out of memory)"
         if "error" in r:
-            lines.append(f"| {r['variant']} | {r['compile']} | | {bt} | failed: {r['error']} | | | | | | | |")
+            lines.append(f"| {r['variant']} | {r['compile']} | | | {bt} | failed: {r['error']} | | | | | | | |")
             continue
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "n/a"
         peak = f"{r['peak_alloc_gib']:.1f}" if r.get("peak_alloc_gib") is not None else "n/a"
         ratio = f"{r['tok_s'] / base_tok_s:.2f}x" if base_tok_s else "n/a"
         lines.append(
-            f"| {r['variant']} | {r['compile']} | {r.get('attention', '')} | {bt} | {r['tok_s']:,.0f} | {mfu} | "
+            f"| {r['variant']} | {r['compile']} | {r.get('attention', '')} | {r.get('loss', '')} | {bt} | "
+            f"{r['tok_s']:,.0f} | {mfu} | "
             f"{r['step_ms_median']:.1f} ({r['step_ms_min']:.1f}-{r['step_ms_max']:.1f}) | "
             f"{r['timed_steps']} steps, {r['timed_s']:.1f} s | {r['warmup_s']:.1f} | {peak} | {ratio} | "
             f"{r['first_loss']:.2f} -> {r['last_loss']:.2f} |"

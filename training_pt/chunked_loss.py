@@ -1,13 +1,18 @@
-"""The LM head and the mean next-token cross-entropy, fused and chunked: the batch's logits never exist whole.
+"""The LM head and the mean next-token cross-entropy fused (train.loss: fused), optionally in chunks.
 
-Plain (train.loss_chunk_tokens: 0): logits = hidden @ W.T for all B x T tokens (3.3 GB in bf16 at batch 32
-with GPT-2's padded vocab of 50304), a log-softmax that reads them, and a backward that reads them again.
-Chunked: for each chunk of tokens the forward computes the chunk's logits, its losses and at once
+Plain (train.loss: plain): logits = hidden @ W.T for all B x T tokens (6.6 GB in bf16 at batch 64 with
+GPT-2's padded vocab of 50304), a log-softmax that reads them, and a backward that reads them again.
+Fused: for each chunk of tokens the forward computes the chunk's logits, its losses and at once
 d loss / d logits = (softmax - one_hot) / N, and from those its share of the gradients of the hidden states
 (g @ W) and of W (g.T @ h); then the chunk's logits are dropped. The backward only scales the two stored
 gradients by the incoming one. Same arithmetic as autocast's plain path: bf16 GEMMs accumulating in fp32,
-the log-softmax in fp32. The idea of Liger Kernel's fused linear cross-entropy, here with torch.compile
-generating the one elementwise kernel per chunk. Runs in .venv-gpu (imports torch).
+the log-softmax in fp32. The idea of Liger Kernel's fused linear cross-entropy.
+
+The loss kernel: on a GPU where it works, training_pt/ce_kernel.py's Triton kernel, which writes the
+gradient over the logits (one read and one write of them); then one chunk holds the whole micro-batch
+unless train.loss_chunk_tokens says otherwise. Elsewhere `loss_and_grad` below (compiled by torch.compile
+when the run compiles), which makes fp32 temporaries of chunk x vocab, so its chunks default to
+TORCH_CHUNK tokens. Runs in .venv-gpu (imports torch).
 """
 
 from __future__ import annotations
@@ -15,6 +20,10 @@ from __future__ import annotations
 import functools
 
 import torch
+
+from training_pt import ce_kernel
+
+TORCH_CHUNK = 8192  # tokens per chunk for the torch kernel: its fp32 temporaries are 3 x 1.6 GB at vocab 50304
 
 
 def loss_and_grad(logits: torch.Tensor, targets: torch.Tensor, scale: float):
@@ -76,15 +85,23 @@ class LinearCrossEntropy(torch.autograd.Function):
         return (grad_h * grad_loss).to(hidden_dtype), (grad_w * grad_loss).to(weight_dtype), None, None, None, None
 
 
-def linear_cross_entropy(hidden, weight, targets, chunk: int, kernel=loss_and_grad) -> torch.Tensor:
-    """The mean cross-entropy of hidden (N x D) @ weight.T (V x D) against targets (N), chunk tokens at a
-    time; the matmuls in the autocast dtype when autocast is on (as F.linear would run them)."""
+def linear_cross_entropy(
+    hidden, weight, targets, chunk: int = 0, triton: bool = False, kernel=loss_and_grad
+) -> torch.Tensor:
+    """The mean cross-entropy of hidden (N x D) @ weight.T (V x D) against targets (N), `chunk` tokens at a
+    time (0: the default of the kernel in use, see the module docstring), with the Triton loss kernel or
+    `kernel`; the matmuls in the autocast dtype when autocast is on (as F.linear would run them)."""
     device = hidden.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
-    return LinearCrossEntropy.apply(hidden, weight, targets, chunk, dtype, kernel)
+    n = hidden.shape[0]
+    if triton:
+        kernel, chunk = ce_kernel.loss_and_grad, chunk or n
+    else:
+        chunk = chunk or min(n, TORCH_CHUNK)
+    return LinearCrossEntropy.apply(hidden, weight, targets, max(chunk, 1), dtype, kernel)
 
 
 def compiled_linear_cross_entropy():
-    """linear_cross_entropy with its per-chunk kernel compiled, and kept out of any graph around it (a graph
+    """linear_cross_entropy with the torch kernel compiled, all of it kept out of any graph around it (a graph
     break: the chunk loop runs as written). Built on demand: torch.compiler imports torch._dynamo (~2 s)."""
     return torch.compiler.disable(functools.partial(linear_cross_entropy, kernel=compiled_loss_and_grad()))

@@ -54,6 +54,7 @@ DEFAULTS: dict = {
         "compile_mode": "default",
         "compile_scope": "model",
         "sdpa_backend": "auto",
+        "loss": "fused",
         "loss_chunk_tokens": 0,
         "timing_warmup": 5,
     },
@@ -68,6 +69,7 @@ CHOICES = {
     ("train", "compile_mode"): ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     ("train", "compile_scope"): ("model", "blocks"),
     ("train", "sdpa_backend"): ("auto", "cudnn", "flash", "efficient", "math"),
+    ("train", "loss"): ("fused", "plain"),
 }
 
 
@@ -230,8 +232,11 @@ def check_values(cfg: dict) -> None:
             raise TrainError(EXIT_INPUT, f"{key} must be > 0, got {value}")
     if t["loss_chunk_tokens"] < 0:
         raise TrainError(
-            EXIT_INPUT, f"train.loss_chunk_tokens must be >= 0 (0 = no chunks), got {t['loss_chunk_tokens']}"
+            EXIT_INPUT,
+            f"train.loss_chunk_tokens must be >= 0 (0 = the loss kernel's default), got {t['loss_chunk_tokens']}",
         )
+    if t["loss_chunk_tokens"] and t["loss"] != "fused":
+        raise TrainError(EXIT_INPUT, "train.loss_chunk_tokens needs train.loss: fused; set it to 0")
     if not 0 <= t["timing_warmup"] < t["steps"]:
         raise TrainError(
             EXIT_INPUT,

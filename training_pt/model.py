@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from training_pt import chunked_loss
+from training_pt import ce_kernel, chunked_loss
 from training_pt.configurator import EXIT_INPUT, TrainError, check_type
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -235,27 +235,39 @@ def init_from_config(cfg: dict, device: torch.device, log, dtype_kw: dict):
 class NextTokenLoss(torch.nn.Module):
     """The model's decoder and LM head, and the mean next-token cross-entropy (what DDP and compile wrap).
 
-    chunk = 0: the loss takes the bf16 logits as they are (log-softmax accumulates in fp32 inside the
-    kernel) and averages the per-token losses in fp32: HF's own loss first copies the B x T x V logits to
-    fp32 and keeps a second fp32 B x T x V tensor for the backward (2 x 3.3 GB at B=16, T=1024, V=50304).
-    chunk > 0: the LM head and the loss fused, `chunk` tokens at a time (training_pt/chunked_loss.py);
-    compile_net swaps `loss_fn` for the version whose per-chunk kernel is compiled.
+    plain (fused=False): the loss takes the bf16 logits as they are (log-softmax accumulates in fp32 inside
+    the kernel) and averages the per-token losses in fp32: HF's own loss first copies the B x T x V logits
+    to fp32 and keeps a second fp32 B x T x V tensor for the backward (2 x 6.6 GB at B=64, T=1024, V=50304).
+    fused: the LM head and the loss in one step whose forward also computes the gradients, `chunk` tokens
+    at a time (0: the kernel's default), with the Triton loss kernel where it works on this GPU
+    (training_pt/chunked_loss.py, ce_kernel.py); compile_net swaps `loss_fn` for the version whose torch
+    kernel is compiled.
     """
 
-    def __init__(self, lm, chunk: int = 0):
+    def __init__(self, lm, fused: bool = False, chunk: int = 0):
         super().__init__()
-        self.lm, self.chunk, self.loss_fn = lm, chunk, chunked_loss.linear_cross_entropy
+        self.lm, self.fused, self.chunk, self.loss_fn = lm, fused, chunk, chunked_loss.linear_cross_entropy
         head = lm.get_output_embeddings()
-        if chunk and getattr(head, "bias", None) is not None:
-            raise TrainError(EXIT_INPUT, "train.loss_chunk_tokens needs an LM head without a bias; set it to 0")
+        if fused and getattr(head, "bias", None) is not None:
+            raise TrainError(EXIT_INPUT, "train.loss fused needs an LM head without a bias; set train.loss: plain")
+        self.triton, self.why_not_triton = ce_kernel.works(head.weight.device) if fused else (False, "")
+
+    def describe(self) -> str:
+        """The loss path in words, for the training log and the bench table."""
+        if not self.fused:
+            return "plain"
+        kernel = "Triton kernel" if self.triton else f"torch kernel ({self.why_not_triton})"
+        size = self.chunk or ("the micro-batch" if self.triton else chunked_loss.TORCH_CHUNK)
+        size = f"{size} tokens" if isinstance(size, int) else size
+        return f"fused, {kernel}, chunks of {size}"
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.head_loss(self.lm.base_model(input_ids=x).last_hidden_state, y)
 
     def head_loss(self, hidden: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         head = self.lm.get_output_embeddings()
-        if self.chunk:
-            return self.loss_fn(hidden.flatten(0, 1), head.weight, y.flatten(), self.chunk)
+        if self.fused:
+            return self.loss_fn(hidden.flatten(0, 1), head.weight, y.flatten(), self.chunk, self.triton)
         logits = head(hidden)
         with torch.autocast(device_type=hidden.device.type, enabled=False):
             per_token = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none")
@@ -277,7 +289,7 @@ def compile_net(net, model, t: dict):
     blocks: each transformer block and the LM head + loss apart. The blocks share one code object, so
     one compile serves all of them (parameters are graph inputs): a fraction of the first compile, at
     the cost of the fusions across block boundaries.
-    Either way a chunked loss (train.loss_chunk_tokens) is a graph break with its own compiled kernel.
+    Either way a fused loss (train.loss) is a graph break, its torch kernel compiled apart.
     """
     mode = None if t["compile_mode"] == "default" else t["compile_mode"]
     loss_module = net.module if hasattr(net, "no_sync") else net  # DDP wraps the loss module
@@ -293,14 +305,14 @@ def compile_net(net, model, t: dict):
         loss_module.loss_fn = chunked_loss.linear_cross_entropy
         return net
 
-    if loss_module.chunk:
+    if loss_module.fused:
         loss_module.loss_fn = chunked_loss.compiled_linear_cross_entropy()
     if t["compile_scope"] == "model":
         return torch.compile(net, mode=mode), eager
     try:
         for i, block in enumerate(eager_blocks):
             blocks[i] = torch.compile(block, mode=mode)
-        if not loss_module.chunk:
+        if not loss_module.fused:
             loss_module.head_loss = torch.compile(loss_module.head_loss, mode=mode)
     except Exception:
         eager()  # nothing half-compiled stays behind

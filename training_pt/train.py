@@ -345,7 +345,8 @@ def wrap_model(run: Run, model):
     optimizer and the step; returns (the stepper, eager() -> the uncompiled forward, if compiling fails)."""
     t, m, world, device = run.cfg["train"], run.cfg["model"], run.world, run.device
     batches = OomSeam(run.batches, os.environ.get(OOM_TEST_ENV, ""))
-    net = NextTokenLoss(model, t["loss_chunk_tokens"])
+    net = NextTokenLoss(model, t["loss"] == "fused", t["loss_chunk_tokens"])
+    loss_path = net.describe()
     micro = agree_micro_batch(run, net, batches) if world > 1 else t["batch_size"]
     net, no_sync, reduce = ddp_wrap(run, net)
     compile_state = "on" if t["compile"] else "off"
@@ -363,7 +364,7 @@ def wrap_model(run: Run, model):
         f"train: {t['steps']} steps x {t['batch_size']} x {t['block_size']} tokens x {t['grad_accum']} accum "
         f"x {world} process(es) = {tokens_per_step:,} tokens/step; autocast {t['autocast']}, "
         f"tf32 {t['tf32']}, {'fused' if optimizer.defaults.get('fused') else 'foreach'} AdamW, "
-        f"compile {t['compile']}, SDPA backend {t['sdpa_backend']}, "
+        f"compile {t['compile']}, SDPA backend {t['sdpa_backend']}, loss {loss_path}, "
         f"gradient checkpointing {m['gradient_checkpointing']}"
     )
     run.figures.update(
@@ -371,6 +372,7 @@ def wrap_model(run: Run, model):
         block_size=t["block_size"],
         tokens_per_step=tokens_per_step,
         compile=compile_state,
+        loss=loss_path,
         oom_retries=0,
     )
     use_micro_batch(run, stepper, micro, "the ranks agreed on the micro-batch that fits every GPU")
