@@ -52,6 +52,7 @@ FIGURES = (
     "block_size",
     "tokens_per_step",
     "compile",
+    "loss_path",
     "warmup_s",
     "first_step_s",
     "timed_s",  # the GPU time of the timed steps (CUDA events), and their step time:

@@ -41,6 +41,15 @@ for dtype, tol in ((torch.float32, 1e-6), (torch.bfloat16, 4e-3)):
     torch.testing.assert_close(grad.float(), want_grad, rtol=tol, atol=tol)
     print("ok", dtype)
 
+logits = torch.randn(2, vocab)
+logits[0, : K.BLOCK] = float("-inf")  # a row whose first block is all -inf: exp(-inf - -inf) must not poison it
+pair = torch.tensor([[K.BLOCK + 5, 9], [3, 9]])[:, 0]  # a strided view of targets
+want_loss, want_grad = reference(logits, pair.contiguous(), 1.0)
+loss, grad = K.loss_and_grad(logits.clone(), pair, 1.0)
+torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-5)
+torch.testing.assert_close(grad, want_grad, rtol=1e-5, atol=1e-6)
+print("ok -inf block, strided targets")
+
 logits = torch.randn(3, 300)
 loss, grad = K.loss_and_grad(logits.clone(), torch.tensor([-1, 300, 2]), 1.0)
 assert loss[:2].isnan().all() and loss[2].isfinite()  # a target outside the vocabulary: NaN, no stray read
@@ -67,9 +76,10 @@ def test_the_kernel_matches_torch_in_tritons_interpreter():
         [sys.executable, "-c", textwrap.dedent(CHECKS)], env=env, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.split("\n")[:5] == [
+    assert proc.stdout.split("\n")[:6] == [
         "ok torch.float32",
         "ok torch.bfloat16",
+        "ok -inf block, strided targets",
         "ok invalid targets",
         "ok fused path",
         "",
@@ -79,6 +89,24 @@ def test_the_kernel_matches_torch_in_tritons_interpreter():
 def test_off_a_gpu_the_kernel_is_not_used_and_says_why():
     ok, why = ce_kernel.works(torch.device("cpu"))
     assert not ok and why == "the Triton loss kernel needs a CUDA GPU, not cpu"
+
+
+def test_a_kernel_that_fails_on_a_gpu_is_not_used_and_says_why_in_one_line(monkeypatch):
+    def broken(device):
+        raise RuntimeError("Failed to find C compiler.\nPlease specify via CC environment variable.")
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (9, 0))
+    monkeypatch.setattr(ce_kernel, "trial", broken)
+    device = torch.device("cuda", 7)  # works() caches per device: one no other test asks about
+    assert ce_kernel.works(device) == (
+        False,
+        "the Triton loss kernel did not run (RuntimeError: Failed to find C compiler.)",
+    )
+    monkeypatch.setattr(ce_kernel, "trial", lambda device: False)
+    disagreed = "the Triton loss kernel disagreed with torch on a test tensor"
+    assert ce_kernel.works.__wrapped__(device) == (False, disagreed)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (7, 0))
+    assert ce_kernel.works.__wrapped__(device) == (False, "the Triton loss kernel needs compute capability >= 8.0")
 
 
 def test_an_empty_batch_launches_nothing():

@@ -108,19 +108,31 @@ def test_a_head_with_a_bias_is_refused_with_the_fix():
     assert M.NextTokenLoss(lm, False).describe() == "plain"  # the plain loss takes any head
 
 
-def test_off_a_gpu_the_fused_loss_says_it_uses_the_torch_kernel_in_chunks_of_8192():
-    net = M.NextTokenLoss(tiny_gpt2(), True)
+def test_off_a_gpu_the_fused_loss_says_it_uses_the_torch_kernel_and_its_chunk():
+    net = M.NextTokenLoss(tiny_gpt2(), True)  # vocab 64: chunks of up to 8192 x 50304 / 64 tokens
     assert not net.triton
     assert net.describe() == (
-        "fused, torch kernel (the Triton loss kernel needs a CUDA GPU, not cpu), chunks of 8192 tokens"
+        "fused, torch kernel (the Triton loss kernel needs a CUDA GPU, not cpu), chunks of up to 6438912 tokens"
     )
-    assert M.NextTokenLoss(tiny_gpt2(), True, 512).describe().endswith("chunks of 512 tokens")
+    assert M.NextTokenLoss(tiny_gpt2(), True, 512).describe().endswith("chunks of up to 512 tokens")
 
 
-def test_the_torch_kernel_takes_the_whole_batch_up_to_8192_tokens_per_chunk(monkeypatch):
+def test_the_torch_kernels_chunk_holds_a_fixed_number_of_logits_whatever_the_vocabulary(monkeypatch):
     sizes = []
     monkeypatch.setattr(C.LinearCrossEntropy, "apply", lambda h, w, t, chunk, *rest: sizes.append(chunk))
-    for n in (12, 20000):
-        C.linear_cross_entropy(torch.randn(n, 4), torch.randn(9, 4), torch.zeros(n, dtype=torch.long))
+    for n, vocab in ((12, 50304), (20000, 50304), (20000, 256000)):
+        C.linear_cross_entropy(torch.randn(n, 4), torch.randn(vocab, 4), torch.zeros(n, dtype=torch.long))
     C.linear_cross_entropy(torch.randn(20000, 4), torch.randn(9, 4), torch.zeros(20000, dtype=torch.long), 0, True)
-    assert sizes == [12, C.TORCH_CHUNK, 20000]  # the Triton kernel: one chunk, the whole micro-batch
+    assert sizes == [12, 8192, 1609, 20000]  # GPT-2's and Gemma's vocab; the Triton kernel: the whole micro-batch
+
+
+def test_without_autograd_the_fused_loss_skips_the_gradient_matmuls(monkeypatch):
+    hidden, weight = torch.randn(10, 4, requires_grad=True), torch.randn(9, 4, requires_grad=True)
+    targets = torch.randint(0, 9, (10,))
+    want = torch.nn.functional.cross_entropy(hidden @ weight.t(), targets)
+    calls = []
+    monkeypatch.setattr(C, "accumulate_mm", lambda *a: calls.append(a))
+    with torch.no_grad():
+        loss = C.linear_cross_entropy(hidden, weight, targets, 4)
+    torch.testing.assert_close(loss, want.detach())
+    assert calls == [] and not loss.requires_grad

@@ -28,6 +28,20 @@ def test_config_unknown_key_and_wrong_types(tmp_path):
         C.load_config(write_yaml(tmp_path, "train:\n  steps: 3\n  timing_warmup: 3\n"), [])
 
 
+def test_the_loss_setting_is_one_of_fused_and_plain_and_chunks_need_the_fused_loss(tmp_path):
+    assert C.load_config(write_yaml(tmp_path, "train:\n  steps: 10\n"), [])["train"]["loss"] == "fused"
+    with pytest.raises(C.TrainError, match=r"train\.loss must be one of fused, plain"):
+        C.load_config(write_yaml(tmp_path, "train:\n  loss: liger\n"), [])
+    with pytest.raises(C.TrainError) as e:
+        C.load_config(write_yaml(tmp_path, "train:\n  loss: plain\n"), ["train.loss_chunk_tokens=8192"])
+    assert str(e.value) == (
+        "train.loss_chunk_tokens=8192 applies to train.loss: fused only; set it to 0 or train.loss=fused"
+    )
+    assert e.value.code == C.EXIT_INPUT
+    cfg = C.load_config(write_yaml(tmp_path, "train:\n  loss: plain\n"), ["train.loss=fused", "loss_chunk_tokens=512"])
+    assert (cfg["train"]["loss"], cfg["train"]["loss_chunk_tokens"]) == ("fused", 512)
+
+
 def test_a_training_config_that_is_broken_as_a_file_is_one_line_from_the_one_yaml_loader(tmp_path):
     bad = tmp_path / "latin1.yaml"
     bad.write_bytes(b"train:\n  steps: 10 # caf\xe9\n")

@@ -12,7 +12,8 @@ The loss kernel: on a GPU where it works, training_pt/ce_kernel.py's Triton kern
 gradient over the logits (one read and one write of them); then one chunk holds the whole micro-batch
 unless train.loss_chunk_tokens says otherwise. Elsewhere `loss_and_grad` below (compiled by torch.compile
 when the run compiles), which makes fp32 temporaries of chunk x vocab, so its chunks default to
-TORCH_CHUNK tokens. Runs in .venv-gpu (imports torch).
+TORCH_CHUNK_LOGITS logits. Without autograd (no_grad, or nothing to differentiate) the gradient GEMMs are
+skipped. Runs in .venv-gpu (imports torch).
 """
 
 from __future__ import annotations
@@ -23,7 +24,13 @@ import torch
 
 from training_pt import ce_kernel
 
-TORCH_CHUNK = 8192  # tokens per chunk for the torch kernel: its fp32 temporaries are 3 x 1.6 GB at vocab 50304
+TORCH_CHUNK_LOGITS = 8192 * 50304  # logits per chunk for the torch kernel (8192 GPT-2 tokens): fp32 temporaries
+# of 1.6 GB each; 1609 tokens at Gemma's vocab of 256000
+
+
+def torch_chunk(vocab: int) -> int:
+    """Tokens per chunk for the torch kernel at this vocabulary size."""
+    return max(1, TORCH_CHUNK_LOGITS // vocab)
 
 
 def loss_and_grad(logits: torch.Tensor, targets: torch.Tensor, scale: float):
@@ -62,7 +69,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     """mean_i CE(hidden_i @ weight.T, targets_i), computed chunk by chunk; see the module docstring."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk, dtype, kernel):
+    def forward(ctx, hidden, weight, targets, chunk, dtype, kernel, grads):
         n = hidden.shape[0]
         with torch.autocast(device_type=hidden.device.type, enabled=False):
             h, w = hidden.to(dtype), weight.to(dtype)
@@ -72,8 +79,9 @@ class LinearCrossEntropy(torch.autograd.Function):
             for start in range(0, n, chunk):
                 rows = slice(start, min(start + chunk, n))
                 losses[rows], g = kernel(torch.mm(h[rows], w.t()), targets[rows], 1.0 / n)
-                torch.mm(g, w, out=grad_h[rows])
-                grad_w = accumulate_mm(grad_w, g.t(), h[rows])
+                if grads:
+                    torch.mm(g, w, out=grad_h[rows])
+                    grad_w = accumulate_mm(grad_w, g.t(), h[rows])
         ctx.save_for_backward(grad_h, grad_w)
         ctx.dtypes = hidden.dtype, weight.dtype
         return losses.sum() / n
@@ -82,7 +90,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         grad_h, grad_w = ctx.saved_tensors
         hidden_dtype, weight_dtype = ctx.dtypes
-        return (grad_h * grad_loss).to(hidden_dtype), (grad_w * grad_loss).to(weight_dtype), None, None, None, None
+        return (grad_h * grad_loss).to(hidden_dtype), (grad_w * grad_loss).to(weight_dtype), *[None] * 5
 
 
 def linear_cross_entropy(
@@ -97,8 +105,9 @@ def linear_cross_entropy(
     if triton:
         kernel, chunk = ce_kernel.loss_and_grad, chunk or n
     else:
-        chunk = chunk or min(n, TORCH_CHUNK)
-    return LinearCrossEntropy.apply(hidden, weight, targets, max(chunk, 1), dtype, kernel)
+        chunk = chunk or min(n, torch_chunk(weight.shape[0]))
+    grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    return LinearCrossEntropy.apply(hidden, weight, targets, max(chunk, 1), dtype, kernel, grads)
 
 
 def compiled_linear_cross_entropy():

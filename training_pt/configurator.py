@@ -236,7 +236,11 @@ def check_values(cfg: dict) -> None:
             f"train.loss_chunk_tokens must be >= 0 (0 = the loss kernel's default), got {t['loss_chunk_tokens']}",
         )
     if t["loss_chunk_tokens"] and t["loss"] != "fused":
-        raise TrainError(EXIT_INPUT, "train.loss_chunk_tokens needs train.loss: fused; set it to 0")
+        raise TrainError(
+            EXIT_INPUT,
+            f"train.loss_chunk_tokens={t['loss_chunk_tokens']} applies to train.loss: fused only; "
+            "set it to 0 or train.loss=fused",
+        )
     if not 0 <= t["timing_warmup"] < t["steps"]:
         raise TrainError(
             EXIT_INPUT,

@@ -237,7 +237,7 @@ class NextTokenLoss(torch.nn.Module):
 
     plain (fused=False): the loss takes the bf16 logits as they are (log-softmax accumulates in fp32 inside
     the kernel) and averages the per-token losses in fp32: HF's own loss first copies the B x T x V logits
-    to fp32 and keeps a second fp32 B x T x V tensor for the backward (2 x 6.6 GB at B=64, T=1024, V=50304).
+    to fp32 and keeps a second fp32 B x T x V tensor for the backward (2 x 13.2 GB at B=64, T=1024, V=50304).
     fused: the LM head and the loss in one step whose forward also computes the gradients, `chunk` tokens
     at a time (0: the kernel's default), with the Triton loss kernel where it works on this GPU
     (training_pt/chunked_loss.py, ce_kernel.py); compile_net swaps `loss_fn` for the version whose torch
@@ -257,9 +257,9 @@ class NextTokenLoss(torch.nn.Module):
         if not self.fused:
             return "plain"
         kernel = "Triton kernel" if self.triton else f"torch kernel ({self.why_not_triton})"
-        size = self.chunk or ("the micro-batch" if self.triton else chunked_loss.TORCH_CHUNK)
-        size = f"{size} tokens" if isinstance(size, int) else size
-        return f"fused, {kernel}, chunks of {size}"
+        vocab = self.lm.get_output_embeddings().weight.shape[0]
+        size = self.chunk or ("the micro-batch" if self.triton else chunked_loss.torch_chunk(vocab))
+        return f"fused, {kernel}, chunks of {size if isinstance(size, str) else f'up to {size} tokens'}"
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.head_loss(self.lm.base_model(input_ids=x).last_hidden_state, y)

@@ -372,7 +372,7 @@ def wrap_model(run: Run, model):
         block_size=t["block_size"],
         tokens_per_step=tokens_per_step,
         compile=compile_state,
-        loss=loss_path,
+        loss_path=loss_path,
         oom_retries=0,
     )
     use_micro_batch(run, stepper, micro, "the ranks agreed on the micro-batch that fits every GPU")
