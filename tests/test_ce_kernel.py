@@ -65,6 +65,8 @@ hidden.grad = weight.grad = None
 torch.testing.assert_close(hidden.grad, want[0], rtol=1e-5, atol=1e-6)
 torch.testing.assert_close(weight.grad, want[1], rtol=1e-5, atol=1e-6)
 print("ok fused path")
+assert K.trial(torch.device("cpu"))  # the check works() runs once per GPU passes on a correct kernel
+print("ok trial")
 """
 
 
@@ -76,12 +78,13 @@ def test_the_kernel_matches_torch_in_tritons_interpreter():
         [sys.executable, "-c", textwrap.dedent(CHECKS)], env=env, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.split("\n")[:6] == [
+    assert proc.stdout.split("\n")[:7] == [
         "ok torch.float32",
         "ok torch.bfloat16",
         "ok -inf block, strided targets",
         "ok invalid targets",
         "ok fused path",
+        "ok trial",
         "",
     ]
 

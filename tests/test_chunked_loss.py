@@ -136,3 +136,12 @@ def test_without_autograd_the_fused_loss_skips_the_gradient_matmuls(monkeypatch)
         loss = C.linear_cross_entropy(hidden, weight, targets, 4)
     torch.testing.assert_close(loss, want.detach())
     assert calls == [] and not loss.requires_grad
+
+
+def test_a_frozen_input_still_gets_the_weights_gradient():
+    hidden, weight = torch.randn(10, 4), torch.randn(9, 4, requires_grad=True)  # hidden needs no gradient
+    targets = torch.randint(0, 9, (10,))
+    torch.nn.functional.cross_entropy(hidden @ weight.t(), targets).backward()
+    want, weight.grad = weight.grad.clone(), None
+    C.linear_cross_entropy(hidden, weight, targets, 4).backward()
+    torch.testing.assert_close(weight.grad, want, rtol=1e-5, atol=1e-6)

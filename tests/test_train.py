@@ -259,7 +259,8 @@ def test_oom_at_the_first_step_halves_the_micro_batch_and_keeps_tokens_per_step(
     assert (fig["micro_batch"], fig["grad_accum"], fig["oom_retries"]) == (4, 4, 2)
     assert fig["batch_size"] == 16 and fig["tokens_per_step"] == 16 * 64 == 4 * 4 * 64
     assert res["overrides"] == short  # the retry is not an override: the verdict sees only what the user set
-    assert {"micro_batch", "grad_accum", "oom_retries", "tokens_per_step"} <= set(stage.FIGURES)  # stage record
+    assert {"micro_batch", "grad_accum", "oom_retries", "tokens_per_step", "loss_path"} <= set(stage.FIGURES)
+    assert fig["loss_path"].startswith("fused, torch kernel (the Triton loss kernel needs a CUDA GPU, not cpu)")
 
 
 def test_oom_even_at_micro_batch_1_is_one_line_naming_the_memory(tmp_path):

@@ -57,7 +57,8 @@ def trial(device: torch.device) -> bool:
     want_loss = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
     want_grad = (torch.softmax(logits.float(), -1) - torch.nn.functional.one_hot(targets, logits.shape[1])) / 3
     loss, grad = loss_and_grad(logits.clone(), targets, 1 / 3)
-    return torch.allclose(loss, want_loss, atol=1e-4) and torch.allclose(grad.float(), want_grad, atol=1e-3)
+    # bf16 gradients below 0.5 are exact to 2e-3 (one step of their last bit); the loss is fp32
+    return torch.allclose(loss, want_loss, atol=1e-4) and torch.allclose(grad.float(), want_grad, atol=2e-3)
 
 
 @functools.cache

@@ -9,7 +9,7 @@ gradients by the incoming one. Same arithmetic as autocast's plain path: bf16 GE
 the log-softmax in fp32. The idea of Liger Kernel's fused linear cross-entropy.
 
 The loss kernel: on a GPU where it works, training_pt/ce_kernel.py's Triton kernel, which writes the
-gradient over the logits (one read and one write of them); then one chunk holds the whole micro-batch
+gradient over the logits (two reads and one write of them); then one chunk holds the whole micro-batch
 unless train.loss_chunk_tokens says otherwise. Elsewhere `loss_and_grad` below (compiled by torch.compile
 when the run compiles), which makes fp32 temporaries of chunk x vocab, so its chunks default to
 TORCH_CHUNK_LOGITS logits. Without autograd (no_grad, or nothing to differentiate) the gradient GEMMs are
@@ -36,8 +36,8 @@ def torch_chunk(vocab: int) -> int:
 def loss_and_grad(logits: torch.Tensor, targets: torch.Tensor, scale: float):
     """Per-token losses (fp32) and d(scale * sum of losses)/d logits (in the logits' dtype), one chunk.
 
-    Under torch.compile this is one kernel that reads each row of logits from memory once (its
-    reductions re-read the row from L2) and writes the gradient once.
+    Under torch.compile this becomes kernels that cross the logits about four times and write the gradient
+    to a new tensor (7.7 ms at 65536 x 50304 on an H200, against 4.7 ms for ce_kernel's).
     """
     x = logits.float()
     lse = torch.logsumexp(x, dim=-1)
