@@ -11,6 +11,7 @@ Every GPU session shares `.venv-gpu` (managed by tasks/install.py, never by nox:
 
 from __future__ import annotations
 
+import platform
 import sys
 from pathlib import Path
 
@@ -33,6 +34,9 @@ if validate.bare_install(sys.argv[1:]):
     raise SystemExit(2)
 
 TEST_TORCH = "torch==2.13.0+cpu"  # the tests session's torch: a CPU build, pinned
+# triton for tests/test_ce_kernel.py, which runs the loss kernel in triton's interpreter; kept in a folder of
+# its own, since torch._dynamo imports any triton it can see (and 3.9's prints leak warnings at exit)
+TEST_TRITON = "triton==3.9.0"
 
 
 def _stage(name: str, *argv: str) -> None:
@@ -111,6 +115,10 @@ def tests(session: nox.Session) -> None:
     # where that index is unreachable, a local copy that pip's find-links provide does as well.
     session.install("--retries", "1", "--index-url", "https://download.pytorch.org/whl/cpu", TEST_TORCH)
     session.install("-r", "requirements-test.txt", TEST_TORCH)
+    if sys.platform == "linux" and platform.machine() == "x86_64":  # where triton has wheels
+        triton_dir = Path(session.virtualenv.location) / "triton-interpreter"
+        session.install("--no-deps", "--target", str(triton_dir), TEST_TRITON)
+        session.env["M40_TEST_TRITON_PATH"] = str(triton_dir)
     session.run("pytest", *session.posargs)
 
 
