@@ -28,9 +28,10 @@ TORCH_CHUNK_LOGITS = 8192 * 50304  # logits per chunk for the torch kernel (8192
 # of 1.6 GB each; 1609 tokens at Gemma's vocab of 256000
 
 
-def torch_chunk(vocab: int) -> int:
-    """Tokens per chunk for the torch kernel at this vocabulary size."""
-    return max(1, TORCH_CHUNK_LOGITS // vocab)
+def default_chunk(triton: bool, vocab: int) -> int | None:
+    """Tokens per chunk when train.loss_chunk_tokens is 0: None (the whole micro-batch) for the Triton kernel,
+    TORCH_CHUNK_LOGITS worth of logits for the torch kernel."""
+    return None if triton else max(1, TORCH_CHUNK_LOGITS // vocab)
 
 
 def loss_and_grad(logits: torch.Tensor, targets: torch.Tensor, scale: float):
@@ -73,7 +74,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         n = hidden.shape[0]
         with torch.autocast(device_type=hidden.device.type, enabled=False):
             h, w = hidden.to(dtype), weight.to(dtype)
-            grad_h = torch.empty_like(h)
+            grad_h = torch.empty_like(h) if grads else None
             grad_w = None
             losses = torch.empty(n, dtype=torch.float32, device=hidden.device)
             for start in range(0, n, chunk):
@@ -103,9 +104,8 @@ def linear_cross_entropy(
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
     n = hidden.shape[0]
     if triton:
-        kernel, chunk = ce_kernel.loss_and_grad, chunk or n
-    else:
-        chunk = chunk or min(n, torch_chunk(weight.shape[0]))
+        kernel = ce_kernel.loss_and_grad
+    chunk = min(n, chunk or default_chunk(triton, weight.shape[0]) or n)
     grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     return LinearCrossEntropy.apply(hidden, weight, targets, max(chunk, 1), dtype, kernel, grads)
 

@@ -258,8 +258,8 @@ class NextTokenLoss(torch.nn.Module):
             return "plain"
         kernel = "Triton kernel" if self.triton else f"torch kernel ({self.why_not_triton})"
         vocab = self.lm.get_output_embeddings().weight.shape[0]
-        size = self.chunk or ("the micro-batch" if self.triton else chunked_loss.torch_chunk(vocab))
-        return f"fused, {kernel}, chunks of {size if isinstance(size, str) else f'up to {size} tokens'}"
+        size = self.chunk or chunked_loss.default_chunk(self.triton, vocab)
+        return f"fused, {kernel}, chunks of {f'up to {size} tokens' if size else 'the micro-batch'}"
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.head_loss(self.lm.base_model(input_ids=x).last_hidden_state, y)
