@@ -312,6 +312,15 @@ def nvml_optional(nv, fn_name: str, *args, fallback: str | None = None):
         return nvml_optional(nv, fallback, *args) if fallback else None
 
 
+def clock_events(nv, handle) -> int | None:
+    """A GPU's clock-event ("throttle") reasons bitmask now: nvidia-ml-py's newer name for the call, else the
+    older one (a driver before R535 lacks the newer function); None where NVML cannot say. cuda_check, the
+    burn-in and the training's sampler read it here too."""
+    return nvml_optional(
+        nv, "nvmlDeviceGetCurrentClocksEventReasons", handle, fallback="nvmlDeviceGetCurrentClocksThrottleReasons"
+    )
+
+
 def nvml_gpu(nv, i: int) -> dict:
     """GPU `i` as NVML answers, raw (gpu_from_nvml makes the record of it)."""
     h = nv.nvmlDeviceGetHandleByIndex(i)
@@ -337,9 +346,7 @@ def nvml_gpu(nv, i: int) -> dict:
         "ecc_uncorrected_aggregate": uncorrected("NVML_AGGREGATE_ECC"),
         "persistence_mode": nvml_optional(nv, "nvmlDeviceGetPersistenceMode", h),
         "mig_mode": nvml_optional(nv, "nvmlDeviceGetMigMode", h),
-        "clock_event_reasons": nvml_optional(
-            nv, "nvmlDeviceGetCurrentClocksEventReasons", h, fallback="nvmlDeviceGetCurrentClocksThrottleReasons"
-        ),
+        "clock_event_reasons": clock_events(nv, h),
     }
 
 

@@ -42,6 +42,7 @@ def test_bench_runs_every_row_and_writes_the_table(tmp_path, monkeypatch):
     md = (out / "bench.md").read_text()
     assert "| variant | compile | attention | loss | batch x T | tok/s | MFU |" in md and "| hf-default | off | " in md
     assert "1.00x" in md and "No speed targets for cpu" in md
+    assert base["nvml"] is None and "| SM clock MHz median (clock events) |" in md  # no NVML on a CPU: n/a
     console = (out / "bench_console.txt").read_text()
     assert console.rstrip().endswith("No speed targets for cpu in bench.yaml: numbers only.")
 
@@ -90,6 +91,25 @@ def test_table_shows_failed_rows_and_ratios():
             "peak_alloc_gib": 20.5,
             "first_loss": 10.99,
             "last_loss": 8.1,
+            "nvml": {"samples": 40, "sm_clock_mhz": [1365, 1650, 1785], "clock_events_pct": {"sw_power_cap": 97}},
+        },
+        {
+            "variant": "smoke",
+            "compile": "off",
+            "batch_size": 16,
+            "block_size": 1024,
+            "tok_s": 320_000.0,
+            "mfu": None,
+            "step_ms_median": 51.2,
+            "step_ms_min": 50.0,
+            "step_ms_max": 52.0,
+            "timed_steps": 40,
+            "timed_s": 2.05,
+            "warmup_s": 1.0,
+            "peak_alloc_gib": None,
+            "first_loss": 10.99,
+            "last_loss": 8.1,
+            "nvml": {"samples": 40, "sm_clock_mhz": [1980, 1980, 1980], "clock_events_pct": {}},
         },
         {
             "variant": "compiled",
@@ -102,10 +122,15 @@ def test_table_shows_failed_rows_and_ratios():
     text = bench.table(rows, 160_000.0)
     assert (
         "| hf-default | off | flash_attention | HF's (fp32 logits) | 16 x 1024 | 160,000 | 13.8% | "
-        "102.4 (101.0-110.2) | 20 steps, 2.0 s | "
+        "102.4 (101.0-110.2) | 1650 (sw_power_cap 97%) | 20 steps, 2.0 s | "
         "3.0 | 20.5 | 1.00x | "
         "10.99 -> 8.10 |"
     ) in text
+    assert "| 51.2 (50.0-52.0) | 1980 | 40 steps, 2.0 s | 1.0 | n/a | 2.00x |" in text  # boost clock, no events
+    unreadable = {"samples": 3, "sm_clock_mhz": [1600, 1650, 1700], "clock_events_pct": None}
+    assert bench.clock_cell(unreadable) == "1650 (events n/a)"
+    assert bench.clock_cell({**unreadable, "clock_events_pct": {"hw_slowdown": 0.3}}) == "1650 (hw_slowdown <1%)"
+    assert bench.clock_cell(None) == "n/a"  # a CPU row
     assert "| compiled | default | | | 32 x 1024 | failed: out of memory at batch_size=32 |" in text
 
 

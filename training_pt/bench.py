@@ -36,6 +36,7 @@ from training_pt import data as D
 from training_pt import model as M  # the model, compile and FLOPs code train.py runs
 from training_pt import steps as steps_mod  # ... and its step loop
 from training_pt.configurator import EXIT_INPUT, TrainError, apply_override, check_values, load_config
+from training_pt.nvml_sampler import NvmlSampler, pct_text
 
 
 def load_bench_settings(path: Path) -> dict:
@@ -94,25 +95,42 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def time_steps(stepper, lr: float, warmup: int, steps: int, min_s: float, device, sync_each_step: bool = False) -> dict:
+def time_steps(
+    stepper,
+    lr: float,
+    warmup: int,
+    steps: int,
+    min_s: float,
+    device,
+    sync_each_step: bool = False,
+    nvml_s: float = 0.05,
+) -> dict:
     """`warmup` steps (compiling happens there), then at least `steps` timed steps and at least `min_s` seconds
     of them, as train.py runs them: no sync between steps (unless `sync_each_step`, the old way, a lever row),
-    each step's end a CUDA event; tok/s from the GPU time between the events."""
+    each step's end a CUDA event; tok/s from the GPU time between the events. On a GPU, NVML is sampled every
+    `nvml_s` seconds over the timed steps (the SM clock and why it is below boost: the power cap, say)."""
+    sampler = NvmlSampler(device, nvml_s) if device.type == "cuda" else None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         torch.cuda.synchronize(device)
     clock, hosts = steps_mod.StepClock(device), []
     clock.mark()
-    for n in range(warmup + steps * 20):  # the cap: 20 x steps timed steps, whatever min_s says
-        hosts.append(steps_mod.to_host(stepper(lr)))
-        clock.mark()
-        if sync_each_step or n + 1 == warmup:
-            clock.wait(n + 1)
-        if n + 1 == warmup:
-            t1 = time.perf_counter()
-        if n + 1 >= warmup + steps and time.perf_counter() - t1 >= min_s:
-            break
-    clock.wait(len(clock.marks) - 1)
+    try:
+        for n in range(warmup + steps * 20):  # the cap: 20 x steps timed steps, whatever min_s says
+            hosts.append(steps_mod.to_host(stepper(lr)))
+            clock.mark()
+            if sync_each_step or n + 1 == warmup:
+                clock.wait(n + 1)
+            if n + 1 == warmup:
+                t1 = time.perf_counter()
+                if sampler:
+                    sampler.start()
+            if n + 1 >= warmup + steps and time.perf_counter() - t1 >= min_s:
+                break
+        clock.wait(len(clock.marks) - 1)
+    finally:  # a row that fails (out of memory, say) leaves no sampler thread behind
+        if sampler:
+            sampler.stop()
     losses = [h[0].item() for h in hosts]
     if not all(math.isfinite(v) for v in losses):
         raise RuntimeError(f"non-finite loss in the steps: {losses}")
@@ -127,6 +145,7 @@ def time_steps(stepper, lr: float, warmup: int, steps: int, min_s: float, device
         "first_loss": losses[0],
         "last_loss": losses[-1],
         "peak_alloc_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "nvml": sampler.summary() if sampler else None,
     }
 
 
@@ -248,9 +267,10 @@ def verdicts(rows: dict, target: dict | None) -> dict:
 
 def table(rows: list[dict], base_tok_s: float | None) -> str:
     head = (
-        "| variant | compile | attention | loss | batch x T | tok/s | MFU | step ms median (min-max) | timed | "
-        "warm-up s | peak alloc GiB | vs hf-default | loss first -> last |\n"
-        "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"
+        "| variant | compile | attention | loss | batch x T | tok/s | MFU | step ms median (min-max) | "
+        "SM clock MHz median (clock events) | "
+        "timed | warm-up s | peak alloc GiB | vs hf-default | loss first -> last |\n"
+        "|---|---|---|---|---|---:|---:|---:|---|---:|---:|---:|---:|---|"
     )
     lines = [head]
     for r in rows:
@@ -258,7 +278,7 @@ def table(rows: list[dict], base_tok_s: float | None) -> str:
         if r.get("batch_halved_from"):
             bt += f" (halved from {r['batch_halved_from']}: out of memory)"
         if "error" in r:
-            lines.append(f"| {r['variant']} | {r['compile']} | | | {bt} | failed: {r['error']} | | | | | | | |")
+            lines.append(f"| {r['variant']} | {r['compile']} | | | {bt} | failed: {r['error']} | | | | | | | | |")
             continue
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "n/a"
         peak = f"{r['peak_alloc_gib']:.1f}" if r.get("peak_alloc_gib") is not None else "n/a"
@@ -267,6 +287,7 @@ def table(rows: list[dict], base_tok_s: float | None) -> str:
             f"| {r['variant']} | {r['compile']} | {r.get('attention', '')} | {r.get('loss', '')} | {bt} | "
             f"{r['tok_s']:,.0f} | {mfu} | "
             f"{r['step_ms_median']:.1f} ({r['step_ms_min']:.1f}-{r['step_ms_max']:.1f}) | "
+            f"{clock_cell(r.get('nvml'))} | "
             f"{r['timed_steps']} steps, {r['timed_s']:.1f} s | {r['warmup_s']:.1f} | {peak} | {ratio} | "
             f"{r['first_loss']:.2f} -> {r['last_loss']:.2f} |"
         )
@@ -304,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
             "steps": context["timed_steps"],
             "min_s": settings["min_timed_s"],
             "sync_each_step": sync,
+            "nvml_s": c["nvml"]["interval_s"],
         }
         if any(r.get("context_lost") for r in rows):
             why = "not run: an earlier row lost the CUDA context (run it alone with --only)"
@@ -400,6 +422,19 @@ def changed(cfg: dict, overrides: list[str]) -> dict:
         apply_override(out, item)
     check_values(out)
     return out
+
+
+def clock_cell(nvml: dict | None) -> str:
+    """'1650 (sw_power_cap 97%)': the median SM clock over the timed steps and the clock events seen;
+    '(events n/a)' where NVML could not read them."""
+    if not nvml or not nvml.get("samples"):
+        return "n/a"
+    clock = f"{nvml['sm_clock_mhz'][1]:g}" if nvml.get("sm_clock_mhz") else "n/a"
+    events = nvml.get("clock_events_pct")
+    if events is None:
+        return f"{clock} (events n/a)"
+    named = ", ".join(f"{name} {pct_text(pct)}" for name, pct in events.items())
+    return clock + (f" ({named})" if named else "")
 
 
 def write_report(out_dir: Path, rows: list[dict], context: dict, spec, settings_name: str) -> list[str]:

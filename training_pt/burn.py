@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from tasks import burn_plot, burn_rules, dcgm, layout
+from tasks import burn_plot, burn_rules, dcgm, layout, probe
 from tasks.cuda_rules import FAIL, SKIP, Verdict
 from training_pt import fabric, memtest
 
@@ -158,10 +158,6 @@ class Sampler(threading.Thread):
     def read(self, gpu: int, h) -> dict:
         call = fabric.nvml_call
         power = call(pynvml.nvmlDeviceGetPowerUsage, h)
-        reasons_fn = (
-            getattr(pynvml, "nvmlDeviceGetCurrentClocksEventReasons", None)
-            or pynvml.nvmlDeviceGetCurrentClocksThrottleReasons
-        )
         gen, width = fabric.pcie_now(h)
         return {
             "t_s": round(time.perf_counter() - self.t0, 3),
@@ -173,7 +169,7 @@ class Sampler(threading.Thread):
             "mem_mhz": call(pynvml.nvmlDeviceGetClockInfo, h, pynvml.NVML_CLOCK_MEM),
             "power_w": None if power is None else power / 1000,
             "temp_c": call(pynvml.nvmlDeviceGetTemperature, h, pynvml.NVML_TEMPERATURE_GPU),
-            "reasons": call(reasons_fn, h),
+            "reasons": probe.clock_events(pynvml, h),
             "pcie_gen": gen,
             "pcie_width": width,
         }

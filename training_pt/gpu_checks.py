@@ -54,7 +54,7 @@ os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 import torch  # noqa: E402
 
 from tasks import cuda_rules as rules  # noqa: E402
-from tasks import identity, proc  # noqa: E402
+from tasks import identity, probe, proc  # noqa: E402
 from tasks.cuda_rules import FAIL, PASS, SKIP, WARN, Check, Verdict  # noqa: E402
 from tasks.records import now_iso  # noqa: E402
 from training_pt import burn, fabric, memtest, quick_exit  # noqa: E402
@@ -168,11 +168,7 @@ class Nvml:
     def throttle(self, i: int | None) -> int | None:
         if i is None or not self.ok or self.handles[i] is None:
             return None
-        fn = (
-            getattr(pynvml, "nvmlDeviceGetCurrentClocksEventReasons", None)
-            or pynvml.nvmlDeviceGetCurrentClocksThrottleReasons
-        )
-        return self.call(fn, self.handles[i])
+        return probe.clock_events(pynvml, self.handles[i])
 
     def snapshot(self, i: int | None) -> dict:
         if i is None or not self.ok or self.handles[i] is None:

@@ -678,12 +678,12 @@ def log_memory(run: Run, per_rank: list[dict], total_gib: float) -> None:
     for i, r in enumerate(per_rank):
         run.log(f"nvml GPU {i}: {nvml_text(r['nvml'])}")
     nv = per_rank[0]["nvml"]
-    if nv.get("samples"):
+    if nv.get("samples"):  # a field NVML never gave (Not Supported) is None
         run.figures.update(
-            gpu_util_median=nv["util_pct"][1],
-            power_w_median=nv["power_w"][1],
-            sm_clock_mhz_median=nv["sm_clock_mhz"][1],
-            temp_c_max=nv["temp_c"][2],
+            gpu_util_median=(nv["util_pct"] or [None] * 3)[1],
+            power_w_median=(nv["power_w"] or [None] * 3)[1],
+            sm_clock_mhz_median=(nv["sm_clock_mhz"] or [None] * 3)[1],
+            temp_c_max=(nv["temp_c"] or [None] * 3)[2],
         )
 
 
