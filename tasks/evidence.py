@@ -367,9 +367,12 @@ def seal(run_dir: Path) -> Path:
 
 
 def nothing_to_do(args) -> str | None:
-    """`nox -s evidence` without --run-dir when the newest run is sealed: say so (never seal a new empty run)."""
+    """`nox -s evidence` without --run-dir when the newest run is sealed: say so (never seal a new empty run).
+    With no run at all there is nothing to render: RunError (one line, exit 2)."""
     found = runs.list_runs(layout.RUNS_DIR)
-    if args.run_dir is not None or not found or not runs.is_sealed(found[-1]):
+    if args.run_dir is None and not found:
+        raise runs.RunError(f"no run folder in {layout.RUNS_DIR} to render; run `nox -s m40` first")
+    if args.run_dir is not None or not runs.is_sealed(found[-1]):
         return None
     try:
         summary = json.loads((found[-1] / layout.SUMMARY_FILE).read_text(encoding="utf-8"))

@@ -8,7 +8,7 @@ A stage module provides:
     USES_GPU_VENV = True      optional: run() uses .venv-gpu, held shared meanwhile (an install waits)
     check_inputs(args)        optional: raises ConfigError on a bad option or config file; called before
                               any stage runs (m40 calls every stage's), so a bad input is exit 2 up front
-    nothing_to_do(args)       optional: a one-line reason to do nothing (then no run folder is touched)
+    nothing_to_do(args)       optional: a one-line reason to do nothing (then no run folder is touched), or RunError
 
 The harness times it, writes `stages/<stage>.json`, turns errors into a one-line failed record,
 and maps the result to the stage's exit code.

@@ -404,6 +404,14 @@ def test_the_last_line_of_m40_is_the_verdict_its_exit_code_and_the_readme(monkey
 # --------------------------------------------------------------------------- one voice (issue 16.4)
 
 
+def test_evidence_alone_with_no_run_at_all_is_one_line_and_exit_2(capsys):
+    """Nothing to render: never a new, empty run sealed with exit 0."""
+    assert stage.main("evidence", []) == layout.EXIT_USAGE
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"evidence: error: no run folder in {layout.RUNS_DIR} to render; run `nox -s m40` first"]
+    assert runs.list_runs(layout.RUNS_DIR) == []
+
+
 def test_evidence_alone_on_a_sealed_newest_run_says_so_and_changes_nothing(monkeypatch, no_driver, capsys):
     use_fakes(monkeypatch)
     assert m40.main([]) == 10
@@ -454,3 +462,20 @@ def test_the_workflows_hold_a_read_only_token_and_one_run_at_a_time():
     assert "::error title=m40 verdict" in gpu and "PIPESTATUS[0]" in gpu
     labels = yaml.safe_load((layout.ROOT / ".github" / "actionlint.yaml").read_text())["self-hosted-runner"]["labels"]
     assert "gpu" in labels
+
+
+@pytest.mark.parametrize("said", ["m40: run folder /runner/work/submission_runs/m40_v3\n", ""])
+def test_the_gpu_workflow_uploads_this_jobs_run_never_an_earlier_one(tmp_path, said):
+    """With `clean: false`, an earlier job's m40_v1 stays; a job that stopped before making its own folder
+    (a bad --channels: exit 2) must not upload it as its evidence."""
+    import yaml
+
+    doc = yaml.safe_load((layout.ROOT / ".github" / "workflows" / "m40.yml").read_text())
+    (step,) = [s for s in doc["jobs"]["m40"]["steps"] if s.get("id") == "run"]
+    (tmp_path / "submission_runs" / "m40_v1").mkdir(parents=True)  # the earlier job's
+    (tmp_path / "m40.log").write_text("probe: PASS (0.2 s)\n" + said + "m40: FAIL\n")
+    out = tmp_path / "github_output"
+    env = {**os.environ, "RUNNER_TEMP": str(tmp_path), "GITHUB_OUTPUT": str(out)}
+    subprocess.run(["bash", "-e", "-c", step["run"]], cwd=tmp_path, env=env, check=True)
+    want = "/runner/work/submission_runs/m40_v3" if said else ""
+    assert f"dir={want}\n" in out.read_text()

@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -549,3 +550,24 @@ def test_prestart_only_where_the_run_will_be_one_process_on_one_gpu(tmp_path, ve
     early = stage.prestart(run_dir, stage_args())
     assert early is not None and early.returncode is None
     stage.cancel(early)
+
+
+def test_a_failure_after_the_pass_line_was_due_leaves_a_failed_result(tmp_path, monkeypatch):
+    """The last log line can still fail (a full disk, a SIGTERM): train_result.json then says fail, as the exit
+    code does, never "pass" with exit code 1."""
+    from training_pt.report import Log
+
+    def trained(cfg, args, log, result):
+        result["summary"] = "gpt2 trained"
+
+    def write(self, text="", **k):
+        if text.startswith("PASS:"):
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(T, "train", trained)
+    monkeypatch.setattr(Log, "__call__", write)
+    monkeypatch.setattr(signal, "signal", lambda *a: None)  # leave pytest's SIGTERM handler alone
+    code = T.main(["--out", str(tmp_path / "run"), "--device", "cpu"])
+    saved = result(tmp_path / "run")
+    assert code == T.EXIT_ERROR and saved["exit_code"] == T.EXIT_ERROR
+    assert saved["status"] == "fail" and saved["reason"].startswith("unexpected OSError")

@@ -822,6 +822,8 @@ def main(argv: list[str] | None = None) -> int:
         log.failure(f"FAIL: {result['reason']}", own=True)
     finally:
         result["exit_code"] = code
+        if code != EXIT_OK:  # the PASS line itself may have failed (a full disk, a SIGTERM) after status was set
+            result["status"] = "fail"
         result["ended"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         if log.leader:
             if result["losses"]:
