@@ -31,6 +31,7 @@ def main(argv: list[str]) -> int:
         validate.inputs(args, layout.STAGES, stage.MODULES)  # every option and config file, before the first stage
         run_dir = runs.resolve(layout.RUNS_DIR, args.run_dir, new=True)
         with runs.locked(run_dir):
+            refuse_earlier_attempt(run_dir)
             print(f"m40: run folder {run_dir}", flush=True)
             return _chain(run_dir, args)
     except (runs.RunError, ConfigError) as e:
@@ -51,6 +52,17 @@ def chain_inputs(args) -> None:
         multinode.resolve(args, os.environ)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+
+
+def refuse_earlier_attempt(run_dir: Path) -> None:
+    """RunError (exit 2) when --run-dir already holds stage results: a stage this chain skips (after an earlier
+    failure) would leave an earlier attempt's files, a log ending in PASS say, to be sealed as this run's."""
+    earlier = records.read_all(run_dir)
+    if earlier:
+        raise runs.RunError(
+            f"run folder {run_dir} already holds stage results ({', '.join(earlier)}); m40 runs every stage into "
+            "a run of its own: pass a new or empty folder, or drop --run-dir for the next m40_vN"
+        )
 
 
 def prestart(train_module, run_dir, args):

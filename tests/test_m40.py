@@ -271,6 +271,26 @@ def test_each_m40_run_is_a_new_folder(monkeypatch, no_driver):
     assert [p.name for p in runs.list_runs(layout.RUNS_DIR)] == ["m40_v1", "m40_v2"]
 
 
+def test_m40_into_a_run_dir_holding_an_earlier_attempt_is_refused_and_it_stays_as_it_was(
+    monkeypatch, no_driver, tmp_path, capsys
+):
+    """m40 runs every stage into a run of its own: an earlier `nox -s train --run-dir D`'s log, which ends in
+    PASS, would otherwise be sealed into a run whose train stage never ran (a cuda_check failure skips it)."""
+    use_fakes(monkeypatch)
+    run_dir = tmp_path / "mine"
+    assert stage.main("train", ["--run-dir", str(run_dir)]) == 0
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert m40.main(["--run-dir", str(run_dir)]) == layout.EXIT_USAGE
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"m40: error: run folder {run_dir} already holds stage results (train); m40 runs every stage into a run "
+        "of its own: pass a new or empty folder, or drop --run-dir for the next m40_vN"
+    ]
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+    assert m40.main(["--run-dir", str(tmp_path / "empty")]) in (0, 10)  # a new folder is fine
+
+
 # --------------------------------------------------------------------------- secrets
 
 
