@@ -822,8 +822,9 @@ def exit_code(checks: list[Check]) -> int:
 
 
 def stage_reason(checks: list[Check]) -> str:
-    """The stage's one-line reason: the first failure in full, the count of the others; with no failure,
-    the speed checks that were not judged (which datasheet figure is missing, where to add it)."""
+    """The stage's one-line reason: the first failure in full, the count of the others; with no failure, the
+    first warning and every per-GPU check that did not run, grouped by why (a speed check's missing datasheet
+    figure and where to add it, a compile check without triton, health checks NVML could not make)."""
     failed = [c for c in checks if c.status == FAIL]
     if failed:
         first = failed[0]
@@ -841,11 +842,10 @@ def stage_reason(checks: list[Check]) -> str:
         name = first.name if first.gpu is None else f"{first.where} {first.name}"
         more = f" (+{len(warned) - 1} more WARN, see cuda_check.txt)" if len(warned) > 1 else ""
         notes.append(f"{len(warned)} check(s) WARN: {name}: {first.reason or first.value}{more}")
-    unjudged = [c for c in checks if c.status == SKIP and c.name.startswith("speed.") and c.gpu is not None]
-    if unjudged:
-        where = ", ".join(f"{c.where} {c.name}" for c in unjudged)
-        reasons = list(dict.fromkeys(c.reason for c in unjudged))
-        notes.append(f"{where} SKIP: {'; '.join(reasons)}")
+    unjudged = [c for c in checks if c.status == SKIP and c.gpu is not None]
+    for why in dict.fromkeys(c.reason for c in unjudged):  # each reason once, with the checks it stopped
+        where = ", ".join(f"{c.where} {c.name}" for c in unjudged if c.reason == why)
+        notes.append(f"{where} SKIP: {why}")
     return "; ".join(notes)
 
 

@@ -503,3 +503,20 @@ def test_a_mig_slice_of_a_gpu_without_mig_data_skips_speed_saying_why():
     assert peak is None and "MIG slice" in why and "mig_slices" in why
     v = cuda_rules.judge_speed("bf16 matmul", 30.0, "TFLOP/s", peak, 0.5, model, name, why_missing=why)
     assert v.status == SKIP and v.reason == why
+
+
+def test_every_per_gpu_check_not_run_is_named_in_the_stage_reason_grouped_by_why():
+    """A PASS whose compile or health checks did not run says so in its one line (and so in the verdict's), not
+    only in a count: no triton in .venv-gpu, an NVML that cannot match the GPU."""
+    nvml = "NVML cannot match this GPU (no UUID or PCI id in common)"
+    checks = [
+        _check(PASS),
+        _check(SKIP, 0, "compile", "no triton in .venv-gpu"),
+        _check(SKIP, 0, "health.ecc", nvml),
+        _check(SKIP, 0, "health.xid", nvml),
+        _check(SKIP, None, "allreduce", "one GPU visible: nothing to connect"),  # machine-wide: expected
+    ]
+    assert cuda_rules.exit_code(checks) == cuda_rules.EXIT_OK
+    assert cuda_rules.stage_reason(checks) == (
+        f"gpu0 compile SKIP: no triton in .venv-gpu; gpu0 health.ecc, gpu0 health.xid SKIP: {nvml}"
+    )
