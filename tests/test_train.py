@@ -571,3 +571,23 @@ def test_a_failure_after_the_pass_line_was_due_leaves_a_failed_result(tmp_path, 
     saved = result(tmp_path / "run")
     assert code == T.EXIT_ERROR and saved["exit_code"] == T.EXIT_ERROR
     assert saved["status"] == "fail" and saved["reason"].startswith("unexpected OSError")
+
+
+def test_pretrained_weights_record_the_first_loss_check_as_skipped_so_a_config_file_cannot_hide_it():
+    """--train-config with model.pretrained turns the first-loss check off: the checks in force say so, and
+    the verdict reads it as a deviation (PARTIAL), as it does the same setting given as an override."""
+    from tasks import verdict
+    from tasks.records import StageRecord, StageStatus
+    from training_pt import configurator
+
+    cfg = configurator.load_config(layout.TRAIN_CONFIG, ["model.pretrained=/models/gpt2"])
+    used = T.checks_in_force(cfg)
+    assert used["checks.first_loss_tol"] == "skipped (model.pretrained)"
+    train = StageRecord("train", StageStatus.PASS, "", figures={"thresholds": used, "steps": 40})
+    default_tol = configurator.load_config(layout.TRAIN_CONFIG, [])["checks"]["first_loss_tol"]
+    assert verdict.training_check_deviations({"train": train}, verdict.load_rules()) == [
+        f"train ran with checks.first_loss_tol=skipped (model.pretrained), not the default {default_tol} "
+        "(--train-config)"
+    ]
+    plain = T.checks_in_force(configurator.load_config(layout.TRAIN_CONFIG, []))
+    assert plain == {f"checks.{k}": v for k, v in cfg["checks"].items()}  # a random init: every check in force
