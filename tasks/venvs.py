@@ -78,13 +78,19 @@ def in_use(final: Path):
         yield final
 
 
+def install_made(path: Path) -> bool:
+    """A venv install made (it carries install's marker), not a link, a folder or somebody's own venv."""
+    return not path.is_symlink() and is_venv(path) and (path / layout.VENV_MARKER).is_file()
+
+
 def recover(final: Path) -> list[str]:
     """Clean up after an installer that was killed (call while holding the lock).
 
-    A `.old-<pid>` venv is the last good venv of a swap that was interrupted (swap_in deletes it
-    only after the new venv checked out): it is put back, and a `final` beside it, not known to have
-    passed its check, is discarded. Any other `.staging-*` / `.old-*` sibling is a leftover and is
-    removed. Returns what was done.
+    A `.old-<pid>` venv install made is the last good venv of a swap that was interrupted (swap_in deletes it
+    only after the new venv checked out): it is put back, and a `final` beside it that install made, not known
+    to have passed its check, is discarded. A `.staging-<pid>` venv (or empty folder) is a leftover and is
+    removed. Anything else of those names is not install's (`.venv.old-2024`, an ordinary backup) and stays
+    as it was. Returns what was done.
     """
     done: list[str] = []
     pattern = re.compile(rf"^{re.escape(final.name)}\.(staging|old)-(\d+)$")
@@ -98,17 +104,26 @@ def recover(final: Path) -> list[str]:
         if p.is_symlink():  # never restored: a link is not a venv install made (its target is left alone)
             p.unlink()
             done.append(f"removed leftover link {p.name}")
-            continue
-        if m.group(1) == "old" and not restored and is_venv(p):
+        elif m.group(1) == "staging":
+            if is_venv(p) or (p.is_dir() and not any(p.iterdir())):
+                shutil.rmtree(p, ignore_errors=True)
+                done.append(f"removed leftover {p.name}")
+            else:
+                done.append(f"left {p.name} alone: not a venv")
+        elif not install_made(p):
+            done.append(f"left {p.name} alone: install did not make it (no {layout.VENV_MARKER})")
+        elif restored:
+            shutil.rmtree(p, ignore_errors=True)
+            done.append(f"removed leftover {p.name}")
+        elif final.exists() and not install_made(final):
+            done.append(f"left {p.name} alone: {final} beside it is not install's")
+        else:
             if final.exists():
                 shutil.rmtree(final)
                 done.append(f"discarded {final}: its swap was interrupted before the previous venv was removed")
             p.rename(final)
             restored = True
             done.append(f"restored {final} from {p.name} (an earlier install was interrupted mid-swap)")
-        else:
-            shutil.rmtree(p, ignore_errors=True)
-            done.append(f"removed leftover {p.name}")
     return done
 
 
@@ -182,7 +197,8 @@ def foreign(final: Path) -> str | None:
 
 def swap_pending(final: Path) -> bool:
     """Whether a killed swap left a `.old-<pid>` venv beside `final` (recover() decides then, under the lock)."""
-    return final.parent.is_dir() and any(p.name.startswith(f"{final.name}.old-") for p in final.parent.iterdir())
+    pattern = re.compile(rf"^{re.escape(final.name)}\.old-\d+$")
+    return final.parent.is_dir() and any(pattern.match(p.name) and install_made(p) for p in final.parent.iterdir())
 
 
 def check_replaceable(final: Path) -> None:

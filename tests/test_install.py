@@ -632,6 +632,7 @@ def test_venv_lock_and_recovery(tmp_path):
     old = tmp_path / ".venv-gpu.old-999999"
     old.mkdir()
     (old / "pyvenv.cfg").write_text("home = /usr/bin\n")
+    (old / layout.VENV_MARKER).write_text("{}")  # install's own: only such a venv is ever renamed aside
     (tmp_path / ".venv-gpu.staging-999999").mkdir()
     notes = venvs.recover(final)
     assert (final / "pyvenv.cfg").is_file() and leftovers(final) == []
@@ -640,10 +641,33 @@ def test_venv_lock_and_recovery(tmp_path):
     (final / "new-unverified").write_text("x")
     old.mkdir()
     (old / "pyvenv.cfg").write_text("home = /usr/bin\n")
+    (old / layout.VENV_MARKER).write_text("{}")
     (old / "previous").write_text("good")
     notes = venvs.recover(final)
     assert (final / "previous").read_text() == "good" and not (final / "new-unverified").exists()
     assert leftovers(final) == [] and any("discarded" in n for n in notes)
+
+
+def test_a_users_own_venv_and_its_backup_are_never_restored_over_or_deleted(world, tmp_path):
+    """`.venv.old-2024` is an ordinary backup name: only an `.old-<pid>` install made itself (it carries the
+    marker) is restored, and only over a venv install made; anything else beside the venv stays as it was."""
+    final = tmp_path / ".venv"
+    venvs.create(final, sys.executable, prompt="mine", pip=False)
+    (final / "MY_FILE").write_text("x")
+    backup = tmp_path / ".venv.old-2024"
+    venvs.create(backup, sys.executable, prompt="backup", pip=False)
+    notes_dir = tmp_path / ".venv.staging-7"  # not a venv: somebody's folder
+    notes_dir.mkdir()
+    (notes_dir / "notes.txt").write_text("keep")
+    before = {p: tree_hash(p) for p in (final, backup, notes_dir)}
+    with pytest.raises(config.ConfigError, match="is a venv install did not make"):
+        install.check_inputs(install_args(world, final, "--channel", "cu128"))
+    notes = venvs.recover(final)
+    assert {p: tree_hash(p) for p in (final, backup, notes_dir)} == before
+    assert notes == [
+        f"left .venv.old-2024 alone: install did not make it (no {layout.VENV_MARKER})",
+        "left .venv.staging-7 alone: not a venv",
+    ]
 
 
 def test_m40_takes_a_list_of_channels():
