@@ -376,6 +376,10 @@ def resolve_auto(names: list[str], ctx: Context) -> list[str]:
 def torch_from_sources(ctx: Context, a: Attempt, inst, spy: Path, where: str) -> None:
     """Step 2: torch from the channel's sources in order; the first that installs one wins."""
     for src_entry in a.channel.sources:
+        if a.tries and any(d["name"].lower() == "torch" for d in venv_facts.dists(spy, ctx.log)["dists"]):
+            raise StepFailed(  # never "already satisfied" by a torch an earlier source was refused for
+                installers.PROVENANCE, f"a torch refused for {a.tries[-1].source.name} stayed in the staging venv"
+            )
         t = SourceTry(src_entry)
         a.tries.append(t)
         t0 = time.perf_counter()

@@ -505,8 +505,23 @@ def install(
     if rc != 0:
         raise classify(out, rc, source, where)
     files = parse_pip_report(report)
-    check_provenance(files, source)
+    try:
+        check_provenance(files, source)
+    except StepFailed:
+        undo(python, files, log)  # pip installed before its report could be read: a refused file must not stay
+        raise
     return files
+
+
+def undo(python: Path, files: list[Installed], log) -> None:
+    """Uninstall what one pip command installed (a refused file), so that no later command of the same venv
+    finds its requirement "already satisfied" by it; StepFailed(PROVENANCE) when pip cannot."""
+    names = sorted({f.name for f in files})
+    if not names:
+        return
+    rc, out = log.run([python, "-I", "-m", "pip", "uninstall", "-y", "--disable-pip-version-check", *names])
+    if rc != 0:
+        raise StepFailed(PROVENANCE, f"a refused {', '.join(names)} could not be uninstalled again (exit {rc})")
 
 
 def _pip_command(

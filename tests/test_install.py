@@ -75,6 +75,12 @@ def world(tmp_path_factory):
     sources:
       - {{label: nightly, index_url: "{(root / "nightly-gone").as_uri()}", pre: true, retired: "2026-04-07 (stand-in)"}}
       - {{label: stable, index_url: "{idx["cu128"]}", torch: ">=2.7,<2.12"}}
+  mirrored:
+    kind: index
+    cuda: "12.8"
+    sources:
+      - {{label: first, index_url: "{idx["cu128"]}", torch: ">=2.10"}}
+      - {{label: second, index_url: "{idx["cu128"]}", torch: ">=2.7,<2.12"}}
   nosrc:
     kind: index
     cuda: "12.8"
@@ -439,6 +445,21 @@ def test_a_file_from_another_source_is_refused(world, tmp_path, monkeypatch):
     assert rec.status == "fail"
     assert "provenance refused: torch" in rec.reason and "came from file://" in rec.reason
     assert f"not from {world['idx']['cu128']}" in rec.reason
+    assert not venv.exists() and leftovers(venv) == []
+
+
+def test_a_refused_torch_is_gone_before_the_next_source_tries(world, tmp_path, monkeypatch):
+    """pip installs before its report can be checked: a torch refused for its origin must not stay in the
+    staging venv, where the next source's pip would find the requirement "already satisfied" (no file, nothing
+    to refuse) and the install would pass with it."""
+    conf = tmp_path / "pip.conf"
+    conf.write_text(f"[global]\nfind-links = {world['newer']}\n")  # offers torch 2.10.0+cu128 to every source
+    monkeypatch.setenv("PIP_CONFIG_FILE", str(conf))
+    monkeypatch.delenv("PIP_FIND_LINKS", raising=False)
+    venv = tmp_path / ".venv-gpu"
+    rec, run_dir = run_install(world, tmp_path, venv, "--channel", "mirrored", "--keep-pip-config")
+    assert rec.status == "fail", rec.figures
+    assert rec.reason.count("torch 2.10.0+cu128 came from file://") == 2  # each source refused it itself
     assert not venv.exists() and leftovers(venv) == []
 
 
