@@ -114,21 +114,27 @@ def python_args(argv: list[str]) -> list[str]:
 
 
 def bare_install(argv: list[str]) -> bool:
-    """`nox -s install` without a channel (-p NAME, or any other spelling of nox's -p: python_args):
-    nox would run every install(<channel>) session in turn, each replacing .venv-gpu."""
-    selected, taking = [], False
+    """`nox -s install` (or `nox -k` with an expression naming install) without a channel (-p NAME, or any other
+    spelling of nox's -p: python_args): nox would run every install(<channel>) session in turn, each replacing
+    .venv-gpu."""
+    selected: list[str] = []
+    keywords: list[str] = []
+    taking: list[str] | None = None
     for a in argv:
         if a == "--":
             break
-        if a in ("-s", "--session", "--sessions", "-e"):
-            taking = True
+        if a in ("-s", "--session", "--sessions", "-e", "-k", "--keywords"):
+            taking = keywords if a in ("-k", "--keywords") else selected
         elif a.startswith(("--session=", "--sessions=")):
             selected += a.split("=", 1)[1].split(",")
+        elif a.startswith("--keywords="):
+            keywords.append(a.split("=", 1)[1])
         elif a.startswith("-"):
-            taking = False
-        elif taking:
-            selected += a.split(",")
-    return "install" in selected and not python_args(argv)
+            taking = None
+        elif taking is not None:
+            taking += a.split(",") if taking is selected else [a]
+    named = "install" in selected or any("install" in k for k in keywords)
+    return named and not python_args(argv)
 
 
 def unknown_channels(argv: list[str], names: list[str]) -> str | None:

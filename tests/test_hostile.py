@@ -351,6 +351,10 @@ def test_nox_python_values_are_read_as_nox_reads_them():
         (["-s", "install", "--pythons", "cu128"], False),
         (["-s", "install", "-pcu128"], False),
         (["-s", "probe"], False),
+        (["-k", "install"], True),  # nox's keyword selection: every install(<channel>) session too
+        (["--keywords=install and not cu124"], True),
+        (["-k", "install", "-p", "cu128"], False),
+        (["-k", "probe or train"], False),
     ],
 )
 def test_a_bare_install_is_told_apart_by_nox_own_reading_of_p(argv, bare):
