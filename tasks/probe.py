@@ -469,17 +469,27 @@ class Commands:
             self.started[key] = (res, proc, out)
 
     def finish(self, deadline: Deadline) -> dict[str, CmdResult]:
-        for res, proc, out in self.started.values():
-            if proc is not None:
-                try:
-                    res.rc = proc.wait(timeout=deadline.left())
-                except subprocess.TimeoutExpired:
-                    res.error = f"{res.cmd[0]} did not answer within {deadline.seconds:g} s (driver hung?)"
-                kill_group(proc)
-            out.seek(0)
-            res.out = out.read().decode(errors="replace")
-            out.close()
+        try:
+            for res, proc, out in self.started.values():
+                if proc is not None:
+                    try:
+                        res.rc = proc.wait(timeout=deadline.left())
+                    except subprocess.TimeoutExpired:
+                        res.error = f"{res.cmd[0]} did not answer within {deadline.seconds:g} s (driver hung?)"
+                    kill_group(proc)
+                out.seek(0)
+                res.out = out.read().decode(errors="replace")
+                out.close()
+        except BaseException:  # Ctrl-C meanwhile: its session kept the command from getting it too
+            self.kill_all()
+            raise
         return {key: res for key, (res, _, _) in self.started.items()}
+
+    def kill_all(self) -> None:
+        """Kill the group of every command still running (the probe stops waiting for them)."""
+        for _, proc, _ in self.started.values():
+            if proc is not None and proc.returncode is None:
+                kill_group(proc)
 
 
 def kill_group(proc: subprocess.Popen) -> None:
@@ -564,6 +574,9 @@ def collect(source: str = "auto", nvml_loader=load_pynvml, timeout_s: float = 30
             facts = nvml_in_child(nvml_loader, deadline)
         except NvmlUnavailable as e:
             nvml_note, nvml_hung = str(e), isinstance(e, NvmlHung)
+        except BaseException:  # Ctrl-C while NVML answers: the commands started above end too
+            running.kill_all()
+            raise
     else:
         nvml_note = "NVML not asked (--probe-source nvidia-smi)"
     res = running.finish(deadline)

@@ -432,3 +432,20 @@ def test_mig_mode_from_nvml_is_recorded_and_named_in_env_info(monkeypatch, run_d
     assert "note        : MIG is enabled on GPU 0: cuda_check judges each slice against its share" in read(
         run_dir, "env_info.txt"
     )
+
+
+def test_ctrl_c_while_probe_waits_leaves_no_command_running(tmp_path):
+    """Each nvidia-smi runs in a session of its own, so the terminal's Ctrl-C never reaches it: the probe kills
+    every command it started whenever it stops waiting, an interrupt included."""
+    from tasks import probe as P
+
+    class Interrupted(P.Deadline):
+        def left(self) -> float:
+            raise KeyboardInterrupt
+
+    started = P.Commands({"a": ["sleep", "60"], "b": ["sleep", "60"]})
+    procs = [proc for _, proc, _ in started.started.values()]
+    with pytest.raises(KeyboardInterrupt):
+        started.finish(Interrupted(30))
+    for proc in procs:
+        assert proc.wait(timeout=5) is not None  # reaped: killed, not left sleeping
