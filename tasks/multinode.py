@@ -122,13 +122,22 @@ def resolve(args, env: Mapping[str, str]) -> Job | None:
     nnodes = 1 if nnodes is None else whole(nnodes, n_src)
     if nnodes < 1:
         raise ValueError(f"{n_src}={nnodes}: a job has 1 node or more; pass --nnodes N")
-    timeout = float(getattr(args, "rdzv_timeout", DEFAULT_TIMEOUT_S) or DEFAULT_TIMEOUT_S)
+    given = getattr(args, "rdzv_timeout", None)
+    timeout = DEFAULT_TIMEOUT_S if given is None else float(given)
     if not (math.isfinite(timeout) and timeout > 0):  # refused on one node too: the option is wrong either way
         raise ValueError(f"--rdzv-timeout {timeout:g}: must be more than 0 seconds")
     endpoint, e_src = first((getattr(args, "rdzv_endpoint", None), "--rdzv-endpoint"))
     if endpoint is None and nnodes > 1 and env.get("MASTER_ADDR"):
         addr = env["MASTER_ADDR"] if ":" not in env["MASTER_ADDR"] else f"[{env['MASTER_ADDR']}]"  # IPv6
         endpoint, e_src = f"{addr}:{env.get('MASTER_PORT') or DEFAULT_PORT}", "MASTER_ADDR/MASTER_PORT"
+    rank, r_src = first(
+        (getattr(args, "node_rank", None), "--node-rank"),
+        (env.get("SLURM_NODEID"), "SLURM_NODEID"),
+        (env.get("NODE_RANK"), "NODE_RANK"),
+    )
+    rank = 0 if rank is None else whole(rank, r_src)
+    if rank >= nnodes:  # on one node too: a rank given for a job of several is never dropped silently
+        raise ValueError(f"{r_src}={rank}: a node rank is in 0..{nnodes - 1} for {nnodes} node(s)")
     if endpoint is None:
         if nnodes > 1:
             raise ValueError(
@@ -137,14 +146,6 @@ def resolve(args, env: Mapping[str, str]) -> Job | None:
             )
         return None
     host, port = split_endpoint(str(endpoint), e_src)
-    rank, r_src = first(
-        (getattr(args, "node_rank", None), "--node-rank"),
-        (env.get("SLURM_NODEID"), "SLURM_NODEID"),
-        (env.get("NODE_RANK"), "NODE_RANK"),
-    )
-    rank = 0 if rank is None else whole(rank, r_src)
-    if rank >= nnodes:
-        raise ValueError(f"{r_src}={rank}: a node rank is in 0..{nnodes - 1} for {nnodes} node(s)")
     rdzv_id, i_src = first(
         (getattr(args, "rdzv_id", None), "--rdzv-id"), (env.get("SLURM_JOB_ID"), "SLURM_JOB_ID"), ("m40", "default")
     )

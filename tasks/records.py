@@ -103,8 +103,12 @@ def write(run_dir: Path, rec: StageRecord) -> Path:
     path = layout.stage_record_path(run_dir, rec.stage)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(asdict(rec), indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+    try:
+        tmp.write_text(json.dumps(asdict(rec), indent=2, sort_keys=True) + "\n")
+        tmp.replace(path)
+    except BaseException:  # a full disk, a record made read-only: no half record left to be sealed later
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 

@@ -173,13 +173,15 @@ def resolve(runs_dir: Path, run_dir: Path | None, *, new: bool) -> Path:
 def check_no_links(run_dir: Path) -> None:
     """No symbolic link in the run folder or under it: a stage would write through it, outside the run."""
     if run_dir.is_symlink():
-        raise RunError(f"run folder {run_dir} is a symbolic link; use a real folder (drop --run-dir for a new run)")
+        raise RunError(
+            f"run folder {run_dir} is a symbolic link; use a real folder, or pass --run-dir DIR for another run"
+        )
     for top, dirs, files in os.walk(run_dir):
         for name in dirs + files:
             if os.path.islink(link := os.path.join(top, name)):
                 raise RunError(
                     f"run folder {run_dir} holds a symbolic link {link} (to {os.readlink(link)}); "
-                    "remove it, or drop --run-dir for a new run"
+                    "remove it, or pass --run-dir DIR for another run"
                 )
 
 
@@ -195,8 +197,8 @@ def locked(run_dir: Path):
             ) from None
         except OSError as e:
             raise RunError(
-                f"cannot lock run folder {run_dir} ({e.strerror or e}); "
-                "make it writable, or drop --run-dir for a new run"
+                f"cannot lock run folder {run_dir} ({e.strerror or e}: {run_dir / layout.LOCK_FILE}); "
+                "make it writable, or pass --run-dir DIR for another run"
             ) from None
         if is_sealed(run_dir):  # sealed between our choice of this run and our lock
             raise RunError(f"run folder {run_dir} was sealed by another process just now; run the command again")

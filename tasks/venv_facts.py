@@ -157,8 +157,8 @@ def default_python3(venv: Path) -> str | None:
 def resolve_python(spec: str | None, venv: Path) -> str | None:
     if spec is None:
         return default_python3(venv)
-    if os.sep in spec:
-        return spec if Path(spec).exists() else None
+    if os.sep in spec:  # a file that can run: a folder (--from-python /tmp) is no interpreter
+        return spec if Path(spec).is_file() and os.access(spec, os.X_OK) else None
     return shutil.which(spec)
 
 

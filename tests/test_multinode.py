@@ -86,6 +86,9 @@ def test_torchrun_style_environment_and_defaults():
         (("--rdzv-endpoint", "h:99999"), {}, "port 99999 is not in 1..65535"),
         (("--rdzv-endpoint", "h:1", "--rdzv-id", "a b"), {}, "rendezvous id 'a b' (--rdzv-id)"),
         ((), {"SLURM_NNODES": "two", "MASTER_ADDR": "h"}, "SLURM_NNODES='two' is not a whole number"),
+        (("--rdzv-timeout", "0"), {}, "--rdzv-timeout 0: must be more than 0 seconds"),  # not the default's 300
+        (("--node-rank", "3"), {}, "--node-rank=3: a node rank is in 0..0 for 1 node(s)"),  # never dropped
+        (("--nnodes", "1", "--node-rank", "3"), {}, "--node-rank=3: a node rank is in 0..0 for 1 node(s)"),
     ],
 )
 def test_bad_job_settings_are_one_line(argv, env, message):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -71,3 +72,17 @@ def test_the_stage_table_names_every_stage_in_order():
 
     assert tuple(stage.MODULES) == layout.STAGES
     assert all(stage.MODULES[name].__name__ == f"tasks.{name}" for name in layout.STAGES)
+
+
+def test_a_record_that_cannot_replace_the_old_one_leaves_no_temporary_file(tmp_path, monkeypatch):
+    """The evidence stage seals every file of the run: a failed write must not leave stages/*.json.tmp."""
+    rec = records.Timer.start().record("probe", records.StageStatus.PASS)
+    records.write(tmp_path, rec)
+
+    def refuse(self, target):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(Path, "replace", refuse)
+    with pytest.raises(PermissionError):
+        records.write(tmp_path, rec)
+    assert sorted(p.name for p in (tmp_path / layout.STAGES_DIR).iterdir()) == ["probe.json"]

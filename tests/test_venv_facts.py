@@ -20,3 +20,15 @@ def test_record_hashes_keeps_torch_and_the_nvidia_dists_and_says_when_a_record_i
         "torch==2.11.0+cu128": hashlib.sha256((info / "RECORD").read_bytes()).hexdigest(),
         "nvidia-cublas-cu12==12.8.4.1": "no RECORD",
     }
+
+
+def test_from_python_names_a_file_that_runs_not_a_folder(tmp_path):
+    from tasks import venv_facts
+
+    venv = tmp_path / ".venv-gpu"
+    assert venv_facts.resolve_python(str(tmp_path), venv) is None  # --from-python /tmp: a folder
+    plain = tmp_path / "python3"
+    plain.write_text("#!/bin/sh\n")
+    assert venv_facts.resolve_python(str(plain), venv) is None  # not executable
+    plain.chmod(0o755)
+    assert venv_facts.resolve_python(str(plain), venv) == str(plain)
