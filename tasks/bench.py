@@ -36,6 +36,8 @@ def main(argv: list[str]) -> int:
         print("\nOptions of training_pt/bench.py (passed through):\n", flush=True)
         bench_options.parser().print_help()
         return layout.EXIT_OK
+    # the options passed through, checked here first: a typo is named before a missing .venv-gpu is
+    bench_options.parser(cls=validate.Parser, prog="nox -s bench --").parse_args([str(a) for a in rest])
     python = args.python or layout.gpu_python()
     if not Path(python).exists():
         print(

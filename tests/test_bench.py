@@ -159,8 +159,21 @@ def test_a_bad_lever_or_missing_tokenizer_files_is_one_line_and_exit_2(tmp_path,
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("bench: --only names no row nosuch; the rows here: hf-default, smoke")
     settings.write_text(layout.BENCH_FILE.read_text().replace("{set: [train.batch_size=16]}", "{set: null}"))
-    with pytest.raises(SystemExit, match=r"levers\.batch-16 takes `set: \[key=value, \.\.\.\]`"):
-        bench.main(["--device", "cpu", "--bench-config", str(settings)])
+    assert bench.main(["--device", "cpu", "--bench-config", str(settings)]) == 2  # the README's exit 2, not 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"bench: {settings}: levers.batch-16 takes `set: [key=value, ...]`")
+    settings.write_text("")
+    assert bench.main(["--device", "cpu", "--bench-config", str(settings)]) == 2
+    assert capsys.readouterr().err == f"bench: {settings}: timed_steps must be a positive integer\n"
+
+
+def test_an_unknown_option_is_named_before_a_missing_venv_gpu(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(layout, "gpu_python", lambda venv=None: tmp_path / "no-venv" / "bin" / "python")
+    with pytest.raises(SystemExit) as e:
+        bench_task.main(["--compile", "--bogus"])
+    assert e.value.code == layout.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err == "nox -s bench -- error: unrecognized arguments: --bogus; see `nox -s bench -- --help`\n"
 
 
 def test_a_row_that_loses_the_cuda_context_ends_the_bench_with_the_table(tmp_path, monkeypatch):

@@ -40,18 +40,19 @@ from training_pt.nvml_sampler import NvmlSampler, pct_text
 
 
 def load_bench_settings(path: Path) -> dict:
+    """bench.yaml, checked: TrainError (one line, exit 2) naming the file and the key."""
     try:
         data = load_yaml(path, empty_ok=True)
     except ConfigError as e:
-        raise SystemExit(f"bench: {e}") from None
+        raise TrainError(EXIT_INPUT, str(e)) from None
     for key in ("timed_steps", "warmup_steps", "compile_batch_size"):
         if not isinstance(data.get(key), int) or data[key] < 1:
-            raise SystemExit(f"bench: {path}: {key} must be a positive integer")
+            raise TrainError(EXIT_INPUT, f"{path}: {key} must be a positive integer")
     if not isinstance(data.get("min_timed_s"), (int, float)) or data["min_timed_s"] < 0:
-        raise SystemExit(f"bench: {path}: min_timed_s must be a number of seconds >= 0")
+        raise TrainError(EXIT_INPUT, f"{path}: min_timed_s must be a number of seconds >= 0")
     levers, targets = data.get("levers") or {}, data.get("targets") or {}
     if not isinstance(levers, dict) or not isinstance(targets, dict):
-        raise SystemExit(f"bench: {path}: levers and targets must be mappings (name: ...)")
+        raise TrainError(EXIT_INPUT, f"{path}: levers and targets must be mappings (name: ...)")
     for name, lever in levers.items():
         sets = lever.get("set", []) if isinstance(lever, dict) else None
         if (
@@ -60,11 +61,13 @@ def load_bench_settings(path: Path) -> dict:
             or not isinstance(sets, list)
             or not all(isinstance(item, str) for item in sets)
         ):
-            raise SystemExit(f"bench: {path}: levers.{name} takes `set: [key=value, ...]` and `sync_each_step: true`")
+            raise TrainError(
+                EXIT_INPUT, f"{path}: levers.{name} takes `set: [key=value, ...]` and `sync_each_step: true`"
+            )
     for model, t in targets.items():
         for key in ("smoke_tok_s", "smoke_vs_baseline", "compiled_tok_s"):
             if not isinstance(t, dict) or not isinstance(t.get(key), (int, float)):
-                raise SystemExit(f"bench: {path}: targets.{model}.{key} must be a number")
+                raise TrainError(EXIT_INPUT, f"{path}: targets.{model}.{key} must be a number")
     data["levers"], data["targets"] = levers, targets
     return data
 
@@ -296,8 +299,8 @@ def table(rows: list[dict], base_tok_s: float | None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = bench_options.parser(__doc__.split("\n\n")[0]).parse_args(sys.argv[1:] if argv is None else argv)
-    settings = load_bench_settings(args.bench_config)
     try:
+        settings = load_bench_settings(args.bench_config)
         check_options(args)
         cfg, device = checked_inputs(args)
         tokens = D.tokenize(D.gpt2_tokenizer(cfg["tokenizer"]["files_dir"]), D.load_documents(cfg["data"])[0])

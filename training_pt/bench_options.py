@@ -9,9 +9,13 @@ from pathlib import Path
 from tasks import layout
 
 
-def parser(description: str = "GPT-2 training speed on one GPU.") -> argparse.ArgumentParser:
-    """training_pt/bench.py's command line."""
-    p = argparse.ArgumentParser(prog="python -m training_pt.bench", description=description)
+def parser(
+    description: str = "GPT-2 training speed on one GPU.",
+    cls: type[argparse.ArgumentParser] = argparse.ArgumentParser,
+    prog: str = "python -m training_pt.bench",
+) -> argparse.ArgumentParser:
+    """training_pt/bench.py's command line (`cls`, `prog`: nox's side checks it first, with its one-line errors)."""
+    p = cls(prog=prog, description=description)
     p.add_argument("--config", type=Path, default=layout.TRAIN_CONFIG, help="the smoke config (YAML)")
     p.add_argument("--bench-config", type=Path, default=layout.BENCH_FILE, help="steps, batch and targets (YAML)")
     p.add_argument("--compile", action="store_true", help="add the compiled benchmark row")
