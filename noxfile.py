@@ -30,7 +30,7 @@ if (_refused := validate.unknown_channels(sys.argv[1:], CHANNELS)) is not None:
 
 
 if validate.bare_install(sys.argv[1:]):
-    print(f"nox: name one channel: nox -s install -p CHANNEL (one of {', '.join(CHANNELS)})", file=sys.stderr)
+    print(validate.bare_install_refusal(CHANNELS), file=sys.stderr)
     raise SystemExit(2)
 
 TEST_TORCH = "torch==2.13.0+cpu"  # the tests session's torch: a CPU build, pinned

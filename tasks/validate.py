@@ -137,6 +137,16 @@ def bare_install(argv: list[str]) -> bool:
     return named and not python_args(argv)
 
 
+def bare_install_refusal(names: list[str]) -> str:
+    """What `nox -s install` without -p is told: the channels to name, or why the catalog has none to offer."""
+    if not names:
+        try:
+            config.load_channels()
+        except ConfigError as e:
+            return f"nox: name one channel with -p, but the channel catalog cannot be read: {e}"
+    return f"nox: name one channel: nox -s install -p CHANNEL (one of {', '.join(names)})"
+
+
 def unknown_channels(argv: list[str], names: list[str]) -> str | None:
     """One line refusing the channel names given with -p that the catalog lacks; None when all are known."""
     unknown = [v for v in python_args(argv) if v not in names]

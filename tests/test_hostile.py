@@ -431,3 +431,17 @@ def test_every_config_file_m40_reads_is_checked_before_the_first_stage(project, 
     else:
         refused(result, USAGE, str(bad), "fix the syntax")
         assert project.run_names() == ["m40_v1"]
+
+
+def test_a_bare_install_with_an_unreadable_catalog_names_the_catalog_not_an_empty_list(tmp_path, monkeypatch):
+    broken = tmp_path / "channels.yaml"
+    broken.write_text("channels: [\n")
+    monkeypatch.setenv(layout.CHANNELS_ENV, str(broken))
+    names = config.channel_names()
+    assert names == []
+    line = validate.bare_install_refusal(names)
+    assert line.startswith("nox: name one channel with -p, but the channel catalog cannot be read: ")
+    assert str(broken) in line and "(one of )" not in line
+    assert validate.bare_install_refusal(["cu128", "auto"]) == (
+        "nox: name one channel: nox -s install -p CHANNEL (one of cu128, auto)"
+    )
