@@ -133,8 +133,31 @@ def bare_install(argv: list[str]) -> bool:
             taking = None
         elif taking is not None:
             taking += a.split(",") if taking is selected else [a]
-    named = "install" in selected or any("install" in k for k in keywords)
+    named = "install" in selected or any(keyword_selects(k, INSTALL_KEYWORDS) for k in keywords)
     return named and not python_args(argv)
+
+
+# What an install(<channel>) session answers to in nox's -k: its name and signatures (one channel stands in).
+INSTALL_KEYWORDS = ("install", "install(cu128)", "install(python='cu128')", "cu128")
+
+
+class KeywordNames(dict):
+    """A name in a -k expression is true when it is part of one of the session's keywords, as nox reads it."""
+
+    def __init__(self, keywords: tuple[str, ...]):
+        super().__init__()
+        self.keywords = keywords
+
+    def __missing__(self, name: str) -> bool:
+        return any(name in k for k in self.keywords)
+
+
+def keyword_selects(expression: str, keywords: tuple[str, ...]) -> bool:
+    """Whether nox's `-k expression` selects a session with these keywords (`not install`, `lint`: no)."""
+    try:
+        return bool(eval(expression, {"__builtins__": {}}, KeywordNames(keywords)))  # noqa: S307 (nox does so)
+    except Exception:  # nox refuses such an expression itself
+        return False
 
 
 def bare_install_refusal(names: list[str]) -> str:

@@ -355,6 +355,8 @@ def test_nox_python_values_are_read_as_nox_reads_them():
         (["--keywords=install and not cu124"], True),
         (["-k", "install", "-p", "cu128"], False),
         (["-k", "probe or train"], False),
+        (["-k", "not install"], False),  # every session but the installs
+        (["-k", "lint"], False),
     ],
 )
 def test_a_bare_install_is_told_apart_by_nox_own_reading_of_p(argv, bare):
