@@ -29,7 +29,7 @@ if (_refused := validate.unknown_channels(sys.argv[1:], CHANNELS)) is not None:
     raise SystemExit(2)
 
 
-if validate.bare_install(sys.argv[1:]):
+if validate.bare_install(sys.argv[1:], CHANNELS):
     print(validate.bare_install_refusal(CHANNELS), file=sys.stderr)
     raise SystemExit(2)
 

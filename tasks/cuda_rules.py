@@ -844,9 +844,19 @@ def stage_reason(checks: list[Check]) -> str:
         notes.append(f"{len(warned)} check(s) WARN: {name}: {first.reason or first.value}{more}")
     unjudged = [c for c in checks if c.status == SKIP and c.gpu is not None]
     for why in dict.fromkeys(c.reason for c in unjudged):  # each reason once, with the checks it stopped
-        where = ", ".join(f"{c.where} {c.name}" for c in unjudged if c.reason == why)
+        stopped = [c for c in unjudged if c.reason == why]
+        names = dict.fromkeys(c.name for c in stopped)
+        where = ", ".join(f"{gpu_span([c.gpu for c in stopped if c.name == n])} {n}" for n in names)
         notes.append(f"{where} SKIP: {why}")
     return "; ".join(notes)
+
+
+def gpu_span(gpus: list) -> str:
+    """'gpu0', 'gpu0-7' for a run of GPUs, 'gpu0,2,5' otherwise: one line on an 8-GPU machine too."""
+    nums = sorted(set(gpus))
+    if len(nums) > 2 and nums == list(range(nums[0], nums[-1] + 1)):
+        return f"gpu{nums[0]}-{nums[-1]}"
+    return "gpu" + ",".join(str(n) for n in nums)
 
 
 def format_line(c: Check) -> str:

@@ -377,8 +377,10 @@ def torch_from_sources(ctx: Context, a: Attempt, inst, spy: Path, where: str) ->
     """Step 2: torch from the channel's sources in order; the first that installs one wins."""
     for src_entry in a.channel.sources:
         if a.tries and any(d["name"].lower() == "torch" for d in venv_facts.dists(spy, ctx.log)["dists"]):
-            raise StepFailed(  # never "already satisfied" by a torch an earlier source was refused for
-                installers.PROVENANCE, f"a torch refused for {a.tries[-1].source.name} stayed in the staging venv"
+            failed = a.tries[-1]  # never "already satisfied" by a torch from a source that failed
+            raise StepFailed(
+                failed.category or installers.FAILED,
+                f"{failed.source.name}: {failed.detail}; its torch stayed in the staging venv: no later source tried",
             )
         t = SourceTry(src_entry)
         a.tries.append(t)
@@ -534,7 +536,7 @@ def attempt(ctx: Context, ch: Channel) -> Attempt:
     a = Attempt(channel=ch)
     t0 = time.perf_counter()
     staging = venvs.staging_path(ctx.venv)
-    venvs.discard(staging)
+    venvs.discard(staging, ctx.venv)
     print(f"install: channel {ch.name} ({ch.kind}) → staging venv {staging}", flush=True)
     try:
         if ch.kind == "wheelhouse":
@@ -558,7 +560,7 @@ def attempt(ctx: Context, ch: Channel) -> Attempt:
     except venvs.VenvError as e:
         a.category, a.detail = installers.FAILED, str(e)
     finally:
-        venvs.discard(staging)
+        venvs.discard(staging, ctx.venv)
         a.seconds = round(time.perf_counter() - t0, 1)
     print(f"install: {a.line()}", flush=True)
     return a

@@ -55,12 +55,19 @@ def chain_inputs(args) -> None:
 
 
 def refuse_earlier_attempt(run_dir: Path) -> None:
-    """RunError (exit 2) when --run-dir already holds stage results: a stage this chain skips (after an earlier
-    failure) would leave an earlier attempt's files, a log ending in PASS say, to be sealed as this run's."""
-    earlier = records.read_all(run_dir)
-    if earlier:
+    """RunError (exit 2) when --run-dir already holds anything of a run (stage records, a stage's files): a stage
+    this chain skips (after an earlier failure) would leave an earlier attempt's files, a log ending in PASS
+    say, to be sealed as this run's."""
+    earlier = list(records.read_all(run_dir))
+    stages_dir = run_dir / layout.STAGES_DIR
+    others = [p.name for p in sorted(run_dir.iterdir()) if p.name not in (layout.STAGES_DIR, layout.LOCK_FILE)]
+    if not earlier and stages_dir.is_dir() and any(stages_dir.iterdir()):
+        earlier = [layout.STAGES_DIR]
+    if earlier or others:
+        held = ", ".join(earlier) if earlier else ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+        what = "stage results" if earlier else "files"
         raise runs.RunError(
-            f"run folder {run_dir} already holds stage results ({', '.join(earlier)}); m40 runs every stage into "
+            f"run folder {run_dir} already holds {what} ({held}); m40 runs every stage into "
             "a run of its own: pass a new or empty folder, or drop --run-dir for the next m40_vN"
         )
 

@@ -136,7 +136,9 @@ def resolve(args, env: Mapping[str, str]) -> Job | None:
         (env.get("NODE_RANK"), "NODE_RANK"),
     )
     rank = 0 if rank is None else whole(rank, r_src)
-    if rank >= nnodes:  # on one node too: a rank given for a job of several is never dropped silently
+    if nnodes == 1 and r_src != "--node-rank":  # one node alone: a scheduler's rank for its allocation is not ours
+        rank, r_src = 0, ""
+    if rank >= nnodes:  # a --node-rank given on one node too: never dropped silently
         raise ValueError(f"{r_src}={rank}: a node rank is in 0..{nnodes - 1} for {nnodes} node(s)")
     if endpoint is None:
         if nnodes > 1:

@@ -113,10 +113,10 @@ def python_args(argv: list[str]) -> list[str]:
     return [v for value in out for v in value.split(",") if v]
 
 
-def bare_install(argv: list[str]) -> bool:
-    """`nox -s install` (or `nox -k` with an expression naming install) without a channel (-p NAME, or any other
-    spelling of nox's -p: python_args): nox would run every install(<channel>) session in turn, each replacing
-    .venv-gpu."""
+def bare_install(argv: list[str], channels: list[str]) -> bool:
+    """`nox -s install`, or a `nox -k` expression that selects more than one install(<channel>) session, without
+    a channel (-p NAME, or any other spelling of nox's -p: python_args): nox would run those sessions in turn,
+    each replacing .venv-gpu."""
     selected: list[str] = []
     keywords: list[str] = []
     taking: list[str] | None = None
@@ -133,16 +133,13 @@ def bare_install(argv: list[str]) -> bool:
             taking = None
         elif taking is not None:
             taking += a.split(",") if taking is selected else [a]
-    named = "install" in selected or any(keyword_selects(k, INSTALL_KEYWORDS) for k in keywords)
-    return named and not python_args(argv)
-
-
-# What an install(<channel>) session answers to in nox's -k: its name and signatures (one channel stands in).
-INSTALL_KEYWORDS = ("install", "install(cu128)", "install(python='cu128')", "cu128")
+    several = any(sum(keyword_selects(k, ("install", f"install({c})")) for c in channels) > 1 for k in keywords)
+    return ("install" in selected or several) and not python_args(argv)
 
 
 class KeywordNames(dict):
-    """A name in a -k expression is true when it is part of one of the session's keywords, as nox reads it."""
+    """A name in a -k expression is true when it is part of one of the session's keywords (its name and
+    signature, install and install(cu128)), as nox reads it."""
 
     def __init__(self, keywords: tuple[str, ...]):
         super().__init__()

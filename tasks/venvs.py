@@ -10,7 +10,7 @@ arrives) during it:
             venvs.create(staging, python); install; verify with staging's own python
             venvs.swap_in(staging, final, check)
         finally:
-            venvs.discard(staging)
+            venvs.discard(staging, final)
 
 Venvs are not relocatable: scripts in bin/ carry the staging path in their shebang, pyvenv.cfg
 names it. `swap_in` renames, then rewrites every file in bin/ and pyvenv.cfg that names the staging
@@ -22,6 +22,7 @@ source path when it loads a .pyc, so tracebacks and inspect see the final path.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import re
 import shutil
@@ -86,45 +87,65 @@ def install_made(path: Path) -> bool:
 def recover(final: Path) -> list[str]:
     """Clean up after an installer that was killed (call while holding the lock).
 
-    A `.old-<pid>` venv install made is the last good venv of a swap that was interrupted (swap_in deletes it
+    A `.old-<pid>` venv install made is the last good venv of a swap that was interrupted (swap_in removes it
     only after the new venv checked out): it is put back, and a `final` beside it that install made, not known
-    to have passed its check, is discarded. A `.staging-<pid>` venv (or empty folder) is a leftover and is
-    removed. Anything else of those names is not install's (`.venv.old-2024`, an ordinary backup) and stays
-    as it was. Returns what was done.
+    to have passed its check, is discarded. A `.staging-<pid>` venv (or empty folder) and a `.trash-<pid>-<n>`
+    (a removal cut short) are leftovers and are removed. Anything else of those names is not install's
+    (`.venv.old-2024`, an ordinary backup) and stays as it was. Returns what was done.
     """
-    done: list[str] = []
-    pattern = re.compile(rf"^{re.escape(final.name)}\.(staging|old)-(\d+)$")
+    pattern = re.compile(rf"^{re.escape(final.name)}\.(staging|old|trash)-(\d+)(-\d+)?$")
     if not final.parent.is_dir():
-        return done
+        return []
+    done: list[str] = []
     restored = False
     for p in sorted(final.parent.iterdir()):
         m = pattern.match(p.name)
-        if not m or int(m.group(2)) == os.getpid():
-            continue
-        if p.is_symlink():  # never restored: a link is not a venv install made (its target is left alone)
-            p.unlink()
-            done.append(f"removed leftover link {p.name}")
-        elif m.group(1) == "staging":
-            if is_venv(p) or (p.is_dir() and not any(p.iterdir())):
-                shutil.rmtree(p, ignore_errors=True)
-                done.append(f"removed leftover {p.name}")
-            else:
-                done.append(f"left {p.name} alone: not a venv")
-        elif not install_made(p):
-            done.append(f"left {p.name} alone: install did not make it (no {layout.VENV_MARKER})")
-        elif restored:
-            shutil.rmtree(p, ignore_errors=True)
-            done.append(f"removed leftover {p.name}")
-        elif final.exists() and not install_made(final):
-            done.append(f"left {p.name} alone: {final} beside it is not install's")
-        else:
-            if final.exists():
-                shutil.rmtree(final)
-                done.append(f"discarded {final}: its swap was interrupted before the previous venv was removed")
-            p.rename(final)
-            restored = True
-            done.append(f"restored {final} from {p.name} (an earlier install was interrupted mid-swap)")
+        if m and int(m.group(2)) != os.getpid():
+            done.append(recover_one(final, p, m.group(1), restored))
+            restored = restored or "restored " in done[-1]
     return done
+
+
+def recover_one(final: Path, p: Path, kind: str, restored: bool) -> str:
+    """What recover() does with one leftover `p` of `kind` (staging, old, trash); says what it did."""
+    if p.is_symlink():  # never restored: a link is not a venv install made (its target is left alone)
+        p.unlink()
+        return f"removed leftover link {p.name}"
+    if kind == "staging" and not (is_venv(p) or (p.is_dir() and not any(p.iterdir()))):
+        return f"left {p.name} alone: not a venv"
+    if kind == "old" and not install_made(p):
+        return f"left {p.name} alone: install did not make it (no {layout.VENV_MARKER})"
+    if kind != "old" or restored:
+        remove(p, final)
+        return f"removed leftover {p.name}"
+    if final.exists() and not install_made(final):
+        return f"left {p.name} alone: {final} beside it is not install's"
+    note = ""
+    if final.exists():
+        remove(final, final)
+        note = f"discarded {final}: its swap was interrupted before the previous venv was removed; "
+    p.rename(final)
+    return f"{note}restored {final} from {p.name} (an earlier install was interrupted mid-swap)"
+
+
+_trash_count = itertools.count()
+
+
+def remove(path: Path, final: Path) -> None:
+    """Delete a venv of install's (or a leftover): first renamed `<final>.trash-<pid>-<n>` in one atomic step,
+    so a deletion cut short (Ctrl-C, a busy NFS file) leaves a name recover() removes, never a half venv
+    under a name it could restore."""
+    if path.is_symlink():
+        path.unlink()
+        return
+    if not path.exists():
+        return
+    trash = final.with_name(f"{final.name}.trash-{os.getpid()}-{next(_trash_count)}")
+    try:
+        path.rename(trash)
+    except OSError:
+        trash = path  # another file system, say: deleted where it stands
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def create(path: Path, python: str | Path, *, prompt: str, log=None, pip: bool = True) -> str:
@@ -231,9 +252,9 @@ def swap_in(staging: Path, final: Path, check) -> None:
             os.rename(old, final)
         raise
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        remove(old, final)
 
 
-def discard(path: Path) -> None:
-    if path.exists() or path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
+def discard(path: Path, final: Path) -> None:
+    """Remove a staging venv that did not become `final` (remove(): renamed to trash first)."""
+    remove(path, final)

@@ -520,3 +520,7 @@ def test_every_per_gpu_check_not_run_is_named_in_the_stage_reason_grouped_by_why
     assert cuda_rules.stage_reason(checks) == (
         f"gpu0 compile SKIP: no triton in .venv-gpu; gpu0 health.ecc, gpu0 health.xid SKIP: {nvml}"
     )
+    eight = [_check(PASS)] + [_check(SKIP, g, "health.ecc", "ECC is off") for g in range(8)]
+    eight.append(_check(SKIP, 3, "compile", "no triton"))
+    assert cuda_rules.stage_reason(eight) == "gpu0-7 health.ecc SKIP: ECC is off; gpu3 compile SKIP: no triton"
+    assert cuda_rules.gpu_span([0, 2, 5]) == "gpu0,2,5" and cuda_rules.gpu_span([1, 2]) == "gpu1,2"

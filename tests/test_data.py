@@ -76,12 +76,22 @@ def test_tokenizer_files_are_found_in_a_wheel_on_pythonpath(tmp_path):
 def test_a_data_file_that_is_not_text_is_refused_not_trained_on(tmp_path):
     """Random bytes named .txt would decode to replacement characters and train (and pass) on noise."""
     noise = tmp_path / "corpus.txt"
-    noise.write_bytes(bytes(range(256)) * 400)
-    with pytest.raises(TrainError) as e:
-        T.load_documents({"hf_dataset": "", "path": str(noise), "max_chars": 0, "text_field": "text"})
-    assert e.value.code == EXIT_INPUT
-    assert str(e.value).startswith(f"data.path {noise} is not UTF-8 text (")
+    for data, why in ((bytes(range(256)) * 400, "it holds NUL bytes"), (bytes(range(128, 256)) * 400, "undecodable")):
+        noise.write_bytes(data)
+        with pytest.raises(TrainError) as e:
+            T.load_documents({"hf_dataset": "", "path": str(noise), "max_chars": 0, "text_field": "text"})
+        assert e.value.code == EXIT_INPUT
+        assert str(e.value).startswith(f"data.path {noise} is not UTF-8 text (") and why in str(e.value)
     text = tmp_path / "ok.txt"
     text.write_bytes(b"Plain text in UTF-8, with the odd Latin-1 byte of an old file: caf\xe9, then more words.\n" * 50)
     docs, _ = T.load_documents({"hf_dataset": "", "path": str(text), "max_chars": 0, "text_field": "text"})
     assert docs and "Plain text" in docs[0]
+
+
+def test_a_tokenizer_folder_under_home_is_read_where_it_was_checked(tmp_path, monkeypatch):
+    """`~/tok` passes the up-front check only if train.py then reads the same folder."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "tok").mkdir()
+    for name, (_, data) in T.gpt2_bpe_files("").items():
+        (tmp_path / "tok" / name).write_bytes(data)
+    assert T.gpt2_tokenizer("~/tok").encode("Hello world").ids == [15496, 995]

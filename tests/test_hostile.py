@@ -357,10 +357,12 @@ def test_nox_python_values_are_read_as_nox_reads_them():
         (["-k", "probe or train"], False),
         (["-k", "not install"], False),  # every session but the installs
         (["-k", "lint"], False),
+        (["-k", "inst"], True),  # nox matches a part of a keyword
+        (["-k", "install and cu128"], False),  # one session: install(cu128)
     ],
 )
 def test_a_bare_install_is_told_apart_by_nox_own_reading_of_p(argv, bare):
-    assert validate.bare_install(argv) is bare
+    assert validate.bare_install(argv, ["cu128", "cu124", "auto"]) is bare
 
 
 def test_nox_install_help_with_python_equals_a_channel_is_the_help_not_a_refusal():

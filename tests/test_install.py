@@ -691,6 +691,28 @@ def test_a_users_own_venv_and_its_backup_are_never_restored_over_or_deleted(worl
     ]
 
 
+def test_a_removal_cut_short_leaves_a_name_the_next_install_removes(world, tmp_path, monkeypatch):
+    """swap_in removes the previous venv once the new one checked out; cut short (Ctrl-C, a busy NFS file) it
+    must leave neither a half venv recover() would restore nor one it would leave for ever."""
+    final = tmp_path / ".venv-gpu"
+    old = tmp_path / ".venv-gpu.old-999999"
+    venvs.create(old, sys.executable, prompt="old", pip=False)
+    (old / layout.VENV_MARKER).write_text("{}")
+
+    def cut_short(path, ignore_errors=False):
+        (Path(path) / "pyvenv.cfg").unlink()  # some of it gone, then the process stops
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(venvs.shutil, "rmtree", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        venvs.remove(old, final)
+    monkeypatch.undo()
+    (left,) = leftovers(final)
+    assert left.startswith(f".venv-gpu.trash-{os.getpid()}-") and not old.exists()
+    (tmp_path / left).rename(tmp_path / ".venv-gpu.trash-999999-0")  # as the next install, another process, sees it
+    assert venvs.recover(final) == ["removed leftover .venv-gpu.trash-999999-0"] and leftovers(final) == []
+
+
 def test_m40_takes_a_list_of_channels():
     from tasks import m40
 

@@ -288,6 +288,11 @@ def test_m40_into_a_run_dir_holding_an_earlier_attempt_is_refused_and_it_stays_a
         "of its own: pass a new or empty folder, or drop --run-dir for the next m40_vN"
     ]
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+    killed = tmp_path / "killed"  # a stage killed before its record: its log, and stages/ empty
+    (killed / layout.STAGES_DIR).mkdir(parents=True)
+    (killed / layout.TRAIN_LOG).write_text("... PASS: trained\n")
+    assert m40.main(["--run-dir", str(killed)]) == layout.EXIT_USAGE
+    assert f"already holds files ({layout.TRAIN_LOG})" in capsys.readouterr().err
     assert m40.main(["--run-dir", str(tmp_path / "empty")]) in (0, 10)  # a new folder is fine
 
 

@@ -70,6 +70,13 @@ def test_slurm_environment_is_picked_up_and_explicit_options_win():
     assert job.source == "--nnodes, --rdzv-endpoint, --node-rank, --rdzv-id"
 
 
+def test_one_node_of_a_bigger_allocation_runs_alone_with_nnodes_1():
+    """`--nnodes 1` (what the no-rendezvous error advises) on node 2 of a 4-node Slurm allocation, or a stray
+    NODE_RANK another tool set: the scheduler's rank is not this run's; only a --node-rank given is judged."""
+    assert multinode.resolve(options("--nnodes", "1"), {"SLURM_NNODES": "4", "SLURM_NODEID": "2"}) is None
+    assert multinode.resolve(options(), {"NODE_RANK": "1"}) is None
+
+
 def test_torchrun_style_environment_and_defaults():
     job = multinode.resolve(options(), {"NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "fe80::1"})
     assert (job.nnodes, job.node_rank, job.host, job.port, job.rdzv_id) == (2, 1, "fe80::1", 29500, "m40")

