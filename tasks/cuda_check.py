@@ -47,7 +47,7 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument(
         "--check-seed",
-        type=int,
+        type=seed_arg,
         default=None,
         metavar="N",
         help="seed of the checks' random inputs (default: a fresh one, recorded in cuda_check.txt)",
@@ -76,15 +76,29 @@ def add_arguments(parser) -> None:
     )
 
 
+DURATION_S = (1.0, 7 * 24 * 3600.0)  # a burn of at least a second (two products to compare), at most a week
+SEED_MAX = 2**62  # the checker draws a seed per check from it upwards; torch takes 64-bit seeds
+
+
 def seconds_arg(text: str) -> float:
-    """--duration: a positive number of seconds."""
+    """--duration: seconds from DURATION_S[0] to DURATION_S[1]."""
     try:
         value = float(text)
     except ValueError:
         value = 0.0
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds; give e.g. --duration 300")
+    if not DURATION_S[0] <= value <= DURATION_S[1]:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a number of seconds from {DURATION_S[0]:g} to {DURATION_S[1]:g} (a week); "
+            "give e.g. --duration 300"
+        )
     return value
+
+
+def seed_arg(text: str) -> int:
+    """--check-seed: a whole number from 0 to SEED_MAX."""
+    if not text.strip().isdigit() or int(text) > SEED_MAX:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number from 0 to 2**62; give e.g. --check-seed 7")
+    return int(text)
 
 
 def checker_args(run_dir: Path, args) -> list:
@@ -110,6 +124,9 @@ USES_GPU_VENV = True  # the harness holds .venv-gpu shared while run() runs: no 
 def check_inputs(args) -> None:
     """The check tolerances, the GPU datasheet, the burn-in settings and the NVML tables (clock events,
     Xids) the checker judges with, refused before any stage runs (ConfigError, exit 2)."""
+    for option, name in (("--duration", "duration"), ("--dcgm-level", "dcgm_level")):
+        if getattr(args, name, None) is not None and getattr(args, "level", None) != "long":
+            raise config.ConfigError(f"{option} applies to --level long only; add --level long, or drop it")
     config.load_cuda_check()
     config.load_gpus()
     config.load_burnin()

@@ -29,7 +29,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from tasks import burn_rules, config, evidence, layout, text, validate
+from tasks import burn_rules, config, evidence, layout, records, text, validate, verdict
 from tasks.config import ConfigError
 from tasks.records import now_iso
 
@@ -160,6 +160,13 @@ def check_seal(run_dir: Path) -> tuple[str | None, str]:
         listed = parse_sums(sums.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as e:
         return TAMPERED, f"{layout.SUMS_FILE} cannot be read ({e})"
+    odd = [
+        rel.relative_to(run_dir).as_posix()
+        for rel in sorted(run_dir.rglob("*"))
+        if rel.is_symlink() or not (rel.is_dir() or rel.is_file())
+    ]
+    if odd:  # a FIFO would hang the hash, a link to /dev/zero fill the memory: named, never read
+        return TAMPERED, f"{odd[0]} is not a regular file: not read"
     present = set(evidence.run_files(run_dir))
     missing = sorted(set(listed) - present)
     unlisted = sorted(present - set(listed))
@@ -177,10 +184,16 @@ def check_seal(run_dir: Path) -> tuple[str | None, str]:
 # --------------------------------------------------------------------------- one node
 
 
+JSON_MAX_BYTES = 16 << 20  # a stage record or summary is kilobytes; anything this big is not one
+
+
 def read_json(path: Path) -> dict | None:
+    """A JSON object from a regular file of sane size; None for anything else (never a hang or a crash)."""
     try:
+        if path.is_symlink() or not path.is_file() or path.stat().st_size > JSON_MAX_BYTES:
+            return None
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
         return None
     return data if isinstance(data, dict) else None
 
@@ -238,6 +251,8 @@ def read_node(run_dir: Path, label: str) -> dict:
     row["host"] = probe.get("host")  # shown even for an untrusted run: it says which node to look at
     if bad is None and (summary is None or summary.get("verdict") not in VERDICT_ORDER):
         bad, why = UNREADABLE, f"sealed, but {layout.SUMMARY_FILE} is missing or names no verdict"
+    if bad is None:
+        bad, why = disagreement(run_dir, summary)
     if bad is not None:
         row.update(verdict=bad, reason=why)
         return row
@@ -268,8 +283,30 @@ def read_node(run_dir: Path, label: str) -> dict:
     return row
 
 
+def disagreement(run_dir: Path, summary: dict | None) -> tuple[str | None, str]:
+    """(TAMPERED, why) when the verdict the stage records give (tasks/verdict.py, as evidence judged them)
+    is not the one summary.json states: SHA256SUMS has no key, so a node's own word is never enough."""
+    judged = verdict.judge(records.read_all(run_dir), verdict.load_rules(), evidence.run_files(run_dir))
+    said = (summary or {}).get("verdict")
+    if judged.word == said:
+        return None, ""
+    at = f" at {judged.stage}" if judged.stage else ""
+    because = f": {judged.reason}" if judged.reason else ""
+    return TAMPERED, f"{layout.SUMMARY_FILE} says {said}, but the stage records give {judged.word}{at}{because}"
+
+
+def read_one(run_dir: Path, label: str) -> dict:
+    """read_node, or an UNREADABLE row naming what broke: one hostile node never stops the report."""
+    try:
+        return read_node(run_dir, label)
+    except Exception as e:  # a figure of the wrong type or size, say, in a re-sealed summary.json
+        row = blank_row(run_dir, label)
+        row.update(verdict=UNREADABLE, reason=f"cannot be read ({type(e).__name__}: {text.one_line(str(e))[:200]})")
+        return row
+
+
 def read_fleet(run_dirs: list[Path]) -> list[dict]:
-    rows = [read_node(d, label_of(d, run_dirs)) for d in run_dirs]
+    rows = [read_one(d, label_of(d, run_dirs)) for d in run_dirs]
     return sorted(rows, key=lambda r: (VERDICT_ORDER.index(r["verdict"]), str(r["host"] or ""), r["run"]))
 
 
@@ -473,7 +510,8 @@ def write_report(out: Path, ctx: dict) -> list[Path]:
     }
     written = []
     for name in REPORT_FILES:
-        with open(out / name, "x", encoding="utf-8") as f:  # "x": never overwrite, even in a race
+        # "x": never overwrite, even in a race; a folder name that is not UTF-8 is written as its escape
+        with open(out / name, "x", encoding="utf-8", errors="backslashreplace") as f:
             f.write(texts[name])
         written.append(out / name)
     return written

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tasks import cuda_check, layout, proc, records, stage
+from tasks.config import ConfigError
 from tasks.cuda_rules import ARCH_LIST_SEAM_ENV
 
 GPU_CHECKS = (
@@ -166,7 +167,15 @@ def test_options_reach_the_checker_and_bad_shares_are_refused():
     )
     assert cmd[1:3] == ["-m", "training_pt.gpu_checks"]
     assert cmd[-6:] == ["--mem-share", "0.25", "--speed-share", "0.6", "--seed", "3"]
-    for bad in (["--check-mem-share", "0.95"], ["--check-speed-share", "0"], ["--check-mem-share", "half"]):
+    for bad in (
+        ["--check-mem-share", "0.95"],
+        ["--check-speed-share", "0"],
+        ["--check-mem-share", "half"],
+        ["--check-seed", str(2**64 - 10)],  # the seeded checks then fail with an overflow: the GPU blamed
+        ["--check-seed", "-1"],
+        ["--level", "long", "--duration", "1e12"],  # past any clock's reach: an OverflowError mid-stage
+        ["--level", "long", "--duration", "1e-6"],  # one product: the burn's compare fails
+    ):
         with pytest.raises(SystemExit) as e:
             parser.parse_args(bad)
         assert e.value.code == 2
@@ -262,3 +271,12 @@ def test_memory_pattern_is_written_and_checked_in_chunks_without_false_errors():
     from training_pt import gpu_checks as checks
 
     assert checks.Checker._pattern_test(torch.device("cpu"), 100_003, 17, chunk=4096) == 0
+
+
+def test_burn_options_without_the_long_level_are_refused_not_ignored():
+    parser = argparse.ArgumentParser()
+    cuda_check.add_arguments(parser)
+    for argv in (["--duration", "60"], ["--dcgm-level", "2"]):
+        with pytest.raises(ConfigError, match=r"applies to --level long only; add --level long, or drop it"):
+            cuda_check.check_inputs(parser.parse_args(argv))
+    cuda_check.check_inputs(parser.parse_args(["--level", "long", "--duration", "60"]))

@@ -112,7 +112,7 @@ def test_the_stage_passes_level_and_duration_to_the_checker_and_refuses_a_bad_du
         with pytest.raises(SystemExit) as e:
             parser.parse_args(["--duration", bad])
         assert e.value.code == 2
-    assert "is not a positive number of seconds; give e.g. --duration 300" in capsys.readouterr().err
+    assert "is not a number of seconds from 1 to 604800 (a week); give e.g. --duration 300" in capsys.readouterr().err
 
 
 @pytest.fixture

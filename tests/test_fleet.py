@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 
 import fake_gpu
 import pytest
@@ -274,3 +275,68 @@ def test_a_bad_or_missing_option_is_one_line_and_exit_2(argv, capsys):
     assert e.value.code == layout.EXIT_USAGE
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("nox -s fleet -- error: ") and "usage:" not in err
+
+
+def reseal(run_dir):
+    """What anyone can do to a run: SHA256SUMS has no key, so edit a file and write the sums again."""
+    from tasks import evidence
+
+    (run_dir / layout.SUMS_FILE).unlink(missing_ok=True)
+    evidence.seal(run_dir)
+
+
+def test_a_summary_that_disagrees_with_the_stage_records_is_never_a_pass(tmp_path):
+    """fleet judges each node from its stage records, as the evidence stage did, not from summary.json alone."""
+    lied = make_node(tmp_path / "r", "liar")
+    record = json.loads(layout.stage_record_path(lied, "train").read_text())
+    layout.stage_record_path(lied, "train").write_text(json.dumps({**record, "status": "fail", "reason": "no"}))
+    reseal(lied)
+    bare = tmp_path / "r" / "bare" / "m40_v1"  # nothing but a summary that says PASS
+    bare.mkdir(parents=True)
+    (bare / layout.SUMMARY_FILE).write_text(json.dumps({"verdict": "PASS"}))
+    reseal(bare)
+    make_node(tmp_path / "r", "honest")
+    code, doc, _, _ = report(tmp_path, tmp_path / "r")
+    verdicts = {r["run"]: (r["verdict"], r["reason"]) for r in doc["rows"]}
+    assert verdicts["honest/m40_v1"][0] == "PASS" and code != 0
+    assert verdicts["liar/m40_v1"] == (
+        "TAMPERED",
+        "summary.json says PASS, but the stage records give FAIL at train: no",
+    )
+    assert verdicts["bare/m40_v1"][0] == "TAMPERED" and verdicts["bare/m40_v1"][1].startswith(
+        "summary.json says PASS, but the stage records give FAIL at probe"
+    )
+
+
+@pytest.mark.parametrize(
+    "summary",
+    [
+        '{"stages": "x", "verdict": "PASS"}',
+        "[" * 100_000 + "]" * 100_000,
+        '{"verdict": "PASS", "gpus": 5}',
+        '{"verdict": "PASS", "stages": {"train": {"figures": {"tok_s": 1%s}}}}' % ("0" * 400),  # > any float
+    ],
+)
+def test_a_hostile_node_is_its_own_row_never_a_crash_of_the_report(tmp_path, summary):
+    node = make_node(tmp_path / "r", "odd")
+    (node / layout.SUMMARY_FILE).write_text(summary)
+    reseal(node)
+    make_node(tmp_path / "r", "fine")
+    code, doc, _, _ = report(tmp_path, tmp_path / "r")
+    verdicts = {r["run"]: r["verdict"] for r in doc["rows"]}
+    assert verdicts["fine/m40_v1"] == "PASS" and verdicts["odd/m40_v1"] != "PASS" and code != 0
+
+
+def test_a_file_in_a_run_that_is_not_a_regular_file_is_never_read(tmp_path):
+    """A FIFO would hang the hash (and /dev/zero fill the memory): named, not read."""
+    node = make_node(tmp_path / "r", "fifo")
+    os.mkfifo(node / "pipe")
+    assert fleet.check_seal(node) == ("TAMPERED", "pipe is not a regular file: not read")
+
+
+def test_a_folder_name_that_is_not_utf8_is_written_escaped_not_a_crash(tmp_path):
+    """A Latin-1 node name (é as one byte) reaches the report as an escape; the report is whole."""
+    make_node(tmp_path / "r" / "n\udce92", "latin")  # the folder's name holds the byte 0xe9
+    make_node(tmp_path / "r", "fine")
+    code, doc, md, _ = report(tmp_path, tmp_path / "r")
+    assert code == 0 and len(doc["rows"]) == 2 and "n\\udce92" in md
