@@ -115,12 +115,14 @@ def find_runs(patterns: list[str]) -> list[Path]:
         if not matches:
             raise FleetError(f"{pattern}: no such file or folder; pass run folders or folders holding them")
         for match in map(Path, matches):
-            for run in runs_under(match):
-                found.setdefault(run.resolve(), None)
+            for run in runs_under(match):  # a link found in the walk stays a link: read_node names it
+                found.setdefault(run if run.is_symlink() else run.resolve(), None)
     return sorted(found)
 
 
 def runs_under(top: Path) -> list[Path]:
+    """The runs under `top`, and every link to a folder met on the way (never followed: no loop, no node
+    read from outside the tree; each becomes a row that says so)."""
     if is_run(top):
         return [top]
     out = []
@@ -131,6 +133,7 @@ def runs_under(top: Path) -> list[Path]:
             subdirs[:] = []  # a run's own folders (stages/) hold no other run
         else:
             subdirs.sort()
+            out += [here / d for d in subdirs if (here / d).is_symlink()]
     return out
 
 
@@ -245,6 +248,11 @@ def blank_row(run_dir: Path, label: str) -> dict:
 def read_node(run_dir: Path, label: str) -> dict:
     """One row: the node's identity, verdict and figures (None where the run does not say)."""
     row = blank_row(run_dir, label)
+    if run_dir.is_symlink():
+        row.update(
+            verdict=UNREADABLE, reason=f"a symbolic link (to {os.readlink(run_dir)}): not followed; copy the run in"
+        )
+        return row
     bad, why = check_seal(run_dir)
     summary = read_json(run_dir / layout.SUMMARY_FILE)
     probe = stage_figures(run_dir, summary or {}, "probe")

@@ -340,3 +340,18 @@ def test_a_folder_name_that_is_not_utf8_is_written_escaped_not_a_crash(tmp_path)
     make_node(tmp_path / "r", "fine")
     code, doc, md, _ = report(tmp_path, tmp_path / "r")
     assert code == 0 and len(doc["rows"]) == 2 and "n\\udce92" in md
+
+
+def test_a_node_folder_that_is_a_link_is_a_row_not_silently_left_out(tmp_path):
+    """fleet searches real folders only; a link in the results tree is named, so the report cannot PASS
+    over a node nobody read."""
+    make_node(tmp_path / "r", "real")
+    make_node(tmp_path / "elsewhere", "linked")
+    (tmp_path / "r" / "linked").symlink_to(tmp_path / "elsewhere" / "linked")
+    code, doc, _, _ = report(tmp_path, tmp_path / "r")
+    rows = {r["run"]: (r["verdict"], r["reason"]) for r in doc["rows"]}
+    assert rows["real/m40_v1"][0] == "PASS" and code != 0
+    assert rows["linked"] == (
+        "UNREADABLE",
+        f"a symbolic link (to {tmp_path / 'elsewhere' / 'linked'}): not followed; copy the run in",
+    )
