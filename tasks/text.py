@@ -8,6 +8,7 @@ into README.md, so it cannot become a link, an image, HTML or a table column. Ne
 
 from __future__ import annotations
 
+import re
 import unicodedata
 
 # Control characters (Cc), format characters (Cf: bidi overrides, zero-width), and the Unicode line
@@ -16,9 +17,9 @@ _CONTROL_CATEGORIES = ("Cc", "Cf", "Zl", "Zp")
 _NAMED_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 # Markdown that could start a link or image ("[", which "!" needs too), a code span, bold or a table column,
 # and the backslash itself
-# (so an escape already in the value stays visible as written). "_", "#" and "~" stay readable
-# (`cuda_check`, `#3`): inside a line of words they start nothing that could mislead.
-_MD_PUNCTUATION = "\\`*[]|"
+# (so an escape already in the value stays visible as written), and "~" (~~strikethrough~~). "_" and "#"
+# stay readable (`cuda_check`, `#3`): inside a line of words they start nothing that could mislead.
+_MD_PUNCTUATION = "\\`*[]|~"
 # "<" opens HTML and autolinks; "&" an entity. ">" is left alone: it acts only at a line's start, and
 # a value never starts a line of the README.
 _MD_ENTITIES = {"&": "&amp;", "<": "&lt;"}
@@ -38,8 +39,14 @@ def one_line(value: object) -> str:
     return "".join(_escaped(ch) for ch in str(value))
 
 
+# GitHub's autolink extension links a bare "scheme://..." and "www...." by itself: an escaped ":" or "." keeps
+# it plain text (checked with cmarkgfm, GitHub's renderer). An e-mail address it still links (mailto: only).
+_AUTOLINK = re.compile(r"(?<=[A-Za-z])(:)(?=//)|(?<![A-Za-z0-9])((?i:www))(\.)")
+
+
 def md_inert(value: object) -> str:
-    """`value` as one line of markdown that renders as the plain text it is (no link, image, HTML, column)."""
+    """`value` as one line of markdown that renders as the plain text it is (no link, image, HTML, column,
+    strikethrough)."""
     out = []
     for ch in one_line(value):
         if ch in _MD_ENTITIES:
@@ -48,4 +55,4 @@ def md_inert(value: object) -> str:
             out.append("\\" + ch)
         else:
             out.append(ch)
-    return "".join(out)
+    return _AUTOLINK.sub(lambda m: "\\:" if m.group(1) else m.group(2) + "\\.", "".join(out))

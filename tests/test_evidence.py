@@ -399,9 +399,12 @@ def test_a_value_from_the_machine_cannot_add_markup_to_the_readme(tmp_path):
     (run_dir / layout.GPUS_JSON).write_text(json.dumps(gpus))
     render(run_dir)
     readme = (run_dir / layout.README_FILE).read_text()
-    assert readme.count("](https://evil") == readme.count("\\](https://evil") == 2  # every bracket escaped
+    # every bracket escaped, and the bare URLs left for GitHub to autolink have their ":" escaped too
+    assert readme.count("](https") == readme.count("\\](https\\://evil") == 2
     assert "\n## Verdict" not in readme
-    assert "H100 \\[click\\](https://evil.example) !\\[x\\](https://evil.example/x.png)\\\\n## Verdict: PASS" in readme
+    assert (
+        "H100 \\[click\\](https\\://evil.example) !\\[x\\](https\\://evil.example/x.png)\\\\n## Verdict: PASS" in readme
+    )
 
 
 def test_a_cpu_training_run_has_no_mfu_row_and_still_renders(tmp_path):

@@ -53,6 +53,23 @@ def test_md_inert_leaves_no_markdown_syntax_active(value):
     assert "&lt;script" not in got  # an entity in the value shows as typed, not decoded
 
 
+@pytest.mark.parametrize(
+    ("value", "want"),
+    [
+        ("see http://evil.example/x", "see http\\://evil.example/x"),
+        ("HTTPS://evil.example", "HTTPS\\://evil.example"),
+        ("ftp://evil.example", "ftp\\://evil.example"),
+        ("visit www.evil.example now", "visit www\\.evil.example now"),
+        ("WWW.evil.example", "WWW\\.evil.example"),
+        ("~~FAIL~~ PASS", "\\~\\~FAIL\\~\\~ PASS"),
+    ],
+)
+def test_md_inert_leaves_nothing_for_github_to_autolink_or_strike(value, want):
+    """GitHub links a bare URL or www. name by itself (cmark-gfm's autolink extension, checked with cmarkgfm:
+    an escaped ':' or '.' keeps it plain text) and strikes ~~text~~ through."""
+    assert text.md_inert(value) == want
+
+
 def test_md_inert_keeps_ordinary_text_readable():
     assert (
         text.md_inert("NVIDIA H100 80GB HBM3 (driver 580.95.05, CUDA >= 12.8)")
