@@ -334,6 +334,15 @@ def group_key(row: dict, figure: str) -> tuple:
     return (row["gpu_model"], row["gpu_count"]) if figure == "allreduce_busbw_gbs" else (row["gpu_model"],)
 
 
+def per_host(rows: list[dict], figure: str) -> list[float]:
+    """One value per host (the median of its runs; a row that names no host counts alone): a node that ran
+    m40 three times is one node in the median, never three that pull it towards itself."""
+    by_host: dict[str, list[float]] = {}
+    for i, row in enumerate(rows):
+        by_host.setdefault(row["host"] or f"\0row{i}", []).append(row[figure])
+    return [statistics.median(values) for values in by_host.values()]
+
+
 def find_outliers(rows: list[dict], settings: dict) -> list[dict]:
     """Nodes more than outlier_share below their group's median, per figure; marks each row too."""
     found = []
@@ -344,7 +353,7 @@ def find_outliers(rows: list[dict], settings: dict) -> list[dict]:
             if row["verdict"] in ("PASS", "PARTIAL", "FAIL") and row["gpu_model"] and row[figure] is not None:
                 groups.setdefault(group_key(row, figure), []).append(row)
         for key, members in groups.items():
-            passed = [r[figure] for r in members if r["verdict"] == "PASS"]
+            passed = per_host([r for r in members if r["verdict"] == "PASS"], figure)
             if len(passed) < settings["min_nodes"]:
                 continue
             median = statistics.median(passed)

@@ -355,3 +355,17 @@ def test_a_node_folder_that_is_a_link_is_a_row_not_silently_left_out(tmp_path):
         "UNREADABLE",
         f"a symbolic link (to {tmp_path / 'elsewhere' / 'linked'}): not followed; copy the run in",
     )
+
+
+def test_a_node_that_ran_m40_three_times_is_one_node_in_the_median(tmp_path):
+    """Three runs of the slow host must not pull the median down to themselves and hide it."""
+    root = tmp_path / "r"
+    make_node(root, "n1", bf16=700.0)
+    make_node(root, "n2", bf16=705.0)
+    for again in ("a", "b", "c"):
+        make_node(root / again, "slow", bf16=500.0)
+    code, doc, _, _ = report(tmp_path, root)
+    flagged = {(o["run"], o["figure"]) for o in doc["outliers"]}
+    assert code == layout.EXIT_FLEET_OUTLIER
+    assert {run for run, figure in flagged if figure == "bf16_tflops"} == {f"{x}/slow/m40_v1" for x in "abc"}
+    assert {o["nodes"] for o in doc["outliers"] if o["figure"] == "bf16_tflops"} == {3}  # hosts, not folders
