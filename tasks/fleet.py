@@ -313,8 +313,32 @@ def read_one(run_dir: Path, label: str) -> dict:
         return row
 
 
+def missing_nodes(rows: list[dict]) -> list[dict]:
+    """A row for each multi-node job with fewer of its nodes here than its train records name: a node whose run
+    never reached the results is no PASS of the fleet."""
+    jobs: dict[tuple[str, int], set[str]] = {}
+    for r in rows:
+        n = r.get("nnodes")
+        if isinstance(n, int) and not isinstance(n, bool) and n > 1 and r.get("rdzv_id"):
+            jobs.setdefault((str(r["rdzv_id"]), n), set()).add(str(r["host"] or r["run"]))
+    out = []
+    for (job, n), hosts in sorted(jobs.items()):
+        if len(hosts) < n:
+            row = blank_row(Path(job), f"{job}: {n - len(hosts)} node(s) missing")
+            row.update(
+                verdict=UNREADABLE,
+                rdzv_id=job,
+                nnodes=n,
+                reason=f"job {job} names {n} nodes, and {len(hosts)} of them have a run here "
+                f"({', '.join(sorted(hosts))}); copy the missing nodes' run folders in",
+            )
+            out.append(row)
+    return out
+
+
 def read_fleet(run_dirs: list[Path]) -> list[dict]:
     rows = [read_one(d, label_of(d, run_dirs)) for d in run_dirs]
+    rows += missing_nodes(rows)
     return sorted(rows, key=lambda r: (VERDICT_ORDER.index(r["verdict"]), str(r["host"] or ""), r["run"]))
 
 

@@ -231,8 +231,25 @@ def test_multi_node_job_is_shown(tmp_path):
     job = {"rdzv_id": "job42", "nnodes": 2, "node_rank": 1, "node_rank_given": 0, "world_size": 16}
     make_node(tmp_path / "j", "n1", train_extra=job)
     code, doc, md, _ = report(tmp_path, tmp_path / "j")
-    assert {k: doc["rows"][0][k] for k in job} == job
+    assert {k: row_of(doc, "n1")[k] for k in job} == job
     assert "| job42, node 1 (scheduler's 0) / 2, world 16 |" in md  # c10d numbered the node, not Slurm
+
+
+def test_a_node_of_a_job_whose_run_never_arrived_is_a_row_and_no_pass(tmp_path):
+    """The job's train records name 3 nodes; 2 runs reached the results: the report says so and is no PASS
+    (the Slurm example makes fleet's exit code the job's)."""
+    job = {"rdzv_id": "job7", "nnodes": 3, "world_size": 24}
+    make_node(tmp_path / "j", "n1", train_extra={**job, "node_rank": 0})
+    make_node(tmp_path / "j", "n2", train_extra={**job, "node_rank": 1})
+    code, doc, _, _ = report(tmp_path, tmp_path / "j")
+    missing = [r for r in doc["rows"] if r["run"] == "job7: 1 node(s) missing"]
+    assert code == layout.EXIT_FLEET_NOT_PASS and len(missing) == 1
+    assert missing[0]["verdict"] == "UNREADABLE" and missing[0]["reason"] == (
+        "job job7 names 3 nodes, and 2 of them have a run here (n1, n2); copy the missing nodes' run folders in"
+    )
+    make_node(tmp_path / "j", "n3", train_extra={**job, "node_rank": 2})
+    out = tmp_path / "all"
+    assert fleet.main([str(tmp_path / "j"), "--out", str(out)]) == 0
 
 
 def test_hostile_text_cannot_break_the_table_or_a_spreadsheet(tmp_path):
