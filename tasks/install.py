@@ -536,7 +536,7 @@ def attempt(ctx: Context, ch: Channel) -> Attempt:
     a = Attempt(channel=ch)
     t0 = time.perf_counter()
     staging = venvs.staging_path(ctx.venv)
-    venvs.discard(staging, ctx.venv)
+    venvs.remove(staging, ctx.venv)
     print(f"install: channel {ch.name} ({ch.kind}) → staging venv {staging}", flush=True)
     try:
         if ch.kind == "wheelhouse":
@@ -560,7 +560,7 @@ def attempt(ctx: Context, ch: Channel) -> Attempt:
     except venvs.VenvError as e:
         a.category, a.detail = installers.FAILED, str(e)
     finally:
-        venvs.discard(staging, ctx.venv)
+        venvs.remove(staging, ctx.venv)
         a.seconds = round(time.perf_counter() - t0, 1)
     print(f"install: {a.line()}", flush=True)
     return a

@@ -117,22 +117,26 @@ def bare_install(argv: list[str], channels: list[str]) -> bool:
     """`nox -s install`, or a `nox -k` expression that selects more than one install(<channel>) session, without
     a channel (-p NAME, or any other spelling of nox's -p: python_args): nox would run those sessions in turn,
     each replacing .venv-gpu."""
-    selected: list[str] = []
-    keywords: list[str] = []
-    taking: list[str] | None = None
+    selected: list[str] = []  # session names (-s a,b), split at commas
+    keywords: list[str] = []  # -k expressions, whole
+    taking = ""  # which of the two the next plain word belongs to ("": neither)
     for a in argv:
         if a == "--":
             break
-        if a in ("-s", "--session", "--sessions", "-e", "-k", "--keywords"):
-            taking = keywords if a in ("-k", "--keywords") else selected
+        if a in ("-s", "--session", "--sessions", "-e"):
+            taking = "sessions"
+        elif a in ("-k", "--keywords"):
+            taking = "keywords"
         elif a.startswith(("--session=", "--sessions=")):
             selected += a.split("=", 1)[1].split(",")
         elif a.startswith("--keywords="):
             keywords.append(a.split("=", 1)[1])
         elif a.startswith("-"):
-            taking = None
-        elif taking is not None:
-            taking += a.split(",") if taking is selected else [a]
+            taking = ""
+        elif taking == "sessions":
+            selected += a.split(",")
+        elif taking == "keywords":
+            keywords.append(a)
     several = any(sum(keyword_selects(k, ("install", f"install({c})")) for c in channels) > 1 for k in keywords)
     return ("install" in selected or several) and not python_args(argv)
 

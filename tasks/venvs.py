@@ -10,7 +10,7 @@ arrives) during it:
             venvs.create(staging, python); install; verify with staging's own python
             venvs.swap_in(staging, final, check)
         finally:
-            venvs.discard(staging, final)
+            venvs.remove(staging, final)
 
 Venvs are not relocatable: scripts in bin/ carry the staging path in their shebang, pyvenv.cfg
 names it. `swap_in` renames, then rewrites every file in bin/ and pyvenv.cfg that names the staging
@@ -42,6 +42,13 @@ def staging_path(final: Path) -> Path:
 
 def old_path(final: Path) -> Path:
     return final.with_name(f"{final.name}.old-{os.getpid()}")
+
+
+_trash_count = itertools.count()
+
+
+def trash_path(final: Path) -> Path:
+    return final.with_name(f"{final.name}.trash-{os.getpid()}-{next(_trash_count)}")
 
 
 def lock_path(final: Path) -> Path:
@@ -93,42 +100,46 @@ def recover(final: Path) -> list[str]:
     (a removal cut short) are leftovers and are removed. Anything else of those names is not install's
     (`.venv.old-2024`, an ordinary backup) and stays as it was. Returns what was done.
     """
-    pattern = re.compile(rf"^{re.escape(final.name)}\.(staging|old|trash)-(\d+)(-\d+)?$")
-    if not final.parent.is_dir():
-        return []
     done: list[str] = []
     restored = False
-    for p in sorted(final.parent.iterdir()):
-        m = pattern.match(p.name)
-        if m and int(m.group(2)) != os.getpid():
-            done.append(recover_one(final, p, m.group(1), restored))
-            restored = restored or "restored " in done[-1]
+    for p, kind in siblings(final):
+        note, put_back = recover_one(final, p, kind, restored)
+        done.append(note)
+        restored = restored or put_back
     return done
 
 
-def recover_one(final: Path, p: Path, kind: str, restored: bool) -> str:
-    """What recover() does with one leftover `p` of `kind` (staging, old, trash); says what it did."""
+def siblings(final: Path, kinds: tuple[str, ...] = ("staging", "old", "trash")) -> list[tuple[Path, str]]:
+    """(path, kind) of each `<final>.<kind>-<pid>[-<n>]` beside `final` that another process left: the one rule
+    for the names install gives its staging, old and trash folders (staging_path, old_path, remove)."""
+    pattern = re.compile(rf"^{re.escape(final.name)}\.({'|'.join(kinds)})-(\d+)(-\d+)?$")
+    if not final.parent.is_dir():
+        return []
+    found = ((p, pattern.match(p.name)) for p in sorted(final.parent.iterdir()))
+    return [(p, m.group(1)) for p, m in found if m and int(m.group(2)) != os.getpid()]
+
+
+def recover_one(final: Path, p: Path, kind: str, restored: bool) -> tuple[str, bool]:
+    """What recover() does with one leftover `p` of `kind` (staging, old, trash): (what it did, whether it put
+    `p` back as `final`)."""
     if p.is_symlink():  # never restored: a link is not a venv install made (its target is left alone)
         p.unlink()
-        return f"removed leftover link {p.name}"
+        return f"removed leftover link {p.name}", False
     if kind == "staging" and not (is_venv(p) or (p.is_dir() and not any(p.iterdir()))):
-        return f"left {p.name} alone: not a venv"
+        return f"left {p.name} alone: not a venv", False
     if kind == "old" and not install_made(p):
-        return f"left {p.name} alone: install did not make it (no {layout.VENV_MARKER})"
+        return f"left {p.name} alone: install did not make it (no {layout.VENV_MARKER})", False
     if kind != "old" or restored:
         remove(p, final)
-        return f"removed leftover {p.name}"
+        return f"removed leftover {p.name}", False
     if final.exists() and not install_made(final):
-        return f"left {p.name} alone: {final} beside it is not install's"
+        return f"left {p.name} alone: {final} beside it is not install's", False
     note = ""
     if final.exists():
         remove(final, final)
         note = f"discarded {final}: its swap was interrupted before the previous venv was removed; "
     p.rename(final)
-    return f"{note}restored {final} from {p.name} (an earlier install was interrupted mid-swap)"
-
-
-_trash_count = itertools.count()
+    return f"{note}restored {final} from {p.name} (an earlier install was interrupted mid-swap)", True
 
 
 def remove(path: Path, final: Path) -> None:
@@ -140,7 +151,7 @@ def remove(path: Path, final: Path) -> None:
         return
     if not path.exists():
         return
-    trash = final.with_name(f"{final.name}.trash-{os.getpid()}-{next(_trash_count)}")
+    trash = trash_path(final)
     try:
         path.rename(trash)
     except OSError:
@@ -218,8 +229,7 @@ def foreign(final: Path) -> str | None:
 
 def swap_pending(final: Path) -> bool:
     """Whether a killed swap left a `.old-<pid>` venv beside `final` (recover() decides then, under the lock)."""
-    pattern = re.compile(rf"^{re.escape(final.name)}\.old-\d+$")
-    return final.parent.is_dir() and any(pattern.match(p.name) and install_made(p) for p in final.parent.iterdir())
+    return any(install_made(p) for p, _ in siblings(final, ("old",)))
 
 
 def check_replaceable(final: Path) -> None:
@@ -253,8 +263,3 @@ def swap_in(staging: Path, final: Path, check) -> None:
         raise
     if old is not None:
         remove(old, final)
-
-
-def discard(path: Path, final: Path) -> None:
-    """Remove a staging venv that did not become `final` (remove(): renamed to trash first)."""
-    remove(path, final)

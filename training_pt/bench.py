@@ -36,7 +36,7 @@ from training_pt import data as D
 from training_pt import model as M  # the model, compile and FLOPs code train.py runs
 from training_pt import steps as steps_mod  # ... and its step loop
 from training_pt.configurator import EXIT_INPUT, TrainError, apply_override, check_values, load_config
-from training_pt.nvml_sampler import NvmlSampler, pct_text
+from training_pt.nvml_sampler import NvmlSampler, clock_cell
 
 
 def load_bench_settings(path: Path) -> dict:
@@ -425,19 +425,6 @@ def changed(cfg: dict, overrides: list[str]) -> dict:
         apply_override(out, item)
     check_values(out)
     return out
-
-
-def clock_cell(nvml: dict | None) -> str:
-    """'1650 (sw_power_cap 97%)': the median SM clock over the timed steps and the clock events seen;
-    '(events n/a)' where NVML could not read them."""
-    if not nvml or not nvml.get("samples"):
-        return "n/a"
-    clock = f"{nvml['sm_clock_mhz'][1]:g}" if nvml.get("sm_clock_mhz") else "n/a"
-    events = nvml.get("clock_events_pct")
-    if events is None:
-        return f"{clock} (events n/a)"
-    named = ", ".join(f"{name} {pct_text(pct)}" for name, pct in events.items())
-    return clock + (f" ({named})" if named else "")
 
 
 def write_report(out_dir: Path, rows: list[dict], context: dict, spec, settings_name: str) -> list[str]:

@@ -131,3 +131,16 @@ def events_text(summary: dict) -> str:
     if not events:
         return "clock events: none"
     return "clock events: " + ", ".join(f"{name} in {pct_text(pct)} of samples" for name, pct in events.items())
+
+
+def clock_cell(nvml: dict | None) -> str:
+    """'1650 (sw_power_cap 97%)': the median SM clock over the timed steps and the clock events seen;
+    '(events n/a)' where NVML could not read them."""
+    if not nvml or not nvml.get("samples"):
+        return "n/a"
+    clock = f"{nvml['sm_clock_mhz'][1]:g}" if nvml.get("sm_clock_mhz") else "n/a"
+    events = nvml.get("clock_events_pct")
+    if events is None:
+        return f"{clock} (events n/a)"
+    named = ", ".join(f"{name} {pct_text(pct)}" for name, pct in events.items())
+    return clock + (f" ({named})" if named else "")

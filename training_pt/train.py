@@ -562,7 +562,7 @@ def read_step(run: Run, clock: StepClock, step: int, host: torch.Tensor, vocab_r
             "training diverged or the GPU computes wrong values",
         )
     expected = math.log(vocab_real)
-    if step == 0 and not run.cfg["model"]["pretrained"] and abs(loss - expected) > checks["first_loss_tol"]:
+    if step == 0 and first_loss_checked(run.cfg) and abs(loss - expected) > checks["first_loss_tol"]:
         raise TrainError(
             EXIT_CHECK,
             f"step 0: first loss {loss:.4f} is not within {checks['first_loss_tol']} of "
@@ -694,9 +694,14 @@ def checks_in_force(cfg: dict) -> dict:
     """The loss checks this run enforces, which the verdict compares with the default config's (tasks/verdict.py):
     a check a setting turns off (model.pretrained: no first-loss check) is recorded as skipped, not as its value."""
     out = {f"checks.{k}": v for k, v in cfg["checks"].items()}
-    if cfg["model"]["pretrained"]:
+    if not first_loss_checked(cfg):
         out["checks.first_loss_tol"] = "skipped (model.pretrained)"
     return out
+
+
+def first_loss_checked(cfg: dict) -> bool:
+    """Whether the first-loss check applies: a random init predicts ~uniformly, pretrained weights do not."""
+    return not cfg["model"]["pretrained"]
 
 
 def check_learning(run: Run, losses: list[float], vocab_real: int) -> None:
@@ -711,7 +716,7 @@ def check_learning(run: Run, losses: list[float], vocab_real: int) -> None:
             f"step {t['steps'] - 1}: mean loss of the last {len(window)} steps {final:.4f} is "
             f"not below the first loss {losses[0]:.4f} by {checks['min_loss_drop']}; the model did not learn",
         )
-    first_check = "skipped: pretrained" if m["pretrained"] else f"within {checks['first_loss_tol']}"
+    first_check = f"within {checks['first_loss_tol']}" if first_loss_checked(run.cfg) else "skipped: pretrained"
     run.log(
         f"checks: first loss {losses[0]:.4f} vs ln({vocab_real}) = {math.log(vocab_real):.4f} ({first_check}); "
         f"loss and grad-norm finite at all {len(losses)} steps; mean of last {len(window)} losses {final:.4f} "
