@@ -40,13 +40,17 @@ def one_line(value: object) -> str:
 
 
 # GitHub's autolink extension links a bare "scheme://..." and "www...." by itself: an escaped ":" or "." keeps
-# it plain text (checked with cmarkgfm, GitHub's renderer). An e-mail address it still links (mailto: only).
+# it plain text (checked with cmarkgfm, GitHub's renderer). It links an e-mail address (mailto:) whatever is
+# escaped in it, since it searches the text after escapes are undone; an empty HTML comment before the '@'
+# (MD_SPLIT, shown by no renderer) leaves the local part and the domain in two texts, so nothing is linked.
 _AUTOLINK = re.compile(r"(?<=[A-Za-z])(:)(?=//)|(?<![A-Za-z0-9])((?i:www))(\.)")
+MD_SPLIT = "<!---->"
+_EMAIL_AT = re.compile(r"(?<=[A-Za-z0-9._+-])@(?=[A-Za-z0-9_-])")
 
 
 def md_inert(value: object) -> str:
     """`value` as one line of markdown that renders as the plain text it is (no link, image, HTML, column,
-    strikethrough)."""
+    strikethrough): markdown's own characters escaped, and an empty comment (MD_SPLIT) before an e-mail's '@'."""
     out = []
     for ch in one_line(value):
         if ch in _MD_ENTITIES:
@@ -55,4 +59,5 @@ def md_inert(value: object) -> str:
             out.append("\\" + ch)
         else:
             out.append(ch)
-    return _AUTOLINK.sub(lambda m: "\\:" if m.group(1) else m.group(2) + "\\.", "".join(out))
+    inert = _AUTOLINK.sub(lambda m: "\\:" if m.group(1) else m.group(2) + "\\.", "".join(out))
+    return _EMAIL_AT.sub(MD_SPLIT + "@", inert)
