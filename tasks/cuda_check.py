@@ -17,7 +17,7 @@ import json
 import os
 from pathlib import Path
 
-from tasks import burn_rules, config, identity, layout, multinode, phases, proc
+from tasks import burn_rules, config, cuda_rules, identity, layout, multinode, phases, proc
 from tasks.records import Outcome, StageStatus
 
 DESCRIPTION = (
@@ -243,6 +243,13 @@ def thresholds(settings: dict) -> dict | None:
     return out or None
 
 
+# Per-GPU checks whose SKIP means there was nothing to judge, not a check that could not judge its GPU:
+# nvlink on a card or board with no active NVLink link (PCIe only). Every other per-GPU SKIP (a model
+# without datasheet figures, health counters NVML cannot read, no triton for the compile check) is
+# recorded as `unjudged_checks`, and makes the run PARTIAL.
+SKIP_WITH_NOTHING_TO_JUDGE = frozenset({"nvlink"})
+
+
 def figures_from(result: dict) -> dict:
     """Flat key numbers for the evidence table and summary.json."""
     counts = result.get("counts", {})
@@ -264,11 +271,13 @@ def figures_from(result: dict) -> dict:
         "nproc": result.get("gpus_checked", 0),
         "thresholds": thresholds(result.get("settings") or {}),
     }
-    failed = []
+    failed, unjudged = [], {}
     for c in result.get("checks", []):
         data, gpu, name = c.get("data") or {}, c.get("gpu"), c.get("name")
         if c.get("status") == "FAIL":
             failed.append(name if gpu is None else f"gpu{gpu} {name}")
+        if c.get("status") == "SKIP" and gpu is not None and name not in SKIP_WITH_NOTHING_TO_JUDGE:
+            unjudged.setdefault(name, []).append(gpu)
         if name == "driver" and data.get("driver_cuda"):
             fig["driver_cuda"] = data["driver_cuda"]
         elif name == "speed.matmul_bf16" and data.get("tflops"):
@@ -287,4 +296,6 @@ def figures_from(result: dict) -> dict:
     fig.update(phases.figures(result.get("phases")))  # where the checker's seconds went (its log's `phases:` line)
     if failed:
         fig["failed_checks"] = ", ".join(failed)
+    if unjudged:  # tasks/verdict.py: PARTIAL, the claim not shown on these GPUs
+        fig["unjudged_checks"] = ", ".join(f"{cuda_rules.gpu_span(gpus)} {name}" for name, gpus in unjudged.items())
     return {k: v for k, v in fig.items() if v is not None}

@@ -8,14 +8,16 @@ Pure functions (no files but the rules' YAML, no torch), so that the judgement h
     PARTIAL             every stage passed, but not the whole claim: a check changed from its
                         default (configs/verdict.yaml; train's thresholds vs the default training
                         config; steps outside 10-50), training on the CPU, fewer training processes
-                        than GPUs, GPUs that NVML sees hidden from torch, or a figure not recorded
+                        than GPUs, GPUs that NVML sees hidden from torch, a per-GPU check cuda_check
+                        could not judge (`unjudged_checks`), or a figure not recorded
     (a passing stage whose own file, layout.STAGE_EVIDENCE, is missing FAILs there)
     PASS                every stage passed under the default checks, training ran on CUDA on every
                         GPU that probe found, one and the same torch throughout
 
 What the rule reads from the records' figures: probe `gpu_count` (NVML, or nvidia-smi); cuda_check
-`gpus_checked` (torch's device count); train `device`, `nproc`, `thresholds` and `steps`; each stage's
-`overrides` (a list of "key=value") and `torch_identity` ({version, file, record_sha256}) of install, cuda_check, train.
+`gpus_checked` (torch's device count) and `unjudged_checks`; train `device`, `nproc`, `thresholds` and
+`steps`; each stage's `overrides` (a list of "key=value") and `torch_identity` ({version, file,
+record_sha256}) of install, cuda_check, train.
 """
 
 from __future__ import annotations
@@ -89,7 +91,8 @@ def judge(recs: dict[str, StageRecord], rules: Rules, files: Collection[str]) ->
     the files in its folder (relative to it)."""
     failed = stage_failure(recs) or missing_evidence(recs, files)
     harmless, deviations = judge_overrides(recs, rules)
-    deviations += coverage_deviations(recs) + identity_gaps(recs) + training_check_deviations(recs, rules)
+    deviations += coverage_deviations(recs) + unjudged_checks(recs) + identity_gaps(recs)
+    deviations += training_check_deviations(recs, rules)
     if failed is None:
         failed = torch_disagreement(recs)
     if failed is not None:
@@ -196,6 +199,14 @@ def coverage_deviations(recs: dict[str, StageRecord]) -> list[str]:
     elif device == "cuda" and isinstance(seen, int) and nproc < seen:
         out.append(f"train ran {nproc} process(es) on {seen} GPUs that cuda_check checked (--nproc {nproc})")
     return out
+
+
+def unjudged_checks(recs: dict[str, StageRecord]) -> list[str]:
+    """cuda_check's per-GPU checks that ran but could not judge their GPU (`unjudged_checks`: a model with no
+    datasheet figures, health counters NVML cannot read, no triton): the claim is not shown there."""
+    rec = recs.get("cuda_check")
+    names = rec.figures.get("unjudged_checks") if rec else None
+    return [f"cuda_check could not judge {names} (its reason says why)"] if names else []
 
 
 def identity_of(rec: StageRecord | None) -> dict | None:

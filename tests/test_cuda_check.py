@@ -238,6 +238,21 @@ def test_a_passing_result_with_a_warning_passes_and_keeps_the_warning_as_its_rea
     assert out.status == records.StageStatus.PASS and out.reason == why and out.figures["checks_warn"] == 1
 
 
+def test_outcome_names_the_per_gpu_checks_that_were_not_judged_and_not_the_ones_with_nothing_to_judge():
+    """A per-GPU SKIP (no datasheet figure, no NVML counter) is a check that did not judge its GPU: named for
+    the verdict (PARTIAL). A SKIP with nothing to judge (one GPU: no all-reduce; no NVLink link) is not."""
+    checks = GOOD_RESULT["checks"] + [
+        {"name": "speed.copy", "gpu": 1, "status": "SKIP", "data": {}},
+        {"name": "health.ecc", "gpu": 0, "status": "SKIP", "data": {}},
+        {"name": "health.ecc", "gpu": 1, "status": "SKIP", "data": {}},
+        {"name": "nvlink", "gpu": 0, "status": "SKIP", "data": {}},  # a PCIe-only card: no link to judge
+    ]
+    out = cuda_check.outcome_from(dict(GOOD_RESULT, checks=checks), 0, "", 300, [])
+    assert out.status == records.StageStatus.PASS
+    assert out.figures["unjudged_checks"] == "gpu1 speed.copy, gpu0,1 health.ecc"
+    assert "unjudged_checks" not in cuda_check.outcome_from(GOOD_RESULT, 0, "", 300, []).figures
+
+
 def test_outcome_when_no_gpu_was_checked_is_a_failure():
     result = dict(
         GOOD_RESULT,

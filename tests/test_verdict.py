@@ -171,6 +171,14 @@ TABLE = [
         None,
         ["the checks in force are not recorded"],
     ),
+    (
+        # a GPU model without datasheet figures, no NVML health counters: the checks ran but judged nothing
+        "per-GPU checks cuda_check could not judge",
+        run(cuda_check={"unjudged_checks": "gpu0-7 speed.copy, gpu0-7 health.ecc"}),
+        "PARTIAL",
+        None,
+        ["cuda_check could not judge gpu0-7 speed.copy, gpu0-7 health.ecc (its reason says why)"],
+    ),
 ]
 
 
