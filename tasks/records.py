@@ -11,12 +11,14 @@ Schema (version 1), the only contract between stages and `evidence`:
     duration_s  seconds, float
     figures     flat dict of key numbers/strings for the stage table and summary.json
     files       names (relative to the run folder) the stage wrote
+    host        the machine's host name (socket.gethostname()); "" in a record from before the field
     schema      1
 """
 
 from __future__ import annotations
 
 import json
+import socket
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -39,6 +41,10 @@ class StageStatus:
     ALL = (PASS, FAIL, SKIP, INTERRUPTED, RUNNING)
 
 
+def this_host() -> str:
+    return socket.gethostname()
+
+
 def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -53,6 +59,7 @@ class StageRecord:
     duration_s: float = 0.0
     figures: dict = field(default_factory=dict)
     files: list = field(default_factory=list)
+    host: str = ""  # set by the stage that writes the record (this_host()), never when a record is read
     schema: int = SCHEMA
 
     def __post_init__(self) -> None:
@@ -96,6 +103,7 @@ class Timer:
             duration_s=self.duration_s,
             figures=dict(figures or {}),
             files=list(files or []),
+            host=this_host(),
         )
 
 
@@ -140,8 +148,9 @@ def _parse(text_: str, stage: str) -> StageRecord:
         or not isinstance(rec.files, list)
         or not isinstance(rec.duration_s, (int, float))
         or isinstance(rec.duration_s, bool)
+        or not isinstance(rec.host, str)
     ):
-        raise ValueError("figures, files or duration_s of the wrong type")
+        raise ValueError("figures, files, duration_s or host of the wrong type")
     return rec
 
 

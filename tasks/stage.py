@@ -36,7 +36,8 @@ def execute(stage: str, run_dir: Path, args: argparse.Namespace) -> records.Stag
     timer = Timer.start()
     # Replaces any earlier record first: a stage killed from here on (SIGKILL, the OOM killer, a
     # Slurm/Kubernetes stop) leaves "running", which evidence reads as "did not finish", never a stale pass.
-    records.write(run_dir, records.StageRecord(stage, StageStatus.RUNNING, started=timer.started))
+    running = records.StageRecord(stage, StageStatus.RUNNING, started=timer.started, host=records.this_host())
+    records.write(run_dir, running)
     try:
         # A stage that runs .venv-gpu's Python holds it shared: no install swaps it under the stage.
         with venvs.in_use(layout.VENV_GPU) if getattr(mod, "USES_GPU_VENV", False) else contextlib.nullcontext():

@@ -3,8 +3,9 @@
 Pure functions (no files but the rules' YAML, no torch), so that the judgement has a table test:
 
     FAIL / INTERRUPTED  a stage failed, was interrupted, did not finish (its record still says
-                        "running"), was skipped or left no record; or install, cuda_check and train
-                        ran different torches (torch_identity differs)
+                        "running"), was skipped or left no record; or the stages ran on different
+                        machines (each record's `host`); or install, cuda_check and train ran
+                        different torches (torch_identity differs)
     PARTIAL             every stage passed, but not the whole claim: a check changed from its
                         default (configs/verdict.yaml; train's thresholds vs the default training
                         config; steps outside 10-50), training on the CPU, fewer training processes
@@ -94,7 +95,7 @@ def judge(recs: dict[str, StageRecord], rules: Rules, files: Collection[str]) ->
     deviations += coverage_deviations(recs) + unjudged_checks(recs) + identity_gaps(recs)
     deviations += training_check_deviations(recs, rules)
     if failed is None:
-        failed = torch_disagreement(recs)
+        failed = host_disagreement(recs) or torch_disagreement(recs)
     if failed is not None:
         word, stage, reason = failed
         return Verdict(word, stage, reason, tuple(deviations), tuple(harmless))
@@ -207,6 +208,22 @@ def unjudged_checks(recs: dict[str, StageRecord]) -> list[str]:
     rec = recs.get("cuda_check")
     names = rec.figures.get("unjudged_checks") if rec else None
     return [f"cuda_check could not judge {names} (its reason says why)"] if names else []
+
+
+def host_disagreement(recs: dict[str, StageRecord]) -> tuple[str, str, str] | None:
+    """FAIL at the first stage that ran on another machine than the first stage did (records from before
+    the `host` field have none and are not compared): one run proves one machine."""
+    hosts = [(s, rec.host) for s in WORK_STAGES if (rec := recs.get(s)) is not None and rec.host]
+    for name, host in hosts[1:]:
+        if host != hosts[0][1]:
+            first, first_host = hosts[0]
+            return (
+                FAIL,
+                name,
+                f"{name} ran on {host}, but {first} ran on {first_host}: one run folder holds the stages of two "
+                "machines (a submission_runs/ shared between them?); run nox -s m40 on the machine to judge",
+            )
+    return None
 
 
 def identity_of(rec: StageRecord | None) -> dict | None:

@@ -54,6 +54,20 @@ def test_timer_records_start_end_and_duration():
     assert not rec.ok and records.StageRecord("train", records.StageStatus.PASS).ok
 
 
+def test_a_record_names_the_machine_it_ran_on_and_an_old_record_none(tmp_path):
+    """The host ties a run's stages to one machine (tasks/verdict.py); a record from before the field has
+    none, never this machine's name."""
+    import socket
+
+    rec = records.Timer.start().record("probe", records.StageStatus.PASS)
+    assert rec.host == socket.gethostname()
+    records.write(tmp_path, rec)
+    assert records.read(tmp_path, "probe").host == socket.gethostname()
+    path = layout.stage_record_path(tmp_path, "train")
+    path.write_text(json.dumps({"stage": "train", "status": "pass"}))
+    assert records.read(tmp_path, "train").host == ""
+
+
 def test_a_reason_cannot_carry_an_escape_sequence_or_a_second_line():
     rec = records.StageRecord("probe", records.StageStatus.FAIL, "bad\x1b[2J name\u2028## Gate")
     assert rec.reason == "bad\\x1b[2J name ## Gate"

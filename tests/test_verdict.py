@@ -22,8 +22,9 @@ OTHER_TORCH = {**TORCH, "version": "2.5.0", "file": "/home/u/stand-in/torch/__in
 CHECKS = {f"checks.{k}": v for k, v in config.load_yaml(layout.TRAIN_CONFIG)["checks"].items()}
 
 
-def run(probe=None, install=None, cuda_check=None, train=None, statuses=None):
-    """Records of a healthy 8-GPU run, with the figures of each stage updated by the arguments."""
+def run(probe=None, install=None, cuda_check=None, train=None, statuses=None, hosts=None):
+    """Records of a healthy 8-GPU run on host nodeA, with the figures (and hosts) of each stage updated by
+    the arguments."""
     figures = {
         "probe": {"source": "nvml", "gpu_count": 8, **(probe or {})},
         "install": {"torch_identity": TORCH, **(install or {})},
@@ -46,6 +47,7 @@ def run(probe=None, install=None, cuda_check=None, train=None, statuses=None):
             "" if s not in statuses else f"{s} says why",
             started="2026-12-01T00:00:00+00:00",
             figures=f,
+            host=(hosts or {}).get(s, "nodeA"),
         )
         for s, f in figures.items()
     }
@@ -170,6 +172,21 @@ TABLE = [
         "PARTIAL",
         None,
         ["the checks in force are not recorded"],
+    ),
+    (
+        # a shared submission_runs/: probe, install and cuda_check on one node, train on another
+        "stages of one run from two machines",
+        run(hosts={"train": "nodeB"}),
+        "FAIL",
+        "train",
+        ["train ran on nodeB, but probe ran on nodeA: one run folder holds the stages of two machines"],
+    ),
+    (
+        "records from before the host field",
+        run(hosts={s: "" for s in ("probe", "install", "cuda_check", "train")}),
+        "PASS",
+        None,
+        [],
     ),
     (
         # a GPU model without datasheet figures, no NVML health counters: the checks ran but judged nothing
