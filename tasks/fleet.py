@@ -72,6 +72,7 @@ FIGURE_NAMES = {
     "copy_tbs": "copy TB/s per GPU (min)",
     "allreduce_busbw_gbs": "all-reduce bus GB/s",
     "tok_s_per_gpu": "train tok/s per GPU",
+    "gpu_count": "GPUs on the node",
 }
 
 
@@ -313,32 +314,57 @@ def read_one(run_dir: Path, label: str) -> dict:
         return row
 
 
-def missing_nodes(rows: list[dict]) -> list[dict]:
-    """A row for each multi-node job with fewer of its nodes here than its train records name: a node whose run
-    never reached the results is no PASS of the fleet."""
-    jobs: dict[tuple[str, int], set[str]] = {}
+def job_rows(rows: list[dict]) -> list[dict]:
+    """A row for each multi-node job whose runs here are not its nodes one each: nodes missing, or runs of
+    more than one job under one rendezvous id (more hosts than nodes, a node rank on two hosts, two world
+    sizes). Either way the job is no PASS of the fleet."""
+    jobs: dict[tuple[str, int], list[dict]] = {}
     for r in rows:
         n = r.get("nnodes")
         if isinstance(n, int) and not isinstance(n, bool) and n > 1 and r.get("rdzv_id"):
-            jobs.setdefault((str(r["rdzv_id"]), n), set()).add(str(r["host"] or r["run"]))
+            jobs.setdefault((str(r["rdzv_id"]), n), []).append(r)
     out = []
-    for (job, n), hosts in sorted(jobs.items()):
-        if len(hosts) < n:
-            row = blank_row(Path(job), f"{job}: {n - len(hosts)} node(s) missing")
-            row.update(
-                verdict=UNREADABLE,
-                rdzv_id=job,
-                nnodes=n,
-                reason=f"job {job} names {n} nodes, and {len(hosts)} of them have a run here "
-                f"({', '.join(sorted(hosts))}); copy the missing nodes' run folders in",
-            )
-            out.append(row)
+    for (job, n), members in sorted(jobs.items()):
+        hosts = sorted({host_of(r) for r in members})
+        mixed = mixed_jobs(members, hosts, n)
+        if mixed:
+            label = f"{job}: runs of more than one job"
+            why = f"job {job} names {n} nodes, but its runs here are not one node each: {'; '.join(mixed)}; "
+            why += "give each job its own --rdzv-id, or copy in one job's runs"
+        elif len(hosts) < n:
+            label = f"{job}: {n - len(hosts)} node(s) missing"
+            why = f"job {job} names {n} nodes, and {len(hosts)} of them have a run here ({', '.join(hosts)}); "
+            why += "copy the missing nodes' run folders in"
+        else:
+            continue
+        row = blank_row(Path(job), label)
+        row.update(verdict=UNREADABLE, rdzv_id=job, nnodes=n, reason=why)
+        out.append(row)
+    return out
+
+
+def host_of(row: dict) -> str:
+    return str(row["host"] or row["run"])
+
+
+def mixed_jobs(members: list[dict], hosts: list[str], nnodes: int) -> list[str]:
+    """What shows that one job's rows are runs of several jobs ([] when nothing does)."""
+    out = [f"{len(hosts)} hosts for {nnodes} nodes"] if len(hosts) > nnodes else []
+    by_rank: dict[int, set[str]] = {}
+    for r in members:
+        rank = r.get("node_rank")
+        if isinstance(rank, int) and not isinstance(rank, bool):
+            by_rank.setdefault(rank, set()).add(host_of(r))
+    out += [f"node rank {rank} on {' and '.join(sorted(on))}" for rank, on in sorted(by_rank.items()) if len(on) > 1]
+    sizes = sorted({w for r in members if isinstance(w := r.get("world_size"), int) and not isinstance(w, bool)})
+    if len(sizes) > 1:
+        out.append(f"world sizes {' and '.join(map(str, sizes))}")
     return out
 
 
 def read_fleet(run_dirs: list[Path]) -> list[dict]:
     rows = [read_one(d, label_of(d, run_dirs)) for d in run_dirs]
-    rows += missing_nodes(rows)
+    rows += job_rows(rows)
     return sorted(rows, key=lambda r: (VERDICT_ORDER.index(r["verdict"]), str(r["host"] or ""), r["run"]))
 
 
@@ -369,8 +395,8 @@ def per_host(rows: list[dict], figure: str) -> list[float]:
 
 def find_outliers(rows: list[dict], settings: dict) -> list[dict]:
     """Nodes more than outlier_share below their group's median, per figure; marks each row too."""
-    found = []
-    for figure in settings["outlier_figures"]:
+    found = short_of_gpus(rows) if "gpu_count" in settings["outlier_figures"] else []
+    for figure in (f for f in settings["outlier_figures"] if f != "gpu_count"):
         # The median is over PASS nodes; a sealed PARTIAL or FAIL node that measured the figure is compared too.
         groups: dict[tuple, list[dict]] = {}
         for row in rows:
@@ -400,6 +426,39 @@ def find_outliers(rows: list[dict], settings: dict) -> list[dict]:
     return sorted(found, key=lambda o: (-o["below_pct"], o["run"]))
 
 
+def short_of_gpus(rows: list[dict]) -> list[dict]:
+    """Nodes with fewer GPUs than another node of their model: a GPU the driver never enumerated (a link down
+    at boot, a container given 7 of 8) passes the node's own run, whose checks cover the GPUs it has. The
+    expectation is the most GPUs any node of the model has (outlier "median": that count)."""
+    judged = [
+        r
+        for r in rows
+        if r["verdict"] in ("PASS", "PARTIAL", "FAIL") and r["gpu_model"] and isinstance(r["gpu_count"], int)
+    ]
+    hosts: dict[str, set[str]] = {}
+    for r in judged:
+        hosts.setdefault(r["gpu_model"], set()).add(host_of(r))
+    found = []
+    for r in judged:
+        most = max(p["gpu_count"] for p in judged if p["gpu_model"] == r["gpu_model"])
+        if r["gpu_count"] < most and len(hosts[r["gpu_model"]]) > 1:
+            below = 1 - r["gpu_count"] / most
+            found.append(
+                {
+                    "host": r["host"],
+                    "run": r["run"],
+                    "gpu_model": r["gpu_model"],
+                    "figure": "gpu_count",
+                    "value": r["gpu_count"],
+                    "median": most,
+                    "nodes": len(hosts[r["gpu_model"]]),
+                    "below_pct": round(100 * below, 1),
+                }
+            )
+            r["outliers"].append(f"{r['gpu_count']} GPUs where its peers have {most}")
+    return found
+
+
 # --------------------------------------------------------------------------- the report
 
 DASH = "–"
@@ -412,6 +471,7 @@ DECIMALS = {
     "tok_s": 0,
     "tok_s_per_gpu": 0,
     "mfu_pct": 1,
+    "gpu_count": 0,
 }
 
 

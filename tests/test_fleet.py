@@ -252,6 +252,49 @@ def test_a_node_of_a_job_whose_run_never_arrived_is_a_row_and_no_pass(tmp_path):
     assert fleet.main([str(tmp_path / "j"), "--out", str(out)]) == 0
 
 
+def test_two_jobs_under_one_rendezvous_id_are_no_pass(tmp_path):
+    """Two 2-node jobs both left --rdzv-id at its default (m40) and only node 0 of each arrived: two hosts, two
+    node ranks 0. Counting hosts alone saw the job whole; the ranks say it is not."""
+    job = {"rdzv_id": "m40", "nnodes": 2, "world_size": 16, "node_rank": 0}
+    make_node(tmp_path / "j", "a1", train_extra=job)
+    make_node(tmp_path / "j", "b1", train_extra=job)
+    code, doc, _, _ = report(tmp_path, tmp_path / "j")
+    bad = [r for r in doc["rows"] if r["run"].startswith("m40: ")]
+    assert code == layout.EXIT_FLEET_NOT_PASS and len(bad) == 1 and bad[0]["verdict"] == "UNREADABLE"
+    assert bad[0]["reason"] == (
+        "job m40 names 2 nodes, but its runs here are not one node each: node rank 0 on a1 and b1; "
+        "give each job its own --rdzv-id, or copy in one job's runs"
+    )
+
+
+def test_a_job_claimed_by_more_hosts_than_nodes_or_with_two_world_sizes_is_no_pass(tmp_path):
+    make_node(tmp_path / "j", "n1", train_extra={"rdzv_id": "job9", "nnodes": 2, "world_size": 16, "node_rank": 0})
+    make_node(tmp_path / "j", "n2", train_extra={"rdzv_id": "job9", "nnodes": 2, "world_size": 16, "node_rank": 1})
+    make_node(
+        tmp_path / "j", "n3", gpus=2, train_extra={"rdzv_id": "job9", "nnodes": 2, "world_size": 4, "node_rank": 1}
+    )
+    code, doc, _, _ = report(tmp_path, tmp_path / "j")
+    bad = next(r for r in doc["rows"] if r["run"].startswith("job9: "))
+    assert code == layout.EXIT_FLEET_NOT_PASS and bad["verdict"] == "UNREADABLE"
+    assert "3 hosts for 2 nodes" in bad["reason"] and "node rank 1 on n2 and n3" in bad["reason"]
+    assert "world sizes 4 and 16" in bad["reason"]
+
+
+def test_a_node_with_fewer_gpus_than_its_peers_is_an_outlier(tmp_path):
+    """A GPU the driver never enumerated (a link down at boot, a container given 7 of 8) passes the node's own
+    run, whose every check covers the GPUs it has: only its peers show one is missing."""
+    for i in range(1, 5):
+        make_node(tmp_path / "f", f"node0{i}")
+    make_node(tmp_path / "f", "node05", gpus=7)
+    code, doc, md, _ = report(tmp_path, tmp_path / "f")
+    assert code == layout.EXIT_FLEET_OUTLIER
+    short = [o for o in doc["outliers"] if o["figure"] == "gpu_count"]
+    assert [(o["host"], o["value"], o["median"]) for o in short] == [("node05", 7, 8)]
+    assert row_of(doc, "node05")["outliers"] == ["7 GPUs where its peers have 8"]
+    make_node(tmp_path / "g", "solo", gpus=7)  # one node alone has no peers to fall short of
+    assert fleet.main([str(tmp_path / "g"), "--out", str(tmp_path / "g-out")]) == 0
+
+
 def test_hostile_text_cannot_break_the_table_or_a_spreadsheet(tmp_path):
     make_node(tmp_path / "h", "=HYPERLINK(1)|x\n\x1b[31m", fail=("train", "@cmd <script>"))
     _, doc, md, csv_rows = report(tmp_path, tmp_path / "h")
