@@ -366,14 +366,15 @@ def seal(run_dir: Path) -> Path:
     return target
 
 
-def nothing_to_do(args) -> str | None:
-    """`nox -s evidence` without --run-dir when the newest run is sealed: say so (never seal a new empty run).
-    With no run at all there is nothing to render: RunError (one line, exit 2)."""
+def nothing_to_do(args) -> tuple[str, int] | None:
+    """`nox -s evidence` without --run-dir when the newest run is sealed: say so, with its verdict's exit code
+    (never seal a new empty run). With no run at all there is nothing to render: RunError (one line, exit 2)."""
     found = runs.list_runs(layout.RUNS_DIR)
     if args.run_dir is None and not found:
         raise runs.RunError(f"no run folder in {layout.RUNS_DIR} to render; run `nox -s m40` first")
     if args.run_dir is not None or not runs.is_sealed(found[-1]):
         return None
+    code = layout.EXIT_STAGE["evidence"]  # a sealed run whose summary cannot be read has no verdict to give
     try:
         summary = json.loads((found[-1] / layout.SUMMARY_FILE).read_text(encoding="utf-8"))
         said = (
@@ -381,12 +382,22 @@ def nothing_to_do(args) -> str | None:
             if summary.get("failed_stage")
             else f"{summary['verdict']}" + (f": {summary['reason']}" if summary.get("reason") else "")
         )
-    except (OSError, ValueError, KeyError, TypeError):
+        if summary["verdict"] in verdict.WORDS:  # its exit code as the verdict gives it (tasks/verdict.py)
+            code = verdict.Verdict(summary["verdict"], str(summary.get("failed_stage") or "") or None).exit_code
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         said = f"its {layout.SUMMARY_FILE} is unreadable"
-    return (
-        f"{found[-1]} is already sealed: {text.one_line(said)}; nothing changed. A new run: nox -s m40 "
+    why = (
+        f"{found[-1]} is already sealed: {text.one_line(said)} (exit {code}); nothing changed. A new run: nox -s m40 "
         f"(or a stage); this one's files: cd {found[-1]} && sha256sum -c {layout.SUMS_FILE}"
     )
+    return why, code
+
+
+def exit_code_of(rec: StageRecord, run_dir: Path) -> int:
+    """`nox -s evidence` alone ends as `nox -s m40` does: the verdict, its exit code and the README."""
+    code = rec.figures["exit_code"]
+    print(f"evidence: {rec.figures['verdict_line']} (exit {code}); read {run_dir / layout.README_FILE}", flush=True)
+    return code
 
 
 def after_record(run_dir: Path, rec: StageRecord) -> None:

@@ -8,7 +8,10 @@ A stage module provides:
     USES_GPU_VENV = True      optional: run() uses .venv-gpu, held shared meanwhile (an install waits)
     check_inputs(args)        optional: raises ConfigError on a bad option or config file; called before
                               any stage runs (m40 calls every stage's), so a bad input is exit 2 up front
-    nothing_to_do(args)       optional: a one-line reason to do nothing (then no run folder is touched), or RunError
+    nothing_to_do(args)       optional: (a one-line reason to do nothing, the exit code) (then no run folder is
+                              touched), None to go on, or RunError
+    exit_code_of(rec, run_dir)  optional: the exit code of the stage run alone once it passed (evidence: the
+                              verdict's, so that stages run one by one end as `nox -s m40` does)
 
 The harness times it, writes `stages/<stage>.json`, turns errors into a one-line failed record,
 and maps the result to the stage's exit code.
@@ -106,9 +109,10 @@ def main(stage: str, argv: list[str]) -> int:
         validate.inputs(args, (stage,), MODULES)
         # Optional hook: a stage with nothing to do says why (evidence on a sealed newest run), changes nothing.
         idle = getattr(mod, "nothing_to_do", None)
-        if idle is not None and (why := idle(args)):
+        if idle is not None and (said := idle(args)):
+            why, code = said
             print(f"{stage}: {why}", flush=True)
-            return layout.EXIT_OK
+            return code
         run_dir = runs.resolve(layout.RUNS_DIR, args.run_dir, new=False)
         with runs.locked(run_dir):
             print(f"{stage}: run folder {run_dir}", flush=True)
@@ -122,4 +126,5 @@ def main(stage: str, argv: list[str]) -> int:
     except KeyboardInterrupt:
         print(f"{stage}: interrupted", file=sys.stderr)
         return layout.EXIT_INTERRUPTED
-    return exit_code(rec)
+    final = getattr(mod, "exit_code_of", None)
+    return final(rec, run_dir) if final is not None and rec.ok else exit_code(rec)

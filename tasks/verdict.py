@@ -33,6 +33,7 @@ from tasks.records import StageRecord, StageStatus
 WORK_STAGES = layout.WORK_STAGES
 TORCH_STAGES = ("install", "cuda_check", "train")  # each records the torch it ran
 PASS, PARTIAL, FAIL, INTERRUPTED = "PASS", "PARTIAL", "FAIL", "INTERRUPTED"
+WORDS = (PASS, PARTIAL, FAIL, INTERRUPTED)
 
 
 @dataclass(frozen=True)

@@ -443,12 +443,21 @@ def test_evidence_alone_on_a_sealed_newest_run_says_so_and_changes_nothing(monke
     run_dir = only_run()
     before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
     capsys.readouterr()
-    assert stage.main("evidence", []) == layout.EXIT_OK
+    assert stage.main("evidence", []) == 10  # the sealed verdict's exit code, as m40 gave it
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and out[0].startswith(f"evidence: {run_dir} is already sealed: FAIL at probe")
     assert "nothing changed" in out[0]
     assert runs.list_runs(layout.RUNS_DIR) == [run_dir]  # no new, empty run sealed
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+
+
+def test_stages_run_one_by_one_end_with_the_verdicts_exit_code_as_m40_does(monkeypatch, no_driver, capsys):
+    """README: exit codes are the same from stages run alone as from m40; the last command, evidence, is the
+    one that judges the run, so its exit code is the verdict's (probe's FAIL: 10), not 0 for "rendered"."""
+    use_fakes(monkeypatch)
+    assert stage.main("probe", []) == 10
+    assert stage.main("evidence", []) == 10
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("evidence: FAIL at probe: ")
 
 
 def test_train_without_the_gpu_environment_names_the_install_command(monkeypatch, tmp_path, capsys):
