@@ -136,6 +136,26 @@ def tool_commit(root: Path | None = None) -> str:
     return head.stdout.strip() + (" + uncommitted changes" if dirty.stdout.strip() else "")
 
 
+def changed_files(paths: list[str], root: Path | None = None) -> list[str] | None:
+    """Which of `paths` (relative to the checkout) differ from its git commit: edited, deleted or new; None
+    where git cannot tell (no git, not a checkout)."""
+    root = root or layout.ROOT
+
+    def git(*args: str) -> subprocess.CompletedProcess | None:
+        try:
+            done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=20)  # noqa: S607
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done if done.returncode == 0 else None
+
+    prefix = git("rev-parse", "--show-prefix")  # the checkout inside a larger repository: its paths start there
+    status = git("status", "--porcelain", "--untracked-files=all", "--", *paths)
+    if prefix is None or status is None:
+        return None
+    listed = {line[3:].strip().strip('"') for line in status.stdout.splitlines() if len(line) > 3}
+    return [p for p in paths if prefix.stdout.strip() + p in listed]
+
+
 def identity_text(ident) -> str | None:
     """install's torch_identity in one line (tasks/verdict.py compares it with cuda_check's and train's)."""
     if not isinstance(ident, dict):

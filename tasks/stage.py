@@ -25,7 +25,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from tasks import cuda_check, evidence, install, layout, probe, records, runs, train, validate, venvs
+from tasks import cuda_check, evidence, install, layout, probe, proof, records, runs, train, validate, venvs, verdict
 from tasks.config import ConfigError
 from tasks.records import StageStatus, Timer
 
@@ -45,7 +45,7 @@ def execute(stage: str, run_dir: Path, args: argparse.Namespace) -> records.Stag
         # A stage that runs .venv-gpu's Python holds it shared: no install swaps it under the stage.
         with venvs.in_use(layout.VENV_GPU) if getattr(mod, "USES_GPU_VENV", False) else contextlib.nullcontext():
             out = mod.run(run_dir, args)
-        rec = timer.record(stage, out.status, out.reason, out.figures, out.files)
+        rec = timer.record(stage, out.status, out.reason, {**out.figures, **config_changes()}, out.files)
     except venvs.VenvError as e:  # an install holds .venv-gpu right now
         rec = timer.record(stage, StageStatus.FAIL, str(e))
     except KeyboardInterrupt:
@@ -71,6 +71,13 @@ def execute(stage: str, run_dir: Path, args: argparse.Namespace) -> records.Stag
             records.write(run_dir, rec)
     print(verdict_line(rec), flush=True)
     return rec
+
+
+def config_changes() -> dict:
+    """{"changed_configs": [...]} when config files a verdict rests on differ from this tool's git commit
+    now (tasks/verdict.py: PARTIAL); {} when none do, or git cannot tell."""
+    changed = proof.changed_files(list(verdict.load_rules().judged_configs))
+    return {"changed_configs": changed} if changed else {}
 
 
 def file_error(e: OSError) -> str:

@@ -369,12 +369,22 @@ def outcome(run_dir: Path, rc: int, nproc: int, args, job: multinode.Job | None)
     figures.update({k: v for k, v in got.items() if k in FIGURES or k.startswith("phase_")})  # phases: their line
     overrides = changed_overrides(args.train_override, args.train_config)
     figures.update(nproc=nproc, config=Path(args.train_config).name, overrides=overrides)
+    figures["config_path"] = checkout_path(args.train_config)  # tasks/verdict.py: one of this tool's configs?
     torch_file = ((result or {}).get("figures") or {}).get("torch_file")
     if torch_file and not isinstance(figures.get("torch_identity"), dict):  # tasks/verdict.py compares it
         figures["torch_identity"] = identity.of_torch(torch_file, figures.get("torch", ""))
     if result is not None and result.get("status") == "pass" and rc == 0:
         return Outcome(StageStatus.PASS, "", figures, files)
     return Outcome(StageStatus.FAIL, failure_reason(run_dir, rc, args.train_timeout, result, job), figures, files)
+
+
+def checkout_path(path) -> str:
+    """The config file's path relative to this checkout (configs/...), or absolute where it lies outside."""
+    full = Path(path).expanduser().resolve()
+    try:
+        return full.relative_to(layout.ROOT).as_posix()
+    except ValueError:
+        return str(full)
 
 
 def changed_overrides(items: list[str], config_path: Path) -> list[str]:

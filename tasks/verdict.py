@@ -10,7 +10,9 @@ Pure functions (no files but the rules' YAML, no torch), so that the judgement h
                         default (configs/verdict.yaml; train's thresholds vs the default training
                         config; steps outside 10-50), training on the CPU, fewer training processes
                         than GPUs, GPUs that NVML sees hidden from torch, a per-GPU check cuda_check
-                        could not judge (`unjudged_checks`), or a figure not recorded
+                        could not judge (`unjudged_checks`), a config file the verdict rests on that
+                        differed from the tool's git commit (`changed_configs`), a training config
+                        that is not this tool's (`config_path`), or a figure not recorded
     (a passing stage whose own file, layout.STAGE_EVIDENCE, is missing FAILs there)
     PASS                every stage passed under the default checks, training ran on CUDA on every
                         GPU that probe found, one and the same torch throughout
@@ -65,6 +67,8 @@ class Rules:
 
     harmless: dict = field(default_factory=dict)  # {stage: {setting: "any" | [low, high]}}
     checks: dict = field(default_factory=dict)  # {"checks.min_loss_drop": 2.0, ...}: the default training checks
+    judged_configs: tuple[str, ...] = ()  # config files (relative to the checkout) a verdict rests on
+    training_configs: tuple[str, ...] = ()  # the training configs of this tool a PASS may train with
 
 
 def load_rules(path: Path | None = None) -> Rules:
@@ -82,7 +86,14 @@ def load_rules(path: Path | None = None) -> Rules:
                     f"{path}: harmless_overrides.{stage}.{key} must be any or [low, high], not {rule!r}"
                 )
     checks = config.load_yaml(layout.TRAIN_CONFIG).get("checks") or {}
-    return Rules(harmless=table, checks={f"checks.{k}": v for k, v in checks.items()})
+    data = config.load_yaml(path)
+    lists = {}
+    for key in ("judged_configs", "training_configs"):
+        value = data.get(key) or []
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise config.ConfigError(f"{path}: {key} must be a list of paths relative to the checkout, not {value!r}")
+        lists[key] = tuple(value)
+    return Rules(harmless=table, checks={f"checks.{k}": v for k, v in checks.items()}, **lists)
 
 
 # --------------------------------------------------------------------------- the judgement
@@ -94,7 +105,7 @@ def judge(recs: dict[str, StageRecord], rules: Rules, files: Collection[str]) ->
     failed = stage_failure(recs) or missing_evidence(recs, files)
     harmless, deviations = judge_overrides(recs, rules)
     deviations += coverage_deviations(recs) + unjudged_checks(recs) + identity_gaps(recs)
-    deviations += training_check_deviations(recs, rules)
+    deviations += training_check_deviations(recs, rules) + config_deviations(recs, rules)
     if failed is None:
         failed = host_disagreement(recs) or torch_disagreement(recs)
     if failed is not None:
@@ -225,6 +236,35 @@ def host_disagreement(recs: dict[str, StageRecord]) -> tuple[str, str, str] | No
                 "machines (a submission_runs/ shared between them?); run nox -s m40 on the machine to judge",
             )
     return None
+
+
+def config_deviations(recs: dict[str, StageRecord], rules: Rules) -> list[str]:
+    """Config files the verdict rests on that differed from this tool's git commit while a stage ran (each
+    record's `changed_configs`), and a training config that is not one of this tool's (train `config_path`):
+    a PASS is a pass of the committed checks on a documented workload."""
+    changed = sorted(
+        {
+            name
+            for s in WORK_STAGES
+            if (rec := recs.get(s)) is not None and isinstance(rec.figures.get("changed_configs"), list)
+            for name in rec.figures["changed_configs"]
+            if isinstance(name, str)
+        }
+    )
+    out = []
+    if changed:
+        out.append(
+            f"{', '.join(changed)} differed from this tool's git commit when the stages ran (git diff shows how): "
+            "a PASS is a pass of the committed checks; commit the change, or undo it"
+        )
+    train = recs.get("train")
+    path = train.figures.get("config_path") if train is not None else None
+    if isinstance(path, str) and path not in rules.training_configs:
+        out.append(
+            f"train ran --train-config {path}, not a training config of this tool "
+            f"({', '.join(rules.training_configs)}): its model, data and steps are not the documented workload"
+        )
+    return out
 
 
 def identity_of(rec: StageRecord | None) -> dict | None:

@@ -410,6 +410,26 @@ def test_a_weakened_run_is_partial_with_its_own_exit_code_named_first_in_the_rea
     assert last.endswith(f"(exit 70); read {run_dir / layout.README_FILE}")
 
 
+def test_a_config_file_edited_in_the_checkout_makes_the_run_partial_and_names_it(monkeypatch, good_driver):
+    """speed_share lowered in configs/cuda_check.yaml: the stages record the changed file (tasks/proof.py asks
+    git), and the verdict is PARTIAL, as the option that lowers it would make it."""
+    from tasks import proof
+
+    seen = []
+
+    def changed(paths, root=None):
+        seen.append(list(paths))
+        return ["configs/cuda_check.yaml"]
+
+    monkeypatch.setattr(proof, "changed_files", changed)
+    use_fakes(monkeypatch)
+    assert m40.main([]) == layout.EXIT_PARTIAL
+    assert "configs/cuda_check.yaml" in seen[0] and "configs/gpus.yaml" in seen[0]
+    assert records.read(only_run(), "cuda_check").figures["changed_configs"] == ["configs/cuda_check.yaml"]
+    reason = json.loads((only_run() / layout.SUMMARY_FILE).read_text())["reason"]
+    assert reason.startswith("configs/cuda_check.yaml differed from this tool's git commit when the stages ran")
+
+
 def test_a_torch_that_changed_between_stages_fails_at_that_stage(monkeypatch, good_driver):
     other = {"version": "2.5.0", "file": "/stand-in/torch/__init__.py", "record_sha256": "f" * 64}
     use_fakes(monkeypatch, train=fake_stage("train", torch_identity=other))

@@ -151,3 +151,27 @@ def test_an_install_waits_for_stages_that_use_gpu_venv(venv_holder):
     with pytest.raises(venvs.VenvError, match="being used by processes that share it"):
         with venvs.locked(layout.VENV_GPU):
             pass
+
+
+def test_changed_files_names_what_differs_from_the_commit_and_nothing_outside_git(tmp_path):
+    """tasks/proof.changed_files: the listed files a checkout has changed (edited, deleted, new), for the stage
+    records' `changed_configs`; None where git cannot tell (not a checkout)."""
+    import subprocess
+
+    from tasks import proof
+
+    repo = tmp_path / "repo"
+    (repo / "configs").mkdir(parents=True)
+    for name in ("a.yaml", "b.yaml", "c.yaml"):
+        (repo / "configs" / name).write_text("x: 1\n")
+    git = ["git", "-C", str(repo), "-c", "user.email=t@t", "-c", "user.name=t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-qm", "c"], check=True)
+    paths = ["configs/a.yaml", "configs/b.yaml", "configs/c.yaml", "configs/new.yaml"]
+    assert proof.changed_files(paths, repo) == []
+    (repo / "configs" / "a.yaml").write_text("x: 0.01\n")
+    (repo / "configs" / "c.yaml").unlink()
+    (repo / "configs" / "new.yaml").write_text("y: 2\n")
+    assert proof.changed_files(paths, repo) == ["configs/a.yaml", "configs/c.yaml", "configs/new.yaml"]
+    assert proof.changed_files(paths, tmp_path / "not-a-checkout") is None

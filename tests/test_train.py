@@ -314,6 +314,7 @@ def test_stage_runs_two_processes_under_torchrun(tmp_path, venv_python, monkeypa
     assert out.figures["torch_identity"]["version"] == torch.__version__ and not (standin / "imported").exists()
     assert out.figures["device"] == "cpu" and out.figures["thresholds"]["checks.min_loss_drop"] == 0.2
     assert out.figures["overrides"][-1] == "checks.min_loss_drop=0.2"
+    assert out.figures["config_path"] == "configs/submission_local_gpu_gpt2.yaml"  # the verdict knows it as ours
     assert set(out.files) >= {
         layout.TRAIN_LOG,
         layout.TRAIN_METRICS,

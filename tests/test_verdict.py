@@ -174,6 +174,28 @@ TABLE = [
         ["the checks in force are not recorded"],
     ),
     (
+        # speed_share lowered in the checkout's configs/cuda_check.yaml: the record's thresholds are the file's
+        "a config file the verdict rests on edited in the checkout",
+        run(cuda_check={"changed_configs": ["configs/cuda_check.yaml"]}),
+        "PARTIAL",
+        None,
+        ["configs/cuda_check.yaml differed from this tool's git commit when the stages ran"],
+    ),
+    (
+        "a training config of one's own (a 1-layer model on one sentence passes its checks)",
+        run(train={"config_path": "/tmp/weak.yaml"}),
+        "PARTIAL",
+        None,
+        ["train ran --train-config /tmp/weak.yaml, not a training config of this tool"],
+    ),
+    (
+        "the Gemma config this tool ships",
+        run(train={"config_path": "configs/submission_local_gpu_gemma2b.yaml"}),
+        "PASS",
+        None,
+        [],
+    ),
+    (
         # a shared submission_runs/: probe, install and cuda_check on one node, train on another
         "stages of one run from two machines",
         run(hosts={"train": "nodeB"}),
@@ -336,3 +358,10 @@ def test_a_train_override_equal_to_the_config_is_no_override():
     assert train.changed_overrides(items, layout.TRAIN_CONFIG) == ["steps=20", "checks.min_loss_drop=0.3"]
     same = train.changed_overrides(["checks.min_loss_drop=2.0"], layout.TRAIN_CONFIG)
     assert verdict.judge(run(train={"overrides": same}), RULES, FILES).word == "PASS"
+
+
+def test_the_configs_a_verdict_rests_on_exist_and_cover_the_training_configs():
+    assert set(RULES.training_configs) <= set(RULES.judged_configs)
+    assert layout.TRAIN_CONFIG.relative_to(layout.ROOT).as_posix() in RULES.training_configs
+    for rel in RULES.judged_configs:
+        assert (layout.ROOT / rel).is_file(), rel
