@@ -112,3 +112,19 @@ def test_a_torch_on_pythonpath_is_not_the_one_the_child_imports(tmp_path, monkey
     assert facts["torch_file"] == torch.__file__ and not (standin / "imported").exists()
     assert facts["torch_identity"]["version"] == torch.__version__ and facts["torch_identity"]["record_sha256"]
     capsys.readouterr()
+
+
+def test_no_file_of_the_project_holds_a_merge_conflict():
+    """docs/install.md once kept both sides of a rebase conflict: a newcomer read two versions of a step."""
+    listed = subprocess.run(["git", "-C", str(layout.ROOT), "ls-files"], capture_output=True, text=True)
+    if listed.returncode != 0:
+        return  # not a git checkout (an unpacked release): nothing to list
+    markers = ("<<<<<<< ", ">>>>>>> ")
+    found = [
+        f"{name}:{number}"
+        for name in listed.stdout.splitlines()
+        if name.endswith((".md", ".py", ".yaml", ".j2", ".toml", ".sh", ".txt")) and (layout.ROOT / name).is_file()
+        for number, line in enumerate((layout.ROOT / name).read_text(errors="replace").splitlines(), 1)
+        if line.startswith(markers)
+    ]
+    assert found == []

@@ -399,7 +399,8 @@ def test_a_damaged_stage_record_is_a_fail_not_a_traceback(project, content):
     path = run_dir / layout.STAGES_DIR / "probe.json"
     path.write_bytes(content.encode() if isinstance(content, str) else content)
     result = project.nox("-s", "evidence")
-    assert result.returncode == 0 and "Traceback" not in result.stdout + result.stderr, result.stdout + result.stderr
+    out = result.stdout + result.stderr
+    assert result.returncode == layout.EXIT_STAGE["probe"] and "Traceback" not in out, out  # the verdict's code
     assert "verdict FAIL at probe: stages/probe.json is not a valid stage record" in result.stdout
     assert runs.is_sealed(run_dir)
 
