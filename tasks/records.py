@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from tasks import layout, text
+from tasks import layout, redact, text
 
 SCHEMA = 1
 
@@ -68,11 +68,25 @@ class StageRecord:
         if self.status not in StageStatus.ALL:
             raise ValueError(f"unknown status {self.status!r}")
         # A reason is one line by contract: whitespace runs collapse, other control characters are escaped.
-        self.reason = text.one_line(" ".join(str(self.reason).split()))
+        # No credential of a URL (an index's user:password@, a ?token=) is ever kept: records are sealed.
+        self.reason = redact.redact_url(text.one_line(" ".join(str(self.reason).split())))
+        if isinstance(self.figures, dict):
+            self.figures = without_credentials(self.figures)
 
     @property
     def ok(self) -> bool:
         return self.status == StageStatus.PASS
+
+
+def without_credentials(value):
+    """`value` with every string in it (dict values, list items, at any depth) through redact.redact_url."""
+    if isinstance(value, str):
+        return redact.redact_url(value)
+    if isinstance(value, dict):
+        return {k: without_credentials(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [without_credentials(v) for v in value]
+    return value
 
 
 class Timer:

@@ -100,3 +100,21 @@ def test_a_record_that_cannot_replace_the_old_one_leaves_no_temporary_file(tmp_p
     with pytest.raises(PermissionError):
         records.write(tmp_path, rec)
     assert sorted(p.name for p in (tmp_path / layout.STAGES_DIR).iterdir()) == ["probe.json"]
+
+
+def test_a_password_in_a_url_never_reaches_a_record(tmp_path):
+    """An index URL with a user and password (--deps-index-url) was quoted whole in install's reason, so the
+    sealed README, summary.json and stage records carried it. Every record's reason and text figures go
+    through the redaction of URLs' credentials (tasks/redact.py)."""
+    url = "https://user:secret123@pkgs.example/simple/?token=abc123"
+    rec = records.StageRecord(
+        "install",
+        records.StageStatus.FAIL,
+        f"the gpu_packages source (--deps-index-url {url}) is the problem",
+        figures={"source": url, "nested": {"url": url}, "items": [url], "count": 3},
+    )
+    records.write(tmp_path, rec)
+    text = layout.stage_record_path(tmp_path, "install").read_text()
+    assert "secret123" not in text and "abc123" not in text
+    assert "pkgs.example/simple/" in records.read(tmp_path, "install").reason
+    assert records.read(tmp_path, "install").figures["count"] == 3
