@@ -29,7 +29,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from tasks import burn_rules, config, evidence, layout, records, text, validate, verdict
+from tasks import burn_rules, config, evidence, layout, records, runs, text, validate, verdict
 from tasks.config import ConfigError
 from tasks.records import now_iso
 
@@ -599,8 +599,10 @@ def out_dir_from(option: Path | None) -> Path:
         raise FleetError(
             f"--out {option} already holds {', '.join(clash)}; pass a new folder (reports are never overwritten)"
         )
-    option.mkdir(parents=True, exist_ok=True)
-    return option
+    try:  # never a run folder, nor inside one: a run's seal covers only its stages' files
+        return runs.make_output_dir(option, "--out")
+    except runs.RunError as e:
+        raise FleetError(str(e)) from None
 
 
 def write_report(out: Path, ctx: dict) -> list[Path]:

@@ -252,6 +252,20 @@ def test_a_node_of_a_job_whose_run_never_arrived_is_a_row_and_no_pass(tmp_path):
     assert fleet.main([str(tmp_path / "j"), "--out", str(out)]) == 0
 
 
+@pytest.mark.parametrize("where", ["the run itself", "a folder inside the run"])
+def test_the_report_never_goes_into_a_run_folder(tmp_path, capsys, where):
+    """`--out submission_runs/m40_v1` wrote fleet.md/.json/.csv into the sealed run, which the next report
+    then called TAMPERED (bench refuses the same)."""
+    run_dir = make_node(tmp_path / "r", "n1")
+    before = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*"))
+    out = run_dir if where == "the run itself" else run_dir / "reports"
+    assert fleet.main([str(run_dir), "--out", str(out)]) == layout.EXIT_USAGE
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and ("pass another folder" in err[0] or "pass a folder outside every run" in err[0]), err
+    assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*")) == before
+    assert fleet.main([str(run_dir), "--out", str(tmp_path / "elsewhere")]) == 0
+
+
 def test_two_jobs_under_one_rendezvous_id_are_no_pass(tmp_path):
     """Two 2-node jobs both left --rdzv-id at its default (m40) and only node 0 of each arrived: two hosts, two
     node ranks 0. Counting hosts alone saw the job whole; the ranks say it is not."""
