@@ -368,10 +368,16 @@ def seal(run_dir: Path) -> Path:
 
 def nothing_to_do(args) -> tuple[str, int] | None:
     """`nox -s evidence` without --run-dir when the newest run is sealed: say so, with its verdict's exit code
-    (never seal a new empty run). With no run at all there is nothing to render: RunError (one line, exit 2)."""
+    (never seal a new empty run). With no run at all, or a --run-dir that holds none (a typo never becomes a
+    sealed empty run), there is nothing to render: RunError (one line, exit 2)."""
     found = runs.list_runs(layout.RUNS_DIR)
     if args.run_dir is None and not found:
         raise runs.RunError(f"no run folder in {layout.RUNS_DIR} to render; run `nox -s m40` first")
+    if args.run_dir is not None and not (runs.is_run(args.run_dir) or runs.is_sealed(args.run_dir)):
+        raise runs.RunError(
+            f"--run-dir {args.run_dir} is not a run folder (no {layout.STAGES_DIR}/ in it): nothing to render; "
+            "pass the folder a run's stages wrote into, or run nox -s m40"
+        )
     if args.run_dir is not None or not runs.is_sealed(found[-1]):
         return None
     code = layout.EXIT_STAGE["evidence"]  # a sealed run whose summary cannot be read has no verdict to give

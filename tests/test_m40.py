@@ -457,6 +457,21 @@ def test_evidence_alone_with_no_run_at_all_is_one_line_and_exit_2(capsys):
     assert runs.list_runs(layout.RUNS_DIR) == []
 
 
+@pytest.mark.parametrize("made", [False, True])
+def test_evidence_with_a_run_dir_that_is_no_run_is_one_line_and_exit_2(tmp_path, capsys, made):
+    """A typo in --run-dir made the folder and sealed an empty run there."""
+    target = tmp_path / "doesnotexist"
+    if made:
+        target.mkdir()
+    assert stage.main("evidence", ["--run-dir", str(target)]) == layout.EXIT_USAGE
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"evidence: error: --run-dir {target} is not a run folder (no stages/ in it): nothing to render; "
+        "pass the folder a run's stages wrote into, or run nox -s m40"
+    ]
+    assert list(target.iterdir()) == [] if made else not target.exists()
+
+
 def test_evidence_alone_on_a_sealed_newest_run_says_so_and_changes_nothing(monkeypatch, no_driver, capsys):
     use_fakes(monkeypatch)
     assert m40.main([]) == 10
