@@ -128,8 +128,10 @@ def write(run_dir: Path, rec: StageRecord) -> Path:
     try:
         tmp.write_text(json.dumps(asdict(rec), indent=2, sort_keys=True) + "\n")
         tmp.replace(path)
-    except BaseException:  # a full disk, a record made read-only: no half record left to be sealed later
+    except BaseException as e:  # a full disk, a record made read-only: no half record left to be sealed later
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is None:  # a failed write() names no file: this record is it
+            e.filename = str(path)
         raise
     return path
 

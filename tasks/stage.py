@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import sys
 import traceback
 from pathlib import Path
@@ -81,7 +82,12 @@ def config_changes() -> dict:
 
 
 def file_error(e: OSError) -> str:
-    return f"cannot write {e.filename} ({e.strerror or e}); make the run folder writable, or pass --run-dir DIR"
+    """One line for a file the run folder could not take: which, why, and the fix that fits."""
+    name = e.filename or "into the run folder"
+    if e.errno == errno.ENOSPC:
+        full = f"the disk is full ({e.strerror})"
+        return f"cannot write {name}: {full}; free space on it, or pass --run-dir DIR on another disk"
+    return f"cannot write {name} ({e.strerror or e}); make the run folder writable, or pass --run-dir DIR"
 
 
 def verdict_line(rec: records.StageRecord) -> str:

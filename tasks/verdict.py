@@ -150,7 +150,7 @@ def missing_evidence(recs: dict[str, StageRecord], files: Collection[str]) -> tu
 def did_not_finish(rec: StageRecord) -> str:
     return (
         f"{rec.stage} did not finish: it started at {rec.started} and was stopped before it wrote its result "
-        f"(killed: SIGKILL, the OOM killer, a job time limit?); run it again: nox -s {rec.stage}"
+        f"(killed: SIGKILL, the OOM killer, a job time limit? a full disk?); run it again: nox -s {rec.stage}"
     )
 
 

@@ -118,3 +118,25 @@ def test_a_password_in_a_url_never_reaches_a_record(tmp_path):
     assert "secret123" not in text and "abc123" not in text
     assert "pkgs.example/simple/" in records.read(tmp_path, "install").reason
     assert records.read(tmp_path, "install").figures["count"] == 3
+
+
+def test_a_full_disk_names_the_record_and_says_to_free_space(tmp_path, monkeypatch):
+    """ENOSPC from a write carries no file name: the line read `cannot write None (...)`, with the fix for a
+    read-only folder."""
+    import errno
+    from pathlib import Path as P
+
+    from tasks import stage
+
+    def full(self, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(P, "write_text", full)
+    with pytest.raises(OSError) as caught:
+        records.write(tmp_path, records.StageRecord("probe", records.StageStatus.RUNNING))
+    line = stage.file_error(caught.value)
+    assert line == (
+        f"cannot write {layout.stage_record_path(tmp_path, 'probe')}: the disk is full (No space left on device); "
+        "free space on it, or pass --run-dir DIR on another disk"
+    )
+    assert "None" not in stage.file_error(OSError(errno.EACCES, "Permission denied"))
