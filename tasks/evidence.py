@@ -39,6 +39,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -435,6 +436,14 @@ def start_collect_env(run_dir: Path, recs: dict[str, StageRecord] | None = None)
         return False
     STARTED[run_dir.resolve()] = (child, time.monotonic())
     return True
+
+
+def stop_collect_env(run_dir: Path) -> None:
+    """Kill the collect_env started for this run, if any (write_collect_env then notes its exit code): an
+    interrupted run is sealed in seconds, never after collect_env's minutes."""
+    started = STARTED.get(run_dir.resolve())
+    if started is not None:
+        proc.signal_group(started[0], signal.SIGKILL)
 
 
 def write_collect_env(run_dir: Path, recs: dict[str, StageRecord]) -> None:

@@ -6,7 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-from tasks import evidence, layout, multinode, records, runs, stage, validate
+from tasks import evidence, layout, multinode, proc, records, runs, stage, validate
 from tasks.config import ConfigError
 
 DESCRIPTION = (
@@ -33,7 +33,8 @@ def main(argv: list[str]) -> int:
         with runs.locked(run_dir):
             refuse_earlier_attempt(run_dir)
             print(f"m40: run folder {run_dir}", flush=True)
-            return _chain(run_dir, args)
+            with proc.terminate_as_interrupt():  # a job's time limit seals the run as Ctrl-C does
+                return _chain(run_dir, args)
     except (runs.RunError, ConfigError) as e:
         print(f"m40: error: {e}", file=sys.stderr)
         return e.exit_code
@@ -107,8 +108,15 @@ def _chain(run_dir, args) -> int:
         if getattr(args, "train_prestarted", None) is not None:  # cuda_check failed, or Ctrl-C: train never ran
             stage.MODULES["train"].cancel(args.train_prestarted)
             args.train_prestarted = None
-        # Evidence runs on success, failure and Ctrl-C alike; a second Ctrl-C here is not caught.
-        ev = stage.execute("evidence", run_dir, args)
+        # Evidence runs on success, failure and Ctrl-C alike, and a second Ctrl-C or SIGTERM cannot stop the
+        # seal (it only stops collect_env's wait); after an interrupt it does not wait for collect_env at all:
+        # a time limit's SIGKILL follows its SIGTERM in seconds.
+        if code == layout.EXIT_INTERRUPTED:
+            evidence.stop_collect_env(run_dir)
+        with proc.interrupts_deferred(lambda: evidence.stop_collect_env(run_dir)) as came:
+            ev = stage.execute("evidence", run_dir, args)
+        if came:
+            code = layout.EXIT_INTERRUPTED
     if not ev.ok:
         code = code or stage.exit_code(ev)
         print(f"m40: no verdict (exit {code}): evidence failed — {ev.reason}", flush=True)

@@ -236,3 +236,46 @@ def copy_lines(child: subprocess.Popen, echo: bool, on_line: Callable[[str], Non
         if log:
             log.write(line)
             log.flush()
+
+
+# --------------------------------------------------------------------------- signals
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt():
+    """SIGTERM (a job's time limit under Slurm, a pod's stop, `timeout`) raises KeyboardInterrupt while inside,
+    so it takes Ctrl-C's path: the stage is recorded INTERRUPTED and m40 seals the run. The handler before is
+    put back after; off the main thread (where Python allows no handler) nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    before = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+@contextlib.contextmanager
+def interrupts_deferred(on_signal: Callable[[], None]):
+    """SIGINT and SIGTERM call on_signal() instead of interrupting what runs inside (a run's seal, which must
+    finish once begun); yields the list of the signals that came. Handlers put back after; main thread only."""
+    came: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield came
+        return
+
+    def note(signum, frame):
+        came.append(signum)
+        on_signal()
+
+    before = {sig: signal.signal(sig, note) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield came
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)

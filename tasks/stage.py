@@ -26,7 +26,21 @@ import sys
 import traceback
 from pathlib import Path
 
-from tasks import cuda_check, evidence, install, layout, probe, proof, records, runs, train, validate, venvs, verdict
+from tasks import (
+    cuda_check,
+    evidence,
+    install,
+    layout,
+    probe,
+    proc,
+    proof,
+    records,
+    runs,
+    train,
+    validate,
+    venvs,
+    verdict,
+)
 from tasks.config import ConfigError
 from tasks.records import StageStatus, Timer
 
@@ -127,7 +141,7 @@ def main(stage: str, argv: list[str]) -> int:
             print(f"{stage}: {why}", flush=True)
             return code
         run_dir = runs.resolve(layout.RUNS_DIR, args.run_dir, new=False)
-        with runs.locked(run_dir):
+        with runs.locked(run_dir), proc.terminate_as_interrupt():  # SIGTERM: recorded as Ctrl-C is
             print(f"{stage}: run folder {run_dir}", flush=True)
             rec = execute(stage, run_dir, args)
     except (runs.RunError, ConfigError) as e:

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from types import SimpleNamespace
 
 import fake_gpu
@@ -221,6 +222,41 @@ def test_ctrl_c_exits_130_and_the_run_says_where(monkeypatch, good_driver):
     assert "train" not in statuses(run_dir)
     assert runs.is_sealed(run_dir)  # evidence ran after Ctrl-C
     assert "**INTERRUPTED at cuda_check** (exit code 130)." in (run_dir / layout.README_FILE).read_text()
+
+
+def test_sigterm_is_an_interrupt_and_the_run_is_sealed(monkeypatch, good_driver):
+    """Slurm's --time limit, Kubernetes and `timeout` send SIGTERM: the run was left unsealed with a stage
+    "running". It is Ctrl-C's path now: the stage INTERRUPTED, the run sealed with what it has."""
+    import signal
+
+    def terminated(run_dir, args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler interrupts this
+        raise AssertionError("SIGTERM did not interrupt the stage")
+
+    train = SimpleNamespace(DESCRIPTION="fake train", add_arguments=lambda parser: None, run=terminated)
+    use_fakes(monkeypatch, train=train)
+    assert m40.main([]) == layout.EXIT_INTERRUPTED
+    run_dir = only_run()
+    assert statuses(run_dir)["train"] == records.StageStatus.INTERRUPTED and runs.is_sealed(run_dir)
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # put back as it was
+
+
+def test_a_second_interrupt_while_the_run_is_sealed_does_not_stop_the_seal(monkeypatch, good_driver, capsys):
+    """Ctrl-C twice: the second one arrived while evidence sealed and left the run without SHA256SUMS."""
+    import signal
+
+    real = evidence.run
+
+    def pressed_again(run_dir, args, **kw):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real(run_dir, args, **kw)
+
+    use_fakes(monkeypatch, cuda_check=fake_stage("cuda_check", raises=KeyboardInterrupt()))
+    monkeypatch.setattr(evidence, "run", pressed_again)
+    assert m40.main([]) == layout.EXIT_INTERRUPTED
+    assert runs.is_sealed(only_run())
+    assert signal.getsignal(signal.SIGINT) == signal.default_int_handler
 
 
 def test_bad_option_is_a_usage_error(monkeypatch):
