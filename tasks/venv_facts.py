@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
 import json
 import os
@@ -113,13 +114,21 @@ def freezing(python: Path, log: CommandLog):
             log.finish(started)
 
 
+DISTRIBUTIONS = "every distribution (name==version)"  # record_hashes' key for the venv's whole list
+
+
 def record_hashes(info: dict) -> dict[str, str]:
-    """{"torch==2.9.0+cu128": sha256 of its RECORD, ...} for torch, triton and the nvidia-* dists."""
-    out = {}
+    """{"torch==2.9.0+cu128": sha256 of its RECORD, ...} for torch, triton and the nvidia-* dists, and under
+    DISTRIBUTIONS the sha256 of the sorted name==version list of every other one but pip's tooling: a
+    gpu_package or a dependency removed or changed since install is a change too."""
+    out, listed = {}, []
     for d in info.get("dists", []):
         if HASHED.match(normalize(d["name"])):
             record = identity.record_in(d["location"], d["name"], d["version"])
             out[f"{d['name']}=={d['version']}"] = identity.sha256_of(record) if record else "no RECORD"
+        elif normalize(d["name"]) not in TOOLING:
+            listed.append(f"{normalize(d['name'])}=={d['version']}")
+    out[DISTRIBUTIONS] = hashlib.sha256("\n".join(sorted(listed)).encode()).hexdigest()
     return out
 
 

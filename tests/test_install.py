@@ -935,6 +935,24 @@ def test_a_torch_swapped_in_place_with_the_same_version_is_not_a_no_op(world, tm
     assert rec3.figures["noop"] is True  # the reinstalled torch matches its marker again
 
 
+def test_a_gpu_package_removed_from_the_venv_is_not_a_no_op(world, tmp_path):
+    """pip uninstall of a gpu_package (transformers, pyyaml) in .venv-gpu left install saying "verified again:
+    nothing to do", and cuda_check then died on a ModuleNotFoundError."""
+    venv = tmp_path / ".venv-gpu"
+    argv = ("--channel", "wheelhouse", "--wheelhouse", str(world["house"]))
+    rec, _ = run_install(world, tmp_path, venv, *argv, settings=world["settings"])
+    assert rec.status == "pass", rec.reason
+    done = subprocess.run(
+        [layout.gpu_python(venv), "-m", "pip", "uninstall", "-y", GPU_DEP.split("=")[0]], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    rec2, run2 = run_install(world, tmp_path, venv, *argv, settings=world["settings"], name="run2")
+    assert rec2.status == "pass" and rec2.figures["noop"] is False, rec2.reason
+    assert "nothing to do" not in (run2 / "torch_version.txt").read_text()
+    rec3, _ = run_install(world, tmp_path, venv, *argv, settings=world["settings"], name="run3")
+    assert rec3.figures["noop"] is True
+
+
 def test_a_symlinked_or_foreign_venv_is_left_alone_with_one_line(world, tmp_path):
     target = tmp_path / "elsewhere"
     venvs.create(target, sys.executable, prompt="x")

@@ -19,7 +19,10 @@ def test_record_hashes_keeps_torch_and_the_nvidia_dists_and_says_when_a_record_i
     assert venv_facts.record_hashes({"dists": dists}) == {
         "torch==2.11.0+cu128": hashlib.sha256((info / "RECORD").read_bytes()).hexdigest(),
         "nvidia-cublas-cu12==12.8.4.1": "no RECORD",
+        venv_facts.DISTRIBUTIONS: hashlib.sha256(b"numpy==2.1.0").hexdigest(),  # the rest, by name and version
     }
+    pip = {"name": "pip", "version": "25.0", "location": str(tmp_path)}
+    assert venv_facts.record_hashes({"dists": [*dists, pip]}) == venv_facts.record_hashes({"dists": dists})
 
 
 def test_from_python_names_a_file_that_runs_not_a_folder(tmp_path):
