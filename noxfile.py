@@ -29,6 +29,10 @@ if (_refused := validate.unknown_channels(sys.argv[1:], CHANNELS)) is not None:
     raise SystemExit(2)
 
 
+if (_refused := validate.forced_python_refusal(sys.argv[1:])) is not None:
+    print(_refused, file=sys.stderr)  # else every install(<channel>) session fails with a TypeError
+    raise SystemExit(2)
+
 if validate.bare_install(sys.argv[1:], CHANNELS):
     print(validate.bare_install_refusal(CHANNELS), file=sys.stderr)
     raise SystemExit(2)

@@ -94,6 +94,24 @@ PYTHON_FLAGS = (
 )
 
 
+FORCED_PYTHON_FLAGS = ("-P", "--force-python", "--force-pythons", "--extra-python", "--extra-pythons")
+
+
+def forced_python_refusal(argv: list[str]) -> str | None:
+    """One line refusing nox's -P/--force-python/--extra-python (before `--`): they add the value to every
+    session's pythons, and a session here runs in no interpreter of nox's (install's python is its channel)."""
+    for arg in argv:
+        if arg == "--":
+            return None
+        flag = arg.split("=", 1)[0]
+        if flag in FORCED_PYTHON_FLAGS or (arg.startswith("-P") and not arg.startswith("--")):
+            return (
+                f"nox: {flag if flag in FORCED_PYTHON_FLAGS else '-P'} is not for this project: its sessions run in "
+                "no interpreter of nox's; name a channel with nox -s install -p CHANNEL"
+            )
+    return None
+
+
 def python_args(argv: list[str]) -> list[str]:
     """The values given to nox's -p/--python (and -P, --extra-python) on its command line: channel names here."""
     out: list[str] = []

@@ -365,6 +365,22 @@ def test_a_bare_install_is_told_apart_by_nox_own_reading_of_p(argv, bare):
     assert validate.bare_install(argv, ["cu128", "cu124", "auto"]) is bare
 
 
+@pytest.mark.parametrize(
+    "argv", [["--force-python", "cu128", "-s", "install"], ["-P", "cu128"], ["--extra-python=cu124", "-s", "m40"]]
+)
+def test_nox_forced_or_extra_pythons_are_one_line_and_exit_2(project, argv):
+    """nox's -P/--force-python and --extra-python add the value to every session's pythons: each install(<channel>)
+    session then failed with a TypeError traceback, twelve in a row."""
+    result = project.nox(*argv)
+    out = result.stdout + result.stderr
+    assert result.returncode == USAGE and "Traceback" not in out, out
+    flag = argv[0].split("=")[0]
+    assert result.stderr.strip().splitlines() == [
+        f"nox: {flag} is not for this project: its sessions run in no interpreter of nox's; "
+        "name a channel with nox -s install -p CHANNEL"
+    ]
+
+
 def test_nox_install_help_with_python_equals_a_channel_is_the_help_not_a_refusal():
     root = Path(__file__).resolve().parent.parent
     done = subprocess.run(  # noqa: S603
