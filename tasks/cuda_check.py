@@ -271,7 +271,8 @@ def figures_from(result: dict) -> dict:
         "nproc": result.get("gpus_checked", 0),
         "thresholds": thresholds(result.get("settings") or {}),
     }
-    failed, unjudged = [], {}
+    failed: list[str] = []
+    unjudged: dict[str, list[int]] = {}
     for c in result.get("checks", []):
         data, gpu, name = c.get("data") or {}, c.get("gpu"), c.get("name")
         if c.get("status") == "FAIL":
