@@ -241,6 +241,10 @@ def copy_lines(child: subprocess.Popen, echo: bool, on_line: Callable[[str], Non
 # --------------------------------------------------------------------------- signals
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised as an interrupt (terminate_as_interrupt): Ctrl-C's path, with its own words."""
+
+
 @contextlib.contextmanager
 def terminate_as_interrupt():
     """SIGTERM (a job's time limit under Slurm, a pod's stop, `timeout`) raises KeyboardInterrupt while inside,
@@ -251,7 +255,7 @@ def terminate_as_interrupt():
         return
 
     def interrupt(signum, frame):
-        raise KeyboardInterrupt
+        raise Terminated
 
     before = signal.signal(signal.SIGTERM, interrupt)
     try:

@@ -239,6 +239,9 @@ def test_sigterm_is_an_interrupt_and_the_run_is_sealed(monkeypatch, good_driver)
     assert m40.main([]) == layout.EXIT_INTERRUPTED
     run_dir = only_run()
     assert statuses(run_dir)["train"] == records.StageStatus.INTERRUPTED and runs.is_sealed(run_dir)
+    assert (
+        records.read(run_dir, "train").reason == "stopped by SIGTERM (a job's time limit, a stop request) during train"
+    )
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # put back as it was
 
 
