@@ -137,8 +137,9 @@ def tool_commit(root: Path | None = None) -> str:
 
 
 def changed_files(paths: list[str], root: Path | None = None) -> list[str] | None:
-    """Which of `paths` (relative to the checkout) differ from its git commit: edited, deleted or new; None
-    where git cannot tell (no git, not a checkout)."""
+    """Which of `paths` (relative to the checkout) differ from its git commit in content: edited, deleted or
+    new (a mode changed by a copy or a mount is not a change); None where git cannot tell (no git, not a
+    checkout)."""
     root = root or layout.ROOT
 
     def git(*args: str) -> subprocess.CompletedProcess | None:
@@ -149,7 +150,7 @@ def changed_files(paths: list[str], root: Path | None = None) -> list[str] | Non
         return done if done.returncode == 0 else None
 
     prefix = git("rev-parse", "--show-prefix")  # the checkout inside a larger repository: its paths start there
-    status = git("status", "--porcelain", "--untracked-files=all", "--", *paths)
+    status = git("-c", "core.fileMode=false", "status", "--porcelain", "--untracked-files=all", "--", *paths)
     if prefix is None or status is None:
         return None
     listed = {line[3:].strip().strip('"') for line in status.stdout.splitlines() if len(line) > 3}

@@ -170,6 +170,8 @@ def test_changed_files_names_what_differs_from_the_commit_and_nothing_outside_gi
     subprocess.run([*git, "commit", "-qm", "c"], check=True)
     paths = ["configs/a.yaml", "configs/b.yaml", "configs/c.yaml", "configs/new.yaml"]
     assert proof.changed_files(paths, repo) == []
+    (repo / "configs" / "b.yaml").chmod(0o755)  # a copy or a mount that changes modes changes no number
+    assert proof.changed_files(paths, repo) == []
     (repo / "configs" / "a.yaml").write_text("x: 0.01\n")
     (repo / "configs" / "c.yaml").unlink()
     (repo / "configs" / "new.yaml").write_text("y: 2\n")
