@@ -35,6 +35,8 @@ def load_yaml(path: Path, *, empty_ok: bool = False) -> dict:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"config file {path} not found; pass an existing file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a folder; pass a file") from None
     except UnicodeDecodeError as e:
         raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
     except OSError as e:
@@ -92,9 +94,17 @@ def version_arg(text: str) -> str:
 # --------------------------------------------------------------------------- settings (m40.yaml)
 
 
+SETTINGS_KEYS = ("min_driver_cuda", "channel_order", "gpu_packages", "gpu_packages_no_deps")
+
+
 def load_settings(path: Path | None = None) -> dict:
     path = Path(path or layout.SETTINGS_FILE)
     data = load_yaml(path)
+    for key in data:
+        if key not in SETTINGS_KEYS:
+            raise ConfigError(
+                f"{path}: unknown key {key}; the keys are {', '.join(SETTINGS_KEYS)} (see configs/m40.yaml)"
+            )
     for key in ("min_driver_cuda", "channel_order", "gpu_packages"):
         _require(key in data, path, key, "missing; add it (see configs/m40.yaml in the repository)")
     try:

@@ -1032,3 +1032,19 @@ def test_the_verifier_runs_with_the_launchers_whole_environment_not_ours_merged_
         [sys.executable, "-c", "import os; print(os.environ.get('PYTHONOPTIMIZE'))"], whole_env=proc.gpu_env()
     )
     assert (rc, out.strip()) == (0, "None")
+
+
+def test_a_settings_file_with_an_unknown_key_or_a_folder_for_a_file_is_one_line(tmp_path):
+    """`bogus: 1` was accepted silently (a misspelt `gpu_package:` would then install nothing it names), and a
+    folder was 'cannot be read (Is a directory); check its permissions'."""
+    path = tmp_path / "m40.yaml"
+    path.write_text('min_driver_cuda: "12.8"\nchannel_order: [cu128]\ngpu_packages: []\ngpu_package: [x]\n')
+    with pytest.raises(config.ConfigError) as e:
+        config.load_settings(path)
+    assert str(e.value) == (
+        f"{path}: unknown key gpu_package; the keys are min_driver_cuda, channel_order, gpu_packages, "
+        "gpu_packages_no_deps (see configs/m40.yaml)"
+    )
+    with pytest.raises(config.ConfigError) as e:
+        config.load_settings(tmp_path)
+    assert str(e.value) == f"config file {tmp_path} is a folder; pass a file"
