@@ -417,6 +417,7 @@ def after_record(run_dir: Path, rec: StageRecord) -> None:
 COLLECT_ENV_TIMEOUT_S = 180  # collect_env imports torch and runs nvidia-smi and pip: seconds, not minutes
 # collect_env started ahead (start_collect_env: m40 starts it as train begins), by run folder: (child, started at).
 STARTED: dict[Path, tuple[subprocess.Popen, float]] = {}
+STOPPED: set[Path] = set()  # runs interrupted: collect_env is not started for them (stop_collect_env)
 
 
 def start_collect_env(run_dir: Path, recs: dict[str, StageRecord] | None = None) -> bool:
@@ -427,6 +428,9 @@ def start_collect_env(run_dir: Path, recs: dict[str, StageRecord] | None = None)
     recs = records.read_all(run_dir) if recs is None else recs
     install = recs.get("install")
     if run_dir.resolve() in STARTED or target.exists() or not python.exists() or install is None or not install.ok:
+        return False
+    if run_dir.resolve() in STOPPED:  # an interrupted run is sealed now, not after collect_env's minutes
+        target.write_text("not run: the run was interrupted, and it is sealed without waiting for it\n")
         return False
     cmd = proc.gpu_command(python, "torch.utils.collect_env", [])  # the one launcher: isolated from our PYTHON*
     target.write_text(f"$ {' '.join(cmd)}\n\n", encoding="utf-8")
@@ -443,6 +447,7 @@ def start_collect_env(run_dir: Path, recs: dict[str, StageRecord] | None = None)
 def stop_collect_env(run_dir: Path) -> None:
     """Kill the collect_env started for this run, if any (write_collect_env then notes its exit code): an
     interrupted run is sealed in seconds, never after collect_env's minutes."""
+    STOPPED.add(run_dir.resolve())
     started = STARTED.get(run_dir.resolve())
     if started is not None:
         proc.signal_group(started[0], signal.SIGKILL)

@@ -395,7 +395,7 @@ def per_host(rows: list[dict], figure: str) -> list[float]:
 
 def find_outliers(rows: list[dict], settings: dict) -> list[dict]:
     """Nodes more than outlier_share below their group's median, per figure; marks each row too."""
-    found = short_of_gpus(rows) if "gpu_count" in settings["outlier_figures"] else []
+    found = short_of_gpus(rows, settings["min_nodes"]) if "gpu_count" in settings["outlier_figures"] else []
     for figure in (f for f in settings["outlier_figures"] if f != "gpu_count"):
         # The median is over PASS nodes; a sealed PARTIAL or FAIL node that measured the figure is compared too.
         groups: dict[tuple, list[dict]] = {}
@@ -426,36 +426,41 @@ def find_outliers(rows: list[dict], settings: dict) -> list[dict]:
     return sorted(found, key=lambda o: (-o["below_pct"], o["run"]))
 
 
-def short_of_gpus(rows: list[dict]) -> list[dict]:
-    """Nodes with fewer GPUs than another node of their model: a GPU the driver never enumerated (a link down
-    at boot, a container given 7 of 8) passes the node's own run, whose checks cover the GPUs it has. The
-    expectation is the most GPUs any node of the model has (outlier "median": that count)."""
+def short_of_gpus(rows: list[dict], min_nodes: int) -> list[dict]:
+    """Nodes with fewer GPUs than most nodes of their model have: a GPU the driver never enumerated (a link
+    down at boot, a container given 7 of 8) passes the node's own run, whose checks cover the GPUs it has.
+    The expectation is the count most PASS hosts of the model have (ties: the larger), and only where at least
+    min_nodes hosts have it (outlier "median": that count)."""
     judged = [
         r
         for r in rows
         if r["verdict"] in ("PASS", "PARTIAL", "FAIL") and r["gpu_model"] and isinstance(r["gpu_count"], int)
     ]
-    hosts: dict[str, set[str]] = {}
+    counts: dict[str, dict[str, int]] = {}  # model -> host -> its count (PASS rows)
     for r in judged:
-        hosts.setdefault(r["gpu_model"], set()).add(host_of(r))
+        if r["verdict"] == "PASS":
+            counts.setdefault(r["gpu_model"], {})[host_of(r)] = r["gpu_count"]
     found = []
     for r in judged:
-        most = max(p["gpu_count"] for p in judged if p["gpu_model"] == r["gpu_model"])
-        if r["gpu_count"] < most and len(hosts[r["gpu_model"]]) > 1:
-            below = 1 - r["gpu_count"] / most
-            found.append(
-                {
-                    "host": r["host"],
-                    "run": r["run"],
-                    "gpu_model": r["gpu_model"],
-                    "figure": "gpu_count",
-                    "value": r["gpu_count"],
-                    "median": most,
-                    "nodes": len(hosts[r["gpu_model"]]),
-                    "below_pct": round(100 * below, 1),
-                }
-            )
-            r["outliers"].append(f"{r['gpu_count']} GPUs where its peers have {most}")
+        per_host = list(counts.get(r["gpu_model"], {}).values())
+        if not per_host:
+            continue
+        expected = max(set(per_host), key=lambda n: (per_host.count(n), n))
+        if r["gpu_count"] >= expected or per_host.count(expected) < min_nodes:
+            continue
+        found.append(
+            {
+                "host": r["host"],
+                "run": r["run"],
+                "gpu_model": r["gpu_model"],
+                "figure": "gpu_count",
+                "value": r["gpu_count"],
+                "median": expected,
+                "nodes": len(per_host),
+                "below_pct": round(100 * (1 - r["gpu_count"] / expected), 1),
+            }
+        )
+        r["outliers"].append(f"{r['gpu_count']} GPUs where its peers have {expected}")
     return found
 
 

@@ -639,6 +639,8 @@ def satisfied(ctx: Context, names: list[str]) -> tuple[dict, dict, str] | None:
         return None
     python = layout.gpu_python(ctx.venv)
     now = venv_facts.record_hashes(venv_facts.dists(python, ctx.log))
+    if venv_facts.DISTRIBUTIONS not in (marker.get("record_hashes") or {}):  # a marker older than that hash:
+        now.pop(venv_facts.DISTRIBUTIONS)  # judged as it was written, never gigabytes of torch again for it
     if now != marker.get("record_hashes"):
         changed = sorted(
             k

@@ -22,6 +22,7 @@ from typing import TextIO
 from tasks import layout
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+INTERRUPT_GRACE_S = 10  # after Ctrl-C or SIGTERM, a child's time to stop on its own before SIGKILL
 
 
 def die_with_parent() -> None:
@@ -172,7 +173,11 @@ def tee(
             return 124 if timed_out.is_set() else code
         except KeyboardInterrupt:
             signal_group(child, signal.SIGINT)
-            child.wait()
+            try:  # a child stuck in a CUDA or NCCL call never runs its SIGINT handler: a time limit's seal waits not
+                child.wait(timeout=INTERRUPT_GRACE_S)
+            except subprocess.TimeoutExpired:
+                signal_group(child, signal.SIGKILL)
+                child.wait()
             raise
         finally:
             if timer:

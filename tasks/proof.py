@@ -150,8 +150,9 @@ def changed_files(paths: list[str], root: Path | None = None) -> list[str] | Non
         return done if done.returncode == 0 else None
 
     prefix = git("rev-parse", "--show-prefix")  # the checkout inside a larger repository: its paths start there
+    tracked = git("ls-files", "--error-unmatch", "--", *paths[:1])  # a copy unpacked in another repo: no checkout
     status = git("-c", "core.fileMode=false", "status", "--porcelain", "--untracked-files=all", "--", *paths)
-    if prefix is None or status is None:
+    if prefix is None or tracked is None or status is None:
         return None
     listed = {line[3:].strip().strip('"') for line in status.stdout.splitlines() if len(line) > 3}
     return [p for p in paths if prefix.stdout.strip() + p in listed]

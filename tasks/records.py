@@ -142,7 +142,7 @@ def read(run_dir: Path, stage: str) -> StageRecord | None:
         return None
     try:
         return _parse(path.read_text(encoding="utf-8"), stage)
-    except (OSError, ValueError, TypeError) as e:  # a damaged or hand-made record is a FAIL, never a crash
+    except (OSError, ValueError, TypeError, RecursionError) as e:  # a damaged or hand-made record: FAIL, no crash
         why = e.strerror if isinstance(e, OSError) else e
         return StageRecord(
             stage,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import os
 from pathlib import Path
 
 import yaml
@@ -100,6 +101,12 @@ FORCED_PYTHON_FLAGS = ("-P", "--force-python", "--force-pythons", "--extra-pytho
 def forced_python_refusal(argv: list[str]) -> str | None:
     """One line refusing nox's -P/--force-python/--extra-python (before `--`): they add the value to every
     session's pythons, and a session here runs in no interpreter of nox's (install's python is its channel)."""
+    for name in ("NOXFORCEPYTHON", "NOXEXTRAPYTHON"):  # nox reads these as -P and --extra-python
+        if os.environ.get(name):
+            return (
+                f"nox: {name} is not for this project: its sessions run in no interpreter of nox's; unset it, "
+                "and name a channel with nox -s install -p CHANNEL"
+            )
     for arg in argv:
         if arg == "--":
             return None

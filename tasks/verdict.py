@@ -3,13 +3,13 @@
 Pure functions (no files but the rules' YAML, no torch), so that the judgement has a table test:
 
     FAIL / INTERRUPTED  a stage failed, was interrupted, did not finish (its record still says
-                        "running"), was skipped or left no record; or the stages ran on different
-                        machines (each record's `host`); or install, cuda_check and train ran
-                        different torches (torch_identity differs)
+                        "running"), was skipped or left no record; or install, cuda_check and train
+                        ran different torches (torch_identity differs)
     PARTIAL             every stage passed, but not the whole claim: a check changed from its
                         default (configs/verdict.yaml; train's thresholds vs the default training
                         config; steps outside 10-50), training on the CPU, fewer training processes
-                        than GPUs, GPUs that NVML sees hidden from torch, a per-GPU check cuda_check
+                        than GPUs, GPUs that NVML sees hidden from torch, stages on several hosts
+                        (each record's `host`), a per-GPU check cuda_check
                         could not judge (`unjudged_checks`), a config file the verdict rests on that
                         differed from the tool's git commit (`changed_configs`), a training config
                         that is not this tool's (`config_path`), or a figure not recorded
@@ -104,10 +104,10 @@ def judge(recs: dict[str, StageRecord], rules: Rules, files: Collection[str]) ->
     the files in its folder (relative to it)."""
     failed = stage_failure(recs) or missing_evidence(recs, files)
     harmless, deviations = judge_overrides(recs, rules)
-    deviations += coverage_deviations(recs) + unjudged_checks(recs) + identity_gaps(recs)
+    deviations += coverage_deviations(recs) + host_deviations(recs) + unjudged_checks(recs) + identity_gaps(recs)
     deviations += training_check_deviations(recs, rules) + config_deviations(recs, rules)
     if failed is None:
-        failed = host_disagreement(recs) or torch_disagreement(recs)
+        failed = torch_disagreement(recs)
     if failed is not None:
         word, stage, reason = failed
         return Verdict(word, stage, reason, tuple(deviations), tuple(harmless))
@@ -222,20 +222,23 @@ def unjudged_checks(recs: dict[str, StageRecord]) -> list[str]:
     return [f"cuda_check could not judge {names} (its reason says why)"] if names else []
 
 
-def host_disagreement(recs: dict[str, StageRecord]) -> tuple[str, str, str] | None:
-    """FAIL at the first stage that ran on another machine than the first stage did (records from before
-    the `host` field have none and are not compared): one run proves one machine."""
-    hosts = [(s, rec.host) for s in WORK_STAGES if (rec := recs.get(s)) is not None and rec.host]
-    for name, host in hosts[1:]:
-        if host != hosts[0][1]:
-            first, first_host = hosts[0]
-            return (
-                FAIL,
-                name,
-                f"{name} ran on {host}, but {first} ran on {first_host}: one run folder holds the stages of two "
-                "machines (a submission_runs/ shared between them?); run nox -s m40 on the machine to judge",
-            )
-    return None
+def host_deviations(recs: dict[str, StageRecord]) -> list[str]:
+    """The stages that ran on another host than the first stage did (records from before the `host` field
+    have none and are not compared): one run shows one machine. PARTIAL, not FAIL: a container per stage on
+    one machine has a host name per container too."""
+    hosts = [
+        (s, rec.host)
+        for s in WORK_STAGES
+        if (rec := recs.get(s)) is not None and isinstance(rec.host, str) and rec.host
+    ]
+    first, first_host = hosts[0] if hosts else ("", "")
+    others = [f"{name} on {host}" for name, host in hosts[1:] if host != first_host]
+    if not others:
+        return []
+    return [
+        f"{', '.join(others)}, but {first} ran on {first_host}: one run holds the stages of several hosts (a "
+        "submission_runs/ shared between machines, or a container per stage?); run nox -s m40 in one place"
+    ]
 
 
 def config_deviations(recs: dict[str, StageRecord], rules: Rules) -> list[str]:

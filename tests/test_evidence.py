@@ -479,3 +479,18 @@ def test_no_collect_env_without_a_passing_install(tmp_path, monkeypatch):
     run_dir = make_run(tmp_path, {"probe": StageStatus.PASS, "install": StageStatus.FAIL})
     render(run_dir)
     assert not (run_dir / layout.COLLECT_ENV).exists()
+
+
+def test_an_interrupted_run_starts_no_collect_env_and_is_sealed_at_once(tmp_path, monkeypatch):
+    """After an interrupt during cuda_check, evidence started collect_env and waited up to its 180 s; a time
+    limit's SIGKILL (Slurm's KillWait: 30 s) came before the seal."""
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\nsleep 30\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(layout, "gpu_python", lambda venv=None: fake)
+    run_dir = make_run(tmp_path, ALL_PASS)
+    evidence.stop_collect_env(run_dir)
+    started = time.monotonic()
+    evidence.write_collect_env(run_dir, records.read_all(run_dir))
+    assert time.monotonic() - started < 5
+    assert (run_dir / layout.COLLECT_ENV).read_text().startswith("not run: the run was interrupted")

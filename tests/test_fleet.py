@@ -307,6 +307,11 @@ def test_a_node_with_fewer_gpus_than_its_peers_is_an_outlier(tmp_path):
     assert row_of(doc, "node05")["outliers"] == ["7 GPUs where its peers have 8"]
     make_node(tmp_path / "g", "solo", gpus=7)  # one node alone has no peers to fall short of
     assert fleet.main([str(tmp_path / "g"), "--out", str(tmp_path / "g-out")]) == 0
+    for i in range(1, 4):  # a cloud's VM sizes: three 2-GPU nodes and one 8-GPU node of one model
+        make_node(tmp_path / "v", f"small{i}", gpus=2)
+    make_node(tmp_path / "v", "big", gpus=8)
+    _, doc, _, _ = report(tmp_path / "v-rep", tmp_path / "v")
+    assert [o for o in doc["outliers"] if o["figure"] == "gpu_count"] == []
 
 
 def test_hostile_text_cannot_break_the_table_or_a_spreadsheet(tmp_path):

@@ -466,3 +466,11 @@ def test_a_bare_install_with_an_unreadable_catalog_names_the_catalog_not_an_empt
     assert validate.bare_install_refusal(["cu128", "auto"]) == (
         "nox: name one channel: nox -s install -p CHANNEL (one of cu128, auto)"
     )
+
+
+@pytest.mark.parametrize("name", ["NOXFORCEPYTHON", "NOXEXTRAPYTHON"])
+def test_nox_forced_python_from_the_environment_is_refused_too(monkeypatch, name):
+    monkeypatch.setenv(name, "3.12")
+    assert validate.forced_python_refusal(["-s", "install(cu128)", "--", "--help"]).startswith(f"nox: {name} is not")
+    monkeypatch.delenv(name)
+    assert validate.forced_python_refusal(["-s", "install", "-p", "cu128"]) is None

@@ -951,6 +951,12 @@ def test_a_gpu_package_removed_from_the_venv_is_not_a_no_op(world, tmp_path):
     assert "nothing to do" not in (run2 / "torch_version.txt").read_text()
     rec3, _ = run_install(world, tmp_path, venv, *argv, settings=world["settings"], name="run3")
     assert rec3.figures["noop"] is True
+    marker_path = venv / layout.VENV_MARKER  # a marker written before the list's hash: no reinstall for it
+    marker = json.loads(marker_path.read_text())
+    del marker["record_hashes"][venv_facts.DISTRIBUTIONS]
+    marker_path.write_text(json.dumps(marker))
+    rec4, _ = run_install(world, tmp_path, venv, *argv, settings=world["settings"], name="run4")
+    assert rec4.figures["noop"] is True
 
 
 def test_a_symlinked_or_foreign_venv_is_left_alone_with_one_line(world, tmp_path):

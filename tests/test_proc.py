@@ -213,3 +213,20 @@ def test_release_says_go_once_and_closes_the_pipe_even_to_a_child_that_has_gone(
     assert gone.stdin.closed
     gone.stdout.close()
     child.stdout.close()
+
+
+def test_a_child_that_ignores_the_interrupt_is_killed_after_the_grace(tmp_path, monkeypatch):
+    """SIGTERM (a time limit) is turned into an interrupt, and tee sends the child SIGINT: a child stuck in a
+    CUDA call never acts on it, and tee waited for it without end."""
+    import os
+    import signal
+    import threading
+    import time
+
+    monkeypatch.setattr(proc, "INTERRUPT_GRACE_S", 1)
+    child = [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); time.sleep(60)"]
+    threading.Timer(1.0, lambda: os.kill(os.getpid(), signal.SIGTERM)).start()
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt), proc.terminate_as_interrupt():
+        proc.tee(child, tmp_path / "log.txt", echo=False)
+    assert time.monotonic() - started < 15

@@ -177,3 +177,7 @@ def test_changed_files_names_what_differs_from_the_commit_and_nothing_outside_gi
     (repo / "configs" / "new.yaml").write_text("y: 2\n")
     assert proof.changed_files(paths, repo) == ["configs/a.yaml", "configs/c.yaml", "configs/new.yaml"]
     assert proof.changed_files(paths, tmp_path / "not-a-checkout") is None
+    copy = repo / "vendored"  # the tool unpacked (git archive, a tarball) inside another project's repository
+    (copy / "configs").mkdir(parents=True)
+    (copy / "configs" / "a.yaml").write_text("x: 1\n")
+    assert proof.changed_files(paths, copy) is None
