@@ -376,12 +376,13 @@ def nothing_to_do(args) -> tuple[str, int] | None:
         raise runs.RunError(f"no run folder in {layout.RUNS_DIR} to render; run `nox -s m40` first")
     if args.run_dir is not None:
         runs.check_run_dir(args.run_dir)  # a link, a sealed run, a folder inside a run: its own line first
-    if args.run_dir is not None and not runs.is_run(args.run_dir):
-        raise runs.RunError(
-            f"--run-dir {args.run_dir} is not a run folder (no {layout.STAGES_DIR}/ in it): nothing to render; "
-            "pass the folder a run's stages wrote into, or run nox -s m40"
-        )
-    if args.run_dir is not None or not runs.is_sealed(found[-1]):
+        if not runs.is_run(args.run_dir):
+            raise runs.RunError(
+                f"--run-dir {args.run_dir} is not a run folder (no {layout.STAGES_DIR}/ in it): nothing to render; "
+                "pass the folder a run's stages wrote into, or run nox -s m40"
+            )
+        return None
+    if not runs.is_sealed(found[-1]):
         return None
     code = layout.EXIT_STAGE["evidence"]  # a sealed run whose summary cannot be read has no verdict to give
     try:

@@ -400,9 +400,9 @@ def find_outliers(rows: list[dict], settings: dict) -> list[dict]:
         # The median is over PASS nodes; a sealed PARTIAL or FAIL node that measured the figure is compared too.
         groups: dict[tuple, list[dict]] = {}
         for row in rows:
-            if row["verdict"] in ("PASS", "PARTIAL", "FAIL") and row["gpu_model"] and row[figure] is not None:
+            if comparable(row) and row[figure] is not None:
                 groups.setdefault(group_key(row, figure), []).append(row)
-        for key, members in groups.items():
+        for members in groups.values():
             passed = per_host([r for r in members if r["verdict"] == "PASS"], figure)
             if len(passed) < settings["min_nodes"]:
                 continue
@@ -410,20 +410,29 @@ def find_outliers(rows: list[dict], settings: dict) -> list[dict]:
             for row in members:
                 below = burn_rules.below_median(row[figure], median, settings["outlier_share"])
                 if below is not None:
-                    found.append(
-                        {
-                            "host": row["host"],
-                            "run": row["run"],
-                            "gpu_model": key[0],
-                            "figure": figure,
-                            "value": row[figure],
-                            "median": median,
-                            "nodes": len(passed),
-                            "below_pct": round(100 * below, 1),
-                        }
-                    )
-                    row["outliers"].append(f"{figure} {100 * below:.0f}% below median")
+                    note = f"{figure} {100 * below:.0f}% below median"
+                    found.append(outlier(row, figure, median, len(passed), below, note))
     return sorted(found, key=lambda o: (-o["below_pct"], o["run"]))
+
+
+def comparable(row: dict) -> bool:
+    """A row whose figures count in a comparison: a judged run (sealed and trusted) of a known GPU model."""
+    return row["verdict"] in ("PASS", "PARTIAL", "FAIL") and bool(row["gpu_model"])
+
+
+def outlier(row: dict, figure: str, median: float, nodes: int, below: float, note: str) -> dict:
+    """The outlier entry of fleet.json for `row`'s `figure`; the row is marked with `note` too."""
+    row["outliers"].append(note)
+    return {
+        "host": row["host"],
+        "run": row["run"],
+        "gpu_model": row["gpu_model"],
+        "figure": figure,
+        "value": row[figure],
+        "median": median,
+        "nodes": nodes,
+        "below_pct": round(100 * below, 1),
+    }
 
 
 def short_of_gpus(rows: list[dict], min_nodes: int) -> list[dict]:
@@ -431,36 +440,21 @@ def short_of_gpus(rows: list[dict], min_nodes: int) -> list[dict]:
     down at boot, a container given 7 of 8) passes the node's own run, whose checks cover the GPUs it has.
     The expectation is the count most PASS hosts of the model have (ties: the larger), and only where at least
     min_nodes hosts have it (outlier "median": that count)."""
-    judged = [
-        r
-        for r in rows
-        if r["verdict"] in ("PASS", "PARTIAL", "FAIL") and r["gpu_model"] and isinstance(r["gpu_count"], int)
-    ]
+    judged = [r for r in rows if comparable(r) and isinstance(r["gpu_count"], int)]
     counts: dict[str, dict[str, int]] = {}  # model -> host -> its count (PASS rows)
     for r in judged:
         if r["verdict"] == "PASS":
             counts.setdefault(r["gpu_model"], {})[host_of(r)] = r["gpu_count"]
     found = []
     for r in judged:
-        per_host = list(counts.get(r["gpu_model"], {}).values())
-        if not per_host:
+        seen = list(counts.get(r["gpu_model"], {}).values())
+        if not seen:
             continue
-        expected = max(set(per_host), key=lambda n: (per_host.count(n), n))
-        if r["gpu_count"] >= expected or per_host.count(expected) < min_nodes:
+        expected = max(set(seen), key=lambda n: (seen.count(n), n))
+        if r["gpu_count"] >= expected or seen.count(expected) < min_nodes:
             continue
-        found.append(
-            {
-                "host": r["host"],
-                "run": r["run"],
-                "gpu_model": r["gpu_model"],
-                "figure": "gpu_count",
-                "value": r["gpu_count"],
-                "median": expected,
-                "nodes": len(per_host),
-                "below_pct": round(100 * (1 - r["gpu_count"] / expected), 1),
-            }
-        )
-        r["outliers"].append(f"{r['gpu_count']} GPUs where its peers have {expected}")
+        note = f"{r['gpu_count']} GPUs where its peers have {expected}"
+        found.append(outlier(r, "gpu_count", expected, len(seen), 1 - r["gpu_count"] / expected, note))
     return found
 
 
