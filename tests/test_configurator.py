@@ -42,6 +42,14 @@ def test_the_loss_setting_is_one_of_fused_and_plain_and_chunks_need_the_fused_lo
     assert (cfg["train"]["loss"], cfg["train"]["loss_chunk_tokens"]) == ("fused", 512)
 
 
+def test_the_residual_dtype_is_float32_or_bfloat16(tmp_path):
+    yaml = write_yaml(tmp_path, "train:\n  residual_dtype: bfloat16\n")
+    assert C.load_config(yaml, [])["train"]["residual_dtype"] == "bfloat16"
+    assert C.load_config(write_yaml(tmp_path, "seed: 1\n"), [])["train"]["residual_dtype"] == "float32"
+    with pytest.raises(C.TrainError, match=r"train\.residual_dtype must be one of float32, bfloat16"):
+        C.load_config(yaml, ["train.residual_dtype=float16"])
+
+
 def test_a_training_config_that_is_broken_as_a_file_is_one_line_from_the_one_yaml_loader(tmp_path):
     bad = tmp_path / "latin1.yaml"
     bad.write_bytes(b"train:\n  steps: 10 # caf\xe9\n")

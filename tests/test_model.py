@@ -40,6 +40,30 @@ def tiny_gpt2():
     return AutoModelForCausalLM.from_config(conf)
 
 
+def test_a_bf16_residual_stream_reaches_every_block_and_the_embeddings_still_learn_in_fp32():
+    lm = tiny_gpt2()
+    assert T.cast_embeddings(lm, torch.bfloat16) == 2  # GPT-2's token and position tables
+    seen = []
+    for block in lm.transformer.h:
+        block.register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
+    x = torch.randint(0, 64, (2, 8))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = T.NextTokenLoss(lm)(x, x)
+    loss.backward()
+    assert seen == [torch.bfloat16] * 3 and torch.isfinite(loss)
+    wte = lm.transformer.wte.weight
+    assert wte.dtype == wte.grad.dtype == torch.float32 and wte.grad.abs().sum() > 0  # fp32 master weights
+    bf16 = {"residual_dtype": "bfloat16", "autocast": "bfloat16"}
+    assert T.residual_dtype({"model": {"dtype": "float32"}, "train": bf16}) == "bfloat16"
+    assert T.residual_dtype({"model": {"dtype": "float32"}, "train": {**bf16, "autocast": "none"}}) == "float32"
+    assert (
+        T.residual_dtype({"model": {"dtype": "float32"}, "train": {**bf16, "residual_dtype": "float32"}}) == "float32"
+    )
+    assert (
+        T.residual_dtype({"model": {"dtype": "bfloat16"}, "train": {**bf16, "residual_dtype": "float32"}}) == "bfloat16"
+    )
+
+
 SETTINGS = {"compile": True, "compile_mode": "default", "compile_scope": "blocks"}
 
 

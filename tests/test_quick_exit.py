@@ -22,3 +22,23 @@ def test_a_quick_exit_keeps_its_code_its_output_and_its_atexit_handlers():
     )
     assert res.returncode == 5, res.stderr
     assert res.stdout == "unflushedatexit ran\n"
+
+
+RANK = """
+import atexit, os
+import torch.distributed as dist
+from training_pt import quick_exit
+dist.init_process_group("gloo", init_method="file://" + os.environ["STORE"], rank=0, world_size=1)
+atexit.register(lambda: print("atexit ran", flush=True))
+print("unflushed", end="")
+quick_exit.end_rank(3)
+"""
+
+
+def test_a_rank_ends_with_its_code_and_output_and_without_any_teardown(tmp_path):
+    # a gloo rank aborted in the teardown after its PASS was written ("terminate called without an active
+    # exception", exit -6), and torchrun called the run failed: a rank's end skips the teardown
+    env = {"PYTHONPATH": str(layout.ROOT), "STORE": str(tmp_path / "store")}
+    res = subprocess.run([sys.executable, "-c", RANK], capture_output=True, text=True, env=env)
+    assert res.returncode == 3, res.stderr
+    assert res.stdout == "unflushed"  # flushed; no atexit handler, no destroy_process_group, no destructors

@@ -177,7 +177,14 @@ def hf_default_row(cfg: dict, device: torch.device, batches, timing: dict) -> di
     fpt, _ = M.model_flops(model, "gpt2", t["block_size"])
     kernel = M.attention_kernel(device, model, t["block_size"], "auto")
     out = time_steps(stepper, t["lr"], device=device, **timing)  # the model is freed when this returns
-    return {**out, "flops_per_token": fpt, "compile": "off", "attention": kernel, "loss": "HF's (fp32 logits)"}
+    return {
+        **out,
+        "flops_per_token": fpt,
+        "compile": "off",
+        "attention": kernel,
+        "loss": "HF's (fp32 logits)",
+        "residual": "float32",
+    }
 
 
 def ours_row(cfg: dict, device: torch.device, batches, timing: dict) -> dict:
@@ -194,7 +201,14 @@ def ours_row(cfg: dict, device: torch.device, batches, timing: dict) -> dict:
     with no_compile_caches() if t["compile"] and t["sdpa_backend"] != "auto" else contextlib.nullcontext():
         out = time_steps(stepper, t["lr"], device=device, **timing)
     mode = f"{t['compile_mode']}, {t['compile_scope']}" if t["compile"] else "off"
-    return {**out, "flops_per_token": fpt, "compile": mode, "attention": kernel, "loss": net.describe()}
+    return {
+        **out,
+        "flops_per_token": fpt,
+        "compile": mode,
+        "attention": kernel,
+        "loss": net.describe(),
+        "residual": M.residual_dtype(cfg),
+    }
 
 
 def run_row(name: str, fn, cfg: dict, device: torch.device, tokens: torch.Tensor, timing: dict, peak) -> dict:
@@ -270,10 +284,10 @@ def verdicts(rows: dict, target: dict | None) -> dict:
 
 def table(rows: list[dict], base_tok_s: float | None) -> str:
     head = (
-        "| variant | compile | attention | loss | batch x T | tok/s | MFU | step ms median (min-max) | "
+        "| variant | compile | attention | loss | residual | batch x T | tok/s | MFU | step ms median (min-max) | "
         "SM clock MHz median (clock events) | "
         "timed | warm-up s | peak alloc GiB | vs hf-default | loss first -> last |\n"
-        "|---|---|---|---|---|---:|---:|---:|---|---:|---:|---:|---:|---|"
+        "|---|---|---|---|---|---|---:|---:|---:|---|---:|---:|---:|---:|---|"
     )
     lines = [head]
     for r in rows:
@@ -281,13 +295,14 @@ def table(rows: list[dict], base_tok_s: float | None) -> str:
         if r.get("batch_halved_from"):
             bt += f" (halved from {r['batch_halved_from']}: out of memory)"
         if "error" in r:
-            lines.append(f"| {r['variant']} | {r['compile']} | | | {bt} | failed: {r['error']} | | | | | | | | |")
+            lines.append(f"| {r['variant']} | {r['compile']} | | | | {bt} | failed: {r['error']} | | | | | | | | |")
             continue
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "n/a"
         peak = f"{r['peak_alloc_gib']:.1f}" if r.get("peak_alloc_gib") is not None else "n/a"
         ratio = f"{r['tok_s'] / base_tok_s:.2f}x" if base_tok_s else "n/a"
         lines.append(
-            f"| {r['variant']} | {r['compile']} | {r.get('attention', '')} | {r.get('loss', '')} | {bt} | "
+            f"| {r['variant']} | {r['compile']} | {r.get('attention', '')} | {r.get('loss', '')} | "
+            f"{r.get('residual', '')} | {bt} | "
             f"{r['tok_s']:,.0f} | {mfu} | "
             f"{r['step_ms_median']:.1f} ({r['step_ms_min']:.1f}-{r['step_ms_max']:.1f}) | "
             f"{clock_cell(r.get('nvml'))} | "

@@ -151,10 +151,31 @@ def build_model(cfg: dict, device: torch.device, log):
     build = load_pretrained if m["pretrained"] else init_from_config
     model, vocab_real = build(cfg, device, log, dtype_kw)
     model.config.use_cache = False  # no KV cache in training: it only costs memory and copies
+    if residual_dtype(cfg) != m["dtype"]:
+        cast_embeddings(model, DTYPES[residual_dtype(cfg)])
     if m["gradient_checkpointing"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     return model, vocab_real
+
+
+def residual_dtype(cfg: dict) -> str:
+    """The residual stream's dtype, in words: the weights' dtype, or bfloat16 where train.residual_dtype asks
+    for it under bf16 autocast (without autocast nothing else is bf16, so the setting has nothing to do)."""
+    t = cfg["train"]
+    cast = t["residual_dtype"] == "bfloat16" and t["autocast"] == "bfloat16"
+    return "bfloat16" if cast else cfg["model"]["dtype"]
+
+
+def cast_embeddings(model, dtype: torch.dtype) -> int:
+    """Make every embedding lookup of the base model return `dtype`, so the residual stream it starts is in
+    `dtype` (train.residual_dtype). Autocast leaves embeddings alone: with fp32 weights the residual stream is
+    fp32 and every residual add, LayerNorm and their gradients move fp32 tensors; Megatron-LM keeps it in
+    bf16 unless asked (--fp32-residual-connection). Returns how many embeddings it hooked."""
+    embeddings = [m for m in model.base_model.modules() if isinstance(m, torch.nn.Embedding)]
+    for embedding in embeddings:
+        embedding.register_forward_hook(lambda module, args, out: out.to(dtype))
+    return len(embeddings)
 
 
 def load_pretrained(cfg: dict, device: torch.device, log, dtype_kw: dict):

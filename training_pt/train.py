@@ -49,7 +49,6 @@ CUDA without --device cpu), 3 a check failed, 4 CUDA out of memory, 130 interrup
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import math
@@ -91,6 +90,7 @@ from training_pt.model import (
     mfu,
     model_flops,
     preload,
+    residual_dtype,
     sdpa_backend,
 )
 from training_pt.nvml_sampler import NvmlSampler, nvml_text
@@ -334,6 +334,7 @@ def load_model(run: Run, tokens: torch.Tensor):
         flops_per_token=fpt,
         dtype=m["dtype"],
         autocast=t["autocast"],
+        residual=residual_dtype(cfg),
         mfu_formula=formula,
     )
     run.batches = Batches(tokens, t["batch_size"], t["block_size"], cfg["seed"] + 1000 * run.rank, run.device)
@@ -363,6 +364,7 @@ def wrap_model(run: Run, model):
     run.log(
         f"train: {t['steps']} steps x {t['batch_size']} x {t['block_size']} tokens x {t['grad_accum']} accum "
         f"x {world} process(es) = {tokens_per_step:,} tokens/step; autocast {t['autocast']}, "
+        f"residual stream {residual_dtype(run.cfg)}, "
         f"tf32 {t['tf32']}, {'fused' if optimizer.defaults.get('fused') else 'foreach'} AdamW, "
         f"compile {t['compile']}, SDPA backend {t['sdpa_backend']}, loss {loss_path}, "
         f"gradient checkpointing {m['gradient_checkpointing']}"
@@ -850,13 +852,11 @@ def main(argv: list[str] | None = None) -> int:
                     loss_svg(result["losses"], title, result.get("ln_vocab"))
                 )
             (args.out / layout.TRAIN_RESULT).write_text(json.dumps(result, indent=2, default=str) + "\n")
-        with contextlib.suppress(Exception):
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                dist.destroy_process_group()
     return code
 
 
 if __name__ == "__main__":
-    quick_exit.exit_quickly(main())
+    code = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        quick_exit.end_rank(code)  # no process-group teardown: see end_rank
+    quick_exit.exit_quickly(code)
