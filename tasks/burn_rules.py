@@ -368,16 +368,25 @@ def judge_memory_patterns(
 
 
 def judge_nvlink(links: list[dict] | None, error: str, down_severity: str, errors_severity: str) -> Verdict:
-    """Check nvlink: links as {link, active, errors_before, errors_after} (errors: counter -> count);
-    None with the reason (NVML answers Not Supported on a GPU without NVLink)."""
+    """Check nvlink: links as {link, active, errors_before, errors_after} (errors: counter -> count); [] on a
+    GPU without NVLink, None where NVML could not answer, each with the reason. A SKIP with nothing to judge
+    (no link, or none active: a PCIe card or board) says so in its data (`nothing_to_judge`): any other SKIP
+    is a check that could not judge its GPU (tasks/cuda_check.py: the run is PARTIAL)."""
     if links is None:
         return Verdict(SKIP, "", f"NVLink not checked: {error or 'no answer from NVML'}", {"error": error})
+    if not links:
+        return Verdict(SKIP, "no NVLink", error or "no NVLink on this GPU", {"links": [], "nothing_to_judge": True})
     data = {"links": links}
     active = [x["link"] for x in links if x.get("active")]
     down = [x["link"] for x in links if not x.get("active")]
     value = f"{len(active)} of {len(links)} link(s) active"
     if not active:
-        return Verdict(SKIP, value, "no NVLink link is active on this GPU (a PCIe-only card or board)", data)
+        return Verdict(
+            SKIP,
+            value,
+            "no NVLink link is active on this GPU (a PCIe-only card or board)",
+            {**data, "nothing_to_judge": True},
+        )
     grown = []
     for x in links:
         before, after = x.get("errors_before") or {}, x.get("errors_after") or {}

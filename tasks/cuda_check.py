@@ -243,11 +243,13 @@ def thresholds(settings: dict) -> dict | None:
     return out or None
 
 
-# Per-GPU checks whose SKIP means there was nothing to judge, not a check that could not judge its GPU:
-# nvlink on a card or board with no active NVLink link (PCIe only). Every other per-GPU SKIP (a model
-# without datasheet figures, health counters NVML cannot read, no triton for the compile check) is
-# recorded as `unjudged_checks`, and makes the run PARTIAL.
-SKIP_WITH_NOTHING_TO_JUDGE = frozenset({"nvlink"})
+def unjudged(check: dict) -> bool:
+    """A per-GPU SKIP that could not judge its GPU: a model without datasheet figures, health counters NVML
+    cannot read, no triton for the compile check, an NVLink state NVML cannot read. Recorded as
+    `unjudged_checks`, it makes the run PARTIAL. Not a SKIP whose check found nothing to judge and says so
+    (`nothing_to_judge`: no NVLink link on a PCIe card), nor one of a check across GPUs (one GPU: no pair)."""
+    data = check.get("data") or {}
+    return check.get("status") == "SKIP" and check.get("gpu") is not None and not data.get("nothing_to_judge")
 
 
 def figures_from(result: dict) -> dict:
@@ -272,13 +274,13 @@ def figures_from(result: dict) -> dict:
         "thresholds": thresholds(result.get("settings") or {}),
     }
     failed: list[str] = []
-    unjudged: dict[str, list[int]] = {}
+    not_judged: dict[str, list[int]] = {}
     for c in result.get("checks", []):
         data, gpu, name = c.get("data") or {}, c.get("gpu"), c.get("name")
         if c.get("status") == "FAIL":
             failed.append(name if gpu is None else f"gpu{gpu} {name}")
-        if c.get("status") == "SKIP" and gpu is not None and name not in SKIP_WITH_NOTHING_TO_JUDGE:
-            unjudged.setdefault(name, []).append(gpu)
+        if unjudged(c):
+            not_judged.setdefault(name, []).append(gpu)
         if name == "driver" and data.get("driver_cuda"):
             fig["driver_cuda"] = data["driver_cuda"]
         elif name == "speed.matmul_bf16" and data.get("tflops"):
@@ -297,6 +299,6 @@ def figures_from(result: dict) -> dict:
     fig.update(phases.figures(result.get("phases")))  # where the checker's seconds went (its log's `phases:` line)
     if failed:
         fig["failed_checks"] = ", ".join(failed)
-    if unjudged:  # tasks/verdict.py: PARTIAL, the claim not shown on these GPUs
-        fig["unjudged_checks"] = ", ".join(f"{cuda_rules.gpu_span(gpus)} {name}" for name, gpus in unjudged.items())
+    if not_judged:  # tasks/verdict.py: PARTIAL, the claim not shown on these GPUs
+        fig["unjudged_checks"] = ", ".join(f"{cuda_rules.gpu_span(gpus)} {name}" for name, gpus in not_judged.items())
     return {k: v for k, v in fig.items() if v is not None}

@@ -166,8 +166,14 @@ def test_memory_patterns_name_the_pattern_that_read_back_wrong():
 
 
 def test_nvlink_not_supported_skips_a_down_link_fails_and_growing_errors_warn():
-    v = br.judge_nvlink(None, "NVML answers Not Supported (no NVLink on this GPU)", FAIL, "WARN")
-    assert v.status == SKIP and v.reason == "NVLink not checked: NVML answers Not Supported (no NVLink on this GPU)"
+    v = br.judge_nvlink([], "NVML answers Not Supported (no NVLink on this GPU)", FAIL, "WARN")
+    assert v.status == SKIP and v.reason == "NVML answers Not Supported (no NVLink on this GPU)"
+    assert v.data["nothing_to_judge"]  # a PCIe card: nothing to judge, the verdict stays PASS
+    v = br.judge_nvlink(None, "NVML answers Unknown Error", FAIL, "WARN")  # NVML failed on a board that may have links
+    assert v.status == SKIP and v.reason == "NVLink not checked: NVML answers Unknown Error"
+    assert not v.data.get("nothing_to_judge")  # a check that could not judge its GPU: PARTIAL
+    idle = [{"link": 0, "active": False, "errors_before": {}, "errors_after": {}}]
+    assert br.judge_nvlink(idle, "", FAIL, "WARN").data["nothing_to_judge"]  # no link active: a PCIe-only board
     links = [
         {"link": k, "active": k != 2, "errors_before": {"replay": 0}, "errors_after": {"replay": 0}} for k in range(4)
     ]

@@ -245,11 +245,12 @@ def test_outcome_names_the_per_gpu_checks_that_were_not_judged_and_not_the_ones_
         {"name": "speed.copy", "gpu": 1, "status": "SKIP", "data": {}},
         {"name": "health.ecc", "gpu": 0, "status": "SKIP", "data": {}},
         {"name": "health.ecc", "gpu": 1, "status": "SKIP", "data": {}},
-        {"name": "nvlink", "gpu": 0, "status": "SKIP", "data": {}},  # a PCIe-only card: no link to judge
+        {"name": "nvlink", "gpu": 0, "status": "SKIP", "data": {"links": [], "nothing_to_judge": True}},  # PCIe only
+        {"name": "nvlink", "gpu": 1, "status": "SKIP", "data": {"error": "NVML answers Unknown Error"}},  # not read
     ]
     out = cuda_check.outcome_from(dict(GOOD_RESULT, checks=checks), 0, "", 300, [])
     assert out.status == records.StageStatus.PASS
-    assert out.figures["unjudged_checks"] == "gpu1 speed.copy, gpu0,1 health.ecc"
+    assert out.figures["unjudged_checks"] == "gpu1 speed.copy, gpu0,1 health.ecc, gpu1 nvlink"
     assert "unjudged_checks" not in cuda_check.outcome_from(GOOD_RESULT, 0, "", 300, []).figures
 
 

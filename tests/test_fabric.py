@@ -149,7 +149,7 @@ def test_nvml_facts_read_as_the_h200_answers(fake_nvml):
     assert fabric.pcie_now("h") == (5, 16)
     assert fabric.pcie_max("h") == {"max_gen": 5, "max_width": 16, "gpu_max_gen": 5}
     links, why = fabric.nvlink_links("h")
-    assert links is None and why == "NVML answers Not Supported (no NVLink on this GPU)"
+    assert links == [] and why == "NVML answers Not Supported (no NVLink on this GPU)"
     sampler = burn.Sampler({0: "h"}, 0.01)
     sampler.phase[0], sampler.live[0] = "burn", 701.5
     s = sampler.read(0, "h")
@@ -160,6 +160,15 @@ def test_nvml_facts_read_as_the_h200_answers(fake_nvml):
     sampler.stop.set()
     sampler.join(5)
     assert len(sampler.of(0, "burn")) >= 2
+
+
+def test_nvlink_state_nvml_cannot_read_is_no_claim_that_the_gpu_has_no_nvlink(fake_nvml, monkeypatch):
+    def unknown(*a):
+        raise fake_nvml.NVMLError_Unknown()
+
+    monkeypatch.setattr(fake_nvml, "nvmlDeviceGetNvLinkState", unknown)
+    links, why = fabric.nvlink_links("h")
+    assert links is None and why.startswith("NVML answers ") and "no NVLink" not in why
 
 
 def test_nvlink_links_and_counters_are_read_per_link(fake_nvml, monkeypatch):

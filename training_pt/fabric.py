@@ -119,7 +119,8 @@ NVLINK_COUNTERS = {
 
 
 def nvlink_links(handle) -> tuple[list[dict] | None, str]:
-    """Every NVLink link of a GPU: {link, active, errors}; (None, why) where NVML answers Not Supported."""
+    """Every NVLink link of a GPU: {link, active, errors}; ([], why) where NVML answers Not Supported (a GPU
+    without NVLink), (None, why) where NVML cannot answer (a board with NVLink may be failing)."""
     if pynvml is None or handle is None:
         return None, "NVML unavailable for this GPU"
     links = []
@@ -129,14 +130,16 @@ def nvlink_links(handle) -> tuple[list[dict] | None, str]:
         except pynvml.NVMLError as e:
             if links:  # past the GPU's last link
                 break
-            return None, f"NVML answers {e} (no NVLink on this GPU)"
+            if isinstance(e, pynvml.NVMLError_NotSupported):
+                return [], f"NVML answers {e} (no NVLink on this GPU)"
+            return None, f"NVML answers {e}"
         errors = {
             name: nvml_call(pynvml.nvmlDeviceGetNvLinkErrorCounter, handle, link, getattr(pynvml, const))
             for name, const in NVLINK_COUNTERS.items()
             if hasattr(pynvml, const)
         }
         links.append({"link": link, "active": state == pynvml.NVML_FEATURE_ENABLED, "errors": errors})
-    return (links, "") if links else (None, "no NVLink links")
+    return links, "" if links else "no NVLink links"
 
 
 def nvlink_compare(before: list[dict] | None, after: list[dict] | None) -> list[dict] | None:
