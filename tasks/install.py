@@ -43,6 +43,7 @@ from tasks import (
     install_report,
     installers,
     layout,
+    proc,
     records,
     venv_facts,
     venvs,
@@ -757,8 +758,8 @@ def run(run_dir: Path, args) -> Outcome:
         except venvs.VenvError as e:
             report(StageStatus.FAIL, str(e), attempts)
             return Outcome(StageStatus.FAIL, str(e), {"attempts": len(attempts)}, files)
-        except KeyboardInterrupt:
-            report("interrupted", "Ctrl-C: .venv-gpu is as it was before this run", attempts)
+        except KeyboardInterrupt as e:
+            report("interrupted", f"{proc.interrupt_words(e)}: .venv-gpu is as it was before this run", attempts)
             raise
         return _finish(ctx, names, attempts, files, report, t0)
 

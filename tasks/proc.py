@@ -250,6 +250,13 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, raised as an interrupt (terminate_as_interrupt): Ctrl-C's path, with its own words."""
 
 
+def interrupt_words(e: KeyboardInterrupt) -> str:
+    """What stopped the run, in the words every record and message uses: SIGTERM or Ctrl-C."""
+    if isinstance(e, Terminated):
+        return "stopped by SIGTERM (a job's time limit, a stop request)"
+    return "interrupted by the user (Ctrl-C)"
+
+
 @contextlib.contextmanager
 def terminate_as_interrupt():
     """SIGTERM (a job's time limit under Slurm, a pod's stop, `timeout`) raises KeyboardInterrupt while inside,

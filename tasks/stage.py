@@ -64,10 +64,7 @@ def execute(stage: str, run_dir: Path, args: argparse.Namespace) -> records.Stag
     except venvs.VenvError as e:  # an install holds .venv-gpu right now
         rec = timer.record(stage, StageStatus.FAIL, str(e))
     except KeyboardInterrupt as e:
-        how = "stopped by SIGTERM (a job's time limit, a stop request)" if isinstance(e, proc.Terminated) else None
-        rec = timer.record(
-            stage, StageStatus.INTERRUPTED, f"{how or 'interrupted by the user (Ctrl-C)'} during {stage}"
-        )
+        rec = timer.record(stage, StageStatus.INTERRUPTED, f"{proc.interrupt_words(e)} during {stage}")
         records.write(run_dir, rec)
         raise
     except ConfigError as e:  # a bad input found by the stage itself: a FAIL record, and exit 2 from the caller

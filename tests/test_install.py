@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import pytest
 import wheels
 
-from tasks import config, cuda_rules, install, installers, layout, records, stage, venv_facts, venvs
+from tasks import config, cuda_rules, install, installers, layout, proc, records, stage, venv_facts, venvs
 from tasks.config import load_channels
 
 GPU_DEP = "m40-dep==1.0"
@@ -490,12 +490,19 @@ def test_failed_install_leaves_the_previous_venv_exactly_as_it_was(world, good_v
     assert json.loads((venv / layout.VENV_MARKER).read_text())["channel"] == "cu128"
 
 
-def test_ctrl_c_during_the_swap_puts_the_previous_venv_back(world, good_venv, tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "signal, words",
+    [
+        (KeyboardInterrupt, "interrupted by the user (Ctrl-C)"),
+        (proc.Terminated, "stopped by SIGTERM (a job's time limit, a stop request)"),
+    ],
+)
+def test_ctrl_c_during_the_swap_puts_the_previous_venv_back(world, good_venv, tmp_path, monkeypatch, signal, words):
     venv = good_venv[0]
     before = tree_hash(venv)
 
     def interrupted(*a, **k):
-        raise KeyboardInterrupt
+        raise signal
 
     monkeypatch.setattr(venvs, "fix_paths", interrupted)  # the new venv is in place, the old one aside
     run_dir = tmp_path / "run"
@@ -506,7 +513,9 @@ def test_ctrl_c_during_the_swap_puts_the_previous_venv_back(world, good_venv, tm
         stage.execute("install", run_dir, install_args(world, venv, "--channel", "cu124"))
     assert records.read(run_dir, "install").status == "interrupted"
     assert tree_hash(venv) == before and leftovers(venv) == []
-    assert "Ctrl-C" in (run_dir / "torch_version.txt").read_text()
+    said = (run_dir / "torch_version.txt").read_text()
+    assert f"{words}: .venv-gpu is as it was before this run" in said  # SIGTERM is not called Ctrl-C
+    assert records.read(run_dir, "install").reason.startswith(words)
 
 
 @pytest.mark.skipif(
