@@ -380,6 +380,15 @@ def judge_nvlink(links: list[dict] | None, error: str, down_severity: str, error
     active = [x["link"] for x in links if x.get("active")]
     down = [x["link"] for x in links if not x.get("active")]
     value = f"{len(active)} of {len(links)} link(s) active"
+    lost = [x["link"] for x in links if x.get("active_before") and not x.get("active")]
+    if lost and not active:  # every link that was up went down: not a PCIe board
+        return flagged(
+            down_severity,
+            value,
+            f"link(s) {', '.join(map(str, lost))} went down during the checks: a failed NVLink or NVSwitch "
+            "(nvidia-smi nvlink -s)",
+            data,
+        )
     if not active:
         return Verdict(
             SKIP,

@@ -172,8 +172,15 @@ def test_nvlink_not_supported_skips_a_down_link_fails_and_growing_errors_warn():
     v = br.judge_nvlink(None, "NVML answers Unknown Error", FAIL, "WARN")  # NVML failed on a board that may have links
     assert v.status == SKIP and v.reason == "NVLink not checked: NVML answers Unknown Error"
     assert not v.data.get("nothing_to_judge")  # a check that could not judge its GPU: PARTIAL
-    idle = [{"link": 0, "active": False, "errors_before": {}, "errors_after": {}}]
+    idle = [{"link": 0, "active": False, "active_before": False, "errors_before": {}, "errors_after": {}}]
     assert br.judge_nvlink(idle, "", FAIL, "WARN").data["nothing_to_judge"]  # no link active: a PCIe-only board
+    # every link active before the checks and none after: the worst failure, not a PCIe board
+    gone = [
+        {"link": k, "active": False, "active_before": True, "errors_before": {}, "errors_after": {}} for k in (0, 1)
+    ]
+    v = br.judge_nvlink(gone, "", FAIL, "WARN")
+    assert v.status == FAIL and v.reason.startswith("link(s) 0, 1 went down during the checks")
+    assert not v.data.get("nothing_to_judge")
     links = [
         {"link": k, "active": k != 2, "errors_before": {"replay": 0}, "errors_after": {"replay": 0}} for k in range(4)
     ]

@@ -4,6 +4,7 @@ across real processes, judged by tasks/burn_rules.py; DCGM through a fake `dcgmi
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 
@@ -44,6 +45,29 @@ def test_run_ranks_stops_a_hung_rank_and_names_a_rank_that_wrote_no_result():
     assert results[0] == {"rank": 0, "word": "hello"}
     assert results[2] == {"rank": 2, "error": "process ended with code 0 and no result"}
     assert results[1]["rank"] == 1 and "no result" in results[1]["error"]
+
+
+def test_a_spawned_rank_ends_once_every_rank_has_written_its_result(tmp_path, monkeypatch):
+    """end_worker: the result first (whole, never half a file), then a wait for the peers' results, so no rank
+    leaves while a peer may still receive its data, then the end with no teardown (stood in for here)."""
+    ended = []
+
+    def end_rank(code):
+        ended.append((code, time.monotonic()))
+        raise SystemExit(code)
+
+    monkeypatch.setattr(fabric.quick_exit, "end_rank", end_rank)
+    peer = threading.Timer(0.3, lambda: (tmp_path / "rank1.json").write_text("{}"))
+    peer.start()
+    t0 = time.monotonic()
+    with pytest.raises(SystemExit):
+        fabric.end_worker(str(tmp_path), 0, 2, {"rank": 0, "rows": [1]})
+    assert json.loads((tmp_path / "rank0.json").read_text()) == {"rank": 0, "rows": [1]}
+    assert ended[0][0] == 0 and ended[0][1] - t0 >= 0.3  # it waited for rank 1's result
+    monkeypatch.setattr(fabric, "RANKS_WAIT_S", 0.2)  # a peer that never writes: the wait is bounded
+    with pytest.raises(SystemExit):
+        fabric.end_worker(str(tmp_path), 0, 3, {"rank": 0})
+    assert ended[1][1] - ended[0][1] < 5 and not list(tmp_path.glob("*.part"))
 
 
 DCGM_SAMPLE = """{"DCGM Diagnostic": {"test_categories": [
@@ -180,3 +204,19 @@ def test_nvlink_links_and_counters_are_read_per_link(fake_nvml, monkeypatch):
     assert before[1]["errors"]["replay"] == 10 + fake_nvml.NVML_NVLINK_ERROR_DL_REPLAY
     v = br.judge_nvlink(fabric.nvlink_compare(before, before), "", "FAIL", "WARN")
     assert v.status == "FAIL" and "link(s) 2 inactive" in v.reason
+    # the board's links gone after the checks (NVML: Not Supported, so []): down, with their earlier state
+    after = fabric.nvlink_compare(before, [])
+    assert [(x["link"], x["active"], x["active_before"]) for x in after] == [(k, False, k != 2) for k in range(4)]
+    assert br.judge_nvlink(after, "", "FAIL", "WARN").status == "FAIL"
+
+
+def test_an_nvml_error_past_the_first_link_is_no_shorter_list_of_links(fake_nvml, monkeypatch):
+    def state(h, link):
+        if link == 2:
+            raise fake_nvml.NVMLError_Unknown()
+        return 1
+
+    monkeypatch.setattr(fake_nvml, "NVML_NVLINK_MAX_LINKS", 4)
+    monkeypatch.setattr(fake_nvml, "nvmlDeviceGetNvLinkState", state)
+    links, why = fabric.nvlink_links("h")
+    assert links is None and why.startswith("NVML answers ") and why.endswith("at link 2")

@@ -53,6 +53,8 @@ def test_a_bf16_residual_stream_reaches_every_block_and_the_embeddings_still_lea
     assert seen == [torch.bfloat16] * 3 and torch.isfinite(loss)
     wte = lm.transformer.wte.weight
     assert wte.dtype == wte.grad.dtype == torch.float32 and wte.grad.abs().sum() > 0  # fp32 master weights
+    seen.clear()
+    assert torch.isfinite(T.NextTokenLoss(lm)(x, x)) and seen == [torch.float32] * 3  # no autocast: no cast
     bf16 = {"residual_dtype": "bfloat16", "autocast": "bfloat16"}
     assert T.residual_dtype({"model": {"dtype": "float32"}, "train": bf16}) == "bfloat16"
     assert T.residual_dtype({"model": {"dtype": "float32"}, "train": {**bf16, "autocast": "none"}}) == "float32"

@@ -243,6 +243,8 @@ def test_a_passing_stage_without_its_own_file_fails_there(stage):
 def test_harmless_overrides_are_listed_not_hidden():
     got = verdict.judge(run(train={"overrides": ["train.batch_size=8", "steps=20"]}), RULES, FILES)
     assert got.harmless == ("train: train.batch_size=8", "train: steps=20")
+    got = verdict.judge(run(train={"overrides": ["train.residual_dtype=float32"]}), RULES, FILES)
+    assert got.word == "PASS" and got.harmless == ("train: train.residual_dtype=float32",)  # slower, same checks
 
 
 def test_each_verdict_has_its_exit_code():

@@ -9,15 +9,18 @@ NCCL, one process per GPU, and the tests run the same code with gloo on CPU proc
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import tempfile
 import time
 from datetime import timedelta
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
 from tasks import burn_rules
+from training_pt import quick_exit
 
 try:
     import pynvml
@@ -128,11 +131,12 @@ def nvlink_links(handle) -> tuple[list[dict] | None, str]:
         try:
             state = pynvml.nvmlDeviceGetNvLinkState(handle, link)
         except pynvml.NVMLError as e:
-            if links:  # past the GPU's last link
+            past_last = isinstance(e, (pynvml.NVMLError_NotSupported, pynvml.NVMLError_InvalidArgument))
+            if past_last and links:  # past the GPU's last link
                 break
-            if isinstance(e, pynvml.NVMLError_NotSupported):
+            if past_last:
                 return [], f"NVML answers {e} (no NVLink on this GPU)"
-            return None, f"NVML answers {e}"
+            return None, f"NVML answers {e} at link {link}"
         errors = {
             name: nvml_call(pynvml.nvmlDeviceGetNvLinkErrorCounter, handle, link, getattr(pynvml, const))
             for name, const in NVLINK_COUNTERS.items()
@@ -143,13 +147,20 @@ def nvlink_links(handle) -> tuple[list[dict] | None, str]:
 
 
 def nvlink_compare(before: list[dict] | None, after: list[dict] | None) -> list[dict] | None:
-    """The links as judge_nvlink wants them: states now, error counters before and after."""
+    """The links as judge_nvlink wants them: each link seen before or after the checks, with its state and
+    error counters then and now (a link gone since is inactive now)."""
     if after is None:
         return None
-    old = {x["link"]: x["errors"] for x in before or []}
+    old, now = {x["link"]: x for x in before or []}, {x["link"]: x for x in after}
     return [
-        {"link": x["link"], "active": x["active"], "errors_before": old.get(x["link"], {}), "errors_after": x["errors"]}
-        for x in after
+        {
+            "link": link,
+            "active": bool(now.get(link, {}).get("active")),
+            "active_before": bool(old.get(link, {}).get("active")),
+            "errors_before": old.get(link, {}).get("errors", {}),
+            "errors_after": now.get(link, {}).get("errors", {}),
+        }
+        for link in sorted(old.keys() | now.keys())
     ]
 
 
@@ -251,10 +262,25 @@ def sweep_worker(
             backend, init_method=f"file://{tmp}/store", rank=rank, world_size=world, timeout=timedelta(seconds=timeout)
         )
         result["rows"] = sweep(dist, rank, world, device, sizes, warmup, iters)
-        dist.destroy_process_group()
     except Exception as e:
         result["error"] = first_line(e)
-    Path(tmp, f"rank{rank}.json").write_text(json.dumps(result))
+    end_worker(tmp, rank, world, result)
+
+
+RANKS_WAIT_S = 10.0  # how long a spawned rank waits, its result written, for the other ranks' results
+
+
+def end_worker(tmp: str, rank: int, world: int, result: dict) -> NoReturn:
+    """The end of a spawned rank: its result written to tmp/rank<N>.json, a wait (RANKS_WAIT_S at most) until
+    every rank has written its own, so none leaves while a peer may still receive its last collective's
+    data, then os._exit with no process-group teardown (quick_exit.end_rank: a teardown that dies after the
+    result is written would turn a measured rank into a failed one)."""
+    Path(tmp, f"rank{rank}.json.part").write_text(json.dumps(result))
+    os.replace(Path(tmp, f"rank{rank}.json.part"), Path(tmp, f"rank{rank}.json"))
+    deadline = time.monotonic() + RANKS_WAIT_S
+    while time.monotonic() < deadline and not all(Path(tmp, f"rank{r}.json").exists() for r in range(world)):
+        time.sleep(0.01)
+    quick_exit.end_rank(0)
 
 
 def run_ranks(target, world: int, args: tuple, timeout: float, prefix: str) -> tuple[list[dict], list[int]]:

@@ -956,10 +956,9 @@ def allreduce_worker(rank: int, world: int, tmp: str, seed: int, mib: int, timed
         seconds, _ = bench(lambda: dist.all_reduce(y), 3, timed)
         result["seconds"] = seconds
         result["bytes"] = mib << 20
-        dist.destroy_process_group()
     except Exception as e:
         result["error"] = first_line(e)
-    Path(tmp, f"rank{rank}.json").write_text(json.dumps(result))
+    fabric.end_worker(tmp, rank, world, result)
 
 
 # --------------------------------------------------------------------------- entry point

@@ -174,8 +174,14 @@ def cast_embeddings(model, dtype: torch.dtype) -> int:
     bf16 unless asked (--fp32-residual-connection). Returns how many embeddings it hooked."""
     embeddings = [m for m in model.base_model.modules() if isinstance(m, torch.nn.Embedding)]
     for embedding in embeddings:
-        embedding.register_forward_hook(lambda module, args, out: out.to(dtype))
+        embedding.register_forward_hook(lambda module, args, out: to_under_autocast(out, dtype))
     return len(embeddings)
+
+
+def to_under_autocast(out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`out` in `dtype` while autocast is on (its matmuls then take bf16), as it is otherwise: a forward
+    outside autocast (an evaluation, say) would meet fp32 weights with bf16 inputs."""
+    return out.to(dtype) if torch.is_autocast_enabled(out.device.type) else out
 
 
 def load_pretrained(cfg: dict, device: torch.device, log, dtype_kw: dict):
