@@ -42,3 +42,43 @@ def test_a_rank_ends_with_its_code_and_output_and_without_any_teardown(tmp_path)
     res = subprocess.run([sys.executable, "-c", RANK], capture_output=True, text=True, env=env)
     assert res.returncode == 3, res.stderr
     assert res.stdout == "unflushed"  # flushed; no atexit handler, no destroy_process_group, no destructors
+
+
+def ending_rank(rank: int, store: str, out: str) -> None:
+    """A spawned gloo rank: rank 1 comes to its end 0.5 s after rank 0; each notes when it really exits."""
+    import os
+    import time
+
+    import torch.distributed as dist
+
+    from training_pt import quick_exit
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    if rank == 1:
+        time.sleep(0.5)
+    real_exit = os._exit
+
+    def exit_noting(code):
+        with open(f"{out}/rank{rank}", "w") as f:
+            f.write(repr(time.time()))
+        real_exit(code)
+
+    quick_exit.os._exit = exit_noting
+    with open(f"{out}/arrived{rank}", "w") as f:
+        f.write(repr(time.time()))
+    quick_exit.end_rank(0)
+
+
+def test_a_rank_leaves_only_once_every_rank_has_come_to_its_end(tmp_path):
+    # no rank may leave while a peer could still be receiving its last collective's data
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=ending_rank, args=(r, str(tmp_path / "store"), str(tmp_path))) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    left0 = float((tmp_path / "rank0").read_text())
+    assert left0 >= float((tmp_path / "arrived1").read_text())  # rank 0 waited for rank 1

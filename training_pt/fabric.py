@@ -264,22 +264,15 @@ def sweep_worker(
         result["rows"] = sweep(dist, rank, world, device, sizes, warmup, iters)
     except Exception as e:
         result["error"] = first_line(e)
-    end_worker(tmp, rank, world, result)
+    end_worker(tmp, rank, result)
 
 
-RANKS_WAIT_S = 10.0  # how long a spawned rank waits, its result written, for the other ranks' results
-
-
-def end_worker(tmp: str, rank: int, world: int, result: dict) -> NoReturn:
-    """The end of a spawned rank: its result written to tmp/rank<N>.json, a wait (RANKS_WAIT_S at most) until
-    every rank has written its own, so none leaves while a peer may still receive its last collective's
-    data, then os._exit with no process-group teardown (quick_exit.end_rank: a teardown that dies after the
-    result is written would turn a measured rank into a failed one)."""
+def end_worker(tmp: str, rank: int, result: dict) -> NoReturn:
+    """The end of a spawned rank: its result written whole to tmp/rank<N>.json, then quick_exit.end_rank (the
+    peers awaited, no process-group teardown: one that died after the result is written would have turned
+    a measured rank into a failed one). The result, not the exit code, says how the rank did."""
     Path(tmp, f"rank{rank}.json.part").write_text(json.dumps(result))
     os.replace(Path(tmp, f"rank{rank}.json.part"), Path(tmp, f"rank{rank}.json"))
-    deadline = time.monotonic() + RANKS_WAIT_S
-    while time.monotonic() < deadline and not all(Path(tmp, f"rank{r}.json").exists() for r in range(world)):
-        time.sleep(0.01)
     quick_exit.end_rank(0)
 
 

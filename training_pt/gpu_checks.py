@@ -958,7 +958,7 @@ def allreduce_worker(rank: int, world: int, tmp: str, seed: int, mib: int, timed
         result["bytes"] = mib << 20
     except Exception as e:
         result["error"] = first_line(e)
-    fabric.end_worker(tmp, rank, world, result)
+    fabric.end_worker(tmp, rank, result)
 
 
 # --------------------------------------------------------------------------- entry point

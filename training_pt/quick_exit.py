@@ -15,6 +15,7 @@ import ctypes
 import gc
 import os
 import sys
+import time
 from typing import NoReturn
 
 
@@ -26,8 +27,10 @@ def exit_quickly(code: int | None) -> NoReturn:
     sys.exit(code)
 
 
-def end_rank(code: int) -> NoReturn:
-    """End a rank of a process group (under torchrun) at once: its output flushed, then os._exit(code).
+def end_rank(code: int, wait_s: float = 30.0) -> NoReturn:
+    """End a rank of a process group at once: its output flushed, os._exit(code); a rank that succeeded
+    first waits until every rank has come this far (wait_for_every_rank). A failed one leaves at once, as
+    before: its peers may be stuck in a collective it will never join, and torchrun stops them.
 
     Once its files are written a rank has nothing left to do, and the teardown is where it could still die:
     a gloo rank aborted there after writing its PASS ("terminate called without an active exception", exit
@@ -35,8 +38,29 @@ def end_rank(code: int) -> NoReturn:
     Skipped with the teardown: destroy_process_group, atexit handlers (Inductor's compile workers leave
     when their parent does) and C++ destructors; the OS frees what they would.
     """
+    if code == 0:
+        wait_for_every_rank(wait_s)
     sys.stdout.flush()
     sys.stderr.flush()
     with contextlib.suppress(Exception):  # what native code printed through C's stdio, not yet flushed
         ctypes.CDLL(None).fflush(None)
     os._exit(code)
+
+
+def wait_for_every_rank(wait_s: float) -> None:
+    """Where a process group is up, wait (wait_s at most) until every rank has arrived here: a counter in
+    the group's store, not a collective. So no rank leaves while a peer may still be receiving the data of
+    its last collective (over a network a sender's kernel can finish before its proxy has sent it all).
+    A peer that died or hangs costs wait_s; a store that is gone (its host rank left) ends the wait."""
+    dist = sys.modules.get("torch.distributed")  # never imported here: only a rank that has one waits
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return
+    with contextlib.suppress(Exception):
+        store, world = dist.distributed_c10d._get_default_store(), dist.get_world_size()
+        arrived, deadline = store.add(ARRIVED_KEY, 1), time.monotonic() + wait_s
+        while arrived < world and time.monotonic() < deadline:
+            time.sleep(0.02)
+            arrived = store.add(ARRIVED_KEY, 0)
+
+
+ARRIVED_KEY = "m40/ranks_at_their_end"
