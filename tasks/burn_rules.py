@@ -389,6 +389,8 @@ def judge_nvlink(links: list[dict] | None, error: str, down_severity: str, error
             "(nvidia-smi nvlink -s)",
             data,
         )
+    if not active and any("active_before" in x and x["active_before"] is None for x in links):
+        return Verdict(SKIP, value, "no NVLink link is active, and NVML could not read them before the checks", data)
     if not active:
         return Verdict(
             SKIP,

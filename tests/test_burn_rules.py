@@ -181,6 +181,10 @@ def test_nvlink_not_supported_skips_a_down_link_fails_and_growing_errors_warn():
     v = br.judge_nvlink(gone, "", FAIL, "WARN")
     assert v.status == FAIL and v.reason.startswith("link(s) 0, 1 went down during the checks")
     assert not v.data.get("nothing_to_judge")
+    # NVML could not read the links before the checks, and none is active after: nobody can say it was a PCIe board
+    unknown = [{"link": 0, "active": False, "active_before": None, "errors_before": {}, "errors_after": {}}]
+    v = br.judge_nvlink(unknown, "", FAIL, "WARN")
+    assert v.status == SKIP and not v.data.get("nothing_to_judge") and "before the checks" in v.reason
     links = [
         {"link": k, "active": k != 2, "errors_before": {"replay": 0}, "errors_after": {"replay": 0}} for k in range(4)
     ]

@@ -59,6 +59,9 @@ def test_a_spawned_rank_writes_its_result_whole_then_ends_as_a_rank_does(tmp_pat
     with pytest.raises(SystemExit):
         fabric.end_worker(str(tmp_path), 0, {"rank": 0, "rows": [1]})
     assert ended == [(0, {"rank": 0, "rows": [1]})] and not list(tmp_path.glob("*.part"))
+    with pytest.raises(SystemExit):  # a failed rank: a nonzero code, so end_rank does not wait for its peers
+        fabric.end_worker(str(tmp_path), 0, {"rank": 0, "error": "CUDA out of memory"})
+    assert ended[1] == (1, {"rank": 0, "error": "CUDA out of memory"})
 
 
 DCGM_SAMPLE = """{"DCGM Diagnostic": {"test_categories": [
@@ -199,6 +202,22 @@ def test_nvlink_links_and_counters_are_read_per_link(fake_nvml, monkeypatch):
     after = fabric.nvlink_compare(before, [])
     assert [(x["link"], x["active"], x["active_before"]) for x in after] == [(k, False, k != 2) for k in range(4)]
     assert br.judge_nvlink(after, "", "FAIL", "WARN").status == "FAIL"
+    unread = fabric.nvlink_compare(None, before)  # NVML could not answer before the checks
+    assert [x["active_before"] for x in unread] == [None] * 4
+
+
+def test_invalid_argument_means_no_such_link(fake_nvml, monkeypatch):
+    def state(h, link, last=2):
+        if link >= last:
+            raise fake_nvml.NVMLError_InvalidArgument()
+        return 1
+
+    monkeypatch.setattr(fake_nvml, "nvmlDeviceGetNvLinkState", state)
+    links, why = fabric.nvlink_links("h")
+    assert [x["link"] for x in links] == [0, 1] and why == ""  # past the GPU's last link
+    monkeypatch.setattr(fake_nvml, "nvmlDeviceGetNvLinkState", lambda h, link: state(h, link, last=0))
+    links, why = fabric.nvlink_links("h")
+    assert links == [] and why.endswith("(no NVLink on this GPU)")  # no link 0: no NVLink
 
 
 def test_an_nvml_error_past_the_first_link_is_no_shorter_list_of_links(fake_nvml, monkeypatch):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 from tasks import layout
 
@@ -82,3 +83,33 @@ def test_a_rank_leaves_only_once_every_rank_has_come_to_its_end(tmp_path):
     assert [p.exitcode for p in procs] == [0, 0]
     left0 = float((tmp_path / "rank0").read_text())
     assert left0 >= float((tmp_path / "arrived1").read_text())  # rank 0 waited for rank 1
+
+
+LONELY = """
+import atexit, os, signal, sys
+import torch.distributed as dist
+from training_pt import quick_exit
+dist.init_process_group("gloo", init_method="file://" + os.environ["STORE"], rank=0, world_size=1)
+dist.get_world_size = lambda *a: 2  # a peer that never comes to its end
+signal.signal(signal.SIGTERM, lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))  # as train.py's handler
+if sys.argv[3:]:  # torchrun stopping the job while this rank waits
+    signal.signal(signal.SIGALRM, lambda *a: os.kill(os.getpid(), signal.SIGTERM))
+    signal.setitimer(signal.ITIMER_REAL, 0.5)
+atexit.register(lambda: print("teardown ran", flush=True))
+quick_exit.end_rank(int(sys.argv[1]), wait_s=float(sys.argv[2]))
+"""
+
+
+def test_a_rank_waits_for_its_peers_wait_s_at_most_and_not_at_all_when_it_failed(tmp_path):
+    def run(*args):
+        env = {"PYTHONPATH": str(layout.ROOT), "STORE": str(tmp_path / f"store{len(args)}{args[0]}")}
+        t0 = time.monotonic()
+        res = subprocess.run([sys.executable, "-c", LONELY, *args], capture_output=True, text=True, env=env)
+        return res, time.monotonic() - t0
+
+    waited, slow = run("0", "3")
+    assert waited.returncode == 0 and slow >= 3, waited.stderr  # a peer that never comes: wait_s, then leave
+    failed, fast = run("3", "60")
+    assert failed.returncode == 3 and fast < 30, failed.stderr  # a failed rank leaves at once
+    stopped, _ = run("0", "60", "sigterm")  # SIGTERM during the wait: it leaves, still with no teardown
+    assert stopped.returncode == 0 and "teardown ran" not in stopped.stdout and "Traceback" not in stopped.stderr

@@ -148,7 +148,8 @@ def nvlink_links(handle) -> tuple[list[dict] | None, str]:
 
 def nvlink_compare(before: list[dict] | None, after: list[dict] | None) -> list[dict] | None:
     """The links as judge_nvlink wants them: each link seen before or after the checks, with its state and
-    error counters then and now (a link gone since is inactive now)."""
+    error counters then and now (a link gone since is inactive now; active_before None: NVML could not
+    read the links before the checks)."""
     if after is None:
         return None
     old, now = {x["link"]: x for x in before or []}, {x["link"]: x for x in after}
@@ -156,7 +157,7 @@ def nvlink_compare(before: list[dict] | None, after: list[dict] | None) -> list[
         {
             "link": link,
             "active": bool(now.get(link, {}).get("active")),
-            "active_before": bool(old.get(link, {}).get("active")),
+            "active_before": None if before is None else bool(old.get(link, {}).get("active")),
             "errors_before": old.get(link, {}).get("errors", {}),
             "errors_after": now.get(link, {}).get("errors", {}),
         }
@@ -273,7 +274,7 @@ def end_worker(tmp: str, rank: int, result: dict) -> NoReturn:
     a measured rank into a failed one). The result, not the exit code, says how the rank did."""
     Path(tmp, f"rank{rank}.json.part").write_text(json.dumps(result))
     os.replace(Path(tmp, f"rank{rank}.json.part"), Path(tmp, f"rank{rank}.json"))
-    quick_exit.end_rank(0)
+    quick_exit.end_rank(1 if result.get("error") else 0)  # a failed rank does not wait for its peers
 
 
 def run_ranks(target, world: int, args: tuple, timeout: float, prefix: str) -> tuple[list[dict], list[int]]:
@@ -290,7 +291,8 @@ def run_ranks(target, world: int, args: tuple, timeout: float, prefix: str) -> t
         deadline = time.monotonic() + timeout
         for p in procs:
             p.join(max(0.0, deadline - time.monotonic()))
-        hung = [r for r, p in enumerate(procs) if p.is_alive()]
+        # hung: still running and no result (a rank with its result written may still be waiting for its peers)
+        hung = [r for r, p in enumerate(procs) if p.is_alive() and not Path(tmp, f"rank{r}.json").exists()]
         for p in procs:
             if p.is_alive():
                 p.terminate()

@@ -39,7 +39,8 @@ def end_rank(code: int, wait_s: float = 30.0) -> NoReturn:
     when their parent does) and C++ destructors; the OS frees what they would.
     """
     if code == 0:
-        wait_for_every_rank(wait_s)
+        with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C or SIGTERM (torchrun stopping the job): go now
+            wait_for_every_rank(wait_s)
     sys.stdout.flush()
     sys.stderr.flush()
     with contextlib.suppress(Exception):  # what native code printed through C's stdio, not yet flushed
@@ -60,7 +61,7 @@ def wait_for_every_rank(wait_s: float) -> None:
         arrived, deadline = store.add(ARRIVED_KEY, 1), time.monotonic() + wait_s
         while arrived < world and time.monotonic() < deadline:
             time.sleep(0.02)
-            arrived = store.add(ARRIVED_KEY, 0)
+            arrived = int(store.get(ARRIVED_KEY))  # a read: add(key, 0) would append to a FileStore's log
 
 
 ARRIVED_KEY = "m40/ranks_at_their_end"
