@@ -9,7 +9,6 @@ NCCL, one process per GPU, and the tests run the same code with gloo on CPU proc
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import tempfile
 import time
@@ -272,8 +271,9 @@ def end_worker(tmp: str, rank: int, result: dict) -> NoReturn:
     """The end of a spawned rank: its result written whole to tmp/rank<N>.json, then quick_exit.end_rank (the
     peers awaited, no process-group teardown: one that died after the result is written would have turned
     a measured rank into a failed one). The result, not the exit code, says how the rank did."""
-    Path(tmp, f"rank{rank}.json.part").write_text(json.dumps(result))
-    os.replace(Path(tmp, f"rank{rank}.json.part"), Path(tmp, f"rank{rank}.json"))
+    part = Path(tmp, f"rank{rank}.json.part")  # written, then renamed: as records.write does
+    part.write_text(json.dumps(result))
+    part.replace(Path(tmp, f"rank{rank}.json"))
     quick_exit.end_rank(1 if result.get("error") else 0)  # a failed rank does not wait for its peers
 
 

@@ -151,8 +151,8 @@ def build_model(cfg: dict, device: torch.device, log):
     build = load_pretrained if m["pretrained"] else init_from_config
     model, vocab_real = build(cfg, device, log, dtype_kw)
     model.config.use_cache = False  # no KV cache in training: it only costs memory and copies
-    if residual_dtype(cfg) != m["dtype"]:
-        cast_embeddings(model, DTYPES[residual_dtype(cfg)])
+    if (residual := residual_dtype(cfg)) != m["dtype"]:
+        cast_embeddings(model, DTYPES[residual])
     if m["gradient_checkpointing"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
