@@ -42,6 +42,14 @@ def test_the_loss_setting_is_one_of_fused_and_plain_and_chunks_need_the_fused_lo
     assert (cfg["train"]["loss"], cfg["train"]["loss_chunk_tokens"]) == ("fused", 512)
 
 
+def test_the_mlp_is_fused_or_plain_and_plain_unless_asked(tmp_path):
+    assert C.load_config(write_yaml(tmp_path, "seed: 1\n"), [])["train"]["mlp"] == "plain"
+    yaml = write_yaml(tmp_path, "train:\n  mlp: fused\n")
+    assert C.load_config(yaml, [])["train"]["mlp"] == "fused"
+    with pytest.raises(C.TrainError, match=r"train\.mlp must be one of fused, plain"):
+        C.load_config(yaml, ["train.mlp=cublas"])
+
+
 def test_the_residual_dtype_is_float32_or_bfloat16(tmp_path):
     yaml = write_yaml(tmp_path, "train:\n  residual_dtype: bfloat16\n")
     assert C.load_config(yaml, [])["train"]["residual_dtype"] == "bfloat16"

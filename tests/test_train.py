@@ -82,6 +82,9 @@ def test_tiny_gpt2_trains_on_cpu_and_writes_every_file(tmp_path):
     assert fig["final_loss"] < fig["first_loss"] - 0.3
     assert fig["tok_s"] > 0 and fig["steps"] == 10 and fig["compile"] == "off"
     assert fig["residual"] == "bfloat16" and "residual stream bfloat16" in log  # the YAML's, built by build_model
+    # the YAML asks for the fused MLP; a CPU has no cuBLASLt, so the run says so and trains the plain one
+    assert fig["mlp"] == "plain" and "MLP plain, " in log
+    assert "train.mlp fused: the plain MLP instead (cuBLASLt's GELU epilogue needs a CUDA GPU, not cpu)" in log
     # the timed window: steps 2..9 (8 steps), its step-time spread, and tok/s over exactly that window
     assert fig["step_ms_min"] <= fig["step_ms_median"] <= fig["step_ms_max"]
     assert sum(m["ms"] for m in metrics[2:]) / 1000 == pytest.approx(fig["timed_s"], rel=1e-3, abs=2e-3)

@@ -58,6 +58,7 @@ DEFAULTS: dict = {
         "sdpa_backend": "auto",
         "loss": "fused",
         "loss_chunk_tokens": 0,
+        "mlp": "plain",
         "timing_warmup": 5,
     },
     "checks": {"first_loss_tol": 0.5, "final_window": 5, "min_loss_drop": 2.0},
@@ -73,6 +74,7 @@ CHOICES = {
     ("train", "compile_scope"): ("model", "blocks"),
     ("train", "sdpa_backend"): ("auto", "cudnn", "flash", "efficient", "math"),
     ("train", "loss"): ("fused", "plain"),
+    ("train", "mlp"): ("fused", "plain"),
 }
 
 

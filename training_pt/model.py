@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from training_pt import ce_kernel, chunked_loss
+from training_pt import ce_kernel, chunked_loss, gelu_mlp
 from training_pt.configurator import EXIT_INPUT, TrainError, check_type
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -153,6 +153,10 @@ def build_model(cfg: dict, device: torch.device, log):
     model.config.use_cache = False  # no KV cache in training: it only costs memory and copies
     if (residual := residual_dtype(cfg)) != m["dtype"]:
         cast_embeddings(model, DTYPES[residual])
+    if cfg["train"]["mlp"] == "fused":
+        fused, why = gelu_mlp.fuse(model, device, compute_dtype(cfg))
+        if not fused:
+            log(f"train.mlp fused: the plain MLP instead ({why})")
     if m["gradient_checkpointing"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -165,6 +169,11 @@ def residual_dtype(cfg: dict) -> str:
     t = cfg["train"]
     cast = t["residual_dtype"] == "bfloat16" and t["autocast"] == "bfloat16"
     return "bfloat16" if cast else cfg["model"]["dtype"]
+
+
+def compute_dtype(cfg: dict) -> torch.dtype:
+    """The dtype the matmuls run in: bf16 under bf16 autocast, else the weights'."""
+    return torch.bfloat16 if cfg["train"]["autocast"] == "bfloat16" else DTYPES[cfg["model"]["dtype"]]
 
 
 def cast_embeddings(model, dtype: torch.dtype) -> int:

@@ -69,7 +69,7 @@ from tasks import identity, layout, proc
 from tasks.config import ConfigError, gpu_spec_for
 from tasks.phases import Phases, process_age_s
 from tasks.phases import figures as phase_figures
-from training_pt import quick_exit
+from training_pt import gelu_mlp, quick_exit
 from training_pt.configurator import (
     EXIT_CHECK,
     EXIT_ERROR,
@@ -335,6 +335,7 @@ def load_model(run: Run, tokens: torch.Tensor):
         dtype=m["dtype"],
         autocast=t["autocast"],
         residual=residual_dtype(cfg),
+        mlp=gelu_mlp.path(model),
         mfu_formula=formula,
     )
     run.batches = Batches(tokens, t["batch_size"], t["block_size"], cfg["seed"] + 1000 * run.rank, run.device)
@@ -364,7 +365,7 @@ def wrap_model(run: Run, model):
     run.log(
         f"train: {t['steps']} steps x {t['batch_size']} x {t['block_size']} tokens x {t['grad_accum']} accum "
         f"x {world} process(es) = {tokens_per_step:,} tokens/step; autocast {t['autocast']}, "
-        f"residual stream {residual_dtype(run.cfg)}, "
+        f"residual stream {residual_dtype(run.cfg)}, MLP {gelu_mlp.path(model)}, "
         f"tf32 {t['tf32']}, {'fused' if optimizer.defaults.get('fused') else 'foreach'} AdamW, "
         f"compile {t['compile']}, SDPA backend {t['sdpa_backend']}, loss {loss_path}, "
         f"gradient checkpointing {m['gradient_checkpointing']}"

@@ -1,0 +1,150 @@
+"""GPT-2's MLP (c_fc, tanh GELU, c_proj) with c_fc's bias and GELU in its GEMM's epilogue (train.mlp: fused).
+
+Plain, a block's MLP forward is c_fc's GEMM, then an elementwise kernel that reads its tokens x 4C output
+and writes the GELU of it (torch.compile fuses the bias in), then c_proj. Fused, on a CUDA GPU where it
+works: c_fc's GEMM writes the GELU's output and its input in one go (training_pt/cublaslt.py), so that
+elementwise pass is gone: on an H200 at 64 x 1024 tokens 0.56 ms a block instead of 0.70 (+1.3% tok/s in
+the compiled step, docs/train.md).
+The backward is torch's own ops (the GELU's backward, the GEMMs, the bias sums), so torch.compile fuses it
+as before: cuBLASLt's backward epilogues (DGELU, BGRAD) measured slower than that.
+The same arithmetic as plain (bf16 GEMMs accumulating in fp32, the epilogue in fp32, the GELU's input kept
+in bf16), so the same model; before a run uses it, the fused MLP is checked against torch in fp32 on the GPU
+(works()). Elsewhere the op is torch's kernels, so the code and its gradients are tested on a CPU.
+Runs in .venv-gpu (imports torch).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from training_pt.fabric import first_line
+
+GELU_TANH = ("gelu_pytorch_tanh", "gelu_new", "gelu_fast")  # HF's names of the tanh approximation
+TOLERANCE = 1e-2  # relative error (norm) allowed against fp32 torch: bf16 rounding gives ~3e-3; a wrong
+# layout or epilogue gives ~1
+
+
+def on_cublaslt(x: torch.Tensor) -> bool:
+    return x.is_cuda and x.dtype == torch.bfloat16
+
+
+@torch.library.custom_op("m40::gelu_bias_mm", mutates_args=())
+def gelu_bias_mm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gelu(x @ w + bias), x @ w + bias), w a Conv1D's K x N weight: cuBLASLt's epilogue on a GPU in bf16."""
+    if on_cublaslt(x):
+        from training_pt import cublaslt
+
+        return cublaslt.gelu_bias(x.contiguous(), w.contiguous(), bias.contiguous())
+    pre = torch.addmm(bias, x, w)
+    return F.gelu(pre, approximate="tanh"), pre
+
+
+@gelu_bias_mm.register_fake
+def gelu_bias_mm_shape(x, w, bias):
+    h = x.new_empty(x.shape[0], w.shape[1])
+    return h, torch.empty_like(h)
+
+
+class GeluMLPFunction(torch.autograd.Function):
+    """c_proj(gelu(c_fc(x))) on 2-D x, with HF's Conv1D weights (in x out) and biases, all in one dtype."""
+
+    @staticmethod
+    def forward(ctx, x, w_fc, b_fc, w_proj, b_proj):
+        h, pre = torch.ops.m40.gelu_bias_mm(x, w_fc, b_fc)
+        ctx.save_for_backward(x, w_fc, w_proj, pre, h)
+        return torch.addmm(b_proj, h, w_proj)
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, w_fc, w_proj, pre, h = ctx.saved_tensors
+        dpre = torch.ops.aten.gelu_backward(dout @ w_proj.t(), pre, approximate="tanh")
+        return dpre @ w_fc.t(), x.t() @ dpre, dpre.sum(0), h.t() @ dout, dout.sum(0)
+
+
+class FusedGeluMLP(torch.nn.Module):
+    """Stands in for a GPT2MLP, holding its very c_fc, c_proj and dropout (the same parameter names)."""
+
+    def __init__(self, mlp):
+        super().__init__()
+        self.c_fc, self.c_proj, self.dropout = mlp.c_fc, mlp.c_proj, mlp.dropout
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        kind = hidden.device.type
+        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else hidden.dtype
+        x = hidden.reshape(-1, hidden.shape[-1]).to(dtype)
+        params = (self.c_fc.weight, self.c_fc.bias, self.c_proj.weight, self.c_proj.bias)
+        out = GeluMLPFunction.apply(x, *(p.to(dtype) for p in params))
+        return self.dropout(out.view(*hidden.shape[:-1], out.shape[-1]))
+
+
+def reference(x: torch.Tensor, params: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    w_fc, b_fc, w_proj, b_proj = params
+    return torch.addmm(b_proj, F.gelu(torch.addmm(b_fc, x, w_fc), approximate="tanh"), w_proj)
+
+
+def relative_errors(x: torch.Tensor, params: tuple[torch.Tensor, ...]) -> list[float]:
+    """Relative errors (norm) of GeluMLPFunction's output and five gradients against torch's in fp32, both
+    from the same inputs and the same random output gradient."""
+    leaves = [t.detach().clone().requires_grad_() for t in (x, *params)]
+    out = GeluMLPFunction.apply(*leaves)
+    gen = torch.Generator(out.device).manual_seed(1)
+    dout = torch.randn(out.shape, device=out.device, generator=gen).to(out.dtype)
+    got = [out, *torch.autograd.grad(out, leaves, dout)]
+    ref_leaves = [t.detach().float().requires_grad_() for t in leaves]
+    ref = reference(ref_leaves[0], tuple(ref_leaves[1:]))
+    want = [ref, *torch.autograd.grad(ref, ref_leaves, dout.float())]
+    return [((g.float() - w).norm() / w.norm().clamp_min(1e-30)).item() for g, w in zip(got, want, strict=True)]
+
+
+def trial(device: torch.device, width: int, inner: int, tokens: int = 1024, dtype=torch.bfloat16) -> list[float]:
+    """relative_errors on random inputs at a model's own width, GPT-2's init scale."""
+    gen = torch.Generator(device).manual_seed(0)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, device=device, generator=gen) * scale).to(dtype)
+
+    x = rand(tokens, width)
+    params = (rand(width, inner, scale=0.02), rand(inner), rand(inner, width, scale=0.02), rand(width))
+    return relative_errors(x, params)
+
+
+@functools.cache
+def works(device: torch.device, width: int, inner: int) -> tuple[bool, str]:
+    """(True, "") where the fused MLP runs on cuBLASLt and agrees with torch; else (False, one line why)."""
+    if device.type != "cuda":
+        return False, f"cuBLASLt's GELU epilogue needs a CUDA GPU, not {device.type}"
+    if width % 8 or inner % 8:
+        return False, f"cuBLASLt's GELU epilogue needs widths divisible by 8, not {width} and {inner}"
+    try:
+        errors = trial(device, width, inner)
+    except Exception as e:  # the library not found, an error status, a CUDA error
+        return False, f"cuBLASLt's GELU epilogue did not run ({first_line(e)[:160]})"
+    worst = max(errors)
+    if not worst < TOLERANCE:  # NaN fails too
+        return False, f"cuBLASLt's GELU epilogue disagreed with torch (relative error {worst:.2g})"
+    return True, ""
+
+
+def fuse(model, device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
+    """Swap every GPT-2 MLP of `model` for FusedGeluMLP where works() for matmuls in `dtype`; (swapped, the
+    reason if not)."""
+    conf = model.config
+    if getattr(conf, "model_type", "") != "gpt2" or conf.activation_function not in GELU_TANH:
+        return False, "train.mlp fused is for GPT-2 with a tanh GELU"
+    if dtype != torch.bfloat16:
+        return False, "train.mlp fused is for bf16 matmuls (train.autocast bfloat16 or model.dtype bfloat16)"
+    ok, why = works(device, conf.n_embd, conf.n_inner or 4 * conf.n_embd)
+    if ok:
+        for block in model.base_model.h:
+            block.mlp = FusedGeluMLP(block.mlp)
+    return ok, why
+
+
+def path(model) -> str:
+    """The MLP path in words, for the training log, its figures and the bench table."""
+    if any(isinstance(m, FusedGeluMLP) for m in model.modules()):
+        return "fused (cuBLASLt GELU epilogue)"
+    return "plain"
