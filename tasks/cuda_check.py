@@ -2,12 +2,13 @@
 
 The checks run in `.venv-gpu`'s Python as one fresh, isolated process (`python -m training_pt.gpu_checks`,
 started by tasks/proc.py's launcher: it imports torch, nox's interpreter never does). It writes
-cuda_check.txt (one PASS/FAIL/SKIP line per check with its
-value, reason and time) and cuda_check.json; its console goes to cuda_check.log. This module turns
-the JSON into the stage's Outcome. The stage fails when any check FAILs, and also when no GPU check
-ran at all: on a machine where torch sees no GPU the checker SKIPs the GPU checks with the reason,
-but a machine that cannot compute does not pass. In a job of several nodes (tasks/multinode.py) it
-then runs one all-reduce over every node's GPUs (training_pt/allreduce_nodes.py under torchrun).
+cuda_check.txt (one PASS/FAIL/SKIP line per check with its value, reason and time) and cuda_check.json;
+its console goes to cuda_check.log. This module turns the JSON into the stage's Outcome (`file_says`:
+the one reading of it, to which tasks/verdict.py holds the record). The stage fails when any check
+FAILs, and also when no GPU check ran at all: on a machine where torch sees no GPU the checker SKIPs
+the GPU checks with the reason, but a machine that cannot compute does not pass. In a job of several
+nodes (tasks/multinode.py) it then runs one all-reduce over every node's GPUs
+(training_pt/allreduce_nodes.py under torchrun).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import os
 from pathlib import Path
 
 from tasks import burn_rules, config, cuda_rules, identity, layout, multinode, phases, proc
-from tasks.records import Outcome, StageStatus
+from tasks.records import FileSays, Outcome, StageStatus
 
 DESCRIPTION = (
     "Check that PyTorch computes correctly and at speed on every GPU (build, driver, devices, kernels "
@@ -153,12 +154,7 @@ def run(run_dir: Path, args) -> Outcome:
     log = run_dir / layout.CUDA_CHECK_LOG
     # The checker stops itself after timeout_s (faulthandler); this limit is the backstop.
     code = proc.run_gpu(python, layout.GPU_CHECKS_MODULE, checker_args(run_dir, args), log, timeout=limit + 60)
-    result = None
-    if result_path.exists():
-        try:
-            result = json.loads(result_path.read_text())
-        except ValueError:
-            result = None
+    result = read_result(result_path)
     files = [name for name in (TXT, layout.CUDA_CHECK_JSON, layout.CUDA_CHECK_LOG) if (run_dir / name).exists()]
     lines = log_lines(log)
     hung = any(line.startswith("Timeout (") for line in lines)  # faulthandler's watchdog fired
@@ -207,6 +203,15 @@ def overrides(args, defaults: dict | None = None) -> list[str]:
     ]
 
 
+def read_result(path: Path) -> dict | None:
+    """The checker's cuda_check.json, or None where it left none (or not a JSON object)."""
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError):
+        return None
+    return result if isinstance(result, dict) else None
+
+
 def log_lines(path: Path) -> list[str]:
     try:
         return [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
@@ -227,9 +232,14 @@ def outcome_from(
             why = f"the checker exited with code {code} and wrote no {layout.CUDA_CHECK_JSON}"
         tail = f" (last output: {log_tail})" if log_tail else ""
         return Outcome(StageStatus.FAIL, f"{why}{tail}; see {layout.CUDA_CHECK_LOG}", {}, files)
-    figures = figures_from(result)
+    said = file_says(result)
+    figures = dict(said.figures)
+    versions = result.get("versions")
+    if "torch_identity" not in figures and isinstance(versions, dict) and versions.get("torch_file"):
+        # a checker that wrote no identity: the torch its versions name, as found here
+        figures["torch_identity"] = identity.of_torch(versions["torch_file"], str(versions.get("torch")))
     reason = result.get("reason") or ""
-    if result.get("exit_code") == 0 and code == 0:
+    if not said.failure and code == 0:
         return Outcome(StageStatus.PASS, reason, figures, files)  # a pass's reason notes what was not judged
     if not reason:
         reason = f"the checker exited with code {code} after writing its result; see {layout.CUDA_CHECK_LOG}"
@@ -252,8 +262,17 @@ def unjudged(check: dict) -> bool:
     return check.get("status") == "SKIP" and check.get("gpu") is not None and not data.get("nothing_to_judge")
 
 
+def file_says(result: dict) -> FileSays:
+    """What cuda_check.json says: a pass (the checker's exit code 0) or what instead, and the figures this stage's
+    record takes from it (figures_from). tasks/verdict.py holds a passing record to them."""
+    code, reason = result.get("exit_code"), result.get("reason")
+    failure = "" if code == 0 else f"exit code {code}" + (f": {reason}" if reason else "")
+    return FileSays(failure, figures_from(result))
+
+
 def figures_from(result: dict) -> dict:
-    """Flat key numbers for the evidence table and summary.json."""
+    """Flat key numbers for the evidence table and summary.json, from cuda_check.json alone (no other file read:
+    tasks/verdict.py computes them again from the sealed file)."""
     counts = result.get("counts", {})
     versions = result.get("versions", {})
     fig: dict = {
@@ -267,8 +286,7 @@ def figures_from(result: dict) -> dict:
         "torch": versions.get("torch"),
         "cuda_build": versions.get("cuda"),
         # which torch the checker imported (tasks/verdict.py compares it with install's and train's)
-        "torch_identity": result.get("torch_identity")
-        or (identity.of_torch(versions["torch_file"], versions.get("torch")) if versions.get("torch_file") else None),
+        "torch_identity": result.get("torch_identity") or None,  # None: left out (the stage may derive it)
         "device": "cuda" if result.get("gpus_checked") else "cpu",
         "nproc": result.get("gpus_checked", 0),
         "thresholds": thresholds(result.get("settings") or {}),

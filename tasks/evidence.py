@@ -1,9 +1,10 @@
 """Stage evidence: render a run's README.md and summary.json from its stage records, then seal it.
 
-Evidence reads only what the run folder holds: the stage records (`records.read_all`), probe's
-gpus.json and the list of files. It never overwrites a file another stage wrote. For every stage
-file (layout.STAGE_FILES) that is missing it writes one that says why ("install did not run: probe
-failed — ..."), so every finished run holds the same six files.
+Evidence reads only what the run folder holds: the stage records (`records.read_all`), each stage's
+own file (`own_files`: gpus.json, cuda_check.json, train_result.json, to which the verdict holds the
+records; the README's GPU table is gpus.json's) and the list of files. It never overwrites a file
+another stage wrote. For every stage file (layout.STAGE_FILES) that is missing it writes one that says
+why ("install did not run: probe failed — ..."), so every finished run holds the same six files.
 
 Order of writing: the placeholder files, README.md, summary.json, the GitHub step summary (when
 $GITHUB_STEP_SUMMARY is set); then the harness writes stages/evidence.json and calls
@@ -148,6 +149,20 @@ def run_files(run_dir: Path) -> list[str]:
     return sorted(out)
 
 
+def own_files(run_dir: Path) -> dict[str, str]:
+    """The text of each stage's own file (layout.STAGE_EVIDENCE) the run holds, by name, for the verdict to
+    hold the stage records to ("" for one that cannot be read)."""
+    out = {}
+    for name in layout.STAGE_EVIDENCE.values():
+        path = run_dir / name
+        if path.is_file():
+            try:
+                out[name] = path.read_text(encoding="utf-8", errors="replace")
+            except OSError:
+                out[name] = ""
+    return out
+
+
 def read_gpus(run_dir: Path) -> dict:
     try:
         data = json.loads((run_dir / layout.GPUS_JSON).read_text())
@@ -217,7 +232,7 @@ def environment() -> jinja2.Environment:
 
 
 def context(run_dir: Path, recs: dict[str, StageRecord], files: list[str], placeholders: dict[str, str]) -> dict:
-    judged = verdict.judge(recs, verdict.load_rules(), files)
+    judged = verdict.judge(recs, verdict.load_rules(), own_files(run_dir))
     gpu_doc = read_gpus(run_dir)
     gpus = gpu_doc.get("gpus") or []
     return {

@@ -293,9 +293,10 @@ def read_node(run_dir: Path, label: str) -> dict:
 
 
 def disagreement(run_dir: Path, summary: dict | None) -> tuple[str | None, str]:
-    """(TAMPERED, why) when the verdict the stage records give (tasks/verdict.py, as evidence judged them)
-    is not the one summary.json states: SHA256SUMS has no key, so a node's own word is never enough."""
-    judged = verdict.judge(records.read_all(run_dir), verdict.load_rules(), evidence.run_files(run_dir))
+    """(TAMPERED, why) when the verdict the stage records give (tasks/verdict.py, as evidence judged them:
+    held to each stage's own file) is not the one summary.json states: SHA256SUMS has no key, so a node's
+    own word is never enough."""
+    judged = verdict.judge(records.read_all(run_dir), verdict.load_rules(), evidence.own_files(run_dir))
     said = (summary or {}).get("verdict")
     if judged.word == said:
         return None, ""

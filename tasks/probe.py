@@ -8,7 +8,9 @@ Writes into the run folder:
                     matter (secrets redacted, see tasks/redact.py), the GPU table and the gate verdict;
                     written in every case, also when there is no driver or no GPU
     nvidia_smi.txt  raw `nvidia-smi` and `nvidia-smi -q` (or the line saying why they could not run)
-    gpus.json       the GPU list, machine-readable, for evidence (schema in `gpus_document`)
+    gpus.json       the GPU list and the gate, machine-readable, for evidence (schema in `gpus_document`);
+                    the stage's record takes its figures from it (`file_says`, to which tasks/verdict.py
+                    holds the record)
 
 Gate: the CUDA version the driver supports must be >= min_driver_cuda (configs/m40.yaml, or
 --min-driver-cuda). Layout: pure functions parse values and text (tested with fakes); a thin layer
@@ -38,7 +40,7 @@ from typing import IO
 
 from tasks import config, layout, redact
 from tasks.cuda_rules import clock_event_is_fault, clock_event_names, cuda_version_from_int
-from tasks.records import Outcome, StageStatus, now_iso
+from tasks.records import FileSays, Outcome, StageStatus, now_iso
 from tasks.text import one_line
 
 DESCRIPTION = (
@@ -855,21 +857,35 @@ def run(run_dir: Path, args, *, env: Mapping[str, str] | None = None, nvml_loade
     files = [env_file, smi_file, layout.GPUS_JSON]
     (run_dir / smi_file).write_text(smi_text)
     (run_dir / env_file).write_text(env_info_text(system_facts(run_dir), env, facts, passed, line))
-    (run_dir / layout.GPUS_JSON).write_text(json.dumps(gpus_document(facts, passed, line, min_cuda), indent=2) + "\n")
+    document = gpus_document(facts, passed, line, min_cuda)
+    (run_dir / layout.GPUS_JSON).write_text(json.dumps(document, indent=2) + "\n")
 
+    said = file_says(document)
     figures = {
         "host": socket.gethostname(),
-        "source": facts.source,
-        "driver": facts.driver or "none",
-        "driver_cuda": facts.driver_cuda or "none",
-        "min_driver_cuda": min_cuda or "unknown",
-        "gpu_count": len(facts.gpus),
+        **said.figures,
         "gpus": gpus_summary(facts.gpus),
         "overrides": overrides(min_cuda),  # tasks/verdict.py: a changed gate is not a full PASS
     }
-    if passed:
+    if not said.failure:
         return Outcome(StageStatus.PASS, "", figures, files)
     return Outcome(StageStatus.FAIL, config_error or line, figures, files)
+
+
+def file_says(document: dict) -> FileSays:
+    """What gpus.json says: a pass (its gate passed) or what instead, and the figures this stage's record takes
+    from it. tasks/verdict.py holds a passing record to them."""
+    gate, gpus = document.get("gate"), document.get("gpus")
+    gate = gate if isinstance(gate, dict) else {}
+    failure = "" if gate.get("passed") is True else f"its gate did not pass: {gate.get('line')}"
+    figures = {
+        "source": document.get("source"),
+        "driver": document.get("driver") or "none",
+        "driver_cuda": document.get("driver_cuda") or "none",
+        "min_driver_cuda": document.get("min_driver_cuda") or "unknown",
+        "gpu_count": len(gpus) if isinstance(gpus, list) else 0,
+    }
+    return FileSays(failure, figures)
 
 
 def min_driver_cuda(args) -> tuple[str | None, str, str | None]:

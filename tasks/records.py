@@ -13,6 +13,9 @@ Schema (version 1), the only contract between stages and `evidence`:
     files       names (relative to the run folder) the stage wrote
     host        the machine's host name (socket.gethostname()); "" in a record from before the field
     schema      1
+
+probe, cuda_check and train also leave their own machine-readable file (layout.STAGE_EVIDENCE); each
+stage's `file_says` reads it (FileSays: pass or not, the figures its record takes from it).
 """
 
 from __future__ import annotations
@@ -182,3 +185,12 @@ class Outcome:
     reason: str = ""
     figures: dict = field(default_factory=dict)
     files: list = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class FileSays:
+    """What a stage's own machine-readable file (layout.STAGE_EVIDENCE) says, as the stage itself reads it
+    (its `file_says`): the stage builds its record from this, and tasks/verdict.py holds the record to it."""
+
+    failure: str  # "" when the file says the stage passed; else what it says instead, e.g. "fail (exit 3): why"
+    figures: dict  # the figures the stage's record takes from the file

@@ -4,12 +4,13 @@
 
 train.py writes into the run folder: training_log.txt (its log, also on failure), metrics.jsonl (one
 JSON per step), loss.svg (the loss curve) and train_result.json (status, one-line reason, figures),
-which this stage reads for its record. The whole console (torchrun's lines, tracebacks) goes to
-train_console.txt. It runs as `python -m training_pt.train`, isolated (tasks/proc.py's launcher); with
-N > 1 processes under `python -m torch.distributed.run --standalone --nproc-per-node N -m training_pt.train`,
-DDP over NCCL, NVLink multicast (NVLS) off. Across nodes (--nnodes, --rdzv-endpoint, or Slurm's /
-torchrun-style environment: tasks/multinode.py) every node joins one torchrun job through its c10d
-rendezvous and records the job's id, its node rank and the world size. This module never imports torch.
+which this stage reads for its record (`file_says`: the one reading of it, to which tasks/verdict.py holds
+the record). The whole console (torchrun's lines, tracebacks) goes to train_console.txt. It runs as
+`python -m training_pt.train`, isolated (tasks/proc.py's launcher); with N > 1 processes under
+`python -m torch.distributed.run --standalone --nproc-per-node N -m training_pt.train`, DDP over NCCL,
+NVLink multicast (NVLS) off. Across nodes (--nnodes, --rdzv-endpoint, or Slurm's / torchrun-style
+environment: tasks/multinode.py) every node joins one torchrun job through its c10d rendezvous and
+records the job's id, its node rank and the world size. This module never imports torch.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 import yaml
 
 from tasks import config, identity, layout, multinode, proc, records, validate
-from tasks.records import Outcome, StageStatus
+from tasks.records import FileSays, Outcome, StageStatus
 
 DESCRIPTION = (
     "Train GPT-2 for a few steps on every GPU (training_pt/train.py in .venv-gpu): the loss falls on "
@@ -358,24 +359,47 @@ def launch(
 
 def outcome(run_dir: Path, rc: int, nproc: int, args, job: multinode.Job | None) -> Outcome:
     """The stage's record from train_result.json, the exit code and the files train.py left."""
-    try:
-        result = json.loads((run_dir / layout.TRAIN_RESULT).read_text())
-    except (OSError, ValueError):
-        result = None
+    result = read_result(run_dir)
+    said = file_says(result) if result is not None else None
     kept = (layout.TRAIN_LOG, layout.TRAIN_METRICS, layout.TRAIN_LOSS_PLOT, layout.TRAIN_RESULT, layout.TRAIN_CONSOLE)
     files = [n for n in kept if (run_dir / n).exists()]
     figures = job.figures() if job is not None else {}
-    got = (result or {}).get("figures") or {}
-    figures.update({k: v for k, v in got.items() if k in FIGURES or k.startswith("phase_")})  # phases: their line
+    figures.update(said.figures if said is not None else {})
     overrides = changed_overrides(args.train_override, args.train_config)
     figures.update(nproc=nproc, config=Path(args.train_config).name, overrides=overrides)
     figures["config_path"] = checkout_path(args.train_config)  # tasks/verdict.py: one of this tool's configs?
-    torch_file = ((result or {}).get("figures") or {}).get("torch_file")
+    raw = (result or {}).get("figures")
+    torch_file = raw.get("torch_file") if isinstance(raw, dict) else None
     if torch_file and not isinstance(figures.get("torch_identity"), dict):  # tasks/verdict.py compares it
         figures["torch_identity"] = identity.of_torch(torch_file, figures.get("torch", ""))
-    if result is not None and result.get("status") == "pass" and rc == 0:
+    if said is not None and not said.failure and rc == 0:
         return Outcome(StageStatus.PASS, "", figures, files)
     return Outcome(StageStatus.FAIL, failure_reason(run_dir, rc, args.train_timeout, result, job), figures, files)
+
+
+def read_result(run_dir: Path) -> dict | None:
+    """train_result.json, or None where train.py left none (or not a JSON object)."""
+    try:
+        result = json.loads((run_dir / layout.TRAIN_RESULT).read_text())
+    except (OSError, ValueError, RecursionError):
+        return None
+    return result if isinstance(result, dict) else None
+
+
+def file_says(result: dict) -> FileSays:
+    """What train_result.json says: a pass (status pass, exit code 0) or what instead, and the figures this stage's
+    record takes from it (FIGURES, and the `phase_` seconds). tasks/verdict.py holds a passing record to them."""
+    status, code, reason = result.get("status"), result.get("exit_code"), result.get("reason")
+    if status != "pass":
+        failure = f"{status} (exit {code})" + (f": {reason}" if reason else "")
+    else:
+        failure = "" if code == 0 else f"exit code {code}"
+    got = result.get("figures")
+    got = got if isinstance(got, dict) else {}
+    figures = {k: v for k, v in got.items() if k in FIGURES or k.startswith("phase_")}  # phases: their line
+    if not isinstance(figures.get("torch_identity"), dict):  # the stage derives it from torch_file instead
+        figures.pop("torch_identity", None)
+    return FileSays(failure, figures)
 
 
 def checkout_path(path) -> str:

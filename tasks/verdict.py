@@ -1,10 +1,15 @@
-"""The verdict of a run, from its stage records alone: PASS, PARTIAL, FAIL or INTERRUPTED.
+"""The verdict of a run, from its stage records held to each stage's own file: PASS, PARTIAL, FAIL or
+INTERRUPTED.
 
-Pure functions (no files but the rules' YAML, no torch), so that the judgement has a table test:
+Pure functions (no files but the rules' YAML, no torch: the caller passes the own files' text), so that
+the judgement has a table test:
 
     FAIL / INTERRUPTED  a stage failed, was interrupted, did not finish (its record still says
-                        "running"), was skipped or left no record; or install, cuda_check and train
-                        ran different torches (torch_identity differs)
+                        "running"), was skipped or left no record; a passing stage's own file
+                        (layout.STAGE_EVIDENCE: gpus.json, cuda_check.json, train_result.json) is
+                        missing, not a JSON object, does not say pass, or holds a figure other than
+                        the one the record took from it; or install, cuda_check and train ran
+                        different torches (torch_identity differs)
     PARTIAL             every stage passed, but not the whole claim: a check changed from its
                         default (configs/verdict.yaml; train's thresholds vs the default training
                         config; steps outside 10-50), training on the CPU, fewer training processes
@@ -13,7 +18,6 @@ Pure functions (no files but the rules' YAML, no torch), so that the judgement h
                         could not judge (`unjudged_checks`), a config file the verdict rests on that
                         differed from the tool's git commit (`changed_configs`), a training config
                         that is not this tool's (`config_path`), or a figure not recorded
-    (a passing stage whose own file, layout.STAGE_EVIDENCE, is missing FAILs there)
     PASS                every stage passed under the default checks, training ran on CUDA on every
                         GPU that probe found, one and the same torch throughout
 
@@ -21,21 +25,31 @@ What the rule reads from the records' figures: probe `gpu_count` (NVML, or nvidi
 `gpus_checked` (torch's device count) and `unjudged_checks`; train `device`, `nproc`, `thresholds` and
 `steps`; each stage's `overrides` (a list of "key=value") and `torch_identity` ({version, file,
 record_sha256}) of install, cuda_check, train.
+
+A stage's own file is read as the stage itself reads it when it writes its record (its `file_says`,
+FILE_READERS): whether it says pass (probe: the gate passed; cuda_check: the checker's exit code 0;
+train: status pass, exit code 0), and the figures the record takes from it. A figure the record does
+not hold (an earlier version's record) is not compared. SHA256SUMS has no key: a forgery that edits
+every file consistently passes; one that leaves the run disagreeing with itself never does.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tasks import config, layout
-from tasks.records import StageRecord, StageStatus
+from tasks import config, cuda_check, layout, probe, text, train
+from tasks.records import StageRecord, StageStatus, without_credentials
 
 WORK_STAGES = layout.WORK_STAGES
 TORCH_STAGES = ("install", "cuda_check", "train")  # each records the torch it ran
 PASS, PARTIAL, FAIL, INTERRUPTED = "PASS", "PARTIAL", "FAIL", "INTERRUPTED"
 WORDS = (PASS, PARTIAL, FAIL, INTERRUPTED)
+# Each stage's own reading of its own file (layout.STAGE_EVIDENCE): whether it says pass, and the figures the
+# stage's record takes from it. The stage built its record with the same function, so a genuine run agrees.
+FILE_READERS = {"probe": probe.file_says, "cuda_check": cuda_check.file_says, "train": train.file_says}
 
 
 @dataclass(frozen=True)
@@ -99,10 +113,10 @@ def load_rules(path: Path | None = None) -> Rules:
 # --------------------------------------------------------------------------- the judgement
 
 
-def judge(recs: dict[str, StageRecord], rules: Rules, files: Collection[str]) -> Verdict:
-    """The verdict of a run from its stage records (evidence's own record is ignored) and the names of
-    the files in its folder (relative to it)."""
-    failed = stage_failure(recs) or missing_evidence(recs, files)
+def judge(recs: dict[str, StageRecord], rules: Rules, own: Mapping[str, str]) -> Verdict:
+    """The verdict of a run from its stage records (evidence's own record is ignored) and the text of each
+    stage's own file (layout.STAGE_EVIDENCE) its folder holds, by file name (evidence.own_files)."""
+    failed = stage_failure(recs) or own_file_failure(recs, own)
     harmless, deviations = judge_overrides(recs, rules)
     deviations += coverage_deviations(recs) + host_deviations(recs) + unjudged_checks(recs) + identity_gaps(recs)
     deviations += training_check_deviations(recs, rules) + config_deviations(recs, rules)
@@ -138,13 +152,68 @@ def stage_failure(recs: dict[str, StageRecord]) -> tuple[str, str, str] | None:
     return None
 
 
-def missing_evidence(recs: dict[str, StageRecord], files: Collection[str]) -> tuple[str, str, str] | None:
-    """FAIL at the first passing stage whose own machine-readable file is not in the run folder."""
+def own_file_failure(recs: dict[str, StageRecord], own: Mapping[str, str]) -> tuple[str, str, str] | None:
+    """FAIL at the first passing stage whose own file is missing or says otherwise than its record."""
     for name, file in layout.STAGE_EVIDENCE.items():
         rec = recs.get(name)
-        if rec is not None and rec.status == StageStatus.PASS and file not in files:
-            return FAIL, name, f"{layout.STAGES_DIR}/{name}.json says pass but {name}'s file {file} is missing"
+        if rec is not None and rec.status == StageStatus.PASS:
+            why = own_file_disagreement(rec, file, own.get(file))
+            if why:
+                return FAIL, name, why
     return None
+
+
+def own_file_disagreement(rec: StageRecord, file: str, content: str | None) -> str:
+    """Why the stage's own file (its text, None where missing) does not bear out its passing record; "" if it does:
+    the file says pass as the stage reads it (FILE_READERS), with every figure the record holds from it."""
+    says = f"{layout.STAGES_DIR}/{rec.stage}.json says"
+    if content is None:
+        return f"{says} pass but {rec.stage}'s file {file} is missing"
+    try:
+        doc = json.loads(content)
+    except (ValueError, RecursionError) as e:
+        return f"{says} pass but {file} is not JSON ({shown(str(e))})"
+    if not isinstance(doc, dict):
+        return f"{says} pass but {file} is not a JSON object"
+    try:
+        said = FILE_READERS[rec.stage](doc)
+    except (AttributeError, TypeError, ValueError, KeyError) as e:  # a file the stage itself never writes
+        return f"{says} pass but {file} is not what {rec.stage} writes ({type(e).__name__}: {shown(str(e))})"
+    if said.failure:
+        return f"{says} pass but {file} says {shown(said.failure)}"
+    return figure_disagreement(rec, file, said.figures)
+
+
+def figure_disagreement(rec: StageRecord, file: str, said: dict) -> str:
+    """The first figure the record holds that differs from the file's (and how many more), or ""."""
+    differ = differing_figures(rec.figures, said)
+    if not differ:
+        return ""
+    first, *more = differ
+    line = f"{layout.STAGES_DIR}/{rec.stage}.json says {first}={shown(rec.figures[first])} "
+    line += f"but {file} says {first}={shown(said[first])}"
+    if more:
+        line += f" ({'1 more figure differs' if len(more) == 1 else f'{len(more)} more figures differ'}: "
+        line += f"{', '.join(more)})"
+    return line
+
+
+def differing_figures(recorded: dict, said: dict) -> list[str]:
+    """The figures the record holds (not None: a figure not recorded is PARTIAL's business) that differ from
+    those its stage reads from the file. URL credentials are compared as the record keeps them (none)."""
+    said = without_credentials(said)
+    return [k for k, v in said.items() if recorded.get(k) is not None and not same(recorded[k], v)]
+
+
+def same(a, b) -> bool:
+    """Equal, or equal as JSON (NaN is not equal to itself, yet a record copies one faithfully)."""
+    return a == b or json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
+
+
+def shown(value) -> str:
+    """A value from a file, on one line and short enough for a verdict's reason."""
+    line = text.one_line(value if isinstance(value, str) else json.dumps(value, default=str))
+    return line if len(line) <= 200 else line[:199] + "…"
 
 
 def did_not_finish(rec: StageRecord) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks import cuda_check, layout, proc, records, stage
+from tasks import cuda_check, layout, proc, records, stage, verdict
 from tasks.config import ConfigError
 from tasks.cuda_rules import ARCH_LIST_SEAM_ENV
 
@@ -140,6 +140,9 @@ def test_stage_fails_on_cpu_torch_with_one_line_and_keeps_the_files(tmp_path, mo
     assert rec.figures["checks_fail"] == 1 and rec.figures["gpus_checked"] == 0 and rec.figures["seed"] == 11
     assert rec.figures["failed_checks"] == "build"
     assert records.read(run_dir, "cuda_check").reason == rec.reason
+    said = cuda_check.file_says(json.loads((run_dir / layout.CUDA_CHECK_JSON).read_text()))
+    assert said.failure.startswith("exit code 1: 1 check(s) FAIL: build")  # the verdict reads the file so too
+    assert verdict.differing_figures(records.read(run_dir, "cuda_check").figures, said.figures) == []
     import torch
 
     ident = rec.figures["torch_identity"]

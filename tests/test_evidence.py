@@ -102,15 +102,28 @@ def make_run(tmp_path, statuses: dict[str, str], reasons: dict[str, str] | None 
         if status in (StageStatus.PASS, StageStatus.FAIL):
             for f in layout.STAGE_FILES[name]:
                 (run_dir / f).write_text(STAGE_TEXT[f])
-        if name == "cuda_check" and status in (StageStatus.PASS, StageStatus.FAIL):
-            (run_dir / layout.CUDA_CHECK_JSON).write_text(json.dumps({"versions": CHECKER_VERSIONS}))
-        if name == "train" and status in (StageStatus.PASS, StageStatus.FAIL):
-            (run_dir / layout.TRAIN_RESULT).write_text(json.dumps({"status": status, "figures": FIGURES["train"]}))
-        if name == "probe":
-            (run_dir / layout.GPUS_JSON).write_text(
-                json.dumps({"schema": 1, "source": "nvml", "driver": "580.95.05", "driver_cuda": "13.0", "gpus": [GPU]})
-            )
+        if name in layout.STAGE_EVIDENCE and status in (StageStatus.PASS, StageStatus.FAIL):
+            (run_dir / layout.STAGE_EVIDENCE[name]).write_text(json.dumps(own_file(name, status == StageStatus.PASS)))
     return run_dir
+
+
+def own_file(name: str, passed: bool = True) -> dict:
+    """The stage's own file (layout.STAGE_EVIDENCE), agreeing with its record's FIGURES."""
+    if name == "probe":
+        gate = {"passed": passed, "line": "driver 580.95.05 supports CUDA 13.0 >= 12.8"}
+        return {
+            "schema": 1,
+            "source": "nvml",
+            "driver": "580.95.05",
+            "driver_cuda": "13.0",
+            "gate": gate,
+            "gpus": [GPU],
+        }
+    if name == "cuda_check":
+        counts = {"PASS": 21, "FAIL": 0, "SKIP": 2}
+        ident = {"torch_identity": TORCH_ID, "gpus_checked": 1, "counts": counts}
+        return {"exit_code": 0 if passed else 1, "versions": CHECKER_VERSIONS, **ident}
+    return {"status": "pass" if passed else "fail", "exit_code": 0 if passed else 3, "figures": FIGURES["train"]}
 
 
 def render(run_dir):
@@ -219,6 +232,34 @@ def test_failed_run_names_the_stage_and_writes_why_files_are_missing(tmp_path):
     assert (run_dir / "training_log.txt").read_text().startswith("train did not run: install failed")
     summary = json.loads((run_dir / layout.SUMMARY_FILE).read_text())
     assert (summary["verdict"], summary["failed_stage"], summary["reason"]) == ("FAIL", "install", reason)
+
+
+def test_a_stage_record_that_says_pass_over_its_own_file_that_says_fail_is_a_fail(tmp_path):
+    """stages/train.json edited to pass beside the train_result.json train.py wrote: evidence renders FAIL at
+    train, naming both files, and exits as a failed train does."""
+    run_dir = make_run(tmp_path, ALL_PASS)
+    (run_dir / layout.TRAIN_RESULT).write_text(json.dumps({**own_file("train", passed=False), "reason": "no drop"}))
+    rec = render(run_dir)
+    why = "stages/train.json says pass but train_result.json says fail (exit 3): no drop"
+    assert (rec.figures["verdict"], evidence.exit_code_of(rec, run_dir)) == ("FAIL", layout.EXIT_STAGE["train"])
+    summary = json.loads((run_dir / layout.SUMMARY_FILE).read_text())
+    assert (summary["verdict"], summary["failed_stage"], summary["reason"]) == ("FAIL", "train", why)
+    assert (
+        f"**FAIL at train** (exit code 40).\n\n**What happened:** {text.md_inert(why)}"
+        in (run_dir / layout.README_FILE).read_text()
+    )
+
+
+def test_a_figure_edited_in_a_stage_record_is_named_beside_its_own_files_figure(tmp_path):
+    run_dir = make_run(tmp_path, ALL_PASS)
+    rec = records.read(run_dir, "cuda_check")
+    rec.figures["checks_fail"] = 0
+    rec.figures["checks_pass"] = 23  # the two skipped checks, said to have passed
+    records.write(run_dir, rec)
+    render(run_dir)
+    summary = json.loads((run_dir / layout.SUMMARY_FILE).read_text())
+    assert (summary["verdict"], summary["failed_stage"]) == ("FAIL", "cuda_check")
+    assert summary["reason"] == "stages/cuda_check.json says checks_pass=23 but cuda_check.json says checks_pass=21"
 
 
 def test_interrupted_run_says_where(tmp_path):
@@ -413,6 +454,9 @@ def test_a_cpu_training_run_has_no_mfu_row_and_still_renders(tmp_path):
     rec = records.read(run_dir, "train")
     rec.figures.update(mfu_pct="n/a", peak_tflops="n/a", first_loss=10.8, final_loss=9.6)
     records.write(run_dir, rec)
+    result = own_file("train")
+    result["figures"] = {**result["figures"], **rec.figures}
+    (run_dir / layout.TRAIN_RESULT).write_text(json.dumps(result))  # the figures the record took from it
     assert render(run_dir).ok
     readme = (run_dir / layout.README_FILE).read_text()
     assert "10.80 → 9.60" in readme and "| MFU |" not in readme

@@ -10,7 +10,7 @@ import os
 import fake_gpu
 import pytest
 
-from tasks import evidence, fleet, layout, records, runs, stage
+from tasks import cuda_check, evidence, fleet, layout, records, runs, stage
 from tasks.records import StageRecord, StageStatus
 
 MODEL, NAME = "H100 SXM", "NVIDIA H100 80GB HBM3"
@@ -25,14 +25,24 @@ def no_step_summary(monkeypatch):
 TORCH_ID = {"version": "2.11.0+cu130", "file": "/m/.venv-gpu/torch/__init__.py", "record_sha256": "0" * 64}
 
 
-def check_figures(gpus: int, bf16: float, copy: float) -> dict:
-    fig = {"gpus_checked": gpus, "torch": "2.11.0+cu130", "torch_identity": TORCH_ID}
-    if gpus > 1:
-        fig["allreduce_busbw_gbs"] = 360.0
+def checker_result(gpus: int, bf16: float, copy: float, failed: bool = False) -> dict:
+    """cuda_check.json as the checker writes it (the parts the stage's figures come from)."""
+    checks = []
     for i in range(gpus):  # the slowest GPU sets the node's figure: GPU 0 a little faster than the rest
-        fig[f"gpu{i}_bf16_tflops"] = bf16 + (5.0 if i == 0 else 0.0)
-        fig[f"gpu{i}_copy_tbs"] = copy + (0.1 if i == 0 else 0.0)
-    return fig
+        checks.append(
+            {"name": "speed.matmul_bf16", "gpu": i, "status": "PASS", "data": {"tflops": bf16 + 5.0 * (i == 0)}}
+        )
+        checks.append({"name": "speed.copy", "gpu": i, "status": "PASS", "data": {"tbs": copy + 0.1 * (i == 0)}})
+    if gpus > 1:
+        checks.append({"name": "allreduce", "gpu": None, "status": "PASS", "data": {"busbw_gbs": 360.0}})
+    return {
+        "exit_code": 1 if failed else 0,
+        "gpus_checked": gpus,
+        "counts": {"PASS": len(checks)},
+        "versions": {"torch": "2.11.0+cu130"},
+        "torch_identity": TORCH_ID,
+        "checks": checks,
+    }
 
 
 def make_node(
@@ -48,26 +58,34 @@ def make_node(
     seal: bool = True,
     train_extra: dict | None = None,
 ):
-    """A node's run folder (root/host/m40_v1) as the stages leave it, sealed by the real evidence stage."""
+    """A node's run folder (root/host/m40_v1) as the stages leave it (each stage's own file and the record it
+    took from that file), sealed by the real evidence stage."""
     run_dir = root / host / "m40_v1"
     run_dir.mkdir(parents=True)
+    failed_at = fail[0] if fail else None
+    gpu = fake_gpu.probe_gpu(name=NAME, model=model)
+    gate = {"passed": failed_at != "probe", "line": "driver 580.95.05 supports CUDA 13.0 >= 12.8"}
+    gpu_doc = {"schema": 1, "source": "nvml", "driver": "580.95.05", "driver_cuda": "13.0", "gate": gate}
+    gpu_doc["gpus"] = [dict(gpu, index=i) for i in range(gpus)]
+    checker = checker_result(gpus, bf16, copy, failed=failed_at == "cuda_check")
+    train_figures = {
+        "tok_s": tok_s_per_gpu * gpus,
+        "tok_s_per_gpu": tok_s_per_gpu,
+        "mfu_pct": 41.5,
+        "device": "cuda",
+        "torch_identity": TORCH_ID,
+        "steps": 30,
+        "thresholds": {"checks.first_loss_tol": 0.5, "checks.final_window": 5, "checks.min_loss_drop": 2.0},
+        **(train_extra or {}),
+    }
+    trained = {"status": "fail", "exit_code": 3} if failed_at == "train" else {"status": "pass", "exit_code": 0}
+    own = {"probe": gpu_doc, "cuda_check": checker, "train": {**trained, "figures": train_figures}}
     figures = {
         "probe": {"host": host, "source": "nvml", "driver": "580.95.05", "driver_cuda": "13.0", "gpu_count": gpus},
         "install": {"channel": "cu130", "torch": "2.11.0+cu130", "torch_identity": TORCH_ID},
-        "cuda_check": check_figures(gpus, bf16, copy),
-        "train": {
-            "tok_s": tok_s_per_gpu * gpus,
-            "tok_s_per_gpu": tok_s_per_gpu,
-            "mfu_pct": 41.5,
-            "device": "cuda",
-            "nproc": gpus,
-            "torch_identity": TORCH_ID,
-            "steps": 30,
-            "thresholds": {"checks.first_loss_tol": 0.5, "checks.final_window": 5, "checks.min_loss_drop": 2.0},
-            **(train_extra or {}),
-        },
+        "cuda_check": cuda_check.figures_from(checker),
+        "train": {**train_figures, "nproc": gpus},
     }
-    failed_at = fail[0] if fail else None
     for name in ("probe", "install", "cuda_check", "train"):
         if failed_at and layout.STAGES.index(name) > layout.STAGES.index(failed_at):
             records.write(run_dir, StageRecord(name, StageStatus.SKIP, f"not run: {failed_at} failed"))
@@ -76,14 +94,8 @@ def make_node(
         records.write(run_dir, StageRecord(name, status, reason, duration_s=1.0, figures=figures[name]))
         for f in layout.STAGE_FILES[name]:
             (run_dir / f).write_text(f"{name} output\n")
-        if name in ("cuda_check", "train"):  # probe's gpus.json is written below
-            (run_dir / layout.STAGE_EVIDENCE[name]).write_text("{}\n")
-    gpu = fake_gpu.probe_gpu(name=NAME, model=model)
-    (run_dir / layout.GPUS_JSON).write_text(
-        json.dumps(
-            {"schema": 1, "source": "nvml", "driver": "580.95.05", "gpus": [dict(gpu, index=i) for i in range(gpus)]}
-        )
-    )
+        if name in layout.STAGE_EVIDENCE:
+            (run_dir / layout.STAGE_EVIDENCE[name]).write_text(json.dumps(own[name]))
     if seal:
         with runs.locked(run_dir):
             assert stage.execute("evidence", run_dir, argparse.Namespace()).ok
@@ -385,6 +397,66 @@ def test_a_summary_that_disagrees_with_the_stage_records_is_never_a_pass(tmp_pat
     assert verdicts["bare/m40_v1"][0] == "TAMPERED" and verdicts["bare/m40_v1"][1].startswith(
         "summary.json says PASS, but the stage records give FAIL at probe"
     )
+
+
+def forge(run_dir, stage_name: str, **changes) -> None:
+    """A forgery that stays within the records: stages/<stage>.json and summary.json say pass with `changes` to
+    the stage's figures, and SHA256SUMS is written again; the stage's own file is left as the stage wrote it."""
+    path = layout.stage_record_path(run_dir, stage_name)
+    record = json.loads(path.read_text())
+    record.update(status="pass", reason="", figures={**record["figures"], **changes})
+    path.write_text(json.dumps(record))
+    summary = json.loads((run_dir / layout.SUMMARY_FILE).read_text())
+    summary.update(verdict="PASS", exit_code=0, failed_stage=None, reason="", deviations=[])
+    summary["stages"][stage_name].update(status="pass", reason="", figures=record["figures"])
+    (run_dir / layout.SUMMARY_FILE).write_text(json.dumps(summary))
+    reseal(run_dir)
+
+
+def test_a_forged_pass_over_a_training_that_failed_is_never_a_pass(tmp_path):
+    """The node failed in train; its record and summary.json are edited to say PASS and the run sealed again:
+    train_result.json, as train.py wrote it, still says fail."""
+    forged = make_node(tmp_path / "r", "forged", fail=("train", "the loss did not fall"))
+    forge(forged, "train")
+    make_node(tmp_path / "r", "honest")
+    code, doc, _, _ = report(tmp_path, tmp_path / "r")
+    verdicts = {r["run"]: (r["verdict"], r["reason"]) for r in doc["rows"]}
+    assert verdicts["honest/m40_v1"][0] == "PASS" and code == layout.EXIT_FLEET_NOT_PASS
+    assert verdicts["forged/m40_v1"] == (
+        "TAMPERED",
+        "summary.json says PASS, but the stage records give FAIL at train: "
+        "stages/train.json says pass but train_result.json says fail (exit 3)",
+    )
+
+
+def test_a_figure_raised_in_the_record_and_the_summary_is_tampered_and_never_in_the_median(tmp_path):
+    """tok/s doubled in stages/train.json and summary.json, sealed again: train_result.json says otherwise."""
+    for i in range(1, 4):
+        make_node(tmp_path / "r", f"node0{i}")
+    faster = make_node(tmp_path / "r", "faster")
+    forge(faster, "train", tok_s=8 * 180_000, tok_s_per_gpu=180_000)
+    code, doc, _, _ = report(tmp_path, tmp_path / "r")
+    row = next(r for r in doc["rows"] if r["run"] == "faster/m40_v1")
+    assert row["verdict"] == "TAMPERED" and row["tok_s"] is None and code == layout.EXIT_FLEET_NOT_PASS
+    assert row["reason"] == (
+        "summary.json says PASS, but the stage records give FAIL at train: stages/train.json says tok_s=1440000 "
+        "but train_result.json says tok_s=720000 (1 more figure differs: tok_s_per_gpu)"
+    )
+
+
+def test_the_example_runs_in_the_docs_are_judged_as_the_readme_says(tmp_path):
+    """docs/example-runs: the H200 run (this version) PASS; the H100 runs, sealed by an earlier version whose
+    records lack figures today's verdict reads, PARTIAL under today's rules (so their PASS is TAMPERED); the two
+    failed installs FAIL. Their own files agree with their records."""
+    code, doc, _, _ = report(tmp_path, layout.ROOT / "docs" / "example-runs")
+    rows = {r["run"]: r for r in doc["rows"]}
+    assert code == layout.EXIT_FLEET_NOT_PASS and len(rows) == 5
+    assert rows["h200"]["verdict"] == "PASS"
+    for old in ("h100", "2xh100"):
+        assert rows[old]["verdict"] == "TAMPERED"
+        assert rows[old]["reason"].startswith("summary.json says PASS, but the stage records give PARTIAL: ")
+    for failed in ("h100-fail-no-index", "h100-fail-cuda-visible-devices-empty"):
+        assert (rows[failed]["verdict"], rows[failed]["failed_stage"]) == ("FAIL", "install")
 
 
 @pytest.mark.parametrize(

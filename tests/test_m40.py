@@ -65,11 +65,21 @@ def fake_stage(name, status=StageStatus.PASS, raises=None, **figures):
             raise raises
         for f in layout.STAGE_FILES[name]:
             (run_dir / f).write_text(f"{name} output\n")
+        recorded = {**FAKE_FIGURES[name], **figures}
         if name in layout.STAGE_EVIDENCE:
-            (run_dir / layout.STAGE_EVIDENCE[name]).write_text("{}\n")
-        return Outcome(status, "" if status == StageStatus.PASS else f"{name} broke", {**FAKE_FIGURES[name], **figures})
+            own = own_file(name, status == StageStatus.PASS, recorded)
+            (run_dir / layout.STAGE_EVIDENCE[name]).write_text(json.dumps(own))
+        return Outcome(status, "" if status == StageStatus.PASS else f"{name} broke", recorded)
 
     return SimpleNamespace(DESCRIPTION=f"fake {name}", add_arguments=lambda parser: None, run=run)
+
+
+def own_file(name: str, passed: bool, figures: dict) -> dict:
+    """The stage's own file (layout.STAGE_EVIDENCE) that its record's figures agree with."""
+    if name == "cuda_check":
+        ident = {k: figures.get(k) for k in ("gpus_checked", "torch_identity")}
+        return {"exit_code": 0 if passed else 1, **ident}
+    return {"status": "pass" if passed else "fail", "exit_code": 0 if passed else 3, "figures": figures}
 
 
 def use_fakes(monkeypatch, **overrides):

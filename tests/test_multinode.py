@@ -245,8 +245,10 @@ def stand_in_gpu_stages(run_dir: Path, host: str) -> None:
     for name in ("probe", "install", "cuda_check"):
         for f in layout.STAGE_FILES[name]:
             (run_dir / f).write_text(f"{name}: stand-in file of tests/test_multinode.py (no GPU here)\n")
-    for name in ("probe", "cuda_check"):  # a passing stage needs its own file too (the verdict checks)
-        (run_dir / layout.STAGE_EVIDENCE[name]).write_text("{}\n")
+    # a passing stage needs its own file too, agreeing with its record (the verdict holds the record to it)
+    gpus = {"schema": 1, "source": None, "driver": None, "gate": {"passed": True, "line": "stand-in"}, "gpus": []}
+    (run_dir / layout.GPUS_JSON).write_text(json.dumps(gpus))
+    (run_dir / layout.CUDA_CHECK_JSON).write_text(json.dumps({"exit_code": 0, "gpus_checked": 0}))
 
 
 def test_two_nodes_on_localhost_train_as_one_job_and_the_fleet_reads_both(tmp_path, monkeypatch):

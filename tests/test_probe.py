@@ -116,7 +116,7 @@ def test_a_lowered_min_driver_cuda_is_an_override_and_the_default_is_not(run_dir
             )
         },
         verdict.load_rules(),
-        [],
+        {},
     )
     assert any(d.startswith("probe ran with min_driver_cuda=11.0: a changed check") for d in got.deviations)
 

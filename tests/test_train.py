@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tasks import layout
+from tasks import layout, verdict
 from tasks import train as stage
 from training_pt import model
 from training_pt import train as T
@@ -336,6 +336,9 @@ def test_stage_runs_two_processes_under_torchrun(tmp_path, venv_python, monkeypa
     assert "x 2 process(es)" in log and log.count("per GPU: ") == 1 and "PASS: gpt2" in log
     assert "the ranks agreed on the micro-batch that fits every GPU: 2 x 4 with gradient accumulation" in log
     assert (out.figures["micro_batch"], out.figures["grad_accum"], out.figures["batch_size"]) == (4, 2, 8)
+    said = stage.file_says(json.loads((run_dir / layout.TRAIN_RESULT).read_text()))  # as the verdict reads it
+    assert said.failure == "" and said.figures["tok_s"] == out.figures["tok_s"]
+    assert verdict.differing_figures(out.figures, said.figures) == []
 
 
 def test_stage_without_gpu_names_the_cpu_option(tmp_path, venv_python):

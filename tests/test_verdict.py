@@ -4,6 +4,7 @@ not pass or a torch that changed between stages. A table of stage records → ve
 from __future__ import annotations
 
 import argparse
+import json
 
 import pytest
 
@@ -54,7 +55,30 @@ def run(probe=None, install=None, cuda_check=None, train=None, statuses=None, ho
 
 
 RULES = verdict.load_rules()
-FILES = frozenset(layout.STAGE_EVIDENCE.values()) | set(layout.REQUIRED_FILES)  # a run folder with every file
+
+
+def own_files(recs: dict[str, StageRecord]) -> dict[str, str]:
+    """Each stage's own file (layout.STAGE_EVIDENCE) as the stage leaves it beside its record, agreeing with it:
+    probe's gate passed on its GPUs, the checker exited 0, train.py said pass with the figures the record took."""
+    probe, check, train = (recs[s].figures if s in recs else {} for s in ("probe", "cuda_check", "train"))
+    count = probe.get("gpu_count")
+    gpus = [{"index": i} for i in range(count if isinstance(count, int) else 0)]
+    return {
+        layout.GPUS_JSON: json.dumps(
+            {"schema": 1, "source": probe.get("source"), "gate": {"passed": True, "line": "driver ok"}, "gpus": gpus}
+        ),
+        layout.CUDA_CHECK_JSON: json.dumps(
+            {"exit_code": 0, "gpus_checked": check.get("gpus_checked"), "torch_identity": check.get("torch_identity")}
+        ),
+        layout.TRAIN_RESULT: json.dumps({"status": "pass", "exit_code": 0, "figures": train}),
+    }
+
+
+def judged(recs: dict[str, StageRecord], files: dict[str, str | None] | None = None) -> verdict.Verdict:
+    """The verdict of records beside their own files (own_files), some replaced by `files` (None: removed)."""
+    own = own_files(recs) | (files or {})
+    return verdict.judge(recs, RULES, {name: body for name, body in own.items() if body is not None})
+
 
 TABLE = [
     # (case, records, verdict word, the stage it names, what the deviations / reason must say)
@@ -223,7 +247,7 @@ TABLE = [
 
 @pytest.mark.parametrize(("case", "recs", "word", "stage", "says"), TABLE, ids=[row[0] for row in TABLE])
 def test_the_verdict_of_each_kind_of_run(case, recs, word, stage, says):
-    got = verdict.judge(recs, RULES, FILES)
+    got = judged(recs)
     assert (got.word, got.stage) == (word, stage)
     text = got.reason + " | " + " | ".join(got.deviations)
     for phrase in says:
@@ -235,23 +259,122 @@ def test_the_verdict_of_each_kind_of_run(case, recs, word, stage, says):
 @pytest.mark.parametrize("stage", sorted(layout.STAGE_EVIDENCE))
 def test_a_passing_stage_without_its_own_file_fails_there(stage):
     file = layout.STAGE_EVIDENCE[stage]
-    got = verdict.judge(run(), RULES, FILES - {file})
+    got = judged(run(), {file: None})
     assert (got.word, got.stage) == ("FAIL", stage)
     assert got.reason == f"stages/{stage}.json says pass but {stage}'s file {file} is missing"
 
 
+# What a stage's own file says when the stage did not pass (as probe, the checker and train.py write it).
+FAILED_FILES = {
+    "probe": (
+        {"schema": 1, "source": "nvml", "gate": {"passed": False, "line": "need CUDA >= 12.8"}, "gpus": [{}] * 8},
+        "gpus.json says its gate did not pass: need CUDA >= 12.8",
+    ),
+    "cuda_check": (
+        {
+            "exit_code": 1,
+            "reason": "1 check(s) FAIL: gpu3 speed.copy: 0.8 TB/s",
+            "gpus_checked": 8,
+            "torch_identity": TORCH,
+        },
+        "cuda_check.json says exit code 1: 1 check(s) FAIL: gpu3 speed.copy: 0.8 TB/s",
+    ),
+    "train": (
+        {"status": "fail", "exit_code": 3, "reason": "the loss did not fall", "figures": {}},
+        "train_result.json says fail (exit 3): the loss did not fall",
+    ),
+}
+
+
+@pytest.mark.parametrize("stage", sorted(layout.STAGE_EVIDENCE))
+def test_a_passing_stage_whose_own_file_says_it_did_not_pass_fails_there(stage):
+    """A record and summary.json edited to pass (and SHA256SUMS written again) beside the stage's own file."""
+    doc, says = FAILED_FILES[stage]
+    got = judged(run(), {layout.STAGE_EVIDENCE[stage]: json.dumps(doc)})
+    assert (got.word, got.stage) == ("FAIL", stage)
+    assert got.reason == f"stages/{stage}.json says pass but {says}"
+
+
+def test_train_that_says_pass_with_a_failing_exit_code_is_no_pass():
+    got = judged(run(), {layout.TRAIN_RESULT: json.dumps({"status": "pass", "exit_code": 3, "figures": {}})})
+    assert (got.word, got.reason) == ("FAIL", "stages/train.json says pass but train_result.json says exit code 3")
+
+
+@pytest.mark.parametrize(
+    ("stage", "record", "file", "says"),
+    [
+        ("train", {"tok_s": 551475}, {"tok_s": 400000}, "stages/train.json says tok_s=551475 but train_result.json "),
+        ("cuda_check", {}, {"gpus_checked": 4}, "stages/cuda_check.json says gpus_checked=8 but cuda_check.json says "),
+        ("probe", {}, {"gpu_count": 4}, "stages/probe.json says gpu_count=8 but gpus.json says gpu_count=4"),
+    ],
+)
+def test_a_figure_the_record_took_from_the_stages_own_file_that_differs_from_it_fails_there(stage, record, file, says):
+    """The file as the stage wrote it; the record (and summary.json) with a figure changed after."""
+    got = judged(run(**{stage: record}), own_files(run(**{stage: file})))
+    assert (got.word, got.stage) == ("FAIL", stage)
+    assert got.reason.startswith(says), got.reason
+
+
+def test_every_figure_that_differs_is_counted_and_the_first_named():
+    faster = {"tok_s": 900000, "tok_s_per_gpu": 112500, "mfu_pct": 80.0}
+    got = judged(run(train=faster), own_files(run(train={"tok_s": 400000, "tok_s_per_gpu": 50000, "mfu_pct": 36.0})))
+    assert got.reason == (
+        "stages/train.json says tok_s=900000 but train_result.json says tok_s=400000 "
+        "(2 more figures differ: tok_s_per_gpu, mfu_pct)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("body", "says"),
+    [
+        ("{not json", "stages/train.json says pass but train_result.json is not JSON ("),
+        ("", "stages/train.json says pass but train_result.json is not JSON ("),
+        ("[1, 2]", "stages/train.json says pass but train_result.json is not a JSON object"),
+        ("[" * 100_000 + "]" * 100_000, "stages/train.json says pass but train_result.json is not JSON ("),
+    ],
+)
+def test_a_passing_stage_whose_own_file_is_not_a_json_object_fails_there(body, says):
+    got = judged(run(), {layout.TRAIN_RESULT: body})
+    assert (got.word, got.stage) == ("FAIL", "train") and got.reason.startswith(says), got.reason
+
+
+def test_a_figure_the_record_does_not_hold_is_no_disagreement():
+    """A record from an earlier version, without a figure its file holds: the figure is not recorded (PARTIAL
+    names what the verdict needs), not a disagreement."""
+    recs = run()
+    del recs["train"].figures["device"]
+    got = judged(recs, own_files(run()))  # the file says device cuda
+    assert got.word == "PARTIAL" and "train recorded no device" in got.reason
+
+
+def test_a_figure_that_is_not_a_number_in_both_agrees_with_itself():
+    """NaN is not equal to itself in Python; a genuine run that recorded one still agrees with its file."""
+    recs = run(train={"power_w_median": float("nan")})
+    assert judged(recs).word == "PASS"
+
+
+def test_a_stage_that_did_not_pass_is_not_held_to_its_file():
+    recs = run(statuses={"train": StageStatus.FAIL})
+    got = judged(recs, {layout.TRAIN_RESULT: "not json"})
+    assert (got.word, got.reason) == ("FAIL", "train says why")
+
+
+def test_every_stage_with_an_own_file_has_its_reading_of_it():
+    assert set(verdict.FILE_READERS) == set(layout.STAGE_EVIDENCE)
+
+
 def test_harmless_overrides_are_listed_not_hidden():
-    got = verdict.judge(run(train={"overrides": ["train.batch_size=8", "steps=20"]}), RULES, FILES)
+    got = judged(run(train={"overrides": ["train.batch_size=8", "steps=20"]}))
     assert got.harmless == ("train: train.batch_size=8", "train: steps=20")
-    got = verdict.judge(run(train={"overrides": ["train.residual_dtype=float32"]}), RULES, FILES)
+    got = judged(run(train={"overrides": ["train.residual_dtype=float32"]}))
     assert got.word == "PASS" and got.harmless == ("train: train.residual_dtype=float32",)  # slower, same checks
 
 
 def test_each_verdict_has_its_exit_code():
-    assert verdict.judge(run(), RULES, FILES).exit_code == layout.EXIT_OK == 0
-    assert verdict.judge(run(train={"nproc": 1}), RULES, FILES).exit_code == layout.EXIT_PARTIAL == 70
-    assert verdict.judge(run(statuses={"train": StageStatus.FAIL}), RULES, FILES).exit_code == 40
-    assert verdict.judge(run(statuses={"install": StageStatus.INTERRUPTED}), RULES, FILES).exit_code == 130
+    assert judged(run()).exit_code == layout.EXIT_OK == 0
+    assert judged(run(train={"nproc": 1})).exit_code == layout.EXIT_PARTIAL == 70
+    assert judged(run(statuses={"train": StageStatus.FAIL})).exit_code == 40
+    assert judged(run(statuses={"install": StageStatus.INTERRUPTED})).exit_code == 130
 
 
 def test_partial_has_a_code_apart_from_every_other_documented_code():
@@ -338,7 +461,7 @@ def test_cuda_check_records_a_changed_setting_and_a_weaker_speed_share_is_partia
 
     args = argparse.Namespace(check_mem_share=None, check_speed_share=0.01, check_seed=7)
     assert cuda_check.overrides(args) == ["speed_share=0.01", "seed=7"]
-    got = verdict.judge(run(cuda_check={"overrides": cuda_check.overrides(args)}), RULES, FILES)
+    got = judged(run(cuda_check={"overrides": cuda_check.overrides(args)}))
     assert got.word == "PARTIAL" and got.harmless == ("cuda_check: seed=7",)
     assert got.deviations[0].startswith("cuda_check ran with speed_share=0.01")
 
@@ -349,7 +472,7 @@ def test_a_cuda_check_option_given_its_default_value_is_no_override():
     share = config.load_cuda_check()["memory_share"]  # 0.5
     args = argparse.Namespace(check_mem_share=share, check_speed_share=None, check_seed=None)
     assert cuda_check.overrides(args) == []
-    assert verdict.judge(run(cuda_check={"overrides": cuda_check.overrides(args)}), RULES, FILES).word == "PASS"
+    assert judged(run(cuda_check={"overrides": cuda_check.overrides(args)})).word == "PASS"
 
 
 def test_a_train_override_equal_to_the_config_is_no_override():
@@ -359,7 +482,7 @@ def test_a_train_override_equal_to_the_config_is_no_override():
     items = ["checks.min_loss_drop=2.0", "min_loss_drop=2", steps, "steps=20", "checks.min_loss_drop=0.3"]
     assert train.changed_overrides(items, layout.TRAIN_CONFIG) == ["steps=20", "checks.min_loss_drop=0.3"]
     same = train.changed_overrides(["checks.min_loss_drop=2.0"], layout.TRAIN_CONFIG)
-    assert verdict.judge(run(train={"overrides": same}), RULES, FILES).word == "PASS"
+    assert judged(run(train={"overrides": same})).word == "PASS"
 
 
 def test_the_configs_a_verdict_rests_on_exist_and_cover_the_training_configs():
