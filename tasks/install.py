@@ -16,9 +16,10 @@ installs AND verifies. Each attempt:
    a CUDA build, CUDA available, kernels for every visible GPU;
 4. installs `gpu_packages` (configs/m40.yaml) from the default index (or `--wheelhouse` /
    `--deps-index-url`), constrained to every version already installed so torch cannot change, then
-   `gpu_packages_no_deps` without their dependencies;
+   `gpu_packages_no_deps` without their dependencies; a package a `provisioned` channel reuses that
+   fails one of them is named, with both versions and the fix (tasks/reused_fit.py), not blamed on torch;
 5. swaps the staging venv in (tasks/venvs.py), verifies again there, and writes the marker (with the
-   RECORD hashes of torch, triton and the nvidia-* dists).
+   RECORD hashes of torch, triton and the nvidia-* dists; no credential of any URL).
 
 A re-run whose channel is already installed, unchanged (same RECORD hashes) and verifies again is a
 no-op. Writes torch_version.txt, requirements-gpu.txt (tasks/install_report.py) and install_log.txt.
@@ -45,6 +46,7 @@ from tasks import (
     layout,
     proc,
     records,
+    reused_fit,
     venv_facts,
     venvs,
 )
@@ -58,6 +60,8 @@ DESCRIPTION = (
 )
 SKIPPED = "skipped, nothing downloaded"  # a channel the machine cannot use (channel_fit.unfit)
 DEPS_FAILED = "gpu_packages step failed"  # the torch channel worked; the other packages' source did not
+REUSED_UNMET = "reused package does not meet gpu_packages"  # torch reused fine; a package beside it (reused_fit)
+TORCH_FINE = (DEPS_FAILED, REUSED_UNMET)  # failures after torch verified: the reason does not blame torch
 
 
 def _csv(text: str) -> list[str]:
@@ -237,13 +241,16 @@ class Context:
 
 
 def entry_of(ch: Channel) -> dict:
-    """The catalog entry that defines what a channel installs (the note is only words)."""
-    return {
-        "kind": ch.kind,
-        "cuda": ch.cuda,
-        "files_from": list(ch.files_from),
-        "sources": [{"index_url": s.index_url, "pre": s.pre, "torch": s.torch} for s in ch.sources],
-    }
+    """The catalog entry that defines what a channel installs (the note is only words), as the marker keeps it:
+    without the credentials of its URLs (a new password is the same source)."""
+    return records.without_credentials(
+        {
+            "kind": ch.kind,
+            "cuda": ch.cuda,
+            "files_from": list(ch.files_from),
+            "sources": [{"index_url": s.index_url, "pre": s.pre, "torch": s.torch} for s in ch.sources],
+        }
+    )
 
 
 # --------------------------------------------------------------------------- verification
@@ -390,7 +397,8 @@ def torch_from_sources(ctx: Context, a: Attempt, inst, spy: Path, where: str) ->
         a.source = src.label
         if len(a.channel.sources) > 1:
             print(
-                f"install: {a.channel.name}: source {len(a.tries)}/{len(a.channel.sources)} {src.label}"
+                f"install: {a.channel.name}: source {len(a.tries)}/{len(a.channel.sources)} "
+                f"{installers.redact_url(src.label)}"
                 + (" (retired upstream: tried once, quickly)" if src_entry.retired else ""),
                 flush=True,
             )
@@ -448,6 +456,8 @@ def gpu_packages(ctx: Context, a: Attempt, inst, spy: Path, where: str) -> None:
         before = venv_facts.dists(spy, ctx.log)
         have = {(identity.normalize(d["name"]), d["version"]) for d in before["dists"]}
         pins = venv_facts.constraints(before, ctx.workdir / f"constraints-{step}.txt")
+        if a.provisioned is not None and (unmet := reused_fit.unmet(packages, before["dists"])) is not None:
+            raise reused_unmet(a, unmet)  # pinned where it is: no source can help, and pip need not run to say so
         try:
             got = installers.install(
                 inst,
@@ -466,8 +476,16 @@ def gpu_packages(ctx: Context, a: Attempt, inst, spy: Path, where: str) -> None:
         except StepFailed as e:
             if e.category in (installers.UNREACHABLE, installers.NO_WHEEL):  # the source's fault, not torch's
                 raise StepFailed(DEPS_FAILED, f"{e.category}: {e.detail}") from None
+            if a.provisioned is not None and (unmet := reused_fit.from_conflict(e.causes)) is not None:
+                raise reused_unmet(a, unmet) from None  # a dependency of a gpu_package, pinned where it is
             raise
         a.files += [f for f in got if (identity.normalize(f.name), f.version) not in have]
+
+
+def reused_unmet(a: Attempt, unmet: reused_fit.Unmet) -> StepFailed:
+    """A package the provisioned channel reuses fails gpu_packages: named, with both versions and the fix."""
+    assert a.provisioned is not None
+    return StepFailed(REUSED_UNMET, unmet.detail(a.provisioned["executable"], a.facts.get("torch_version", "?")))
 
 
 def staging_venv(ctx: Context, a: Attempt, staging: Path) -> tuple[Path, str, installers.Installer]:
@@ -513,23 +531,26 @@ def staging_venv(ctx: Context, a: Attempt, staging: Path) -> tuple[Path, str, in
 
 
 def marker_of(ctx: Context, a: Attempt, spy: Path) -> dict:
+    """What `.venv-gpu/m40-install.json` keeps: no credential of any URL in it."""
     ch, args = a.channel, ctx.args
-    return {
-        "channel": ch.name,
-        "entry": entry_of(ch),
-        "gpu_packages": ctx.gpu_packages,
-        "gpu_packages_no_deps": ctx.no_deps_packages,
-        "from_python": a.provisioned["executable"] if a.provisioned else None,
-        "wheelhouse": str(args.wheelhouse.resolve()) if ch.kind == "wheelhouse" else None,
-        "torch_version": a.facts.get("torch_version"),
-        "cuda": a.facts.get("cuda"),
-        "installed": records.now_iso(),
-        "source": a.source,
-        "installer": a.installer,
-        "files": [asdict(f) for f in a.files],
-        "provisioned": a.provisioned,
-        "record_hashes": venv_facts.record_hashes(venv_facts.dists(spy, ctx.log)),
-    }
+    return records.without_credentials(
+        {
+            "channel": ch.name,
+            "entry": entry_of(ch),
+            "gpu_packages": ctx.gpu_packages,
+            "gpu_packages_no_deps": ctx.no_deps_packages,
+            "from_python": a.provisioned["executable"] if a.provisioned else None,
+            "wheelhouse": str(args.wheelhouse.resolve()) if ch.kind == "wheelhouse" else None,
+            "torch_version": a.facts.get("torch_version"),
+            "cuda": a.facts.get("cuda"),
+            "installed": records.now_iso(),
+            "source": a.source,
+            "installer": a.installer,
+            "files": [asdict(f) for f in a.files],
+            "provisioned": a.provisioned,
+            "record_hashes": venv_facts.record_hashes(venv_facts.dists(spy, ctx.log)),
+        }
+    )
 
 
 def attempt(ctx: Context, ch: Channel) -> Attempt:
@@ -673,6 +694,8 @@ def suggest(ctx: Context, attempts: list[Attempt]) -> str:
     if hidden_by_cuda_visible_devices():
         return "another channel would not help: the GPUs are hidden, not unsupported"
     last = attempts[-1] if attempts else None
+    if last is not None and last.category == REUSED_UNMET:
+        return ""  # its line says what to do already
     if last is not None and last.category == DEPS_FAILED:
         where = (
             f"--wheelhouse {ctx.args.wheelhouse}"
@@ -800,7 +823,10 @@ def _finish(ctx: Context, names: list[str], attempts: list[Attempt], files: list
         which = f"channel {names[0]}" if len(names) == 1 else f"all {len(names)} channels ({', '.join(names)})"
         if attempts and attempts[-1].category == DEPS_FAILED and len(attempts) < len(names):
             which = f"channel {attempts[-1].channel.name}"
-        reason = f"no CUDA torch installed: {which} failed — {summary}; {suggest(ctx, attempts)}"
+        torch_fine = bool(attempts) and attempts[-1].category in TORCH_FINE
+        head = f"{ctx.venv.name} not installed" if torch_fine else "no CUDA torch installed"
+        tip = suggest(ctx, attempts)
+        reason = f"{head}: {which} failed — {summary}" + (f"; {tip}" if tip else "")
         report(StageStatus.FAIL, reason, attempts)
         return Outcome(
             StageStatus.FAIL,

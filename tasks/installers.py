@@ -8,7 +8,9 @@
   Binary only (`--only-binary=:all:`): nothing is ever built from source.
 - Provenance: pip writes `--report` JSON naming the URL of every file it installed; uv resolves first
   into a pylock.toml naming every file's URL, which is checked before `uv pip install` installs
-  exactly that lock. A file from anywhere but the step's source is refused, naming the file.
+  exactly that lock. A file from anywhere but the step's source is refused, naming the file. URLs are
+  compared without their credentials (tasks/redact.py's credential_free): pip drops the user part of
+  an index's URL from the URLs it records, and a password is no part of where a file came from.
 - Failures are classified from the installer's output: index unreachable, no wheel for this Python
   and platform, or the installer's own last error line.
 """
@@ -52,11 +54,12 @@ RETIRED_TIMEOUT_S = 5  # first uv with pylock.toml in `uv pip compile` and `uv p
 
 
 class StepFailed(Exception):
-    """An install step failed: `category` (one of the constants above) and a one-line `detail`."""
+    """An install step failed: `category` (one of the constants above) and a one-line `detail`; for a dependency
+    conflict, `causes`: every line of pip's "The conflict is caused by:" (the detail shows the first four)."""
 
-    def __init__(self, category: str, detail: str):
+    def __init__(self, category: str, detail: str, causes: tuple[str, ...] = ()):
         super().__init__(f"{category}: {detail}")
-        self.category, self.detail = category, detail
+        self.category, self.detail, self.causes = category, detail, causes
 
 
 def redact_url(text) -> str:
@@ -94,6 +97,8 @@ def child_env(keep_config: bool) -> tuple[dict, str]:
 
 
 def _slash(prefix: str) -> str:
+    """A URL prefix files may come from: without credentials (as pip records a file's URL), ending in "/"."""
+    prefix = redact.credential_free(prefix)
     return prefix if prefix.endswith("/") else prefix + "/"
 
 
@@ -114,7 +119,7 @@ class Source:
         return []
 
     def allows(self, url: str) -> bool:
-        u = unquote(url or "")
+        u = unquote(redact.credential_free(url or ""))
         return any(u.startswith(unquote(p)) for p in self.allowed)
 
     def missing(self) -> str | None:
@@ -134,7 +139,7 @@ def index_source(url: str, files_from: tuple[str, ...] = ()) -> Source:
 
 def deps_index_source(url: str) -> Source:
     """An index for the second step: files from the index's own host (and PyPI's file host for PyPI)."""
-    parts = urlsplit(url)
+    parts = urlsplit(redact.credential_free(url))
     extra = [f"{parts.scheme}://{parts.netloc}/"] if parts.scheme in ("http", "https") else []
     if parts.netloc == "pypi.org":
         extra.append(PYPI_FILES)
@@ -283,7 +288,7 @@ def classify(output: str, rc: int, source: Source, where: str) -> StepFailed:
     m = re.search(r"The conflict is caused by:\n((?:[ \t]+\S.*\n?)+)", output)
     if m:
         causes = [ln.strip() for ln in m.group(1).splitlines() if ln.strip()]
-        return StepFailed(CONFLICT, "; ".join(causes[:4]))
+        return StepFailed(CONFLICT, "; ".join(causes[:4]), tuple(causes))
     m = re.search(
         r"Because (\S+?)(?:==\S+)? (?:was not found in the package registry|has no wheels with a matching"
         r"|only has wheels|has no usable wheels)[^\n]*?(?: and (\S+?)(?:==\S+)? depends? on \1)?",
@@ -322,7 +327,7 @@ def last_error(output: str) -> str:
 
 @dataclass
 class CommandLog:
-    """Runs commands, echoing their output and appending command + output to the install log."""
+    """Runs commands, echoing their output and appending command + output to the install log (both redacted)."""
 
     path: Path | None
     env: dict = field(default_factory=dict)
@@ -359,10 +364,13 @@ class CommandLog:
         def keep(out_line: str) -> None:
             chunks.append(out_line)
             self.write(out_line)
+            if show:  # echoed as logged: pip shows an index's user name ("Looking in indexes: https://alice:****@")
+                sys.stdout.write(redact_url(out_line))
+                sys.stdout.flush()
 
         try:
             full = whole_env if whole_env is not None else {**self.env, **(env or {})}
-            rc = proc.tee(cmd, env=full, inherit_env=False, echo=show, on_line=keep)
+            rc = proc.tee(cmd, env=full, inherit_env=False, echo=False, on_line=keep)
         except KeyboardInterrupt:
             self.write(f"[interrupted] {now_iso()}\n")
             raise

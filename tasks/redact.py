@@ -7,12 +7,17 @@ written as `scheme://host/` only (a token can sit in the user part, the path or 
 other value and in free text (install logs), `redact_url` replaces the user part of a URL (up to its
 last `@`, so a raw `@` in a password leaks nothing) and secret-looking query parameters (token, key,
 secret, password, credential, sig, auth).
+
+`credential_free` removes the same two credentials from one URL instead of hiding them: the form in which
+install compares where a file came from with where it should come from (pip drops the user part of the
+URLs it records). It splits the URL as pip does (urlsplit), so the host it keeps is the real one.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
+from urllib.parse import urlsplit, urlunsplit
 
 SECRET_WORDS = ("TOKEN", "KEY", "SECRET", "PASSWORD", "CREDENTIAL")
 # Query parameters that carry a credential besides the words above: an Azure SAS `sig=`, an S3
@@ -45,6 +50,25 @@ RELEVANT_PREFIXES = ("NVIDIA_", "CUDA_", "PYTORCH_", "TORCH_", "NCCL_", "HF_", "
 def is_secret_name(name: str) -> bool:
     upper = name.upper()
     return any(word in upper for word in SECRET_WORDS)
+
+
+def is_secret_param(name: str) -> bool:
+    """A query parameter that carries a credential (`token`, `api_key`, an Azure SAS `sig`, `X-Amz-Signature`)."""
+    upper = name.upper()
+    return any(word in upper for word in SECRET_PARAM_WORDS)
+
+
+def credential_free(url: str) -> str:
+    """`url` without its user part and its secret query parameters (removed, not replaced), split as pip splits
+    it: `https://alice:pw@host/simple?token=t&page=2` -> `https://host/simple?page=2`. For comparing URLs only:
+    one urlsplit cannot read (`http://[::1`) comes back as it was, and so matches no well-formed one."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[-1]
+    query = "&".join(p for p in parts.query.split("&") if p and not is_secret_param(p.split("=", 1)[0]))
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 def redact_url(text: str) -> str:

@@ -13,8 +13,11 @@ import os
 import shutil
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
+from urllib.parse import unquote, urlsplit
 
 import pytest
 import wheels
@@ -392,6 +395,43 @@ def test_system_channel_bootstraps_pip_where_the_reused_interpreter_has_none(wor
     assert [f["name"] for f in json.loads((venv / layout.VENV_MARKER).read_text())["files"]] == ["m40-dep"]
 
 
+def test_a_reused_package_that_fails_gpu_packages_is_named_with_both_versions_and_the_fix(world, tmp_path, monkeypatch):
+    """The system channel pins every package it reuses (it never changes that environment): a reused transformers
+    older than gpu_packages ask for read "no CUDA torch installed: ... dependency conflict: ...; the driver supports
+    CUDA 13.0: use instead cu130, ...", as if torch were the problem. It names the package, both versions, the fix."""
+    provider, _ = provider_with_torch(world, tmp_path)  # torch and its m40-base 1.0
+    python = provider / "bin" / "python3"
+    monkeypatch.setenv("PATH", os.pathsep.join([str(provider / "bin"), os.environ["PATH"]]))
+    house = tmp_path / "house"
+    shutil.copytree(world["house"], house)
+    wheels.simple_wheel(house, "m40-base", "2.0")  # the source has a newer one: the reused one still stands
+    wheels.simple_wheel(house, "m40-top", "1.0", requires=("m40-base>=2.0,<3",))
+    venv, fix = tmp_path / ".venv-gpu", "; install never changes that environment), or use a channel that installs"
+    settings = tmp_path / "old.yaml"
+    settings.write_text(
+        f'min_driver_cuda: "12.8"\nchannel_order: [system]\ngpu_packages: [m40-base>=2.0, "{GPU_DEP}"]\n'
+    )
+    argv = ("--channel", "system", "--wheelhouse", str(house))
+    rec, run_dir = run_install(world, tmp_path, venv, *argv, settings=settings)
+    assert rec.status == "fail" and "\n" not in rec.reason
+    assert rec.reason == (
+        ".venv-gpu not installed: channel system failed — system: reused package does not meet gpu_packages: "
+        f"m40-base 1.0 of {python}, needed m40-base>=2.0; its torch 2.9.0+cu128 is fine: upgrade m40-base there "
+        f"({python} -m pip install 'm40-base>=2.0'{fix} its own (-p auto)"
+    )
+    assert pip_installs(run_dir) == []  # known before pip runs
+    # a dependency of a gpu_package, found in pip's conflict: the reused package, its version, who needs what
+    settings.write_text('min_driver_cuda: "12.8"\nchannel_order: [system]\ngpu_packages: [m40-top]\n')
+    rec, _ = run_install(world, tmp_path, venv, *argv, settings=settings, name="run2")
+    assert rec.status == "fail" and "no CUDA torch installed" not in rec.reason and "use instead" not in rec.reason
+    assert (
+        f"system: reused package does not meet gpu_packages: m40-base 1.0 of {python}, needed m40-base<3,>=2.0 by "
+        f"m40-top 1.0; its torch 2.9.0+cu128 is fine: upgrade m40-base there ({python} -m pip install "
+        f"'m40-base<3,>=2.0'{fix}" in rec.reason
+    )
+    assert not venv.exists() and leftovers(venv) == []
+
+
 # --------------------------------------------------------------------------- installs that are refused
 
 
@@ -518,6 +558,119 @@ def test_ctrl_c_during_the_swap_puts_the_previous_venv_back(world, good_venv, tm
     assert records.read(run_dir, "install").reason.startswith(words)
 
 
+# --------------------------------------------------------------------------- an index behind credentials
+
+SECRET = "s3cret-PW"
+
+
+@pytest.fixture
+def private_index(world, tmp_path):
+    """The cu128 and deps indexes served over HTTP to user alice only; yields (URL, URL with alice:SECRET@).
+    Also /mirror: its torch page links to the wheel under /cu128/, another path of the same host."""
+    srv = tmp_path / "srv"
+    for name in ("cu128", "deps"):
+        shutil.copytree(Path(unquote(urlsplit(world["idx"][name]).path)), srv / name)
+    shutil.copytree(srv / "cu128" / "m40-base", srv / "mirror" / "m40-base")
+    (wheel,) = (srv / "cu128" / "torch").glob("*.whl")
+    (srv / "mirror" / "torch").mkdir()
+    digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
+    (srv / "mirror" / "torch" / "index.html").write_text(f'<a href="/cu128/torch/{wheel.name}#sha256={digest}">x</a>')
+    with wheels.served_with_basic_auth(srv, "alice", SECRET) as base:
+        with pytest.raises(urllib.error.HTTPError, match="401"):
+            urllib.request.urlopen(f"{base}/cu128/torch/")  # without the password: refused
+        yield base, base.replace("http://", f"http://alice:{SECRET}@")
+
+
+def private_catalog(tmp_path: Path, authed: str) -> Path:
+    catalog = tmp_path / "private.yaml"
+    catalog.write_text(
+        "channels:\n"
+        f'  private: {{kind: index, index_url: "{authed}/cu128", cuda: "12.8"}}\n'
+        f'  mirror: {{kind: index, index_url: "{authed}/mirror", cuda: "12.8"}}\n'
+    )
+    return catalog
+
+
+def test_an_index_behind_a_password_installs_and_no_file_or_line_shows_the_password(
+    world, private_index, tmp_path, capfd
+):
+    """pip drops the user part from the URLs it records (--report): torch from https://user:pass@host/simple was
+    "provenance refused", though it came from there."""
+    base, authed = private_index
+    venv = tmp_path / ".venv-gpu"
+    rec, run_dir = run_install(
+        world,
+        tmp_path,
+        venv,
+        *("--channels-file", str(private_catalog(tmp_path, authed)), "--channel", "private"),
+        *("--deps-index-url", f"{authed}/deps"),
+        settings=world["settings"],
+    )
+    assert rec.status == "pass", rec.reason
+    urls = {f["name"]: f["url"] for f in json.loads((venv / layout.VENV_MARKER).read_text())["files"]}
+    assert urls["torch"].startswith(f"{base}/cu128/torch/") and urls["m40-dep"].startswith(f"{base}/deps/m40-dep/")
+    assert (
+        f"--index-url http://<redacted>@{base[len('http://') :]}/cu128 " in (run_dir / layout.INSTALL_LOG).read_text()
+    )
+    written = [p for p in (*run_dir.rglob("*"), *venv.glob("*.json")) if p.is_file()]
+    assert venv / layout.VENV_MARKER in written and run_dir / "torch_version.txt" in written
+    for path in written:
+        assert SECRET not in path.read_text(errors="replace") and "alice" not in path.read_text(errors="replace"), path
+    shown = capfd.readouterr()
+    assert SECRET not in shown.out + shown.err and "alice" not in shown.out + shown.err
+    # a re-run with the same index is a no-op: the marker keeps the entry without its password
+    rec2, _ = run_install(
+        world,
+        tmp_path,
+        venv,
+        *("--channels-file", str(private_catalog(tmp_path, authed)), "--channel", "private"),
+        *("--deps-index-url", f"{authed}/deps"),
+        settings=world["settings"],
+        name="run2",
+    )
+    assert rec2.figures["noop"] is True, rec2.reason
+
+
+def test_a_file_from_another_path_of_a_password_protected_index_host_is_still_refused(world, private_index, tmp_path):
+    """Credentials are left out of the comparison, nothing else: /mirror's page links torch under /cu128/."""
+    base, authed = private_index
+    venv = tmp_path / ".venv-gpu"
+    rec, _ = run_install(
+        world, tmp_path, venv, "--channels-file", str(private_catalog(tmp_path, authed)), "--channel", "mirror"
+    )
+    assert rec.status == "fail"
+    assert f"provenance refused: torch 2.9.0+cu128 came from {base}/cu128/torch/" in rec.reason
+    assert f"not from http://<redacted>@{base[len('http://') :]}/mirror; refusing it" in rec.reason
+    assert SECRET not in rec.reason and not venv.exists()
+
+
+def test_provenance_ignores_the_credentials_of_a_url_but_not_its_host_or_path():
+    src = installers.index_source(
+        "https://alice:s3cret@pkgs.example.com/simple", files_from=("https://TOKEN@files.example.com/whl",)
+    )
+    assert src.allows("https://pkgs.example.com/simple/torch/torch-2.9.0-cp311-none-any.whl")  # as pip records it
+    assert src.allows("https://alice:s3cret@pkgs.example.com/simple/torch/torch-2.9.0-cp311-none-any.whl")
+    assert src.allows("https://files.example.com/whl/torch-2.9.0-cp311-none-any.whl")
+    for elsewhere in (
+        "https://other.example.com/simple/torch/torch-2.9.0-cp311-none-any.whl",
+        "https://pkgs.example.com/private/torch-2.9.0-cp311-none-any.whl",
+        "https://pkgs.example.com.evil.net/simple/torch-2.9.0-cp311-none-any.whl",
+        "https://evil.net?@pkgs.example.com/simple/torch-2.9.0-cp311-none-any.whl",  # the host is evil.net
+        "https://pkgs.example.com:8443/simple/torch-2.9.0-cp311-none-any.whl",
+    ):
+        assert not src.allows(elsewhere), elsewhere
+    signed = installers.index_source("https://pkgs.example.com/simple?token=abc")
+    assert signed.allows("https://pkgs.example.com/simple/torch/torch-2.9.0-cp311-none-any.whl?token=abc")
+    assert not signed.allows("https://pkgs.example.com/simple-evil/torch-2.9.0-cp311-none-any.whl")
+    deps = installers.deps_index_source("https://bob:pw@pkgs.example.com/simple")
+    assert deps.allows("https://pkgs.example.com/packages/m40_dep-1.0-py3-none-any.whl")  # the index's own host
+    with pytest.raises(installers.StepFailed) as e:
+        installers.check_provenance(
+            [installers.Installed("torch", "2.9.0", "https://other.example.com/torch-2.9.0-cp311-none-any.whl")], src
+        )
+    assert "s3cret" not in e.value.detail and "not from https://<redacted>@pkgs.example.com/simple" in e.value.detail
+
+
 @pytest.mark.skipif(
     installers.find_uv() is None or sys.version_info < (3, 11), reason="needs uv on PATH and Python 3.11+"
 )
@@ -613,6 +766,32 @@ def test_classify_pip_and_uv_failures():
         installers.CONFLICT,
         "all versions of m40-greedy depend on torch>=2.10 and torch==2.9.0+cu128",
     )
+
+
+def test_the_first_reused_package_that_fails_a_requirement_is_named_with_what_requires_it():
+    from tasks import reused_fit
+
+    dists = [
+        {"name": "Transformers", "version": "4.30.2"},
+        {"name": "PyYAML", "version": "6.1.0rc1"},
+        {"name": "transformers", "version": "9.9"},  # shadowed: the venv imports the first one
+    ]
+    wanted = ["nvidia-ml-py>=12", "pyyaml>=6", "jinja2>=99; python_version < '3'", "transformers[torch]>=4.46"]
+    assert reused_fit.unmet(wanted, dists) == reused_fit.Unmet("Transformers", "4.30.2", "transformers[torch]>=4.46")
+    assert reused_fit.unmet(["transformers<5", "pyyaml>=6"], dists) is None  # a pre-release counts, as for pip
+    causes = (
+        "transformers 4.57.0 depends on tokenizers<=0.23.0 and >=0.22.0",
+        "transformers 4.46.0 depends on tokenizers<0.21 and >=0.20",
+        "The user requested (constraint) tokenizers==0.13.3",
+    )
+    assert reused_fit.from_conflict(causes) == reused_fit.Unmet(
+        "tokenizers", "0.13.3", "tokenizers<=0.23.0,>=0.22.0", "transformers 4.57.0"
+    )
+    greedy = ("m40-greedy 1.0 depends on torch>=2.10", "The user requested (constraint) torch==2.9.0+cu128")
+    assert reused_fit.from_conflict(greedy) is None  # torch itself: pip's words name it already
+    line = reused_fit.Unmet("Transformers", "4.30.2", "transformers>=4.46").detail("/opt/py/bin/python3", "2.9.0")
+    assert line.startswith("Transformers 4.30.2 of /opt/py/bin/python3, needed transformers>=4.46; its torch 2.9.0")
+    assert "(/opt/py/bin/python3 -m pip install 'transformers>=4.46';" in line and "\n" not in line
 
 
 def test_pip_is_bootstrapped_into_a_venv_made_without_it(tmp_path):

@@ -102,3 +102,21 @@ def test_the_env_info_of_a_real_probe_run_holds_no_part_of_any_secret(monkeypatc
     assert "PIP_INDEX_URL=https://pypi.example.com/\n" in env_info
     assert "UV_INDEX_URL=https://pkgs.example.com/\n" in env_info  # uv's variables matter to the install
     assert "HF_ENDPOINT=https://acct.blob.core.windows.net/\n" in env_info
+
+
+def test_a_url_without_its_credentials_is_what_pip_records_and_keeps_its_real_host():
+    """The form in which install compares where a file came from with where it should come from: pip drops the
+    user part of the URLs it records, so the index's own URL must lose it too; the host is urlsplit's, as pip's."""
+    free = redact.credential_free
+    assert free("https://alice:hunter2@pypi.example.com/simple") == "https://pypi.example.com/simple"
+    assert free("https://user:p@ss@pypi.example.com/simple/") == "https://pypi.example.com/simple/"
+    assert free("https://ghp_TOKEN123@pkgs.example.com:8443/t/x/") == "https://pkgs.example.com:8443/t/x/"
+    assert free("https://h.example.com/simple?token=abc&page=2") == "https://h.example.com/simple?page=2"
+    assert (
+        free("https://h.example.com/f.whl?sv=1&sig=SASSIG&se=2#sha256=00")
+        == "https://h.example.com/f.whl?sv=1&se=2#sha256=00"
+    )
+    assert free("https://h.example.com/simple/?Api_Key=zz") == "https://h.example.com/simple/"
+    assert free("file:///data/wheels/") == "file:///data/wheels/" and free("") == ""
+    assert free("https://evil.net?@pypi.example.com/simple/x.whl").startswith("https://evil.net")  # its real host
+    assert redact.is_secret_param("X-Amz-Signature") and not redact.is_secret_param("page")

@@ -1,16 +1,21 @@
-"""Tiny wheels and PEP 503 `file://` indexes for the install tests (no setuptools, no network).
+"""Tiny wheels and PEP 503 indexes for the install tests (no setuptools, no network beyond 127.0.0.1).
 
 `build_wheel` writes a real wheel: the package files plus `*.dist-info/` METADATA, WHEEL and a RECORD
 with sha256 digests, zipped. `standin_torch` builds a stand-in `torch` that reports fixed facts
 (version, CUDA, devices) through the handful of attributes the install stage reads, and computes
-nothing. `write_index` lays wheels out as a simple index that real pip (and uv) read.
+nothing. `write_index` lays wheels out as a simple index that real pip (and uv) read, as `file://`;
+`served_with_basic_auth` serves such folders over HTTP on 127.0.0.1 to one user and password only, as a
+private index behind credentials does.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
+import http.server
 import re
+import threading
 import zipfile
 from pathlib import Path
 
@@ -120,3 +125,36 @@ def write_index(root: Path, wheels: list[Path]) -> str:
     index = "\n".join(f'<a href="{p}/">{p}</a><br/>' for p in sorted(projects))
     (root / "index.html").write_text(f"<!DOCTYPE html><html><body>\n{index}\n</body></html>\n")
     return root.resolve().as_uri()
+
+
+@contextlib.contextmanager
+def served_with_basic_auth(root: Path, user: str, password: str):
+    """Serve folder `root` on 127.0.0.1 (a free port) to requests carrying this user and password (HTTP basic
+    auth), 401 to any other; yields the base URL without credentials, e.g. `http://127.0.0.1:PORT`."""
+    wanted = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(root), **kwargs)
+
+        def send_head(self):
+            if self.headers.get("Authorization") != wanted:
+                self.send_response(401)
+                self.send_header("WWW-Authenticate", 'Basic realm="m40 test index"')
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return None
+            return super().send_head()
+
+        def log_message(self, *args):  # quiet: pytest shows a failing test's pip output instead
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
