@@ -184,10 +184,10 @@ def gelu_bias(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor) -> tuple[tor
     m, k = x.shape
     n = w.shape[1]
     key = (x.device.index, m, n, k)
-    if key not in PLANS:
-        with torch.cuda.device(x.device):
-            PLANS[key] = Plan(m, n, k)
     h = torch.empty(m, n, dtype=x.dtype, device=x.device)
     pre = torch.empty_like(h)
-    PLANS[key](h, x, w, bias, pre)
+    with torch.cuda.device(x.device):  # the launch on x's GPU, whichever is current
+        if key not in PLANS:
+            PLANS[key] = Plan(m, n, k)
+        PLANS[key](h, x, w, bias, pre)
     return h, pre
