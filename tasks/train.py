@@ -54,6 +54,8 @@ FIGURES = (
     "tokens_per_step",
     "compile",
     "loss_path",
+    "residual",
+    "mlp",
     "warmup_s",
     "first_step_s",
     "timed_s",  # the GPU time of the timed steps (CUDA events), and their step time:

@@ -4,12 +4,15 @@
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from training_pt import cublaslt, gelu_mlp
 from training_pt import model as M
+from training_pt.configurator import EXIT_CHECK, TrainError
 
 
 def tiny_gpt2(act="gelu_pytorch_tanh"):
@@ -21,7 +24,7 @@ def tiny_gpt2(act="gelu_pytorch_tanh"):
     return AutoModelForCausalLM.from_config(conf)
 
 
-@pytest.mark.parametrize("dtype, bound", [(torch.float32, 1e-5), (torch.bfloat16, gelu_mlp.TOLERANCE)])
+@pytest.mark.parametrize("dtype, bound", [(torch.float32, 1e-5), (torch.bfloat16, cublaslt.TOLERANCE)])
 def test_the_function_and_its_five_gradients_agree_with_torch(dtype, bound):
     errors = gelu_mlp.trial(torch.device("cpu"), 32, 128, tokens=64, dtype=dtype)
     assert len(errors) == 6 and max(errors) < bound, errors  # out, dx, dw_fc, db_fc, dw_proj, db_proj
@@ -76,13 +79,14 @@ def test_fuse_says_why_not_and_leaves_the_model_as_it_was():
     assert gelu_mlp.path(lm) == "fused (cuBLASLt GELU epilogue)"
 
 
-def test_works_falls_back_when_the_epilogue_fails_or_disagrees(monkeypatch):
-    gpu = torch.device("cuda", 0)  # never touched: trial is replaced
+def test_works_falls_back_when_the_epilogue_does_not_run_and_fails_the_run_when_it_disagrees(monkeypatch):
+    gpu = torch.device("cuda", 0)  # never touched: trial and the GPU's synchronize are replaced
 
     def broken(*args, **kwargs):
         raise cublaslt.LtError("cublasLtMatmul returned cuBLAS status 15")
 
     monkeypatch.setattr(gelu_mlp, "trial", broken)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)  # the GPU still works after it
     gelu_mlp.works.cache_clear()
     assert gelu_mlp.works(gpu, 768, 3072) == (
         False,
@@ -91,13 +95,134 @@ def test_works_falls_back_when_the_epilogue_fails_or_disagrees(monkeypatch):
     for errors, word in (([1e-3, 0.8], "0.8"), ([float("nan")], "nan")):
         monkeypatch.setattr(gelu_mlp, "trial", lambda *a, errors=errors, **k: errors)
         gelu_mlp.works.cache_clear()
-        ok, why = gelu_mlp.works(gpu, 768, 3072)
-        assert not ok and f"disagreed with torch (relative error {word})" in why
+        with pytest.raises(TrainError, match=f"disagreed with torch .*relative error {word}.*train.mlp=plain") as e:
+            gelu_mlp.works(gpu, 768, 3072)
+        assert e.value.code == EXIT_CHECK  # wrong numbers on this GPU fail the run, never a quiet fallback
     monkeypatch.setattr(gelu_mlp, "trial", lambda *a, **k: [3e-3] * 6)
     gelu_mlp.works.cache_clear()
     assert gelu_mlp.works(gpu, 768, 3072) == (True, "")
     assert gelu_mlp.works(gpu, 770, 3072)[1].endswith("widths divisible by 8, not 770 and 3072")
     gelu_mlp.works.cache_clear()
+
+
+def test_a_cuda_error_the_trial_leaves_behind_fails_the_run_there(monkeypatch):
+    def crash(*args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    def dead(device=None):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(gelu_mlp, "trial", crash)
+    monkeypatch.setattr(torch.cuda, "synchronize", dead)  # the context is gone: no plain MLP could run either
+    gelu_mlp.works.cache_clear()
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        gelu_mlp.works(torch.device("cuda", 0), 768, 3072)
+    gelu_mlp.works.cache_clear()
+
+
+def test_torch_before_2_4_imports_the_module_and_says_why_not():
+    code = (
+        "import torch; del torch.library.custom_op\n"
+        "from training_pt import gelu_mlp\n"
+        "print(gelu_mlp.works(torch.device('cuda', 0), 768, 3072))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "(False, 'cuBLASLt's GELU epilogue needs torch 2.4 or later" in out.replace('"', "'")
+
+
+@pytest.fixture
+def lt_on_cpu(monkeypatch):
+    """The op takes its cuBLASLt branch on the CPU's bf16 tensors; gelu_bias is replaced by each test."""
+    monkeypatch.setattr(gelu_mlp, "on_cublaslt", lambda x: x.dtype == torch.bfloat16)
+    monkeypatch.setattr(gelu_mlp, "LEFT_TO_TORCH", {})
+
+
+def mlp_inputs(tokens=64, width=32, inner=128):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(tokens, width, generator=gen).bfloat16()
+    return x, (torch.randn(width, inner, generator=gen) * 0.02).bfloat16(), torch.randn(inner, generator=gen).bfloat16()
+
+
+def test_a_cublaslt_error_mid_run_leaves_that_shape_to_torch_and_says_so(monkeypatch, lt_on_cpu):
+    def no_algorithm(x, w, bias):
+        raise cublaslt.LtError("no cuBLASLt GELU_AUX_BIAS algorithm ran at 64 x 128 x 32")
+
+    monkeypatch.setattr(cublaslt, "gelu_bias", no_algorithm)
+    x, w, bias = mlp_inputs()
+    h, pre = torch.ops.m40.gelu_bias_mm(x, w, bias)
+    want = torch.addmm(bias, x, w)
+    assert torch.equal(pre, want) and torch.equal(h, torch.nn.functional.gelu(want, approximate="tanh"))
+    lm = swapped(tiny_gpt2())
+    assert gelu_mlp.path(lm) == (
+        "fused (cuBLASLt GELU epilogue); torch's kernels at 64 x 128 x 32 "
+        "(LtError: no cuBLASLt GELU_AUX_BIAS algorithm ran at 64 x 128 x 32)"
+    )
+
+
+def test_works_says_no_where_cublaslt_left_its_own_check_to_torch(monkeypatch, lt_on_cpu):
+    def no_algorithm(x, w, bias):
+        raise cublaslt.LtError("no cuBLASLt GELU_AUX_BIAS algorithm ran at 1024 x 128 x 32")
+
+    real = gelu_mlp.trial
+    monkeypatch.setattr(cublaslt, "gelu_bias", no_algorithm)
+    monkeypatch.setattr(
+        gelu_mlp, "trial", lambda device, width, inner, tokens: real(torch.device("cpu"), width, inner, tokens)
+    )
+    gelu_mlp.works.cache_clear()
+    ok, why = gelu_mlp.works(torch.device("cuda", 0), 32, 128)
+    gelu_mlp.works.cache_clear()
+    assert not ok and why == (
+        "cuBLASLt's GELU epilogue did not run (LtError: no cuBLASLt GELU_AUX_BIAS algorithm ran at 1024 x 128 x 32)"
+    )
+    assert gelu_mlp.LEFT_TO_TORCH == {}  # the check's shape is not the run's: the plain MLP runs, nothing left over
+
+
+def test_a_disagreement_mid_run_fails_the_run(monkeypatch, lt_on_cpu):
+    def wrong(x, w, bias):
+        raise cublaslt.Disagreed("every cuBLASLt GELU_AUX_BIAS algorithm at 64 x 128 x 32 disagreed with torch")
+
+    monkeypatch.setattr(cublaslt, "gelu_bias", wrong)
+    with pytest.raises(TrainError, match="at 64 x 128 x 32 disagreed with torch.*train.mlp=plain") as e:
+        torch.ops.m40.gelu_bias_mm(*mlp_inputs())
+    assert e.value.code == EXIT_CHECK
+
+
+def test_the_tuned_algorithms_are_held_to_torch_on_sampled_rows():
+    x, w, bias = mlp_inputs(tokens=300)
+    want = cublaslt.sampled_reference(x, w, bias)
+    pre = torch.addmm(bias, x, w)
+    h = torch.nn.functional.gelu(pre, approximate="tanh")
+    assert cublaslt.disagreement(h, pre, want) < 1e-2  # bf16 rounding only
+    no_bias = torch.nn.functional.gelu(x @ w, approximate="tanh")
+    assert cublaslt.disagreement(no_bias, pre, want) > 0.1
+    swapped_rows = h.clone()
+    swapped_rows[[0, -1]] = h[[-1, 0]]  # a wrong tile anywhere: the first and last rows are always sampled
+    assert cublaslt.disagreement(swapped_rows, pre, want) > 0.1
+    assert cublaslt.disagreement(h, pre * float("nan"), want) != cublaslt.disagreement(h, pre, want)
+
+
+def test_ranked_keeps_the_candidates_that_ran_and_agree_fastest_first():
+    ran = [("a", 3e-3, 0.50), ("b", 0.9, 0.10), ("c", 2e-3, 0.40), ("d", float("nan"), 0.05)]
+    assert cublaslt.ranked(ran, "8 x 8 x 8") == (["c", "a"], [0.40, 0.50])
+    with pytest.raises(cublaslt.Disagreed, match="every cuBLASLt GELU_AUX_BIAS algorithm at 8 x 8 x 8 disagreed"):
+        cublaslt.ranked(ran[1:2] + ran[3:], "8 x 8 x 8")
+    with pytest.raises(cublaslt.LtError, match="no cuBLASLt GELU_AUX_BIAS algorithm ran at 8 x 8 x 8"):
+        cublaslt.ranked([], "8 x 8 x 8")
+    assert not issubclass(cublaslt.Disagreed, cublaslt.LtError)  # a fallback never swallows wrong numbers
+
+
+def test_inputs_cublaslt_cannot_take_are_an_lt_error_before_any_library_call():
+    x, w, bias = mlp_inputs()
+    cases = [
+        ((x, w, bias), "on one CUDA GPU"),  # the CPU's tensors
+        ((x.float(), w, bias), "bf16"),
+        ((x[:, :30], w[:30], bias), "contiguous"),
+        ((x, w[:, :120], bias[:120]), "contiguous"),
+        ((x, w, bias[:64]), "64 x 32 @ 32 x 128 \\+ 64"),
+    ]
+    for args, words in cases:
+        with pytest.raises(cublaslt.LtError, match=words):
+            cublaslt.check_inputs(*args)  # dtype, shapes and layout are checked before the device
 
 
 def test_the_library_is_the_one_the_process_loaded(tmp_path):

@@ -264,7 +264,9 @@ def test_oom_at_the_first_step_halves_the_micro_batch_and_keeps_tokens_per_step(
     assert (fig["micro_batch"], fig["grad_accum"], fig["oom_retries"]) == (4, 4, 2)
     assert fig["batch_size"] == 16 and fig["tokens_per_step"] == 16 * 64 == 4 * 4 * 64
     assert res["overrides"] == short  # the retry is not an override: the verdict sees only what the user set
-    assert {"micro_batch", "grad_accum", "oom_retries", "tokens_per_step", "loss_path"} <= set(stage.FIGURES)
+    assert {"micro_batch", "grad_accum", "oom_retries", "tokens_per_step", "loss_path", "mlp", "residual"} <= set(
+        stage.FIGURES
+    )
     assert fig["loss_path"].startswith("fused, torch kernel (the Triton loss kernel needs a CUDA GPU, not cpu)")
 
 
@@ -599,3 +601,28 @@ def test_pretrained_weights_record_the_first_loss_check_as_skipped_so_a_config_f
     ]
     plain = T.checks_in_force(configurator.load_config(layout.TRAIN_CONFIG, []))
     assert plain == {f"checks.{k}": v for k, v in cfg["checks"].items()}  # a random init: every check in force
+
+
+def test_the_mlp_figure_and_log_name_a_shape_left_to_torch_mid_run(monkeypatch):
+    from types import SimpleNamespace
+
+    from training_pt import gelu_mlp
+
+    class Lm(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            mlp = SimpleNamespace(c_fc=torch.nn.Linear(2, 2), c_proj=torch.nn.Linear(2, 2), dropout=torch.nn.Identity())
+            self.mlp = gelu_mlp.FusedGeluMLP(mlp)
+
+    lines = []
+    run = SimpleNamespace(figures={"mlp": "fused (cuBLASLt GELU epilogue)"}, log=lines.append)
+    monkeypatch.setattr(gelu_mlp, "LEFT_TO_TORCH", {})
+    T.note_mlp(run, Lm())
+    assert lines == [] and run.figures["mlp"] == "fused (cuBLASLt GELU epilogue)"
+    gelu_mlp.LEFT_TO_TORCH["32768 x 3072 x 768"] = "LtError: cublasLtMatmul returned cuBLAS status 13"
+    T.note_mlp(run, Lm())
+    want = (
+        "fused (cuBLASLt GELU epilogue); torch's kernels at 32768 x 3072 x 768 "
+        "(LtError: cublasLtMatmul returned cuBLAS status 13)"
+    )
+    assert lines == [f"train.mlp: {want}"] and run.figures["mlp"] == want

@@ -6,7 +6,10 @@ an elementwise kernel reads it back and writes the GELU: one pass over a tokens 
 Transformer Engine use the same epilogue). The GELU is the tanh approximation (`gelu_pytorch_tanh`).
 
 The library is the one torch already loaded (found in /proc/self/maps after a torch matmul), so its version is
-torch's. Matrices are torch's row-major 2-D tensors; cuBLASLt is column-major, so the row-major M x N product
+torch's. Every algorithm is held to torch (fp64, on sampled rows) before it is used, at each shape: one that
+errors is dropped (LtError when none is left: the caller then uses torch's kernels), one that computes wrong
+numbers is dropped too, and when every one does that is Disagreed (the run fails: never a quiet fallback).
+Matrices are torch's row-major 2-D tensors; cuBLASLt is column-major, so the row-major M x N product
 is computed as its N x M transpose. Enum values and the heuristic's struct: cublasLt.h of CUDA 11.8 to 13
 (unchanged). Runs in .venv-gpu (imports torch).
 """
@@ -26,6 +29,11 @@ PREF_MAX_WORKSPACE = 1  # cublasLtMatmulPreferenceAttributes_t
 GELU_AUX_BIAS = 164  # cublasLtEpilogue_t: GELU (32) | AUX (128) | BIAS (4)
 CANDIDATES = 8  # algorithms asked of the heuristic, each timed once on first use (its first pick was up to
 # 40% slower than the best at 65536 x 3072 x 768 on an H200)
+TOLERANCE = 1e-2  # relative error (norm, of a whole output or of one row of it) allowed against torch in fp64:
+# bf16 rounding gives ~3e-3; a wrong layout, tile or epilogue gives ~0.3 to 1
+SAMPLED_ROWS = 64  # rows of each output checked against torch when an algorithm is first used, first and last
+# among them (a wrong tile anywhere in M shows in some row; all N columns of a row are checked)
+MIN_VERSION = 111100  # cublasLtGetVersion() of CUDA 11.8's cuBLAS (11.11): the enums and struct here are its
 WORKSPACE_BYTES = 32 << 20  # what torch gives cuBLASLt on Hopper (CUBLASLT_WORKSPACE_SIZE's default)
 
 P, SIZE = ctypes.c_void_p, ctypes.c_size_t
@@ -43,7 +51,11 @@ SIGNATURES = {  # every argument typed, so that no 64-bit value is passed as a C
 
 
 class LtError(RuntimeError):
-    """A cuBLASLt call returned an error status, or the library could not be found."""
+    """cuBLASLt cannot do this GEMM here: an error status, no algorithm, inputs it does not take, no library."""
+
+
+class Disagreed(RuntimeError):
+    """cuBLASLt ran the GEMM and its numbers are wrong (not an LtError: no fallback may swallow it)."""
 
 
 class Heuristic(ctypes.Structure):
@@ -70,14 +82,24 @@ def library_path(maps: str = "/proc/self/maps") -> str:
 
 @functools.cache
 def lib():
-    """The loaded library and a handle of its own, made once per process."""
+    """The loaded library, its functions typed, once per process."""
     torch.ones(8, 8, device="cuda") @ torch.ones(8, 8, device="cuda")  # loads cuBLAS(Lt) if nothing has
     so = ctypes.CDLL(library_path())
+    so.cublasLtGetVersion.restype = ctypes.c_size_t
+    if (version := so.cublasLtGetVersion()) < MIN_VERSION:
+        raise LtError(f"cuBLASLt {version} is older than {MIN_VERSION} (CUDA 11.8's), which this code is written for")
     for name, args in SIGNATURES.items():
         getattr(so, name).argtypes = args
-    handle = ctypes.c_void_p()
-    check(so.cublasLtCreate(ctypes.byref(handle)), "cublasLtCreate")
-    return so, handle
+    return so
+
+
+@functools.cache
+def handle(device: int) -> ctypes.c_void_p:
+    """A cuBLASLt handle of our own for one GPU, made with that GPU current."""
+    made = ctypes.c_void_p()
+    with torch.cuda.device(device):
+        check(lib().cublasLtCreate(ctypes.byref(made)), "cublasLtCreate")
+    return made
 
 
 def check(status: int, what: str) -> None:
@@ -105,9 +127,9 @@ class Plan:
     h^T (N x M) = w^T (N x K, w's memory as it is) @ x^T (K x M), the bias one value per row of h^T.
     """
 
-    def __init__(self, m: int, n: int, k: int):
-        so, handle = lib()
-        self.so, self.handle = so, handle
+    def __init__(self, device: int, m: int, n: int, k: int):
+        so = lib()
+        self.so, self.handle, self.shape = so, handle(device), f"{m} x {n} x {k}"
         self.desc = ctypes.c_void_p()
         check(so.cublasLtMatmulDescCreate(ctypes.byref(self.desc), COMPUTE_32F, R_32F), "MatmulDescCreate")
         self.set(DESC_EPILOGUE, ctypes.c_uint32(GELU_AUX_BIAS))
@@ -115,8 +137,6 @@ class Plan:
         self.w, self.x, self.h = layout(so, n, k), layout(so, k, m), layout(so, n, m)
         self.pointers(256, 256)  # the heuristic looks at the pointers' alignment: any 256-byte aligned
         self.candidates = self.heuristic()
-        if not self.candidates:
-            raise LtError(f"cuBLASLt has no GELU_AUX_BIAS algorithm for {m} x {n} x {k}")
         self.times: list[float] = []  # ms per candidate, fastest first, once tuned
 
     def heuristic(self) -> list[Heuristic]:
@@ -140,7 +160,7 @@ class Plan:
         self.set(DESC_BIAS, ctypes.c_void_p(bias))
         self.set(DESC_AUX, ctypes.c_void_p(aux))
 
-    def run(self, h, x, w, bias, pre, algo: int = 0) -> None:
+    def run(self, h, x, w, bias, pre, algo: Heuristic | None = None) -> None:
         self.pointers(bias.data_ptr(), pre.data_ptr())
         one, zero = ctypes.c_float(1.0), ctypes.c_float(0.0)
         ws = workspace(h.device.index)
@@ -149,26 +169,35 @@ class Plan:
         status = self.so.cublasLtMatmul(
             self.handle, self.desc, ctypes.byref(one), ctypes.c_void_p(w.data_ptr()), self.w,
             ctypes.c_void_p(x.data_ptr()), self.x, ctypes.byref(zero), hp, self.h, hp, self.h,
-            ctypes.byref(self.candidates[algo].algo), ctypes.c_void_p(ws.data_ptr()), ctypes.c_size_t(WORKSPACE_BYTES),
-            stream,
+            ctypes.byref((algo or self.candidates[0]).algo), ctypes.c_void_p(ws.data_ptr()),
+            ctypes.c_size_t(WORKSPACE_BYTES), stream,
         )  # fmt: skip
         check(status, "cublasLtMatmul")
 
-    def tune(self, *tensors, reps: int = 3) -> None:
-        """Time every candidate on these very tensors (CUDA events), fastest first; once per plan."""
-        times = []
-        for i in range(len(self.candidates)):
-            self.run(*tensors, algo=i)  # warm
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(reps):
-                self.run(*tensors, algo=i)
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / reps)
-        order = sorted(range(len(times)), key=times.__getitem__)
-        self.candidates = [self.candidates[i] for i in order]
-        self.times = [times[i] for i in order]
+    def tune(self, h, x, w, bias, pre, reps: int = 3) -> None:
+        """Run every candidate on these very tensors; keep those that ran and agree with torch, timed (CUDA events
+        on this GPU's stream), fastest first: once per plan. LtError or Disagreed when none is left."""
+        want = sampled_reference(x, w, bias)
+        ran = []
+        for algo in self.candidates:
+            try:
+                self.run(h, x, w, bias, pre, algo)  # also the warm-up of the timing
+            except LtError:
+                continue
+            error = disagreement(h, pre, want)
+            ms = self.time(h, x, w, bias, pre, algo, reps) if error < TOLERANCE else 0.0
+            ran.append((algo, error, ms))
+        self.candidates, self.times = ranked(ran, self.shape)
+
+    def time(self, h, x, w, bias, pre, algo: Heuristic, reps: int) -> float:
+        stream = torch.cuda.current_stream(h.device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record(stream)
+        for _ in range(reps):
+            self.run(h, x, w, bias, pre, algo)
+        end.record(stream)
+        end.synchronize()
+        return start.elapsed_time(end) / reps
 
     def __call__(self, *tensors) -> None:
         if not self.times:
@@ -176,11 +205,51 @@ class Plan:
         self.run(*tensors)
 
 
+def ranked(ran: list[tuple], shape: str) -> tuple[list, list[float]]:
+    """(algorithms, ms) of those that agree with torch, fastest first, from (algorithm, relative error, ms) of each
+    that ran; LtError where none ran, Disagreed where every one that ran computed wrong numbers."""
+    good = sorted((r for r in ran if r[1] < TOLERANCE), key=lambda r: r[2])  # NaN never agrees
+    if good:
+        return [r[0] for r in good], [r[2] for r in good]
+    if ran:
+        worst = ", ".join(f"{r[1]:.2g}" for r in ran)
+        raise Disagreed(
+            f"every cuBLASLt GELU_AUX_BIAS algorithm at {shape} disagreed with torch (relative error {worst})"
+        )
+    raise LtError(f"no cuBLASLt GELU_AUX_BIAS algorithm ran at {shape}")
+
+
+def sampled_rows(m: int) -> torch.Tensor:
+    return torch.linspace(0, m - 1, min(m, SAMPLED_ROWS)).round().long().unique()
+
+
+def sampled_reference(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor) -> tuple:
+    """(rows, gelu(x @ w + bias), x @ w + bias) on SAMPLED_ROWS rows of x, in fp64 (no TF32, no bf16 rounding)."""
+    rows = sampled_rows(x.shape[0]).to(x.device)
+    pre = torch.addmm(bias.double(), x[rows].double(), w.double())
+    return rows, torch.nn.functional.gelu(pre, approximate="tanh"), pre
+
+
+def disagreement(h: torch.Tensor, pre: torch.Tensor, want: tuple) -> float:
+    """The largest relative error (norm) of any sampled row of h or pre against sampled_reference's: row by row,
+    so that one wrong tile is not averaged away over the rest."""
+    rows, want_h, want_pre = want
+    worst = 0.0
+    for got, ref in ((h, want_h), (pre, want_pre)):
+        errors = (got[rows].double() - ref).norm(dim=1) / ref.norm(dim=1).clamp_min(1e-30)
+        if not errors.isfinite().all():
+            return float("nan")
+        worst = max(worst, errors.max().item())
+    return worst
+
+
 PLANS: dict[tuple, Plan] = {}  # (device, m, n, k) -> its plan, made on first use
 
 
 def gelu_bias(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(gelu(x @ w + bias), x @ w + bias): x M x K, w K x N (a Conv1D's weight), all bf16 and contiguous."""
+    """(gelu(x @ w + bias), x @ w + bias): x M x K, w K x N (a Conv1D's weight), all bf16 and contiguous on one GPU.
+    LtError where cuBLASLt cannot (the caller uses torch's kernels), Disagreed where its numbers are wrong."""
+    check_inputs(x, w, bias)
     m, k = x.shape
     n = w.shape[1]
     key = (x.device.index, m, n, k)
@@ -188,6 +257,21 @@ def gelu_bias(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor) -> tuple[tor
     pre = torch.empty_like(h)
     with torch.cuda.device(x.device):  # the launch on x's GPU, whichever is current
         if key not in PLANS:
-            PLANS[key] = Plan(m, n, k)
+            PLANS[key] = Plan(*key)
         PLANS[key](h, x, w, bias, pre)
     return h, pre
+
+
+def check_inputs(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor) -> None:
+    """LtError unless x (M x K), w (K x N) and bias (N) are what Plan assumes: bf16, packed rows whose lengths are
+    multiples of 8 (16-byte aligned), on one CUDA GPU; checked in that order."""
+    tensors = (x, w, bias)
+    shapes = " @ ".join(" x ".join(map(str, t.shape)) for t in (x, w)) + f" + {' x '.join(map(str, bias.shape))}"
+    if any(t.dtype != torch.bfloat16 for t in tensors):
+        raise LtError(f"cuBLASLt's GELU epilogue here takes bf16 only, not {[str(t.dtype) for t in tensors]}")
+    if x.dim() != 2 or w.dim() != 2 or bias.shape != (w.shape[1],) or x.shape[1] != w.shape[0]:
+        raise LtError(f"cuBLASLt's GELU epilogue cannot take {shapes}")
+    if not all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in tensors) or w.shape[0] % 8 or w.shape[1] % 8:
+        raise LtError(f"cuBLASLt's GELU epilogue here takes contiguous, 16-byte aligned rows only ({shapes})")
+    if not (x.is_cuda and w.device == x.device and bias.device == x.device):
+        raise LtError(f"cuBLASLt's GELU epilogue needs all on one CUDA GPU, not {[str(t.device) for t in tensors]}")

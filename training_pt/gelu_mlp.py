@@ -8,8 +8,12 @@ the compiled step, docs/train.md).
 The backward is torch's own ops (the GELU's backward, the GEMMs, the bias sums), so torch.compile fuses it
 as before: cuBLASLt's backward epilogues (DGELU, BGRAD) measured slower than that.
 The same arithmetic as plain (bf16 GEMMs accumulating in fp32, the epilogue in fp32, the GELU's input kept
-in bf16), so the same model; before a run uses it, the fused MLP is checked against torch in fp32 on the GPU
-(works()). Elsewhere the op is torch's kernels, so the code and its gradients are tested on a CPU.
+in bf16), so the same model. Before a run uses it, the fused MLP and its gradients are checked against torch in
+fp64 on the GPU (works()), and at every new shape each cuBLASLt algorithm is too (cublaslt.Plan.tune). Where
+cuBLASLt cannot run (no library, no algorithm, an error status) the plain MLP runs, or torch's kernels at that
+shape, and the log and the `mlp` figure say so; where it computes wrong numbers the run fails (exit 3): a GPU
+that gets a GEMM wrong is not one that trains. Elsewhere (a CPU, fp32) the op is torch's kernels, so the code
+and its gradients are tested on a CPU. torch.library.custom_op needs torch 2.4: before it, the plain MLP.
 Runs in .venv-gpu (imports torch).
 """
 
@@ -20,32 +24,50 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from training_pt import cublaslt
+from training_pt.configurator import EXIT_CHECK, TrainError
 from training_pt.fabric import first_line
 
 GELU_TANH = ("gelu_pytorch_tanh", "gelu_new", "gelu_fast")  # HF's names of the tanh approximation
-TOLERANCE = 1e-2  # relative error (norm) allowed against fp32 torch: bf16 rounding gives ~3e-3; a wrong
-# layout or epilogue gives ~1
+REGISTERED = hasattr(torch.library, "custom_op")  # torch 2.4 and later: the op below exists
+TRIAL_TOKENS = 1024  # rows of works()'s check
+LEFT_TO_TORCH: dict[str, str] = {}  # "M x N x K" -> why cuBLASLt could not take that shape mid-run
 
 
 def on_cublaslt(x: torch.Tensor) -> bool:
     return x.is_cuda and x.dtype == torch.bfloat16
 
 
-@torch.library.custom_op("m40::gelu_bias_mm", mutates_args=())
 def gelu_bias_mm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(gelu(x @ w + bias), x @ w + bias), w a Conv1D's K x N weight: cuBLASLt's epilogue on a GPU in bf16."""
-    if on_cublaslt(x):
-        from training_pt import cublaslt
-
-        return cublaslt.gelu_bias(x.contiguous(), w.contiguous(), bias.contiguous())
+    """(gelu(x @ w + bias), x @ w + bias), w a Conv1D's K x N weight: cuBLASLt's epilogue on a GPU in bf16, else
+    (or where cuBLASLt cannot take this shape, LEFT_TO_TORCH) torch's kernels."""
+    shape = f"{x.shape[0]} x {w.shape[1]} x {x.shape[1]}"
+    if on_cublaslt(x) and shape not in LEFT_TO_TORCH:
+        try:
+            return cublaslt.gelu_bias(x.contiguous(), w.contiguous(), bias.contiguous())
+        except cublaslt.LtError as e:
+            LEFT_TO_TORCH[shape] = first_line(e)[:200]
+        except cublaslt.Disagreed as e:
+            raise disagreed(str(e)) from None
     pre = torch.addmm(bias, x, w)
     return F.gelu(pre, approximate="tanh"), pre
 
 
-@gelu_bias_mm.register_fake
 def gelu_bias_mm_shape(x, w, bias):
     h = x.new_empty(x.shape[0], w.shape[1])
     return h, torch.empty_like(h)
+
+
+if REGISTERED:
+    torch.library.custom_op("m40::gelu_bias_mm", gelu_bias_mm, mutates_args=()).register_fake(gelu_bias_mm_shape)
+
+
+def disagreed(what: str) -> TrainError:
+    return TrainError(
+        EXIT_CHECK,
+        f"train.mlp fused: {what}: this GPU's cuBLASLt computes the GEMM wrong, or this tool calls it wrong for "
+        "this cuBLASLt; train.mlp=plain trains without it",
+    )
 
 
 class GeluMLPFunction(torch.autograd.Function):
@@ -86,17 +108,17 @@ def reference(x: torch.Tensor, params: tuple[torch.Tensor, ...]) -> torch.Tensor
 
 
 def relative_errors(x: torch.Tensor, params: tuple[torch.Tensor, ...]) -> list[float]:
-    """Relative errors (norm) of GeluMLPFunction's output and five gradients against torch's in fp32, both
-    from the same inputs and the same random output gradient."""
+    """Relative errors (norm) of GeluMLPFunction's output and five gradients against torch's in fp64 (no TF32),
+    both from the same inputs and the same random output gradient."""
     leaves = [t.detach().clone().requires_grad_() for t in (x, *params)]
     out = GeluMLPFunction.apply(*leaves)
     gen = torch.Generator(out.device).manual_seed(1)
     dout = torch.randn(out.shape, device=out.device, generator=gen).to(out.dtype)
     got = [out, *torch.autograd.grad(out, leaves, dout)]
-    ref_leaves = [t.detach().float().requires_grad_() for t in leaves]
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
     ref = reference(ref_leaves[0], tuple(ref_leaves[1:]))
-    want = [ref, *torch.autograd.grad(ref, ref_leaves, dout.float())]
-    return [((g.float() - w).norm() / w.norm().clamp_min(1e-30)).item() for g, w in zip(got, want, strict=True)]
+    want = [ref, *torch.autograd.grad(ref, ref_leaves, dout.double())]
+    return [((g.double() - w).norm() / w.norm().clamp_min(1e-30)).item() for g, w in zip(got, want, strict=True)]
 
 
 def trial(device: torch.device, width: int, inner: int, tokens: int = 1024, dtype=torch.bfloat16) -> list[float]:
@@ -113,18 +135,29 @@ def trial(device: torch.device, width: int, inner: int, tokens: int = 1024, dtyp
 
 @functools.cache
 def works(device: torch.device, width: int, inner: int) -> tuple[bool, str]:
-    """(True, "") where the fused MLP runs on cuBLASLt and agrees with torch; else (False, one line why)."""
+    """(True, "") where the fused MLP runs on cuBLASLt and agrees with torch; (False, one line why) where it cannot
+    run; TrainError (exit 3) where it runs and disagrees, and the CUDA error where one outlived the trial."""
+    if not REGISTERED:
+        return (
+            False,
+            f"cuBLASLt's GELU epilogue needs torch 2.4 or later (torch.library.custom_op), not {torch.__version__}",
+        )
     if device.type != "cuda":
         return False, f"cuBLASLt's GELU epilogue needs a CUDA GPU, not {device.type}"
     if width % 8 or inner % 8:
         return False, f"cuBLASLt's GELU epilogue needs widths divisible by 8, not {width} and {inner}"
     try:
-        errors = trial(device, width, inner)
-    except Exception as e:  # the library not found, an error status, a CUDA error
+        errors = trial(device, width, inner, tokens=TRIAL_TOKENS)
+    except TrainError:  # it ran and disagreed at an algorithm's own check (gelu_bias_mm)
+        raise
+    except Exception as e:  # the library not found, a CUDA error
+        torch.cuda.synchronize(device)  # a CUDA error left in the context (a crash) fails the run here, as it is
         return False, f"cuBLASLt's GELU epilogue did not run ({first_line(e)[:160]})"
+    if (why := LEFT_TO_TORCH.pop(f"{TRIAL_TOKENS} x {inner} x {width}", None)) is not None:  # torch's ran instead
+        return False, f"cuBLASLt's GELU epilogue did not run ({why})"
     worst = max(errors)
-    if not worst < TOLERANCE:  # NaN fails too
-        return False, f"cuBLASLt's GELU epilogue disagreed with torch (relative error {worst:.2g})"
+    if not worst < cublaslt.TOLERANCE:  # NaN fails too
+        raise disagreed(f"the fused MLP disagreed with torch on {device} (relative error {worst:.2g})")
     return True, ""
 
 
@@ -144,7 +177,9 @@ def fuse(model, device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
 
 
 def path(model) -> str:
-    """The MLP path in words, for the training log, its figures and the bench table."""
-    if any(isinstance(m, FusedGeluMLP) for m in model.modules()):
-        return "fused (cuBLASLt GELU epilogue)"
-    return "plain"
+    """The MLP path in words, for the training log, its figures and the bench table: with the shapes left to
+    torch's kernels mid-run, if any."""
+    if not any(isinstance(m, FusedGeluMLP) for m in model.modules()):
+        return "plain"
+    left = "; ".join(f"torch's kernels at {shape} ({why})" for shape, why in LEFT_TO_TORCH.items())
+    return "fused (cuBLASLt GELU epilogue)" + (f"; {left}" if left else "")

@@ -226,6 +226,7 @@ def train(cfg: dict, args, log: Log, result: dict) -> None:
         model, vocab_real, fpt = load_model(run, tokens)
     stepper, eager = wrap_model(run, model)
     losses, clock = train_steps(run, stepper, eager, model, vocab_real)
+    note_mlp(run, model)
     measure(run, clock, fpt)
     check_learning(run, losses, vocab_real)
     log_phases(run)
@@ -380,6 +381,13 @@ def wrap_model(run: Run, model):
     )
     use_micro_batch(run, stepper, micro, "the ranks agreed on the micro-batch that fits every GPU")
     return stepper, eager
+
+
+def note_mlp(run: Run, model) -> None:
+    """The MLP path as the steps ran it: a shape cuBLASLt could not take mid-run went to torch's kernels."""
+    if (now := gelu_mlp.path(model)) != run.figures["mlp"]:
+        run.log(f"train.mlp: {now}")
+        run.figures["mlp"] = now
 
 
 def ddp_wrap(run: Run, net):
