@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import subprocess
 import sys
 
@@ -13,6 +14,14 @@ import torch
 from training_pt import cublaslt, gelu_mlp
 from training_pt import model as M
 from training_pt.configurator import EXIT_CHECK, TrainError
+
+
+@pytest.fixture(autouse=True)
+def fresh_state(monkeypatch):
+    """Each test starts with nothing checked, no plan made and no shape left to torch."""
+    monkeypatch.setattr(gelu_mlp, "WORKED", {})
+    monkeypatch.setattr(gelu_mlp, "LEFT_TO_TORCH", {})
+    monkeypatch.setattr(cublaslt, "PLANS", {})
 
 
 def tiny_gpt2(act="gelu_pytorch_tanh"):
@@ -87,37 +96,47 @@ def test_works_falls_back_when_the_epilogue_does_not_run_and_fails_the_run_when_
 
     monkeypatch.setattr(gelu_mlp, "trial", broken)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)  # the GPU still works after it
-    gelu_mlp.works.cache_clear()
     assert gelu_mlp.works(gpu, 768, 3072) == (
         False,
         "cuBLASLt's GELU epilogue did not run (LtError: cublasLtMatmul returned cuBLAS status 15)",
     )
-    for errors, word in (([1e-3, 0.8], "0.8"), ([float("nan")], "nan")):
+    assert gelu_mlp.WORKED == {}  # a failure is not kept: the next run (a bench row) checks again
+    cases = (([1e-3, 0.8, 1e-3], "input gradient", "0.8"), ([float("nan")] * 6, "output", "nan"))
+    for errors, name, word in cases:
         monkeypatch.setattr(gelu_mlp, "trial", lambda *a, errors=errors, **k: errors)
-        gelu_mlp.works.cache_clear()
-        with pytest.raises(TrainError, match=f"disagreed with torch .*relative error {word}.*train.mlp=plain") as e:
+        with pytest.raises(TrainError, match=f"fused MLP's {name} disagreed with torch .*error {word}.*mlp=plain") as e:
             gelu_mlp.works(gpu, 768, 3072)
         assert e.value.code == EXIT_CHECK  # wrong numbers on this GPU fail the run, never a quiet fallback
     monkeypatch.setattr(gelu_mlp, "trial", lambda *a, **k: [3e-3] * 6)
-    gelu_mlp.works.cache_clear()
     assert gelu_mlp.works(gpu, 768, 3072) == (True, "")
     assert gelu_mlp.works(gpu, 770, 3072)[1].endswith("widths divisible by 8, not 770 and 3072")
-    gelu_mlp.works.cache_clear()
 
 
-def test_a_cuda_error_the_trial_leaves_behind_fails_the_run_there(monkeypatch):
+def test_a_cuda_error_the_trial_leaves_behind_fails_the_run_there_in_one_line(monkeypatch):
     def crash(*args, **kwargs):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
     def dead(device=None):
-        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        raise RuntimeError("CUDA error: an illegal memory access was encountered\nCUDA kernel errors might be ...")
 
     monkeypatch.setattr(gelu_mlp, "trial", crash)
     monkeypatch.setattr(torch.cuda, "synchronize", dead)  # the context is gone: no plain MLP could run either
-    gelu_mlp.works.cache_clear()
-    with pytest.raises(RuntimeError, match="illegal memory access"):
+    with pytest.raises(TrainError, match=r"left a CUDA error on cuda:0 \(RuntimeError: CUDA error: an illegal") as e:
         gelu_mlp.works(torch.device("cuda", 0), 768, 3072)
-    gelu_mlp.works.cache_clear()
+    assert e.value.code == EXIT_CHECK and "\n" not in str(e.value)
+
+
+def test_a_cuda_error_mid_run_fails_the_run_in_one_line_and_any_other_error_is_itself(monkeypatch, lt_on_cpu):
+    def crash(x, w, bias):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(cublaslt, "gelu_bias", crash)
+    monkeypatch.setattr(gelu_mlp, "cuda_error_left", lambda device: "RuntimeError: CUDA error: an illegal memory")
+    with pytest.raises(TrainError, match="train.mlp fused: cuBLASLt's GELU epilogue left a CUDA error on cpu"):
+        torch.ops.m40.gelu_bias_mm(*mlp_inputs())
+    monkeypatch.setattr(gelu_mlp, "cuda_error_left", lambda device: "")
+    with pytest.raises(RuntimeError, match="^CUDA error: an illegal memory access was encountered$"):
+        torch.ops.m40.gelu_bias_mm(*mlp_inputs())
 
 
 def test_torch_before_2_4_imports_the_module_and_says_why_not():
@@ -134,7 +153,6 @@ def test_torch_before_2_4_imports_the_module_and_says_why_not():
 def lt_on_cpu(monkeypatch):
     """The op takes its cuBLASLt branch on the CPU's bf16 tensors; gelu_bias is replaced by each test."""
     monkeypatch.setattr(gelu_mlp, "on_cublaslt", lambda x: x.dtype == torch.bfloat16)
-    monkeypatch.setattr(gelu_mlp, "LEFT_TO_TORCH", {})
 
 
 def mlp_inputs(tokens=64, width=32, inner=128):
@@ -168,13 +186,19 @@ def test_works_says_no_where_cublaslt_left_its_own_check_to_torch(monkeypatch, l
     monkeypatch.setattr(
         gelu_mlp, "trial", lambda device, width, inner, tokens: real(torch.device("cpu"), width, inner, tokens)
     )
-    gelu_mlp.works.cache_clear()
     ok, why = gelu_mlp.works(torch.device("cuda", 0), 32, 128)
-    gelu_mlp.works.cache_clear()
     assert not ok and why == (
         "cuBLASLt's GELU epilogue did not run (LtError: no cuBLASLt GELU_AUX_BIAS algorithm ran at 1024 x 128 x 32)"
     )
     assert gelu_mlp.LEFT_TO_TORCH == {}  # the check's shape is not the run's: the plain MLP runs, nothing left over
+
+
+def test_fuse_starts_each_model_with_no_shape_left_to_torch(monkeypatch):
+    gelu_mlp.LEFT_TO_TORCH["64 x 128 x 32"] = "LtError: an earlier bench row's"
+    monkeypatch.setattr(gelu_mlp, "works", lambda device, width, inner: (True, ""))
+    lm = tiny_gpt2()
+    assert gelu_mlp.fuse(lm, torch.device("cuda", 0), torch.bfloat16) == (True, "")
+    assert gelu_mlp.path(lm) == "fused (cuBLASLt GELU epilogue)"
 
 
 def test_a_disagreement_mid_run_fails_the_run(monkeypatch, lt_on_cpu):
@@ -187,28 +211,92 @@ def test_a_disagreement_mid_run_fails_the_run(monkeypatch, lt_on_cpu):
     assert e.value.code == EXIT_CHECK
 
 
-def test_the_tuned_algorithms_are_held_to_torch_on_sampled_rows():
-    x, w, bias = mlp_inputs(tokens=300)
-    want = cublaslt.sampled_reference(x, w, bias)
+def right_answer(x, w, bias):
     pre = torch.addmm(bias, x, w)
-    h = torch.nn.functional.gelu(pre, approximate="tanh")
+    return torch.nn.functional.gelu(pre, approximate="tanh"), pre
+
+
+def test_every_row_of_an_algorithm_is_held_to_torch():
+    x, w, bias = mlp_inputs(tokens=3000)
+    want = cublaslt.reference(x, w, bias)
+    h, pre = right_answer(x, w, bias)
     assert cublaslt.disagreement(h, pre, want) < 1e-2  # bf16 rounding only
     no_bias = torch.nn.functional.gelu(x @ w, approximate="tanh")
     assert cublaslt.disagreement(no_bias, pre, want) > 0.1
-    swapped_rows = h.clone()
-    swapped_rows[[0, -1]] = h[[-1, 0]]  # a wrong tile anywhere: the first and last rows are always sampled
-    assert cublaslt.disagreement(swapped_rows, pre, want) > 0.1
-    assert cublaslt.disagreement(h, pre * float("nan"), want) != cublaslt.disagreement(h, pre, want)
+    tile = h.clone()
+    tile[1001:1041, 64:128] = 0  # one wrong 40 x 64 tile, between two sampled rows
+    assert not set(range(1001, 1041)) & set(cublaslt.sampled_rows(3000).tolist())
+    assert cublaslt.disagreement(tile, pre, want) > 0.1
+    assert math.isnan(cublaslt.disagreement(h, pre * float("nan"), want))
 
 
-def test_ranked_keeps_the_candidates_that_ran_and_agree_fastest_first():
-    ran = [("a", 3e-3, 0.50), ("b", 0.9, 0.10), ("c", 2e-3, 0.40), ("d", float("nan"), 0.05)]
-    assert cublaslt.ranked(ran, "8 x 8 x 8") == (["c", "a"], [0.40, 0.50])
-    with pytest.raises(cublaslt.Disagreed, match="every cuBLASLt GELU_AUX_BIAS algorithm at 8 x 8 x 8 disagreed"):
-        cublaslt.ranked(ran[1:2] + ran[3:], "8 x 8 x 8")
+def test_the_reference_itself_is_held_to_fp64_on_sampled_rows(monkeypatch):
+    # were torch's own GEMM wrong the same way as cuBLASLt's (the same kernel), the fp64 rows still tell
+    x, w, bias = mlp_inputs(tokens=300)
+    real = torch.addmm
+    monkeypatch.setattr(torch, "addmm", lambda b, a, m: a @ m if a.dtype == torch.bfloat16 else real(b, a, m))
+    want = cublaslt.reference(x, w, bias)
+    monkeypatch.undo()
+    no_bias = x @ w
+    assert cublaslt.disagreement(torch.nn.functional.gelu(no_bias, approximate="tanh"), no_bias, want) > 0.1
+
+
+def test_inputs_that_are_not_finite_are_no_reason_to_blame_cublaslt():
+    x, w, bias = mlp_inputs()
+    x[3, 5] = float("inf")
+    assert cublaslt.reference(x, w, bias) is None  # the loss check reports a non-finite run, not this
+
+
+def test_ranked_keeps_the_candidates_fastest_first_and_any_that_disagrees_fails_the_run():
+    ran = [("a", 3e-3, 0.50), ("b", 2e-3, 0.10), ("c", 4e-3, 0.40)]
+    assert cublaslt.ranked(ran, "8 x 8 x 8") == (["b", "c", "a"], [0.10, 0.40, 0.50])
+    for bad in (0.9, float("nan")):
+        with pytest.raises(cublaslt.Disagreed, match="1 of 4 cuBLASLt GELU_AUX_BIAS algorithms at 8 x 8 x 8 disagreed"):
+            cublaslt.ranked([*ran, ("d", bad, 0.0)], "8 x 8 x 8")
     with pytest.raises(cublaslt.LtError, match="no cuBLASLt GELU_AUX_BIAS algorithm ran at 8 x 8 x 8"):
         cublaslt.ranked([], "8 x 8 x 8")
     assert not issubclass(cublaslt.Disagreed, cublaslt.LtError)  # a fallback never swallows wrong numbers
+
+
+class FakePlan(cublaslt.Plan):
+    """A Plan without the library: each candidate is a function that fills h and pre, or raises LtError."""
+
+    def __init__(self, candidates):
+        self.candidates, self.times, self.shape = candidates, [], "64 x 128 x 32"
+
+    def run(self, h, x, w, bias, pre, algo=None):
+        algo = algo or self.candidates[0]
+        h_got, pre_got = algo(x, w, bias)
+        h.copy_(h_got), pre.copy_(pre_got)
+
+    def time(self, h, x, w, bias, pre, algo, reps):
+        return algo.ms
+
+
+def candidate(ms, fill):
+    def algo(x, w, bias):
+        return fill(x, w, bias)
+
+    algo.ms = ms
+    return algo
+
+
+def test_tune_drops_an_algorithm_that_errors_and_uses_the_fastest_that_agrees():
+    def errors(x, w, bias):
+        raise cublaslt.LtError("cublasLtMatmul returned cuBLAS status 15")
+
+    slow, fast, broken = candidate(0.5, right_answer), candidate(0.2, right_answer), candidate(0.1, errors)
+    x, w, bias = mlp_inputs()
+    h, pre = torch.empty(64, 128, dtype=torch.bfloat16), torch.empty(64, 128, dtype=torch.bfloat16)
+    plan = FakePlan([slow, broken, fast])
+    plan(h, x, w, bias, pre)
+    assert plan.candidates == [fast, slow] and plan.times == [0.2, 0.5]
+    assert torch.equal(h, right_answer(x, w, bias)[0])
+    wrong = candidate(0.1, lambda x, w, bias: right_answer(x, w, bias * 2))
+    with pytest.raises(cublaslt.Disagreed, match="1 of 2 .* at 64 x 128 x 32 disagreed"):
+        FakePlan([slow, wrong])(h, x, w, bias, pre)
+    with pytest.raises(cublaslt.LtError, match="no cuBLASLt GELU_AUX_BIAS algorithm ran at 64 x 128 x 32"):
+        FakePlan([broken])(h, x, w, bias, pre)
 
 
 def test_inputs_cublaslt_cannot_take_are_an_lt_error_before_any_library_call():

@@ -225,8 +225,10 @@ def train(cfg: dict, args, log: Log, result: dict) -> None:
     with run.phases.timed("model"):
         model, vocab_real, fpt = load_model(run, tokens)
     stepper, eager = wrap_model(run, model)
-    losses, clock = train_steps(run, stepper, eager, model, vocab_real)
-    note_mlp(run, model)
+    try:
+        losses, clock = train_steps(run, stepper, eager, model, vocab_real)
+    finally:
+        note_mlp(run, model)  # a failed run's figures too say what the steps ran
     measure(run, clock, fpt)
     check_learning(run, losses, vocab_real)
     log_phases(run)
