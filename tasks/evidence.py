@@ -49,7 +49,7 @@ from urllib.parse import quote
 
 import jinja2
 
-from tasks import layout, proc, proof, records, runs, text, verdict
+from tasks import jsonfile, layout, proc, proof, records, runs, text, verdict
 from tasks.records import Outcome, StageRecord, StageStatus, now_iso
 
 DESCRIPTION = (
@@ -149,26 +149,26 @@ def run_files(run_dir: Path) -> list[str]:
     return sorted(out)
 
 
-def own_files(run_dir: Path) -> dict[str, str]:
+def own_files(run_dir: Path) -> dict[str, verdict.OwnFile]:
     """The text of each stage's own file (layout.STAGE_EVIDENCE) the run holds, by name, for the verdict to
-    hold the stage records to ("" for one that cannot be read)."""
-    out = {}
+    hold the stage records to; for one that cannot be read (too large, not UTF-8), why (jsonfile.Unreadable)."""
+    out: dict[str, verdict.OwnFile] = {}
     for name in layout.STAGE_EVIDENCE.values():
         path = run_dir / name
         if path.is_file():
             try:
-                out[name] = path.read_text(encoding="utf-8", errors="replace")
-            except OSError:
-                out[name] = ""
+                out[name] = jsonfile.read_text(path)
+            except jsonfile.Unreadable as e:
+                out[name] = e
     return out
 
 
 def read_gpus(run_dir: Path) -> dict:
+    """gpus.json, or {} where it is missing or unreadable (the verdict says why, at probe)."""
     try:
-        data = json.loads((run_dir / layout.GPUS_JSON).read_text())
-    except (OSError, ValueError):
+        return jsonfile.read(run_dir / layout.GPUS_JSON)
+    except jsonfile.Unreadable:
         return {}
-    return data if isinstance(data, dict) else {}
 
 
 def stage_rows(recs: dict[str, StageRecord]) -> list[dict]:
