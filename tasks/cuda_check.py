@@ -18,7 +18,7 @@ import json
 import os
 from pathlib import Path
 
-from tasks import burn_rules, config, cuda_rules, identity, layout, multinode, phases, proc
+from tasks import burn_rules, config, cuda_rules, identity, layout, multinode, phases, proc, text
 from tasks.records import FileSays, Outcome, StageStatus
 
 DESCRIPTION = (
@@ -246,6 +246,17 @@ def outcome_from(
     return Outcome(StageStatus.FAIL, reason, figures, files)
 
 
+def checks_of(result: dict) -> list[dict]:
+    """cuda_check.json's checks; ValueError naming a check whose `gpu` is neither None (a check across GPUs) nor
+    a GPU index (cuda_rules.gpu_index_problem), which the checker never writes."""
+    checks = result.get("checks", [])
+    for c in checks:
+        gpu = c.get("gpu")
+        if gpu is not None and (why := cuda_rules.gpu_index_problem(gpu)):
+            raise ValueError(f"check {text.one_line(c.get('name'))[:60]} names {why}")
+    return checks
+
+
 def thresholds(settings: dict) -> dict | None:
     """The pass limits the checker applied: its speed and memory shares and its numeric tolerances."""
     out = {k: settings[k] for k in ("speed_share", "memory_share") if k in settings}
@@ -293,7 +304,7 @@ def figures_from(result: dict) -> dict:
     }
     failed: list[str] = []
     not_judged: dict[str, list[int]] = {}
-    for c in result.get("checks", []):
+    for c in checks_of(result):
         data, gpu, name = c.get("data") or {}, c.get("gpu"), c.get("name")
         if c.get("status") == "FAIL":
             failed.append(name if gpu is None else f"gpu{gpu} {name}")

@@ -590,3 +590,14 @@ def test_an_own_file_too_large_to_be_the_tools_is_a_fail_naming_its_size(tmp_pat
     rec = render(run_dir)
     says = f"stages/train.json says pass but train_result.json is too large to be this tool's: {size} bytes"
     assert_rendered_fail(run_dir, rec, "train", says)
+
+
+def test_a_check_on_a_gpu_index_no_machine_has_is_a_fail_not_a_memory_error(tmp_path):
+    """A per-GPU SKIP on GPUs 0, 1 and 10**12 (gpu_span once built the list of every index between)."""
+    run_dir = make_run(tmp_path, ALL_PASS)
+    doc = own_file("cuda_check")
+    doc["checks"] = [{"name": "health", "gpu": g, "status": "SKIP", "data": {}} for g in (0, 1, 10**12)]
+    (run_dir / layout.CUDA_CHECK_JSON).write_text(json.dumps(doc))
+    rec = render(run_dir)
+    says = "stages/cuda_check.json says pass but cuda_check.json is not what cuda_check writes (ValueError: check "
+    assert_rendered_fail(run_dir, rec, "cuda_check", says + "health names gpu 1000000000000, not a GPU index")

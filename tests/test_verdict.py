@@ -543,3 +543,15 @@ def test_any_error_comparing_the_file_with_the_record_is_a_fail_there(monkeypatc
         "stages/probe.json says pass but gpus.json cannot be compared with it "
         "(RecursionError: maximum recursion depth exceeded)"
     )
+
+
+@pytest.mark.parametrize("gpu", [10**12, 128, -1, True, "3", 1.5, [0]], ids=repr)
+def test_a_check_on_a_gpu_that_is_no_gpu_index_is_a_fail_naming_it(gpu):
+    """A per-GPU SKIP the checker could not judge, on GPUs 0, 1 and `gpu`: a GPU index is a whole number that
+    torch can hold (0-127); anything else is not what the checker writes."""
+    checks = [{"name": "health", "gpu": g, "status": "SKIP", "data": {}} for g in (0, 1, gpu)]
+    doc = {"exit_code": 0, "gpus_checked": 8, "torch_identity": TORCH, "checks": checks}
+    got = judged(run(), {layout.CUDA_CHECK_JSON: json.dumps(doc)})
+    assert (got.word, got.stage) == ("FAIL", "cuda_check")
+    assert got.reason.startswith("stages/cuda_check.json says pass but cuda_check.json is not what cuda_check writes")
+    assert f"check health names gpu {json.dumps(gpu)}, not a GPU index" in got.reason, got.reason
