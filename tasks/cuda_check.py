@@ -14,11 +14,10 @@ nodes (tasks/multinode.py) it then runs one all-reduce over every node's GPUs
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 
-from tasks import burn_rules, config, cuda_rules, identity, layout, multinode, phases, proc, text
+from tasks import burn_rules, config, cuda_rules, identity, jsonfile, layout, multinode, phases, proc, text
 from tasks.records import FileSays, Outcome, StageStatus
 
 DESCRIPTION = (
@@ -204,12 +203,11 @@ def overrides(args, defaults: dict | None = None) -> list[str]:
 
 
 def read_result(path: Path) -> dict | None:
-    """The checker's cuda_check.json, or None where it left none (or not a JSON object)."""
+    """The checker's cuda_check.json, or None where it left none (or one jsonfile cannot read: not a JSON object)."""
     try:
-        result = json.loads(path.read_text())
-    except (OSError, ValueError, RecursionError):
+        return jsonfile.read(path)
+    except jsonfile.Unreadable:
         return None
-    return result if isinstance(result, dict) else None
 
 
 def log_lines(path: Path) -> list[str]:

@@ -401,7 +401,7 @@ def nothing_to_do(args) -> tuple[str, int] | None:
         return None
     code = layout.EXIT_STAGE["evidence"]  # a sealed run whose summary cannot be read has no verdict to give
     try:
-        summary = json.loads((found[-1] / layout.SUMMARY_FILE).read_text(encoding="utf-8"))
+        summary = jsonfile.read(found[-1] / layout.SUMMARY_FILE)
         said = (
             f"{summary['verdict']} at {summary['failed_stage']}: {summary['reason']}"
             if summary.get("failed_stage")
@@ -409,7 +409,7 @@ def nothing_to_do(args) -> tuple[str, int] | None:
         )
         if summary["verdict"] in verdict.WORDS:  # its exit code as the verdict gives it (tasks/verdict.py)
             code = verdict.Verdict(summary["verdict"], str(summary.get("failed_stage") or "") or None).exit_code
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (jsonfile.Unreadable, KeyError, TypeError, AttributeError):
         said = f"its {layout.SUMMARY_FILE} is unreadable"
     why = (
         f"{found[-1]} is already sealed: {text.one_line(said)} (exit {code}); nothing changed. A new run: nox -s m40 "

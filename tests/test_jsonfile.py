@@ -9,7 +9,8 @@ import os
 
 import pytest
 
-from tasks import evidence, jsonfile, layout
+from tasks import channel_fit, cuda_check, evidence, fleet, jsonfile, layout, records, train
+from tasks.config import ConfigError
 
 
 def test_a_json_object_reads_back_as_written(tmp_path):
@@ -79,3 +80,51 @@ def test_the_own_files_evidence_holds_the_records_to_say_why_one_cannot_be_read(
     own = evidence.own_files(tmp_path)
     assert own[layout.GPUS_JSON] == "{}" and layout.CUDA_CHECK_JSON not in own
     assert str(own[layout.TRAIN_RESULT]) == "too large to be this tool's: 18 bytes"
+
+
+# Every reader of a run's JSON files, each reading a file nested deeper than MAX_DEPTH (but not so deep that
+# Python's own parser gives up): they share jsonfile's rule, so none of them takes it.
+def stage_record(tmp_path, body: str):
+    path = layout.stage_record_path(tmp_path, "train")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(body)
+    return records.read(tmp_path, "train")
+
+
+READERS = {
+    "train.read_result": lambda d, body: train.read_result(write(d / layout.TRAIN_RESULT, body).parent),
+    "cuda_check.read_result": lambda d, body: cuda_check.read_result(write(d / layout.CUDA_CHECK_JSON, body)),
+    "evidence.read_gpus": lambda d, body: evidence.read_gpus(write(d / layout.GPUS_JSON, body).parent) or None,
+    "fleet.read_json": lambda d, body: fleet.read_json(write(d / layout.SUMMARY_FILE, body)),
+}
+
+
+def write(path, body: str):
+    path.write_text(body)
+    return path
+
+
+@pytest.mark.parametrize("reader", sorted(READERS))
+def test_every_reader_of_a_runs_json_refuses_what_jsonfile_refuses(tmp_path, reader):
+    body = json.dumps({"status": "pass", "exit_code": 0, "figures": {"thresholds": "DEEP"}})
+    deep = body.replace('"DEEP"', "[" * 100 + "]" * 100)
+    assert READERS[reader](tmp_path, deep) is None
+    assert READERS[reader](tmp_path, body) is not None
+
+
+def test_a_stage_record_nested_too_deep_is_a_fail_record_naming_why(tmp_path):
+    deep = json.dumps({"stage": "train", "status": "pass", "figures": {"x": "DEEP"}}).replace(
+        '"DEEP"', "[" * 100 + "]" * 100
+    )
+    rec = stage_record(tmp_path, deep)
+    assert rec.status == records.StageStatus.FAIL
+    assert rec.reason.startswith("stages/train.json is not a valid stage record (nested too deep to read"), rec.reason
+
+
+def test_install_reads_the_runs_gpus_json_by_the_same_rule(tmp_path):
+    deep = json.dumps({"driver_cuda": "13.0", "gpus": [{"name": "DEEP"}]}).replace('"DEEP"', "[" * 100 + "]" * 100)
+    (tmp_path / layout.GPUS_JSON).write_text(deep)
+    with pytest.raises(
+        ConfigError, match=r"gpus.json cannot be read \(nested too deep to read .*\); run `nox -s probe`"
+    ):
+        channel_fit.machine(tmp_path)
