@@ -171,6 +171,37 @@ def read_gpus(run_dir: Path) -> dict:
         return {}
 
 
+# The README's GPU table: its columns, as probe names them in gpus.json (probe.gpus_document).
+GPU_COLUMNS = (
+    "index",
+    "name",
+    "model",
+    "memory_total_mib",
+    "memory_free_mib",
+    "compute_capability",
+    "ecc_current",
+    "ecc_pending",
+    "ecc_uncorrected_volatile",
+    "ecc_uncorrected_aggregate",
+    "persistence_mode",
+    "clock_event_reasons",
+    "pci_bus_id",
+    "uuid",
+)
+
+
+def gpu_rows(gpus: list) -> list[dict]:
+    """gpus.json's GPUs for the README's table, each with every column (None where it has none): a file not as
+    probe writes it is shown as it is, never a template error. An entry that is no object is its `name`."""
+    rows = []
+    for gpu in gpus:
+        row = dict.fromkeys(GPU_COLUMNS) | (gpu if isinstance(gpu, dict) else {"name": gpu})
+        reasons = row["clock_event_reasons"]
+        row["clock_event_reasons"] = reasons if reasons is None or isinstance(reasons, list) else [reasons]
+        rows.append(row)
+    return rows
+
+
 def stage_rows(recs: dict[str, StageRecord]) -> list[dict]:
     rows: list[dict] = []
     for name in WORK_STAGES:
@@ -234,7 +265,7 @@ def environment() -> jinja2.Environment:
 def context(run_dir: Path, recs: dict[str, StageRecord], files: list[str], placeholders: dict[str, str]) -> dict:
     judged = verdict.judge(recs, verdict.load_rules(), own_files(run_dir))
     gpu_doc = read_gpus(run_dir)
-    gpus = gpu_doc.get("gpus") or []
+    gpus = gpu_doc.get("gpus") if isinstance(gpu_doc.get("gpus"), list) else []
     return {
         "run": run_dir.name,
         "generated": now_iso(),
@@ -247,6 +278,7 @@ def context(run_dir: Path, recs: dict[str, StageRecord], files: list[str], place
         "verdict_line": judged.line(),
         "stages": stage_rows(recs),
         "gpus": gpus,
+        "gpu_rows": gpu_rows(gpus),
         "gpu_source": gpu_doc.get("source"),
         "gpu_note": (
             f"probe found none (source: {gpu_doc.get('source')}); see env_info.txt"

@@ -601,3 +601,20 @@ def test_a_check_on_a_gpu_index_no_machine_has_is_a_fail_not_a_memory_error(tmp_
     rec = render(run_dir)
     says = "stages/cuda_check.json says pass but cuda_check.json is not what cuda_check writes (ValueError: check "
     assert_rendered_fail(run_dir, rec, "cuda_check", says + "health names gpu 1000000000000, not a GPU index")
+
+
+@pytest.mark.parametrize(
+    "gpus",
+    [[{}], [5], 5, "H100", [{**GPU, "clock_event_reasons": 5}], [{**GPU, "index": {"a": [1]}}]],
+    ids=["an empty entry", "a number", "no list", "a string", "reasons not a list", "an index that is an object"],
+)
+def test_a_gpu_list_not_as_probe_writes_it_still_renders_the_run(tmp_path, gpus):
+    """The README's GPU table is gpus.json's: an entry with fields missing or of another type is shown as it
+    is (N/A where missing), never a template error that leaves the run without a verdict."""
+    run_dir = make_run(tmp_path, ALL_PASS)
+    (run_dir / layout.GPUS_JSON).write_text(json.dumps({**own_file("probe"), "gpus": gpus}))
+    rec = render(run_dir)
+    assert rec.status == StageStatus.PASS, rec.reason
+    summary = json.loads((run_dir / layout.SUMMARY_FILE).read_text())
+    assert summary["verdict"] in ("PASS", "FAIL", "PARTIAL") and runs.is_sealed(run_dir)
+    assert (run_dir / layout.README_FILE).read_text().startswith("# M40 run `m40_v1`: ")
