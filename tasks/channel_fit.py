@@ -14,11 +14,10 @@ The rules themselves (version order, arch coverage) are tasks/cuda_rules.py's; n
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tasks import cuda_rules, layout
+from tasks import cuda_rules, jsonfile, layout
 from tasks.config import AUTO_CHANNEL, Channel, ConfigError, major_minor
 
 
@@ -59,8 +58,8 @@ def _capability(text) -> tuple[int, int] | None:
 def from_gpus_json(path: Path) -> Machine:
     """The run's probe record (gpus.json, schema 1)."""
     try:
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
+        doc = jsonfile.read(path)
+    except jsonfile.Unreadable as e:
         raise ConfigError(f"{path} cannot be read ({e}); run `nox -s probe` again") from None
     gpus = [
         Gpu(int(g.get("index", i)), str(g.get("name", "?")), _capability(g.get("compute_capability")))

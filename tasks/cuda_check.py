@@ -14,11 +14,10 @@ nodes (tasks/multinode.py) it then runs one all-reduce over every node's GPUs
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 
-from tasks import burn_rules, config, cuda_rules, identity, layout, multinode, phases, proc
+from tasks import burn_rules, config, cuda_rules, identity, jsonfile, layout, multinode, phases, proc, text
 from tasks.records import FileSays, Outcome, StageStatus
 
 DESCRIPTION = (
@@ -204,12 +203,11 @@ def overrides(args, defaults: dict | None = None) -> list[str]:
 
 
 def read_result(path: Path) -> dict | None:
-    """The checker's cuda_check.json, or None where it left none (or not a JSON object)."""
+    """The checker's cuda_check.json, or None where it left none (or one jsonfile cannot read: not a JSON object)."""
     try:
-        result = json.loads(path.read_text())
-    except (OSError, ValueError, RecursionError):
+        return jsonfile.read(path)
+    except jsonfile.Unreadable:
         return None
-    return result if isinstance(result, dict) else None
 
 
 def log_lines(path: Path) -> list[str]:
@@ -244,6 +242,17 @@ def outcome_from(
     if not reason:
         reason = f"the checker exited with code {code} after writing its result; see {layout.CUDA_CHECK_LOG}"
     return Outcome(StageStatus.FAIL, reason, figures, files)
+
+
+def checks_of(result: dict) -> list[dict]:
+    """cuda_check.json's checks; ValueError naming a check whose `gpu` is neither None (a check across GPUs) nor
+    a GPU index (cuda_rules.gpu_index_problem), which the checker never writes."""
+    checks = result.get("checks", [])
+    for c in checks:
+        gpu = c.get("gpu")
+        if gpu is not None and (why := cuda_rules.gpu_index_problem(gpu)):
+            raise ValueError(f"check {text.one_line(c.get('name'))[:60]} names {why}")
+    return checks
 
 
 def thresholds(settings: dict) -> dict | None:
@@ -293,7 +302,7 @@ def figures_from(result: dict) -> dict:
     }
     failed: list[str] = []
     not_judged: dict[str, list[int]] = {}
-    for c in result.get("checks", []):
+    for c in checks_of(result):
         data, gpu, name = c.get("data") or {}, c.get("gpu"), c.get("name")
         if c.get("status") == "FAIL":
             failed.append(name if gpu is None else f"gpu{gpu} {name}")

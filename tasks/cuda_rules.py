@@ -7,6 +7,7 @@ FAIL or SKIP, the measured value as text, and a one-line reason (why it failed o
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Sequence
@@ -851,10 +852,28 @@ def stage_reason(checks: list[Check]) -> str:
     return "; ".join(notes)
 
 
+# torch's device index (c10::DeviceIndex) is an 8-bit signed number: no process sees a GPU past 127.
+GPU_INDEX_MAX = 127
+
+
+def gpu_index_problem(gpu) -> str:
+    """ "" when `gpu` is a GPU index (a plain int, not a bool, from 0 to GPU_INDEX_MAX); else what it is instead,
+    naming it as JSON spells it (it comes from cuda_check.json): 'gpu "3", not a GPU index (...)'."""
+    if isinstance(gpu, int) and not isinstance(gpu, bool) and 0 <= gpu <= GPU_INDEX_MAX:
+        return ""
+    spelled = json.dumps(gpu, default=str)
+    spelled = spelled if len(spelled) <= 40 else spelled[:39] + "…"
+    return f"gpu {spelled}, not a GPU index (a whole number from 0 to {GPU_INDEX_MAX})"
+
+
 def gpu_span(gpus: list) -> str:
-    """'gpu0', 'gpu0-7' for a run of GPUs, 'gpu0,2,5' otherwise: one line on an 8-GPU machine too."""
+    """'gpu0', 'gpu0-7' for a run of GPUs, 'gpu0,2,5' otherwise: one line on an 8-GPU machine too. ValueError
+    for a value that is not a GPU index (gpu_index_problem)."""
+    for gpu in gpus:
+        if why := gpu_index_problem(gpu):
+            raise ValueError(why)
     nums = sorted(set(gpus))
-    if len(nums) > 2 and nums == list(range(nums[0], nums[-1] + 1)):
+    if len(nums) > 2 and nums[-1] - nums[0] == len(nums) - 1:  # distinct whole numbers: a run without a gap
         return f"gpu{nums[0]}-{nums[-1]}"
     return "gpu" + ",".join(str(n) for n in nums)
 

@@ -49,7 +49,7 @@ from urllib.parse import quote
 
 import jinja2
 
-from tasks import layout, proc, proof, records, runs, text, verdict
+from tasks import jsonfile, layout, proc, proof, records, runs, text, verdict
 from tasks.records import Outcome, StageRecord, StageStatus, now_iso
 
 DESCRIPTION = (
@@ -149,26 +149,57 @@ def run_files(run_dir: Path) -> list[str]:
     return sorted(out)
 
 
-def own_files(run_dir: Path) -> dict[str, str]:
+def own_files(run_dir: Path) -> dict[str, verdict.OwnFile]:
     """The text of each stage's own file (layout.STAGE_EVIDENCE) the run holds, by name, for the verdict to
-    hold the stage records to ("" for one that cannot be read)."""
-    out = {}
+    hold the stage records to; for one that cannot be read (too large, not UTF-8), why (jsonfile.Unreadable)."""
+    out: dict[str, verdict.OwnFile] = {}
     for name in layout.STAGE_EVIDENCE.values():
         path = run_dir / name
         if path.is_file():
             try:
-                out[name] = path.read_text(encoding="utf-8", errors="replace")
-            except OSError:
-                out[name] = ""
+                out[name] = jsonfile.read_text(path)
+            except jsonfile.Unreadable as e:
+                out[name] = e
     return out
 
 
 def read_gpus(run_dir: Path) -> dict:
+    """gpus.json, or {} where it is missing or unreadable (the verdict says why, at probe)."""
     try:
-        data = json.loads((run_dir / layout.GPUS_JSON).read_text())
-    except (OSError, ValueError):
+        return jsonfile.read(run_dir / layout.GPUS_JSON)
+    except jsonfile.Unreadable:
         return {}
-    return data if isinstance(data, dict) else {}
+
+
+# The README's GPU table: its columns, as probe names them in gpus.json (probe.gpus_document).
+GPU_COLUMNS = (
+    "index",
+    "name",
+    "model",
+    "memory_total_mib",
+    "memory_free_mib",
+    "compute_capability",
+    "ecc_current",
+    "ecc_pending",
+    "ecc_uncorrected_volatile",
+    "ecc_uncorrected_aggregate",
+    "persistence_mode",
+    "clock_event_reasons",
+    "pci_bus_id",
+    "uuid",
+)
+
+
+def gpu_rows(gpus: list) -> list[dict]:
+    """gpus.json's GPUs for the README's table, each with every column (None where it has none): a file not as
+    probe writes it is shown as it is, never a template error. An entry that is no object is its `name`."""
+    rows = []
+    for gpu in gpus:
+        row = dict.fromkeys(GPU_COLUMNS) | (gpu if isinstance(gpu, dict) else {"name": gpu})
+        reasons = row["clock_event_reasons"]
+        row["clock_event_reasons"] = reasons if reasons is None or isinstance(reasons, list) else [reasons]
+        rows.append(row)
+    return rows
 
 
 def stage_rows(recs: dict[str, StageRecord]) -> list[dict]:
@@ -234,7 +265,7 @@ def environment() -> jinja2.Environment:
 def context(run_dir: Path, recs: dict[str, StageRecord], files: list[str], placeholders: dict[str, str]) -> dict:
     judged = verdict.judge(recs, verdict.load_rules(), own_files(run_dir))
     gpu_doc = read_gpus(run_dir)
-    gpus = gpu_doc.get("gpus") or []
+    gpus = gpu_doc.get("gpus") if isinstance(gpu_doc.get("gpus"), list) else []
     return {
         "run": run_dir.name,
         "generated": now_iso(),
@@ -247,6 +278,7 @@ def context(run_dir: Path, recs: dict[str, StageRecord], files: list[str], place
         "verdict_line": judged.line(),
         "stages": stage_rows(recs),
         "gpus": gpus,
+        "gpu_rows": gpu_rows(gpus),
         "gpu_source": gpu_doc.get("source"),
         "gpu_note": (
             f"probe found none (source: {gpu_doc.get('source')}); see env_info.txt"
@@ -401,7 +433,7 @@ def nothing_to_do(args) -> tuple[str, int] | None:
         return None
     code = layout.EXIT_STAGE["evidence"]  # a sealed run whose summary cannot be read has no verdict to give
     try:
-        summary = json.loads((found[-1] / layout.SUMMARY_FILE).read_text(encoding="utf-8"))
+        summary = jsonfile.read(found[-1] / layout.SUMMARY_FILE)
         said = (
             f"{summary['verdict']} at {summary['failed_stage']}: {summary['reason']}"
             if summary.get("failed_stage")
@@ -409,7 +441,7 @@ def nothing_to_do(args) -> tuple[str, int] | None:
         )
         if summary["verdict"] in verdict.WORDS:  # its exit code as the verdict gives it (tasks/verdict.py)
             code = verdict.Verdict(summary["verdict"], str(summary.get("failed_stage") or "") or None).exit_code
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (jsonfile.Unreadable, KeyError, TypeError, AttributeError):
         said = f"its {layout.SUMMARY_FILE} is unreadable"
     why = (
         f"{found[-1]} is already sealed: {text.one_line(said)} (exit {code}); nothing changed. A new run: nox -s m40 "

@@ -29,7 +29,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from tasks import burn_rules, config, evidence, layout, records, runs, text, validate, verdict
+from tasks import burn_rules, config, evidence, jsonfile, layout, records, runs, text, validate, verdict
 from tasks.config import ConfigError
 from tasks.records import now_iso
 
@@ -188,18 +188,15 @@ def check_seal(run_dir: Path) -> tuple[str | None, str]:
 # --------------------------------------------------------------------------- one node
 
 
-JSON_MAX_BYTES = 16 << 20  # a stage record or summary is kilobytes; anything this big is not one
-
-
 def read_json(path: Path) -> dict | None:
-    """A JSON object from a regular file of sane size; None for anything else (never a hang or a crash)."""
-    try:
-        if path.is_symlink() or not path.is_file() or path.stat().st_size > JSON_MAX_BYTES:
-            return None
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+    """A JSON object from a regular file that is no link, as jsonfile reads one; None for anything else (never a
+    hang or a crash)."""
+    if path.is_symlink():
         return None
-    return data if isinstance(data, dict) else None
+    try:
+        return jsonfile.read(path)
+    except jsonfile.Unreadable:
+        return None
 
 
 def stage_figures(run_dir: Path, summary: dict, stage: str) -> dict:

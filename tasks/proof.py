@@ -6,11 +6,10 @@ on the GPU or judges anything (tasks/verdict.py judges). Never imports torch.
 
 from __future__ import annotations
 
-import json
 import subprocess
 from pathlib import Path
 
-from tasks import layout
+from tasks import jsonfile, layout
 from tasks.records import StageRecord
 
 # What to do after a FAIL at each stage: where to look, and how to go on (the reason says the cause).
@@ -106,10 +105,10 @@ def training_rows(recs: dict[str, StageRecord]) -> list[tuple[str, str]]:
 def checker_versions(run_dir: Path) -> dict:
     """The versions the checker read inside .venv-gpu (cuda_check.json "versions"), or {}."""
     try:
-        data = json.loads((run_dir / layout.CUDA_CHECK_JSON).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        data = jsonfile.read(run_dir / layout.CUDA_CHECK_JSON)
+    except jsonfile.Unreadable:
         return {}
-    versions = data.get("versions") if isinstance(data, dict) else None
+    versions = data.get("versions")
     return versions if isinstance(versions, dict) else {}
 
 

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from tasks import layout, redact, text
+from tasks import jsonfile, layout, redact, text
 
 SCHEMA = 1
 
@@ -144,21 +144,17 @@ def read(run_dir: Path, stage: str) -> StageRecord | None:
     if not path.exists() and not path.is_symlink():
         return None
     try:
-        return _parse(path.read_text(encoding="utf-8"), stage)
-    except (OSError, ValueError, TypeError, RecursionError) as e:  # a damaged or hand-made record: FAIL, no crash
-        why = e.strerror if isinstance(e, OSError) else e
+        return _parse(jsonfile.read(path), stage)
+    except (ValueError, TypeError) as e:  # a damaged or hand-made record (jsonfile.Unreadable too): FAIL, no crash
         return StageRecord(
             stage,
             StageStatus.FAIL,
-            f"{layout.STAGES_DIR}/{path.name} is not a valid stage record ({why}); "
+            f"{layout.STAGES_DIR}/{path.name} is not a valid stage record ({e}); "
             f"run `nox -s {stage}` again, or start a new run",
         )
 
 
-def _parse(text_: str, stage: str) -> StageRecord:
-    data = json.loads(text_)
-    if not isinstance(data, dict):
-        raise ValueError("not a JSON object")
+def _parse(data: dict, stage: str) -> StageRecord:
     rec = StageRecord(**{k: data[k] for k in StageRecord.__dataclass_fields__ if k in data})
     if rec.stage != stage:
         raise ValueError(f"it names stage {rec.stage!r}")

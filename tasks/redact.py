@@ -10,7 +10,8 @@ secret, password, credential, sig, auth).
 
 `credential_free` removes the same two credentials from one URL instead of hiding them: the form in which
 install compares where a file came from with where it should come from (pip drops the user part of the
-URLs it records). It splits the URL as pip does (urlsplit), so the host it keeps is the real one.
+URLs it records). It splits the URL as pip records it (urlsplit); a URL whose host part holds a backslash,
+which urlsplit and pip's downloader (urllib3, like browsers) split at different places, is left as it was.
 """
 
 from __future__ import annotations
@@ -59,12 +60,17 @@ def is_secret_param(name: str) -> bool:
 
 
 def credential_free(url: str) -> str:
-    """`url` without its user part and its secret query parameters (removed, not replaced), split as pip splits
-    it: `https://alice:pw@host/simple?token=t&page=2` -> `https://host/simple?page=2`. For comparing URLs only:
-    one urlsplit cannot read (`http://[::1`) comes back as it was, and so matches no well-formed one."""
+    """`url` without its user part and its secret query parameters (removed, not replaced), split by urlsplit:
+    `https://alice:pw@host/simple?token=t&page=2` -> `https://host/simple?page=2`. For comparing URLs only: one
+    whose host it cannot name for certain comes back as it was, credentials and all, and so matches no URL that
+    names its host plainly (a file from there is refused). That is one urlsplit cannot read (`http://[::1`), and
+    one with a backslash in its host part: `https://u:p@evil.net\\@pypi.org/simple/` is pypi.org to urlsplit
+    but evil.net to urllib3 (pip's downloader) and to browsers, which end the host at the backslash."""
     try:
         parts = urlsplit(url)
     except ValueError:
+        return url
+    if "\\" in parts.netloc:
         return url
     netloc = parts.netloc.rsplit("@", 1)[-1]
     query = "&".join(p for p in parts.query.split("&") if p and not is_secret_param(p.split("=", 1)[0]))

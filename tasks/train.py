@@ -15,7 +15,6 @@ records the job's id, its node rank and the world size. This module never import
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from tasks import config, identity, layout, multinode, proc, records, validate
+from tasks import config, identity, jsonfile, layout, multinode, proc, records, validate
 from tasks.records import FileSays, Outcome, StageStatus
 
 DESCRIPTION = (
@@ -380,12 +379,11 @@ def outcome(run_dir: Path, rc: int, nproc: int, args, job: multinode.Job | None)
 
 
 def read_result(run_dir: Path) -> dict | None:
-    """train_result.json, or None where train.py left none (or not a JSON object)."""
+    """train_result.json, or None where train.py left none (or one jsonfile cannot read: not a JSON object)."""
     try:
-        result = json.loads((run_dir / layout.TRAIN_RESULT).read_text())
-    except (OSError, ValueError, RecursionError):
+        return jsonfile.read(run_dir / layout.TRAIN_RESULT)
+    except jsonfile.Unreadable:
         return None
-    return result if isinstance(result, dict) else None
 
 
 def file_says(result: dict) -> FileSays:

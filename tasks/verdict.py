@@ -7,9 +7,10 @@ the judgement has a table test:
     FAIL / INTERRUPTED  a stage failed, was interrupted, did not finish (its record still says
                         "running"), was skipped or left no record; a passing stage's own file
                         (layout.STAGE_EVIDENCE: gpus.json, cuda_check.json, train_result.json) is
-                        missing, not a JSON object, does not say pass, or holds a figure other than
-                        the one the record took from it; or install, cuda_check and train ran
-                        different torches (torch_identity differs)
+                        missing, cannot be read as a JSON object (tasks/jsonfile.py: too large, nested
+                        too deep), does not say pass, or holds a figure other than the one the record
+                        took from it (any error reading or comparing it is a FAIL, never a crash); or
+                        install, cuda_check and train ran different torches (torch_identity differs)
     PARTIAL             every stage passed, but not the whole claim: a check changed from its
                         default (configs/verdict.yaml; train's thresholds vs the default training
                         config; steps outside 10-50), training on the CPU, fewer training processes
@@ -40,7 +41,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tasks import config, cuda_check, layout, probe, text, train
+from tasks import config, cuda_check, jsonfile, layout, probe, text, train
 from tasks.records import StageRecord, StageStatus, without_credentials
 
 WORK_STAGES = layout.WORK_STAGES
@@ -50,6 +51,7 @@ WORDS = (PASS, PARTIAL, FAIL, INTERRUPTED)
 # Each stage's own reading of its own file (layout.STAGE_EVIDENCE): whether it says pass, and the figures the
 # stage's record takes from it. The stage built its record with the same function, so a genuine run agrees.
 FILE_READERS = {"probe": probe.file_says, "cuda_check": cuda_check.file_says, "train": train.file_says}
+OwnFile = str | jsonfile.Unreadable  # an own file's text, or why it could not be read (evidence.own_files)
 
 
 @dataclass(frozen=True)
@@ -113,9 +115,10 @@ def load_rules(path: Path | None = None) -> Rules:
 # --------------------------------------------------------------------------- the judgement
 
 
-def judge(recs: dict[str, StageRecord], rules: Rules, own: Mapping[str, str]) -> Verdict:
+def judge(recs: dict[str, StageRecord], rules: Rules, own: Mapping[str, OwnFile]) -> Verdict:
     """The verdict of a run from its stage records (evidence's own record is ignored) and the text of each
-    stage's own file (layout.STAGE_EVIDENCE) its folder holds, by file name (evidence.own_files)."""
+    stage's own file (layout.STAGE_EVIDENCE) its folder holds, by file name, or why it could not be read
+    (evidence.own_files)."""
     failed = stage_failure(recs) or own_file_failure(recs, own)
     harmless, deviations = judge_overrides(recs, rules)
     deviations += coverage_deviations(recs) + host_deviations(recs) + unjudged_checks(recs) + identity_gaps(recs)
@@ -152,7 +155,7 @@ def stage_failure(recs: dict[str, StageRecord]) -> tuple[str, str, str] | None:
     return None
 
 
-def own_file_failure(recs: dict[str, StageRecord], own: Mapping[str, str]) -> tuple[str, str, str] | None:
+def own_file_failure(recs: dict[str, StageRecord], own: Mapping[str, OwnFile]) -> tuple[str, str, str] | None:
     """FAIL at the first passing stage whose own file is missing or says otherwise than its record."""
     for name, file in layout.STAGE_EVIDENCE.items():
         rec = recs.get(name)
@@ -163,25 +166,32 @@ def own_file_failure(recs: dict[str, StageRecord], own: Mapping[str, str]) -> tu
     return None
 
 
-def own_file_disagreement(rec: StageRecord, file: str, content: str | None) -> str:
-    """Why the stage's own file (its text, None where missing) does not bear out its passing record; "" if it does:
-    the file says pass as the stage reads it (FILE_READERS), with every figure the record holds from it."""
-    says = f"{layout.STAGES_DIR}/{rec.stage}.json says"
+def own_file_disagreement(rec: StageRecord, file: str, content: OwnFile | None) -> str:
+    """Why the stage's own file (its text, why it could not be read, None where missing) does not bear out its
+    passing record; "" if it does: the file says pass as the stage reads it (FILE_READERS), with every figure the
+    record holds from it. Any error reading or comparing it is that reason too: never a crash, never a pass."""
+    says = f"{layout.STAGES_DIR}/{rec.stage}.json says pass but"
     if content is None:
-        return f"{says} pass but {rec.stage}'s file {file} is missing"
+        return f"{says} {rec.stage}'s file {file} is missing"
     try:
-        doc = json.loads(content)
-    except (ValueError, RecursionError) as e:
-        return f"{says} pass but {file} is not JSON ({shown(str(e))})"
-    if not isinstance(doc, dict):
-        return f"{says} pass but {file} is not a JSON object"
-    try:
-        said = FILE_READERS[rec.stage](doc)
-    except (AttributeError, TypeError, ValueError, KeyError) as e:  # a file the stage itself never writes
-        return f"{says} pass but {file} is not what {rec.stage} writes ({type(e).__name__}: {shown(str(e))})"
+        said = FILE_READERS[rec.stage](own_document(content))
+    except jsonfile.Unreadable as e:
+        return f"{says} {file} is {e}"
+    except Exception as e:  # RecursionError, MemoryError, a file the stage itself never writes
+        return f"{says} {file} is not what {rec.stage} writes ({type(e).__name__}: {shown(str(e))})"
     if said.failure:
-        return f"{says} pass but {file} says {shown(said.failure)}"
-    return figure_disagreement(rec, file, said.figures)
+        return f"{says} {file} says {shown(said.failure)}"
+    try:
+        return figure_disagreement(rec, file, said.figures)
+    except Exception as e:  # a figure too big or too deep to compare: no pass on its word
+        return f"{says} {file} cannot be compared with it ({type(e).__name__}: {shown(str(e))})"
+
+
+def own_document(content: OwnFile) -> dict:
+    """The JSON object of an own file's text; jsonfile.Unreadable where it has none or could not be read."""
+    if isinstance(content, jsonfile.Unreadable):
+        raise content
+    return jsonfile.parse(content)
 
 
 def figure_disagreement(rec: StageRecord, file: str, said: dict) -> str:

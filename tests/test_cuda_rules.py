@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -524,3 +525,15 @@ def test_every_per_gpu_check_not_run_is_named_in_the_stage_reason_grouped_by_why
     eight.append(_check(SKIP, 3, "compile", "no triton"))
     assert cuda_rules.stage_reason(eight) == "gpu0-7 health.ecc SKIP: ECC is off; gpu3 compile SKIP: no triton"
     assert cuda_rules.gpu_span([0, 2, 5]) == "gpu0,2,5" and cuda_rules.gpu_span([1, 2]) == "gpu1,2"
+
+
+def test_a_span_of_gpus_is_found_by_arithmetic_not_by_listing_every_index_between():
+    assert cuda_rules.gpu_span([3, 4, 5, 6]) == "gpu3-6" and cuda_rules.gpu_span([2, 0, 1, 1]) == "gpu0-2"
+    assert cuda_rules.gpu_span([0, 1, 127]) == "gpu0,1,127"
+
+
+@pytest.mark.parametrize("gpu", [10**12, 128, -1, True, "3", 1.5, None], ids=repr)
+def test_a_span_of_what_is_no_gpu_index_is_a_value_error_naming_it(gpu):
+    with pytest.raises(ValueError, match=r"^gpu .*, not a GPU index \(a whole number from 0 to 127\)$") as e:
+        cuda_rules.gpu_span([0, 1, gpu])
+    assert json.dumps(gpu) in str(e.value)

@@ -538,3 +538,83 @@ def test_an_interrupted_run_starts_no_collect_env_and_is_sealed_at_once(tmp_path
     evidence.write_collect_env(run_dir, records.read_all(run_dir))
     assert time.monotonic() - started < 5
     assert (run_dir / layout.COLLECT_ENV).read_text().startswith("not run: the run was interrupted")
+
+
+# --------------------------------------------------------------------------- a hostile or corrupted own file
+
+
+def nested(document: dict, depth: int) -> str:
+    """`document` as JSON with the string "DEEP" in it replaced by lists nested `depth` deep."""
+    return json.dumps(document).replace('"DEEP"', "[" * depth + "]" * depth)
+
+
+def deep_own_file(stage: str, depth: int) -> str:
+    """The stage's own file as it passed, with a value the stage and the README read nested `depth` deep."""
+    doc = own_file(stage)
+    if stage == "train":
+        doc["figures"] = {**doc["figures"], "thresholds": "DEEP"}
+    elif stage == "cuda_check":
+        doc["versions"] = {**doc["versions"], "torch": "DEEP"}
+    else:
+        doc["gpus"] = [{**GPU, "name": "DEEP"}]
+    return nested(doc, depth)
+
+
+def assert_rendered_fail(run_dir, rec, stage: str, says: str) -> None:
+    """evidence wrote the README, summary.json and the seal; the verdict is FAIL at `stage` in one line."""
+    assert rec.status == StageStatus.PASS, rec.reason
+    assert evidence.exit_code_of(rec, run_dir) == layout.EXIT_STAGE[stage]
+    summary = json.loads((run_dir / layout.SUMMARY_FILE).read_text())
+    assert (summary["verdict"], summary["failed_stage"]) == ("FAIL", stage)
+    assert summary["reason"].startswith(says) and "\n" not in summary["reason"], summary["reason"]
+    assert (run_dir / layout.README_FILE).read_text().splitlines()[0] == "# M40 run `m40_v1`: FAIL"
+    assert runs.is_sealed(run_dir)
+
+
+@pytest.mark.parametrize("depth", [450, 900, 990])
+@pytest.mark.parametrize("stage", ["probe", "cuda_check", "train"])
+def test_an_own_file_nested_too_deep_is_a_fail_at_its_stage_and_the_run_is_still_rendered(tmp_path, stage, depth):
+    run_dir = make_run(tmp_path, ALL_PASS)
+    file = layout.STAGE_EVIDENCE[stage]
+    (run_dir / file).write_text(deep_own_file(stage, depth))
+    rec = render(run_dir)
+    assert_rendered_fail(run_dir, rec, stage, f"stages/{stage}.json says pass but {file} is nested too deep to read")
+
+
+def test_an_own_file_too_large_to_be_the_tools_is_a_fail_naming_its_size(tmp_path):
+    """train_result.json padded past the cap every reader of a run's JSON keeps (16 MiB: a real one is kilobytes)."""
+    run_dir = make_run(tmp_path, ALL_PASS)
+    body = json.dumps(own_file("train"))
+    (run_dir / layout.TRAIN_RESULT).write_text(body[:-1] + " " * (16 << 20) + "}")
+    size = (run_dir / layout.TRAIN_RESULT).stat().st_size
+    rec = render(run_dir)
+    says = f"stages/train.json says pass but train_result.json is too large to be this tool's: {size} bytes"
+    assert_rendered_fail(run_dir, rec, "train", says)
+
+
+def test_a_check_on_a_gpu_index_no_machine_has_is_a_fail_not_a_memory_error(tmp_path):
+    """A per-GPU SKIP on GPUs 0, 1 and 10**12 (gpu_span once built the list of every index between)."""
+    run_dir = make_run(tmp_path, ALL_PASS)
+    doc = own_file("cuda_check")
+    doc["checks"] = [{"name": "health", "gpu": g, "status": "SKIP", "data": {}} for g in (0, 1, 10**12)]
+    (run_dir / layout.CUDA_CHECK_JSON).write_text(json.dumps(doc))
+    rec = render(run_dir)
+    says = "stages/cuda_check.json says pass but cuda_check.json is not what cuda_check writes (ValueError: check "
+    assert_rendered_fail(run_dir, rec, "cuda_check", says + "health names gpu 1000000000000, not a GPU index")
+
+
+@pytest.mark.parametrize(
+    "gpus",
+    [[{}], [5], 5, "H100", [{**GPU, "clock_event_reasons": 5}], [{**GPU, "index": {"a": [1]}}]],
+    ids=["an empty entry", "a number", "no list", "a string", "reasons not a list", "an index that is an object"],
+)
+def test_a_gpu_list_not_as_probe_writes_it_still_renders_the_run(tmp_path, gpus):
+    """The README's GPU table is gpus.json's: an entry with fields missing or of another type is shown as it
+    is (N/A where missing), never a template error that leaves the run without a verdict."""
+    run_dir = make_run(tmp_path, ALL_PASS)
+    (run_dir / layout.GPUS_JSON).write_text(json.dumps({**own_file("probe"), "gpus": gpus}))
+    rec = render(run_dir)
+    assert rec.status == StageStatus.PASS, rec.reason
+    summary = json.loads((run_dir / layout.SUMMARY_FILE).read_text())
+    assert summary["verdict"] in ("PASS", "FAIL", "PARTIAL") and runs.is_sealed(run_dir)
+    assert (run_dir / layout.README_FILE).read_text().startswith("# M40 run `m40_v1`: ")

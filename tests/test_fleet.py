@@ -520,3 +520,34 @@ def test_a_node_that_ran_m40_three_times_is_one_node_in_the_median(tmp_path):
     assert code == layout.EXIT_FLEET_OUTLIER
     assert {run for run, figure in flagged if figure == "bf16_tflops"} == {f"{x}/slow/m40_v1" for x in "abc"}
     assert {o["nodes"] for o in doc["outliers"] if o["figure"] == "bf16_tflops"} == {3}  # hosts, not folders
+
+
+def seal_with(run_dir, file: str, body: str) -> None:
+    """The node's own `file` replaced by `body` (a corrupted disk, a hostile copy), then sealed by evidence."""
+    (run_dir / file).write_text(body)
+    with runs.locked(run_dir):
+        assert stage.execute("evidence", run_dir, argparse.Namespace()).ok
+
+
+@pytest.mark.parametrize("depth", [450, 900])
+def test_a_node_whose_own_files_are_hostile_is_a_fail_row_not_unreadable(tmp_path, depth):
+    """Files nested deep or naming a GPU index no machine has: evidence renders FAIL at the stage, and fleet
+    reads the sealed run as any FAIL (it judges the records again beside the same files)."""
+    deep = "[" * depth + "]" * depth
+    trained = {"status": "pass", "exit_code": 0, "figures": {"thresholds": "DEEP"}}
+    checker = checker_result(8, 700.0, 2.9)
+    checker["checks"] += [{"name": "health", "gpu": g, "status": "SKIP", "data": {}} for g in (0, 1, 10**12)]
+    gpu_doc = {"schema": 1, "source": "DEEP", "gate": {"passed": True, "line": "ok"}, "gpus": [{}] * 8}
+    for host, file, doc in (
+        ("train", layout.TRAIN_RESULT, trained),
+        ("probe", layout.GPUS_JSON, gpu_doc),
+        ("cuda_check", layout.CUDA_CHECK_JSON, checker),
+    ):
+        seal_with(make_node(tmp_path / "r", host, seal=False), file, json.dumps(doc).replace('"DEEP"', deep))
+    make_node(tmp_path / "r", "fine")
+    code, doc, _, _ = report(tmp_path, tmp_path / "r")
+    rows = {r["host"]: r for r in doc["rows"]}
+    assert rows["fine"]["verdict"] == "PASS" and code == layout.EXIT_FLEET_NOT_PASS
+    for host in ("train", "probe", "cuda_check"):
+        assert (rows[host]["verdict"], rows[host]["failed_stage"]) == ("FAIL", host), rows[host]["reason"]
+        assert rows[host]["reason"].startswith(f"stages/{host}.json says pass but "), rows[host]["reason"]

@@ -120,3 +120,29 @@ def test_a_url_without_its_credentials_is_what_pip_records_and_keeps_its_real_ho
     assert free("file:///data/wheels/") == "file:///data/wheels/" and free("") == ""
     assert free("https://evil.net?@pypi.example.com/simple/x.whl").startswith("https://evil.net")  # its real host
     assert redact.is_secret_param("X-Amz-Signature") and not redact.is_secret_param("page")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://user:pw@pypi.example.com\\@evil.net/simple/",  # urlsplit: host evil.net; WHATWG: pypi.example.com
+        "https://evil.net\\@pypi.example.com/simple/x.whl",  # urlsplit: pypi.example.com; urllib3: evil.net
+        "https://pypi.example.com\\simple/",
+    ],
+)
+def test_a_url_with_a_backslash_in_its_host_part_is_not_made_credential_free(url):
+    """Browsers and urllib3 end the host at a backslash, urlsplit does not: which host such a URL names depends
+    on who reads it. It comes back as it was, so it matches no URL that names its host plainly."""
+    assert redact.credential_free(url) == url
+
+
+def test_an_index_url_with_a_backslash_in_its_host_part_allows_no_file():
+    """pip's requests (urllib3) would fetch from evil.net; urlsplit alone would allow pypi.example.com's files."""
+    from tasks import installers
+
+    ambiguous = installers.index_source("https://u:p@evil.net\\@pypi.example.com/simple/")
+    assert not ambiguous.allows("https://pypi.example.com/simple/x-1.0-py3-none-any.whl")
+    assert not ambiguous.allows("https://evil.net/simple/x-1.0-py3-none-any.whl")
+    plain = installers.index_source("https://pypi.example.com/simple/")
+    assert not plain.allows("https://evil.net\\@pypi.example.com/simple/x-1.0-py3-none-any.whl")
+    assert plain.allows("https://pypi.example.com/simple/x-1.0-py3-none-any.whl")

@@ -330,7 +330,7 @@ def test_every_figure_that_differs_is_counted_and_the_first_named():
         ("{not json", "stages/train.json says pass but train_result.json is not JSON ("),
         ("", "stages/train.json says pass but train_result.json is not JSON ("),
         ("[1, 2]", "stages/train.json says pass but train_result.json is not a JSON object"),
-        ("[" * 100_000 + "]" * 100_000, "stages/train.json says pass but train_result.json is not JSON ("),
+        ("[" * 100_000 + "]" * 100_000, "stages/train.json says pass but train_result.json is nested too deep to read"),
     ],
 )
 def test_a_passing_stage_whose_own_file_is_not_a_json_object_fails_there(body, says):
@@ -490,3 +490,68 @@ def test_the_configs_a_verdict_rests_on_exist_and_cover_the_training_configs():
     assert layout.TRAIN_CONFIG.relative_to(layout.ROOT).as_posix() in RULES.training_configs
     for rel in RULES.judged_configs:
         assert (layout.ROOT / rel).is_file(), rel
+
+
+# --------------------------------------------------------------------------- a hostile or corrupted own file
+
+
+def nested(document: dict, depth: int) -> str:
+    """`document` as JSON with the string "DEEP" in it replaced by lists nested `depth` deep."""
+    return json.dumps(document).replace('"DEEP"', "[" * depth + "]" * depth)
+
+
+# Each stage's own file as it would say pass, with a value its stage reads nested deep ("DEEP").
+DEEP_FILES = {
+    "probe": {"schema": 1, "source": "DEEP", "gate": {"passed": True, "line": "driver ok"}, "gpus": [{}] * 8},
+    "cuda_check": {"exit_code": 0, "gpus_checked": 8, "torch_identity": "DEEP"},
+    "train": {"status": "pass", "exit_code": 0, "figures": {"thresholds": "DEEP", "device": "cuda"}},
+}
+
+
+@pytest.mark.parametrize("depth", [450, 900, 990])
+@pytest.mark.parametrize("stage", sorted(DEEP_FILES))
+def test_an_own_file_nested_too_deep_is_a_fail_at_its_stage_never_a_crash(stage, depth):
+    file = layout.STAGE_EVIDENCE[stage]
+    got = judged(run(), {file: nested(DEEP_FILES[stage], depth)})
+    assert (got.word, got.stage) == ("FAIL", stage)
+    assert got.reason.startswith(f"stages/{stage}.json says pass but {file} is nested too deep to read"), got.reason
+    assert "\n" not in got.reason
+
+
+@pytest.mark.parametrize("error", [MemoryError, RecursionError, ZeroDivisionError])
+def test_any_error_of_a_stages_reading_of_its_file_is_a_fail_there(monkeypatch, error):
+    def broken(document):
+        raise error("broke")
+
+    monkeypatch.setitem(verdict.FILE_READERS, "train", broken)
+    got = judged(run())
+    assert (got.word, got.stage) == ("FAIL", "train")
+    assert (
+        got.reason
+        == f"stages/train.json says pass but train_result.json is not what train writes ({error.__name__}: broke)"
+    )
+
+
+def test_any_error_comparing_the_file_with_the_record_is_a_fail_there(monkeypatch):
+    def broken(recorded, said):
+        raise RecursionError("maximum recursion depth exceeded")
+
+    monkeypatch.setattr(verdict, "differing_figures", broken)
+    got = judged(run())
+    assert (got.word, got.stage) == ("FAIL", "probe")
+    assert got.reason == (
+        "stages/probe.json says pass but gpus.json cannot be compared with it "
+        "(RecursionError: maximum recursion depth exceeded)"
+    )
+
+
+@pytest.mark.parametrize("gpu", [10**12, 128, -1, True, "3", 1.5, [0]], ids=repr)
+def test_a_check_on_a_gpu_that_is_no_gpu_index_is_a_fail_naming_it(gpu):
+    """A per-GPU SKIP the checker could not judge, on GPUs 0, 1 and `gpu`: a GPU index is a whole number that
+    torch can hold (0-127); anything else is not what the checker writes."""
+    checks = [{"name": "health", "gpu": g, "status": "SKIP", "data": {}} for g in (0, 1, gpu)]
+    doc = {"exit_code": 0, "gpus_checked": 8, "torch_identity": TORCH, "checks": checks}
+    got = judged(run(), {layout.CUDA_CHECK_JSON: json.dumps(doc)})
+    assert (got.word, got.stage) == ("FAIL", "cuda_check")
+    assert got.reason.startswith("stages/cuda_check.json says pass but cuda_check.json is not what cuda_check writes")
+    assert f"check health names gpu {json.dumps(gpu)}, not a GPU index" in got.reason, got.reason
