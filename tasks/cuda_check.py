@@ -244,7 +244,7 @@ def outcome_from(
     return Outcome(StageStatus.FAIL, reason, figures, files)
 
 
-def checks_of(result: dict) -> list[dict]:
+def checks_of(result: dict) -> list:
     """cuda_check.json's checks; ValueError naming a check whose `gpu` is neither None (a check across GPUs) nor
     a GPU index (cuda_rules.gpu_index_problem), which the checker never writes."""
     checks = result.get("checks", [])

@@ -265,7 +265,7 @@ def environment() -> jinja2.Environment:
 def context(run_dir: Path, recs: dict[str, StageRecord], files: list[str], placeholders: dict[str, str]) -> dict:
     judged = verdict.judge(recs, verdict.load_rules(), own_files(run_dir))
     gpu_doc = read_gpus(run_dir)
-    gpus = gpu_doc.get("gpus") if isinstance(gpu_doc.get("gpus"), list) else []
+    gpus: list = gpu_doc["gpus"] if isinstance(gpu_doc.get("gpus"), list) else []
     return {
         "run": run_dir.name,
         "generated": now_iso(),
