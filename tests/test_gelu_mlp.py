@@ -19,7 +19,7 @@ from training_pt.configurator import EXIT_CHECK, TrainError
 @pytest.fixture(autouse=True)
 def fresh_state(monkeypatch):
     """Each test starts with nothing checked, no plan made and no shape left to torch."""
-    monkeypatch.setattr(gelu_mlp, "WORKED", {})
+    monkeypatch.setattr(gelu_mlp, "WORKED", set())
     monkeypatch.setattr(gelu_mlp, "LEFT_TO_TORCH", {})
     monkeypatch.setattr(cublaslt, "PLANS", {})
 
@@ -100,7 +100,7 @@ def test_works_falls_back_when_the_epilogue_does_not_run_and_fails_the_run_when_
         False,
         "cuBLASLt's GELU epilogue did not run (LtError: cublasLtMatmul returned cuBLAS status 15)",
     )
-    assert gelu_mlp.WORKED == {}  # a failure is not kept: the next run (a bench row) checks again
+    assert gelu_mlp.WORKED == set()  # a failure is not kept: the next run (a bench row) checks again
     cases = (([1e-3, 0.8, 1e-3], "input gradient", "0.8"), ([float("nan")] * 6, "output", "nan"))
     for errors, name, word in cases:
         monkeypatch.setattr(gelu_mlp, "trial", lambda *a, errors=errors, **k: errors)
