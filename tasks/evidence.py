@@ -37,6 +37,7 @@ summary.json, schema 1:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -49,7 +50,7 @@ from urllib.parse import quote
 
 import jinja2
 
-from tasks import jsonfile, layout, proc, proof, records, runs, text, verdict
+from tasks import jsonfile, layout, probe, proc, proof, records, runs, text, verdict
 from tasks.records import Outcome, StageRecord, StageStatus, now_iso
 
 DESCRIPTION = (
@@ -171,23 +172,8 @@ def read_gpus(run_dir: Path) -> dict:
         return {}
 
 
-# The README's GPU table: its columns, as probe names them in gpus.json (probe.gpus_document).
-GPU_COLUMNS = (
-    "index",
-    "name",
-    "model",
-    "memory_total_mib",
-    "memory_free_mib",
-    "compute_capability",
-    "ecc_current",
-    "ecc_pending",
-    "ecc_uncorrected_volatile",
-    "ecc_uncorrected_aggregate",
-    "persistence_mode",
-    "clock_event_reasons",
-    "pci_bus_id",
-    "uuid",
-)
+# The README's GPU table: its columns, the fields probe writes for each GPU in gpus.json (probe.Gpu).
+GPU_COLUMNS = tuple(f.name for f in dataclasses.fields(probe.Gpu))
 
 
 def gpu_rows(gpus: list) -> list[dict]:
