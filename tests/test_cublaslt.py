@@ -186,3 +186,12 @@ def test_the_library_is_the_one_the_process_loaded(tmp_path):
     lt = "/venv/lib/python3.11/site-packages/nvidia/cu13/lib/libcublasLt.so.13"
     maps.write_text(f"7f00-7f01 r-xp 00000000 08:01 1 {lt}\n")
     assert cublaslt.library_path(str(maps)) == lt
+
+
+def test_an_operand_packed_neither_way_is_copied_and_one_packed_either_way_is_not():
+    t = torch.zeros(16, 40)
+    view = t.t()
+    assert cublaslt.packed(t) is t and cublaslt.packed(view) is view
+    strided = t[::2, ::2]
+    assert cublaslt.packing(cublaslt.packed(strided)) == (False, 20)
+    assert not cublaslt.finite(cublaslt.Call((), t.fill_(float("-inf")), t, None))
