@@ -127,7 +127,8 @@ def test_table_shows_failed_rows_and_ratios():
     ]
     text = bench.table(rows, 160_000.0)
     assert (
-        "| hf-default | off | flash_attention | HF's (fp32 logits) | float32 | plain | torch | 16 x 1024 | 160,000 | 13.8% | "
+        "| hf-default | off | flash_attention | HF's (fp32 logits) | float32 | plain | torch | 16 x 1024 | 160,000 | "
+        "13.8% | "
         "102.4 (101.0-110.2) | 1650 (sw_power_cap 97%) | 20 steps, 2.0 s | "
         "3.0 | 20.5 | 1.00x | "
         "10.99 -> 8.10 |"

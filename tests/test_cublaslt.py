@@ -150,7 +150,16 @@ def test_an_operand_is_described_by_its_packing():
         cublaslt.packing(t[::2, ::2])
     x, g = torch.empty(512, 48), torch.empty(512, 96)  # the weight gradient x.t() @ g
     assert cublaslt.gemm_of(x.t(), g, True, cublaslt.DEFAULT) == cublaslt.Gemm(
-        None, 48, 96, 512, True, 48, False, 96, True, cublaslt.DEFAULT  # (the CPU's index)
+        None,
+        48,
+        96,
+        512,
+        True,
+        48,
+        False,
+        96,
+        True,
+        cublaslt.DEFAULT,  # (the CPU's index)
     )
 
 

@@ -623,12 +623,15 @@ def test_the_mlp_and_gemm_figures_and_log_name_a_shape_left_to_torch_mid_run(mon
     T.note_paths(run, Lm())
     assert lines == [] and run.figures == {"mlp": "fused (cuBLASLt GELU epilogue)", "gemm": tuned}
     gelu_mlp.LEFT_TO_TORCH["32768 x 3072 x 768"] = "LtError: cublasLtMatmul returned cuBLAS status 13"
-    tuned_gemm.LEFT_TO_TORCH["65536 x 768 x 50304"] = "LtError: no cuBLASLt DEFAULT algorithm at 65536 x 768 x 50304 ran"
+    tuned_gemm.LEFT_TO_TORCH["65536 x 768 x 50304"] = (
+        "LtError: no cuBLASLt DEFAULT algorithm at 65536 x 768 x 50304 ran"
+    )
     T.note_paths(run, Lm())
     want = (
         "fused (cuBLASLt GELU epilogue); torch's kernels at 32768 x 3072 x 768 "
         "(LtError: cublasLtMatmul returned cuBLAS status 13)"
     )
-    want_gemm = f"{tuned}; torch's kernels at 65536 x 768 x 50304 (LtError: no cuBLASLt DEFAULT algorithm at 65536 x 768 x 50304 ran)"
+    left = "LtError: no cuBLASLt DEFAULT algorithm at 65536 x 768 x 50304 ran"
+    want_gemm = f"{tuned}; torch's kernels at 65536 x 768 x 50304 ({left})"
     assert lines == [f"train.mlp: {want}", f"train.gemm: {want_gemm}"]
     assert run.figures == {"mlp": want, "gemm": want_gemm}

@@ -193,6 +193,7 @@ class Plan:
         )  # the heuristic looks at the pointers' alignment: those run() passes are ALIGN-aligned
         self.candidates = self.heuristic()
         self.times: list[float] = []  # ms per candidate, fastest first, once tuned
+        self.first_ms = 0.0
 
     def heuristic(self) -> list[Heuristic]:
         so, pref = self.so, ctypes.c_void_p()
@@ -246,6 +247,7 @@ class Plan:
             error = disagreement(call, self.gemm.epilogue) if held else 0.0
             ran.append((algo, error, self.time(call, algo, reps) if error < TOLERANCE else 0.0))
         self.candidates, self.times = ranked(ran, self.gemm.what())
+        self.first_ms = ran[0][2]  # the heuristic's first pick (torch's), for the record
 
     def time(self, call: Call, algo: Heuristic, reps: int) -> float:
         stream = torch.cuda.current_stream(call.a.device)
@@ -331,6 +333,16 @@ def row_error(got: list, want: tuple) -> float:
 
 
 PLANS: dict[Gemm, Plan] = {}  # each GEMM's plan, made on first use
+
+
+def tuned_times() -> list[str]:
+    """Each tuned plan in words: its shape, the kept algorithm's time and the heuristic's first pick's."""
+    return [
+        f"{p.gemm.what().removeprefix('cuBLASLt ').replace(' algorithms at ', ' ')}: "
+        f"{p.times[0]:.3f} ms (first pick {p.first_ms:.3f})"
+        for p in PLANS.values()
+        if p.times
+    ]
 
 
 def gemm_of(a: torch.Tensor, b: torch.Tensor, out32: bool, epilogue: int) -> Gemm:

@@ -229,3 +229,8 @@ def path(model) -> str:
         return "torch"
     left = "; ".join(f"torch's kernels at {shape} ({why})" for shape, why in LEFT_TO_TORCH.items())
     return "tuned (cuBLASLt, each shape's fastest algorithm)" + (f"; {left}" if left else "")
+
+
+def timings() -> str:
+    """One line: each GEMM tuned in this process, the fastest algorithm's ms against the heuristic's first pick's."""
+    return "; ".join(cublaslt.tuned_times())
