@@ -92,7 +92,7 @@ class FakePlan(cublaslt.Plan):
     """A Plan without the library: each candidate is a function that fills the outputs, or raises LtError."""
 
     def __init__(self, candidates, epilogue=GELU):
-        self.candidates, self.times, self.shape = candidates, [], "64 x 128 x 32"
+        self.candidates, self.times, self.first_ms = candidates, [], float("nan")
         self.gemm = cublaslt.Gemm(0, 64, 128, 32, False, 32, False, 128, False, epilogue)
 
     def run(self, call, algo=None):
@@ -121,7 +121,10 @@ def test_tune_drops_an_algorithm_that_errors_and_uses_the_fastest_that_agrees():
     h, pre = torch.empty(64, 128, dtype=torch.bfloat16), torch.empty(64, 128, dtype=torch.bfloat16)
     plan = FakePlan([slow, broken, fast])
     plan(gelu_call((h, pre), x, w, bias))
-    assert plan.candidates == [fast, slow] and plan.times == [0.2, 0.5]
+    assert plan.candidates == [fast, slow] and plan.times == [0.2, 0.5] and plan.first_ms == 0.5
+    late = FakePlan([broken, fast])
+    late(gelu_call((h, pre), x, w, bias))
+    assert math.isnan(late.first_ms)  # the heuristic's first did not run: no figure for it
     assert torch.equal(h, right_answer(x, w, bias)[0])
     wrong = candidate(0.1, lambda x, w, bias: right_answer(x, w, bias * 2))
     with pytest.raises(cublaslt.Disagreed, match="1 of 2 cuBLASLt GELU_AUX_BIAS algorithms at 64 x 128 x 32 disagreed"):
@@ -181,10 +184,12 @@ def test_inputs_cublaslt_cannot_take_are_an_lt_error_before_any_library_call():
             cublaslt.check_inputs(*args)  # dtype, shapes and layout are checked before the device
 
 
-def test_a_bias_with_an_fp32_product_is_refused():
+def test_a_bias_with_an_fp32_product_or_a_wrong_output_is_refused():
     x, w, bias = mlp_inputs()
     with pytest.raises(cublaslt.LtError, match="bias to a bf16 product only"):
         cublaslt.mm(x, w, bias, out32=True)
+    with pytest.raises(cublaslt.LtError, match="take matrices, not 3-D @ 2-D"):
+        cublaslt.mm(x[None], w)
 
 
 def test_the_library_is_the_one_the_process_loaded(tmp_path):
@@ -204,3 +209,24 @@ def test_an_operand_packed_neither_way_is_copied_and_one_packed_either_way_is_no
     strided = t[::2, ::2]
     assert cublaslt.packing(cublaslt.packed(strided)) == (False, 20)
     assert not cublaslt.finite(cublaslt.Call((), t.fill_(float("-inf")), t, None))
+
+
+def test_a_plan_is_tuned_only_on_finite_inputs():
+    x, w, bias = mlp_inputs()
+    h, pre = torch.empty(64, 128, dtype=torch.bfloat16), torch.empty(64, 128, dtype=torch.bfloat16)
+    first, fast = candidate(0.5, right_answer), candidate(0.2, right_answer)
+    plan = FakePlan([first, fast])
+    x[0, 0] = float("nan")
+    plan(gelu_call((h, pre), x, w, bias))  # nothing to hold the candidates to: the first runs, none is kept
+    assert plan.times == [] and plan.candidates == [first, fast]
+    x[0, 0] = 0.0
+    plan(gelu_call((h, pre), x, w, bias))
+    assert plan.candidates == [fast, first] and plan.times == [0.2, 0.5]
+
+
+def test_a_gemm_is_named_by_its_shape_epilogue_transposes_and_product():
+    a, b = torch.zeros(64, 32), torch.zeros(48, 32)
+    assert cublaslt.describe(a, b.t(), None, False) == "64 x 48 x 32 DEFAULT b^T"
+    assert cublaslt.describe(b.t(), a, torch.zeros(32), False) == "32 x 32 x 48 BIAS a^T"
+    assert cublaslt.describe(a, torch.zeros(32, 8), None, True) == "64 x 8 x 32 DEFAULT fp32"
+    assert cublaslt.describe(torch.zeros(3), a, None, False) == "not 2-D DEFAULT"

@@ -50,7 +50,7 @@ def test_gpt2_with_tuned_linears_and_head_is_the_same_model(compiled):
     for block in tuned.base_model.h:
         block.mlp = gelu_mlp.FusedGeluMLP(block.mlp)
     tuned_gemm.swap(tuned.base_model)
-    tuned.m40_tuned_gemm = True
+    tuned.m40_tuned_gemm = set()
     assert [n for n, _ in tuned.named_parameters()] == [n for n, _ in plain.named_parameters()]
     assert isinstance(tuned.base_model.h[0].attn.c_attn, tuned_gemm.TunedLinear)
     assert tuned.base_model.h[0].mlp.tuned and not plain.base_model.h[0].mlp.__dict__.get("tuned")
@@ -70,15 +70,57 @@ def test_gpt2_with_tuned_linears_and_head_is_the_same_model(compiled):
 def test_a_linear_with_its_weight_out_by_in_computes_the_same():
     layer = torch.nn.Linear(16, 24)
     swapped = tuned_gemm.TunedLinear(layer)
+    assert swapped.weight is layer.weight and swapped.bias is layer.bias
     x = torch.randn(3, 5, 16, requires_grad=True)
     want = layer(x)
+    want_grads = torch.autograd.grad(want.square().sum(), (x, layer.weight, layer.bias))
     got = swapped(x)
     assert got.shape == (3, 5, 24) and torch.allclose(got, want, atol=1e-6)
-    (want_x,) = torch.autograd.grad(want.sum(), x)
-    layer.zero_grad()
-    got.sum().backward()
-    assert torch.allclose(x.grad, want_x, atol=1e-6)
+    got_grads = torch.autograd.grad(got.square().sum(), (x, layer.weight, layer.bias))
+    assert [g.shape for g in got_grads] == [(3, 5, 16), (24, 16), (24,)]
+    assert all(torch.allclose(g, w, atol=1e-5) for g, w in zip(got_grads, want_grads, strict=True))
     assert not tuned_gemm.swappable(torch.nn.Linear(4, 4, bias=False))  # TunedLinear computes a bias
+
+
+def test_the_fused_mlps_other_gemms_go_through_the_tuned_op_when_marked(monkeypatch, lt_on_cpu):
+    seen = []
+
+    def recording(a, b, bias=None, out32=False, out=None):
+        seen.append((tuple(a.shape), tuple(b.shape), cublaslt.describe(a, b, bias, out32).split(" ", 5)[-1]))
+        return tuned_gemm.torch_mm(a, b, bias, out32, out)
+
+    monkeypatch.setattr(cublaslt, "mm", recording)
+    from types import SimpleNamespace
+
+    gen = torch.Generator().manual_seed(0)
+    c_fc, c_proj = torch.nn.Linear(8, 32), torch.nn.Linear(32, 8)  # weights as a Conv1D's: in x out
+    c_fc.weight.data, c_proj.weight.data = (
+        torch.randn(8, 32, generator=gen) * 0.1,
+        torch.randn(32, 8, generator=gen) * 0.1,
+    )
+    mlp = gelu_mlp.FusedGeluMLP(SimpleNamespace(c_fc=c_fc, c_proj=c_proj, dropout=torch.nn.Identity()))
+    x = torch.randn(16, 8, generator=gen).bfloat16().requires_grad_()
+    want = mlp(x)
+    want_grads = torch.autograd.grad(want.float().sum(), (x, c_fc.weight, c_proj.weight))
+    assert seen == []  # not marked: torch's own ops
+    mlp.tuned = True
+    got = mlp(x)
+    got_grads = torch.autograd.grad(got.float().sum(), (x, c_fc.weight, c_proj.weight))
+    assert torch.equal(got, want) and all(torch.equal(g, w) for g, w in zip(got_grads, want_grads, strict=True))
+    assert seen == [
+        ((16, 32), (32, 8), "BIAS"),  # c_proj's forward
+        ((16, 8), (8, 32), "DEFAULT b^T"),  # c_proj's input gradient
+        ((16, 32), (32, 8), "DEFAULT b^T"),  # c_fc's input gradient
+        ((8, 16), (16, 32), "DEFAULT a^T"),  # c_fc's weight gradient
+        ((32, 16), (16, 8), "DEFAULT a^T"),  # c_proj's weight gradient
+    ]
+
+
+def test_a_bias_with_an_fp32_product_is_added_by_torchs_path_too(lt_on_cpu):
+    a, b, bias = torch.randn(8, 16).bfloat16(), torch.randn(16, 24).bfloat16(), torch.randn(24)
+    got = tuned_gemm.mm(a, b, bias, out32=True)  # cuBLASLt refuses it (LtError): torch's kernels, with the bias
+    assert got.dtype == torch.float32 and torch.allclose(got, (a @ b).float() + bias)
+    assert "8 x 24 x 16 BIAS fp32" in tuned_gemm.LEFT_TO_TORCH
 
 
 def test_tune_says_why_not_and_leaves_the_model_as_it_was():
@@ -95,7 +137,7 @@ def test_tune_says_why_not_and_leaves_the_model_as_it_was():
 def test_a_cublaslt_error_mid_run_leaves_that_shape_to_torch_and_says_so(monkeypatch, lt_on_cpu):
     calls = []
 
-    def no_algorithm(a, b, bias=None, out32=False):
+    def no_algorithm(a, b, bias=None, out32=False, out=None):
         calls.append(a.shape)
         raise cublaslt.LtError("no cuBLASLt DEFAULT algorithm at 64 x 48 x 32 ran")
 
@@ -103,12 +145,15 @@ def test_a_cublaslt_error_mid_run_leaves_that_shape_to_torch_and_says_so(monkeyp
     a, b = torch.randn(64, 32).bfloat16(), torch.randn(32, 48).bfloat16()
     for _ in range(2):
         assert torch.equal(tuned_gemm.mm(a, b), a @ b)
-    assert len(calls) == 1 and list(tuned_gemm.LEFT_TO_TORCH) == ["64 x 48 x 32"]
+    assert len(calls) == 1 and list(tuned_gemm.LEFT_TO_TORCH) == ["64 x 48 x 32 DEFAULT"]
+    assert torch.equal(tuned_gemm.mm(b.t(), a.t()), b.t() @ a.t()) and len(calls) == 2  # another GEMM: tried
+    assert list(tuned_gemm.LEFT_TO_TORCH)[1] == "48 x 64 x 32 DEFAULT a^T b^T"
     lm = torch.nn.Module()
-    lm.m40_tuned_gemm = True
+    lm.m40_tuned_gemm = set()
     assert tuned_gemm.path(lm) == (
-        "tuned (cuBLASLt, each shape's fastest algorithm); torch's kernels at 64 x 48 x 32 "
-        "(LtError: no cuBLASLt DEFAULT algorithm at 64 x 48 x 32 ran)"
+        "tuned (cuBLASLt, each shape's fastest algorithm); torch's kernels at 64 x 48 x 32 DEFAULT "
+        "(LtError: no cuBLASLt DEFAULT algorithm at 64 x 48 x 32 ran); torch's kernels at 48 x 64 x 32 DEFAULT a^T "
+        "b^T (LtError: no cuBLASLt DEFAULT algorithm at 64 x 48 x 32 ran)"
     )
 
 
@@ -177,9 +222,9 @@ def test_works_falls_back_where_cublaslt_does_not_run_and_fails_the_run_where_it
 def test_the_lm_heads_three_gemms_go_through_the_tuned_op(monkeypatch, lt_on_cpu):
     seen = []
 
-    def recording(a, b, bias=None, out32=False):
+    def recording(a, b, bias=None, out32=False, out=None):
         seen.append((tuple(a.shape), tuple(b.shape), a.stride(0) == 1, out32))
-        return tuned_gemm.torch_mm(a, b, bias, out32)
+        return tuned_gemm.torch_mm(a, b, bias, out32, out)
 
     monkeypatch.setattr(cublaslt, "mm", recording)
     gen = torch.Generator().manual_seed(0)

@@ -204,7 +204,7 @@ def ours_row(cfg: dict, device: torch.device, batches, timing: dict) -> dict:
         out = time_steps(stepper, t["lr"], device=device, **timing)
     mode = f"{t['compile_mode']}, {t['compile_scope']}" if t["compile"] else "off"
     if tuned_gemm.in_use(model):
-        print(f"tuned GEMMs: {tuned_gemm.timings()}", flush=True)
+        print(f"tuned GEMMs: {tuned_gemm.timings(model)}", flush=True)
     return {
         **out,
         "flops_per_token": fpt,

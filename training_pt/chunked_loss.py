@@ -22,7 +22,7 @@ import functools
 
 import torch
 
-from training_pt import ce_kernel, tuned_gemm
+from training_pt import ce_kernel, cublaslt, tuned_gemm
 
 TORCH_CHUNK_LOGITS = 8192 * 50304  # logits per chunk for the torch kernel (8192 GPT-2 tokens): fp32 temporaries
 # of 1.6 GB each; 1609 tokens at Gemma's vocab of 256000
@@ -58,14 +58,11 @@ def accumulate_mm(acc: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, tu
     """acc + a @ b in acc's fp32, with a and b in bf16: on CUDA one GEMM whose epilogue adds acc
     (aten::addmm's out_dtype), the first one tuned where `tuned`; elsewhere the product is rounded to bf16 first,
     as autocast's own backward rounds the weight gradient."""
-    if tuned and acc is None:
-        return tuned_gemm.mm(a, b, out32=True)
+    if acc is None:
+        return tuned_gemm.mm(a, b, out32=True) if tuned else cublaslt.product32(a, b)
     if a.is_cuda and a.dtype != torch.float32:
-        if acc is None:
-            return torch.mm(a, b, out_dtype=torch.float32)
         return torch.addmm(acc, a, b, out_dtype=torch.float32)
-    product = torch.mm(a, b).float()
-    return product if acc is None else acc.add_(product)
+    return acc.add_(torch.mm(a, b).float())
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -77,15 +74,15 @@ class LinearCrossEntropy(torch.autograd.Function):
         mm = tuned_gemm.mm if tuned else torch.mm
         with torch.autocast(device_type=hidden.device.type, enabled=False):
             h, w = hidden.to(dtype), weight.to(dtype)
-            parts, grad_w = [], None
+            grad_h = torch.empty_like(h) if grads else None
+            grad_w = None
             losses = torch.empty(n, dtype=torch.float32, device=hidden.device)
             for start in range(0, n, chunk):
                 rows = slice(start, min(start + chunk, n))
                 losses[rows], g = kernel(mm(h[rows], w.t()), targets[rows], 1.0 / n)
                 if grads:
-                    parts.append(mm(g, w))
+                    mm(g, w, out=grad_h[rows])
                     grad_w = accumulate_mm(grad_w, g.t(), h[rows], tuned)
-        grad_h = (parts[0] if len(parts) == 1 else torch.cat(parts)) if grads else None
         ctx.save_for_backward(grad_h, grad_w)
         ctx.dtypes = hidden.dtype, weight.dtype
         return losses.sum() / n

@@ -155,7 +155,12 @@ class Gemm(NamedTuple):
         return shape_name(self.m, self.n, self.k)
 
     def what(self) -> str:
-        return f"cuBLASLt {EPILOGUE_NAMES[self.epilogue]} algorithms at {self.name()}"
+        return f"cuBLASLt {self.kind()} algorithms at {self.name()}"
+
+    def kind(self) -> str:
+        """The epilogue, and which operands are transposed views, and an fp32 product: "DEFAULT a^T fp32"."""
+        marks = [EPILOGUE_NAMES[self.epilogue], "a^T" if self.a_t else "", "b^T" if self.b_t else ""]
+        return " ".join(m for m in [*marks, "fp32" if self.out32 else ""] if m)
 
 
 class Call(NamedTuple):
@@ -176,7 +181,7 @@ class Plan:
 
     def __init__(self, gemm: Gemm):
         so = lib()
-        self.so, self.gemm, self.handle, self.shape = so, gemm, handle(gemm.device), gemm.name()
+        self.so, self.gemm, self.handle = so, gemm, handle(gemm.device)
         self.desc = ctypes.c_void_p()
         check(so.cublasLtMatmulDescCreate(ctypes.byref(self.desc), COMPUTE_32F, R_32F), "MatmulDescCreate")
         self.set(DESC_TRANSA, ctypes.c_int32(OP_T if gemm.b_t else OP_N))
@@ -193,7 +198,7 @@ class Plan:
         )  # the heuristic looks at the pointers' alignment: those run() passes are ALIGN-aligned
         self.candidates = self.heuristic()
         self.times: list[float] = []  # ms per candidate, fastest first, once tuned
-        self.first_ms = 0.0
+        self.first_ms = float("nan")  # the heuristic's first candidate's ms, where it ran (for the record)
 
     def heuristic(self) -> list[Heuristic]:
         so, pref = self.so, ctypes.c_void_p()
@@ -237,17 +242,16 @@ class Plan:
         """Run every candidate on these very tensors; keep those that ran, each held to torch (disagreement()) and
         timed (CUDA events on this GPU's stream), fastest first: once per plan. LtError where none ran,
         Disagreed where any computed wrong numbers."""
-        held = finite(call)  # not finite: nothing to hold it to (the loss check reports such a run)
         ran = []
-        for algo in self.candidates:
+        for i, algo in enumerate(self.candidates):
             try:
                 self.run(call, algo)  # also the warm-up of the timing
             except LtError:
                 continue
-            error = disagreement(call, self.gemm.epilogue) if held else 0.0
+            error = disagreement(call, self.gemm.epilogue)
             ran.append((algo, error, self.time(call, algo, reps) if error < TOLERANCE else 0.0))
+            self.first_ms = ran[0][2] if i == 0 else self.first_ms
         self.candidates, self.times = ranked(ran, self.gemm.what())
-        self.first_ms = ran[0][2]  # the heuristic's first pick (torch's), for the record
 
     def time(self, call: Call, algo: Heuristic, reps: int) -> float:
         stream = torch.cuda.current_stream(call.a.device)
@@ -260,8 +264,8 @@ class Plan:
         return start.elapsed_time(end) / reps
 
     def __call__(self, call: Call) -> None:
-        if not self.times:
-            self.tune(call)
+        if not self.times and finite(call):  # inputs not finite: nothing to hold it to (the loss check reports
+            self.tune(call)  # such a run); the heuristic's first pick runs, and the next call tunes
         self.run(call)
 
 
@@ -291,17 +295,29 @@ def torch_gemm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, epil
     """What a plan's outputs are held to, computed by torch in a's dtype: (C,), or (gelu(pre), pre) for the GELU;
     C accumulated and kept in fp32 where out32 (on a CPU: its bf16 product in fp32)."""
     if out32 and a.dtype == torch.bfloat16:  # (no bias: mm() takes none with out32)
-        return (torch.mm(a, b, out_dtype=torch.float32) if a.is_cuda else torch.mm(a, b).float(),)
+        return (product32(a, b),)
     c = torch.mm(a, b) if bias is None else torch.addmm(bias, a, b)
     if epilogue == GELU_AUX_BIAS:
         return torch.nn.functional.gelu(c, approximate="tanh"), c
     return (c,)
 
 
+def product32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b of bf16 matrices accumulated and kept in fp32: one GEMM on CUDA (aten::mm's out_dtype); elsewhere the
+    bf16 product in fp32, as autocast's own backward rounds a weight gradient."""
+    on_gpu = a.is_cuda and a.dtype == torch.bfloat16
+    return torch.mm(a, b, out_dtype=torch.float32) if on_gpu else torch.mm(a, b).float()
+
+
 def finite(call: Call) -> bool:
-    """Whether every input is finite: by an fp64 sum (NaN and inf carry through it), so that no mask of a 6.6 GB
-    operand is made."""
-    return all(bool(t.sum(dtype=torch.float64).isfinite()) for t in (call.a, call.b, call.bias) if t is not None)
+    """Whether every input is finite, from its min and max (NaN and inf carry through them): no mask or copy of a
+    6.6 GB operand is made."""
+    for t in (call.a, call.b, call.bias):
+        if t is not None and t.numel():
+            low, high = torch.aminmax(t)
+            if not bool(low.isfinite() & high.isfinite()):
+                return False
+    return True
 
 
 def disagreement(call: Call, epilogue: int) -> float:
@@ -335,21 +351,29 @@ def row_error(got: list, want: tuple) -> float:
 PLANS: dict[Gemm, Plan] = {}  # each GEMM's plan, made on first use
 
 
-def tuned_times() -> list[str]:
-    """Each tuned plan in words: its shape, the kept algorithm's time and the heuristic's first pick's."""
+def tuned_times(plans) -> list[str]:
+    """Each tuned plan among `plans` (Gemms) in words: its shape, the kept algorithm's ms and the heuristic's first
+    candidate's (nan where it did not run)."""
     return [
-        f"{p.gemm.what().removeprefix('cuBLASLt ').replace(' algorithms at ', ' ')}: "
-        f"{p.times[0]:.3f} ms (first pick {p.first_ms:.3f})"
-        for p in PLANS.values()
-        if p.times
+        f"{gemm.name()} {gemm.kind()}: {p.times[0]:.3f} ms (the heuristic's first {p.first_ms:.3f})"
+        for gemm, p in PLANS.items()
+        if p.times and gemm in plans
     ]
 
 
 def gemm_of(a: torch.Tensor, b: torch.Tensor, out32: bool, epilogue: int) -> Gemm:
-    """The Gemm of a @ b, or LtError where cuBLASLt here cannot take the operands (check_inputs)."""
+    """The Gemm of a @ b (operands as check_inputs passed them)."""
     (a_t, lda), (b_t, ldb) = packing(a), packing(b)
     m, k = a.shape
     return Gemm(a.device.index, m, b.shape[1], k, a_t, lda, b_t, ldb, out32, epilogue)
+
+
+def describe(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, out32: bool) -> str:
+    """a @ b (+ bias) as its plan is named, "M x N x K <kind>", for any operands (never raises)."""
+    shape = shape_name(a.shape[0], b.shape[-1], a.shape[-1]) if a.dim() == b.dim() == 2 else "not 2-D"
+    a_t, b_t = ((t.dim() == 2 and t.stride(0) == 1 and t.stride(1) != 1) for t in (a, b))
+    gemm = Gemm(0, 0, 0, 0, a_t, 0, b_t, 0, out32, DEFAULT if bias is None else BIAS)
+    return f"{shape} {gemm.kind()}"
 
 
 def packing(t: torch.Tensor) -> tuple[bool, int]:
@@ -380,16 +404,21 @@ def gelu_bias(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor) -> tuple[tor
     return h, pre
 
 
-def mm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, out32: bool = False) -> torch.Tensor:
+def mm(a, b, bias=None, out32: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
     """a @ b (+ bias), a M x K and b K x N in bf16 on one GPU, each packed by rows or a transposed view; the product
-    in fp32 where out32. LtError where cuBLASLt cannot (the caller uses torch's kernels), Disagreed where its
-    numbers are wrong."""
+    in fp32 where out32; written into `out` (contiguous M x N) where given. LtError where cuBLASLt cannot (the
+    caller uses torch's kernels), Disagreed where its numbers are wrong."""
+    if a.dim() != 2 or b.dim() != 2:
+        raise LtError(f"cuBLASLt's GEMMs take matrices, not {a.dim()}-D @ {b.dim()}-D")
     if out32 and bias is not None:
         raise LtError("cuBLASLt's GEMMs here add a bias to a bf16 product only")
     a, b = aligned(packed(a)), aligned(packed(b))
     bias = aligned(bias) if bias is not None else None
     check_inputs(a, b, bias)
-    c = torch.empty(a.shape[0], b.shape[1], dtype=torch.float32 if out32 else a.dtype, device=a.device)
+    dtype = torch.float32 if out32 else a.dtype
+    c = torch.empty(a.shape[0], b.shape[1], dtype=dtype, device=a.device) if out is None else out
+    if c.shape != (a.shape[0], b.shape[1]) or c.dtype != dtype or not c.is_contiguous() or c.data_ptr() % ALIGN:
+        raise LtError(f"cuBLASLt's GEMMs here write a packed, aligned {dtype} output of {a.shape[0]} x {b.shape[1]}")
     launch(gemm_of(a, b, out32, DEFAULT if bias is None else BIAS), Call((c,), a, b, bias))
     return c
 

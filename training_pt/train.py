@@ -389,7 +389,7 @@ def wrap_model(run: Run, model):
 def note_paths(run: Run, model) -> None:
     """The MLP and GEMM paths as the steps ran them: a shape cuBLASLt could not take mid-run went to torch's
     kernels."""
-    if tuned_gemm.in_use(model) and (times := tuned_gemm.timings()):
+    if tuned_gemm.in_use(model) and (times := tuned_gemm.timings(model)):
         run.log(f"tuned GEMMs (ms, the kept algorithm and the heuristic's first pick): {times}")
     for key, now in (("mlp", gelu_mlp.path(model)), ("gemm", tuned_gemm.path(model))):
         if now != run.figures.get(key):

@@ -26,36 +26,47 @@ REGISTERED = hasattr(torch.library, "custom_op")  # torch 2.4 and later: the op 
 TRIAL_TOKENS = 1024  # rows of works()'s check
 OUTPUTS = ("output", "input gradient", "weight gradient", "bias gradient")  # relative_errors' order
 WORKED: set[tuple] = set()  # (device, width) that works() passed in this process
-LEFT_TO_TORCH: dict[str, str] = {}  # "M x N x K" -> why cuBLASLt could not take that shape, this model's run
+LEFT_TO_TORCH: dict[str, str] = {}  # "M x N x K <kind>" (cublaslt.describe) -> why cuBLASLt could not take that
+# GEMM, this model's run
 
 
 def on_cublaslt(a: torch.Tensor) -> bool:
     return a.is_cuda and a.dtype == torch.bfloat16
 
 
-def torch_mm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, out32: bool) -> torch.Tensor:
-    """torch's a @ b (+ bias); the product in fp32 where out32 (on a CPU: the bf16 product in fp32)."""
+def torch_mm(a, b, bias=None, out32: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
+    """torch's a @ b (+ bias); the product in fp32 where out32 (cublaslt.product32); into `out` where given."""
     if out32:
-        return torch.mm(a, b, out_dtype=torch.float32) if a.is_cuda else torch.mm(a, b).float()
-    return torch.mm(a, b) if bias is None else torch.addmm(bias, a, b)
+        c = cublaslt.product32(a, b)
+        c = c if bias is None else c + bias
+        return c if out is None else out.copy_(c)
+    if bias is None:
+        return torch.mm(a, b) if out is None else torch.mm(a, b, out=out)
+    return torch.addmm(bias, a, b) if out is None else torch.addmm(bias, a, b, out=out)
 
 
-def mm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, out32: bool = False) -> torch.Tensor:
-    """a @ b (+ bias): cuBLASLt's tuned algorithm on a GPU in bf16, else (or where cuBLASLt cannot take this shape,
-    LEFT_TO_TORCH) torch's kernels. TrainError (exit 3) where cuBLASLt computes it wrong or leaves a CUDA error."""
-    shape = cublaslt.shape_name(a.shape[0], b.shape[1], a.shape[1])
-    if on_cublaslt(a) and shape not in LEFT_TO_TORCH:
+def mm(a, b, bias=None, out32: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
+    """a @ b (+ bias), into `out` where given: cuBLASLt's tuned algorithm on a GPU in bf16, else (or where cuBLASLt
+    cannot take this GEMM, LEFT_TO_TORCH) torch's kernels. TrainError (exit 3) where cuBLASLt computes it wrong or
+    leaves a CUDA error."""
+    key = cublaslt.describe(a, b, bias, out32)
+    if on_cublaslt(a) and key not in LEFT_TO_TORCH:
         try:
-            return cublaslt.mm(a, b, bias, out32)
+            return cublaslt.mm(a, b, bias, out32, out)
         except cublaslt.LtError as e:
-            LEFT_TO_TORCH[shape] = first_line(e)[:200]
+            LEFT_TO_TORCH[key] = first_line(e)[:200]
         except cublaslt.Disagreed as e:
             raise failed(wrong(str(e))) from None
         except Exception:
             if left := cuda_error_left(a.device):
                 raise failed(f"cuBLASLt left a CUDA error on {a.device} ({left[:200]})") from None
             raise
-    return torch_mm(a, b, bias, out32)
+    return torch_mm(a, b, bias, out32, out)
+
+
+def op(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, out32: bool = False) -> torch.Tensor:
+    """mm() as the custom op m40::mm sees it (a new output, never an input's memory)."""
+    return mm(a, b, bias, out32)
 
 
 def mm_shape(a, b, bias=None, out32=False):
@@ -63,7 +74,7 @@ def mm_shape(a, b, bias=None, out32=False):
 
 
 if REGISTERED:
-    torch.library.custom_op("m40::mm", mm, mutates_args=()).register_fake(mm_shape)
+    torch.library.custom_op("m40::mm", op, mutates_args=()).register_fake(mm_shape)
 
 
 def failed(what: str) -> TrainError:
@@ -196,15 +207,16 @@ def check(device: torch.device, width: int) -> tuple[bool, str]:
 
 
 def tune(model, device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
-    """Swap every linear with a bias in `model`'s blocks for TunedLinear, and mark its fused MLPs and its LM head
-    tuned, where works() for matmuls in `dtype`; (swapped, the reason if not)."""
+    """Swap every linear with a bias in `model`'s base model (its blocks) for TunedLinear, and mark its fused MLPs
+    and its LM head tuned, where works() for matmuls in `dtype`; (swapped, the reason if not)."""
     if dtype != torch.bfloat16:
         return False, "train.gemm tuned is for bf16 matmuls (train.autocast bfloat16 or model.dtype bfloat16)"
     LEFT_TO_TORCH.clear()  # what an earlier model (a bench row) left is not this one's
     ok, why = works(device, model.config.hidden_size)
     if ok:
         swap(model.base_model)
-        model.m40_tuned_gemm = True  # NextTokenLoss's LM head reads it (in_use)
+        model.m40_tuned_gemm = set(cublaslt.PLANS)  # in_use() (NextTokenLoss's LM head reads it); timings() reports
+        # the plans made after these (works()'s trial's and an earlier bench row's)
     return ok, why
 
 
@@ -219,7 +231,7 @@ def swap(module: torch.nn.Module) -> None:
 
 
 def in_use(model) -> bool:
-    return bool(getattr(model, "m40_tuned_gemm", False))
+    return getattr(model, "m40_tuned_gemm", None) is not None
 
 
 def path(model) -> str:
@@ -231,6 +243,6 @@ def path(model) -> str:
     return "tuned (cuBLASLt, each shape's fastest algorithm)" + (f"; {left}" if left else "")
 
 
-def timings() -> str:
-    """One line: each GEMM tuned in this process, the fastest algorithm's ms against the heuristic's first pick's."""
-    return "; ".join(cublaslt.tuned_times())
+def timings(model) -> str:
+    """One line: each GEMM tuned for `model` (since tune()), the fastest algorithm's ms and the heuristic's first's."""
+    return "; ".join(cublaslt.tuned_times(set(cublaslt.PLANS) - getattr(model, "m40_tuned_gemm", set())))
