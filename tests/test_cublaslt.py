@@ -57,6 +57,12 @@ def test_a_product_in_fp32_of_a_transposed_view_is_held_to_torch_row_by_row(monk
     assert cublaslt.disagreement(cublaslt.Call((c,), a, h, None), cublaslt.DEFAULT) < 1e-2
     c[40:44, :16] *= 2  # one wrong tile
     assert cublaslt.disagreement(cublaslt.Call((c,), a, h, None), cublaslt.DEFAULT) > 0.1
+    chunks = []  # the left operand's rows count too: a chunk of a transposed view may be copied whole
+    real = cublaslt.torch_gemm
+    monkeypatch.setattr(cublaslt, "torch_gemm", lambda a, *rest: chunks.append(a.numel()) or real(a, *rest))
+    monkeypatch.setattr(cublaslt, "CHECK_ELEMENTS", 4000)
+    cublaslt.disagreement(cublaslt.Call((c,), a, h, None), cublaslt.DEFAULT)
+    assert chunks[:-1] == [2 * 2000] * 48  # then the sampled rows
 
 
 def test_the_reference_itself_is_held_to_fp64_on_sampled_rows(monkeypatch):

@@ -46,7 +46,8 @@ CANDIDATES = 8  # algorithms asked of the heuristic, each timed once on first us
 TOLERANCE = 1e-2  # relative error (norm, of one row of an output) allowed against torch: bf16 rounding gives
 # ~3e-3; a wrong layout, tile or epilogue gives ~0.3 to 1
 SAMPLED_ROWS = 64  # rows of each output also held to fp64, spread over M, the first and last among them
-CHECK_ELEMENTS = 8192 * 3072  # elements of an output compared at a time against torch's (fp64 copies of 200 MB)
+CHECK_ELEMENTS = 8192 * 3072  # elements of an output (and of the left operand's rows) compared at a time against
+# torch's: fp32 copies of 100 MB (a transposed left operand's rows of 32768 x 65536 cost 5 GB more, call 26A)
 MIN_VERSION = 111100  # cublasLtGetVersion() of CUDA 11.8's cuBLAS (11.11): the enums and the struct are its
 ALIGN = 256  # bytes: every pointer a plan runs on is aligned so (the heuristic's default assumption)
 WORKSPACE_BYTES = 32 << 20  # what torch gives cuBLASLt on Hopper (CUBLASLT_WORKSPACE_SIZE's default)
@@ -327,7 +328,7 @@ def disagreement(call: Call, epilogue: int) -> float:
     a, b, bias, outs = call.a, call.b, call.bias, call.outs
     out32 = outs[0].dtype == torch.float32
     m, n = outs[0].shape
-    step = max(1, CHECK_ELEMENTS // n)
+    step = max(1, CHECK_ELEMENTS // max(n, a.shape[1]))  # rows of the output, and of a (which torch may copy packed)
     errors = []
     for start in range(0, m, step):
         rows = slice(start, start + step)
