@@ -28,17 +28,13 @@ from typing import NamedTuple
 
 import torch
 
+from training_pt.fabric import first_line
+
 OP_N, OP_T = 0, 1  # cublasOperation_t: no transpose, transpose
 R_32F, R_16BF = 0, 14  # cudaDataType_t
 COMPUTE_32F = 68  # cublasComputeType_t: fp32 accumulation
-DESC_TRANSA, DESC_TRANSB, DESC_EPILOGUE, DESC_BIAS, DESC_AUX, DESC_AUX_LD = (
-    3,
-    4,
-    7,
-    8,
-    11,
-    12,
-)  # cublasLtMatmulDescAttributes_t
+DESC_TRANSA, DESC_TRANSB, DESC_EPILOGUE = 3, 4, 7  # cublasLtMatmulDescAttributes_t
+DESC_BIAS, DESC_AUX, DESC_AUX_LD = 8, 11, 12  # ... the epilogue's pointers
 PREF_MAX_WORKSPACE = 1  # cublasLtMatmulPreferenceAttributes_t
 DEFAULT, BIAS, GELU_AUX_BIAS = 1, 4, 164  # cublasLtEpilogue_t; GELU_AUX_BIAS is GELU (32) | AUX (128) | BIAS (4)
 EPILOGUE_NAMES = {DEFAULT: "DEFAULT", BIAS: "BIAS", GELU_AUX_BIAS: "GELU_AUX_BIAS"}
@@ -52,6 +48,8 @@ CHECK_ELEMENTS = 8192 * 3072  # elements of an output (and of the left operand's
 MIN_VERSION = 111100  # cublasLtGetVersion() of CUDA 11.8's cuBLAS (11.11): the enums and the struct are its
 ALIGN = 256  # bytes: every pointer a plan runs on is aligned so (the heuristic's default assumption)
 WORKSPACE_BYTES = 32 << 20  # what torch gives cuBLASLt on Hopper (CUBLASLT_WORKSPACE_SIZE's default)
+
+REGISTERED = hasattr(torch.library, "custom_op")  # torch 2.4 and later: the ops on cuBLASLt (m40::*) exist
 
 P, SIZE = ctypes.c_void_p, ctypes.c_size_t
 SIGNATURES = {  # every argument typed, so that no 64-bit value is passed as a C int
@@ -85,6 +83,20 @@ class Heuristic(ctypes.Structure):
         ("waves", ctypes.c_float),
         ("reserved", ctypes.c_int * 4),
     ]
+
+
+def on_cublaslt(t: torch.Tensor) -> bool:
+    """Whether an op's cuBLASLt branch applies to t: bf16 on a CUDA GPU (elsewhere the op is torch's kernels)."""
+    return t.is_cuda and t.dtype == torch.bfloat16
+
+
+def cuda_error_left(device) -> str:
+    """ "" where the GPU still runs work, else the CUDA error left in its context (one line)."""
+    try:
+        torch.cuda.synchronize(device)
+    except Exception as e:
+        return first_line(e)
+    return ""
 
 
 def library_path(maps: str = "/proc/self/maps") -> str:

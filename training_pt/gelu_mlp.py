@@ -25,20 +25,16 @@ import torch.nn.functional as F
 
 from training_pt import cublaslt
 from training_pt.configurator import EXIT_CHECK, TrainError
+from training_pt.cublaslt import REGISTERED, cuda_error_left, on_cublaslt
 from training_pt.fabric import first_line
-from training_pt.tuned_gemm import cuda_error_left, matmul
+from training_pt.tuned_gemm import matmul
 
 GELU_TANH = ("gelu_pytorch_tanh", "gelu_new", "gelu_fast")  # HF's names of the tanh approximation
-REGISTERED = hasattr(torch.library, "custom_op")  # torch 2.4 and later: the op below exists
 TRIAL_TOKENS = 1024  # rows of works()'s check
 OUTPUTS = ("output", "input gradient", "c_fc weight gradient", "c_fc bias gradient", "c_proj weight gradient")
 OUTPUTS += ("c_proj bias gradient",)  # relative_errors' order
 WORKED: set[tuple] = set()  # (device, width, inner) that works() passed in this process
 LEFT_TO_TORCH: dict[str, str] = {}  # "M x N x K" -> why cuBLASLt could not take that shape, this model's run
-
-
-def on_cublaslt(x: torch.Tensor) -> bool:
-    return x.is_cuda and x.dtype == torch.bfloat16
 
 
 def gelu_bias_mm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,18 +21,14 @@ import torch
 
 from training_pt import cublaslt
 from training_pt.configurator import EXIT_CHECK, TrainError
+from training_pt.cublaslt import REGISTERED, cuda_error_left, on_cublaslt
 from training_pt.fabric import first_line
 
-REGISTERED = hasattr(torch.library, "custom_op")  # torch 2.4 and later: the op below exists
 TRIAL_TOKENS = 1024  # rows of works()'s check
 OUTPUTS = ("output", "input gradient", "weight gradient", "bias gradient")  # relative_errors' order
 WORKED: set[tuple] = set()  # (device, width) that works() passed in this process
 LEFT_TO_TORCH: dict[str, str] = {}  # "M x N x K <kind>" (cublaslt.describe) -> why cuBLASLt could not take that
 # GEMM, this model's run
-
-
-def on_cublaslt(a: torch.Tensor) -> bool:
-    return a.is_cuda and a.dtype == torch.bfloat16
 
 
 def torch_mm(a, b, bias=None, out32: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -84,15 +80,6 @@ def failed(what: str) -> TrainError:
 
 def wrong(what: str) -> str:
     return f"{what}: this GPU computes it wrong, or this tool's use of cuBLASLt is wrong for this torch"
-
-
-def cuda_error_left(device) -> str:
-    """ "" where the GPU still runs work, else the CUDA error left in its context (one line)."""
-    try:
-        torch.cuda.synchronize(device)
-    except Exception as e:
-        return first_line(e)
-    return ""
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, tuned: bool) -> torch.Tensor:
