@@ -55,6 +55,7 @@ FIGURES = (
     "loss_path",
     "residual",
     "mlp",
+    "gemm",
     "warmup_s",
     "first_step_s",
     "timed_s",  # the GPU time of the timed steps (CUDA events), and their step time:

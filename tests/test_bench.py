@@ -40,9 +40,10 @@ def test_bench_runs_every_row_and_writes_the_table(tmp_path, monkeypatch):
     assert base["flops_per_token"] > 0 and base["mfu"] is None  # no datasheet peak on a CPU
     assert data["verdicts"] == {} and data["targets"] is None
     md = (out / "bench.md").read_text()
-    assert "| variant | compile | attention | loss | residual | MLP | batch x T | tok/s | MFU |" in md
+    assert "| variant | compile | attention | loss | residual | MLP | GEMMs | batch x T | tok/s | MFU |" in md
     assert "| hf-default | off | " in md and (base["residual"], smoke["residual"]) == ("float32", "bfloat16")
     assert base["mlp"] == smoke["mlp"] == "plain"  # the smoke config asks for the fused MLP: no CUDA here
+    assert base["gemm"] == smoke["gemm"] == "torch"  # ... and for tuned GEMMs
     assert "1.00x" in md and "No speed targets for cpu" in md
     assert base["nvml"] is None and "| SM clock MHz median (clock events) |" in md  # no NVML on a CPU: n/a
     console = (out / "bench_console.txt").read_text()
@@ -86,6 +87,7 @@ def test_table_shows_failed_rows_and_ratios():
             "loss": "HF's (fp32 logits)",
             "residual": "float32",
             "mlp": "plain",
+            "gemm": "torch",
             "step_ms_median": 102.4,
             "step_ms_min": 101.0,
             "step_ms_max": 110.25,
@@ -125,7 +127,8 @@ def test_table_shows_failed_rows_and_ratios():
     ]
     text = bench.table(rows, 160_000.0)
     assert (
-        "| hf-default | off | flash_attention | HF's (fp32 logits) | float32 | plain | 16 x 1024 | 160,000 | 13.8% | "
+        "| hf-default | off | flash_attention | HF's (fp32 logits) | float32 | plain | torch | 16 x 1024 | 160,000 | "
+        "13.8% | "
         "102.4 (101.0-110.2) | 1650 (sw_power_cap 97%) | 20 steps, 2.0 s | "
         "3.0 | 20.5 | 1.00x | "
         "10.99 -> 8.10 |"
@@ -135,7 +138,7 @@ def test_table_shows_failed_rows_and_ratios():
     assert bench.clock_cell(unreadable) == "1650 (events n/a)"
     assert bench.clock_cell({**unreadable, "clock_events_pct": {"hw_slowdown": 0.3}}) == "1650 (hw_slowdown <1%)"
     assert bench.clock_cell(None) == "n/a"  # a CPU row
-    assert "| compiled | default | | | | | 32 x 1024 | failed: out of memory at batch_size=32 |" in text
+    assert "| compiled | default | | | | | | 32 x 1024 | failed: out of memory at batch_size=32 |" in text
 
 
 def test_an_option_without_its_value_is_one_line_and_exit_2(capsys):
@@ -196,7 +199,7 @@ def test_a_row_that_loses_the_cuda_context_ends_the_bench_with_the_table(tmp_pat
     assert rows[0]["error"].startswith("RuntimeError: CUDA error: an illegal memory access was encountered")
     assert "the CUDA context is lost" in rows[0]["error"]
     assert rows[1]["error"] == "not run: an earlier row lost the CUDA context (run it alone with --only)"
-    assert "| smoke | ? | | | | | 4 x 64 | failed: not run: an earlier row lost" in (out / "bench.md").read_text()
+    assert "| smoke | ? | | | | | | 4 x 64 | failed: not run: an earlier row lost" in (out / "bench.md").read_text()
 
 
 def test_a_row_out_of_memory_halves_its_batch_until_it_fits_and_says_so(tmp_path, monkeypatch):

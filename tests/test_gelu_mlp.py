@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import copy
-import math
 import subprocess
 import sys
 
@@ -216,113 +215,6 @@ def right_answer(x, w, bias):
     return torch.nn.functional.gelu(pre, approximate="tanh"), pre
 
 
-def test_every_row_of_an_algorithm_is_held_to_torch():
-    x, w, bias = mlp_inputs(tokens=3000)
-    want = cublaslt.reference(x, w, bias)
-    h, pre = right_answer(x, w, bias)
-    assert cublaslt.disagreement(h, pre, want) < 1e-2  # bf16 rounding only
-    no_bias = torch.nn.functional.gelu(x @ w, approximate="tanh")
-    assert cublaslt.disagreement(no_bias, pre, want) > 0.1
-    tile = h.clone()
-    tile[1001:1041, 64:128] = 0  # one wrong 40 x 64 tile, between two sampled rows
-    assert not set(range(1001, 1041)) & set(cublaslt.sampled_rows(3000).tolist())
-    assert cublaslt.disagreement(tile, pre, want) > 0.1
-    assert math.isnan(cublaslt.disagreement(h, pre * float("nan"), want))
-
-
-def test_the_reference_itself_is_held_to_fp64_on_sampled_rows(monkeypatch):
-    # were torch's own GEMM wrong the same way as cuBLASLt's (the same kernel), the fp64 rows still tell
-    x, w, bias = mlp_inputs(tokens=300)
-    real = torch.addmm
-    monkeypatch.setattr(torch, "addmm", lambda b, a, m: a @ m if a.dtype == torch.bfloat16 else real(b, a, m))
-    want = cublaslt.reference(x, w, bias)
-    monkeypatch.undo()
-    no_bias = x @ w
-    assert cublaslt.disagreement(torch.nn.functional.gelu(no_bias, approximate="tanh"), no_bias, want) > 0.1
-
-
-def test_inputs_that_are_not_finite_are_no_reason_to_blame_cublaslt():
-    x, w, bias = mlp_inputs()
-    x[3, 5] = float("inf")
-    assert cublaslt.reference(x, w, bias) is None  # the loss check reports a non-finite run, not this
-
-
-def test_ranked_keeps_the_candidates_fastest_first_and_any_that_disagrees_fails_the_run():
-    ran = [("a", 3e-3, 0.50), ("b", 2e-3, 0.10), ("c", 4e-3, 0.40)]
-    assert cublaslt.ranked(ran, "8 x 8 x 8") == (["b", "c", "a"], [0.10, 0.40, 0.50])
-    for bad in (0.9, float("nan")):
-        with pytest.raises(cublaslt.Disagreed, match="1 of 4 cuBLASLt GELU_AUX_BIAS algorithms at 8 x 8 x 8 disagreed"):
-            cublaslt.ranked([*ran, ("d", bad, 0.0)], "8 x 8 x 8")
-    with pytest.raises(cublaslt.LtError, match="no cuBLASLt GELU_AUX_BIAS algorithm ran at 8 x 8 x 8"):
-        cublaslt.ranked([], "8 x 8 x 8")
-    assert not issubclass(cublaslt.Disagreed, cublaslt.LtError)  # a fallback never swallows wrong numbers
-
-
-class FakePlan(cublaslt.Plan):
-    """A Plan without the library: each candidate is a function that fills h and pre, or raises LtError."""
-
-    def __init__(self, candidates):
-        self.candidates, self.times, self.shape = candidates, [], "64 x 128 x 32"
-
-    def run(self, h, x, w, bias, pre, algo=None):
-        algo = algo or self.candidates[0]
-        h_got, pre_got = algo(x, w, bias)
-        h.copy_(h_got), pre.copy_(pre_got)
-
-    def time(self, h, x, w, bias, pre, algo, reps):
-        return algo.ms
-
-
-def candidate(ms, fill):
-    def algo(x, w, bias):
-        return fill(x, w, bias)
-
-    algo.ms = ms
-    return algo
-
-
-def test_tune_drops_an_algorithm_that_errors_and_uses_the_fastest_that_agrees():
-    def errors(x, w, bias):
-        raise cublaslt.LtError("cublasLtMatmul returned cuBLAS status 15")
-
-    slow, fast, broken = candidate(0.5, right_answer), candidate(0.2, right_answer), candidate(0.1, errors)
-    x, w, bias = mlp_inputs()
-    h, pre = torch.empty(64, 128, dtype=torch.bfloat16), torch.empty(64, 128, dtype=torch.bfloat16)
-    plan = FakePlan([slow, broken, fast])
-    plan(h, x, w, bias, pre)
-    assert plan.candidates == [fast, slow] and plan.times == [0.2, 0.5]
-    assert torch.equal(h, right_answer(x, w, bias)[0])
-    wrong = candidate(0.1, lambda x, w, bias: right_answer(x, w, bias * 2))
-    with pytest.raises(cublaslt.Disagreed, match="1 of 2 .* at 64 x 128 x 32 disagreed"):
-        FakePlan([slow, wrong])(h, x, w, bias, pre)
-    with pytest.raises(cublaslt.LtError, match="no cuBLASLt GELU_AUX_BIAS algorithm ran at 64 x 128 x 32"):
-        FakePlan([broken])(h, x, w, bias, pre)
-
-
-def test_inputs_cublaslt_cannot_take_are_an_lt_error_before_any_library_call():
-    x, w, bias = mlp_inputs()
-    cases = [
-        ((x, w, bias), "on one CUDA GPU"),  # the CPU's tensors
-        ((x.float(), w, bias), "bf16"),
-        ((x[:, :30], w[:30], bias), "contiguous"),
-        ((x, w[:, :120], bias[:120]), "contiguous"),
-        ((x, w, bias[:64]), "64 x 32 @ 32 x 128 \\+ 64"),
-    ]
-    for args, words in cases:
-        with pytest.raises(cublaslt.LtError, match=words):
-            cublaslt.check_inputs(*args)  # dtype, shapes and layout are checked before the device
-
-
-def test_the_library_is_the_one_the_process_loaded(tmp_path):
-    maps = tmp_path / "maps"
-    maps.write_text("7f00-7f01 r-xp 00000000 08:01 1 /usr/lib/libc.so.6\n")
-    with pytest.raises(cublaslt.LtError, match="torch has not loaded libcublasLt"):
-        cublaslt.library_path(str(maps))
-    lt = "/venv/lib/python3.11/site-packages/nvidia/cu13/lib/libcublasLt.so.13"
-    maps.write_text(f"7f00-7f01 r-xp 00000000 08:01 1 {lt}\n")
-    assert cublaslt.library_path(str(maps)) == lt
-
-
 def test_build_model_fuses_per_the_setting_and_says_why_not(tmp_path):
     from tasks import layout
     from training_pt.configurator import load_config
@@ -334,7 +226,7 @@ def test_build_model_fuses_per_the_setting_and_says_why_not(tmp_path):
     assert cfg["train"]["mlp"] == "fused"  # the smoke config's choice
     lm, _ = M.build_model(cfg, torch.device("cpu"), logged.append)
     assert gelu_mlp.path(lm) == "plain"
-    assert logged[-1] == "train.mlp fused: the plain MLP instead (cuBLASLt's GELU epilogue needs a CUDA GPU, not cpu)"
+    assert "train.mlp fused: the plain MLP instead (cuBLASLt's GELU epilogue needs a CUDA GPU, not cpu)" in logged
     logged.clear()
     M.build_model({**cfg, "train": {**cfg["train"], "mlp": "plain"}}, torch.device("cpu"), logged.append)
     assert not any("train.mlp" in line for line in logged)

@@ -603,26 +603,35 @@ def test_pretrained_weights_record_the_first_loss_check_as_skipped_so_a_config_f
     assert plain == {f"checks.{k}": v for k, v in cfg["checks"].items()}  # a random init: every check in force
 
 
-def test_the_mlp_figure_and_log_name_a_shape_left_to_torch_mid_run(monkeypatch):
+def test_the_mlp_and_gemm_figures_and_log_name_a_shape_left_to_torch_mid_run(monkeypatch):
     from types import SimpleNamespace
 
-    from training_pt import gelu_mlp
+    from training_pt import gelu_mlp, tuned_gemm
 
     class Lm(torch.nn.Module):
         def __init__(self):
             super().__init__()
             mlp = SimpleNamespace(c_fc=torch.nn.Linear(2, 2), c_proj=torch.nn.Linear(2, 2), dropout=torch.nn.Identity())
             self.mlp = gelu_mlp.FusedGeluMLP(mlp)
+            self.m40_tuned_gemm = set()
 
     lines = []
-    run = SimpleNamespace(figures={"mlp": "fused (cuBLASLt GELU epilogue)"}, log=lines.append)
+    tuned = "tuned (cuBLASLt, each shape's fastest algorithm)"
+    run = SimpleNamespace(figures={"mlp": "fused (cuBLASLt GELU epilogue)", "gemm": tuned}, log=lines.append)
     monkeypatch.setattr(gelu_mlp, "LEFT_TO_TORCH", {})
-    T.note_mlp(run, Lm())
-    assert lines == [] and run.figures["mlp"] == "fused (cuBLASLt GELU epilogue)"
+    monkeypatch.setattr(tuned_gemm, "LEFT_TO_TORCH", {})
+    T.note_paths(run, Lm())
+    assert lines == [] and run.figures == {"mlp": "fused (cuBLASLt GELU epilogue)", "gemm": tuned}
     gelu_mlp.LEFT_TO_TORCH["32768 x 3072 x 768"] = "LtError: cublasLtMatmul returned cuBLAS status 13"
-    T.note_mlp(run, Lm())
+    tuned_gemm.LEFT_TO_TORCH["65536 x 768 x 50304"] = (
+        "LtError: no cuBLASLt DEFAULT algorithm at 65536 x 768 x 50304 ran"
+    )
+    T.note_paths(run, Lm())
     want = (
         "fused (cuBLASLt GELU epilogue); torch's kernels at 32768 x 3072 x 768 "
         "(LtError: cublasLtMatmul returned cuBLAS status 13)"
     )
-    assert lines == [f"train.mlp: {want}"] and run.figures["mlp"] == want
+    left = "LtError: no cuBLASLt DEFAULT algorithm at 65536 x 768 x 50304 ran"
+    want_gemm = f"{tuned}; torch's kernels at 65536 x 768 x 50304 ({left})"
+    assert lines == [f"train.mlp: {want}", f"train.gemm: {want_gemm}"]
+    assert run.figures == {"mlp": want, "gemm": want_gemm}

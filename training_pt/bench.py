@@ -31,7 +31,7 @@ import torch
 
 from tasks import layout
 from tasks.config import ConfigError, gpu_spec_for, load_yaml
-from training_pt import bench_options, fabric, gelu_mlp, quick_exit
+from training_pt import bench_options, fabric, gelu_mlp, quick_exit, tuned_gemm
 from training_pt import data as D
 from training_pt import model as M  # the model, compile and FLOPs code train.py runs
 from training_pt import steps as steps_mod  # ... and its step loop
@@ -185,6 +185,7 @@ def hf_default_row(cfg: dict, device: torch.device, batches, timing: dict) -> di
         "loss": "HF's (fp32 logits)",
         "residual": "float32",
         "mlp": "plain",
+        "gemm": "torch",
     }
 
 
@@ -202,6 +203,8 @@ def ours_row(cfg: dict, device: torch.device, batches, timing: dict) -> dict:
     with no_compile_caches() if t["compile"] and t["sdpa_backend"] != "auto" else contextlib.nullcontext():
         out = time_steps(stepper, t["lr"], device=device, **timing)
     mode = f"{t['compile_mode']}, {t['compile_scope']}" if t["compile"] else "off"
+    if tuned_gemm.in_use(model):
+        print(f"tuned GEMMs: {tuned_gemm.timings(model)}", flush=True)
     return {
         **out,
         "flops_per_token": fpt,
@@ -210,6 +213,7 @@ def ours_row(cfg: dict, device: torch.device, batches, timing: dict) -> dict:
         "loss": net.describe(),
         "residual": M.residual_dtype(cfg),
         "mlp": gelu_mlp.path(model),
+        "gemm": tuned_gemm.path(model),
     }
 
 
@@ -286,10 +290,10 @@ def verdicts(rows: dict, target: dict | None) -> dict:
 
 def table(rows: list[dict], base_tok_s: float | None) -> str:
     head = (
-        "| variant | compile | attention | loss | residual | MLP | batch x T | tok/s | MFU | "
+        "| variant | compile | attention | loss | residual | MLP | GEMMs | batch x T | tok/s | MFU | "
         "step ms median (min-max) | SM clock MHz median (clock events) | "
         "timed | warm-up s | peak alloc GiB | vs hf-default | loss first -> last |\n"
-        "|---|---|---|---|---|---|---|---:|---:|---:|---|---:|---:|---:|---:|---|"
+        "|---|---|---|---|---|---|---|---|---:|---:|---:|---|---:|---:|---:|---:|---|"
     )
     lines = [head]
     for r in rows:
@@ -297,14 +301,14 @@ def table(rows: list[dict], base_tok_s: float | None) -> str:
         if r.get("batch_halved_from"):
             bt += f" (halved from {r['batch_halved_from']}: out of memory)"
         if "error" in r:
-            lines.append(f"| {r['variant']} | {r['compile']} | | | | | {bt} | failed: {r['error']} | | | | | | | | |")
+            lines.append(f"| {r['variant']} | {r['compile']} | | | | | | {bt} | failed: {r['error']} | | | | | | | | |")
             continue
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "n/a"
         peak = f"{r['peak_alloc_gib']:.1f}" if r.get("peak_alloc_gib") is not None else "n/a"
         ratio = f"{r['tok_s'] / base_tok_s:.2f}x" if base_tok_s else "n/a"
         lines.append(
             f"| {r['variant']} | {r['compile']} | {r.get('attention', '')} | {r.get('loss', '')} | "
-            f"{r.get('residual', '')} | {r.get('mlp', '')} | {bt} | "
+            f"{r.get('residual', '')} | {r.get('mlp', '')} | {r.get('gemm', '')} | {bt} | "
             f"{r['tok_s']:,.0f} | {mfu} | "
             f"{r['step_ms_median']:.1f} ({r['step_ms_min']:.1f}-{r['step_ms_max']:.1f}) | "
             f"{clock_cell(r.get('nvml'))} | "

@@ -22,7 +22,7 @@ import functools
 
 import torch
 
-from training_pt import ce_kernel
+from training_pt import ce_kernel, cublaslt, tuned_gemm
 
 TORCH_CHUNK_LOGITS = 8192 * 50304  # logits per chunk for the torch kernel (8192 GPT-2 tokens): fp32 temporaries
 # of 1.6 GB each; 1609 tokens at Gemma's vocab of 256000
@@ -54,24 +54,24 @@ def compiled_loss_and_grad():
     return torch.compile(loss_and_grad, dynamic=False)
 
 
-def accumulate_mm(acc: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def accumulate_mm(acc: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, tuned: bool = False) -> torch.Tensor:
     """acc + a @ b in acc's fp32, with a and b in bf16: on CUDA one GEMM whose epilogue adds acc
-    (aten::addmm's out_dtype); elsewhere the product is rounded to bf16 first, as autocast's own
-    backward rounds the weight gradient."""
+    (aten::addmm's out_dtype), the first one tuned where `tuned`; elsewhere the product is rounded to bf16 first,
+    as autocast's own backward rounds the weight gradient."""
+    if acc is None:
+        return tuned_gemm.mm(a, b, out32=True) if tuned else cublaslt.product32(a, b)
     if a.is_cuda and a.dtype != torch.float32:
-        if acc is None:
-            return torch.mm(a, b, out_dtype=torch.float32)
         return torch.addmm(acc, a, b, out_dtype=torch.float32)
-    product = torch.mm(a, b).float()
-    return product if acc is None else acc.add_(product)
+    return acc.add_(torch.mm(a, b).float())
 
 
 class LinearCrossEntropy(torch.autograd.Function):
     """mean_i CE(hidden_i @ weight.T, targets_i), computed chunk by chunk; see the module docstring."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk, dtype, kernel, grads):
+    def forward(ctx, hidden, weight, targets, chunk, dtype, kernel, grads, tuned):
         n = hidden.shape[0]
+        mm = tuned_gemm.mm if tuned else torch.mm
         with torch.autocast(device_type=hidden.device.type, enabled=False):
             h, w = hidden.to(dtype), weight.to(dtype)
             grad_h = torch.empty_like(h) if grads else None
@@ -79,10 +79,10 @@ class LinearCrossEntropy(torch.autograd.Function):
             losses = torch.empty(n, dtype=torch.float32, device=hidden.device)
             for start in range(0, n, chunk):
                 rows = slice(start, min(start + chunk, n))
-                losses[rows], g = kernel(torch.mm(h[rows], w.t()), targets[rows], 1.0 / n)
+                losses[rows], g = kernel(mm(h[rows], w.t()), targets[rows], 1.0 / n)
                 if grads:
-                    torch.mm(g, w, out=grad_h[rows])
-                    grad_w = accumulate_mm(grad_w, g.t(), h[rows])
+                    mm(g, w, out=grad_h[rows])
+                    grad_w = accumulate_mm(grad_w, g.t(), h[rows], tuned)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.dtypes = hidden.dtype, weight.dtype
         return losses.sum() / n
@@ -91,15 +91,16 @@ class LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         grad_h, grad_w = ctx.saved_tensors
         hidden_dtype, weight_dtype = ctx.dtypes
-        return (grad_h * grad_loss).to(hidden_dtype), (grad_w * grad_loss).to(weight_dtype), *[None] * 5
+        return (grad_h * grad_loss).to(hidden_dtype), (grad_w * grad_loss).to(weight_dtype), *[None] * 6
 
 
 def linear_cross_entropy(
-    hidden, weight, targets, chunk: int = 0, triton: bool = False, kernel=loss_and_grad
+    hidden, weight, targets, chunk: int = 0, triton: bool = False, kernel=loss_and_grad, tuned: bool = False
 ) -> torch.Tensor:
     """The mean cross-entropy of hidden (N x D) @ weight.T (V x D) against targets (N), `chunk` tokens at a
     time (0: the default of the kernel in use, see the module docstring), with the Triton loss kernel or
-    `kernel`; the matmuls in the autocast dtype when autocast is on (as F.linear would run them)."""
+    `kernel`; the matmuls in the autocast dtype when autocast is on (as F.linear would run them), on
+    training_pt/tuned_gemm.py's tuned cuBLASLt algorithms where `tuned` (train.gemm)."""
     device = hidden.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
     n = hidden.shape[0]
@@ -107,7 +108,7 @@ def linear_cross_entropy(
         kernel = ce_kernel.loss_and_grad
     chunk = min(n, chunk or default_chunk(triton, weight.shape[0]) or n)
     grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    return LinearCrossEntropy.apply(hidden, weight, targets, max(chunk, 1), dtype, kernel, grads)
+    return LinearCrossEntropy.apply(hidden, weight, targets, max(chunk, 1), dtype, kernel, grads, tuned)
 
 
 def compiled_linear_cross_entropy():

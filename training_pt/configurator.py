@@ -59,6 +59,7 @@ DEFAULTS: dict = {
         "loss": "fused",
         "loss_chunk_tokens": 0,
         "mlp": "plain",
+        "gemm": "torch",
         "timing_warmup": 5,
     },
     "checks": {"first_loss_tol": 0.5, "final_window": 5, "min_loss_drop": 2.0},
@@ -75,6 +76,7 @@ CHOICES = {
     ("train", "sdpa_backend"): ("auto", "cudnn", "flash", "efficient", "math"),
     ("train", "loss"): ("fused", "plain"),
     ("train", "mlp"): ("fused", "plain"),
+    ("train", "gemm"): ("tuned", "torch"),
 }
 
 

@@ -25,19 +25,16 @@ import torch.nn.functional as F
 
 from training_pt import cublaslt
 from training_pt.configurator import EXIT_CHECK, TrainError
+from training_pt.cublaslt import REGISTERED, cuda_error_left, on_cublaslt
 from training_pt.fabric import first_line
+from training_pt.tuned_gemm import matmul
 
 GELU_TANH = ("gelu_pytorch_tanh", "gelu_new", "gelu_fast")  # HF's names of the tanh approximation
-REGISTERED = hasattr(torch.library, "custom_op")  # torch 2.4 and later: the op below exists
 TRIAL_TOKENS = 1024  # rows of works()'s check
 OUTPUTS = ("output", "input gradient", "c_fc weight gradient", "c_fc bias gradient", "c_proj weight gradient")
 OUTPUTS += ("c_proj bias gradient",)  # relative_errors' order
 WORKED: set[tuple] = set()  # (device, width, inner) that works() passed in this process
 LEFT_TO_TORCH: dict[str, str] = {}  # "M x N x K" -> why cuBLASLt could not take that shape, this model's run
-
-
-def on_cublaslt(x: torch.Tensor) -> bool:
-    return x.is_cuda and x.dtype == torch.bfloat16
 
 
 def gelu_bias_mm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,44 +81,41 @@ def crashed(device, error: str) -> TrainError:
     )
 
 
-def cuda_error_left(device) -> str:
-    """ "" where the GPU still runs work, else the CUDA error left in its context (one line)."""
-    try:
-        torch.cuda.synchronize(device)
-    except Exception as e:
-        return first_line(e)
-    return ""
-
-
 class GeluMLPFunction(torch.autograd.Function):
-    """c_proj(gelu(c_fc(x))) on 2-D x, with HF's Conv1D weights (in x out) and biases, all in one dtype."""
+    """c_proj(gelu(c_fc(x))) on 2-D x, with HF's Conv1D weights (in x out) and biases, all in one dtype; its other
+    GEMMs the tuned op where `tuned` (train.gemm, training_pt/tuned_gemm.py), else torch's."""
 
     @staticmethod
-    def forward(ctx, x, w_fc, b_fc, w_proj, b_proj):
+    def forward(ctx, x, w_fc, b_fc, w_proj, b_proj, tuned=False):
         h, pre = torch.ops.m40.gelu_bias_mm(x, w_fc, b_fc)
         ctx.save_for_backward(x, w_fc, w_proj, pre, h)
-        return torch.addmm(b_proj, h, w_proj)
+        ctx.tuned = tuned
+        return matmul(h, w_proj, b_proj, tuned)
 
     @staticmethod
     def backward(ctx, dout):
         x, w_fc, w_proj, pre, h = ctx.saved_tensors
-        dpre = torch.ops.aten.gelu_backward(dout @ w_proj.t(), pre, approximate="tanh")
-        return dpre @ w_fc.t(), x.t() @ dpre, dpre.sum(0), h.t() @ dout, dout.sum(0)
+        tuned = ctx.tuned
+        dpre = torch.ops.aten.gelu_backward(matmul(dout, w_proj.t(), None, tuned), pre, approximate="tanh")
+        dx, dw_fc = matmul(dpre, w_fc.t(), None, tuned), matmul(x.t(), dpre, None, tuned)
+        return dx, dw_fc, dpre.sum(0), matmul(h.t(), dout, None, tuned), dout.sum(0), None
 
 
 class FusedGeluMLP(torch.nn.Module):
-    """Stands in for a GPT2MLP, holding its very c_fc, c_proj and dropout (the same parameter names)."""
+    """Stands in for a GPT2MLP, holding its very c_fc, c_proj and dropout (the same parameter names); `tuned` once
+    tuned_gemm.tune has marked it."""
 
     def __init__(self, mlp):
         super().__init__()
         self.c_fc, self.c_proj, self.dropout = mlp.c_fc, mlp.c_proj, mlp.dropout
+        self.tuned = False
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         kind = hidden.device.type
         dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else hidden.dtype
         x = hidden.reshape(-1, hidden.shape[-1]).to(dtype)
         params = (self.c_fc.weight, self.c_fc.bias, self.c_proj.weight, self.c_proj.bias)
-        out = GeluMLPFunction.apply(x, *(p.to(dtype) for p in params))
+        out = GeluMLPFunction.apply(x, *(p.to(dtype) for p in params), self.tuned)
         return self.dropout(out.view(*hidden.shape[:-1], out.shape[-1]))
 
 

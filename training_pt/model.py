@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from training_pt import ce_kernel, chunked_loss, gelu_mlp
+from training_pt import ce_kernel, chunked_loss, gelu_mlp, tuned_gemm
 from training_pt.configurator import EXIT_INPUT, TrainError, check_type
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -157,6 +157,10 @@ def build_model(cfg: dict, device: torch.device, log):
         fused, why = gelu_mlp.fuse(model, device, compute_dtype(cfg))
         if not fused:
             log(f"train.mlp fused: the plain MLP instead ({why})")
+    if cfg["train"]["gemm"] == "tuned":
+        tuned, why = tuned_gemm.tune(model, device, compute_dtype(cfg))
+        if not tuned:
+            log(f"train.gemm tuned: torch's GEMMs instead ({why})")
     if m["gradient_checkpointing"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -287,6 +291,7 @@ class NextTokenLoss(torch.nn.Module):
         if fused and getattr(head, "bias", None) is not None:
             raise TrainError(EXIT_INPUT, "train.loss fused needs an LM head without a bias; set train.loss: plain")
         self.triton, self.why_not_triton = ce_kernel.works(head.weight.device) if fused else (False, "")
+        self.tuned = fused and tuned_gemm.in_use(lm)  # the LM head's GEMMs too (train.gemm)
 
     def describe(self) -> str:
         """The loss path in words, for the training log and the bench table."""
@@ -303,7 +308,8 @@ class NextTokenLoss(torch.nn.Module):
     def head_loss(self, hidden: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         head = self.lm.get_output_embeddings()
         if self.fused:
-            return self.loss_fn(hidden.flatten(0, 1), head.weight, y.flatten(), self.chunk, self.triton)
+            flat = hidden.flatten(0, 1)
+            return self.loss_fn(flat, head.weight, y.flatten(), self.chunk, self.triton, tuned=self.tuned)
         logits = head(hidden)
         with torch.autocast(device_type=hidden.device.type, enabled=False):
             per_token = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none")

@@ -69,7 +69,7 @@ from tasks import identity, layout, proc
 from tasks.config import ConfigError, gpu_spec_for
 from tasks.phases import Phases, process_age_s
 from tasks.phases import figures as phase_figures
-from training_pt import gelu_mlp, quick_exit
+from training_pt import gelu_mlp, quick_exit, tuned_gemm
 from training_pt.configurator import (
     EXIT_CHECK,
     EXIT_ERROR,
@@ -228,7 +228,7 @@ def train(cfg: dict, args, log: Log, result: dict) -> None:
     try:
         losses, clock = train_steps(run, stepper, eager, model, vocab_real)
     finally:
-        note_mlp(run, model)  # a failed run's figures too say what the steps ran
+        note_paths(run, model)  # a failed run's figures too say what the steps ran
     measure(run, clock, fpt)
     check_learning(run, losses, vocab_real)
     log_phases(run)
@@ -339,6 +339,7 @@ def load_model(run: Run, tokens: torch.Tensor):
         autocast=t["autocast"],
         residual=residual_dtype(cfg),
         mlp=gelu_mlp.path(model),
+        gemm=tuned_gemm.path(model),
         mfu_formula=formula,
     )
     run.batches = Batches(tokens, t["batch_size"], t["block_size"], cfg["seed"] + 1000 * run.rank, run.device)
@@ -368,7 +369,7 @@ def wrap_model(run: Run, model):
     run.log(
         f"train: {t['steps']} steps x {t['batch_size']} x {t['block_size']} tokens x {t['grad_accum']} accum "
         f"x {world} process(es) = {tokens_per_step:,} tokens/step; autocast {t['autocast']}, "
-        f"residual stream {residual_dtype(run.cfg)}, MLP {gelu_mlp.path(model)}, "
+        f"residual stream {residual_dtype(run.cfg)}, MLP {gelu_mlp.path(model)}, GEMMs {tuned_gemm.path(model)}, "
         f"tf32 {t['tf32']}, {'fused' if optimizer.defaults.get('fused') else 'foreach'} AdamW, "
         f"compile {t['compile']}, SDPA backend {t['sdpa_backend']}, loss {loss_path}, "
         f"gradient checkpointing {m['gradient_checkpointing']}"
@@ -385,11 +386,15 @@ def wrap_model(run: Run, model):
     return stepper, eager
 
 
-def note_mlp(run: Run, model) -> None:
-    """The MLP path as the steps ran it: a shape cuBLASLt could not take mid-run went to torch's kernels."""
-    if (now := gelu_mlp.path(model)) != run.figures["mlp"]:
-        run.log(f"train.mlp: {now}")
-        run.figures["mlp"] = now
+def note_paths(run: Run, model) -> None:
+    """The MLP and GEMM paths as the steps ran them: a shape cuBLASLt could not take mid-run went to torch's
+    kernels."""
+    if tuned_gemm.in_use(model) and (times := tuned_gemm.timings(model)):
+        run.log(f"tuned GEMMs (ms, the kept algorithm and the heuristic's first pick): {times}")
+    for key, now in (("mlp", gelu_mlp.path(model)), ("gemm", tuned_gemm.path(model))):
+        if now != run.figures.get(key):
+            run.log(f"train.{key}: {now}")
+            run.figures[key] = now
 
 
 def ddp_wrap(run: Run, net):
