@@ -1147,7 +1147,6 @@ def test_a_gpu_package_removed_from_the_venv_is_not_a_no_op(world, tmp_path):
     assert rec4.figures["noop"] is True
 
 
-
 def test_a_damaged_marker_means_installing_again(world, tmp_path):
     """A marker that is not a JSON object this tool writes (a list, nesting deep enough to stop Python's parser,
     bytes that are not UTF-8) says nothing about the venv: install again, as for a missing one."""
@@ -1188,6 +1187,7 @@ def test_a_pip_report_that_cannot_be_read_refuses_the_step_naming_why(tmp_path, 
     assert e.value.category == installers.PROVENANCE, e.value
     assert e.value.detail.startswith("pip's --report pip-report-torch.json cannot be read ("), e.value.detail
     assert "\n" not in e.value.detail
+
 
 def test_a_symlinked_or_foreign_venv_is_left_alone_with_one_line(world, tmp_path):
     target = tmp_path / "elsewhere"

@@ -56,9 +56,10 @@ def test_a_lock_that_is_no_longer_ours_is_left_alone_on_exit(tmp_path):
     assert json.loads(lock.read_text())["host"] == "elsewhere"
 
 
-
 @pytest.mark.parametrize(
-    "body", [b"[" * 100_000, b'{"pid": "\xff"}' + b"x" * 4096, b"[1, 2]" + b"]" * 4096], ids=["deep", "not-utf8", "list"]
+    "body",
+    [b"[" * 100_000, b'{"pid": "\xff"}' + b"x" * 4096, b"[1, 2]" + b"]" * 4096],
+    ids=["deep", "not-utf8", "list"],
 )
 def test_a_damaged_lock_file_that_no_process_locks_is_taken_over_and_rewritten_whole(tmp_path, body):
     """What a damaged lock file says names no holder: it is taken over, emptied first, so the file then names
@@ -85,6 +86,7 @@ def test_a_lock_file_that_is_not_a_regular_file_is_refused_in_one_line_not_waite
 
 def hang(signum, frame):
     pytest.fail("still waiting after 5 s")  # not an OSError: the code under test must not take it for one
+
 
 RACER = """
 import sys, time
