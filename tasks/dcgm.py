@@ -4,15 +4,18 @@ run folder. Torch-free; called by the long level of cuda_check. Nothing else dep
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 from pathlib import Path
 
+from tasks import jsonfile
+
 
 def run_diag(level: int, timeout_s: float, out_file: Path) -> tuple[bool, int | None, dict | None, str]:
-    """(dcgmi found, its exit code, its JSON, an error): runs `dcgmi diag -r LEVEL --json` and writes
-    its output to out_file as DCGM wrote it. dcgmi exits non-zero when a test fails: the JSON says which."""
+    """(dcgmi found, its exit code, its JSON, an error): runs `dcgmi diag -r LEVEL --json` and writes its
+    output to out_file as DCGM wrote it (a byte that is not UTF-8 as U+FFFD). dcgmi exits non-zero when a test
+    fails: the JSON says which. Its JSON is what jsonfile.parse reads (an object, not nested too deep); else
+    None, and the error says why."""
     exe = shutil.which("dcgmi")
     if exe is None:
         return False, None, None, ""
@@ -21,6 +24,7 @@ def run_diag(level: int, timeout_s: float, out_file: Path) -> tuple[bool, int | 
             [exe, "diag", "-r", str(level), "--json"],
             capture_output=True,
             text=True,
+            errors="replace",  # a byte that is not UTF-8 is named in the error below, never a UnicodeDecodeError
             timeout=timeout_s,
             stdin=subprocess.DEVNULL,
         )
@@ -30,8 +34,7 @@ def run_diag(level: int, timeout_s: float, out_file: Path) -> tuple[bool, int | 
         return True, None, None, f"dcgmi cannot be run: {e}"
     out_file.write_text(proc.stdout)
     try:
-        doc = json.loads(proc.stdout)
-    except ValueError:
+        return True, proc.returncode, jsonfile.parse(proc.stdout), ""
+    except jsonfile.Unreadable as e:
         tail = (proc.stderr or proc.stdout).strip().splitlines()
-        return True, proc.returncode, None, f"its output is not JSON ({tail[-1][:200] if tail else 'empty'})"
-    return True, proc.returncode, doc if isinstance(doc, dict) else None, ""
+        return True, proc.returncode, None, f"its output cannot be read ({e}): {tail[-1][:200] if tail else 'empty'}"

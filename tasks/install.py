@@ -43,6 +43,7 @@ from tasks import (
     identity,
     install_report,
     installers,
+    jsonfile,
     layout,
     proc,
     records,
@@ -182,6 +183,7 @@ class Attempt:
     files: list = field(default_factory=list)  # Installed
     facts: dict = field(default_factory=dict)  # from verify_torch.py
     provisioned: dict | None = None  # the source interpreter of a provisioned channel
+    marker: dict = field(default_factory=dict)  # what it wrote as the venv's marker (marker_of)
     venv_note: str = ""
     tries: list[SourceTry] = field(default_factory=list)
 
@@ -573,8 +575,8 @@ def attempt(ctx: Context, ch: Channel) -> Attempt:
         if (problem := judge(ch, a.facts)) is not None:
             raise problem
         gpu_packages(ctx, a, inst, spy, where)
-        marker = marker_of(ctx, a, spy)
-        (staging / layout.VENV_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        a.marker = marker_of(ctx, a, spy)
+        (staging / layout.VENV_MARKER).write_text(json.dumps(a.marker, indent=2) + "\n")
         venvs.swap_in(staging, ctx.venv, lambda final: verify_again(ctx, ch, a, final))
         a.status = StageStatus.PASS
     except StepFailed as e:
@@ -632,13 +634,13 @@ def skipped(ch: Channel, why: str) -> Attempt:
 
 def satisfied(ctx: Context, names: list[str]) -> tuple[dict, dict, str] | None:
     """(marker, facts, pip freeze) when .venv-gpu holds a verified install of one of `names` that is unchanged
-    (the same RECORD hashes of torch, triton and nvidia-*) and still verifies."""
-    marker_path = ctx.venv / layout.VENV_MARKER
-    if ctx.args.reinstall or not marker_path.is_file():
+    (the same RECORD hashes of torch, triton and nvidia-*) and still verifies. A marker jsonfile cannot read
+    (missing, damaged, not a JSON object) holds none: install again."""
+    if ctx.args.reinstall:
         return None
     try:
-        marker = json.loads(marker_path.read_text())
-    except ValueError:
+        marker = jsonfile.read(ctx.venv / layout.VENV_MARKER)
+    except jsonfile.Unreadable:
         return None
     name = marker.get("channel")
     if name not in names:
@@ -834,7 +836,7 @@ def _finish(ctx: Context, names: list[str], attempts: list[Attempt], files: list
             {"attempts": len(attempts), "install_s": round(seconds, 1), "channel": "none"},
             files,
         )
-    marker = json.loads((ctx.venv / layout.VENV_MARKER).read_text())
+    marker = good.marker  # as written, never read back (the lock on the venv is released by now)
     freeze = venv_facts.freeze(layout.gpu_python(ctx.venv), ctx.log)
     report(StageStatus.PASS, "", attempts, marker, good.facts, freeze)
     install_report.write_requirements(ctx, marker, freeze)

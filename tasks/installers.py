@@ -17,7 +17,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -28,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from tasks import proc, redact
+from tasks import jsonfile, proc, redact
 from tasks.identity import normalize
 from tasks.records import now_iso
 
@@ -168,7 +167,12 @@ class Installed:
 
 
 def parse_pip_report(path: Path) -> list[Installed]:
-    data = json.loads(Path(path).read_text())
+    """Every file pip's --report at `path` says it installed; StepFailed(PROVENANCE) when jsonfile cannot read
+    it (without it, where the files came from cannot be checked)."""
+    try:
+        data = jsonfile.read(path)
+    except jsonfile.Unreadable as e:
+        raise StepFailed(PROVENANCE, f"pip's --report {Path(path).name} cannot be read ({e})") from None
     out = []
     for item in data.get("install", []):
         info = item.get("download_info") or {}

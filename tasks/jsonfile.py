@@ -6,6 +6,9 @@ UTF-8, one JSON object nested at most MAX_DEPTH deep. Anything else is Unreadabl
 Never a crash, a hang or memory spent on a file this tool could not have written: a FIFO is never opened, no
 more than MAX_BYTES is read, and nesting is measured without recursion (a reader's own recursion, such as
 records.without_credentials, is safe on what passes). Never imports torch.
+
+Text already held (a child's stdout: dcgmi's JSON, the verifier's line) goes through `parse`: the same rule
+but for the size cap and UTF-8, which are about reading a file (what a child printed is in memory already).
 """
 
 from __future__ import annotations
@@ -50,7 +53,8 @@ def read_text(path: Path) -> str:
 
 
 def parse(content: str) -> dict:
-    """The JSON object `content` holds; Unreadable when it is not JSON, not an object or nested too deep."""
+    """The JSON object `content` (a file's text, or a child's output) holds; Unreadable when it is not JSON, not
+    an object or nested too deep."""
     try:
         document = json.loads(content)
     except RecursionError:

@@ -18,10 +18,12 @@ import fcntl
 import json
 import os
 import socket
+import stat
 import sys
 import time
 from pathlib import Path
 
+from tasks import jsonfile
 from tasks.records import now_iso
 from tasks.redact import redact_url
 
@@ -44,11 +46,11 @@ def describe(holder: dict) -> str:
 
 
 def _read_holder(lock: Path) -> dict:
+    """The holder the lock file names; {} for an empty, missing or damaged one (what jsonfile cannot read)."""
     try:
-        info = json.loads(lock.read_text() or "{}")
-    except (OSError, ValueError):
+        return jsonfile.read(lock)
+    except jsonfile.Unreadable:
         return {}
-    return info if isinstance(info, dict) else {}
 
 
 def _holder_of_busy(lock: Path) -> dict:
@@ -77,13 +79,18 @@ def _alive_or_elsewhere(holder: dict) -> bool:
 
 
 def _open(lock: Path) -> int:
-    """The lock file's descriptor, never through a symbolic link."""
+    """The lock file's descriptor, never through a symbolic link, and only of a regular file (a FIFO would
+    hold up every read of its holder)."""
     try:
-        return os.open(lock, os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        fd = os.open(lock, os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     except OSError as e:
         if e.errno == errno.ELOOP:
             raise OSError(e.errno, f"{lock} is a symbolic link; remove it") from None
         raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, f"{lock} is not a regular file; remove it")
+    return fd
 
 
 def _acquire(lock: Path, mode: int) -> int:
@@ -143,8 +150,8 @@ def _take(lock: Path, mode: int) -> int:
         left = _read_holder(lock)
         if left.get("host") not in (None, socket.gethostname()):  # its holder may live there: not ours to take
             raise Busy(left, f"; if that process is gone, remove {lock}")
-        if left:
-            os.ftruncate(fd, 0)  # no live process holds it in a mode that excludes ours: the record is stale
+        if os.fstat(fd).st_size:  # a dead holder's record, or a damaged one that names no holder:
+            os.ftruncate(fd, 0)  # no live process holds it in a mode that excludes ours, so it is stale
     except BaseException:
         os.close(fd)
         raise

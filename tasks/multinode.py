@@ -17,7 +17,6 @@ torchrun's own join timeout is the same number. This module never imports torch.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import re
 import socket
@@ -26,7 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from tasks import layout, proc
+from tasks import jsonfile, layout, proc
 
 DEFAULT_PORT = 29500  # torchrun's default rendezvous port
 DEFAULT_TIMEOUT_S = 300.0  # long enough for a scheduler to start every node's task; short enough not to hang a job
@@ -294,12 +293,9 @@ def allreduce_across_nodes(
         append=True,
     )
     try:
-        result = json.loads(result_path.read_text())
-    except (OSError, ValueError):
-        why = rendezvous_failure(log.read_text(errors="replace"), check) or (
-            f"the all-reduce across nodes exited with code {rc} and wrote no {CHECK_RESULT}; see {log.name}"
-        )
-        return False, why, {}
+        result = jsonfile.read(result_path)
+    except jsonfile.Unreadable as e:
+        return False, no_result(result_path, e, rc, log, check), {}
     figures = {
         "nodes_allreduce_busbw_gbs": result.get("busbw_gbs"),
         "world_size": result.get("world_size"),
@@ -310,4 +306,18 @@ def allreduce_across_nodes(
     figures = {k: v for k, v in figures.items() if v is not None}
     if result.get("status") == "pass" and rc == 0:
         return True, "", figures
-    return False, result.get("reason") or f"the all-reduce across nodes exited with code {rc}; see {log.name}", figures
+    reason = result.get("reason")
+    if not isinstance(reason, str) or not reason:
+        reason = f"the all-reduce across nodes exited with code {rc}; see {log.name}"
+    return False, reason, figures
+
+
+def no_result(path: Path, why: jsonfile.Unreadable, rc: int, log: Path, job: Job) -> str:
+    """One line for an all-reduce that left no result jsonfile can read (`why`): the rendezvous that never
+    formed, a result it never wrote, or one that cannot be read."""
+    head = f"the all-reduce across nodes exited with code {rc}"
+    if (failed := rendezvous_failure(log.read_text(errors="replace"), job)) is not None:
+        return failed
+    if not path.exists():
+        return f"{head} and wrote no {CHECK_RESULT}; see {log.name}"
+    return f"{head} but its {CHECK_RESULT} cannot be read ({why}); see {log.name}"

@@ -13,14 +13,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
-import json
 import os
 import re
 import shutil
 import subprocess
 from pathlib import Path
 
-from tasks import identity, layout, proc
+from tasks import identity, jsonfile, layout, proc
 from tasks.identity import normalize
 from tasks.installers import FAILED, NO_TORCH, CommandLog, StepFailed, last_error
 
@@ -51,10 +50,11 @@ print(json.dumps({"executable": sys.executable, "prefix": sys.prefix,
 
 
 def _json_line(out: str) -> dict | None:
+    """The last line of `out` that starts with "{", as jsonfile parses it; None where none, or one it refuses."""
     line = next((ln for ln in reversed(out.splitlines()) if ln.startswith("{")), None)
     try:
-        return json.loads(line) if line else None
-    except ValueError:
+        return jsonfile.parse(line) if line else None
+    except jsonfile.Unreadable:
         return None
 
 

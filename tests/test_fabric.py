@@ -115,6 +115,34 @@ def test_no_dcgmi_is_one_line_and_garbage_output_is_named(tmp_path, monkeypatch)
     assert br.judge_dcgm(found, code, doc, 1, "FAIL").status == "FAIL"
 
 
+@pytest.mark.parametrize(
+    ("body", "why"),
+    [("[" * 100_000, "nested too deep to read"), ('[{"DCGM Diagnostic": {}}]', "not a JSON object")],
+    ids=["deep", "list"],
+)
+def test_dcgmi_output_that_is_no_json_object_this_tool_can_read_is_named(tmp_path, monkeypatch, body, why):
+    """dcgmi's stdout is held to jsonfile's rule (parse: an object, nested at most MAX_DEPTH deep): an error
+    naming why, never a RecursionError or an empty reason."""
+    from tasks import dcgm
+
+    (tmp_path / "out.json").write_text(body + "\n")
+    bin_dir = fake_dcgmi(tmp_path / "bin", f'while IFS= read -r line; do echo "$line"; done < {tmp_path}/out.json\n')
+    monkeypatch.setenv("PATH", str(bin_dir))
+    found, code, doc, error = dcgm.run_diag(1, 30, tmp_path / "x.json")
+    assert (found, code, doc) == (True, 0, None)
+    assert error.startswith(f"its output cannot be read ({why}"), error
+    assert (tmp_path / "x.json").read_text() == body + "\n"  # kept as dcgmi wrote it
+
+
+def test_dcgmi_output_that_is_not_utf8_is_named_not_a_crash(tmp_path, monkeypatch):
+    from tasks import dcgm
+
+    monkeypatch.setenv("PATH", str(fake_dcgmi(tmp_path / "bin", "printf '\\377 no such GPU\\n'\nexit 1\n")))
+    found, code, doc, error = dcgm.run_diag(1, 30, tmp_path / "x.json")
+    assert (found, code, doc) == (True, 1, None)
+    assert error.startswith("its output cannot be read (not JSON (") and error.endswith("\ufffd no such GPU"), error
+
+
 def test_the_stage_passes_level_and_duration_to_the_checker_and_refuses_a_bad_duration(capsys):
     from tasks import cuda_check, stage
 

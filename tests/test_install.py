@@ -1147,6 +1147,48 @@ def test_a_gpu_package_removed_from_the_venv_is_not_a_no_op(world, tmp_path):
     assert rec4.figures["noop"] is True
 
 
+def test_a_damaged_marker_means_installing_again(world, tmp_path):
+    """A marker that is not a JSON object this tool writes (a list, nesting deep enough to stop Python's parser,
+    bytes that are not UTF-8) says nothing about the venv: install again, as for a missing one."""
+    venv = tmp_path / ".venv-gpu"
+    rec, _ = run_install(world, tmp_path, venv, "--channel", "cu124")
+    assert rec.status == "pass", rec.reason
+    for i, body in enumerate([b"[]", b"[" * 100_000, b'{"channel": "\xff"}']):
+        (venv / layout.VENV_MARKER).write_bytes(body)
+        again, run_dir = run_install(world, tmp_path, venv, "--channel", "cu124", name=f"run{i}")
+        assert again.status == "pass" and again.figures["noop"] is False, again.reason
+        assert pip_installs(run_dir)
+    assert json.loads((venv / layout.VENV_MARKER).read_text())["channel"] == "cu124"
+
+
+def test_the_marker_install_wrote_is_the_one_it_reports_never_read_back(world, tmp_path, monkeypatch):
+    """A marker damaged after the swap (another hand, a full disk) never turns a good install into a traceback:
+    the record names what install wrote; the next run finds the marker unreadable and installs again."""
+    swap_in = venvs.swap_in
+
+    def swap_in_then_damage(staging, final, check):
+        swap_in(staging, final, check)
+        (final / layout.VENV_MARKER).write_text("[" * 100_000)
+
+    monkeypatch.setattr(venvs, "swap_in", swap_in_then_damage)
+    rec, _ = run_install(world, tmp_path, tmp_path / ".venv-gpu", "--channel", "cu124")
+    assert rec.status == "pass" and rec.figures["channel"] == "cu124", rec.reason
+    assert rec.figures["kind"] == "index" and rec.figures["noop"] is False
+
+
+@pytest.mark.parametrize("body", [b"[]", b"[" * 100_000, b'{"install": "\xff"}'], ids=["list", "deep", "not-utf8"])
+def test_a_pip_report_that_cannot_be_read_refuses_the_step_naming_why(tmp_path, body):
+    """pip's --report is how provenance is checked: without it nothing pip installed may stay (the staging venv
+    goes), and the line says which file could not be read and why."""
+    report = tmp_path / "pip-report-torch.json"
+    report.write_bytes(body)
+    with pytest.raises(installers.StepFailed) as e:
+        installers.parse_pip_report(report)
+    assert e.value.category == installers.PROVENANCE, e.value
+    assert e.value.detail.startswith("pip's --report pip-report-torch.json cannot be read ("), e.value.detail
+    assert "\n" not in e.value.detail
+
+
 def test_a_symlinked_or_foreign_venv_is_left_alone_with_one_line(world, tmp_path):
     target = tmp_path / "elsewhere"
     venvs.create(target, sys.executable, prompt="x")

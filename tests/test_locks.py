@@ -1,5 +1,6 @@
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -53,6 +54,38 @@ def test_a_lock_that_is_no_longer_ours_is_left_alone_on_exit(tmp_path):
     with locks.exclusive(lock):
         lock.write_text(json.dumps({"pid": 1, "host": "elsewhere"}))  # someone else's now
     assert json.loads(lock.read_text())["host"] == "elsewhere"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"[" * 100_000, b'{"pid": "\xff"}' + b"x" * 4096, b"[1, 2]" + b"]" * 4096],
+    ids=["deep", "not-utf8", "list"],
+)
+def test_a_damaged_lock_file_that_no_process_locks_is_taken_over_and_rewritten_whole(tmp_path, body):
+    """What a damaged lock file says names no holder: it is taken over, emptied first, so the file then names
+    this process alone (a second process can say who holds it)."""
+    lock = tmp_path / "x.lock"
+    lock.write_bytes(body)
+    with locks.exclusive(lock):
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+
+
+def test_a_lock_file_that_is_not_a_regular_file_is_refused_in_one_line_not_waited_on(tmp_path):
+    lock = tmp_path / "x.lock"
+    os.mkfifo(lock)  # reading it would wait for a writer forever
+    signal.signal(signal.SIGALRM, hang)
+    signal.alarm(5)  # a hang fails the test instead of stalling the suite
+    try:
+        with pytest.raises(OSError, match=r"x.lock is not a regular file; remove it$"):
+            with locks.exclusive(lock):
+                pass
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+
+
+def hang(signum, frame):
+    pytest.fail("still waiting after 5 s")  # not an OSError: the code under test must not take it for one
 
 
 RACER = """

@@ -165,6 +165,48 @@ def test_torchrun_rendezvous_errors_become_one_line():
     assert multinode.rendezvous_failure("ValueError: something else", job) is None
 
 
+@pytest.mark.parametrize(
+    ("body", "why"),
+    [
+        (b"[" * 100_000, "nested too deep to read"),
+        (b'[{"status": "pass"}]', "not a JSON object"),
+        (b'{"status": "pass", "reason": "\xff"}', "not UTF-8"),
+        (None, "not a regular file"),  # a folder in its place
+    ],
+    ids=["deep", "list", "not-utf8", "folder"],
+)
+def test_an_allreduce_result_that_cannot_be_read_is_a_fail_line_naming_why(tmp_path, monkeypatch, body, why):
+    def tee(cmd, log, **kw):  # the check ran, exit 0, and left this result
+        path = tmp_path / multinode.CHECK_RESULT
+        path.mkdir() if body is None else path.write_bytes(body)
+        return 0
+
+    monkeypatch.setattr(multinode, "reach", lambda job: None)
+    monkeypatch.setattr(multinode.proc, "tee", tee)
+    job = multinode.resolve(options("--nnodes", "2", "--rdzv-endpoint", "h:1", "--rdzv-id", "j"), {})
+    ok, reason, figures = multinode.allreduce_across_nodes(tmp_path, job, Path(sys.executable), 2)
+    assert (ok, figures) == (False, {})
+    assert reason.startswith(
+        f"the all-reduce across nodes exited with code 0 but its {multinode.CHECK_RESULT} cannot be read ({why}"
+    ), reason
+    assert reason.endswith(f"; see {layout.ALLREDUCE_NODES_LOG}") and "\n" not in reason
+
+
+def test_an_allreduce_result_whose_reason_is_no_text_fails_with_the_exit_code_instead(tmp_path, monkeypatch):
+    def tee(cmd, log, **kw):
+        (tmp_path / multinode.CHECK_RESULT).write_text('{"status": "fail", "reason": {"a": [1]}, "world_size": 4}')
+        return 1
+
+    monkeypatch.setattr(multinode, "reach", lambda job: None)
+    monkeypatch.setattr(multinode.proc, "tee", tee)
+    job = multinode.resolve(options("--nnodes", "2", "--rdzv-endpoint", "h:1", "--rdzv-id", "j"), {})
+    assert multinode.allreduce_across_nodes(tmp_path, job, Path(sys.executable), 2) == (
+        False,
+        f"the all-reduce across nodes exited with code 1; see {layout.ALLREDUCE_NODES_LOG}",
+        {"world_size": 4, "rdzv_id": "j"},
+    )
+
+
 @pytest.fixture
 def venv_python(monkeypatch):
     """The stage runs `.venv-gpu`'s python; here it is this test's interpreter (CPU torch)."""
