@@ -301,6 +301,13 @@ def ranked(ran: list[tuple], what: str) -> tuple[list, list[float]]:
     return [r[0] for r in good], [r[2] for r in good]
 
 
+def failing(errors: list[float]) -> int | None:
+    """The index of the worst of a check's relative errors (NaN the worst) where it is not below TOLERANCE, else
+    None."""
+    worst = max(range(len(errors)), key=lambda i: errors[i] if errors[i] == errors[i] else float("inf"))
+    return None if errors[worst] < TOLERANCE else worst
+
+
 def sampled_rows(m: int) -> torch.Tensor:
     return torch.linspace(0, m - 1, min(m, SAMPLED_ROWS)).round().long().unique()
 

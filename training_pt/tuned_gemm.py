@@ -186,11 +186,9 @@ def check(device: torch.device, width: int) -> tuple[bool, str]:
         why = next(iter(LEFT_TO_TORCH.values()))
         LEFT_TO_TORCH.clear()
         return False, f"cuBLASLt's GEMMs did not run ({why})"
-    worst = max(range(len(errors)), key=lambda i: errors[i] if errors[i] == errors[i] else float("inf"))
-    if not errors[worst] < cublaslt.TOLERANCE:  # NaN fails too
-        raise failed(
-            f"a linear's {OUTPUTS[worst]} disagreed with torch on {device} (relative error {errors[worst]:.2g})"
-        )
+    if (worst := cublaslt.failing(errors)) is not None:
+        what = f"a linear's {OUTPUTS[worst]} disagreed with torch on {device} (relative error {errors[worst]:.2g})"
+        raise failed(wrong(what))
     return True, ""
 
 
