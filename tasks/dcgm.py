@@ -13,7 +13,7 @@ from tasks import jsonfile
 
 def run_diag(level: int, timeout_s: float, out_file: Path) -> tuple[bool, int | None, dict | None, str]:
     """(dcgmi found, its exit code, its JSON, an error): runs `dcgmi diag -r LEVEL --json` and writes its
-    output to out_file as DCGM wrote it (a byte that is not UTF-8 as U+FFFD). dcgmi exits non-zero when a test
+    output to out_file byte for byte, as DCGM wrote it. dcgmi exits non-zero when a test
     fails: the JSON says which. Its JSON is what jsonfile.parse reads (an object, not nested too deep); else
     None, and the error says why."""
     exe = shutil.which("dcgmi")
@@ -22,9 +22,7 @@ def run_diag(level: int, timeout_s: float, out_file: Path) -> tuple[bool, int | 
     try:
         proc = subprocess.run(
             [exe, "diag", "-r", str(level), "--json"],
-            capture_output=True,
-            text=True,
-            errors="replace",  # a byte that is not UTF-8 is named in the error below, never a UnicodeDecodeError
+            capture_output=True,  # bytes: the file keeps them as dcgmi wrote them
             timeout=timeout_s,
             stdin=subprocess.DEVNULL,
         )
@@ -32,9 +30,10 @@ def run_diag(level: int, timeout_s: float, out_file: Path) -> tuple[bool, int | 
         return True, None, None, f"dcgmi diag did not finish within {timeout_s:g} s"
     except OSError as e:
         return True, None, None, f"dcgmi cannot be run: {e}"
-    out_file.write_text(proc.stdout)
+    out_file.write_bytes(proc.stdout)
+    stdout = proc.stdout.decode("utf-8", "replace")  # a byte that is not UTF-8 as U+FFFD, never a crash
     try:
-        return True, proc.returncode, jsonfile.parse(proc.stdout), ""
+        return True, proc.returncode, jsonfile.parse(stdout), ""
     except jsonfile.Unreadable as e:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()
+        tail = (proc.stderr.decode("utf-8", "replace") or stdout).strip().splitlines()
         return True, proc.returncode, None, f"its output cannot be read ({e}): {tail[-1][:200] if tail else 'empty'}"

@@ -1,7 +1,8 @@
-"""Reading back the JSON files a run holds: stage records, each stage's own file (gpus.json, cuda_check.json,
-train_result.json), summary.json. One rule for all of them, because a run folder may hold anything (a
-corrupted disk, a hand edit, a hostile copy): a file this tool writes is a regular file of at most MAX_BYTES,
-UTF-8, one JSON object nested at most MAX_DEPTH deep. Anything else is Unreadable, with a one-line reason.
+"""Reading back the JSON files this tool reads: a run's stage records, each stage's own file (gpus.json,
+cuda_check.json, train_result.json), summary.json; and beside them the .venv-gpu install marker, a lock file's
+holder, pip's --report, multinode's all-reduce result. One rule for all of them, because a folder may hold
+anything (a corrupted disk, a hand edit, a hostile copy): a file is a regular file of at most MAX_BYTES, UTF-8,
+one JSON object nested at most MAX_DEPTH deep. Anything else is Unreadable, with a one-line reason.
 
 Never a crash, a hang or memory spent on a file this tool could not have written: a FIFO is never opened, no
 more than MAX_BYTES is read, and nesting is measured without recursion (a reader's own recursion, such as
@@ -19,7 +20,8 @@ from pathlib import Path
 
 from tasks import text
 
-MAX_BYTES = 16 << 20  # the largest file this tool writes (cuda_check.json) is tens of kilobytes
+MAX_BYTES = 16 << 20  # the largest file this tool writes (cuda_check.json) is tens of kilobytes; pip's --report of
+# torch's install (some 30 packages with their metadata) is well under a megabyte
 MAX_DEPTH = 64  # the deepest it writes nests about six levels
 TOO_DEEP = f"nested too deep to read (more than {MAX_DEPTH} levels)"
 

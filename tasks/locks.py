@@ -121,7 +121,9 @@ def exclusive(lock: Path):
     me = {"pid": os.getpid(), "host": socket.gethostname(), "since": now_iso(), "command": command}
     fd = _take(lock, fcntl.LOCK_EX)
     try:
-        os.pwrite(fd, json.dumps(me).encode(), 0)
+        record = json.dumps(me).encode()
+        os.pwrite(fd, record, 0)
+        os.ftruncate(fd, len(record))  # nothing of an older, longer or damaged record is left after ours
         yield lock
     finally:
         if _read_holder(lock).get("pid") == me["pid"]:  # never remove a lock file that is not ours
@@ -150,8 +152,8 @@ def _take(lock: Path, mode: int) -> int:
         left = _read_holder(lock)
         if left.get("host") not in (None, socket.gethostname()):  # its holder may live there: not ours to take
             raise Busy(left, f"; if that process is gone, remove {lock}")
-        if os.fstat(fd).st_size:  # a dead holder's record, or a damaged one that names no holder:
-            os.ftruncate(fd, 0)  # no live process holds it in a mode that excludes ours, so it is stale
+        if left:
+            os.ftruncate(fd, 0)  # no live process holds it in a mode that excludes ours: the record is stale
     except BaseException:
         os.close(fd)
         raise

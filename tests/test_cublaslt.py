@@ -247,3 +247,11 @@ def test_finiteness_reads_a_transposed_view_in_its_memorys_order(monkeypatch):
     assert cublaslt.finite(cublaslt.Call((), g.t(), h, None)) and seen == [True, True]
     g[7, 3] = float("nan")
     assert not cublaslt.finite(cublaslt.Call((), g.t(), h, None))
+
+
+def test_a_plan_the_heuristic_offered_nothing_is_an_lt_error_even_before_tuning():
+    x, w, bias = mlp_inputs()
+    x[0, 0] = float("nan")  # not finite: the first call would run the first candidate untuned
+    h, pre = torch.empty(64, 128, dtype=torch.bfloat16), torch.empty(64, 128, dtype=torch.bfloat16)
+    with pytest.raises(cublaslt.LtError, match="the heuristic offered no cuBLASLt GELU_AUX_BIAS algorithm at 64 x 128"):
+        FakePlan([])(gelu_call((h, pre), x, w, bias))

@@ -1149,11 +1149,15 @@ def test_a_gpu_package_removed_from_the_venv_is_not_a_no_op(world, tmp_path):
 
 def test_a_damaged_marker_means_installing_again(world, tmp_path):
     """A marker that is not a JSON object this tool writes (a list, nesting deep enough to stop Python's parser,
-    bytes that are not UTF-8) says nothing about the venv: install again, as for a missing one."""
+    bytes that are not UTF-8, fields of the wrong type) says nothing about the venv: install again, as for a
+    missing one."""
     venv = tmp_path / ".venv-gpu"
     rec, _ = run_install(world, tmp_path, venv, "--channel", "cu124")
     assert rec.status == "pass", rec.reason
-    for i, body in enumerate([b"[]", b"[" * 100_000, b'{"channel": "\xff"}']):
+    good = json.loads((venv / layout.VENV_MARKER).read_text())
+    wrong_types = [{**good, "record_hashes": []}, {**good, "provisioned": "x"}, {**good, "gpu_packages": "torch"}]
+    bodies = [b"[]", b"[" * 100_000, b'{"channel": "\xff"}', *(json.dumps(m).encode() for m in wrong_types)]
+    for i, body in enumerate(bodies):
         (venv / layout.VENV_MARKER).write_bytes(body)
         again, run_dir = run_install(world, tmp_path, venv, "--channel", "cu124", name=f"run{i}")
         assert again.status == "pass" and again.figures["noop"] is False, again.reason

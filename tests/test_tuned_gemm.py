@@ -134,6 +134,23 @@ def test_tune_says_why_not_and_leaves_the_model_as_it_was():
     assert str(lm) == before and not tuned_gemm.in_use(lm) and tuned_gemm.path(lm) == "torch"
 
 
+def test_tune_says_so_where_the_model_has_no_linear_it_computes(monkeypatch):
+    class Gated(torch.nn.Module):  # linears without a bias, as Gemma's
+        def __init__(self):
+            super().__init__()
+            self.config = type("Config", (), {"hidden_size": 16})()
+            self.base_model = torch.nn.Sequential(torch.nn.Linear(16, 16, bias=False))
+
+    monkeypatch.setattr(tuned_gemm, "works", lambda device, width: (True, ""))
+    lm = Gated()
+    ok, why = tuned_gemm.tune(lm, torch.device("cuda", 0), torch.bfloat16)
+    assert (ok, why) == (False, "the model has no linear with a bias (train.gemm tuned is for GPT-2's Conv1D layers)")
+    assert not tuned_gemm.in_use(lm) and tuned_gemm.path(lm) == "torch"
+    gpt2 = tiny_gpt2()
+    assert tuned_gemm.tune(gpt2, torch.device("cuda", 0), torch.bfloat16) == (True, "") and tuned_gemm.in_use(gpt2)
+    assert tuned_gemm.swap(gpt2.base_model) == 0  # swapped once: nothing left to swap
+
+
 def test_a_cublaslt_error_mid_run_leaves_that_shape_to_torch_and_says_so(monkeypatch, lt_on_cpu):
     calls = []
 

@@ -203,8 +203,8 @@ def ours_row(cfg: dict, device: torch.device, batches, timing: dict) -> dict:
     with no_compile_caches() if t["compile"] and t["sdpa_backend"] != "auto" else contextlib.nullcontext():
         out = time_steps(stepper, t["lr"], device=device, **timing)
     mode = f"{t['compile_mode']}, {t['compile_scope']}" if t["compile"] else "off"
-    if tuned_gemm.in_use(model):
-        print(f"tuned GEMMs: {tuned_gemm.timings(model)}", flush=True)
+    if tuned_gemm.in_use(model) and (times := tuned_gemm.timings(model)):
+        print(f"tuned GEMMs: {times}", flush=True)
     return {
         **out,
         "flops_per_token": fpt,

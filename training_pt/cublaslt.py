@@ -278,6 +278,8 @@ class Plan:
         return start.elapsed_time(end) / reps
 
     def __call__(self, call: Call) -> None:
+        if not self.candidates:
+            raise LtError(f"the heuristic offered no {self.gemm.what().replace(' algorithms ', ' algorithm ')}")
         if not self.times and finite(call):  # inputs not finite: nothing to hold it to (the loss check reports
             self.tune(call)  # such a run); the heuristic's first pick runs, and the next call tunes
         self.run(call)
@@ -336,7 +338,7 @@ def finite(call: Call) -> bool:
     head's weight gradient, call 26B)."""
     for t in (call.a, call.b, call.bias):
         if t is not None and t.numel():
-            t = t.t() if t.dim() == 2 and t.stride(0) == 1 and t.stride(1) != 1 else t
+            t = t.t() if transposed(t) else t
             low, high = torch.aminmax(t)
             if not bool(low.isfinite() & high.isfinite()):
                 return False
@@ -398,9 +400,17 @@ def gemm_of(a: torch.Tensor, b: torch.Tensor, out32: bool, epilogue: int) -> Gem
 def describe(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, out32: bool) -> str:
     """a @ b (+ bias) as its plan is named, "M x N x K <kind>", for any operands (never raises)."""
     shape = shape_name(a.shape[0], b.shape[-1], a.shape[-1]) if a.dim() == b.dim() == 2 else "not 2-D"
-    a_t, b_t = ((t.dim() == 2 and t.stride(0) == 1 and t.stride(1) != 1) for t in (a, b))
+    a_t, b_t = transposed(a), transposed(b)
     gemm = Gemm(0, 0, 0, 0, a_t, 0, b_t, 0, out32, DEFAULT if bias is None else BIAS)
     return f"{shape} {gemm.kind()}"
+
+
+def transposed(t: torch.Tensor) -> bool:
+    """Whether t is a 2-D view packed by columns (packing()'s answer; False for anything it refuses)."""
+    try:
+        return t.dim() == 2 and packing(t)[0]
+    except LtError:
+        return False
 
 
 def packing(t: torch.Tensor) -> tuple[bool, int]:

@@ -1,5 +1,5 @@
-"""The decoder's linears and the LM head's GEMMs on cuBLASLt, each shape's algorithm the fastest of the heuristic's
-candidates (train.gemm: tuned).
+"""The decoder's linears (with a bias: GPT-2's Conv1D layers) and, under the fused loss, the LM head's GEMMs on
+cuBLASLt, each shape's algorithm the fastest of the heuristic's candidates (train.gemm: tuned).
 
 torch's matmul takes one algorithm per shape. On GPT-2's GEMMs at 64 x 1024 tokens on an H200 the fastest of the 8
 candidates cuBLASLt's heuristic offers took up to 21% less time (the LM head's forward 6.97 ms against torch's 8.84
@@ -56,7 +56,7 @@ def mm(a, b, bias=None, out32: bool = False, out: torch.Tensor | None = None) ->
             raise failed(wrong(str(e))) from None
         except Exception:
             if left := cuda_error_left(a.device):
-                raise failed(f"cuBLASLt left a CUDA error on {a.device} ({left[:200]})") from None
+                raise crashed(a.device, left) from None
             raise
     return torch_mm(a, b, bias, out32, out)
 
@@ -76,6 +76,10 @@ if REGISTERED:
 
 def failed(what: str) -> TrainError:
     return TrainError(EXIT_CHECK, f"train.gemm tuned: {what}; train.gemm=torch trains without it")
+
+
+def crashed(device, left: str) -> TrainError:
+    return failed(f"cuBLASLt left a CUDA error on {device} ({left[:200]})")
 
 
 def wrong(what: str) -> str:
@@ -180,7 +184,7 @@ def check(device: torch.device, width: int) -> tuple[bool, str]:
         raise
     except Exception as e:  # the library not found, out of memory
         if left := cuda_error_left(device):
-            raise failed(f"cuBLASLt left a CUDA error on {device} ({left[:200]})") from None
+            raise crashed(device, left) from None
         return False, f"cuBLASLt's GEMMs did not run ({first_line(e)[:160]})"
     if LEFT_TO_TORCH:  # torch's kernels ran instead at one of the trial's shapes
         why = next(iter(LEFT_TO_TORCH.values()))
@@ -199,21 +203,27 @@ def tune(model, device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
         return False, "train.gemm tuned is for bf16 matmuls (train.autocast bfloat16 or model.dtype bfloat16)"
     LEFT_TO_TORCH.clear()  # what an earlier model (a bench row) left is not this one's
     ok, why = works(device, model.config.hidden_size)
+    if ok and not swap(model.base_model):
+        return False, "the model has no linear with a bias (train.gemm tuned is for GPT-2's Conv1D layers)"
     if ok:
-        swap(model.base_model)
         model.m40_tuned_gemm = set(cublaslt.PLANS)  # in_use() (NextTokenLoss's LM head reads it); timings() reports
         # the plans made after these (works()'s trial's and an earlier bench row's)
     return ok, why
 
 
-def swap(module: torch.nn.Module) -> None:
+def swap(module: torch.nn.Module) -> int:
+    """Swap module's linears with a bias for TunedLinear and mark its fused MLPs tuned, at any depth; how many."""
+    count = 0
     for name, child in module.named_children():
         if swappable(child):
             setattr(module, name, TunedLinear(child))
+            count += 1
         elif hasattr(child, "tuned"):  # a FusedGeluMLP: its GEMMs but the GELU epilogue's go tuned
             child.tuned = True
+            count += 1
         else:
-            swap(child)
+            count += swap(child)
+    return count
 
 
 def in_use(model) -> bool:
