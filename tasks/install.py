@@ -643,7 +643,11 @@ def satisfied(ctx: Context, names: list[str]) -> tuple[dict, dict, str] | None:
     except jsonfile.Unreadable:
         return None
     name = marker.get("channel")
-    kinds = {"record_hashes": dict, "provisioned": (dict, type(None)), "gpu_packages": list}
+    kinds: dict[str, type | tuple[type, ...]] = {
+        "record_hashes": dict,
+        "provisioned": (dict, type(None)),
+        "gpu_packages": list,
+    }
     if name not in names or not all(isinstance(marker.get(k), t) for k, t in kinds.items()):
         return None  # not a channel asked for, or a marker this code did not write: install again
     ch = ctx.catalog[name]
