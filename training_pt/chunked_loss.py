@@ -101,8 +101,7 @@ def linear_cross_entropy(
     time (0: the default of the kernel in use, see the module docstring), with the Triton loss kernel or
     `kernel`; the matmuls in the autocast dtype when autocast is on (as F.linear would run them), on
     training_pt/tuned_gemm.py's tuned cuBLASLt algorithms where `tuned` (train.gemm)."""
-    device = hidden.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    dtype = tuned_gemm.matmul_dtype(hidden)
     n = hidden.shape[0]
     if triton:
         kernel = ce_kernel.loss_and_grad

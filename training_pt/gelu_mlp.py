@@ -27,7 +27,7 @@ from training_pt import cublaslt
 from training_pt.configurator import EXIT_CHECK, TrainError
 from training_pt.cublaslt import REGISTERED, cuda_error_left, on_cublaslt
 from training_pt.fabric import first_line
-from training_pt.tuned_gemm import matmul
+from training_pt.tuned_gemm import matmul, matmul_dtype
 
 GELU_TANH = ("gelu_pytorch_tanh", "gelu_new", "gelu_fast")  # HF's names of the tanh approximation
 TRIAL_TOKENS = 1024  # rows of works()'s check
@@ -111,8 +111,7 @@ class FusedGeluMLP(torch.nn.Module):
         self.tuned = False
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        kind = hidden.device.type
-        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else hidden.dtype
+        dtype = matmul_dtype(hidden)
         x = hidden.reshape(-1, hidden.shape[-1]).to(dtype)
         params = (self.c_fc.weight, self.c_fc.bias, self.c_proj.weight, self.c_proj.bias)
         out = GeluMLPFunction.apply(x, *(p.to(dtype) for p in params), self.tuned)

@@ -86,6 +86,12 @@ def wrong(what: str) -> str:
     return f"{what}: this GPU computes it wrong, or this tool's use of cuBLASLt is wrong for this torch"
 
 
+def matmul_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul on t runs in: autocast's where autocast is on for t's device, else t's own."""
+    kind = t.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else t.dtype
+
+
 def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, tuned: bool) -> torch.Tensor:
     """a @ b (+ bias) in a traced graph: the tuned op (opaque to torch.compile) or torch's own."""
     if tuned:
@@ -120,8 +126,7 @@ class TunedLinear(torch.nn.Module):
         self.linear = isinstance(layer, torch.nn.Linear)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kind = x.device.type
-        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+        dtype = matmul_dtype(x)
         w = self.weight.to(dtype)
         out = LinearFunction.apply(
             x.reshape(-1, x.shape[-1]).to(dtype), w.t() if self.linear else w, self.bias.to(dtype)
